@@ -1,0 +1,263 @@
+//! Encoding and bounded decoding of batch bodies, and the checks every batch must pass.
+//!
+//! Invariant: decoding never allocates more than `max_decompressed_bytes` for the body, whatever
+//! the compression ratio of the input (zstd bombs are cut off, not expanded).
+
+use std::io::Read;
+
+use prost::Message;
+
+use crate::{Batch, CONTENT_TYPE_JSON, ENCODING_ZSTD, JsonBatch, MAX_TOPIC_BYTES, valid_name};
+
+/// Limits the receiver applies to one batch body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest body once decompressed.
+    pub max_decompressed_bytes: usize,
+    /// Most records in one batch.
+    pub max_records: usize,
+}
+
+/// Why a body is not a valid batch. Every variant is the sender's fault: it is answered with
+/// 413 ([`DecodeError::TooLarge`]) or 400 (all others) and must not be retried as is.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The body expands past the decompressed-size limit.
+    #[error("body expands past the limit of {limit} bytes once decompressed")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// Content-Encoding other than identity or zstd.
+    #[error("unsupported Content-Encoding {0:?} (expected \"zstd\" or none)")]
+    Encoding(String),
+    /// Content-Type other than the protobuf batch or JSON.
+    #[error("unsupported Content-Type {0:?} (expected {proto:?} or {json:?})", proto = crate::CONTENT_TYPE_BATCH, json = CONTENT_TYPE_JSON)]
+    ContentType(String),
+    /// The zstd stream is corrupt or truncated.
+    #[error("body is not a valid zstd stream")]
+    Zstd(#[source] std::io::Error),
+    /// The protobuf message does not decode.
+    #[error("body is not a valid protobuf Batch")]
+    Protobuf(#[source] prost::DecodeError),
+    /// The JSON batch does not parse.
+    #[error("body is not a valid JSON batch: {0}")]
+    Json(#[source] serde_json::Error),
+    /// It decodes, but breaks a rule of the contract.
+    #[error("invalid batch: {0}")]
+    Invalid(String),
+}
+
+/// Serialises a batch to protobuf bytes (uncompressed).
+pub fn encode_batch(batch: &Batch) -> Vec<u8> {
+    batch.encode_to_vec()
+}
+
+/// Compresses `raw` as one zstd frame at `level`.
+pub fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::compress(raw, level)
+}
+
+/// Decodes and validates a body given its `Content-Type` and `Content-Encoding` headers.
+pub fn decode_body(
+    body: &[u8],
+    content_type: Option<&str>,
+    content_encoding: Option<&str>,
+    limits: Limits,
+) -> Result<Batch, DecodeError> {
+    let raw = match content_encoding.map(str::trim) {
+        None | Some("") | Some("identity") => {
+            if body.len() > limits.max_decompressed_bytes {
+                return Err(DecodeError::TooLarge {
+                    limit: limits.max_decompressed_bytes,
+                });
+            }
+            std::borrow::Cow::Borrowed(body)
+        }
+        Some(enc) if enc.eq_ignore_ascii_case(ENCODING_ZSTD) => {
+            std::borrow::Cow::Owned(bounded_unzstd(body, limits.max_decompressed_bytes)?)
+        }
+        Some(other) => return Err(DecodeError::Encoding(other.to_owned())),
+    };
+    let mime = content_type
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
+    let batch = if mime.eq_ignore_ascii_case("application/x-protobuf") {
+        Batch::decode(raw.as_ref()).map_err(DecodeError::Protobuf)?
+    } else if mime.eq_ignore_ascii_case(CONTENT_TYPE_JSON) {
+        serde_json::from_slice::<JsonBatch>(&raw)
+            .map_err(DecodeError::Json)?
+            .into_batch()?
+    } else {
+        return Err(DecodeError::ContentType(
+            content_type.unwrap_or("").to_owned(),
+        ));
+    };
+    validate(&batch, limits)?;
+    Ok(batch)
+}
+
+fn bounded_unzstd(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
+    let decoder = zstd::stream::read::Decoder::new(body).map_err(DecodeError::Zstd)?;
+    let mut out = Vec::new();
+    // Read one byte past the limit: if it arrives, the body is too large.
+    decoder
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(DecodeError::Zstd)?;
+    if out.len() > limit {
+        return Err(DecodeError::TooLarge { limit });
+    }
+    Ok(out)
+}
+
+/// The rules of the contract that a decoded batch must follow.
+fn validate(batch: &Batch, limits: Limits) -> Result<(), DecodeError> {
+    let invalid = |reason: String| Err(DecodeError::Invalid(reason));
+    if !valid_name(&batch.device_id) {
+        return invalid(format!(
+            "device_id {:?} must be 1-256 characters of [A-Za-z0-9_.-]",
+            batch.device_id
+        ));
+    }
+    if !valid_name(&batch.stream) {
+        return invalid(format!(
+            "stream {:?} must be 1-256 characters of [A-Za-z0-9_.-]",
+            batch.stream
+        ));
+    }
+    if batch.records.is_empty() {
+        return invalid("a batch needs at least one record".into());
+    }
+    if batch.records.len() > limits.max_records {
+        return invalid(format!(
+            "{} records, more than the limit of {}",
+            batch.records.len(),
+            limits.max_records
+        ));
+    }
+    let mut previous: Option<u64> = None;
+    for (i, record) in batch.records.iter().enumerate() {
+        if previous.is_some_and(|p| record.seq <= p) {
+            return invalid(format!(
+                "records[{i}].seq {} is not greater than the previous seq; sequences must strictly increase within a batch",
+                record.seq
+            ));
+        }
+        previous = Some(record.seq);
+        if record.topic.is_empty() || record.topic.len() > MAX_TOPIC_BYTES {
+            return invalid(format!("records[{i}].topic must be 1-65535 bytes"));
+        }
+        if record.qos > 2 {
+            return invalid(format!("records[{i}].qos {} is not 0, 1 or 2", record.qos));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{CONTENT_TYPE_BATCH, Record};
+
+    const LIMITS: Limits = Limits {
+        max_decompressed_bytes: 1 << 20,
+        max_records: 100,
+    };
+
+    fn batch(seqs: &[u64]) -> Batch {
+        Batch {
+            device_id: "dev-1".into(),
+            stream: "telemetry".into(),
+            sent_at_ms: 1,
+            records: seqs
+                .iter()
+                .map(|&seq| Record {
+                    seq,
+                    topic: "s/1".into(),
+                    payload: Bytes::from_static(b"\x00\xffbinary"),
+                    qos: 1,
+                    received_at_ms: 2,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn round_trip_zstd_keeps_bytes() {
+        let b = batch(&[1, 2, 3]);
+        let body = compress(&encode_batch(&b), 1).expect("compress");
+        let got = decode_body(&body, Some(CONTENT_TYPE_BATCH), Some("zstd"), LIMITS).expect("ok");
+        assert_eq!(got, b);
+    }
+
+    #[test]
+    fn concatenated_frames_merge_into_one_batch() {
+        let mut body = compress(&encode_batch(&batch(&[1, 2])), 1).expect("compress");
+        let mut second = batch(&[3]);
+        second.device_id.clear(); // default fields are not encoded, so the first frame's stay
+        second.stream.clear();
+        body.extend(compress(&encode_batch(&second), 1).expect("compress"));
+        let got = decode_body(&body, Some(CONTENT_TYPE_BATCH), Some("zstd"), LIMITS).expect("ok");
+        assert_eq!(got.records.len(), 3);
+        assert_eq!(got.stream, "telemetry");
+    }
+
+    #[test]
+    fn zstd_bomb_is_cut_off() {
+        let zeros = vec![0u8; 64 << 20];
+        let bomb = compress(&zeros, 19).expect("compress");
+        assert!(bomb.len() < 10_000);
+        let err = decode_body(&bomb, Some(CONTENT_TYPE_BATCH), Some("zstd"), LIMITS).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { limit } if limit == 1 << 20), "{err}");
+    }
+
+    #[test]
+    fn rejects() {
+        let cases: Vec<(Batch, &str)> = vec![
+            (batch(&[]), "at least one record"),
+            (batch(&[2, 1]), "strictly increase"),
+            (batch(&[1, 1]), "strictly increase"),
+            (batch(&(0..101).collect::<Vec<_>>()), "limit of 100"),
+            (
+                Batch {
+                    stream: "a/b".into(),
+                    ..batch(&[1])
+                },
+                "stream",
+            ),
+            (
+                Batch {
+                    device_id: String::new(),
+                    ..batch(&[1])
+                },
+                "device_id",
+            ),
+        ];
+        for (b, needle) in cases {
+            let err = decode_body(&encode_batch(&b), Some(CONTENT_TYPE_BATCH), None, LIMITS)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn garbage_and_unknown_headers() {
+        let garbage = b"\xff\xff\xff not a batch";
+        for (ct, enc) in [
+            (Some(CONTENT_TYPE_BATCH), Some("zstd")),
+            (Some(CONTENT_TYPE_BATCH), None),
+            (Some(CONTENT_TYPE_JSON), None),
+            (Some("text/plain"), None),
+            (Some(CONTENT_TYPE_BATCH), Some("gzip")),
+        ] {
+            assert!(decode_body(garbage, ct, enc, LIMITS).is_err(), "{ct:?} {enc:?}");
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The plain JSON batch (for curl and non-Rust devices) and the JSON acknowledgement.
+//!
+//! ```json
+//! {"device_id": "dev-1", "stream": "telemetry",
+//!  "records": [{"seq": 1, "topic": "plant/1/temp", "payload": "21.5"},
+//!              {"seq": 2, "topic": "plant/1/raw", "payload_base64": "AP8="}]}
+//! ```
+
+use base64::Engine;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::{Batch, DecodeError, Record};
+
+/// A batch in JSON. `sent_at_ms` defaults to 0 (unknown).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonBatch {
+    /// Must equal the device the bearer token belongs to.
+    pub device_id: String,
+    /// Stream name.
+    pub stream: String,
+    /// Sender's wall-clock time, Unix milliseconds.
+    #[serde(default)]
+    pub sent_at_ms: i64,
+    /// The records.
+    pub records: Vec<JsonRecord>,
+}
+
+/// A record in JSON: the payload is given either as UTF-8 text or as base64, exactly one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonRecord {
+    /// Sequence number, unique per (device, stream); the idempotency key.
+    pub seq: u64,
+    /// MQTT-style topic.
+    pub topic: String,
+    /// Payload as UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// Payload as standard base64, for binary data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+    /// QoS, default 1.
+    #[serde(default = "default_qos")]
+    pub qos: u32,
+    /// When the reading was taken, Unix milliseconds; default 0 (unknown).
+    #[serde(default)]
+    pub received_at_ms: i64,
+}
+
+fn default_qos() -> u32 {
+    1
+}
+
+impl JsonBatch {
+    /// Converts to the protobuf form, decoding base64 payloads.
+    pub fn into_batch(self) -> Result<Batch, DecodeError> {
+        let records = self
+            .records
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let payload = match (r.payload, r.payload_base64) {
+                    (Some(text), None) => Bytes::from(text.into_bytes()),
+                    (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                        .decode(b64.as_bytes())
+                        .map(Bytes::from)
+                        .map_err(|e| {
+                            DecodeError::Invalid(format!(
+                                "records[{i}].payload_base64 is not base64: {e}"
+                            ))
+                        })?,
+                    _ => {
+                        return Err(DecodeError::Invalid(format!(
+                            "records[{i}] needs exactly one of payload or payload_base64"
+                        )));
+                    }
+                };
+                Ok(Record {
+                    seq: r.seq,
+                    topic: r.topic,
+                    payload,
+                    qos: r.qos,
+                    received_at_ms: r.received_at_ms,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Batch {
+            device_id: self.device_id,
+            stream: self.stream,
+            sent_at_ms: self.sent_at_ms,
+            records,
+        })
+    }
+}
+
+/// The ingest's 2xx answer: how many records were newly appended and how many were
+/// duplicates of records the log already had (both are safe to delete at the sender).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchAck {
+    /// Records appended to the log by this request.
+    pub accepted: u64,
+    /// Records the log already had (a retry); not appended again.
+    pub duplicates: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CONTENT_TYPE_JSON, Limits, decode_body};
+
+    #[test]
+    fn json_text_and_base64() {
+        let body = br#"{"device_id":"d","stream":"s","records":[
+            {"seq":1,"topic":"t","payload":"21.5"},
+            {"seq":2,"topic":"t","payload_base64":"AP8="}]}"#;
+        let limits = Limits {
+            max_decompressed_bytes: 1 << 20,
+            max_records: 10,
+        };
+        let b = decode_body(body, Some(CONTENT_TYPE_JSON), None, limits).expect("valid");
+        assert_eq!(b.records[0].payload.as_ref(), b"21.5");
+        assert_eq!(b.records[1].payload.as_ref(), b"\x00\xff");
+        assert_eq!(b.records[1].qos, 1);
+
+        let both = br#"{"device_id":"d","stream":"s","records":[{"seq":1,"topic":"t","payload":"a","payload_base64":"AP8="}]}"#;
+        let err = decode_body(both, Some(CONTENT_TYPE_JSON), None, limits).unwrap_err();
+        assert!(err.to_string().contains("exactly one"), "{err}");
+    }
+}

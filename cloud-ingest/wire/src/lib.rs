@@ -1,0 +1,69 @@
+//! The agent ↔ cloud-ingest contract, version 1. No I/O, no async.
+//!
+//! ```text
+//! agent: Batch ─prost─▶ bytes ─zstd─▶ POST /v1/batches ─▶ ingest: bounded unzstd ─▶ decode ─▶ validate
+//! ```
+//!
+//! Guarantees kept here:
+//! - payloads are opaque bytes, carried exactly (protobuf `bytes`);
+//! - every record carries its idempotency key (device, stream, sequence);
+//! - decompression is bounded: a body never expands past [`Limits::max_decompressed_bytes`].
+//!
+//! The schema is `batch.proto` beside this file; a third party generates a client from it.
+//! Two body formats are accepted: the compact protobuf [`Batch`] ([`CONTENT_TYPE_BATCH`]) and a
+//! plain JSON batch ([`JsonBatch`], `application/json`) for curl and non-Rust devices.
+
+mod batch;
+mod codec;
+mod json;
+
+pub use batch::{Batch, Record};
+pub use codec::{DecodeError, Limits, compress, decode_body, encode_batch};
+pub use json::{BatchAck, JsonBatch, JsonRecord};
+
+/// Version of this contract; it is part of the path ([`BATCHES_PATH`]).
+pub const WIRE_VERSION: u32 = 1;
+/// Where batches are POSTed.
+pub const BATCHES_PATH: &str = "/v1/batches";
+/// Content type of the compact protobuf batch.
+pub const CONTENT_TYPE_BATCH: &str = "application/x-protobuf; proto=edgegw.v1.Batch";
+/// Content type of the plain JSON batch.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+/// `Content-Encoding` value for a zstd-compressed body (one or more concatenated zstd frames).
+pub const ENCODING_ZSTD: &str = "zstd";
+/// Response header on 429 and 503: seconds to wait before retrying.
+pub const HEADER_RETRY_AFTER: &str = "retry-after";
+/// Longest device id, stream name and MQTT topic, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest MQTT topic carried in a record, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 65_535;
+
+/// Whether `name` is a valid device id or stream name: 1..=256 bytes of `[A-Za-z0-9_.-]`.
+/// Names end up in log topic names, so they are kept to characters every log accepts.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for (name, ok) in [
+            ("telemetry", true),
+            ("plant-1.line_2", true),
+            ("", false),
+            ("a/b", false),
+            ("é", false),
+            (&"x".repeat(257), false),
+            (&"x".repeat(256), true),
+        ] {
+            assert_eq!(valid_name(name), ok, "{name}");
+        }
+    }
+}
