@@ -59,13 +59,19 @@ mod tests {
             ("qos", 4),
             ("received_at_ms", 5),
         ] {
-            assert!(PROTO.contains(&format!(" {field} = {tag};")), "{field} in proto");
+            assert!(
+                PROTO.contains(&format!(" {field} = {tag};")),
+                "{field} in proto"
+            );
             let attr = src
                 .split(&format!("pub {field}:"))
                 .next()
                 .and_then(|before| before.rsplit("#[prost(").next())
                 .expect("field present");
-            assert!(attr.contains(&format!("tag = \"{tag}\"")), "{field} in rust");
+            assert!(
+                attr.contains(&format!("tag = \"{tag}\"")),
+                "{field} in rust"
+            );
         }
     }
 }

@@ -214,7 +214,10 @@ mod tests {
         let bomb = compress(&zeros, 19).expect("compress");
         assert!(bomb.len() < 10_000);
         let err = decode_body(&bomb, Some(CONTENT_TYPE_BATCH), Some("zstd"), LIMITS).unwrap_err();
-        assert!(matches!(err, DecodeError::TooLarge { limit } if limit == 1 << 20), "{err}");
+        assert!(
+            matches!(err, DecodeError::TooLarge { limit } if limit == 1 << 20),
+            "{err}"
+        );
     }
 
     #[test]
@@ -257,7 +260,10 @@ mod tests {
             (Some("text/plain"), None),
             (Some(CONTENT_TYPE_BATCH), Some("gzip")),
         ] {
-            assert!(decode_body(garbage, ct, enc, LIMITS).is_err(), "{ct:?} {enc:?}");
+            assert!(
+                decode_body(garbage, ct, enc, LIMITS).is_err(),
+                "{ct:?} {enc:?}"
+            );
         }
     }
 }

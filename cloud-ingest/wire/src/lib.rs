@@ -31,6 +31,8 @@ pub const CONTENT_TYPE_BATCH: &str = "application/x-protobuf; proto=edgegw.v1.Ba
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// `Content-Encoding` value for a zstd-compressed body (one or more concatenated zstd frames).
 pub const ENCODING_ZSTD: &str = "zstd";
+/// Request header naming the device; the bearer token must be that device's.
+pub const HEADER_DEVICE_ID: &str = "x-device-id";
 /// Response header on 429 and 503: seconds to wait before retrying.
 pub const HEADER_RETRY_AFTER: &str = "retry-after";
 /// Longest device id, stream name and MQTT topic, in bytes.

@@ -1,0 +1,435 @@
+//! The HTTP API: `POST /v1/batches`, the embedded log's read endpoints, metrics and probes.
+//!
+//! Invariant: a 2xx on `/v1/batches` means every record of the batch is durably in the log.
+//! [`IngestError::status`] is the ONE table from error to HTTP status; the agent's retry
+//! classification mirrors it. Clients get a short reason; internal details are logged once here.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ingest_wire::{BatchAck, DecodeError, HEADER_DEVICE_ID, HEADER_RETRY_AFTER, Limits};
+use serde::Deserialize;
+
+use crate::auth::{Authenticated, Registry};
+use crate::config::RequestLimits;
+use crate::metrics::Metrics;
+use crate::publish::{Delivery, PublishError, Publisher, embedded, topic_name};
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// Device registry.
+    pub registry: Registry,
+    /// The stream log.
+    pub publisher: Arc<dyn Publisher>,
+    /// Per-request limits.
+    pub limits: RequestLimits,
+    /// Log topic template.
+    pub topic_template: String,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The embedded log's file, when that is the sink (enables the read endpoints).
+    pub embedded_log: Option<PathBuf>,
+}
+
+/// Why a batch request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// No or wrong credentials. 401; the agent keeps the data and raises an alarm.
+    #[error("unknown device or bad token")]
+    Unauthorized,
+    /// The batch names another device than the token's. 403; kept and alarmed like 401.
+    #[error("batch device_id {body:?} is not the authenticated device {authenticated:?}")]
+    Forbidden {
+        /// Device of the token.
+        authenticated: String,
+        /// Device named in the batch.
+        body: String,
+    },
+    /// The body is too large as sent or once decompressed. 413; the agent dead-letters it.
+    #[error("body larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// The limit that was hit.
+        limit: usize,
+    },
+    /// The body is not a valid batch. 400; the agent dead-letters it.
+    #[error(transparent)]
+    BadBatch(DecodeError),
+    /// The log cannot take it now. 503 + Retry-After; the agent retries.
+    #[error("stream log unavailable, retry later")]
+    Unavailable(#[source] PublishError),
+    /// The body could not be read (client went away). 400.
+    #[error("request body could not be read")]
+    BodyRead,
+}
+
+impl IngestError {
+    /// The one table from error to HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
+            IngestError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::BadBatch(_) | IngestError::BodyRead => StatusCode::BAD_REQUEST,
+            IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl From<DecodeError> for IngestError {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::TooLarge { limit } => IngestError::TooLarge { limit },
+            other => IngestError::BadBatch(other),
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response();
+        match self {
+            IngestError::Unavailable(_) => {
+                response
+                    .headers_mut()
+                    .insert(HEADER_RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            IngestError::Unauthorized => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// The router with every endpoint.
+pub fn app(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new()
+        .route(ingest_wire::BATCHES_PATH, post(post_batch))
+        .route("/v1/log", get(list_topics))
+        .route("/v1/log/{topic}", get(read_topic))
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<AppState>>| async move { s.metrics.render() }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    if state.publisher.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "stream log unavailable")
+    }
+}
+
+async fn post_batch(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = accept_batch(&state, &headers, body).await;
+    let response = match result {
+        Ok(ack) => (StatusCode::OK, Json(ack)).into_response(),
+        Err(e) => {
+            match &e {
+                IngestError::Unavailable(source) => {
+                    tracing::warn!(error = %source, "batch refused: stream log unavailable")
+                }
+                other => {
+                    tracing::info!(status = other.status().as_u16(), error = %other, "batch rejected")
+                }
+            }
+            e.into_response()
+        }
+    };
+    state
+        .metrics
+        .requests
+        .with_label_values(&[response.status().as_str()])
+        .inc();
+    response
+}
+
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Authenticated, IngestError> {
+    let device = headers
+        .get(HEADER_DEVICE_ID)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(IngestError::Unauthorized)?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(IngestError::Unauthorized)?;
+    state
+        .registry
+        .authenticate(device, token.trim())
+        .ok_or(IngestError::Unauthorized)
+}
+
+async fn accept_batch(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<BatchAck, IngestError> {
+    let device = authenticate(state, headers)?;
+    let limit = state.limits.max_body_bytes;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            IngestError::TooLarge { limit }
+        } else {
+            IngestError::BodyRead
+        }
+    })?;
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let batch = ingest_wire::decode_body(
+        &body,
+        header(header::CONTENT_TYPE),
+        header(header::CONTENT_ENCODING),
+        Limits {
+            max_decompressed_bytes: state.limits.max_decompressed_bytes,
+            max_records: state.limits.max_records_per_batch,
+        },
+    )?;
+    if batch.device_id != device.device_id {
+        return Err(IngestError::Forbidden {
+            authenticated: device.device_id,
+            body: batch.device_id,
+        });
+    }
+    state.metrics.wire_bytes.inc_by(body.len() as u64);
+    let raw: u64 = batch
+        .records
+        .iter()
+        .map(|r| (r.payload.len() + r.topic.len()) as u64)
+        .sum();
+    state.metrics.raw_bytes.inc_by(raw);
+    let topic = topic_name(&state.topic_template, &device.tenant, &batch.stream);
+    let ack = state
+        .publisher
+        .publish(Delivery {
+            tenant: device.tenant,
+            topic,
+            batch,
+            ingested_at_ms: now_ms(),
+        })
+        .await
+        .map_err(IngestError::Unavailable)?;
+    state.metrics.records_accepted.inc_by(ack.accepted);
+    state.metrics.records_duplicate.inc_by(ack.duplicates);
+    Ok(ack)
+}
+
+/// Wall-clock now, Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[derive(Debug, Deserialize)]
+struct ReadQuery {
+    #[serde(default)]
+    from: u64,
+    #[serde(default = "default_read_limit")]
+    limit: usize,
+}
+
+fn default_read_limit() -> usize {
+    1000
+}
+
+/// Most records one read returns.
+const MAX_READ_LIMIT: usize = 10_000;
+
+async fn list_topics(State(state): State<Arc<AppState>>) -> Response {
+    let Some(path) = state.embedded_log.clone() else {
+        return not_embedded();
+    };
+    blocking_json(move || embedded::topics(&path)).await
+}
+
+async fn read_topic(
+    State(state): State<Arc<AppState>>,
+    Path(topic): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> Response {
+    let Some(path) = state.embedded_log.clone() else {
+        return not_embedded();
+    };
+    let limit = q.limit.min(MAX_READ_LIMIT);
+    blocking_json(move || {
+        embedded::read(&path, &topic, q.from, limit).map(|records| {
+            let next = records.last().map_or(q.from, |r| r.offset + 1);
+            serde_json::json!({ "topic": topic, "records": records, "next_offset": next })
+        })
+    })
+    .await
+}
+
+fn not_embedded() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({ "error": "the read API serves the embedded log only; read your Kafka or NATS log with its own clients" })),
+    )
+        .into_response()
+}
+
+async fn blocking_json<T, F>(f: F) -> Response
+where
+    T: serde::Serialize + Send + 'static,
+    F: FnOnce() -> Result<T, embedded::LogError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(value)) => Json(value).into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "log read failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({ "error": "log read failed" })),
+            )
+                .into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Builds the state's body type for tests.
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use ingest_wire::{Batch, CONTENT_TYPE_BATCH, Record};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::auth::hash_token;
+    use crate::config::Device;
+    use crate::publish::embedded::EmbeddedLog;
+
+    fn state(dir: &std::path::Path) -> Arc<AppState> {
+        let path = dir.join("log.db");
+        Arc::new(AppState {
+            registry: Registry::new(HashMap::from([(
+                "d1".to_owned(),
+                Device {
+                    tenant: "acme".into(),
+                    token_sha256: hash_token("tok"),
+                },
+            )])),
+            publisher: Arc::new(EmbeddedLog::open(&path).expect("open")),
+            limits: RequestLimits {
+                max_body_bytes: 4096,
+                max_decompressed_bytes: 1 << 16,
+                max_records_per_batch: 100,
+            },
+            topic_template: "iot.{tenant}.{stream}".into(),
+            metrics: Metrics::new(),
+            embedded_log: Some(path),
+        })
+    }
+
+    fn body(device: &str, seqs: std::ops::Range<u64>) -> Vec<u8> {
+        let batch = Batch {
+            device_id: device.into(),
+            stream: "t".into(),
+            sent_at_ms: 0,
+            records: seqs
+                .map(|seq| Record {
+                    seq,
+                    topic: "a/b".into(),
+                    payload: vec![0, 1, 2].into(),
+                    qos: 1,
+                    received_at_ms: 0,
+                })
+                .collect(),
+        };
+        ingest_wire::compress(&ingest_wire::encode_batch(&batch), 1).expect("compress")
+    }
+
+    fn request(token: &str, body: Vec<u8>) -> Request<Body> {
+        Request::post(ingest_wire::BATCHES_PATH)
+            .header(HEADER_DEVICE_ID, "d1")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, CONTENT_TYPE_BATCH)
+            .header(header::CONTENT_ENCODING, "zstd")
+            .body(Body::from(body))
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn status_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state(dir.path());
+        let bomb = ingest_wire::compress(&vec![0u8; 1 << 20], 19).expect("compress");
+        let cases: Vec<(Request<Body>, StatusCode)> = vec![
+            (request("tok", body("d1", 1..3)), StatusCode::OK),
+            (request("nope", body("d1", 1..3)), StatusCode::UNAUTHORIZED),
+            (request("tok", body("d2", 1..3)), StatusCode::FORBIDDEN),
+            (request("tok", b"garbage".to_vec()), StatusCode::BAD_REQUEST),
+            (request("tok", bomb), StatusCode::PAYLOAD_TOO_LARGE),
+            (
+                request("tok", vec![0u8; 5000]),
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+            (request("tok", body("d1", 0..101)), StatusCode::BAD_REQUEST),
+        ];
+        for (i, (req, want)) in cases.into_iter().enumerate() {
+            let response = app(state.clone()).oneshot(req).await.expect("response");
+            assert_eq!(response.status(), want, "case {i}");
+        }
+        let topics =
+            embedded::topics(state.embedded_log.as_ref().expect("embedded")).expect("topics");
+        assert_eq!(topics.len(), 1);
+        assert_eq!(
+            topics[0].end_offset, 2,
+            "only the accepted batch is in the log"
+        );
+    }
+
+    #[tokio::test]
+    async fn replay_is_acknowledged_as_duplicate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state(dir.path());
+        for want in [
+            r#"{"accepted":5,"duplicates":0}"#,
+            r#"{"accepted":0,"duplicates":5}"#,
+        ] {
+            let response = app(state.clone())
+                .oneshot(request("tok", body("d1", 1..6)))
+                .await
+                .expect("response");
+            assert_eq!(response.status(), StatusCode::OK);
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            assert_eq!(std::str::from_utf8(&bytes).expect("utf8"), want);
+        }
+    }
+}

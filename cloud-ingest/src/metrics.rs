@@ -1,0 +1,82 @@
+//! The ingest's Prometheus metrics; every metric name is a constant here.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+
+/// Requests by HTTP status code.
+pub const REQUESTS: &str = "ingest_requests_total";
+/// Records newly appended to the log.
+pub const RECORDS_ACCEPTED: &str = "ingest_records_accepted_total";
+/// Records already in the log (retries), not appended again.
+pub const RECORDS_DUPLICATE: &str = "ingest_records_duplicate_total";
+/// Request body bytes as received (compressed).
+pub const WIRE_BYTES: &str = "ingest_wire_bytes_total";
+/// Body bytes once decompressed.
+pub const RAW_BYTES: &str = "ingest_raw_bytes_total";
+
+/// Handles to every metric of the ingest.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// See [`REQUESTS`].
+    pub requests: IntCounterVec,
+    /// See [`RECORDS_ACCEPTED`].
+    pub records_accepted: IntCounter,
+    /// See [`RECORDS_DUPLICATE`].
+    pub records_duplicate: IntCounter,
+    /// See [`WIRE_BYTES`].
+    pub wire_bytes: IntCounter,
+    /// See [`RAW_BYTES`].
+    pub raw_bytes: IntCounter,
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("invariant: valid metric name");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("invariant: metric registered once");
+            c
+        };
+        let records_accepted = counter(RECORDS_ACCEPTED, "Records newly appended to the log.");
+        let records_duplicate = counter(
+            RECORDS_DUPLICATE,
+            "Records already in the log, not appended again.",
+        );
+        let wire_bytes = counter(WIRE_BYTES, "Request body bytes as received.");
+        let raw_bytes = counter(RAW_BYTES, "Batch bytes once decompressed.");
+        let requests = IntCounterVec::new(
+            Opts::new(REQUESTS, "Batch requests by HTTP status."),
+            &["status"],
+        )
+        .expect("invariant: valid metric name");
+        registry
+            .register(Box::new(requests.clone()))
+            .expect("invariant: metric registered once");
+        Metrics {
+            registry,
+            requests,
+            records_accepted,
+            records_duplicate,
+            wire_bytes,
+            raw_bytes,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("invariant: text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("invariant: Prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,517 @@
+//! The embedded stream log: one SQLite file (WAL, synchronous=FULL) of topics with offsets.
+//!
+//! Invariants, kept by a single writer thread:
+//! - a batch's new records, its topic's next offset and its dedup ranges are committed in ONE
+//!   transaction, so a record is in the log exactly once whatever the retries (exactly-once);
+//! - offsets of a topic are dense and increase in commit order; records of a batch keep their
+//!   order, so order per (device, stream) holds as long as the sender sends in order.
+//!
+//! Concurrent requests are group-committed: the writer takes every queued batch into one
+//! transaction, so many small batches share one fsync.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use base64::Engine;
+use ingest_wire::BatchAck;
+use rusqlite::{Connection, OpenFlags, params};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Delivery, PublishError, PublishFuture, Publisher};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, next_offset INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    mqtt_topic TEXT NOT NULL,
+    qos INTEGER NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    sent_at_ms INTEGER NOT NULL,
+    ingested_at_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS records_by_offset ON records (topic, offset);
+CREATE TABLE IF NOT EXISTS dedup (
+    device TEXT NOT NULL, stream TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    PRIMARY KEY (device, stream, first_seq)
+) WITHOUT ROWID;
+";
+
+/// Most batches group-committed in one transaction.
+const MAX_GROUP: usize = 256;
+
+/// The log file cannot be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// SQLite failed on the log file; at start-up the ingest exits with this.
+    #[error("embedded log {path}: {source}")]
+    Sqlite {
+        /// The log file.
+        path: PathBuf,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// A handle to the embedded log's writer thread.
+pub struct EmbeddedLog {
+    jobs: mpsc::Sender<Job>,
+    healthy: Arc<AtomicBool>,
+}
+
+struct Job {
+    delivery: Delivery,
+    reply: oneshot::Sender<Result<BatchAck, PublishError>>,
+}
+
+impl EmbeddedLog {
+    /// Opens (creating if needed) the log at `path` and starts its writer thread.
+    pub fn open(path: &Path) -> Result<EmbeddedLog, LogError> {
+        let sqlite = |source| LogError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // A missing directory surfaces as SQLite's "unable to open" below, with the path.
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let conn = Connection::open(path).map_err(sqlite)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+            .and_then(|()| conn.execute_batch(SCHEMA))
+            .map_err(sqlite)?;
+        let offsets = load_offsets(&conn).map_err(sqlite)?;
+        let (jobs, rx) = mpsc::channel(MAX_GROUP);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut writer = Writer {
+            conn,
+            offsets,
+            dedup: HashMap::new(),
+            healthy: healthy.clone(),
+        };
+        std::thread::Builder::new()
+            .name("embedded-log".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        Ok(EmbeddedLog { jobs, healthy })
+    }
+}
+
+impl Publisher for EmbeddedLog {
+    fn publish(&self, delivery: Delivery) -> PublishFuture<'_> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            let gone = || PublishError::Unavailable {
+                reason: "embedded log writer stopped".into(),
+            };
+            self.jobs
+                .send(Job { delivery, reply })
+                .await
+                .map_err(|_| gone())?;
+            answer.await.map_err(|_| gone())?
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && !self.jobs.is_closed()
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    /// Next offset per topic, as committed.
+    offsets: HashMap<String, u64>,
+    /// Sequence ranges already in the log per (device, stream); loaded on first use.
+    dedup: HashMap<(String, String), RangeSet>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(&mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            match self.commit(&group) {
+                Ok(acks) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    for (job, ack) in group.into_iter().zip(acks) {
+                        let _ = job.reply.send(Ok(ack));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, batches = group.len(), "embedded log commit failed; batches refused with 503");
+                    self.healthy.store(false, Ordering::Relaxed);
+                    // The caches may hold uncommitted state: rebuild them from the file.
+                    self.dedup.clear();
+                    if let Ok(offsets) = load_offsets(&self.conn) {
+                        self.offsets = offsets;
+                    }
+                    for job in group {
+                        let _ = job.reply.send(Err(PublishError::Unavailable {
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self, group: &[Job]) -> rusqlite::Result<Vec<BatchAck>> {
+        let tx = self.conn.transaction()?;
+        let mut acks = Vec::with_capacity(group.len());
+        let mut touched_topics = Vec::new();
+        let mut touched_keys = Vec::new();
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO records (topic, offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?;
+            for job in group {
+                let d = &job.delivery;
+                let key = (d.batch.device_id.clone(), d.batch.stream.clone());
+                if !self.dedup.contains_key(&key) {
+                    let ranges = load_ranges(&tx, &key.0, &key.1)?;
+                    self.dedup.insert(key.clone(), ranges);
+                }
+                let seen = self.dedup.get_mut(&key).expect("invariant: loaded above");
+                let next = self.offsets.entry(d.topic.clone()).or_insert(0);
+                let mut ack = BatchAck {
+                    accepted: 0,
+                    duplicates: 0,
+                };
+                for r in &d.batch.records {
+                    if seen.contains(r.seq) {
+                        ack.duplicates += 1;
+                        continue;
+                    }
+                    insert.execute(params![
+                        d.topic,
+                        *next as i64,
+                        d.batch.device_id,
+                        d.batch.stream,
+                        r.seq as i64,
+                        r.topic,
+                        r.qos,
+                        r.received_at_ms,
+                        d.batch.sent_at_ms,
+                        d.ingested_at_ms,
+                        r.payload.as_ref(),
+                    ])?;
+                    seen.insert(r.seq);
+                    *next += 1;
+                    ack.accepted += 1;
+                }
+                if ack.accepted > 0 {
+                    touched_topics.push(d.topic.clone());
+                    touched_keys.push(key);
+                }
+                acks.push(ack);
+            }
+        }
+        touched_topics.sort();
+        touched_topics.dedup();
+        for topic in &touched_topics {
+            tx.execute(
+                "INSERT INTO topics (name, next_offset) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset",
+                params![topic, self.offsets[topic] as i64],
+            )?;
+        }
+        touched_keys.sort();
+        touched_keys.dedup();
+        for key in &touched_keys {
+            tx.execute(
+                "DELETE FROM dedup WHERE device = ?1 AND stream = ?2",
+                params![key.0, key.1],
+            )?;
+            for (first, last) in self.dedup[key].iter() {
+                tx.execute(
+                    "INSERT INTO dedup (device, stream, first_seq, last_seq) VALUES (?1, ?2, ?3, ?4)",
+                    params![key.0, key.1, first as i64, last as i64],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(acks)
+    }
+}
+
+fn load_offsets(conn: &Connection) -> rusqlite::Result<HashMap<String, u64>> {
+    let mut stmt = conn.prepare("SELECT name, next_offset FROM topics")?;
+    let rows = stmt.query_map([], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+    })?;
+    rows.collect()
+}
+
+fn load_ranges(conn: &Connection, device: &str, stream: &str) -> rusqlite::Result<RangeSet> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT first_seq, last_seq FROM dedup WHERE device = ?1 AND stream = ?2",
+    )?;
+    let mut set = RangeSet::default();
+    for row in stmt.query_map(params![device, stream], |row| {
+        Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
+    })? {
+        let (first, last) = row?;
+        set.ranges.insert(first, last);
+    }
+    Ok(set)
+}
+
+/// A set of u64 stored as disjoint, non-adjacent inclusive ranges (first → last).
+/// Sequences arrive mostly in order, so a stream's set is usually one range.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RangeSet {
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    /// Whether `v` is in the set.
+    pub fn contains(&self, v: u64) -> bool {
+        self.ranges
+            .range(..=v)
+            .next_back()
+            .is_some_and(|(_, &last)| v <= last)
+    }
+
+    /// Adds `v`, merging with neighbouring ranges.
+    pub fn insert(&mut self, v: u64) {
+        if self.contains(v) {
+            return;
+        }
+        let before = self
+            .ranges
+            .range(..v)
+            .next_back()
+            .map(|(&f, &l)| (f, l))
+            .filter(|&(_, last)| last.checked_add(1) == Some(v));
+        let after = v
+            .checked_add(1)
+            .and_then(|n| self.ranges.get(&n).map(|&l| (n, l)));
+        match (before, after) {
+            (Some((f, _)), Some((n, l))) => {
+                self.ranges.remove(&n);
+                self.ranges.insert(f, l);
+            }
+            (Some((f, _)), None) => {
+                self.ranges.insert(f, v);
+            }
+            (None, Some((n, l))) => {
+                self.ranges.remove(&n);
+                self.ranges.insert(v, l);
+            }
+            (None, None) => {
+                self.ranges.insert(v, v);
+            }
+        }
+    }
+
+    /// The ranges, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(&f, &l)| (f, l))
+    }
+}
+
+/// One record as read back from the embedded log.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogRecord {
+    /// Offset within its topic.
+    pub offset: u64,
+    /// Record key: the device id.
+    pub key: String,
+    /// Stream name.
+    pub stream: String,
+    /// Sequence number within (device, stream).
+    pub seq: u64,
+    /// MQTT topic it was published on.
+    pub mqtt_topic: String,
+    /// MQTT QoS.
+    pub qos: u32,
+    /// Agent receive time, Unix ms.
+    pub received_at_ms: i64,
+    /// Agent send time of its batch, Unix ms.
+    pub sent_at_ms: i64,
+    /// Ingest receive time, Unix ms.
+    pub ingested_at_ms: i64,
+    /// The payload as text, when it is valid UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// The payload in standard base64, when it is not valid UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+}
+
+/// A topic and its end offset (the offset the next record will get).
+#[derive(Debug, Clone, Serialize)]
+pub struct TopicInfo {
+    /// Topic name.
+    pub topic: String,
+    /// Next offset; also the number of records in the topic.
+    pub end_offset: u64,
+}
+
+fn open_reader(path: &Path) -> Result<Connection, LogError> {
+    Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| LogError::Sqlite {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Reads up to `limit` records of `topic` from offset `from` on; blocking.
+pub fn read(path: &Path, topic: &str, from: u64, limit: usize) -> Result<Vec<LogRecord>, LogError> {
+    let conn = open_reader(path)?;
+    let sqlite = |source| LogError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stmt = conn
+        .prepare(
+            "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload
+             FROM records WHERE topic = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
+        )
+        .map_err(sqlite)?;
+    let rows = stmt
+        .query_map(params![topic, from as i64, limit as i64], |row| {
+            let payload: Vec<u8> = row.get(9)?;
+            let (text, b64) = match String::from_utf8(payload) {
+                Ok(text) => (Some(text), None),
+                Err(e) => (
+                    None,
+                    Some(base64::engine::general_purpose::STANDARD.encode(e.as_bytes())),
+                ),
+            };
+            Ok(LogRecord {
+                offset: row.get::<_, i64>(0)? as u64,
+                key: row.get(1)?,
+                stream: row.get(2)?,
+                seq: row.get::<_, i64>(3)? as u64,
+                mqtt_topic: row.get(4)?,
+                qos: row.get(5)?,
+                received_at_ms: row.get(6)?,
+                sent_at_ms: row.get(7)?,
+                ingested_at_ms: row.get(8)?,
+                payload: text,
+                payload_base64: b64,
+            })
+        })
+        .map_err(sqlite)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sqlite)
+}
+
+/// Lists the topics with their end offsets; blocking.
+pub fn topics(path: &Path) -> Result<Vec<TopicInfo>, LogError> {
+    let conn = open_reader(path)?;
+    let sqlite = |source| LogError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stmt = conn
+        .prepare("SELECT name, next_offset FROM topics ORDER BY name")
+        .map_err(sqlite)?;
+    let rows = stmt
+        .query_map([], |row| {
+            Ok(TopicInfo {
+                topic: row.get(0)?,
+                end_offset: row.get::<_, i64>(1)? as u64,
+            })
+        })
+        .map_err(sqlite)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sqlite)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use ingest_wire::{Batch, Record};
+
+    use super::*;
+
+    #[test]
+    fn range_set_merges() {
+        let mut s = RangeSet::default();
+        for v in [5, 7, 6, 1, 3, 2, 10] {
+            s.insert(v);
+        }
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![(1, 3), (5, 7), (10, 10)]);
+        for (v, want) in [
+            (0, false),
+            (1, true),
+            (4, false),
+            (7, true),
+            (8, false),
+            (10, true),
+        ] {
+            assert_eq!(s.contains(v), want, "{v}");
+        }
+        s.insert(4);
+        s.insert(u64::MAX);
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            vec![(1, 7), (10, 10), (u64::MAX, u64::MAX)]
+        );
+    }
+
+    fn delivery(seqs: std::ops::Range<u64>) -> Delivery {
+        Delivery {
+            tenant: "acme".into(),
+            topic: "iot.acme.t".into(),
+            ingested_at_ms: 3,
+            batch: Batch {
+                device_id: "d1".into(),
+                stream: "t".into(),
+                sent_at_ms: 2,
+                records: seqs
+                    .map(|seq| Record {
+                        seq,
+                        topic: "s/1".into(),
+                        payload: Bytes::from(vec![seq as u8, 0xff]),
+                        qos: 1,
+                        received_at_ms: 1,
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn replays_are_deduplicated_across_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        {
+            let log = EmbeddedLog::open(&path).expect("open");
+            let ack = log.publish(delivery(1..4)).await.expect("publish");
+            assert_eq!((ack.accepted, ack.duplicates), (3, 0));
+            let ack = log.publish(delivery(2..6)).await.expect("publish");
+            assert_eq!((ack.accepted, ack.duplicates), (2, 2));
+        }
+        let log = EmbeddedLog::open(&path).expect("reopen");
+        let ack = log.publish(delivery(1..7)).await.expect("publish");
+        assert_eq!((ack.accepted, ack.duplicates), (1, 5));
+        let records = read(&path, "iot.acme.t", 0, 100).expect("read");
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 4, 5]
+        );
+        assert_eq!(records[0].payload_base64.as_deref(), Some("Af8="));
+        assert_eq!(topics(&path).expect("topics")[0].end_offset, 6);
+    }
+}
