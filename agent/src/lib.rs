@@ -1,1 +1,169 @@
+//! Edge agent: the gateway end of the pipeline.
+//!
+//! ```text
+//! sensors ─MQTT─▶ broker (rumqttd) ─▶ routing ─▶ buffer (SQLite, group commit) ─▶ batcher (priority, zstd) ─▶ forwarder ─HTTPS─▶ cloud ingest
+//! ```
+//!
+//! Guarantees: every record the broker hands over is committed to the buffer within the commit
+//! window before anything else happens to it; it leaves the buffer only when the ingest answered
+//! 2xx (or 400: then it is kept as a dead letter), or by the quota policy (counted); order is kept
+//! per stream; the backlog lives on disk, so memory stays bounded whatever the outage.
+//! rumqttd acknowledges QoS 1 on receipt: a crash can lose the current commit window, a clean
+//! stop (SIGTERM) loses nothing.
 
+pub mod batcher;
+pub mod broker;
+pub mod buffer;
+pub mod clock;
+pub mod config;
+pub mod forwarder;
+pub mod metrics;
+pub mod retry;
+pub mod routing;
+
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::batcher::Lane;
+use crate::broker::BrokerError;
+use crate::buffer::{Buffer, BufferError, BufferReader, BufferWriter};
+use crate::config::{AgentConfig, BatchTriggers, StreamConfig};
+use crate::forwarder::Forwarder;
+use crate::metrics::Metrics;
+use crate::routing::{Priority, Router};
+
+/// The agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The buffer cannot be opened.
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    /// The broker cannot start.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The metrics listener cannot be bound.
+    #[error("metrics_listen: cannot listen: {0}")]
+    Metrics(#[source] std::io::Error),
+}
+
+/// Runs the agent until `shutdown`, then stops cleanly: the broker link is drained into the
+/// buffer, in-flight requests are abandoned (their records stay buffered), the last group is
+/// committed.
+pub async fn run(
+    config: AgentConfig,
+    token: String,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let metrics = Metrics::new();
+    let configured: Vec<(String, Priority)> = config
+        .streams
+        .iter()
+        .map(|s| (s.name.clone(), s.priority))
+        .collect();
+    let (buffer, opened) =
+        Buffer::open(&config.buffer.path, &configured, config.buffer.quota_bytes)?;
+    let mut streams = config.streams.clone();
+    for orphan in opened.iter().filter(|o| o.orphan) {
+        tracing::warn!(stream = %orphan.name, "stream is no longer configured but has buffered records; draining them as bulk");
+        streams.push(StreamConfig {
+            name: orphan.name.clone(),
+            topics: Vec::new(),
+            priority: Priority::Bulk,
+            batch: BatchTriggers {
+                max_records: 1000,
+                max_bytes: 1 << 20,
+                linger: std::time::Duration::ZERO,
+            },
+        });
+    }
+    let names: Vec<String> = streams.iter().map(|s| s.name.clone()).collect();
+    let reader = BufferReader::open(&config.buffer.path, &names)?;
+    let progress = buffer.progress();
+    let now = Instant::now();
+    let lanes = opened
+        .iter()
+        .zip(&streams)
+        .zip(&progress)
+        .map(|((o, s), p)| {
+            Lane::new(
+                o.resume_after,
+                p.committed_seq > o.resume_after,
+                now,
+                s.batch.linger,
+            )
+        })
+        .collect();
+    let (commands, command_rx) = std::sync::mpsc::sync_channel(config.buffer.queue_records);
+    let (progress_tx, progress_rx) = tokio::sync::watch::channel(progress);
+    let writer = BufferWriter {
+        buffer,
+        commands: command_rx,
+        commit_window: config.buffer.commit_window,
+        progress: progress_tx,
+        metrics: metrics.clone(),
+        stream_names: names.clone(),
+    };
+    let writer = std::thread::Builder::new()
+        .name("buffer-writer".into())
+        .spawn(move || writer.run())
+        .map_err(|e| AgentError::Broker(BrokerError::Start(e.to_string())))?;
+
+    let stop_serving = CancellationToken::new();
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(AgentError::Metrics)?;
+        let local = listener.local_addr().map_err(AgentError::Metrics)?;
+        println!("metrics listening on {local}");
+        drop(listener);
+        let (m, stop) = (metrics.clone(), stop_serving.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(local, m, stop).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+
+    let router = Router::new(
+        config.streams.iter().map(|s| s.topics.as_slice()),
+        config.default_stream,
+    );
+    let broker = broker::start(
+        &config.mqtt,
+        router,
+        names,
+        commands.clone(),
+        metrics.clone(),
+    )?;
+    println!("mqtt listening on {}", broker.listen);
+    if let Some(v5) = broker.listen_v5 {
+        println!("mqtt5 listening on {v5}");
+    }
+    tracing::info!(device = %config.device_id, streams = streams.len(), buffer = %config.buffer.path.display(), "edge-agent running");
+
+    let forwarder = Forwarder {
+        device_id: config.device_id.clone(),
+        ingest: config.ingest.clone(),
+        token,
+        streams,
+        lanes,
+        reader,
+        commands: commands.clone(),
+        progress: progress_rx,
+        metrics,
+    };
+    let stop_forwarding = CancellationToken::new();
+    let forwarder = tokio::spawn(forwarder.run(stop_forwarding.clone()));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: draining the broker link into the buffer");
+    let _ = tokio::task::spawn_blocking(move || broker.stop()).await;
+    stop_forwarding.cancel();
+    let _ = forwarder.await;
+    drop(commands);
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    stop_serving.cancel();
+    tracing::info!("stopped; everything received is in the buffer");
+    Ok(())
+}

@@ -1,1 +1,96 @@
-fn main() {}
+//! `edge-agent`: run the agent or check a device config.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edge_agent::config::{AgentConfig, resolve_token};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Edge agent of the IoT gateway: MQTT in, durable buffer, batches to the cloud ingest"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        /// The device's YAML config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file, including that its token can be read, and exit (0 when valid).
+    CheckConfig {
+        /// The YAML config to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckConfig { file } => {
+            let config = AgentConfig::load(&file)?;
+            resolve_token(&file, &config.ingest.token)?;
+            println!(
+                "{}: valid ({} streams)",
+                file.display(),
+                config.streams.len()
+            );
+            Ok(())
+        }
+        Command::Run { config: file } => {
+            let config = AgentConfig::load(&file)?;
+            let token = resolve_token(&file, &config.ingest.token)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                let on_signal = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    on_signal.cancel();
+                });
+                edge_agent::run(config, token, shutdown).await
+            })?;
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -362,7 +362,7 @@ mod tests {
                     seq,
                     topic: "a/b".into(),
                     payload: vec![0, 1, 2].into(),
-                    qos: 1,
+                    qos: Some(1),
                     received_at_ms: 0,
                 })
                 .collect(),

@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS records (
     stream TEXT NOT NULL,
     seq INTEGER NOT NULL,
     mqtt_topic TEXT NOT NULL,
-    qos INTEGER NOT NULL,
+    qos INTEGER,
     received_at_ms INTEGER NOT NULL,
     sent_at_ms INTEGER NOT NULL,
     ingested_at_ms INTEGER NOT NULL,
@@ -338,8 +338,9 @@ pub struct LogRecord {
     pub seq: u64,
     /// MQTT topic it was published on.
     pub mqtt_topic: String,
-    /// MQTT QoS.
-    pub qos: u32,
+    /// MQTT QoS, when the sender knew it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos: Option<u32>,
     /// Agent receive time, Unix ms.
     pub received_at_ms: i64,
     /// Agent send time of its batch, Unix ms.
@@ -482,7 +483,7 @@ mod tests {
                         seq,
                         topic: "s/1".into(),
                         payload: Bytes::from(vec![seq as u8, 0xff]),
-                        qos: 1,
+                        qos: Some(1),
                         received_at_ms: 1,
                     })
                     .collect(),

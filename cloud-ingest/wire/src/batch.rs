@@ -32,9 +32,9 @@ pub struct Record {
     /// Exact payload bytes.
     #[prost(bytes = "bytes", tag = "3")]
     pub payload: Bytes,
-    /// MQTT QoS it was published with.
-    #[prost(uint32, tag = "4")]
-    pub qos: u32,
+    /// MQTT QoS it was published with, when the sender knows it.
+    #[prost(uint32, optional, tag = "4")]
+    pub qos: Option<u32>,
     /// Agent wall-clock time when the broker received it, Unix milliseconds.
     #[prost(int64, tag = "5")]
     pub received_at_ms: i64,

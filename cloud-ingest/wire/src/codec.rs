@@ -151,8 +151,8 @@ fn validate(batch: &Batch, limits: Limits) -> Result<(), DecodeError> {
         if record.topic.is_empty() || record.topic.len() > MAX_TOPIC_BYTES {
             return invalid(format!("records[{i}].topic must be 1-65535 bytes"));
         }
-        if record.qos > 2 {
-            return invalid(format!("records[{i}].qos {} is not 0, 1 or 2", record.qos));
+        if let Some(qos) = record.qos.filter(|&q| q > 2) {
+            return invalid(format!("records[{i}].qos {qos} is not 0, 1 or 2"));
         }
     }
     Ok(())
@@ -181,7 +181,7 @@ mod tests {
                     seq,
                     topic: "s/1".into(),
                     payload: Bytes::from_static(b"\x00\xffbinary"),
-                    qos: 1,
+                    qos: Some(1),
                     received_at_ms: 2,
                 })
                 .collect(),

@@ -41,16 +41,12 @@ pub struct JsonRecord {
     /// Payload as standard base64, for binary data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_base64: Option<String>,
-    /// QoS, default 1.
-    #[serde(default = "default_qos")]
-    pub qos: u32,
+    /// MQTT QoS, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<u32>,
     /// When the reading was taken, Unix milliseconds; default 0 (unknown).
     #[serde(default)]
     pub received_at_ms: i64,
-}
-
-fn default_qos() -> u32 {
-    1
 }
 
 impl JsonBatch {
@@ -122,7 +118,7 @@ mod tests {
         let b = decode_body(body, Some(CONTENT_TYPE_JSON), None, limits).expect("valid");
         assert_eq!(b.records[0].payload.as_ref(), b"21.5");
         assert_eq!(b.records[1].payload.as_ref(), b"\x00\xff");
-        assert_eq!(b.records[1].qos, 1);
+        assert_eq!(b.records[1].qos, None);
 
         let both = br#"{"device_id":"d","stream":"s","records":[{"seq":1,"topic":"t","payload":"a","payload_base64":"AP8="}]}"#;
         let err = decode_body(both, Some(CONTENT_TYPE_JSON), None, limits).unwrap_err();

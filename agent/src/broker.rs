@@ -1,0 +1,268 @@
+//! The embedded MQTT broker (rumqttd) and the link that moves every publish into the buffer.
+//!
+//! Invariant: every publish the broker hands over becomes exactly one [`WriterCommand::Append`]
+//! (routed to one stream); none is filtered out. rumqttd keeps a bounded in-memory log per
+//! filter and SILENTLY skips what a lagging reader has not read; so the link reader does nothing
+//! but route and hand over, and rumqttd's overflow alerts are counted and logged as loss.
+//!
+//! rumqttd acknowledges QoS 1 on receipt, before the record is in SQLite: a crash (not a clean
+//! stop) can lose what was received in the current commit window.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttd::local::{LinkError, LinkRx};
+use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
+
+use crate::buffer::{NewRecord, WriterCommand};
+use crate::config::MqttConfig;
+use crate::metrics::Metrics;
+use crate::routing::Router;
+
+/// How long the link must be quiet during shutdown before the reader stops.
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(300);
+/// Longest the reader keeps draining after shutdown was asked.
+const SHUTDOWN_MAX: Duration = Duration::from_secs(5);
+
+/// The broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A listener address cannot be bound. The agent exits; pick a free address.
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// Config key of the address.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// rumqttd refused to set up the broker or its link.
+    #[error("embedded MQTT broker failed to start: {0}")]
+    Start(String),
+}
+
+/// The running broker: its bound addresses, and the link reader to join on shutdown.
+pub struct RunningBroker {
+    /// MQTT 3.1.1 address.
+    pub listen: SocketAddr,
+    /// MQTT 5 address, if configured.
+    pub listen_v5: Option<SocketAddr>,
+    stop: Arc<AtomicBool>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl RunningBroker {
+    /// Stops taking records from the broker once it has been quiet briefly, and waits for the
+    /// reader, so everything the broker acknowledged so far reaches the buffer queue.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.reader.join();
+    }
+}
+
+/// Port 0 means "any free port": resolve it now, because rumqttd does not report the port it got.
+fn resolve(addr: SocketAddr, key: &'static str) -> Result<SocketAddr, BrokerError> {
+    let probe =
+        TcpListener::bind(addr).map_err(|source| BrokerError::Bind { key, addr, source })?;
+    probe
+        .local_addr()
+        .map_err(|source| BrokerError::Bind { key, addr, source })
+}
+
+fn server(name: &str, listen: SocketAddr, config: &MqttConfig) -> ServerSettings {
+    ServerSettings {
+        name: name.into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: config.max_payload_bytes,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    }
+}
+
+/// Starts rumqttd on the configured listeners and the link reader feeding `commands`.
+pub fn start(
+    config: &MqttConfig,
+    router: Router,
+    stream_names: Vec<String>,
+    commands: SyncSender<WriterCommand>,
+    metrics: Metrics,
+) -> Result<RunningBroker, BrokerError> {
+    let listen = resolve(config.listen, "mqtt.listen")?;
+    let listen_v5 = config
+        .listen_v5
+        .map(|a| resolve(a, "mqtt.listen_v5"))
+        .transpose()?;
+    let rumqttd_config = rumqttd::Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: config.max_connections,
+            max_outgoing_packet_count: 500,
+            max_segment_size: config.router_segment_bytes,
+            max_segment_count: config.router_segments,
+            ..RouterConfig::default()
+        },
+        v4: Some(HashMap::from([(
+            "v4".to_owned(),
+            server("mqtt-v4", listen, config),
+        )])),
+        v5: listen_v5.map(|a| HashMap::from([("v5".to_owned(), server("mqtt-v5", a, config))])),
+        ..rumqttd::Config::default()
+    };
+    let mut broker = rumqttd::Broker::new(rumqttd_config);
+    // Links must exist before the broker starts.
+    let (mut link_tx, link_rx) = broker
+        .link("edge-agent-buffer")
+        .map_err(|e| BrokerError::Start(e.to_string()))?;
+    link_tx
+        .subscribe("#")
+        .map_err(|e| BrokerError::Start(e.to_string()))?;
+    let alerts = broker
+        .alerts()
+        .map_err(|e| BrokerError::Start(e.to_string()))?;
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded MQTT broker stopped");
+            }
+        })
+        .map_err(|e| BrokerError::Start(e.to_string()))?;
+    let overflow_metrics = metrics.clone();
+    std::thread::Builder::new()
+        .name("rumqttd-alerts".into())
+        .spawn(move || {
+            while let Ok(batch) = alerts.router_rx.recv() {
+                for alert in batch {
+                    if alert.kind.name() == "cursor_jump" {
+                        overflow_metrics.broker_overflows.inc();
+                        tracing::error!(client = %alert.client_id, detail = %alert.kind.description(), "broker overflow: the buffer writer lagged and rumqttd skipped records (count unknown); raise mqtt.router_segments or lower the load");
+                    }
+                }
+            }
+        })
+        .map_err(|e| BrokerError::Start(e.to_string()))?;
+    for (addr, key) in
+        std::iter::once((listen, "mqtt.listen")).chain(listen_v5.map(|a| (a, "mqtt.listen_v5")))
+    {
+        wait_listening(addr, key)?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader_stop = stop.clone();
+    let reader = std::thread::Builder::new()
+        .name("mqtt-link".into())
+        .spawn(move || {
+            read_link(
+                link_rx,
+                link_tx,
+                &router,
+                &stream_names,
+                &commands,
+                &metrics,
+                &reader_stop,
+            )
+        })
+        .map_err(|e| BrokerError::Start(e.to_string()))?;
+    Ok(RunningBroker {
+        listen,
+        listen_v5,
+        stop,
+        reader,
+    })
+}
+
+/// rumqttd binds in a thread of its own and only logs a failure; so wait for the port here.
+fn wait_listening(addr: SocketAddr, key: &'static str) -> Result<(), BrokerError> {
+    let target = if addr.ip().is_unspecified() {
+        SocketAddr::new([127, 0, 0, 1].into(), addr.port())
+    } else {
+        addr
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(BrokerError::Bind {
+                    key,
+                    addr,
+                    source: e,
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn read_link(
+    mut link_rx: LinkRx,
+    // Kept alive: dropping the sending half would disconnect the link from the router.
+    _link_tx: rumqttd::local::LinkTx,
+    router: &Router,
+    stream_names: &[String],
+    commands: &SyncSender<WriterCommand>,
+    metrics: &Metrics,
+    stop: &AtomicBool,
+) {
+    let received: Vec<_> = stream_names
+        .iter()
+        .map(|n| metrics.records_received.with_label_values(&[n.as_str()]))
+        .collect();
+    let mut stop_since: Option<Instant> = None;
+    let mut last_activity = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            let since = *stop_since.get_or_insert_with(Instant::now);
+            if last_activity.elapsed() >= SHUTDOWN_QUIET || since.elapsed() >= SHUTDOWN_MAX {
+                return;
+            }
+        }
+        match link_rx.recv_deadline(Instant::now() + Duration::from_millis(50)) {
+            Ok(Some(Notification::Forward(forward))) => {
+                last_activity = Instant::now();
+                let topic = match String::from_utf8(forward.publish.topic.to_vec()) {
+                    Ok(t) => t,
+                    // MQTT topics are UTF-8; rumqttd already checked. Keep the record anyway.
+                    Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                };
+                let stream = router.route(&topic);
+                received[stream].inc();
+                let record = NewRecord {
+                    stream,
+                    topic,
+                    payload: Bytes::clone(&forward.publish.payload),
+                    received_at_ms: crate::clock::now_ms(),
+                };
+                if commands.send(WriterCommand::Append(record)).is_err() {
+                    tracing::error!("buffer writer is gone; the link reader stops");
+                    return;
+                }
+            }
+            Ok(Some(Notification::Unschedule)) => {
+                // Without this the router never schedules the link again.
+                if link_rx.ready().is_err() {
+                    return;
+                }
+            }
+            Ok(Some(_)) | Ok(None) => {}
+            Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "link to the embedded broker failed");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,797 @@
+//! The durable buffer: one SQLite file (WAL, synchronous=FULL) between the broker and the uplink.
+//!
+//! Invariants:
+//! - a record is deleted only once the ingest acknowledged it (2xx), moved to the dead-letter
+//!   table when the ingest rejected it (400/413), or evicted by the quota policy (counted);
+//! - each stream's sequence numbers increase by one per record and survive restarts (the
+//!   counter is committed in the same transaction as the records);
+//! - one thread, [`BufferWriter`], owns every write (appends, acks, evictions): a second writer
+//!   connection would fight for SQLite's write lock and starve the drain. Reads for batches go
+//!   through a separate read-only connection ([`BufferReader`]), which WAL lets run alongside.
+//!
+//! Group commit: the writer gathers commands for at most `commit_window` after the first one,
+//! then commits them in one transaction (one fsync), so flash sees few large writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::routing::Priority;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS streams (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    next_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    stream_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS records_by_seq ON records (stream_id, seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    stream_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    status INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    dead_at_ms INTEGER NOT NULL
+);
+";
+
+/// Bytes a record costs against the quota beyond its topic and payload (row and index).
+pub const RECORD_OVERHEAD_BYTES: u64 = 48;
+/// Most commands folded into one transaction.
+const MAX_GROUP: usize = 20_000;
+/// Records evicted per delete statement while over quota.
+const EVICT_CHUNK: u64 = 512;
+
+/// A buffer operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    /// SQLite failed. At open the agent exits with this; in the writer the group is retried
+    /// with backoff and nothing is dropped.
+    #[error("buffer {path}: {source}")]
+    Sqlite {
+        /// The buffer file.
+        path: PathBuf,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// A record received from the broker, not yet in the buffer.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    /// Index of its stream.
+    pub stream: usize,
+    /// MQTT topic.
+    pub topic: String,
+    /// Exact payload.
+    pub payload: Bytes,
+    /// Receive time, Unix ms.
+    pub received_at_ms: i64,
+}
+
+impl NewRecord {
+    /// What it costs against the quota.
+    pub fn cost(&self) -> u64 {
+        (self.topic.len() + self.payload.len()) as u64 + RECORD_OVERHEAD_BYTES
+    }
+}
+
+/// A record read back for a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Sequence number within its stream.
+    pub seq: u64,
+    /// MQTT topic.
+    pub topic: String,
+    /// Exact payload.
+    pub payload: Vec<u8>,
+    /// Receive time, Unix ms.
+    pub received_at_ms: i64,
+}
+
+/// A command for the writer thread.
+#[derive(Debug)]
+pub enum WriterCommand {
+    /// Store a received record.
+    Append(NewRecord),
+    /// The ingest acknowledged seqs `first..=last` of `stream`: delete them.
+    Ack {
+        /// Stream index.
+        stream: usize,
+        /// First seq of the batch.
+        first: u64,
+        /// Last seq of the batch.
+        last: u64,
+    },
+    /// The ingest rejected seqs `first..=last` of `stream`: move them to the dead-letter table.
+    DeadLetter {
+        /// Stream index.
+        stream: usize,
+        /// First seq of the batch.
+        first: u64,
+        /// Last seq of the batch.
+        last: u64,
+        /// HTTP status of the rejection.
+        status: u16,
+        /// The ingest's reason.
+        reason: String,
+    },
+}
+
+/// What the writer has committed for one stream, published after every commit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamProgress {
+    /// Highest sequence committed so far (0: none ever).
+    pub committed_seq: u64,
+    /// Bytes appended since the agent started (a running total, for batch triggers).
+    pub appended_bytes: u64,
+    /// Records in the buffer.
+    pub backlog_records: u64,
+    /// Their cost against the quota.
+    pub backlog_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+struct StreamState {
+    id: i64,
+    name: String,
+    priority: Priority,
+    next_seq: u64,
+    progress: StreamProgress,
+}
+
+/// Per-stream counts of one commit.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CommitSummary {
+    /// Records appended, per stream index.
+    pub appended: Vec<u64>,
+    /// Records deleted after an ack, per stream index.
+    pub acked: Vec<u64>,
+    /// Records moved to dead letters, per stream index.
+    pub dead_lettered: Vec<u64>,
+    /// Records evicted by the quota, per stream index.
+    pub evicted: Vec<u64>,
+}
+
+/// The buffer's write side (owned by [`BufferWriter`]; used directly in tests).
+pub struct Buffer {
+    conn: Connection,
+    path: PathBuf,
+    streams: Vec<StreamState>,
+    quota_bytes: u64,
+}
+
+/// A stream known to the buffer at open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedStream {
+    /// Name.
+    pub name: String,
+    /// First sequence not yet acknowledged: sending resumes here.
+    pub resume_after: u64,
+    /// Whether it is in the buffer but no longer in the config (it still drains).
+    pub orphan: bool,
+}
+
+impl Buffer {
+    /// Opens or creates the buffer at `path` for `streams` (name, priority) in config order.
+    /// Streams with records in the file but not in `streams` are appended as bulk orphans.
+    pub fn open(
+        path: &Path,
+        streams: &[(String, Priority)],
+        quota_bytes: u64,
+    ) -> Result<(Buffer, Vec<OpenedStream>), BufferError> {
+        let sqlite = |source| BufferError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // A missing directory surfaces below as SQLite's "unable to open", with the path.
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let conn = Connection::open(path).map_err(sqlite)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+            .and_then(|()| conn.execute_batch(SCHEMA))
+            .map_err(sqlite)?;
+        let mut state = Vec::new();
+        for (name, priority) in streams {
+            state.push(load_stream(&conn, name, *priority).map_err(sqlite)?);
+        }
+        // Streams dropped from the config keep draining what they hold.
+        let orphans: Vec<String> = {
+            let mut stmt = conn
+                .prepare("SELECT name FROM streams s WHERE EXISTS (SELECT 1 FROM records r WHERE r.stream_id = s.id) ORDER BY id")
+                .map_err(sqlite)?;
+            let names = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(sqlite)?;
+            names
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(sqlite)?
+                .into_iter()
+                .filter(|n| !streams.iter().any(|(s, _)| s == n))
+                .collect()
+        };
+        for name in &orphans {
+            state.push(load_stream(&conn, name, Priority::Bulk).map_err(sqlite)?);
+        }
+        let mut opened = Vec::new();
+        for (i, s) in state.iter().enumerate() {
+            let first: Option<i64> = conn
+                .query_row(
+                    "SELECT MIN(seq) FROM records WHERE stream_id = ?1",
+                    [s.id],
+                    |r| r.get(0),
+                )
+                .map_err(sqlite)?;
+            opened.push(OpenedStream {
+                name: s.name.clone(),
+                resume_after: first.map_or(s.next_seq - 1, |f| f as u64 - 1),
+                orphan: i >= streams.len(),
+            });
+        }
+        Ok((
+            Buffer {
+                conn,
+                path: path.to_owned(),
+                streams: state,
+                quota_bytes,
+            },
+            opened,
+        ))
+    }
+
+    /// Progress of every stream, by index.
+    pub fn progress(&self) -> Vec<StreamProgress> {
+        self.streams.iter().map(|s| s.progress).collect()
+    }
+
+    /// Total cost of the records held, against the quota.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.streams.iter().map(|s| s.progress.backlog_bytes).sum()
+    }
+
+    /// Applies `commands` in one transaction. On error nothing of it is applied and the
+    /// in-memory state is unchanged, so the same commands can be retried.
+    pub fn commit(&mut self, commands: &[WriterCommand]) -> Result<CommitSummary, BufferError> {
+        let mut streams = self.streams.clone();
+        let summary =
+            apply(&mut self.conn, &mut streams, commands, self.quota_bytes).map_err(|source| {
+                BufferError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?;
+        self.streams = streams;
+        Ok(summary)
+    }
+}
+
+fn load_stream(conn: &Connection, name: &str, priority: Priority) -> rusqlite::Result<StreamState> {
+    conn.execute(
+        "INSERT INTO streams (name, next_seq) VALUES (?1, 1) ON CONFLICT (name) DO NOTHING",
+        [name],
+    )?;
+    let (id, next_seq): (i64, i64) = conn.query_row(
+        "SELECT id, next_seq FROM streams WHERE name = ?1",
+        [name],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let (records, bytes): (i64, i64) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(length(topic) + length(payload)), 0) FROM records WHERE stream_id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let records = records as u64;
+    Ok(StreamState {
+        id,
+        name: name.to_owned(),
+        priority,
+        next_seq: next_seq as u64,
+        progress: StreamProgress {
+            committed_seq: next_seq as u64 - 1,
+            appended_bytes: 0,
+            backlog_records: records,
+            backlog_bytes: bytes as u64 + records * RECORD_OVERHEAD_BYTES,
+        },
+    })
+}
+
+fn apply(
+    conn: &mut Connection,
+    streams: &mut [StreamState],
+    commands: &[WriterCommand],
+    quota: u64,
+) -> rusqlite::Result<CommitSummary> {
+    let n = streams.len();
+    let mut summary = CommitSummary {
+        appended: vec![0; n],
+        acked: vec![0; n],
+        dead_lettered: vec![0; n],
+        evicted: vec![0; n],
+    };
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare_cached("INSERT INTO records (stream_id, seq, topic, received_at_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+        let mut delete = tx.prepare_cached(
+            "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING length(topic) + length(payload)",
+        )?;
+        for command in commands {
+            match command {
+                WriterCommand::Append(r) => {
+                    let s = &mut streams[r.stream];
+                    insert.execute(params![
+                        s.id,
+                        s.next_seq as i64,
+                        r.topic,
+                        r.received_at_ms,
+                        r.payload.as_ref()
+                    ])?;
+                    s.progress.committed_seq = s.next_seq;
+                    s.next_seq += 1;
+                    s.progress.appended_bytes += r.cost();
+                    s.progress.backlog_records += 1;
+                    s.progress.backlog_bytes += r.cost();
+                    summary.appended[r.stream] += 1;
+                }
+                WriterCommand::Ack {
+                    stream,
+                    first,
+                    last,
+                } => {
+                    let s = &mut streams[*stream];
+                    let removed = delete_rows(&mut delete, s, *first, *last)?;
+                    summary.acked[*stream] += removed;
+                }
+                WriterCommand::DeadLetter {
+                    stream,
+                    first,
+                    last,
+                    status,
+                    reason,
+                } => {
+                    let s = &mut streams[*stream];
+                    tx.execute(
+                        "INSERT INTO dead_letters (stream_id, seq, topic, received_at_ms, payload, status, reason, dead_at_ms)
+                         SELECT stream_id, seq, topic, received_at_ms, payload, ?4, ?5, ?6 FROM records
+                         WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3",
+                        params![s.id, *first as i64, *last as i64, status, reason, crate::clock::now_ms()],
+                    )?;
+                    let removed = delete_rows(&mut delete, s, *first, *last)?;
+                    summary.dead_lettered[*stream] += removed;
+                }
+            }
+        }
+        for s in streams.iter() {
+            tx.execute(
+                "UPDATE streams SET next_seq = ?2 WHERE id = ?1",
+                params![s.id, s.next_seq as i64],
+            )?;
+        }
+        // Quota: evict lowest priority, oldest first, until under it.
+        let mut evict = tx.prepare_cached(
+            "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 ORDER BY seq LIMIT ?2)
+             RETURNING length(topic) + length(payload)",
+        )?;
+        while streams
+            .iter()
+            .map(|s| s.progress.backlog_bytes)
+            .sum::<u64>()
+            > quota
+        {
+            let candidates: Vec<(Priority, u64)> = streams
+                .iter()
+                .map(|s| (s.priority, s.progress.backlog_records))
+                .collect();
+            let Some(victim) = eviction_victim(&candidates) else {
+                break;
+            };
+            let s = &mut streams[victim];
+            let mut removed = 0u64;
+            let mut rows = evict.query(params![s.id, EVICT_CHUNK as i64])?;
+            while let Some(row) = rows.next()? {
+                let bytes: i64 = row.get(0)?;
+                removed += 1;
+                s.progress.backlog_bytes = s
+                    .progress
+                    .backlog_bytes
+                    .saturating_sub(bytes as u64 + RECORD_OVERHEAD_BYTES);
+            }
+            s.progress.backlog_records = s.progress.backlog_records.saturating_sub(removed);
+            summary.evicted[victim] += removed;
+            if removed == 0 {
+                // Counts drifted from the file; trust the file.
+                s.progress.backlog_records = 0;
+                s.progress.backlog_bytes = 0;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(summary)
+}
+
+fn delete_rows(
+    delete: &mut rusqlite::CachedStatement<'_>,
+    s: &mut StreamState,
+    first: u64,
+    last: u64,
+) -> rusqlite::Result<u64> {
+    let mut rows = delete.query(params![s.id, first as i64, last as i64])?;
+    let mut removed = 0;
+    while let Some(row) = rows.next()? {
+        let bytes: i64 = row.get(0)?;
+        removed += 1;
+        s.progress.backlog_bytes = s
+            .progress
+            .backlog_bytes
+            .saturating_sub(bytes as u64 + RECORD_OVERHEAD_BYTES);
+    }
+    s.progress.backlog_records = s.progress.backlog_records.saturating_sub(removed);
+    Ok(removed)
+}
+
+/// Which stream loses records when the buffer is over quota: the lowest priority class that
+/// holds any, and within it the largest backlog. Critical goes last. Pure.
+pub fn eviction_victim(streams: &[(Priority, u64)]) -> Option<usize> {
+    streams
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, records))| *records > 0)
+        .min_by_key(|(_, (priority, records))| (*priority, std::cmp::Reverse(*records)))
+        .map(|(i, _)| i)
+}
+
+/// The buffer's read side: a read-only connection for building batches.
+pub struct BufferReader {
+    conn: Connection,
+    path: PathBuf,
+    stream_ids: Vec<i64>,
+}
+
+impl BufferReader {
+    /// Opens a read-only connection to the buffer `path` (which [`Buffer::open`] created).
+    pub fn open(path: &Path, stream_names: &[String]) -> Result<BufferReader, BufferError> {
+        let sqlite = |source| BufferError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sqlite)?;
+        let mut stream_ids = Vec::new();
+        for name in stream_names {
+            let id: Option<i64> = conn
+                .query_row("SELECT id FROM streams WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(sqlite)?;
+            stream_ids.push(id.ok_or_else(|| sqlite(rusqlite::Error::QueryReturnedNoRows))?);
+        }
+        Ok(BufferReader {
+            conn,
+            path: path.to_owned(),
+            stream_ids,
+        })
+    }
+
+    /// Up to `max_records` records of `stream` after `after_seq`, in order, stopping before
+    /// `max_bytes` of topic+payload (at least one record if any).
+    pub fn read_batch(
+        &self,
+        stream: usize,
+        after_seq: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, BufferError> {
+        let sqlite = |source| BufferError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, topic, received_at_ms, payload FROM records WHERE stream_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
+            .map_err(sqlite)?;
+        let mut rows = stmt
+            .query(params![
+                self.stream_ids[stream],
+                after_seq as i64,
+                max_records as i64
+            ])
+            .map_err(sqlite)?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(row) = rows.next().map_err(sqlite)? {
+            let record = StoredRecord {
+                seq: row.get::<_, i64>(0).map_err(sqlite)? as u64,
+                topic: row.get(1).map_err(sqlite)?,
+                received_at_ms: row.get(2).map_err(sqlite)?,
+                payload: row.get(3).map_err(sqlite)?,
+            };
+            bytes += record.topic.len() + record.payload.len();
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+}
+
+/// The writer stage: owns the [`Buffer`], group-commits commands, publishes progress.
+/// Runs on its own thread until every command sender is dropped, then commits what is left.
+pub struct BufferWriter {
+    /// The buffer.
+    pub buffer: Buffer,
+    /// Commands from the broker link and the forwarder.
+    pub commands: Receiver<WriterCommand>,
+    /// Longest a command waits before its commit.
+    pub commit_window: Duration,
+    /// Where progress is published after each commit.
+    pub progress: watch::Sender<Vec<StreamProgress>>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Stream names, for metric labels.
+    pub stream_names: Vec<String>,
+}
+
+impl BufferWriter {
+    /// Runs until the command channel closes.
+    pub fn run(mut self) {
+        let mut group = Vec::new();
+        loop {
+            match self.commands.recv() {
+                Ok(first) => group.push(first),
+                Err(_) => return,
+            }
+            let deadline = Instant::now() + self.commit_window;
+            let mut closed = false;
+            while group.len() < MAX_GROUP {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.commands.recv_timeout(left) {
+                    Ok(c) => group.push(c),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            self.commit_with_retry(&group);
+            group.clear();
+            if closed {
+                return;
+            }
+        }
+    }
+
+    fn commit_with_retry(&mut self, group: &[WriterCommand]) {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let started = Instant::now();
+            match self.buffer.commit(group) {
+                Ok(summary) => {
+                    self.metrics
+                        .commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    self.record(&summary);
+                    self.progress.send_replace(self.buffer.progress());
+                    return;
+                }
+                Err(e) => {
+                    // Nothing was applied; the same group is retried. Meanwhile the queue from
+                    // the broker fills, and rumqttd reports any overflow as an alert (counted).
+                    tracing::error!(error = %e, commands = group.len(), retry_in = ?delay, "buffer commit failed");
+                    self.metrics.commit_errors.inc();
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn record(&self, summary: &CommitSummary) {
+        let m = &self.metrics;
+        for (i, name) in self.stream_names.iter().enumerate() {
+            let labels = [name.as_str()];
+            m.records_buffered
+                .with_label_values(&labels)
+                .inc_by(summary.appended[i]);
+            m.records_delivered
+                .with_label_values(&labels)
+                .inc_by(summary.acked[i]);
+            m.records_dead_lettered
+                .with_label_values(&labels)
+                .inc_by(summary.dead_lettered[i]);
+            if summary.evicted[i] > 0 {
+                tracing::error!(stream = %name, records = summary.evicted[i], "buffer over quota: oldest records of the lowest priority evicted");
+                m.records_dropped
+                    .with_label_values(&[name.as_str(), "quota"])
+                    .inc_by(summary.evicted[i]);
+            }
+        }
+        for (name, p) in self.stream_names.iter().zip(self.buffer.progress()) {
+            m.backlog_records
+                .with_label_values(&[name])
+                .set(p.backlog_records as i64);
+            m.backlog_bytes
+                .with_label_values(&[name])
+                .set(p.backlog_bytes as i64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn streams() -> Vec<(String, Priority)> {
+        vec![
+            ("alarms".into(), Priority::Critical),
+            ("telemetry".into(), Priority::Normal),
+            ("logs".into(), Priority::Bulk),
+        ]
+    }
+
+    fn rec(stream: usize, payload: &[u8]) -> WriterCommand {
+        WriterCommand::Append(NewRecord {
+            stream,
+            topic: "t/1".into(),
+            payload: Bytes::copy_from_slice(payload),
+            received_at_ms: 7,
+        })
+    }
+
+    #[test]
+    fn append_read_ack_and_resume_after_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        {
+            let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
+            b.commit(&[
+                rec(1, b"\x00a"),
+                rec(1, b"\xffb"),
+                rec(0, b"c"),
+                rec(1, b"d"),
+            ])
+            .expect("commit");
+            let r =
+                BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
+                    .expect("reader");
+            let batch = r.read_batch(1, 0, 10, 1 << 20).expect("read");
+            assert_eq!(
+                batch.iter().map(|r| r.seq).collect::<Vec<_>>(),
+                vec![1, 2, 3]
+            );
+            assert_eq!(batch[0].payload, b"\x00a");
+            assert_eq!(r.read_batch(1, 1, 1, 1 << 20).expect("read")[0].seq, 2);
+            let s = b
+                .commit(&[WriterCommand::Ack {
+                    stream: 1,
+                    first: 1,
+                    last: 2,
+                }])
+                .expect("ack");
+            assert_eq!(s.acked[1], 2);
+            assert_eq!(b.progress()[1].backlog_records, 1);
+        }
+        let (mut b, opened) = Buffer::open(&path, &streams(), 1 << 30).expect("reopen");
+        assert_eq!(
+            opened[1].resume_after, 2,
+            "telemetry resumes after the acked seqs"
+        );
+        assert_eq!(opened[0].resume_after, 0);
+        assert_eq!(b.progress()[1].committed_seq, 3);
+        b.commit(&[rec(1, b"e")]).expect("commit");
+        assert_eq!(
+            b.progress()[1].committed_seq,
+            4,
+            "sequence survives the restart"
+        );
+    }
+
+    #[test]
+    fn byte_limit_keeps_at_least_one_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
+        b.commit(&[rec(2, &[1; 100]), rec(2, &[2; 100])])
+            .expect("commit");
+        let r = BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
+            .expect("reader");
+        assert_eq!(r.read_batch(2, 0, 10, 10).expect("read").len(), 1);
+        assert_eq!(r.read_batch(2, 0, 10, 300).expect("read").len(), 2);
+    }
+
+    #[test]
+    fn quota_evicts_lowest_priority_oldest_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let cost = 3 + 100 + RECORD_OVERHEAD_BYTES;
+        let (mut b, _) = Buffer::open(&path, &streams(), cost * 5).expect("open");
+        let mut cmds = vec![rec(0, &[0; 100]), rec(1, &[1; 100])];
+        cmds.extend((0..4).map(|_| rec(2, &[2; 100])));
+        let s = b.commit(&cmds).expect("commit");
+        assert_eq!(
+            s.evicted,
+            vec![0, 0, 4],
+            "bulk goes first, whole chunk of its oldest"
+        );
+        assert!(b.backlog_bytes() <= cost * 5);
+        let r = BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
+            .expect("reader");
+        assert_eq!(
+            r.read_batch(0, 0, 10, 1 << 20).expect("read").len(),
+            1,
+            "critical untouched"
+        );
+    }
+
+    #[test]
+    fn dead_letters_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
+        b.commit(&[rec(1, b"x"), rec(1, b"y")]).expect("commit");
+        let s = b
+            .commit(&[WriterCommand::DeadLetter {
+                stream: 1,
+                first: 1,
+                last: 1,
+                status: 400,
+                reason: "bad".into(),
+            }])
+            .expect("dead letter");
+        assert_eq!(s.dead_lettered[1], 1);
+        let n: i64 = b
+            .conn
+            .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn removed_stream_becomes_an_orphan_that_drains() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        {
+            let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
+            b.commit(&[rec(2, b"keep me")]).expect("commit");
+        }
+        let (_, opened) = Buffer::open(&path, &streams()[..2], 1 << 30).expect("reopen");
+        assert_eq!(opened.len(), 3);
+        assert!(opened[2].orphan && opened[2].name == "logs");
+    }
+
+    #[test]
+    fn eviction_choice() {
+        use Priority::*;
+        for (streams, want) in [
+            (vec![(Critical, 5), (Normal, 5), (Bulk, 5)], Some(2)),
+            (vec![(Critical, 5), (Normal, 5), (Bulk, 0)], Some(1)),
+            (vec![(Critical, 5), (Normal, 0)], Some(0)),
+            (vec![(Bulk, 1), (Bulk, 9)], Some(1)),
+            (vec![(Bulk, 0)], None),
+        ] {
+            assert_eq!(eviction_victim(&streams), want, "{streams:?}");
+        }
+    }
+}

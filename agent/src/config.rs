@@ -1,0 +1,659 @@
+//! The device's YAML config: parse (raw serde structs), then a pure `validate` into domain
+//! types, then `resolve_token` (the only I/O). Every error names the file, the key path and
+//! the reason, e.g. `config/agent.yaml: streams[2].priority: unknown variant "urgent" …`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::routing::{Priority, TopicFilter};
+
+/// A config that cannot be used. The agent exits with this message before it starts.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// Key path, e.g. `streams[1].priority`.
+    pub key: String,
+    /// What is wrong and what to do.
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    version: u32,
+    device_id: String,
+    ingest: RawIngest,
+    mqtt: RawMqtt,
+    buffer: RawBuffer,
+    streams: Vec<RawStream>,
+    #[serde(default = "default_stream_name")]
+    default_stream: String,
+    #[serde(default)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    url: String,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    #[serde(default)]
+    token_env: Option<String>,
+    /// Accepted only to refuse it with a clear message.
+    #[serde(default)]
+    token: Option<serde_yaml::Value>,
+    #[serde(default = "default_request_timeout")]
+    request_timeout: String,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: String,
+    #[serde(default = "default_retry_initial")]
+    retry_initial: String,
+    #[serde(default = "default_retry_max")]
+    retry_max: String,
+    #[serde(default = "default_zstd_level")]
+    zstd_level: i32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    listen: SocketAddr,
+    #[serde(default)]
+    listen_v5: Option<SocketAddr>,
+    #[serde(default = "default_max_payload")]
+    max_payload_bytes: String,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_segment_bytes")]
+    router_segment_bytes: String,
+    #[serde(default = "default_segments")]
+    router_segments: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuffer {
+    path: PathBuf,
+    quota_bytes: String,
+    #[serde(default = "default_commit_window")]
+    commit_window: String,
+    #[serde(default = "default_queue_records")]
+    queue_records: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStream {
+    name: String,
+    topics: Vec<String>,
+    priority: Priority,
+    #[serde(default)]
+    batch: RawBatch,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    #[serde(default = "default_max_records")]
+    max_records: usize,
+    #[serde(default = "default_max_bytes")]
+    max_bytes: String,
+    #[serde(default = "default_linger")]
+    linger: String,
+}
+
+impl Default for RawBatch {
+    fn default() -> Self {
+        RawBatch {
+            max_records: default_max_records(),
+            max_bytes: default_max_bytes(),
+            linger: default_linger(),
+        }
+    }
+}
+
+fn default_stream_name() -> String {
+    "default".into()
+}
+fn default_request_timeout() -> String {
+    "30s".into()
+}
+fn default_connect_timeout() -> String {
+    "5s".into()
+}
+fn default_retry_initial() -> String {
+    "200ms".into()
+}
+fn default_retry_max() -> String {
+    "30s".into()
+}
+fn default_zstd_level() -> i32 {
+    1
+}
+fn default_max_payload() -> String {
+    "256KiB".into()
+}
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_segment_bytes() -> String {
+    "8MiB".into()
+}
+fn default_segments() -> usize {
+    4
+}
+fn default_commit_window() -> String {
+    "10ms".into()
+}
+fn default_queue_records() -> usize {
+    20_000
+}
+fn default_max_records() -> usize {
+    1000
+}
+fn default_max_bytes() -> String {
+    "1MiB".into()
+}
+fn default_linger() -> String {
+    "200ms".into()
+}
+
+/// A validated agent config.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This device's id; the key of its records in the log.
+    pub device_id: String,
+    /// How to reach the cloud ingest.
+    pub ingest: IngestConfig,
+    /// The embedded MQTT broker.
+    pub mqtt: MqttConfig,
+    /// The durable buffer.
+    pub buffer: BufferConfig,
+    /// Streams in config order; the first whose filter matches a topic takes the record.
+    /// Contains the default stream (last when it was not configured).
+    pub streams: Vec<StreamConfig>,
+    /// Index in `streams` of the stream unmatched topics go to.
+    pub default_stream: usize,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Where the token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A file holding the token (trailing whitespace ignored).
+    File(PathBuf),
+    /// An environment variable holding the token.
+    Env(String),
+}
+
+/// The uplink to the ingest.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Base URL, e.g. `https://ingest.example.com`.
+    pub url: reqwest::Url,
+    /// Where the bearer token is read from at start-up.
+    pub token: TokenSource,
+    /// Whole-request timeout: a stuck ingest is given up on after this.
+    pub request_timeout: Duration,
+    /// TCP/TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// First retry delay after a failure.
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// zstd level of batch bodies.
+    pub zstd_level: i32,
+}
+
+/// The embedded broker.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    /// MQTT 3.1.1 listener.
+    pub listen: SocketAddr,
+    /// MQTT 5 listener, if any.
+    pub listen_v5: Option<SocketAddr>,
+    /// Largest publish payload; larger ones are refused by disconnecting the client.
+    pub max_payload_bytes: usize,
+    /// Most concurrent MQTT connections.
+    pub max_connections: usize,
+    /// Size of one in-memory segment of rumqttd's router log.
+    pub router_segment_bytes: usize,
+    /// Segments kept per filter: how far the buffer writer may lag before rumqttd drops data.
+    pub router_segments: usize,
+}
+
+/// The durable buffer.
+#[derive(Debug, Clone)]
+pub struct BufferConfig {
+    /// SQLite file.
+    pub path: PathBuf,
+    /// Most bytes of records kept; past it the lowest-priority, oldest records are evicted.
+    pub quota_bytes: u64,
+    /// Longest a received record waits before its transaction commits.
+    pub commit_window: Duration,
+    /// Records queued in memory between the broker and the buffer writer.
+    pub queue_records: usize,
+}
+
+/// One stream.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// Name, also in log topic names.
+    pub name: String,
+    /// MQTT topic filters selecting its records.
+    pub topics: Vec<TopicFilter>,
+    /// Priority class.
+    pub priority: Priority,
+    /// When a batch is sent.
+    pub batch: BatchTriggers,
+}
+
+/// A batch is sent when any trigger fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchTriggers {
+    /// This many records are waiting.
+    pub max_records: usize,
+    /// This many bytes are waiting (a batch never exceeds it unless one record does).
+    pub max_bytes: usize,
+    /// The oldest waiting record is this old.
+    pub linger: Duration,
+}
+
+impl AgentConfig {
+    /// Reads and validates `file` (no other I/O).
+    pub fn load(file: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            key: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Parses and validates `text`; `file` is used in messages only.
+    pub fn parse(file: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
+        let raw: RawConfig = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
+            text,
+        ))
+        .map_err(|e| ConfigError {
+            file: file.to_owned(),
+            key: match e.path().to_string() {
+                p if p == "." => "(top level)".into(),
+                p => p,
+            },
+            reason: e.into_inner().to_string(),
+        })?;
+        validate(raw).map_err(|(key, reason)| ConfigError {
+            file: file.to_owned(),
+            key,
+            reason,
+        })
+    }
+}
+
+/// Reads the ingest token from its file or environment variable (start-up I/O).
+pub fn resolve_token(file: &Path, source: &TokenSource) -> Result<String, ConfigError> {
+    let err = |key: &str, reason: String| ConfigError {
+        file: file.to_owned(),
+        key: key.into(),
+        reason,
+    };
+    let token = match source {
+        TokenSource::File(path) => std::fs::read_to_string(path).map_err(|e| {
+            err(
+                "ingest.token_file",
+                format!("cannot read token file {}: {e}", path.display()),
+            )
+        })?,
+        TokenSource::Env(var) => std::env::var(var).map_err(|_| {
+            err(
+                "ingest.token_env",
+                format!("environment variable {var} is not set"),
+            )
+        })?,
+    };
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        let key = match source {
+            TokenSource::File(_) => "ingest.token_file",
+            TokenSource::Env(_) => "ingest.token_env",
+        };
+        return Err(err(key, "the token is empty".into()));
+    }
+    Ok(token)
+}
+
+type Invalid = (String, String);
+
+fn duration(key: &str, text: &str) -> Result<Duration, Invalid> {
+    humantime::parse_duration(text).map_err(|e| {
+        (
+            key.into(),
+            format!("{text:?} is not a duration like \"10ms\" or \"30s\": {e}"),
+        )
+    })
+}
+
+fn size(key: &str, text: &str) -> Result<u64, Invalid> {
+    text.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| {
+            (
+                key.into(),
+                format!("{text:?} is not a size like \"64MiB\": {e}"),
+            )
+        })
+        .and_then(|b| {
+            if b == 0 {
+                Err((key.into(), "must be above 0".into()))
+            } else {
+                Ok(b)
+            }
+        })
+}
+
+fn usize_size(key: &str, text: &str) -> Result<usize, Invalid> {
+    size(key, text).and_then(|b| usize::try_from(b).map_err(|_| (key.into(), "too large".into())))
+}
+
+fn positive(key: &str, n: usize) -> Result<usize, Invalid> {
+    if n == 0 {
+        Err((key.into(), "must be above 0".into()))
+    } else {
+        Ok(n)
+    }
+}
+
+/// Pure: raw config to domain types, or (key path, reason).
+fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
+    if raw.version != 1 {
+        return Err((
+            "version".into(),
+            format!("unsupported version {} (expected 1)", raw.version),
+        ));
+    }
+    if !ingest_wire::valid_name(&raw.device_id) {
+        return Err((
+            "device_id".into(),
+            "must be 1-256 characters of [A-Za-z0-9_.-]".into(),
+        ));
+    }
+    let ingest = validate_ingest(raw.ingest)?;
+    let mqtt = MqttConfig {
+        listen: raw.mqtt.listen,
+        listen_v5: raw.mqtt.listen_v5,
+        max_payload_bytes: usize_size("mqtt.max_payload_bytes", &raw.mqtt.max_payload_bytes)?,
+        max_connections: positive("mqtt.max_connections", raw.mqtt.max_connections)?,
+        router_segment_bytes: usize_size(
+            "mqtt.router_segment_bytes",
+            &raw.mqtt.router_segment_bytes,
+        )?,
+        router_segments: positive("mqtt.router_segments", raw.mqtt.router_segments)?,
+    };
+    if mqtt.router_segment_bytes < mqtt.max_payload_bytes {
+        return Err((
+            "mqtt.router_segment_bytes".into(),
+            "must be at least mqtt.max_payload_bytes, or large publishes cannot be held".into(),
+        ));
+    }
+    let buffer = BufferConfig {
+        path: raw.buffer.path,
+        quota_bytes: size("buffer.quota_bytes", &raw.buffer.quota_bytes)?,
+        commit_window: duration("buffer.commit_window", &raw.buffer.commit_window)?,
+        queue_records: positive("buffer.queue_records", raw.buffer.queue_records)?,
+    };
+    let mut streams = Vec::with_capacity(raw.streams.len() + 1);
+    for (i, s) in raw.streams.into_iter().enumerate() {
+        let key = |field: &str| format!("streams[{i}].{field}");
+        if !ingest_wire::valid_name(&s.name) {
+            return Err((
+                key("name"),
+                format!("{:?} must be 1-256 characters of [A-Za-z0-9_.-]", s.name),
+            ));
+        }
+        if streams
+            .iter()
+            .any(|other: &StreamConfig| other.name == s.name)
+        {
+            return Err((key("name"), format!("stream {:?} is defined twice", s.name)));
+        }
+        if s.topics.is_empty() {
+            return Err((key("topics"), "needs at least one MQTT topic filter".into()));
+        }
+        let topics = s
+            .topics
+            .iter()
+            .enumerate()
+            .map(|(j, t)| {
+                TopicFilter::new(t).ok_or_else(|| {
+                    (
+                        format!("streams[{i}].topics[{j}]"),
+                        format!("{t:?} is not a valid MQTT topic filter"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch = BatchTriggers {
+            max_records: positive(&key("batch.max_records"), s.batch.max_records)?,
+            max_bytes: usize_size(&key("batch.max_bytes"), &s.batch.max_bytes)?,
+            linger: duration(&key("batch.linger"), &s.batch.linger)?,
+        };
+        streams.push(StreamConfig {
+            name: s.name,
+            topics,
+            priority: s.priority,
+            batch,
+        });
+    }
+    let default_stream = match streams.iter().position(|s| s.name == raw.default_stream) {
+        Some(i) => i,
+        None => {
+            if !ingest_wire::valid_name(&raw.default_stream) {
+                return Err((
+                    "default_stream".into(),
+                    "must be 1-256 characters of [A-Za-z0-9_.-]".into(),
+                ));
+            }
+            streams.push(StreamConfig {
+                name: raw.default_stream,
+                topics: Vec::new(),
+                priority: Priority::Bulk,
+                batch: BatchTriggers {
+                    max_records: default_max_records(),
+                    max_bytes: 1 << 20,
+                    linger: Duration::from_millis(200),
+                },
+            });
+            streams.len() - 1
+        }
+    };
+    Ok(AgentConfig {
+        device_id: raw.device_id,
+        ingest,
+        mqtt,
+        buffer,
+        streams,
+        default_stream,
+        metrics_listen: raw.metrics_listen,
+    })
+}
+
+fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
+    let url = reqwest::Url::parse(&raw.url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+        .ok_or_else(|| {
+            (
+                "ingest.url".into(),
+                format!("{:?} is not an http(s) URL", raw.url),
+            )
+        })?;
+    if raw.token.is_some() {
+        return Err((
+            "ingest.token".into(),
+            "tokens are never written inline; put it in a file (ingest.token_file) or an environment variable (ingest.token_env)".into(),
+        ));
+    }
+    let token = match (raw.token_file, raw.token_env) {
+        (Some(file), None) => TokenSource::File(file),
+        (None, Some(var)) => TokenSource::Env(var),
+        _ => {
+            return Err((
+                "ingest".into(),
+                "set exactly one of token_file or token_env".into(),
+            ));
+        }
+    };
+    let zstd_level = raw.zstd_level;
+    if !(1..=19).contains(&zstd_level) {
+        return Err((
+            "ingest.zstd_level".into(),
+            format!("{zstd_level} is not in 1..=19"),
+        ));
+    }
+    let retry_initial = duration("ingest.retry_initial", &raw.retry_initial)?;
+    let retry_max = duration("ingest.retry_max", &raw.retry_max)?;
+    if retry_max < retry_initial {
+        return Err((
+            "ingest.retry_max".into(),
+            "must be at least ingest.retry_initial".into(),
+        ));
+    }
+    Ok(IngestConfig {
+        url,
+        token,
+        request_timeout: duration("ingest.request_timeout", &raw.request_timeout)?,
+        connect_timeout: duration("ingest.connect_timeout", &raw.connect_timeout)?,
+        retry_initial,
+        retry_max,
+        zstd_level,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const GOOD: &str = "
+version: 1
+device_id: dev-1
+ingest:
+  url: http://127.0.0.1:8080
+  token_env: EDGE_AGENT_TOKEN
+mqtt:
+  listen: 127.0.0.1:1883
+buffer:
+  path: /tmp/buffer.db
+  quota_bytes: 64MiB
+streams:
+  - name: alarms
+    topics: [\"plant/+/alarm/#\"]
+    priority: critical
+    batch: { max_records: 10, linger: 0ms }
+  - name: telemetry
+    topics: [\"plant/+/telemetry/#\", \"legacy/#\"]
+    priority: normal
+";
+
+    #[test]
+    fn good_config_gets_an_implicit_default_stream() {
+        let c = AgentConfig::parse(Path::new("a.yaml"), GOOD).expect("valid");
+        assert_eq!(c.streams.len(), 3);
+        assert_eq!(c.streams[c.default_stream].name, "default");
+        assert_eq!(c.streams[c.default_stream].priority, Priority::Bulk);
+        assert_eq!(c.streams[0].batch.linger, Duration::ZERO);
+        assert_eq!(c.buffer.commit_window, Duration::from_millis(10));
+        assert_eq!(c.ingest.token, TokenSource::Env("EDGE_AGENT_TOKEN".into()));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let cases = [
+            (
+                GOOD.replace("priority: critical", "priority: urgent"),
+                "streams[0].priority",
+                "unknown variant `urgent`",
+            ),
+            (
+                GOOD.replace("quota_bytes: 64MiB", "quota_bytes: 64MiB\n  colour: red"),
+                "buffer",
+                "unknown field `colour`",
+            ),
+            (
+                GOOD.replace("token_env: EDGE_AGENT_TOKEN", "token: abc"),
+                "ingest.token",
+                "never written inline",
+            ),
+            (
+                GOOD.replace(
+                    "token_env: EDGE_AGENT_TOKEN",
+                    "token_env: A\n  token_file: /x",
+                ),
+                "ingest",
+                "exactly one",
+            ),
+            (
+                GOOD.replace("\"legacy/#\"", "\"legacy/#/x\""),
+                "streams[1].topics[1]",
+                "not a valid MQTT topic filter",
+            ),
+            (
+                GOOD.replace("linger: 0ms", "linger: soon"),
+                "streams[0].batch.linger",
+                "not a duration",
+            ),
+            (
+                GOOD.replace("quota_bytes: 64MiB", "quota_bytes: lots"),
+                "buffer.quota_bytes",
+                "not a size",
+            ),
+            (
+                GOOD.replace("name: telemetry", "name: alarms"),
+                "streams[1].name",
+                "defined twice",
+            ),
+            (
+                GOOD.replace("url: http://127.0.0.1:8080", "url: ftp://x"),
+                "ingest.url",
+                "not an http(s) URL",
+            ),
+            (
+                GOOD.replace("version: 1", "version: 3"),
+                "version",
+                "unsupported version",
+            ),
+        ];
+        for (text, key, reason) in cases {
+            let err = AgentConfig::parse(Path::new("config/agent.yaml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("config/agent.yaml: "), "{err}");
+            assert!(
+                err.contains(&format!(": {key}: ")),
+                "{err} should name {key}"
+            );
+            assert!(err.contains(reason), "{err} should say {reason}");
+        }
+    }
+
+    #[test]
+    fn missing_token_file_is_named() {
+        let err = resolve_token(
+            Path::new("a.yaml"),
+            &TokenSource::File("/nonexistent/token".into()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("a.yaml: ingest.token_file: cannot read token file /nonexistent/token"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! The uplink: sends due batches to the ingest over HTTP(S) and tells the buffer what left.
+//!
+//! Invariant: a batch is acknowledged to the buffer (deleted) only after a 2xx; a 400 moves it
+//! to the dead-letter table; anything else keeps it and retries with exponential backoff and
+//! jitter. After every failure the scheduler decides again, so the batch retried first is the
+//! most urgent one, not the one that happened to fail.
+
+use std::sync::mpsc::SyncSender;
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use reqwest::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::batcher::{self, Decision, Lane, PreparedBatch};
+use crate::buffer::{BufferReader, StreamProgress, WriterCommand};
+use crate::config::{IngestConfig, StreamConfig};
+use crate::metrics::Metrics;
+use crate::retry::{Outcome, classify};
+
+/// The forwarder stage.
+pub struct Forwarder {
+    /// This device's id.
+    pub device_id: String,
+    /// Uplink settings.
+    pub ingest: IngestConfig,
+    /// Bearer token.
+    pub token: String,
+    /// Streams, by index (orphans included).
+    pub streams: Vec<StreamConfig>,
+    /// Per-stream sending state, by index.
+    pub lanes: Vec<Lane>,
+    /// Read side of the buffer.
+    pub reader: BufferReader,
+    /// Acks and dead letters go to the buffer writer.
+    pub commands: SyncSender<WriterCommand>,
+    /// Committed progress from the buffer writer.
+    pub progress: watch::Receiver<Vec<StreamProgress>>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// The request got no usable answer.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("request to the ingest failed: {0}")]
+    Transport(#[from] reqwest::Error),
+}
+
+impl Forwarder {
+    /// Runs until `shutdown`. A request in flight at shutdown is abandoned: its records stay
+    /// in the buffer and are resent (and deduplicated) after the restart.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let client = match reqwest::Client::builder()
+            .timeout(self.ingest.request_timeout)
+            .connect_timeout(self.ingest.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_keepalive(Duration::from_secs(30))
+            .build()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the HTTP client; nothing will be sent");
+                return;
+            }
+        };
+        let url = match self.ingest.url.join(ingest_wire::BATCHES_PATH) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "ingest.url cannot take the batches path");
+                return;
+            }
+        };
+        let backoff_builder = backon::ExponentialBuilder::default()
+            .with_min_delay(self.ingest.retry_initial)
+            .with_max_delay(self.ingest.retry_max)
+            .with_jitter()
+            .without_max_times();
+        let mut backoff = backoff_builder.build();
+        let mut reader = Some(self.reader);
+        let delivered: Vec<_> = self
+            .streams
+            .iter()
+            .map(|s| {
+                self.metrics
+                    .batches
+                    .with_label_values(&[s.name.as_str(), "delivered"])
+            })
+            .collect();
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let progress = self.progress.borrow_and_update().clone();
+            let now = Instant::now();
+            let candidates: Vec<_> = self
+                .lanes
+                .iter_mut()
+                .zip(&self.streams)
+                .zip(&progress)
+                .map(|((lane, stream), p)| {
+                    lane.observe(p, now);
+                    lane.candidate(stream.priority, stream.batch, p)
+                })
+                .collect();
+            let stream = match batcher::decide(now, &candidates) {
+                Decision::Send(i) => i,
+                Decision::WaitUntil(at) => {
+                    tokio::select! {
+                        _ = self.progress.changed() => {}
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    continue;
+                }
+                Decision::Idle => {
+                    tokio::select! {
+                        changed = self.progress.changed() => if changed.is_err() { return },
+                        _ = shutdown.cancelled() => return,
+                    }
+                    continue;
+                }
+            };
+            let lane = &self.lanes[stream];
+            let config = &self.streams[stream];
+            let max_records = lane
+                .size_cap
+                .unwrap_or(config.batch.max_records)
+                .min(config.batch.max_records);
+            let (after, max_bytes, level) =
+                (lane.cursor, config.batch.max_bytes, self.ingest.zstd_level);
+            let (device, name) = (self.device_id.clone(), config.name.clone());
+            let taken = reader
+                .take()
+                .expect("invariant: the reader is returned after every read");
+            let prepared = tokio::task::spawn_blocking(move || {
+                let result = taken
+                    .read_batch(stream, after, max_records, max_bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|records| {
+                        if records.is_empty() {
+                            return Ok(None);
+                        }
+                        batcher::prepare(&device, &name, records, level, crate::clock::now_ms())
+                            .map(Some)
+                            .map_err(|e| e.to_string())
+                    });
+                (taken, result)
+            })
+            .await;
+            let batch = match prepared {
+                Ok((r, result)) => {
+                    reader = Some(r);
+                    match result {
+                        Ok(Some(batch)) => batch,
+                        Ok(None) => {
+                            // Everything up to the committed seq left the buffer by other means
+                            // (evicted under quota): move the cursor past it.
+                            let p = progress[stream];
+                            self.lanes[stream].advance(p.committed_seq, &p);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(stream = %self.streams[stream].name, error = %e, "cannot read a batch from the buffer; retrying");
+                            sleep_or_stop(Duration::from_secs(1), &shutdown).await;
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "batch preparation panicked; the agent must restart");
+                    return;
+                }
+            };
+            let outcome = tokio::select! {
+                r = send(&client, &url, &self.device_id, &self.token, &batch) => r,
+                _ = shutdown.cancelled() => return,
+            };
+            let (outcome, reason) = match outcome {
+                Ok(answer) => answer,
+                Err(e) => (Outcome::Retry { after: None }, e.to_string()),
+            };
+            let stream_name = self.streams[stream].name.clone();
+            let latest = self
+                .progress
+                .borrow()
+                .get(stream)
+                .copied()
+                .unwrap_or(progress[stream]);
+            match outcome {
+                Outcome::Delivered => {
+                    self.metrics.link_up.set(1);
+                    self.metrics.auth_alarm.set(0);
+                    self.metrics.wire_bytes.inc_by(batch.body.len() as u64);
+                    self.metrics.raw_bytes.inc_by(batch.raw_bytes);
+                    delivered[stream].inc();
+                    tell_buffer(
+                        &self.commands,
+                        WriterCommand::Ack {
+                            stream,
+                            first: batch.first_seq,
+                            last: batch.last_seq,
+                        },
+                    );
+                    self.lanes[stream].advance(batch.last_seq, &latest);
+                    self.lanes[stream].size_cap = None;
+                    backoff = backoff_builder.build();
+                }
+                Outcome::TooLarge if batch.records > 1 => {
+                    self.metrics
+                        .batches
+                        .with_label_values(&[stream_name.as_str(), "too_large"])
+                        .inc();
+                    let cap = (batch.records / 2).max(1);
+                    tracing::warn!(stream = %stream_name, records = batch.records, retry_with = cap, "ingest says the batch is too large; splitting it");
+                    self.lanes[stream].size_cap = Some(cap);
+                }
+                Outcome::Reject | Outcome::TooLarge => {
+                    self.metrics.link_up.set(1);
+                    self.metrics
+                        .batches
+                        .with_label_values(&[stream_name.as_str(), "dead_lettered"])
+                        .inc();
+                    tracing::error!(stream = %stream_name, first_seq = batch.first_seq, last_seq = batch.last_seq, %reason, "ingest rejected the batch; kept in the dead-letter table, the queue goes on");
+                    tell_buffer(
+                        &self.commands,
+                        WriterCommand::DeadLetter {
+                            stream,
+                            first: batch.first_seq,
+                            last: batch.last_seq,
+                            status: if outcome == Outcome::TooLarge {
+                                413
+                            } else {
+                                400
+                            },
+                            reason,
+                        },
+                    );
+                    self.lanes[stream].advance(batch.last_seq, &latest);
+                    self.lanes[stream].size_cap = None;
+                }
+                Outcome::Alarm => {
+                    self.metrics.link_up.set(1);
+                    self.metrics.auth_alarm.set(1);
+                    self.metrics
+                        .batches
+                        .with_label_values(&[stream_name.as_str(), "refused"])
+                        .inc();
+                    let delay = backoff.next().unwrap_or(self.ingest.retry_max);
+                    tracing::error!(stream = %stream_name, %reason, retry_in = ?delay, "ingest refuses this device (check ingest.url, device_id and token); data kept");
+                    sleep_or_stop(delay, &shutdown).await;
+                }
+                Outcome::Retry { after } => {
+                    self.metrics.link_up.set(0);
+                    self.metrics
+                        .batches
+                        .with_label_values(&[stream_name.as_str(), "retried"])
+                        .inc();
+                    let delay = backoff
+                        .next()
+                        .unwrap_or(self.ingest.retry_max)
+                        .max(after.unwrap_or_default());
+                    tracing::warn!(stream = %stream_name, %reason, retry_in = ?delay, "ingest unreachable or busy; data kept, retrying");
+                    sleep_or_stop(delay, &shutdown).await;
+                }
+            }
+        }
+    }
+}
+
+/// POSTs one batch and classifies the answer.
+async fn send(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    device_id: &str,
+    token: &str,
+    batch: &PreparedBatch,
+) -> Result<(Outcome, String), SendError> {
+    let response = client
+        .post(url.clone())
+        .header(CONTENT_TYPE, ingest_wire::CONTENT_TYPE_BATCH)
+        .header(CONTENT_ENCODING, ingest_wire::ENCODING_ZSTD)
+        .header(ingest_wire::HEADER_DEVICE_ID, device_id)
+        .header(AUTHORIZATION, format!("Bearer {token}"))
+        .body(batch.body.clone())
+        .send()
+        .await?;
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let outcome = classify(status.as_u16(), retry_after.as_deref());
+    // The body says why; keep it short, it ends up in logs and the dead-letter table.
+    let text = response.text().await.unwrap_or_default();
+    let reason = format!("{status}: {}", text.chars().take(500).collect::<String>());
+    Ok((outcome, reason))
+}
+
+/// Hands an ack or dead letter to the buffer writer.
+fn tell_buffer(commands: &SyncSender<WriterCommand>, command: WriterCommand) {
+    // The queue is shared with the broker link and may be full for a moment.
+    let sent = tokio::task::block_in_place(|| commands.send(command));
+    if sent.is_err() {
+        tracing::error!(
+            "buffer writer is gone; the acknowledgement is lost and the batch will be resent (deduplicated)"
+        );
+    }
+}
+
+async fn sleep_or_stop(delay: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}

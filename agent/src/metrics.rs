@@ -1,0 +1,206 @@
+//! The agent's Prometheus metrics (every name is a constant here) and the small HTTP server
+//! for `/metrics`, `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Records received from the broker, per stream.
+pub const RECORDS_RECEIVED: &str = "agent_records_received_total";
+/// Records committed to the buffer, per stream.
+pub const RECORDS_BUFFERED: &str = "agent_records_buffered_total";
+/// Records acknowledged by the ingest and deleted, per stream.
+pub const RECORDS_DELIVERED: &str = "agent_records_delivered_total";
+/// Records the ingest rejected, kept in the dead-letter table, per stream.
+pub const RECORDS_DEAD_LETTERED: &str = "agent_records_dead_lettered_total";
+/// Records lost, per stream and reason (`quota`, `broker_overflow`).
+pub const RECORDS_DROPPED: &str = "agent_records_dropped_total";
+/// rumqttd overflow alerts: the buffer writer lagged and rumqttd skipped records.
+pub const BROKER_OVERFLOWS: &str = "agent_broker_overflow_alerts_total";
+/// Records in the buffer, per stream.
+pub const BACKLOG_RECORDS: &str = "agent_backlog_records";
+/// Bytes in the buffer (quota cost), per stream.
+pub const BACKLOG_BYTES: &str = "agent_backlog_bytes";
+/// Batch requests per stream and outcome.
+pub const BATCHES: &str = "agent_batches_total";
+/// Compressed body bytes sent.
+pub const WIRE_BYTES: &str = "agent_wire_bytes_total";
+/// Topic + payload bytes of the records sent (before compression).
+pub const RAW_BYTES: &str = "agent_raw_bytes_total";
+/// 1 while the last request reached the ingest, 0 otherwise.
+pub const LINK_UP: &str = "agent_link_up";
+/// 1 while the ingest refuses our credentials (401/403): an operator must act.
+pub const AUTH_ALARM: &str = "agent_auth_alarm";
+/// Buffer commit durations.
+pub const COMMIT_SECONDS: &str = "agent_buffer_commit_seconds";
+/// Failed buffer commits (retried).
+pub const COMMIT_ERRORS: &str = "agent_buffer_commit_errors_total";
+
+/// Handles to every metric of the agent.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// See [`RECORDS_RECEIVED`].
+    pub records_received: IntCounterVec,
+    /// See [`RECORDS_BUFFERED`].
+    pub records_buffered: IntCounterVec,
+    /// See [`RECORDS_DELIVERED`].
+    pub records_delivered: IntCounterVec,
+    /// See [`RECORDS_DEAD_LETTERED`].
+    pub records_dead_lettered: IntCounterVec,
+    /// See [`RECORDS_DROPPED`].
+    pub records_dropped: IntCounterVec,
+    /// See [`BROKER_OVERFLOWS`].
+    pub broker_overflows: IntCounter,
+    /// See [`BACKLOG_RECORDS`].
+    pub backlog_records: IntGaugeVec,
+    /// See [`BACKLOG_BYTES`].
+    pub backlog_bytes: IntGaugeVec,
+    /// See [`BATCHES`].
+    pub batches: IntCounterVec,
+    /// See [`WIRE_BYTES`].
+    pub wire_bytes: IntCounter,
+    /// See [`RAW_BYTES`].
+    pub raw_bytes: IntCounter,
+    /// See [`LINK_UP`].
+    pub link_up: IntGauge,
+    /// See [`AUTH_ALARM`].
+    pub auth_alarm: IntGauge,
+    /// See [`COMMIT_SECONDS`].
+    pub commit_seconds: Histogram,
+    /// See [`COMMIT_ERRORS`].
+    pub commit_errors: IntCounter,
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone()))
+                .expect("invariant: metric registered once");
+            c
+        }
+        let counter = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntCounter::new(name, help).expect("invariant: valid metric"),
+            )
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("invariant: valid metric"),
+            )
+        };
+        let gauge_vec = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), &["stream"])
+                    .expect("invariant: valid metric"),
+            )
+        };
+        let gauge = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntGauge::new(name, help).expect("invariant: valid metric"),
+            )
+        };
+        Metrics {
+            records_received: counter_vec(
+                RECORDS_RECEIVED,
+                "Records received from the broker.",
+                &["stream"],
+            ),
+            records_buffered: counter_vec(
+                RECORDS_BUFFERED,
+                "Records committed to the buffer.",
+                &["stream"],
+            ),
+            records_delivered: counter_vec(
+                RECORDS_DELIVERED,
+                "Records acknowledged by the ingest.",
+                &["stream"],
+            ),
+            records_dead_lettered: counter_vec(
+                RECORDS_DEAD_LETTERED,
+                "Records rejected by the ingest, kept as dead letters.",
+                &["stream"],
+            ),
+            records_dropped: counter_vec(
+                RECORDS_DROPPED,
+                "Records lost, by reason.",
+                &["stream", "reason"],
+            ),
+            broker_overflows: counter(
+                BROKER_OVERFLOWS,
+                "rumqttd overflow alerts (records skipped by the broker).",
+            ),
+            backlog_records: gauge_vec(BACKLOG_RECORDS, "Records in the buffer."),
+            backlog_bytes: gauge_vec(BACKLOG_BYTES, "Bytes in the buffer (quota cost)."),
+            batches: counter_vec(
+                BATCHES,
+                "Batch requests by outcome.",
+                &["stream", "outcome"],
+            ),
+            wire_bytes: counter(WIRE_BYTES, "Compressed body bytes sent."),
+            raw_bytes: counter(
+                RAW_BYTES,
+                "Topic and payload bytes sent, before compression.",
+            ),
+            link_up: gauge(LINK_UP, "1 while the ingest answers."),
+            auth_alarm: gauge(AUTH_ALARM, "1 while the ingest refuses our credentials."),
+            commit_seconds: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(COMMIT_SECONDS, "Buffer commit durations.").buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                    ]),
+                )
+                .expect("invariant: valid metric"),
+            ),
+            commit_errors: counter(COMMIT_ERRORS, "Failed buffer commits (retried)."),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("invariant: encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("invariant: Prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` on `addr` until `shutdown`.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ready" }));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}

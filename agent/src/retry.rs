@@ -1,0 +1,69 @@
+//! What to do with a batch after the ingest answered (or did not), and how long to wait.
+//! Mirrors the ingest's one table from error to status (`cloud-ingest/src/api.rs`). Pure.
+
+use std::time::Duration;
+
+/// What the forwarder does with the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: delete it from the buffer.
+    Delivered,
+    /// 400 and other contract violations: move it to the dead-letter table and go on.
+    Reject,
+    /// 413: too large for the ingest; resend in smaller batches (a lone record is rejected).
+    TooLarge,
+    /// 401/403, or an endpoint that does not exist (404/405/415: misconfiguration): keep the
+    /// data, raise the alarm, retry with backoff until an operator fixes it.
+    Alarm,
+    /// 408/429/5xx or no answer: keep the data and retry, after Retry-After when given.
+    Retry {
+        /// The ingest's Retry-After, if any.
+        after: Option<Duration>,
+    },
+}
+
+/// Classifies an HTTP status (with its Retry-After header value, if any).
+pub fn classify(status: u16, retry_after: Option<&str>) -> Outcome {
+    match status {
+        200..=299 => Outcome::Delivered,
+        413 => Outcome::TooLarge,
+        400 | 422 => Outcome::Reject,
+        401 | 403 | 404 | 405 | 415 => Outcome::Alarm,
+        408 | 429 | 500..=599 => Outcome::Retry {
+            after: retry_after
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs),
+        },
+        // Anything else is unexpected: keep the data and raise the alarm rather than drop it.
+        _ => Outcome::Alarm,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        let retry = |s| Outcome::Retry {
+            after: Some(Duration::from_secs(s)),
+        };
+        for (status, after, want) in [
+            (200, None, Outcome::Delivered),
+            (204, None, Outcome::Delivered),
+            (400, None, Outcome::Reject),
+            (413, None, Outcome::TooLarge),
+            (401, None, Outcome::Alarm),
+            (403, None, Outcome::Alarm),
+            (404, None, Outcome::Alarm),
+            (429, Some("3"), retry(3)),
+            (503, Some(" 1 "), retry(1)),
+            (503, Some("soon"), Outcome::Retry { after: None }),
+            (500, None, Outcome::Retry { after: None }),
+            (408, None, Outcome::Retry { after: None }),
+            (302, None, Outcome::Alarm),
+        ] {
+            assert_eq!(classify(status, after), want, "{status} {after:?}");
+        }
+    }
+}
