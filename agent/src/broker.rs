@@ -155,10 +155,9 @@ pub fn start(
             }
         })
         .map_err(|e| BrokerError::Start(e.to_string()))?;
-    for (addr, key) in
-        std::iter::once((listen, "mqtt.listen")).chain(listen_v5.map(|a| (a, "mqtt.listen_v5")))
-    {
-        wait_listening(addr, key)?;
+    wait_listening(listen, "mqtt.listen", 4)?;
+    if let Some(v5) = listen_v5 {
+        wait_listening(v5, "mqtt.listen_v5", 5)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let reader_stop = stop.clone();
@@ -184,8 +183,13 @@ pub fn start(
     })
 }
 
-/// rumqttd binds in a thread of its own and only logs a failure; so wait for the port here.
-fn wait_listening(addr: SocketAddr, key: &'static str) -> Result<(), BrokerError> {
+/// rumqttd binds in a thread of its own and only logs a failure; so wait here until the port
+/// answers an MQTT CONNECT with a CONNACK (a bare TCP probe would make rumqttd log an error).
+fn wait_listening(
+    addr: SocketAddr,
+    key: &'static str,
+    protocol_level: u8,
+) -> Result<(), BrokerError> {
     let target = if addr.ip().is_unspecified() {
         SocketAddr::new([127, 0, 0, 1].into(), addr.port())
     } else {
@@ -193,8 +197,8 @@ fn wait_listening(addr: SocketAddr, key: &'static str) -> Result<(), BrokerError
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
-            Ok(_) => return Ok(()),
+        match mqtt_handshake(target, protocol_level) {
+            Ok(()) => return Ok(()),
             Err(e) if Instant::now() > deadline => {
                 return Err(BrokerError::Bind {
                     key,
@@ -205,6 +209,35 @@ fn wait_listening(addr: SocketAddr, key: &'static str) -> Result<(), BrokerError
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// CONNECT (clean session), read the CONNACK, DISCONNECT, wait for the broker to close.
+fn mqtt_handshake(target: SocketAddr, protocol_level: u8) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    const CLIENT_ID: &[u8] = b"edge-agent-probe";
+    let mut variable = vec![0, 4, b'M', b'Q', b'T', b'T', protocol_level, 0x02, 0, 10];
+    if protocol_level == 5 {
+        variable.push(0); // no properties
+    }
+    variable.extend_from_slice(&(CLIENT_ID.len() as u16).to_be_bytes());
+    variable.extend_from_slice(CLIENT_ID);
+    let mut packet = vec![0x10, variable.len() as u8];
+    packet.extend(variable);
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_millis(200))?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    stream.write_all(&packet)?;
+    let mut header = [0u8; 2];
+    stream.read_exact(&mut header)?;
+    if header[0] != 0x20 || header[1] > 127 {
+        return Err(std::io::Error::other("not an MQTT CONNACK"));
+    }
+    // Read all of it: closing with unread bytes would reset the connection.
+    let mut rest = vec![0u8; header[1] as usize];
+    stream.read_exact(&mut rest)?;
+    stream.write_all(&[0xE0, 0x00])?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let _ = stream.read_to_end(&mut rest);
+    Ok(())
 }
 
 fn read_link(

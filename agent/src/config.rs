@@ -288,7 +288,7 @@ impl AgentConfig {
                 p if p == "." => "(top level)".into(),
                 p => p,
             },
-            reason: e.into_inner().to_string(),
+            reason: yaml_reason(&e.path().to_string(), e.into_inner().to_string()),
         })?;
         validate(raw).map_err(|(key, reason)| ConfigError {
             file: file.to_owned(),
@@ -328,6 +328,15 @@ pub fn resolve_token(file: &Path, source: &TokenSource) -> Result<String, Config
         return Err(err(key, "the token is empty".into()));
     }
     Ok(token)
+}
+
+/// serde_yaml puts its own path before its message ("buffer: unknown field …"); the key path
+/// comes from serde_path_to_error instead, so drop the repeat.
+fn yaml_reason(path: &str, message: String) -> String {
+    match message.split_once(": ") {
+        Some((prefix, rest)) if path.starts_with(prefix) => rest.to_owned(),
+        _ => message,
+    }
 }
 
 type Invalid = (String, String);
@@ -583,7 +592,7 @@ streams:
             ),
             (
                 GOOD.replace("quota_bytes: 64MiB", "quota_bytes: 64MiB\n  colour: red"),
-                "buffer",
+                "buffer.colour",
                 "unknown field `colour`",
             ),
             (

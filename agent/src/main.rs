@@ -33,11 +33,16 @@ enum Command {
     },
 }
 
+/// rumqttd logs every clean client disconnect as an ERROR in its router ("no-connection … is
+/// already gone"); ERROR here means an operator must act, so that target is silenced. Broker
+/// overflow, the one router event that loses data, is reported by the agent itself.
+const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn,rumqttd::router::routing=off";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+                .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -155,13 +155,22 @@ impl IngestConfig {
         .map_err(|e| ConfigError::Invalid {
             file: file.to_owned(),
             key: key_or_root(e.path().to_string()),
-            reason: e.into_inner().to_string(),
+            reason: yaml_reason(&e.path().to_string(), e.into_inner().to_string()),
         })?;
         validate(raw).map_err(|(key, reason)| ConfigError::Invalid {
             file: file.to_owned(),
             key,
             reason,
         })
+    }
+}
+
+/// serde_yaml puts its own path before its message ("buffer: unknown field …"); the key path
+/// comes from serde_path_to_error instead, so drop the repeat.
+fn yaml_reason(path: &str, message: String) -> String {
+    match message.split_once(": ") {
+        Some((prefix, rest)) if path.starts_with(prefix) => rest.to_owned(),
+        _ => message,
     }
 }
 

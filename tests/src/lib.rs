@@ -1,1 +1,534 @@
+//! End-to-end harnesses: start the REAL `cloud-ingest` and `edge-agent` binaries as processes on
+//! 127.0.0.1 with per-test directories, publish with real MQTT clients, read the log back.
+//!
+//! ```text
+//! load (rumqttc sensors) ─MQTT─▶ AgentHarness (edge-agent) ─HTTP─▶ CloudHarness (cloud-ingest) ─▶ log reads
+//! ```
+//!
+//! Binaries are found beside the test executable (`target/<profile>/`), or in `$GATEWAY_BIN_DIR`;
+//! build them first with `cargo build --workspace --bins` (the README's test command does).
 
+pub mod load;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+/// Token of the test device.
+pub const TOKEN: &str = "test-token-0123456789";
+/// The test device.
+pub const DEVICE: &str = "dev-test";
+/// Its tenant.
+pub const TENANT: &str = "acme";
+
+/// Directory holding the built binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GATEWAY_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary, checked to exist.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (same profile) first",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Polls `probe` until it returns `Some` or `timeout` passes (then panics with `what`).
+pub fn eventually<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed on drop, with its stdout lines.
+pub struct Process {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Where its stderr goes.
+    pub stderr_path: PathBuf,
+}
+
+impl Process {
+    fn spawn(mut cmd: Command, stderr_path: PathBuf) -> Process {
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Process {
+            child,
+            lines,
+            stderr_path,
+        }
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns the rest.
+    fn wait_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.trim().to_owned();
+                    }
+                }
+                Err(_) => panic!(
+                    "process never printed {prefix:?}; stderr:\n{}",
+                    std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status (SIGKILL after 20 s).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!("process ignored SIGTERM for 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Builder and handle of a running `cloud-ingest` with the embedded log.
+pub struct CloudHarness {
+    dir: PathBuf,
+    port: u16,
+    extra_devices: Vec<(String, String, String)>,
+    limits: String,
+}
+
+/// A running ingest.
+pub struct Cloud {
+    /// The process.
+    pub process: Process,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its config file.
+    pub config: PathBuf,
+    http: reqwest::blocking::Client,
+}
+
+impl CloudHarness {
+    /// An ingest keeping its files in `dir`, with the test device registered.
+    pub fn new(dir: &Path) -> CloudHarness {
+        CloudHarness {
+            dir: dir.to_owned(),
+            port: 0,
+            extra_devices: Vec::new(),
+            limits: String::new(),
+        }
+    }
+
+    /// Listen on this port (to start it after an agent that already points at it).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Register another device (id, tenant, token).
+    pub fn device(mut self, id: &str, tenant: &str, token: &str) -> Self {
+        self.extra_devices
+            .push((id.into(), tenant.into(), token.into()));
+        self
+    }
+
+    /// Extra `limits:` YAML lines (indented by two spaces).
+    pub fn limits(mut self, yaml: &str) -> Self {
+        self.limits = yaml.to_owned();
+        self
+    }
+
+    /// Writes the config and starts the binary; returns once it listens.
+    pub fn run(self) -> Cloud {
+        use token_hash as hash;
+        let mut devices = format!(
+            "  - id: {DEVICE}\n    tenant: {TENANT}\n    token_sha256: {}\n",
+            hash(TOKEN)
+        );
+        for (id, tenant, token) in &self.extra_devices {
+            devices.push_str(&format!(
+                "  - id: {id}\n    tenant: {tenant}\n    token_sha256: {}\n",
+                hash(token)
+            ));
+        }
+        let limits = if self.limits.is_empty() {
+            String::new()
+        } else {
+            format!("limits:\n{}\n", self.limits)
+        };
+        let config = self.dir.join("cloud-ingest.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 1\nlisten: 127.0.0.1:{}\ndevices:\n{devices}sink:\n  type: embedded\n  path: {}\n{limits}",
+                self.port,
+                self.dir.join("log.db").display()
+            ),
+        )
+        .expect("write config");
+        let mut cmd = Command::new(bin("cloud-ingest"));
+        cmd.arg("run").arg("--config").arg(&config);
+        let mut process = Process::spawn(cmd, self.dir.join(format!("ingest-{}.stderr", unique())));
+        let addr = process
+            .wait_line("listening on")
+            .parse()
+            .expect("ingest address");
+        Cloud {
+            process,
+            addr,
+            config,
+            http: reqwest::blocking::Client::new(),
+        }
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// SHA-256 hex of a token, computed by the ingest binary itself (`cloud-ingest hash-token`).
+fn token_hash(token: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(bin("cloud-ingest"))
+        .arg("hash-token")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("hash-token");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(token.as_bytes())
+        .expect("write token");
+    let out = child.wait_with_output().expect("hash-token output");
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
+}
+
+/// One record as read back from the embedded log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Offset in its topic.
+    pub offset: u64,
+    /// Key (device id).
+    pub key: String,
+    /// Stream.
+    pub stream: String,
+    /// Sequence.
+    pub seq: u64,
+    /// MQTT topic.
+    pub mqtt_topic: String,
+    /// Exact payload bytes.
+    pub payload: Vec<u8>,
+}
+
+impl Cloud {
+    /// Base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every record of `topic`, in offset order (paged reads of `GET /v1/log/{topic}`).
+    pub fn read_topic(&self, topic: &str) -> Vec<LogRecord> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        loop {
+            let page: serde_json::Value = self
+                .http
+                .get(format!(
+                    "{}/v1/log/{topic}?from={from}&limit=5000",
+                    self.url()
+                ))
+                .send()
+                .and_then(|r| r.error_for_status())
+                .and_then(|r| r.json())
+                .expect("read log");
+            let records = page["records"].as_array().expect("records");
+            if records.is_empty() {
+                return out;
+            }
+            for r in records {
+                let payload = match (r["payload"].as_str(), r["payload_base64"].as_str()) {
+                    (Some(text), _) => text.as_bytes().to_vec(),
+                    (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .expect("base64"),
+                    _ => panic!("record without payload: {r}"),
+                };
+                out.push(LogRecord {
+                    offset: r["offset"].as_u64().expect("offset"),
+                    key: r["key"].as_str().expect("key").to_owned(),
+                    stream: r["stream"].as_str().expect("stream").to_owned(),
+                    seq: r["seq"].as_u64().expect("seq"),
+                    mqtt_topic: r["mqtt_topic"].as_str().expect("mqtt_topic").to_owned(),
+                    payload,
+                });
+            }
+            from = page["next_offset"].as_u64().expect("next_offset");
+        }
+    }
+
+    /// Records in the log, over every topic.
+    pub fn total_records(&self) -> u64 {
+        let topics: serde_json::Value = match self
+            .http
+            .get(format!("{}/v1/log", self.url()))
+            .send()
+            .and_then(|r| r.json())
+        {
+            Ok(v) => v,
+            Err(_) => return 0,
+        };
+        topics.as_array().map_or(0, |a| {
+            a.iter().filter_map(|t| t["end_offset"].as_u64()).sum()
+        })
+    }
+
+    /// POSTs a raw body to the batches endpoint; returns (status, body).
+    pub fn post(
+        &self,
+        device: &str,
+        token: &str,
+        content_type: &str,
+        encoding: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, String) {
+        let mut req = self
+            .http
+            .post(format!("{}{}", self.url(), ingest_wire::BATCHES_PATH))
+            .header("content-type", content_type)
+            .header(ingest_wire::HEADER_DEVICE_ID, device)
+            .bearer_auth(token)
+            .body(body);
+        if let Some(enc) = encoding {
+            req = req.header("content-encoding", enc);
+        }
+        let resp = req.send().expect("post");
+        let status = resp.status().as_u16();
+        (status, resp.text().unwrap_or_default())
+    }
+}
+
+/// Builder of a running `edge-agent`.
+pub struct AgentHarness {
+    dir: PathBuf,
+    ingest_url: String,
+    streams: String,
+    extra: String,
+}
+
+/// A running agent.
+pub struct Agent {
+    /// The process.
+    pub process: Process,
+    /// MQTT 3.1.1 address.
+    pub mqtt: SocketAddr,
+    /// MQTT 5 address.
+    pub mqtt5: SocketAddr,
+    /// Metrics address.
+    pub metrics: SocketAddr,
+    /// The config file.
+    pub config: PathBuf,
+}
+
+/// Three streams (critical, normal, bulk) under `plant/+/…`.
+pub const THREE_STREAMS: &str = "
+  - name: alarms
+    topics: [\"plant/+/alarm/#\"]
+    priority: critical
+    batch: { max_records: 100, linger: 0ms }
+  - name: telemetry
+    topics: [\"plant/+/telemetry/#\"]
+    priority: normal
+    batch: { max_records: 1000, linger: 50ms }
+  - name: logs
+    topics: [\"plant/+/logs/#\"]
+    priority: bulk
+    batch: { max_records: 1000, linger: 100ms }
+";
+
+impl AgentHarness {
+    /// An agent keeping its files in `dir`, sending to `cloud_url`.
+    pub fn new(dir: &Path, cloud_url: &str) -> AgentHarness {
+        AgentHarness {
+            dir: dir.to_owned(),
+            ingest_url: cloud_url.to_owned(),
+            streams: THREE_STREAMS.to_owned(),
+            extra: String::new(),
+        }
+    }
+
+    /// Replace the streams (YAML list items).
+    pub fn streams(mut self, yaml: &str) -> Self {
+        self.streams = yaml.to_owned();
+        self
+    }
+
+    /// Extra top-level YAML appended to the config.
+    pub fn extra(mut self, yaml: &str) -> Self {
+        self.extra = yaml.to_owned();
+        self
+    }
+
+    /// The config text this harness writes.
+    pub fn config_text(&self) -> String {
+        format!(
+            "version: 1
+device_id: {DEVICE}
+ingest:
+  url: {url}
+  token_file: {token}
+  retry_initial: 50ms
+  retry_max: 500ms
+  request_timeout: 5s
+mqtt:
+  listen: 127.0.0.1:0
+  listen_v5: 127.0.0.1:0
+buffer:
+  path: {buffer}
+  quota_bytes: 256MiB
+streams:{streams}
+metrics_listen: 127.0.0.1:0
+{extra}",
+            url = self.ingest_url,
+            token = self.dir.join("token").display(),
+            buffer = self.dir.join("buffer.db").display(),
+            streams = self.streams,
+            extra = self.extra,
+        )
+    }
+
+    /// Writes the config and token, starts the binary; returns once MQTT listens.
+    pub fn run(self) -> Agent {
+        std::fs::write(self.dir.join("token"), format!("{TOKEN}\n")).expect("token");
+        let config = self.dir.join("agent.yaml");
+        std::fs::write(&config, self.config_text()).expect("config");
+        start_agent(&self.dir, &config)
+    }
+}
+
+/// Starts `edge-agent run --config CONFIG` with stderr in `dir`.
+pub fn start_agent(dir: &Path, config: &Path) -> Agent {
+    let mut cmd = Command::new(bin("edge-agent"));
+    cmd.arg("run").arg("--config").arg(config);
+    let mut process = Process::spawn(cmd, dir.join(format!("agent-{}.stderr", unique())));
+    let metrics = process
+        .wait_line("metrics listening on")
+        .parse()
+        .expect("metrics addr");
+    let mqtt = process
+        .wait_line("mqtt listening on")
+        .parse()
+        .expect("mqtt addr");
+    let mqtt5 = process
+        .wait_line("mqtt5 listening on")
+        .parse()
+        .expect("mqtt5 addr");
+    Agent {
+        process,
+        mqtt,
+        mqtt5,
+        metrics,
+        config: config.to_owned(),
+    }
+}
+
+impl Agent {
+    /// The value of a metric line (name with labels, exactly as exposed), 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::blocking::get(format!("http://{}/metrics", self.metrics))
+            .and_then(|r| r.text())
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}

@@ -103,7 +103,6 @@ pub struct BatchAck {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::{CONTENT_TYPE_JSON, Limits, decode_body};
 
     #[test]

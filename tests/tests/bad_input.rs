@@ -1,0 +1,231 @@
+//! Bad input gets a clear error and loses nothing else: broken configs, and bad requests at
+//! the real ingest (wrong token, garbage, zstd bombs, replays, half-valid batches).
+
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use e2e::{CloudHarness, DEVICE, TENANT, TOKEN, bin, eventually};
+use ingest_wire::{Batch, CONTENT_TYPE_BATCH, CONTENT_TYPE_JSON, Record};
+
+const GOOD_AGENT: &str = "version: 1
+device_id: dev-1
+ingest:
+  url: http://127.0.0.1:9
+  token_file: TOKEN_FILE
+mqtt:
+  listen: 127.0.0.1:0
+buffer:
+  path: BUFFER
+  quota_bytes: 64MiB
+streams:
+  - name: telemetry
+    topics: [\"plant/#\"]
+    priority: normal
+";
+
+/// Runs `edge-agent ARGS`; returns (success, stderr).
+fn agent(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin("edge-agent"))
+        .args(args)
+        .output()
+        .expect("run edge-agent");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_agent_configs_name_file_key_and_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0k3n").expect("token");
+    let good = GOOD_AGENT
+        .replace("TOKEN_FILE", &token.display().to_string())
+        .replace("BUFFER", &dir.path().join("b.db").display().to_string());
+    let file = dir.path().join("agent.yaml");
+    std::fs::write(&file, &good).expect("write");
+    assert_eq!(
+        agent(&["check-config", file.to_str().expect("utf8")]).0,
+        true,
+        "the good config is valid"
+    );
+
+    let cases = [
+        (
+            good.replace("quota_bytes: 64MiB", "quota_bytes: 64MiB\n  colour: blue"),
+            "buffer.colour: unknown field `colour`",
+        ),
+        (
+            good.replace("priority: normal", "priority: urgent"),
+            "streams[0].priority: unknown variant `urgent`",
+        ),
+        (
+            good.replace(&token.display().to_string(), "/nonexistent/token"),
+            "ingest.token_file: cannot read token file /nonexistent/token",
+        ),
+    ];
+    for (text, expected) in cases {
+        std::fs::write(&file, &text).expect("write");
+        let path = file.to_str().expect("utf8");
+        for args in [vec!["check-config", path], vec!["run", "--config", path]] {
+            let (ok, stderr) = agent(&args);
+            assert!(!ok, "{args:?} must fail for {expected}");
+            assert!(
+                stderr.contains(&format!("{path}: {expected}")),
+                "{args:?}: stderr {stderr:?} should contain {expected:?}"
+            );
+        }
+    }
+    assert!(
+        !dir.path().join("b.db").exists(),
+        "a bad config starts nothing"
+    );
+}
+
+#[test]
+fn bad_ingest_config_names_file_key_and_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ingest.yaml");
+    std::fs::write(&file, "version: 1\nlisten: 127.0.0.1:0\ndevices:\n  - id: d\n    tenant: t\n    token_sha256: nothex\nsink:\n  type: embedded\n  path: /tmp/x.db\n").expect("write");
+    let out = Command::new(bin("cloud-ingest"))
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: devices[0].token_sha256: must be 64 hex characters",
+            file.display()
+        )),
+        "{stderr}"
+    );
+}
+
+fn batch(device: &str, seqs: &[u64]) -> Batch {
+    Batch {
+        device_id: device.into(),
+        stream: "telemetry".into(),
+        sent_at_ms: 1,
+        records: seqs
+            .iter()
+            .map(|&seq| Record {
+                seq,
+                topic: "plant/1/telemetry".into(),
+                payload: Bytes::from(vec![0, 0xff, seq as u8]),
+                qos: None,
+                received_at_ms: 1,
+            })
+            .collect(),
+    }
+}
+
+fn zstd(batch: &Batch) -> Vec<u8> {
+    zstd::bulk::compress(&ingest_wire::encode_batch(batch), 1).expect("compress")
+}
+
+#[test]
+fn the_ingest_refuses_bad_requests_and_writes_nothing_partial() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path())
+        .limits("  max_decompressed_bytes: 1MiB\n  max_records_per_batch: 1000")
+        .run();
+    let topic = format!("iot.{TENANT}.telemetry");
+
+    let (status, body) = cloud.post(
+        DEVICE,
+        "wrong-token",
+        CONTENT_TYPE_BATCH,
+        Some("zstd"),
+        zstd(&batch(DEVICE, &[1, 2])),
+    );
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = cloud.post(
+        "no-such-device",
+        TOKEN,
+        CONTENT_TYPE_BATCH,
+        Some("zstd"),
+        zstd(&batch("no-such-device", &[1])),
+    );
+    assert_eq!(status, 401, "unknown device");
+    let (status, body) = cloud.post(
+        DEVICE,
+        TOKEN,
+        CONTENT_TYPE_BATCH,
+        Some("zstd"),
+        b"\x28\xb5\x2f\xfd garbage".to_vec(),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("zstd"), "the reason is given: {body}");
+    let bomb = zstd::bulk::compress(&vec![0u8; 256 << 20], 19).expect("bomb");
+    assert!(bomb.len() < 100_000, "a small body that expands 256 MiB");
+    let (status, body) = cloud.post(DEVICE, TOKEN, CONTENT_TYPE_BATCH, Some("zstd"), bomb);
+    assert_eq!(status, 413, "{body}");
+    // Half valid: a good record followed by a bad one (sequence goes backwards).
+    let (status, body) = cloud.post(
+        DEVICE,
+        TOKEN,
+        CONTENT_TYPE_BATCH,
+        Some("zstd"),
+        zstd(&batch(DEVICE, &[10, 11, 5])),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = cloud.post(
+        DEVICE,
+        TOKEN,
+        CONTENT_TYPE_BATCH,
+        Some("zstd"),
+        zstd(&batch("another-device", &[1])),
+    );
+    assert_eq!(status, 403, "a device cannot write as another");
+    assert!(
+        cloud.read_topic(&topic).is_empty(),
+        "nothing of the refused batches is in the log"
+    );
+
+    let good = zstd(&batch(DEVICE, &[1, 2, 3]));
+    let (status, body) = cloud.post(
+        DEVICE,
+        TOKEN,
+        CONTENT_TYPE_BATCH,
+        Some("zstd"),
+        good.clone(),
+    );
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"accepted":3,"duplicates":0}"#)
+    );
+    let (status, body) = cloud.post(DEVICE, TOKEN, CONTENT_TYPE_BATCH, Some("zstd"), good);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"accepted":0,"duplicates":3}"#),
+        "a replay is acknowledged, not appended"
+    );
+    let json = format!(
+        r#"{{"device_id":"{DEVICE}","stream":"telemetry","records":[{{"seq":3,"topic":"plant/1/telemetry","payload":"dup"}},{{"seq":4,"topic":"plant/1/telemetry","payload":"21.5"}}]}}"#
+    );
+    let (status, body) = cloud.post(DEVICE, TOKEN, CONTENT_TYPE_JSON, None, json.into_bytes());
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"accepted":1,"duplicates":1}"#),
+        "plain JSON batches work too"
+    );
+
+    let records = eventually(Duration::from_secs(5), "4 records", || {
+        let r = cloud.read_topic(&topic);
+        (r.len() == 4).then_some(r)
+    });
+    assert_eq!(
+        records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(
+        records[0].payload,
+        vec![0, 0xff, 1],
+        "binary payload kept exactly"
+    );
+    assert_eq!(records[3].payload, b"21.5");
+}
