@@ -3,7 +3,7 @@
 //! Invariant: every publish the broker hands over becomes exactly one [`WriterCommand::Append`]
 //! (routed to one stream); none is filtered out. rumqttd keeps a bounded in-memory log per
 //! filter and SILENTLY skips what a lagging reader has not read; so the link reader does nothing
-//! but route and hand over, and rumqttd's overflow alerts are counted and logged as loss.
+//! but route and hand over, and every record rumqttd skipped is counted (from gaps in its per-filter offsets) and logged as loss.
 //!
 //! rumqttd acknowledges QoS 1 on receipt, before the record is in SQLite: a crash (not a clean
 //! stop) can lose what was received in the current commit window.
@@ -24,6 +24,8 @@ use crate::config::MqttConfig;
 use crate::metrics::Metrics;
 use crate::routing::Router;
 
+/// Stream label of records rumqttd skipped: they are gone, so their stream is unknown.
+pub const OVERFLOW_STREAM: &str = "(unknown)";
 /// How long the link must be quiet during shutdown before the reader stops.
 const SHUTDOWN_QUIET: Duration = Duration::from_millis(300);
 /// Longest the reader keeps draining after shutdown was asked.
@@ -130,28 +132,11 @@ pub fn start(
     link_tx
         .subscribe("#")
         .map_err(|e| BrokerError::Start(e.to_string()))?;
-    let alerts = broker
-        .alerts()
-        .map_err(|e| BrokerError::Start(e.to_string()))?;
     std::thread::Builder::new()
         .name("rumqttd".into())
         .spawn(move || {
             if let Err(e) = broker.start() {
                 tracing::error!(error = %e, "embedded MQTT broker stopped");
-            }
-        })
-        .map_err(|e| BrokerError::Start(e.to_string()))?;
-    let overflow_metrics = metrics.clone();
-    std::thread::Builder::new()
-        .name("rumqttd-alerts".into())
-        .spawn(move || {
-            while let Ok(batch) = alerts.router_rx.recv() {
-                for alert in batch {
-                    if alert.kind.name() == "cursor_jump" {
-                        overflow_metrics.broker_overflows.inc();
-                        tracing::error!(client = %alert.client_id, detail = %alert.kind.description(), "broker overflow: the buffer writer lagged and rumqttd skipped records (count unknown); raise mqtt.router_segments or lower the load");
-                    }
-                }
             }
         })
         .map_err(|e| BrokerError::Start(e.to_string()))?;
@@ -254,6 +239,11 @@ fn read_link(
         .iter()
         .map(|n| metrics.records_received.with_label_values(&[n.as_str()]))
         .collect();
+    let overflow = metrics
+        .records_dropped
+        .with_label_values(&[OVERFLOW_STREAM, "broker_overflow"]);
+    // rumqttd numbers each record of a filter's log; a gap means it skipped records.
+    let mut next_offset: Option<u64> = None;
     let mut stop_since: Option<Instant> = None;
     let mut last_activity = Instant::now();
     loop {
@@ -266,6 +256,18 @@ fn read_link(
         match link_rx.recv_deadline(Instant::now() + Duration::from_millis(50)) {
             Ok(Some(Notification::Forward(forward))) => {
                 last_activity = Instant::now();
+                if let Some((_, offset)) = forward.cursor {
+                    if let Some(expected) = next_offset.filter(|&e| offset > e) {
+                        let lost = offset - expected;
+                        overflow.inc_by(lost);
+                        metrics.broker_overflows.inc();
+                        tracing::error!(
+                            lost,
+                            "broker overflow: the buffer writer lagged and rumqttd skipped records; raise mqtt.router_segments or lower the load"
+                        );
+                    }
+                    next_offset = Some(offset + 1);
+                }
                 let topic = match String::from_utf8(forward.publish.topic.to_vec()) {
                     Ok(t) => t,
                     // MQTT topics are UTF-8; rumqttd already checked. Keep the record anyway.

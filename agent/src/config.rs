@@ -143,7 +143,7 @@ fn default_max_connections() -> usize {
     1000
 }
 fn default_segment_bytes() -> String {
-    "8MiB".into()
+    "4MiB".into()
 }
 fn default_segments() -> usize {
     4

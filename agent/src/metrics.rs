@@ -19,8 +19,8 @@ pub const RECORDS_DELIVERED: &str = "agent_records_delivered_total";
 pub const RECORDS_DEAD_LETTERED: &str = "agent_records_dead_lettered_total";
 /// Records lost, per stream and reason (`quota`, `broker_overflow`).
 pub const RECORDS_DROPPED: &str = "agent_records_dropped_total";
-/// rumqttd overflow alerts: the buffer writer lagged and rumqttd skipped records.
-pub const BROKER_OVERFLOWS: &str = "agent_broker_overflow_alerts_total";
+/// Times rumqttd skipped records because the buffer writer lagged (records in RECORDS_DROPPED).
+pub const BROKER_OVERFLOWS: &str = "agent_broker_overflows_total";
 /// Records in the buffer, per stream.
 pub const BACKLOG_RECORDS: &str = "agent_backlog_records";
 /// Bytes in the buffer (quota cost), per stream.
@@ -138,7 +138,7 @@ impl Metrics {
             ),
             broker_overflows: counter(
                 BROKER_OVERFLOWS,
-                "rumqttd overflow alerts (records skipped by the broker).",
+                "Times rumqttd skipped records because the buffer writer lagged.",
             ),
             backlog_records: gauge_vec(BACKLOG_RECORDS, "Records in the buffer."),
             backlog_bytes: gauge_vec(BACKLOG_BYTES, "Bytes in the buffer (quota cost)."),

@@ -83,7 +83,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn embedded_path(config: &PathBuf) -> anyhow::Result<PathBuf> {
+fn embedded_path(config: &std::path::Path) -> anyhow::Result<PathBuf> {
     match IngestConfig::load(config)?.sink {
         SinkConfig::Embedded { path } => Ok(path),
     }

@@ -75,19 +75,32 @@ pub fn payload(kind: PayloadKind, client: usize, index: u64, size: usize) -> Vec
             out
         }
         PayloadKind::Json => {
+            // Values that vary like real readings; padding with device-ish fields, not filler.
+            let mut x = (client as u64 + 7).wrapping_mul(0x2545_F491_4F6C_DD1D)
+                ^ index.wrapping_mul(0x9E37_79B9);
+            let mut next = || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
             let mut s = format!(
-                "{{\"sensor\":\"s-{client}\",\"seq\":{index},\"temperature\":{:.2},\"humidity\":{:.1},\"pressure\":{:.1},\"status\":\"ok\"",
-                20.0 + (index % 100) as f64 / 10.0,
-                40.0 + (index % 37) as f64 / 2.0,
-                1013.0 + (index % 11) as f64
+                "{{\"sensor\":\"s-{client}\",\"seq\":{index},\"ts\":{},\"temperature\":{:.2},\"humidity\":{:.1},\"pressure\":{:.1},\"status\":\"ok\"",
+                1_790_000_000_000u64 + index * 100,
+                15.0 + (next() % 2000) as f64 / 100.0,
+                30.0 + (next() % 400) as f64 / 10.0,
+                990.0 + (next() % 500) as f64 / 10.0
             );
-            let mut pad = 0;
-            while s.len() + 1 < size {
-                s.push_str(if pad == 0 { ",\"note\":\"" } else { "x" });
-                pad += 1;
+            let mut k = 0;
+            while s.len() + 24 < size {
+                s.push_str(&format!(
+                    ",\"v{k}\":{:.3}",
+                    (next() % 100_000) as f64 / 1000.0
+                ));
+                k += 1;
             }
-            if pad > 0 {
-                s.push('"');
+            while s.len() + 1 < size {
+                s.push(' ');
             }
             s.push('}');
             s.into_bytes()
@@ -128,7 +141,10 @@ async fn sensor(spec: LoadSpec, client: usize) -> (u64, u64) {
     let (mqtt, mut eventloop) = AsyncClient::new(options, 1000);
     let total = spec.messages_per_client;
     let qos = spec.qos;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    // Polls until the DISCONNECT is written: stopping earlier would drop unflushed publishes.
     let poller = tokio::spawn(async move {
+        let mut done_tx = Some(done_tx);
         let mut acked = 0u64;
         let mut written = 0u64;
         loop {
@@ -136,6 +152,7 @@ async fn sensor(spec: LoadSpec, client: usize) -> (u64, u64) {
             match event {
                 Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
                 Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_)))) => written += 1,
+                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) => return acked,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => panic!("sensor {client}: MQTT connection failed: {e}"),
                 Err(_) => panic!("sensor {client}: no MQTT progress for 60 s ({acked} acked)"),
@@ -144,8 +161,8 @@ async fn sensor(spec: LoadSpec, client: usize) -> (u64, u64) {
                 QoS::AtMostOnce => written >= total,
                 _ => acked >= total,
             };
-            if done {
-                return acked;
+            if done && let Some(tx) = done_tx.take() {
+                let _ = tx.send(());
             }
         }
     });
@@ -170,7 +187,8 @@ async fn sensor(spec: LoadSpec, client: usize) -> (u64, u64) {
         .await
         .expect("queue publish");
     }
+    done_rx.await.expect("poller signals completion");
+    mqtt.disconnect().await.expect("queue disconnect");
     let acked = poller.await.expect("poller");
-    let _ = mqtt.disconnect().await;
     (total, acked)
 }

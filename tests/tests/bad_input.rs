@@ -46,9 +46,8 @@ fn bad_agent_configs_name_file_key_and_reason() {
         .replace("BUFFER", &dir.path().join("b.db").display().to_string());
     let file = dir.path().join("agent.yaml");
     std::fs::write(&file, &good).expect("write");
-    assert_eq!(
+    assert!(
         agent(&["check-config", file.to_str().expect("utf8")]).0,
-        true,
         "the good config is valid"
     );
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Benchmarks of the real release binaries on this machine; prints a Markdown table.
+# Usage: bash tests/bench.sh        (BENCH_SCALE=N multiplies the record counts)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --workspace --bins
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"
+./target/release/bench
