@@ -21,6 +21,8 @@ pub mod metrics;
 pub mod retry;
 pub mod routing;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -110,6 +112,7 @@ pub async fn run(
         .map_err(|e| AgentError::Broker(BrokerError::Start(e.to_string())))?;
 
     let stop_serving = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -117,9 +120,9 @@ pub async fn run(
         let local = listener.local_addr().map_err(AgentError::Metrics)?;
         println!("metrics listening on {local}");
         drop(listener);
-        let (m, stop) = (metrics.clone(), stop_serving.clone());
+        let (m, stop, r) = (metrics.clone(), stop_serving.clone(), ready.clone());
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(local, m, stop).await {
+            if let Err(e) = metrics::serve(local, m, r, stop).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });
@@ -156,7 +159,9 @@ pub async fn run(
     let stop_forwarding = CancellationToken::new();
     let forwarder = tokio::spawn(forwarder.run(stop_forwarding.clone()));
 
+    ready.store(true, Ordering::Relaxed);
     shutdown.cancelled().await;
+    ready.store(false, Ordering::Relaxed);
     tracing::info!("shutting down: draining the broker link into the buffer");
     let _ = tokio::task::spawn_blocking(move || broker.stop()).await;
     stop_forwarding.cancel();

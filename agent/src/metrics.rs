@@ -2,6 +2,10 @@
 //! for `/metrics`, `/healthz` and `/readyz`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::http::StatusCode;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -184,10 +188,12 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz`, `/readyz` on `addr` until `shutdown`.
+/// Serves `/metrics`, `/healthz`, `/readyz` on `addr` until `shutdown`. `/readyz` answers 200
+/// while `ready` is set: the broker listens and the buffer takes records.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
+    ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::routing::get;
@@ -197,7 +203,17 @@ pub async fn serve(
             get(move || std::future::ready(metrics.render())),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ready" }));
+        .route(
+            "/readyz",
+            get(move || {
+                let up = ready.load(Ordering::Relaxed);
+                std::future::ready(if up {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting or stopping")
+                })
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
     axum::serve(listener, app)

@@ -51,10 +51,19 @@ pub enum IngestError {
         /// Device named in the batch.
         body: String,
     },
-    /// The body is too large as sent or once decompressed. 413; the agent dead-letters it.
+    /// The body is too large as sent or once decompressed. 413; the agent splits the batch
+    /// (a lone record that is too large is dead-lettered).
     #[error("body larger than the limit of {limit} bytes")]
     TooLarge {
         /// The limit that was hit.
+        limit: usize,
+    },
+    /// More records than `max_records_per_batch`. 413; the agent splits the batch.
+    #[error("{count} records, more than the limit of {limit} per batch")]
+    TooManyRecords {
+        /// Records in the batch.
+        count: usize,
+        /// The limit.
         limit: usize,
     },
     /// The body is not a valid batch. 400; the agent dead-letters it.
@@ -74,7 +83,9 @@ impl IngestError {
         match self {
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
             IngestError::Forbidden { .. } => StatusCode::FORBIDDEN,
-            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::TooLarge { .. } | IngestError::TooManyRecords { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             IngestError::BadBatch(_) | IngestError::BodyRead => StatusCode::BAD_REQUEST,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -85,6 +96,9 @@ impl From<DecodeError> for IngestError {
     fn from(e: DecodeError) -> Self {
         match e {
             DecodeError::TooLarge { limit } => IngestError::TooLarge { limit },
+            DecodeError::TooManyRecords { count, limit } => {
+                IngestError::TooManyRecords { count, limit }
+            }
             other => IngestError::BadBatch(other),
         }
     }
@@ -395,7 +409,10 @@ mod tests {
                 request("tok", vec![0u8; 5000]),
                 StatusCode::PAYLOAD_TOO_LARGE,
             ),
-            (request("tok", body("d1", 0..101)), StatusCode::BAD_REQUEST),
+            (
+                request("tok", body("d1", 0..101)),
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
         ];
         for (i, (req, want)) in cases.into_iter().enumerate() {
             let response = app(state.clone()).oneshot(req).await.expect("response");

@@ -518,6 +518,12 @@ pub fn start_agent(dir: &Path, config: &Path) -> Agent {
 }
 
 impl Agent {
+    /// HTTP status of `/readyz`.
+    pub fn readyz(&self) -> u16 {
+        reqwest::blocking::get(format!("http://{}/readyz", self.metrics))
+            .map_or(0, |r| r.status().as_u16())
+    }
+
     /// The value of a metric line (name with labels, exactly as exposed), 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
         let text = reqwest::blocking::get(format!("http://{}/metrics", self.metrics))

@@ -163,6 +163,7 @@ fn unrouted_topics_land_in_the_default_stream() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
     let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    assert_eq!(agent.readyz(), 200, "ready once MQTT listens");
     let mut s = spec(agent.mqtt, 1, 10);
     s.topic = Arc::new(|_, i| format!("somewhere/else/{i}"));
     publish(s);

@@ -19,13 +19,22 @@ pub struct Limits {
 }
 
 /// Why a body is not a valid batch. Every variant is the sender's fault: it is answered with
-/// 413 ([`DecodeError::TooLarge`]) or 400 (all others) and must not be retried as is.
+/// 413 ([`DecodeError::TooLarge`], [`DecodeError::TooManyRecords`]: split and resend) or 400
+/// (all others) and must not be retried as is.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     /// The body expands past the decompressed-size limit.
     #[error("body expands past the limit of {limit} bytes once decompressed")]
     TooLarge {
         /// The limit in bytes.
+        limit: usize,
+    },
+    /// More records than the receiver takes in one batch (answered 413: split and resend).
+    #[error("{count} records, more than the limit of {limit} per batch")]
+    TooManyRecords {
+        /// Records in the batch.
+        count: usize,
+        /// The limit.
         limit: usize,
     },
     /// Content-Encoding other than identity or zstd.
@@ -133,11 +142,10 @@ fn validate(batch: &Batch, limits: Limits) -> Result<(), DecodeError> {
         return invalid("a batch needs at least one record".into());
     }
     if batch.records.len() > limits.max_records {
-        return invalid(format!(
-            "{} records, more than the limit of {}",
-            batch.records.len(),
-            limits.max_records
-        ));
+        return Err(DecodeError::TooManyRecords {
+            count: batch.records.len(),
+            limit: limits.max_records,
+        });
     }
     let mut previous: Option<u64> = None;
     for (i, record) in batch.records.iter().enumerate() {
@@ -226,7 +234,10 @@ mod tests {
             (batch(&[]), "at least one record"),
             (batch(&[2, 1]), "strictly increase"),
             (batch(&[1, 1]), "strictly increase"),
-            (batch(&(0..101).collect::<Vec<_>>()), "limit of 100"),
+            (
+                batch(&(0..101).collect::<Vec<_>>()),
+                "limit of 100 per batch",
+            ),
             (
                 Batch {
                     stream: "a/b".into(),
