@@ -16,6 +16,7 @@ use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ingest_wire::{LossReason, LossReport};
 use rumqttd::local::{LinkError, LinkRx};
 use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
 
@@ -261,6 +262,17 @@ fn read_link(
                         let lost = offset - expected;
                         overflow.inc_by(lost);
                         metrics.broker_overflows.inc();
+                        let report = LossReport {
+                            stream: None,
+                            first_seq: None,
+                            last_seq: None,
+                            count: lost,
+                            reason: LossReason::BrokerOverflow,
+                            detected_at_ms: crate::clock::now_ms(),
+                        };
+                        if commands.send(WriterCommand::Loss(report)).is_err() {
+                            return;
+                        }
                         tracing::error!(
                             lost,
                             "broker overflow: the buffer writer lagged and rumqttd skipped records; raise mqtt.router_segments or lower the load"

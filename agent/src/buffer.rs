@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::routing::Priority;
+use ingest_wire::{LOSS_STREAM, LossReason, LossReport};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS streams (
@@ -120,6 +121,8 @@ pub enum WriterCommand {
         /// Last seq of the batch.
         last: u64,
     },
+    /// Records were lost before reaching the buffer: store this report (to be sent upstream).
+    Loss(LossReport),
     /// The ingest rejected seqs `first..=last` of `stream`: move them to the dead-letter table.
     DeadLetter {
         /// Stream index.
@@ -153,8 +156,20 @@ struct StreamState {
     id: i64,
     name: String,
     priority: Priority,
+    ttl_ms: Option<i64>,
     next_seq: u64,
     progress: StreamProgress,
+}
+
+/// A stream as the buffer knows it.
+#[derive(Debug, Clone)]
+pub struct BufferStream {
+    /// Name; [`LOSS_STREAM`] is the loss-report stream (never evicted).
+    pub name: String,
+    /// Priority class (eviction order).
+    pub priority: Priority,
+    /// Records older than this are dropped and reported.
+    pub ttl: Option<Duration>,
 }
 
 /// Per-stream counts of one commit.
@@ -168,6 +183,10 @@ pub struct CommitSummary {
     pub dead_lettered: Vec<u64>,
     /// Records evicted by the quota, per stream index.
     pub evicted: Vec<u64>,
+    /// Records dropped by their TTL, per stream index.
+    pub expired: Vec<u64>,
+    /// The loss reports written by this commit (drops of this commit and reported ones).
+    pub losses: Vec<LossReport>,
 }
 
 /// The buffer's write side (owned by [`BufferWriter`]; used directly in tests).
@@ -190,11 +209,11 @@ pub struct OpenedStream {
 }
 
 impl Buffer {
-    /// Opens or creates the buffer at `path` for `streams` (name, priority) in config order.
+    /// Opens or creates the buffer at `path` for `streams` in config order.
     /// Streams with records in the file but not in `streams` are appended as bulk orphans.
     pub fn open(
         path: &Path,
-        streams: &[(String, Priority)],
+        streams: &[BufferStream],
         quota_bytes: u64,
     ) -> Result<(Buffer, Vec<OpenedStream>), BufferError> {
         let sqlite = |source| BufferError::Sqlite {
@@ -210,8 +229,10 @@ impl Buffer {
             .and_then(|()| conn.execute_batch(SCHEMA))
             .map_err(sqlite)?;
         let mut state = Vec::new();
-        for (name, priority) in streams {
-            state.push(load_stream(&conn, name, *priority).map_err(sqlite)?);
+        for spec in streams {
+            let mut loaded = load_stream(&conn, &spec.name, spec.priority).map_err(sqlite)?;
+            loaded.ttl_ms = spec.ttl.map(|t| t.as_millis() as i64);
+            state.push(loaded);
         }
         // Streams dropped from the config keep draining what they hold.
         let orphans: Vec<String> = {
@@ -225,7 +246,7 @@ impl Buffer {
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(sqlite)?
                 .into_iter()
-                .filter(|n| !streams.iter().any(|(s, _)| s == n))
+                .filter(|n| !streams.iter().any(|s| &s.name == n))
                 .collect()
         };
         for name in &orphans {
@@ -267,17 +288,29 @@ impl Buffer {
         self.streams.iter().map(|s| s.progress.backlog_bytes).sum()
     }
 
-    /// Applies `commands` in one transaction. On error nothing of it is applied and the
-    /// in-memory state is unchanged, so the same commands can be retried.
-    pub fn commit(&mut self, commands: &[WriterCommand]) -> Result<CommitSummary, BufferError> {
+    /// Applies `commands` in one transaction; with `expire`, also drops records past their
+    /// stream's TTL (as of `now_ms`). Every drop writes its loss report in the same transaction.
+    /// On error nothing of it is applied and the in-memory state is unchanged, so the same
+    /// commands can be retried.
+    pub fn commit(
+        &mut self,
+        commands: &[WriterCommand],
+        now_ms: i64,
+        expire: bool,
+    ) -> Result<CommitSummary, BufferError> {
         let mut streams = self.streams.clone();
-        let summary =
-            apply(&mut self.conn, &mut streams, commands, self.quota_bytes).map_err(|source| {
-                BufferError::Sqlite {
-                    path: self.path.clone(),
-                    source,
-                }
-            })?;
+        let summary = apply(
+            &mut self.conn,
+            &mut streams,
+            commands,
+            self.quota_bytes,
+            now_ms,
+            expire,
+        )
+        .map_err(|source| BufferError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })?;
         self.streams = streams;
         Ok(summary)
     }
@@ -303,6 +336,7 @@ fn load_stream(conn: &Connection, name: &str, priority: Priority) -> rusqlite::R
         id,
         name: name.to_owned(),
         priority,
+        ttl_ms: None,
         next_seq: next_seq as u64,
         progress: StreamProgress {
             committed_seq: next_seq as u64 - 1,
@@ -318,6 +352,8 @@ fn apply(
     streams: &mut [StreamState],
     commands: &[WriterCommand],
     quota: u64,
+    now_ms: i64,
+    expire: bool,
 ) -> rusqlite::Result<CommitSummary> {
     let n = streams.len();
     let mut summary = CommitSummary {
@@ -325,39 +361,41 @@ fn apply(
         acked: vec![0; n],
         dead_lettered: vec![0; n],
         evicted: vec![0; n],
+        expired: vec![0; n],
+        losses: Vec::new(),
     };
+    let loss_stream = streams.iter().position(|s| s.name == LOSS_STREAM);
     let tx = conn.transaction()?;
     {
-        let mut insert = tx.prepare_cached("INSERT INTO records (stream_id, seq, topic, received_at_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO records (stream_id, seq, topic, received_at_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
         let mut delete = tx.prepare_cached(
-            "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING length(topic) + length(payload)",
+            "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING seq, length(topic) + length(payload)",
         )?;
         for command in commands {
             match command {
                 WriterCommand::Append(r) => {
-                    let s = &mut streams[r.stream];
-                    insert.execute(params![
-                        s.id,
-                        s.next_seq as i64,
-                        r.topic,
+                    append(
+                        &mut insert,
+                        &mut streams[r.stream],
+                        &r.topic,
+                        &r.payload,
                         r.received_at_ms,
-                        r.payload.as_ref()
-                    ])?;
-                    s.progress.committed_seq = s.next_seq;
-                    s.next_seq += 1;
-                    s.progress.appended_bytes += r.cost();
-                    s.progress.backlog_records += 1;
-                    s.progress.backlog_bytes += r.cost();
+                    )?;
                     summary.appended[r.stream] += 1;
                 }
+                WriterCommand::Loss(report) => summary.losses.push(report.clone()),
                 WriterCommand::Ack {
                     stream,
                     first,
                     last,
                 } => {
-                    let s = &mut streams[*stream];
-                    let removed = delete_rows(&mut delete, s, *first, *last)?;
-                    summary.acked[*stream] += removed;
+                    let dropped = drop_rows(
+                        delete.query(params![streams[*stream].id, *first as i64, *last as i64])?,
+                        &mut streams[*stream],
+                    )?;
+                    summary.acked[*stream] += dropped.count;
                 }
                 WriterCommand::DeadLetter {
                     stream,
@@ -366,29 +404,41 @@ fn apply(
                     status,
                     reason,
                 } => {
-                    let s = &mut streams[*stream];
                     tx.execute(
                         "INSERT INTO dead_letters (stream_id, seq, topic, received_at_ms, payload, status, reason, dead_at_ms)
                          SELECT stream_id, seq, topic, received_at_ms, payload, ?4, ?5, ?6 FROM records
                          WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3",
-                        params![s.id, *first as i64, *last as i64, status, reason, crate::clock::now_ms()],
+                        params![streams[*stream].id, *first as i64, *last as i64, status, reason, now_ms],
                     )?;
-                    let removed = delete_rows(&mut delete, s, *first, *last)?;
-                    summary.dead_lettered[*stream] += removed;
+                    let dropped = drop_rows(
+                        delete.query(params![streams[*stream].id, *first as i64, *last as i64])?,
+                        &mut streams[*stream],
+                    )?;
+                    summary.dead_lettered[*stream] += dropped.count;
                 }
             }
         }
-        for s in streams.iter() {
-            tx.execute(
-                "UPDATE streams SET next_seq = ?2 WHERE id = ?1",
-                params![s.id, s.next_seq as i64],
+        if expire {
+            let mut expire_rows = tx.prepare_cached(
+                "DELETE FROM records WHERE stream_id = ?1 AND received_at_ms < ?2 RETURNING seq, length(topic) + length(payload)",
             )?;
+            for (i, s) in streams.iter_mut().enumerate() {
+                let Some(ttl) = s.ttl_ms else { continue };
+                let dropped = drop_rows(expire_rows.query(params![s.id, now_ms - ttl])?, s)?;
+                if dropped.count > 0 {
+                    summary.expired[i] += dropped.count;
+                    summary
+                        .losses
+                        .push(dropped.report(&s.name, LossReason::Ttl, now_ms));
+                }
+            }
         }
-        // Quota: evict lowest priority, oldest first, until under it.
+        // Quota: evict lowest priority, oldest first, until under it. Loss reports stay.
         let mut evict = tx.prepare_cached(
             "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 ORDER BY seq LIMIT ?2)
-             RETURNING length(topic) + length(payload)",
+             RETURNING seq, length(topic) + length(payload)",
         )?;
+        let mut evicted: Vec<Option<Dropped>> = vec![None; n];
         while streams
             .iter()
             .map(|s| s.progress.backlog_bytes)
@@ -397,53 +447,132 @@ fn apply(
         {
             let candidates: Vec<(Priority, u64)> = streams
                 .iter()
-                .map(|s| (s.priority, s.progress.backlog_records))
+                .enumerate()
+                .map(|(i, s)| {
+                    (
+                        s.priority,
+                        if Some(i) == loss_stream {
+                            0
+                        } else {
+                            s.progress.backlog_records
+                        },
+                    )
+                })
                 .collect();
             let Some(victim) = eviction_victim(&candidates) else {
                 break;
             };
             let s = &mut streams[victim];
-            let mut removed = 0u64;
-            let mut rows = evict.query(params![s.id, EVICT_CHUNK as i64])?;
-            while let Some(row) = rows.next()? {
-                let bytes: i64 = row.get(0)?;
-                removed += 1;
-                s.progress.backlog_bytes = s
-                    .progress
-                    .backlog_bytes
-                    .saturating_sub(bytes as u64 + RECORD_OVERHEAD_BYTES);
-            }
-            s.progress.backlog_records = s.progress.backlog_records.saturating_sub(removed);
-            summary.evicted[victim] += removed;
-            if removed == 0 {
+            let dropped = drop_rows(evict.query(params![s.id, EVICT_CHUNK as i64])?, s)?;
+            if dropped.count == 0 {
                 // Counts drifted from the file; trust the file.
                 s.progress.backlog_records = 0;
                 s.progress.backlog_bytes = 0;
+                continue;
             }
+            summary.evicted[victim] += dropped.count;
+            let total = evicted[victim].get_or_insert(Dropped::default());
+            total.merge(&dropped);
+        }
+        for (i, d) in evicted.iter().enumerate() {
+            if let Some(d) = d {
+                summary
+                    .losses
+                    .push(d.report(&streams[i].name, LossReason::Quota, now_ms));
+            }
+        }
+        // Every drop of this commit, and every loss handed in, becomes a record to send.
+        if let Some(ls) = loss_stream {
+            for report in &summary.losses {
+                let payload =
+                    serde_json::to_vec(report).expect("invariant: a loss report serialises");
+                let topic = format!("{LOSS_STREAM}/{}", report.reason.as_str());
+                append(&mut insert, &mut streams[ls], &topic, &payload, now_ms)?;
+                summary.appended[ls] += 1;
+            }
+        }
+        for s in streams.iter() {
+            tx.execute(
+                "UPDATE streams SET next_seq = ?2 WHERE id = ?1",
+                params![s.id, s.next_seq as i64],
+            )?;
         }
     }
     tx.commit()?;
     Ok(summary)
 }
 
-fn delete_rows(
-    delete: &mut rusqlite::CachedStatement<'_>,
+fn append(
+    insert: &mut rusqlite::CachedStatement<'_>,
     s: &mut StreamState,
-    first: u64,
-    last: u64,
-) -> rusqlite::Result<u64> {
-    let mut rows = delete.query(params![s.id, first as i64, last as i64])?;
-    let mut removed = 0;
+    topic: &str,
+    payload: &[u8],
+    received_at_ms: i64,
+) -> rusqlite::Result<()> {
+    insert.execute(params![
+        s.id,
+        s.next_seq as i64,
+        topic,
+        received_at_ms,
+        payload
+    ])?;
+    let cost = (topic.len() + payload.len()) as u64 + RECORD_OVERHEAD_BYTES;
+    s.progress.committed_seq = s.next_seq;
+    s.next_seq += 1;
+    s.progress.appended_bytes += cost;
+    s.progress.backlog_records += 1;
+    s.progress.backlog_bytes += cost;
+    Ok(())
+}
+
+/// What one delete removed: count and sequence range.
+#[derive(Debug, Clone, Copy, Default)]
+struct Dropped {
+    count: u64,
+    first: Option<u64>,
+    last: Option<u64>,
+}
+
+impl Dropped {
+    fn merge(&mut self, other: &Dropped) {
+        self.count += other.count;
+        self.first = match (self.first, other.first) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.last = self.last.max(other.last);
+    }
+
+    fn report(&self, stream: &str, reason: LossReason, now_ms: i64) -> LossReport {
+        LossReport {
+            stream: Some(stream.to_owned()),
+            first_seq: self.first,
+            last_seq: self.last,
+            count: self.count,
+            reason,
+            detected_at_ms: now_ms,
+        }
+    }
+}
+
+/// Consumes the rows of a `DELETE … RETURNING seq, bytes` and updates the stream's counts.
+fn drop_rows(mut rows: rusqlite::Rows<'_>, s: &mut StreamState) -> rusqlite::Result<Dropped> {
+    let mut d = Dropped::default();
     while let Some(row) = rows.next()? {
-        let bytes: i64 = row.get(0)?;
-        removed += 1;
+        let seq = row.get::<_, i64>(0)? as u64;
+        let bytes: i64 = row.get(1)?;
+        d.merge(&Dropped {
+            count: 1,
+            first: Some(seq),
+            last: Some(seq),
+        });
         s.progress.backlog_bytes = s
             .progress
             .backlog_bytes
             .saturating_sub(bytes as u64 + RECORD_OVERHEAD_BYTES);
     }
-    s.progress.backlog_records = s.progress.backlog_records.saturating_sub(removed);
-    Ok(removed)
+    s.progress.backlog_records = s.progress.backlog_records.saturating_sub(d.count);
+    Ok(d)
 }
 
 /// Which stream loses records when the buffer is over quota: the lowest priority class that
@@ -539,32 +668,52 @@ impl BufferReader {
 /// The writer stage: owns the [`Buffer`], group-commits commands, publishes progress.
 /// Runs on its own thread until every command sender is dropped, then commits what is left.
 pub struct BufferWriter {
-    /// The buffer.
-    pub buffer: Buffer,
-    /// Commands from the broker link and the forwarder.
-    pub commands: Receiver<WriterCommand>,
-    /// Longest a command waits before its commit.
-    pub commit_window: Duration,
-    /// Where progress is published after each commit.
-    pub progress: watch::Sender<Vec<StreamProgress>>,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Stream names, for metric labels.
-    pub stream_names: Vec<String>,
+    buffer: Buffer,
+    commands: Receiver<WriterCommand>,
+    commit_window: Duration,
+    progress: watch::Sender<Vec<StreamProgress>>,
+    metrics: Metrics,
+    stream_names: Vec<String>,
+    last_expiry: Instant,
 }
 
+/// How often records past their TTL are looked for.
+const EXPIRY_EVERY: Duration = Duration::from_secs(1);
+
 impl BufferWriter {
+    /// A writer for `buffer`, taking `commands`, committing at most `commit_window` after the
+    /// first command of a group, publishing progress and metrics (labelled by `stream_names`).
+    pub fn new(
+        buffer: Buffer,
+        commands: Receiver<WriterCommand>,
+        commit_window: Duration,
+        progress: watch::Sender<Vec<StreamProgress>>,
+        metrics: Metrics,
+        stream_names: Vec<String>,
+    ) -> BufferWriter {
+        BufferWriter {
+            buffer,
+            commands,
+            commit_window,
+            progress,
+            metrics,
+            stream_names,
+            last_expiry: Instant::now(),
+        }
+    }
+
     /// Runs until the command channel closes.
     pub fn run(mut self) {
         let mut group = Vec::new();
         loop {
-            match self.commands.recv() {
+            match self.commands.recv_timeout(EXPIRY_EVERY) {
                 Ok(first) => group.push(first),
-                Err(_) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
             }
             let deadline = Instant::now() + self.commit_window;
             let mut closed = false;
-            while group.len() < MAX_GROUP {
+            while !group.is_empty() && group.len() < MAX_GROUP {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match self.commands.recv_timeout(left) {
                     Ok(c) => group.push(c),
@@ -575,7 +724,13 @@ impl BufferWriter {
                     }
                 }
             }
-            self.commit_with_retry(&group);
+            let expire = self.last_expiry.elapsed() >= EXPIRY_EVERY;
+            if !group.is_empty() || expire {
+                if expire {
+                    self.last_expiry = Instant::now();
+                }
+                self.commit_with_retry(&group, expire);
+            }
             group.clear();
             if closed {
                 return;
@@ -583,11 +738,11 @@ impl BufferWriter {
         }
     }
 
-    fn commit_with_retry(&mut self, group: &[WriterCommand]) {
+    fn commit_with_retry(&mut self, group: &[WriterCommand], expire: bool) {
         let mut delay = Duration::from_millis(50);
         loop {
             let started = Instant::now();
-            match self.buffer.commit(group) {
+            match self.buffer.commit(group, crate::clock::now_ms(), expire) {
                 Ok(summary) => {
                     self.metrics
                         .commit_seconds
@@ -598,7 +753,7 @@ impl BufferWriter {
                 }
                 Err(e) => {
                     // Nothing was applied; the same group is retried. Meanwhile the queue from
-                    // the broker fills, and rumqttd reports any overflow as an alert (counted).
+                    // the broker fills, and any overflow in rumqttd is counted and reported.
                     tracing::error!(error = %e, commands = group.len(), retry_in = ?delay, "buffer commit failed");
                     self.metrics.commit_errors.inc();
                     std::thread::sleep(delay);
@@ -621,12 +776,19 @@ impl BufferWriter {
             m.records_dead_lettered
                 .with_label_values(&labels)
                 .inc_by(summary.dead_lettered[i]);
-            if summary.evicted[i] > 0 {
-                tracing::error!(stream = %name, records = summary.evicted[i], "buffer over quota: oldest records of the lowest priority evicted");
-                m.records_dropped
-                    .with_label_values(&[name.as_str(), "quota"])
-                    .inc_by(summary.evicted[i]);
+            for (count, reason) in [
+                (summary.evicted[i], LossReason::Quota),
+                (summary.expired[i], LossReason::Ttl),
+            ] {
+                if count > 0 {
+                    m.records_dropped
+                        .with_label_values(&[name.as_str(), reason.as_str()])
+                        .inc_by(count);
+                }
             }
+        }
+        for loss in &summary.losses {
+            tracing::error!(stream = loss.stream.as_deref().unwrap_or("(unknown)"), reason = loss.reason.as_str(), count = loss.count, first_seq = ?loss.first_seq, last_seq = ?loss.last_seq, "records lost; loss report queued for the cloud");
         }
         for (name, p) in self.stream_names.iter().zip(self.buffer.progress()) {
             m.backlog_records
@@ -643,12 +805,20 @@ impl BufferWriter {
 mod tests {
     use super::*;
 
-    fn streams() -> Vec<(String, Priority)> {
-        vec![
-            ("alarms".into(), Priority::Critical),
-            ("telemetry".into(), Priority::Normal),
-            ("logs".into(), Priority::Bulk),
+    fn streams() -> Vec<BufferStream> {
+        [
+            ("alarms", Priority::Critical),
+            ("telemetry", Priority::Normal),
+            ("logs", Priority::Bulk),
+            (LOSS_STREAM, Priority::Critical),
         ]
+        .into_iter()
+        .map(|(name, priority)| BufferStream {
+            name: name.into(),
+            priority,
+            ttl: None,
+        })
+        .collect()
     }
 
     fn rec(stream: usize, payload: &[u8]) -> WriterCommand {
@@ -666,12 +836,16 @@ mod tests {
         let path = dir.path().join("b.db");
         {
             let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
-            b.commit(&[
-                rec(1, b"\x00a"),
-                rec(1, b"\xffb"),
-                rec(0, b"c"),
-                rec(1, b"d"),
-            ])
+            b.commit(
+                &[
+                    rec(1, b"\x00a"),
+                    rec(1, b"\xffb"),
+                    rec(0, b"c"),
+                    rec(1, b"d"),
+                ],
+                0,
+                false,
+            )
             .expect("commit");
             let r =
                 BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
@@ -684,11 +858,15 @@ mod tests {
             assert_eq!(batch[0].payload, b"\x00a");
             assert_eq!(r.read_batch(1, 1, 1, 1 << 20).expect("read")[0].seq, 2);
             let s = b
-                .commit(&[WriterCommand::Ack {
-                    stream: 1,
-                    first: 1,
-                    last: 2,
-                }])
+                .commit(
+                    &[WriterCommand::Ack {
+                        stream: 1,
+                        first: 1,
+                        last: 2,
+                    }],
+                    0,
+                    false,
+                )
                 .expect("ack");
             assert_eq!(s.acked[1], 2);
             assert_eq!(b.progress()[1].backlog_records, 1);
@@ -700,7 +878,7 @@ mod tests {
         );
         assert_eq!(opened[0].resume_after, 0);
         assert_eq!(b.progress()[1].committed_seq, 3);
-        b.commit(&[rec(1, b"e")]).expect("commit");
+        b.commit(&[rec(1, b"e")], 0, false).expect("commit");
         assert_eq!(
             b.progress()[1].committed_seq,
             4,
@@ -713,7 +891,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
         let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
-        b.commit(&[rec(2, &[1; 100]), rec(2, &[2; 100])])
+        b.commit(&[rec(2, &[1; 100]), rec(2, &[2; 100])], 0, false)
             .expect("commit");
         let r = BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
             .expect("reader");
@@ -729,13 +907,43 @@ mod tests {
         let (mut b, _) = Buffer::open(&path, &streams(), cost * 5).expect("open");
         let mut cmds = vec![rec(0, &[0; 100]), rec(1, &[1; 100])];
         cmds.extend((0..4).map(|_| rec(2, &[2; 100])));
-        let s = b.commit(&cmds).expect("commit");
+        let s = b.commit(&cmds, 5, false).expect("commit");
         assert_eq!(
             s.evicted,
-            vec![0, 0, 4],
+            vec![0, 0, 4, 0],
             "bulk goes first, whole chunk of its oldest"
         );
         assert!(b.backlog_bytes() <= cost * 5);
+        let report = LossReport {
+            stream: Some("logs".into()),
+            first_seq: Some(1),
+            last_seq: Some(4),
+            count: 4,
+            reason: LossReason::Quota,
+            detected_at_ms: 5,
+        };
+        assert_eq!(s.losses, vec![report.clone()]);
+        let r = BufferReader::open(
+            &path,
+            &[
+                "alarms".into(),
+                "telemetry".into(),
+                "logs".into(),
+                LOSS_STREAM.into(),
+            ],
+        )
+        .expect("reader");
+        let sent = r.read_batch(3, 0, 10, 1 << 20).expect("read");
+        assert_eq!(
+            sent.len(),
+            1,
+            "the loss report is a record of the loss stream, same commit"
+        );
+        assert_eq!(sent[0].topic, "_losses/quota");
+        assert_eq!(
+            serde_json::from_slice::<LossReport>(&sent[0].payload).expect("json"),
+            report
+        );
         let r = BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
             .expect("reader");
         assert_eq!(
@@ -750,15 +958,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
         let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
-        b.commit(&[rec(1, b"x"), rec(1, b"y")]).expect("commit");
+        b.commit(&[rec(1, b"x"), rec(1, b"y")], 0, false)
+            .expect("commit");
         let s = b
-            .commit(&[WriterCommand::DeadLetter {
-                stream: 1,
-                first: 1,
-                last: 1,
-                status: 400,
-                reason: "bad".into(),
-            }])
+            .commit(
+                &[WriterCommand::DeadLetter {
+                    stream: 1,
+                    first: 1,
+                    last: 1,
+                    status: 400,
+                    reason: "bad".into(),
+                }],
+                0,
+                false,
+            )
             .expect("dead letter");
         assert_eq!(s.dead_lettered[1], 1);
         let n: i64 = b
@@ -774,11 +987,69 @@ mod tests {
         let path = dir.path().join("b.db");
         {
             let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
-            b.commit(&[rec(2, b"keep me")]).expect("commit");
+            b.commit(&[rec(2, b"keep me")], 0, false).expect("commit");
         }
         let (_, opened) = Buffer::open(&path, &streams()[..2], 1 << 30).expect("reopen");
         assert_eq!(opened.len(), 3);
         assert!(opened[2].orphan && opened[2].name == "logs");
+    }
+
+    #[test]
+    fn ttl_drops_old_records_and_reports_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let mut specs = streams();
+        specs[1].ttl = Some(Duration::from_secs(60));
+        let (mut b, _) = Buffer::open(&path, &specs, 1 << 30).expect("open");
+        let at = |t: i64| {
+            WriterCommand::Append(NewRecord {
+                stream: 1,
+                topic: "t".into(),
+                payload: Bytes::from_static(b"x"),
+                received_at_ms: t,
+            })
+        };
+        b.commit(&[at(1_000), at(2_000), at(70_000)], 0, false)
+            .expect("commit");
+        let s = b.commit(&[], 61_500, true).expect("expire");
+        assert_eq!(
+            s.expired[1], 1,
+            "only the record older than 60 s at t=61.5 s"
+        );
+        assert_eq!(
+            (
+                s.losses[0].first_seq,
+                s.losses[0].last_seq,
+                s.losses[0].count
+            ),
+            (Some(1), Some(1), 1)
+        );
+        assert_eq!(s.losses[0].reason, LossReason::Ttl);
+        assert_eq!(b.progress()[1].backlog_records, 2);
+        assert_eq!(
+            b.progress()[3].backlog_records,
+            1,
+            "one loss report waits to be sent"
+        );
+    }
+
+    #[test]
+    fn handed_in_losses_are_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
+        let overflow = LossReport {
+            stream: None,
+            first_seq: None,
+            last_seq: None,
+            count: 42,
+            reason: LossReason::BrokerOverflow,
+            detected_at_ms: 1,
+        };
+        let s = b
+            .commit(&[WriterCommand::Loss(overflow)], 1, false)
+            .expect("commit");
+        assert_eq!(s.appended[3], 1);
     }
 
     #[test]

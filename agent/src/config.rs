@@ -95,6 +95,8 @@ struct RawStream {
     priority: Priority,
     #[serde(default)]
     batch: RawBatch,
+    #[serde(default)]
+    ttl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,7 +178,7 @@ pub struct AgentConfig {
     /// The durable buffer.
     pub buffer: BufferConfig,
     /// Streams in config order; the first whose filter matches a topic takes the record.
-    /// Contains the default stream (last when it was not configured).
+    /// Then the default stream (when it was not configured), then the loss-report stream.
     pub streams: Vec<StreamConfig>,
     /// Index in `streams` of the stream unmatched topics go to.
     pub default_stream: usize,
@@ -253,6 +255,8 @@ pub struct StreamConfig {
     pub priority: Priority,
     /// When a batch is sent.
     pub batch: BatchTriggers,
+    /// Records older than this are dropped (and reported) if still undelivered.
+    pub ttl: Option<Duration>,
 }
 
 /// A batch is sent when any trigger fires.
@@ -454,17 +458,24 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             max_bytes: usize_size(&key("batch.max_bytes"), &s.batch.max_bytes)?,
             linger: duration(&key("batch.linger"), &s.batch.linger)?,
         };
+        let ttl = s
+            .ttl
+            .as_deref()
+            .map(|t| duration(&key("ttl"), t))
+            .transpose()?;
         streams.push(StreamConfig {
             name: s.name,
             topics,
             priority: s.priority,
             batch,
+            ttl,
         });
     }
     let default_stream = match streams.iter().position(|s| s.name == raw.default_stream) {
         Some(i) => i,
         None => {
-            if !ingest_wire::valid_name(&raw.default_stream) {
+            if !ingest_wire::valid_name(&raw.default_stream) || raw.default_stream.starts_with('_')
+            {
                 return Err((
                     "default_stream".into(),
                     "must be 1-256 characters of [A-Za-z0-9_.-]".into(),
@@ -479,10 +490,12 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
                     max_bytes: 1 << 20,
                     linger: Duration::from_millis(200),
                 },
+                ttl: None,
             });
             streams.len() - 1
         }
     };
+    streams.push(loss_stream());
     Ok(AgentConfig {
         device_id: raw.device_id,
         ingest,
@@ -492,6 +505,21 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         default_stream,
         metrics_listen: raw.metrics_listen,
     })
+}
+
+/// The reserved stream loss reports travel in: critical, sent at once, never evicted.
+pub fn loss_stream() -> StreamConfig {
+    StreamConfig {
+        name: ingest_wire::LOSS_STREAM.into(),
+        topics: Vec::new(),
+        priority: Priority::Critical,
+        batch: BatchTriggers {
+            max_records: 1000,
+            max_bytes: 1 << 20,
+            linger: Duration::ZERO,
+        },
+        ttl: None,
+    }
 }
 
 fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
@@ -574,7 +602,8 @@ streams:
     #[test]
     fn good_config_gets_an_implicit_default_stream() {
         let c = AgentConfig::parse(Path::new("a.yaml"), GOOD).expect("valid");
-        assert_eq!(c.streams.len(), 3);
+        assert_eq!(c.streams.len(), 4);
+        assert_eq!(c.streams[3].name, "_losses");
         assert_eq!(c.streams[c.default_stream].name, "default");
         assert_eq!(c.streams[c.default_stream].priority, Priority::Bulk);
         assert_eq!(c.streams[0].batch.linger, Duration::ZERO);

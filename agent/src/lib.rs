@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batcher::Lane;
 use crate::broker::BrokerError;
-use crate::buffer::{Buffer, BufferError, BufferReader, BufferWriter};
+use crate::buffer::{Buffer, BufferError, BufferReader, BufferStream, BufferWriter};
 use crate::config::{AgentConfig, BatchTriggers, StreamConfig};
 use crate::forwarder::Forwarder;
 use crate::metrics::Metrics;
@@ -58,10 +58,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let metrics = Metrics::new();
-    let configured: Vec<(String, Priority)> = config
+    let configured: Vec<BufferStream> = config
         .streams
         .iter()
-        .map(|s| (s.name.clone(), s.priority))
+        .map(|s| BufferStream {
+            name: s.name.clone(),
+            priority: s.priority,
+            ttl: s.ttl,
+        })
         .collect();
     let (buffer, opened) =
         Buffer::open(&config.buffer.path, &configured, config.buffer.quota_bytes)?;
@@ -77,6 +81,7 @@ pub async fn run(
                 max_bytes: 1 << 20,
                 linger: std::time::Duration::ZERO,
             },
+            ttl: None,
         });
     }
     let names: Vec<String> = streams.iter().map(|s| s.name.clone()).collect();
@@ -98,14 +103,14 @@ pub async fn run(
         .collect();
     let (commands, command_rx) = std::sync::mpsc::sync_channel(config.buffer.queue_records);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(progress);
-    let writer = BufferWriter {
+    let writer = BufferWriter::new(
         buffer,
-        commands: command_rx,
-        commit_window: config.buffer.commit_window,
-        progress: progress_tx,
-        metrics: metrics.clone(),
-        stream_names: names.clone(),
-    };
+        command_rx,
+        config.buffer.commit_window,
+        progress_tx,
+        metrics.clone(),
+        names.clone(),
+    );
     let writer = std::thread::Builder::new()
         .name("buffer-writer".into())
         .spawn(move || writer.run())

@@ -16,10 +16,12 @@
 mod batch;
 mod codec;
 mod json;
+mod loss;
 
 pub use batch::{Batch, Record};
 pub use codec::{DecodeError, Limits, compress, decode_body, encode_batch};
 pub use json::{BatchAck, JsonBatch, JsonRecord};
+pub use loss::{LOSS_STREAM, LossReason, LossReport};
 
 /// Version of this contract; it is part of the path ([`BATCHES_PATH`]).
 pub const WIRE_VERSION: u32 = 1;
