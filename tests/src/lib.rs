@@ -8,6 +8,7 @@
 //! Binaries are found beside the test executable (`target/<profile>/`), or in `$GATEWAY_BIN_DIR`;
 //! build them first with `cargo build --workspace --bins` (the README's test command does).
 
+pub mod fault;
 pub mod load;
 
 use std::io::{BufRead, BufReader};
@@ -368,6 +369,11 @@ impl Cloud {
         })
     }
 
+    /// The value of one of its metric series; 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric(self.addr, series)
+    }
+
     /// POSTs a raw body to the batches endpoint; returns (status, body).
     pub fn post(
         &self,
@@ -399,6 +405,8 @@ pub struct AgentHarness {
     ingest_url: String,
     streams: String,
     extra: String,
+    quota: String,
+    mqtt_port: u16,
 }
 
 /// A running agent.
@@ -439,7 +447,21 @@ impl AgentHarness {
             ingest_url: cloud_url.to_owned(),
             streams: THREE_STREAMS.to_owned(),
             extra: String::new(),
+            quota: "256MiB".into(),
+            mqtt_port: 0,
         }
+    }
+
+    /// Buffer quota, e.g. "300KiB".
+    pub fn quota(mut self, quota: &str) -> Self {
+        self.quota = quota.to_owned();
+        self
+    }
+
+    /// A fixed MQTT 3.1.1 port (so publishers can reconnect after a restart).
+    pub fn mqtt_port(mut self, port: u16) -> Self {
+        self.mqtt_port = port;
+        self
     }
 
     /// Replace the streams (YAML list items).
@@ -466,11 +488,11 @@ ingest:
   retry_max: 500ms
   request_timeout: 5s
 mqtt:
-  listen: 127.0.0.1:0
+  listen: 127.0.0.1:{mqtt_port}
   listen_v5: 127.0.0.1:0
 buffer:
   path: {buffer}
-  quota_bytes: 256MiB
+  quota_bytes: {quota}
 streams:{streams}
 metrics_listen: 127.0.0.1:0
 {extra}",
@@ -479,6 +501,8 @@ metrics_listen: 127.0.0.1:0
             buffer = self.dir.join("buffer.db").display(),
             streams = self.streams,
             extra = self.extra,
+            quota = self.quota,
+            mqtt_port = self.mqtt_port,
         )
     }
 
@@ -517,6 +541,14 @@ pub fn start_agent(dir: &Path, config: &Path) -> Agent {
     }
 }
 
+/// The value of a Prometheus series (name with labels, exactly as exposed) at `addr`; 0 if absent.
+pub fn metric(addr: SocketAddr, series: &str) -> f64 {
+    let text = reqwest::blocking::get(format!("http://{addr}/metrics")).and_then(|r| r.text()).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
 impl Agent {
     /// HTTP status of `/readyz`.
     pub fn readyz(&self) -> u16 {
@@ -524,17 +556,14 @@ impl Agent {
             .map_or(0, |r| r.status().as_u16())
     }
 
-    /// The value of a metric line (name with labels, exactly as exposed), 0 if absent.
+    /// The value of one of its metric series; 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
-        let text = reqwest::blocking::get(format!("http://{}/metrics", self.metrics))
-            .and_then(|r| r.text())
-            .unwrap_or_default();
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
+        metric(self.metrics, series)
+    }
+
+    /// Records in its buffer, over every stream.
+    pub fn backlog(&self) -> f64 {
+        let text = reqwest::blocking::get(format!("http://{}/metrics", self.metrics)).and_then(|r| r.text()).unwrap_or_default();
+        text.lines().filter(|l| l.starts_with("agent_backlog_records{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
     }
 }
