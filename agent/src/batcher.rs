@@ -170,6 +170,7 @@ pub struct PreparedBatch {
 pub fn prepare(
     device_id: &str,
     stream: &str,
+    epoch: u64,
     records: Vec<StoredRecord>,
     zstd_level: i32,
     sent_at_ms: i64,
@@ -182,6 +183,7 @@ pub fn prepare(
         device_id: device_id.to_owned(),
         stream: stream.to_owned(),
         sent_at_ms,
+        epoch,
         records: records
             .into_iter()
             .map(|r| {

@@ -21,10 +21,15 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+
+pub mod recovery;
+
 use crate::routing::Priority;
 use ingest_wire::{LOSS_STREAM, LossReason, LossReport};
+pub use recovery::Quarantine;
 
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streams (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -208,14 +213,27 @@ pub struct OpenedStream {
     pub orphan: bool,
 }
 
+/// A buffer just opened.
+pub struct Opened {
+    /// The write side.
+    pub buffer: Buffer,
+    /// Every stream, configured ones first, then orphans.
+    pub streams: Vec<OpenedStream>,
+    /// The buffer's sequence epoch (random, chosen when the file was created).
+    pub epoch: u64,
+    /// Set when the file was corrupt and has been moved aside.
+    pub quarantine: Option<Quarantine>,
+}
+
 impl Buffer {
-    /// Opens or creates the buffer at `path` for `streams` in config order.
+    /// Opens or creates the buffer at `path` for `streams` in config order. A corrupt file is
+    /// quarantined and what it still holds is salvaged into a fresh one (see [`recovery`]).
     /// Streams with records in the file but not in `streams` are appended as bulk orphans.
     pub fn open(
         path: &Path,
         streams: &[BufferStream],
         quota_bytes: u64,
-    ) -> Result<(Buffer, Vec<OpenedStream>), BufferError> {
+    ) -> Result<Opened, BufferError> {
         let sqlite = |source| BufferError::Sqlite {
             path: path.to_owned(),
             source,
@@ -224,10 +242,26 @@ impl Buffer {
             // A missing directory surfaces below as SQLite's "unable to open", with the path.
             let _ = std::fs::create_dir_all(dir);
         }
-        let conn = Connection::open(path).map_err(sqlite)?;
+        let mut quarantine = match recovery::check(path).map_err(sqlite)? {
+            None => None,
+            Some(reason) => {
+                let moved_to = recovery::quarantine(path)
+                    .map_err(|e| sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+                Some(Quarantine {
+                    moved_to,
+                    reason,
+                    salvaged: 0,
+                })
+            }
+        };
+        let mut conn = Connection::open(path).map_err(sqlite)?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .and_then(|()| conn.execute_batch(SCHEMA))
             .map_err(sqlite)?;
+        let epoch = load_epoch(&conn).map_err(sqlite)?;
+        if let Some(q) = quarantine.as_mut() {
+            q.salvaged = recovery::salvage(&q.moved_to, &mut conn).map_err(sqlite)?;
+        }
         let mut state = Vec::new();
         for spec in streams {
             let mut loaded = load_stream(&conn, &spec.name, spec.priority).map_err(sqlite)?;
@@ -267,15 +301,17 @@ impl Buffer {
                 orphan: i >= streams.len(),
             });
         }
-        Ok((
-            Buffer {
+        Ok(Opened {
+            buffer: Buffer {
                 conn,
                 path: path.to_owned(),
                 streams: state,
                 quota_bytes,
             },
-            opened,
-        ))
+            streams: opened,
+            epoch,
+            quarantine,
+        })
     }
 
     /// Progress of every stream, by index.
@@ -314,6 +350,20 @@ impl Buffer {
         self.streams = streams;
         Ok(summary)
     }
+}
+
+/// The buffer's epoch, created at random with the file.
+fn load_epoch(conn: &Connection) -> rusqlite::Result<u64> {
+    // Kept below 2^63: SQLite integers are signed.
+    let fresh = (rand::random::<u64>() >> 1) as i64;
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('epoch', ?1) ON CONFLICT (key) DO NOTHING",
+        [fresh],
+    )?;
+    conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(|e| e as u64)
 }
 
 fn load_stream(conn: &Connection, name: &str, priority: Priority) -> rusqlite::Result<StreamState> {
@@ -835,7 +885,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
         {
-            let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
+            let mut b = Buffer::open(&path, &streams(), 1 << 30)
+                .expect("open")
+                .buffer;
             b.commit(
                 &[
                     rec(1, b"\x00a"),
@@ -871,7 +923,8 @@ mod tests {
             assert_eq!(s.acked[1], 2);
             assert_eq!(b.progress()[1].backlog_records, 1);
         }
-        let (mut b, opened) = Buffer::open(&path, &streams(), 1 << 30).expect("reopen");
+        let o = Buffer::open(&path, &streams(), 1 << 30).expect("reopen");
+        let (mut b, opened) = (o.buffer, o.streams);
         assert_eq!(
             opened[1].resume_after, 2,
             "telemetry resumes after the acked seqs"
@@ -890,7 +943,9 @@ mod tests {
     fn byte_limit_keeps_at_least_one_record() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
-        let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
+        let mut b = Buffer::open(&path, &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
         b.commit(&[rec(2, &[1; 100]), rec(2, &[2; 100])], 0, false)
             .expect("commit");
         let r = BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
@@ -904,7 +959,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
         let cost = 3 + 100 + RECORD_OVERHEAD_BYTES;
-        let (mut b, _) = Buffer::open(&path, &streams(), cost * 5).expect("open");
+        let mut b = Buffer::open(&path, &streams(), cost * 5)
+            .expect("open")
+            .buffer;
         let mut cmds = vec![rec(0, &[0; 100]), rec(1, &[1; 100])];
         cmds.extend((0..4).map(|_| rec(2, &[2; 100])));
         let s = b.commit(&cmds, 5, false).expect("commit");
@@ -957,7 +1014,9 @@ mod tests {
     fn dead_letters_are_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
-        let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
+        let mut b = Buffer::open(&path, &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
         b.commit(&[rec(1, b"x"), rec(1, b"y")], 0, false)
             .expect("commit");
         let s = b
@@ -986,10 +1045,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
         {
-            let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
+            let mut b = Buffer::open(&path, &streams(), 1 << 30)
+                .expect("open")
+                .buffer;
             b.commit(&[rec(2, b"keep me")], 0, false).expect("commit");
         }
-        let (_, opened) = Buffer::open(&path, &streams()[..2], 1 << 30).expect("reopen");
+        let o = Buffer::open(&path, &streams()[..2], 1 << 30).expect("reopen");
+        let (_b, opened) = (o.buffer, o.streams);
         assert_eq!(opened.len(), 3);
         assert!(opened[2].orphan && opened[2].name == "logs");
     }
@@ -1000,7 +1062,7 @@ mod tests {
         let path = dir.path().join("b.db");
         let mut specs = streams();
         specs[1].ttl = Some(Duration::from_secs(60));
-        let (mut b, _) = Buffer::open(&path, &specs, 1 << 30).expect("open");
+        let mut b = Buffer::open(&path, &specs, 1 << 30).expect("open").buffer;
         let at = |t: i64| {
             WriterCommand::Append(NewRecord {
                 stream: 1,
@@ -1037,7 +1099,9 @@ mod tests {
     fn handed_in_losses_are_stored() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
-        let (mut b, _) = Buffer::open(&path, &streams(), 1 << 30).expect("open");
+        let mut b = Buffer::open(&path, &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
         let overflow = LossReport {
             stream: None,
             first_seq: None,
@@ -1050,6 +1114,77 @@ mod tests {
             .commit(&[WriterCommand::Loss(overflow)], 1, false)
             .expect("commit");
         assert_eq!(s.appended[3], 1);
+    }
+
+    #[test]
+    fn epoch_is_kept_with_the_file_and_new_with_a_new_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let first = Buffer::open(&path, &streams(), 1 << 30)
+            .expect("open")
+            .epoch;
+        assert_eq!(
+            Buffer::open(&path, &streams(), 1 << 30)
+                .expect("reopen")
+                .epoch,
+            first
+        );
+        std::fs::remove_file(&path).expect("remove");
+        let _ = std::fs::remove_file(dir.path().join("b.db-wal"));
+        assert_ne!(
+            Buffer::open(&path, &streams(), 1 << 30).expect("new").epoch,
+            first
+        );
+    }
+
+    #[test]
+    fn a_garbage_file_is_quarantined_and_the_buffer_starts_fresh() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        std::fs::write(
+            &path,
+            b"this is not a database, just garbage bytes \x00\xff".repeat(100),
+        )
+        .expect("write");
+        let o = Buffer::open(&path, &streams(), 1 << 30).expect("starts anyway");
+        let q = o.quarantine.expect("quarantined");
+        assert!(q.moved_to.exists() && q.moved_to.to_string_lossy().contains(".corrupt-"));
+        assert_eq!(q.salvaged, 0);
+        let mut b = o.buffer;
+        b.commit(&[rec(1, b"fresh")], 0, false).expect("usable");
+    }
+
+    #[test]
+    fn a_damaged_file_is_quarantined_and_readable_records_are_salvaged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        {
+            let mut b = Buffer::open(&path, &streams(), 1 << 30)
+                .expect("open")
+                .buffer;
+            let cmds: Vec<_> = (0..2000).map(|i| rec(1 + i % 2, &[i as u8; 300])).collect();
+            b.commit(&cmds, 0, false).expect("commit");
+            b.conn
+                .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                .expect("checkpoint");
+        }
+        // Overwrite a stretch in the middle of the file: some pages become garbage.
+        let mut bytes = std::fs::read(&path).expect("read");
+        let len = bytes.len();
+        for b in &mut bytes[len / 2..len / 2 + 16384] {
+            *b = 0xA5;
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        let o = Buffer::open(&path, &streams(), 1 << 30).expect("starts anyway");
+        let q = o.quarantine.expect("quarantined");
+        assert!(
+            q.salvaged > 0 && q.salvaged < 2000,
+            "salvaged {} of 2000",
+            q.salvaged
+        );
+        let held: u64 = o.buffer.progress().iter().map(|p| p.backlog_records).sum();
+        assert_eq!(held, q.salvaged, "salvaged records are in the new buffer");
+        assert!(recovery::verify(&path).expect("verify").integrity == "ok");
     }
 
     #[test]

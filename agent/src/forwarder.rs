@@ -23,6 +23,8 @@ use crate::retry::{Outcome, classify};
 pub struct Forwarder {
     /// This device's id.
     pub device_id: String,
+    /// The buffer's sequence epoch (part of every record's idempotency key).
+    pub epoch: u64,
     /// Uplink settings.
     pub ingest: IngestConfig,
     /// Bearer token.
@@ -130,7 +132,7 @@ impl Forwarder {
                 .min(config.batch.max_records);
             let (after, max_bytes, level) =
                 (lane.cursor, config.batch.max_bytes, self.ingest.zstd_level);
-            let (device, name) = (self.device_id.clone(), config.name.clone());
+            let (device, name, epoch) = (self.device_id.clone(), config.name.clone(), self.epoch);
             let taken = reader
                 .take()
                 .expect("invariant: the reader is returned after every read");
@@ -142,9 +144,16 @@ impl Forwarder {
                         if records.is_empty() {
                             return Ok(None);
                         }
-                        batcher::prepare(&device, &name, records, level, crate::clock::now_ms())
-                            .map(Some)
-                            .map_err(|e| e.to_string())
+                        batcher::prepare(
+                            &device,
+                            &name,
+                            epoch,
+                            records,
+                            level,
+                            crate::clock::now_ms(),
+                        )
+                        .map(Some)
+                        .map_err(|e| e.to_string())
                     });
                 (taken, result)
             })

@@ -67,8 +67,13 @@ pub async fn run(
             ttl: s.ttl,
         })
         .collect();
-    let (buffer, opened) =
-        Buffer::open(&config.buffer.path, &configured, config.buffer.quota_bytes)?;
+    let opened = Buffer::open(&config.buffer.path, &configured, config.buffer.quota_bytes)?;
+    if let Some(q) = &opened.quarantine {
+        tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, salvaged = q.salvaged, "buffer file was corrupt: quarantined, readable records salvaged, starting with a fresh buffer");
+        metrics.buffer_quarantined.inc();
+        metrics.buffer_salvaged.inc_by(q.salvaged);
+    }
+    let (buffer, epoch, opened) = (opened.buffer, opened.epoch, opened.streams);
     let mut streams = config.streams.clone();
     for orphan in opened.iter().filter(|o| o.orphan) {
         tracing::warn!(stream = %orphan.name, "stream is no longer configured but has buffered records; draining them as bulk");
@@ -152,6 +157,7 @@ pub async fn run(
 
     let forwarder = Forwarder {
         device_id: config.device_id.clone(),
+        epoch,
         ingest: config.ingest.clone(),
         token,
         streams,

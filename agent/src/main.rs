@@ -4,6 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use std::io::Write;
+
+use edge_agent::buffer::recovery;
 use edge_agent::config::{AgentConfig, resolve_token};
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +33,28 @@ enum Command {
     CheckConfig {
         /// The YAML config to check.
         file: PathBuf,
+    },
+    /// Inspect a buffer file offline (read-only; safe while the agent runs).
+    Buffer {
+        #[command(subcommand)]
+        command: BufferCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BufferCommand {
+    /// Check integrity and print what it holds; exit 1 when it is corrupt.
+    Verify {
+        /// The buffer file (buffer.path in the config).
+        file: PathBuf,
+    },
+    /// Print its records (or dead letters) as JSON lines.
+    Dump {
+        /// The buffer file.
+        file: PathBuf,
+        /// Print the dead-letter table instead of the records waiting to be sent.
+        #[arg(long)]
+        dead_letters: bool,
     },
 }
 
@@ -66,6 +91,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.streams.len()
             );
             Ok(())
+        }
+        Command::Buffer {
+            command: BufferCommand::Verify { file },
+        } => {
+            let report = recovery::verify(&file).map_err(|e| {
+                anyhow::anyhow!("{}: cannot be read as a buffer: {e}", file.display())
+            })?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if report.integrity != "ok" {
+                anyhow::bail!("{}: corrupt: {}", file.display(), report.integrity);
+            }
+            Ok(())
+        }
+        Command::Buffer {
+            command: BufferCommand::Dump { file, dead_letters },
+        } => {
+            let mut out = std::io::stdout().lock();
+            let mut failed = None;
+            recovery::dump(&file, dead_letters, |record| {
+                if failed.is_none()
+                    && let Err(e) = serde_json::to_writer(&mut out, &record)
+                        .map_err(std::io::Error::from)
+                        .and_then(|()| out.write_all(b"\n"))
+                {
+                    failed = Some(e);
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            failed.map_or(Ok(()), |e| Err(e.into()))
         }
         Command::Run { config: file } => {
             let config = AgentConfig::load(&file)?;

@@ -41,6 +41,10 @@ pub const LINK_UP: &str = "agent_link_up";
 pub const AUTH_ALARM: &str = "agent_auth_alarm";
 /// Buffer commit durations.
 pub const COMMIT_SECONDS: &str = "agent_buffer_commit_seconds";
+/// Corrupt buffer files moved aside at start.
+pub const BUFFER_QUARANTINED: &str = "agent_buffer_quarantined_total";
+/// Records read back from quarantined buffer files.
+pub const BUFFER_SALVAGED: &str = "agent_buffer_salvaged_records_total";
 /// Failed buffer commits (retried).
 pub const COMMIT_ERRORS: &str = "agent_buffer_commit_errors_total";
 
@@ -78,6 +82,10 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// See [`COMMIT_ERRORS`].
     pub commit_errors: IntCounter,
+    /// See [`BUFFER_QUARANTINED`].
+    pub buffer_quarantined: IntCounter,
+    /// See [`BUFFER_SALVAGED`].
+    pub buffer_salvaged: IntCounter,
 }
 
 impl Metrics {
@@ -168,6 +176,14 @@ impl Metrics {
                 .expect("invariant: valid metric"),
             ),
             commit_errors: counter(COMMIT_ERRORS, "Failed buffer commits (retried)."),
+            buffer_quarantined: counter(
+                BUFFER_QUARANTINED,
+                "Corrupt buffer files moved aside at start.",
+            ),
+            buffer_salvaged: counter(
+                BUFFER_SALVAGED,
+                "Records read back from quarantined buffer files.",
+            ),
             registry,
         }
     }

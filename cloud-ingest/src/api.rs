@@ -371,6 +371,7 @@ mod tests {
             device_id: device.into(),
             stream: "t".into(),
             sent_at_ms: 0,
+            epoch: 0,
             records: seqs
                 .map(|seq| Record {
                     seq,

@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Picks the request bodies to refuse.
+pub type Picker = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
 /// What the proxy does with a request.
 #[derive(Clone)]
 pub enum Mode {
@@ -19,7 +22,7 @@ pub enum Mode {
     /// Accept and read, never answer.
     BlackHole,
     /// Answer 400 (without forwarding) to requests whose body the predicate picks; forward others.
-    Reject(Arc<dyn Fn(&[u8]) -> bool + Send + Sync>),
+    Reject(Picker),
 }
 
 /// A running proxy. Requests go to `upstream`; the mode can change at any time.
@@ -53,7 +56,12 @@ impl FaultProxy {
                 });
             }
         });
-        FaultProxy { addr, mode, faults, stop }
+        FaultProxy {
+            addr,
+            mode,
+            faults,
+            stop,
+        }
     }
 
     /// Changes what happens to the next requests.
@@ -98,7 +106,12 @@ fn read_message(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<(Ve
     Ok(Some((head, body)))
 }
 
-fn serve(client: TcpStream, upstream: SocketAddr, mode: &Mutex<Mode>, faults: &AtomicU64) -> std::io::Result<()> {
+fn serve(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mode: &Mutex<Mode>,
+    faults: &AtomicU64,
+) -> std::io::Result<()> {
     let mut writer = client.try_clone()?;
     let mut reader = BufReader::new(client);
     while let Some((head, body)) = read_message(&mut reader)? {
@@ -114,7 +127,11 @@ fn serve(client: TcpStream, upstream: SocketAddr, mode: &Mutex<Mode>, faults: &A
             Mode::Reject(pick) if pick(&body) => {
                 faults.fetch_add(1, Ordering::Relaxed);
                 let answer = br#"{"error":"invalid batch: rejected by the fault proxy"}"#;
-                write!(writer, "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", answer.len())?;
+                write!(
+                    writer,
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    answer.len()
+                )?;
                 writer.write_all(answer)?;
             }
             Mode::Forward | Mode::Reject(_) => {
@@ -137,5 +154,6 @@ fn exchange(upstream: SocketAddr, head: &[u8], body: &[u8]) -> std::io::Result<(
     up.write_all(head)?;
     up.write_all(body)?;
     let mut reader = BufReader::new(up);
-    read_message(&mut reader)?.ok_or_else(|| std::io::Error::other("ingest closed without answering"))
+    read_message(&mut reader)?
+        .ok_or_else(|| std::io::Error::other("ingest closed without answering"))
 }

@@ -543,9 +543,15 @@ pub fn start_agent(dir: &Path, config: &Path) -> Agent {
 
 /// The value of a Prometheus series (name with labels, exactly as exposed) at `addr`; 0 if absent.
 pub fn metric(addr: SocketAddr, series: &str) -> f64 {
-    let text = reqwest::blocking::get(format!("http://{addr}/metrics")).and_then(|r| r.text()).unwrap_or_default();
+    let text = reqwest::blocking::get(format!("http://{addr}/metrics"))
+        .and_then(|r| r.text())
+        .unwrap_or_default();
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0.0)
 }
 
@@ -563,7 +569,12 @@ impl Agent {
 
     /// Records in its buffer, over every stream.
     pub fn backlog(&self) -> f64 {
-        let text = reqwest::blocking::get(format!("http://{}/metrics", self.metrics)).and_then(|r| r.text()).unwrap_or_default();
-        text.lines().filter(|l| l.starts_with("agent_backlog_records{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+        let text = reqwest::blocking::get(format!("http://{}/metrics", self.metrics))
+            .and_then(|r| r.text())
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with("agent_backlog_records{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 }

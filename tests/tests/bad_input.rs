@@ -109,6 +109,7 @@ fn batch(device: &str, seqs: &[u64]) -> Batch {
         device_id: device.into(),
         stream: "telemetry".into(),
         sent_at_ms: 1,
+        epoch: 0,
         records: seqs
             .iter()
             .map(|&seq| Record {

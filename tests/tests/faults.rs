@@ -11,7 +11,12 @@ use e2e::{AgentHarness, Cloud, CloudHarness, DEVICE, TENANT, eventually, free_po
 use ingest_wire::{CONTENT_TYPE_BATCH, Limits, LossReason, LossReport};
 use rumqttc::QoS;
 
-fn spec(mqtt: std::net::SocketAddr, clients: usize, per_client: u64, topic: load::TopicFn) -> LoadSpec {
+fn spec(
+    mqtt: std::net::SocketAddr,
+    clients: usize,
+    per_client: u64,
+    topic: load::TopicFn,
+) -> LoadSpec {
     LoadSpec {
         mqtt,
         clients,
@@ -34,7 +39,9 @@ fn by_stream() -> load::TopicFn {
 }
 
 fn publish(spec: LoadSpec) -> load::LoadReport {
-    tokio::runtime::Runtime::new().expect("runtime").block_on(load::publish(spec))
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(load::publish(spec))
 }
 
 /// Every (client, index) published is in the log exactly once; returns how many records.
@@ -49,7 +56,11 @@ fn assert_all_once(cloud: &Cloud, clients: usize, per_client: u64) -> usize {
     }
     let dups = seen.values().filter(|n| **n > 1).count();
     assert_eq!(dups, 0, "duplicates in the log");
-    assert_eq!(seen.len() as u64, clients as u64 * per_client, "records missing from the log");
+    assert_eq!(
+        seen.len() as u64,
+        clients as u64 * per_client,
+        "records missing from the log"
+    );
     seen.len()
 }
 
@@ -61,12 +72,21 @@ fn answers_lost_after_the_ingest_acted_are_retried_without_duplicates() {
     let agent = AgentHarness::new(dir.path(), &proxy.url()).run();
     let report = publish(spec(agent.mqtt, 3, 500, by_stream()));
     assert_eq!(report.acked, 1500);
-    eventually(Duration::from_secs(20), "several answers dropped", || (proxy.faults.load(std::sync::atomic::Ordering::Relaxed) >= 5).then_some(()));
+    eventually(Duration::from_secs(20), "several answers dropped", || {
+        (proxy.faults.load(std::sync::atomic::Ordering::Relaxed) >= 5).then_some(())
+    });
     proxy.set_mode(Mode::Forward);
-    eventually(Duration::from_secs(30), "1500 records in the log", || (cloud.total_records() >= 1500).then_some(()));
-    eventually(Duration::from_secs(10), "agent caught up", || (agent.backlog() == 0.0).then_some(()));
+    eventually(Duration::from_secs(30), "1500 records in the log", || {
+        (cloud.total_records() >= 1500).then_some(())
+    });
+    eventually(Duration::from_secs(10), "agent caught up", || {
+        (agent.backlog() == 0.0).then_some(())
+    });
     assert_all_once(&cloud, 3, 500);
-    assert!(cloud.metric("ingest_records_duplicate_total") > 0.0, "the resent batches were recognised as duplicates");
+    assert!(
+        cloud.metric("ingest_records_duplicate_total") > 0.0,
+        "the resent batches were recognised as duplicates"
+    );
 }
 
 #[test]
@@ -77,15 +97,33 @@ fn an_ingest_that_never_answers_does_not_stall_the_agent() {
     // request_timeout is 5 s in the harness config.
     let agent = AgentHarness::new(dir.path(), &proxy.url()).run();
     publish(spec(agent.mqtt, 2, 300, by_stream()));
-    eventually(Duration::from_secs(30), "a request timed out and was retried", || {
-        (agent.metric("agent_batches_total{outcome=\"retried\",stream=\"alarms\"}") >= 1.0).then_some(())
-    });
+    eventually(
+        Duration::from_secs(30),
+        "a request timed out and was retried",
+        || {
+            (agent.metric("agent_batches_total{outcome=\"retried\",stream=\"alarms\"}") >= 1.0)
+                .then_some(())
+        },
+    );
     // Still accepting and buffering while the ingest hangs.
-    publish(spec(agent.mqtt, 1, 300, Arc::new(|c, i| format!("plant/{}/logs/l", c + 10 + (i % 1) as usize))));
-    assert_eq!(cloud.total_records(), 0, "nothing got through the black hole");
+    publish(spec(
+        agent.mqtt,
+        1,
+        300,
+        Arc::new(|c, _| format!("plant/{}/logs/l", c + 10)),
+    ));
+    assert_eq!(
+        cloud.total_records(),
+        0,
+        "nothing got through the black hole"
+    );
     proxy.set_mode(Mode::Forward);
-    eventually(Duration::from_secs(60), "900 records in the log", || (cloud.total_records() >= 900).then_some(()));
-    eventually(Duration::from_secs(10), "agent caught up", || (agent.backlog() == 0.0).then_some(()));
+    eventually(Duration::from_secs(60), "900 records in the log", || {
+        (cloud.total_records() >= 900).then_some(())
+    });
+    eventually(Duration::from_secs(10), "agent caught up", || {
+        (agent.backlog() == 0.0).then_some(())
+    });
 }
 
 #[test]
@@ -103,35 +141,84 @@ fn a_poison_batch_is_dead_lettered_and_the_queue_goes_on() {
     };
     let proxy = FaultProxy::start(0, cloud.addr, Mode::Reject(Arc::new(poison)));
     let agent = AgentHarness::new(dir.path(), &proxy.url()).run();
-    publish(spec(agent.mqtt, 1, 30, Arc::new(|_, i| format!("plant/1/logs/{i}"))));
-    eventually(Duration::from_secs(20), "the first logs batch dead-lettered", || (agent.metric("agent_records_dead_lettered_total{stream=\"logs\"}") >= 1.0).then_some(()));
-    publish(spec(agent.mqtt, 1, 20, Arc::new(|_, i| format!("plant/2/logs/{i}"))));
-    eventually(Duration::from_secs(20), "later logs batches delivered", || (agent.backlog() == 0.0).then_some(()));
+    publish(spec(
+        agent.mqtt,
+        1,
+        30,
+        Arc::new(|_, i| format!("plant/1/logs/{i}")),
+    ));
+    eventually(
+        Duration::from_secs(20),
+        "the first logs batch dead-lettered",
+        || {
+            (agent.metric("agent_records_dead_lettered_total{stream=\"logs\"}") >= 1.0)
+                .then_some(())
+        },
+    );
+    publish(spec(
+        agent.mqtt,
+        1,
+        20,
+        Arc::new(|_, i| format!("plant/2/logs/{i}")),
+    ));
+    eventually(
+        Duration::from_secs(20),
+        "later logs batches delivered",
+        || (agent.backlog() == 0.0).then_some(()),
+    );
     let dead = agent.metric("agent_records_dead_lettered_total{stream=\"logs\"}") as usize;
     let delivered = cloud.read_topic(&format!("iot.{TENANT}.logs")).len();
-    assert!(dead >= 1 && dead + delivered == 50, "{dead} dead-lettered + {delivered} delivered = 50 published");
-    let buffer = rusqlite::Connection::open_with_flags(dir.path().join("buffer.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("buffer");
+    assert!(
+        dead >= 1 && dead + delivered == 50,
+        "{dead} dead-lettered + {delivered} delivered = 50 published"
+    );
+    let buffer = rusqlite::Connection::open_with_flags(
+        dir.path().join("buffer.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("buffer");
     let (rows, status, reason): (i64, i64, String) = buffer
-        .query_row("SELECT COUNT(*), MAX(status), MAX(reason) FROM dead_letters", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row(
+            "SELECT COUNT(*), MAX(status), MAX(reason) FROM dead_letters",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .expect("dead letters");
-    assert_eq!((rows as usize, status), (dead, 400), "kept, visible, with its status");
-    assert!(reason.contains("rejected by the fault proxy"), "the ingest's reason is kept: {reason}");
+    assert_eq!(
+        (rows as usize, status),
+        (dead, 400),
+        "kept, visible, with its status"
+    );
+    assert!(
+        reason.contains("rejected by the fault proxy"),
+        "the ingest's reason is kept: {reason}"
+    );
 }
 
 #[test]
 fn a_full_quota_during_an_outage_drops_lowest_priority_first_and_reports_every_loss() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let agent = AgentHarness::new(dir.path(), &format!("http://127.0.0.1:{port}")).quota("600KiB").run();
+    let agent = AgentHarness::new(dir.path(), &format!("http://127.0.0.1:{port}"))
+        .quota("600KiB")
+        .run();
     // Oldest first: bulk, then normal, then critical; ~260 bytes each against the quota.
-    let counts = [("plant/1/logs/l", 3000u64), ("plant/1/telemetry/t", 1500), ("plant/1/alarm/a", 200)];
+    let counts = [
+        ("plant/1/logs/l", 3000u64),
+        ("plant/1/telemetry/t", 1500),
+        ("plant/1/alarm/a", 200),
+    ];
     for (topic, n) in counts {
         let topic = topic.to_owned();
         publish(spec(agent.mqtt, 1, n, Arc::new(move |_, _| topic.clone())));
     }
-    eventually(Duration::from_secs(20), "all received", || (agent.metric("agent_records_received_total{stream=\"alarms\"}") >= 200.0).then_some(()));
+    eventually(Duration::from_secs(20), "all received", || {
+        (agent.metric("agent_records_received_total{stream=\"alarms\"}") >= 200.0).then_some(())
+    });
     let cloud = CloudHarness::new(dir.path()).port(port).run();
-    eventually(Duration::from_secs(30), "buffer drained", || (agent.backlog() == 0.0 && cloud.total_records() > 0).then_some(()));
+    eventually(Duration::from_secs(30), "buffer drained", || {
+        (agent.backlog() == 0.0 && cloud.total_records() > 0).then_some(())
+    });
 
     let in_log = |s: &str| cloud.read_topic(&format!("iot.{TENANT}.{s}")).len() as u64;
     let reports: Vec<LossReport> = cloud
@@ -139,22 +226,49 @@ fn a_full_quota_during_an_outage_drops_lowest_priority_first_and_reports_every_l
         .iter()
         .map(|r| serde_json::from_slice(&r.payload).expect("loss report JSON"))
         .collect();
-    let reported = |s: &str| reports.iter().filter(|r| r.stream.as_deref() == Some(s)).map(|r| r.count).sum::<u64>();
+    let reported = |s: &str| {
+        reports
+            .iter()
+            .filter(|r| r.stream.as_deref() == Some(s))
+            .map(|r| r.count)
+            .sum::<u64>()
+    };
     assert!(reports.iter().all(|r| r.reason == LossReason::Quota));
     assert_eq!(in_log("alarms"), 200, "critical untouched");
     assert_eq!(reported("alarms"), 0);
     for (stream, published) in [("logs", 3000), ("telemetry", 1500)] {
         let lost = published - in_log(stream);
-        assert_eq!(reported(stream), lost, "{stream}: reported losses equal what is missing");
-        let metric = agent.metric(&format!("agent_records_dropped_total{{reason=\"quota\",stream=\"{stream}\"}}")) as u64;
+        assert_eq!(
+            reported(stream),
+            lost,
+            "{stream}: reported losses equal what is missing"
+        );
+        let metric = agent.metric(&format!(
+            "agent_records_dropped_total{{reason=\"quota\",stream=\"{stream}\"}}"
+        )) as u64;
         assert_eq!(metric, lost, "{stream}: the metric agrees");
     }
-    assert!(reported("logs") > 0 && in_log("logs") > 0, "bulk partly evicted");
-    assert_eq!(in_log("telemetry"), 1500, "normal untouched while bulk had records");
+    assert!(
+        reported("logs") > 0 && in_log("logs") > 0,
+        "bulk partly evicted"
+    );
+    assert_eq!(
+        in_log("telemetry"),
+        1500,
+        "normal untouched while bulk had records"
+    );
     // What survives of a stream is its newest data: losses are a prefix of each stream.
     let logs = cloud.read_topic(&format!("iot.{TENANT}.logs"));
-    let max_lost = reports.iter().filter(|r| r.stream.as_deref() == Some("logs")).filter_map(|r| r.last_seq).max().unwrap_or(0);
-    assert!(logs.iter().all(|r| r.seq > max_lost && r.key == DEVICE), "oldest first");
+    let max_lost = reports
+        .iter()
+        .filter(|r| r.stream.as_deref() == Some("logs"))
+        .filter_map(|r| r.last_seq)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        logs.iter().all(|r| r.seq > max_lost && r.key == DEVICE),
+        "oldest first"
+    );
 }
 
 #[test]
@@ -174,10 +288,92 @@ fn a_minute_long_ingest_outage_under_load_loses_and_duplicates_nothing() {
     let mut cloud = cloud;
     cloud.process.kill();
     std::thread::sleep(Duration::from_secs(60));
-    assert!(agent.backlog() > 1000.0, "the backlog grew on disk during the outage");
+    assert!(
+        agent.backlog() > 1000.0,
+        "the backlog grew on disk during the outage"
+    );
     let cloud = CloudHarness::new(dir.path()).port(port).run();
     let report = load.join().expect("load");
     assert_eq!(report.acked, 12_000);
-    eventually(Duration::from_secs(60), "12,000 records in the log", || (cloud.total_records() >= 12_000).then_some(()));
+    eventually(Duration::from_secs(60), "12,000 records in the log", || {
+        (cloud.total_records() >= 12_000).then_some(())
+    });
     assert_all_once(&cloud, 3, 4000);
+}
+
+#[test]
+fn garbage_and_truncated_buffer_files_never_stop_the_agent() {
+    // Garbage.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    std::fs::write(
+        dir.path().join("buffer.db"),
+        b"\x00\xffnot sqlite at all".repeat(500),
+    )
+    .expect("garbage");
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    assert_eq!(agent.metric("agent_buffer_quarantined_total"), 1.0);
+    publish(spec(agent.mqtt, 1, 30, by_stream()));
+    eventually(Duration::from_secs(20), "new data delivered", || {
+        (cloud.total_records() >= 30).then_some(())
+    });
+    let quarantined: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("buffer.db.corrupt-"))
+        .collect();
+    assert_eq!(
+        quarantined.len(),
+        1,
+        "the corrupt file is kept aside: {quarantined:?}"
+    );
+
+    // Truncated: a buffer holding 3000 undelivered records, cut in half while the agent is down.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut agent =
+        AgentHarness::new(dir.path(), &format!("http://127.0.0.1:{}", free_port())).run();
+    publish(spec(agent.mqtt, 1, 3000, by_stream()));
+    eventually(Duration::from_secs(20), "3000 buffered", || {
+        (agent.backlog() >= 3000.0).then_some(())
+    });
+    assert!(agent.process.terminate().success());
+    let path = dir.path().join("buffer.db");
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .expect("checkpoint");
+    drop(conn);
+    let len = std::fs::metadata(&path).expect("meta").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .set_len(len / 2)
+        .expect("truncate");
+    let verify = std::process::Command::new(e2e::bin("edge-agent"))
+        .args(["buffer", "verify"])
+        .arg(&path)
+        .output()
+        .expect("verify");
+    assert!(!verify.status.success(), "buffer verify reports the damage");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let config = dir.path().join("agent.yaml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let url = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("url: "))
+        .expect("url")
+        .to_owned();
+    std::fs::write(&config, text.replace(&url, &cloud.url())).expect("point at the ingest");
+    let agent = e2e::start_agent(dir.path(), &config);
+    assert_eq!(agent.metric("agent_buffer_quarantined_total"), 1.0);
+    let salvaged = agent.metric("agent_buffer_salvaged_records_total");
+    assert!(
+        salvaged > 0.0 && salvaged < 3000.0,
+        "salvaged {salvaged} of 3000"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "salvaged records delivered",
+        || (cloud.total_records() as f64 >= salvaged).then_some(()),
+    );
 }

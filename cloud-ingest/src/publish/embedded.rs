@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS records (
     offset INTEGER NOT NULL,
     device TEXT NOT NULL,
     stream TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     mqtt_topic TEXT NOT NULL,
     qos INTEGER,
@@ -40,8 +41,9 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS records_by_offset ON records (topic, offset);
 CREATE TABLE IF NOT EXISTS dedup (
-    device TEXT NOT NULL, stream TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
-    PRIMARY KEY (device, stream, first_seq)
+    device TEXT NOT NULL, stream TEXT NOT NULL, epoch INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    PRIMARY KEY (device, stream, epoch, first_seq)
 ) WITHOUT ROWID;
 ";
 
@@ -125,12 +127,15 @@ impl Publisher for EmbeddedLog {
     }
 }
 
+/// (device, stream, epoch): within it, a sequence number identifies one record.
+type DedupScope = (String, String, u64);
+
 struct Writer {
     conn: Connection,
     /// Next offset per topic, as committed.
     offsets: HashMap<String, u64>,
-    /// Sequence ranges already in the log per (device, stream); loaded on first use.
-    dedup: HashMap<(String, String), RangeSet>,
+    /// Sequence ranges already in the log per idempotency scope; loaded on first use.
+    dedup: HashMap<DedupScope, RangeSet>,
     healthy: Arc<AtomicBool>,
 }
 
@@ -176,14 +181,18 @@ impl Writer {
         let mut touched_keys = Vec::new();
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO records (topic, offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?;
             for job in group {
                 let d = &job.delivery;
-                let key = (d.batch.device_id.clone(), d.batch.stream.clone());
+                let key = (
+                    d.batch.device_id.clone(),
+                    d.batch.stream.clone(),
+                    d.batch.epoch,
+                );
                 if !self.dedup.contains_key(&key) {
-                    let ranges = load_ranges(&tx, &key.0, &key.1)?;
+                    let ranges = load_ranges(&tx, &key)?;
                     self.dedup.insert(key.clone(), ranges);
                 }
                 let seen = self.dedup.get_mut(&key).expect("invariant: loaded above");
@@ -202,6 +211,7 @@ impl Writer {
                         *next as i64,
                         d.batch.device_id,
                         d.batch.stream,
+                        d.batch.epoch as i64,
                         r.seq as i64,
                         r.topic,
                         r.qos,
@@ -234,13 +244,13 @@ impl Writer {
         touched_keys.dedup();
         for key in &touched_keys {
             tx.execute(
-                "DELETE FROM dedup WHERE device = ?1 AND stream = ?2",
-                params![key.0, key.1],
+                "DELETE FROM dedup WHERE device = ?1 AND stream = ?2 AND epoch = ?3",
+                params![key.0, key.1, key.2 as i64],
             )?;
             for (first, last) in self.dedup[key].iter() {
                 tx.execute(
-                    "INSERT INTO dedup (device, stream, first_seq, last_seq) VALUES (?1, ?2, ?3, ?4)",
-                    params![key.0, key.1, first as i64, last as i64],
+                    "INSERT INTO dedup (device, stream, epoch, first_seq, last_seq) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![key.0, key.1, key.2 as i64, first as i64, last as i64],
                 )?;
             }
         }
@@ -257,12 +267,12 @@ fn load_offsets(conn: &Connection) -> rusqlite::Result<HashMap<String, u64>> {
     rows.collect()
 }
 
-fn load_ranges(conn: &Connection, device: &str, stream: &str) -> rusqlite::Result<RangeSet> {
+fn load_ranges(conn: &Connection, scope: &DedupScope) -> rusqlite::Result<RangeSet> {
     let mut stmt = conn.prepare_cached(
-        "SELECT first_seq, last_seq FROM dedup WHERE device = ?1 AND stream = ?2",
+        "SELECT first_seq, last_seq FROM dedup WHERE device = ?1 AND stream = ?2 AND epoch = ?3",
     )?;
     let mut set = RangeSet::default();
-    for row in stmt.query_map(params![device, stream], |row| {
+    for row in stmt.query_map(params![scope.0, scope.1, scope.2 as i64], |row| {
         Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
     })? {
         let (first, last) = row?;
@@ -334,7 +344,9 @@ pub struct LogRecord {
     pub key: String,
     /// Stream name.
     pub stream: String,
-    /// Sequence number within (device, stream).
+    /// The sender's sequence epoch.
+    pub epoch: u64,
+    /// Sequence number within (device, stream, epoch).
     pub seq: u64,
     /// MQTT topic it was published on.
     pub mqtt_topic: String,
@@ -384,7 +396,7 @@ pub fn read(path: &Path, topic: &str, from: u64, limit: usize) -> Result<Vec<Log
     };
     let mut stmt = conn
         .prepare(
-            "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload
+            "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch
              FROM records WHERE topic = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
         )
         .map_err(sqlite)?;
@@ -402,6 +414,7 @@ pub fn read(path: &Path, topic: &str, from: u64, limit: usize) -> Result<Vec<Log
                 offset: row.get::<_, i64>(0)? as u64,
                 key: row.get(1)?,
                 stream: row.get(2)?,
+                epoch: row.get::<_, i64>(10)? as u64,
                 seq: row.get::<_, i64>(3)? as u64,
                 mqtt_topic: row.get(4)?,
                 qos: row.get(5)?,
@@ -478,6 +491,7 @@ mod tests {
                 device_id: "d1".into(),
                 stream: "t".into(),
                 sent_at_ms: 2,
+                epoch: 0,
                 records: seqs
                     .map(|seq| Record {
                         seq,
@@ -505,14 +519,23 @@ mod tests {
         let log = EmbeddedLog::open(&path).expect("reopen");
         let ack = log.publish(delivery(1..7)).await.expect("publish");
         assert_eq!((ack.accepted, ack.duplicates), (1, 5));
+        let mut next_epoch = delivery(1..3);
+        next_epoch.batch.epoch = 9;
+        let ack = log.publish(next_epoch).await.expect("publish");
+        assert_eq!(
+            (ack.accepted, ack.duplicates),
+            (2, 0),
+            "a new epoch is a new sequence space"
+        );
         let records = read(&path, "iot.acme.t", 0, 100).expect("read");
         let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
-        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6, 1, 2]);
+        assert_eq!(records[7].epoch, 9);
         assert_eq!(
             records.iter().map(|r| r.offset).collect::<Vec<_>>(),
-            vec![0, 1, 2, 3, 4, 5]
+            (0..8).collect::<Vec<_>>()
         );
         assert_eq!(records[0].payload_base64.as_deref(), Some("Af8="));
-        assert_eq!(topics(&path).expect("topics")[0].end_offset, 6);
+        assert_eq!(topics(&path).expect("topics")[0].end_offset, 8);
     }
 }

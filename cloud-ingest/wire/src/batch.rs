@@ -18,12 +18,15 @@ pub struct Batch {
     /// The records, at least one.
     #[prost(message, repeated, tag = "4")]
     pub records: Vec<Record>,
+    /// Incarnation of the sender's sequence counters (part of the idempotency key).
+    #[prost(uint64, tag = "5")]
+    pub epoch: u64,
 }
 
 /// One sensor message.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Record {
-    /// Per-(device, stream) sequence number: the idempotency key with device and stream.
+    /// Sequence number: the idempotency key with device, stream and epoch.
     #[prost(uint64, tag = "1")]
     pub seq: u64,
     /// MQTT topic it was published on.
@@ -53,6 +56,7 @@ mod tests {
             ("stream", 2),
             ("sent_at_ms", 3),
             ("records", 4),
+            ("epoch", 5),
             ("seq", 1),
             ("topic", 2),
             ("payload", 3),

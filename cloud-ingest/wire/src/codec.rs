@@ -183,6 +183,7 @@ mod tests {
             device_id: "dev-1".into(),
             stream: "telemetry".into(),
             sent_at_ms: 1,
+            epoch: 0,
             records: seqs
                 .iter()
                 .map(|&seq| Record {

@@ -23,6 +23,9 @@ pub struct JsonBatch {
     /// Sender's wall-clock time, Unix milliseconds.
     #[serde(default)]
     pub sent_at_ms: i64,
+    /// Incarnation of the sender's sequence counters (default 0).
+    #[serde(default)]
+    pub epoch: u64,
     /// The records.
     pub records: Vec<JsonRecord>,
 }
@@ -87,6 +90,7 @@ impl JsonBatch {
             stream: self.stream,
             sent_at_ms: self.sent_at_ms,
             records,
+            epoch: self.epoch,
         })
     }
 }
