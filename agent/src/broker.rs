@@ -51,12 +51,13 @@ pub enum BrokerError {
     Start(String),
 }
 
-/// The running broker: its bound addresses, and the link reader to join on shutdown.
+/// The running broker: its internal loopback addresses (clients reach them through the
+/// [`crate::gate`]), and the link reader to join on shutdown.
 pub struct RunningBroker {
-    /// MQTT 3.1.1 address.
-    pub listen: SocketAddr,
-    /// MQTT 5 address, if configured.
-    pub listen_v5: Option<SocketAddr>,
+    /// Internal MQTT 3.1.1 address.
+    pub internal: SocketAddr,
+    /// Internal MQTT 5 address, if MQTT 5 is configured.
+    pub internal_v5: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
     reader: std::thread::JoinHandle<()>,
 }
@@ -70,7 +71,7 @@ impl RunningBroker {
     }
 }
 
-/// Port 0 means "any free port": resolve it now, because rumqttd does not report the port it got.
+/// Port 0 means "any free port": pick one now, because rumqttd does not report the port it got.
 fn resolve(addr: SocketAddr, key: &'static str) -> Result<SocketAddr, BrokerError> {
     let probe =
         TcpListener::bind(addr).map_err(|source| BrokerError::Bind { key, addr, source })?;
@@ -104,10 +105,12 @@ pub fn start(
     commands: SyncSender<WriterCommand>,
     metrics: Metrics,
 ) -> Result<RunningBroker, BrokerError> {
-    let listen = resolve(config.listen, "mqtt.listen")?;
+    // rumqttd listens on loopback only; the gate owns the configured addresses.
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let listen = resolve(loopback, "mqtt.listen")?;
     let listen_v5 = config
         .listen_v5
-        .map(|a| resolve(a, "mqtt.listen_v5"))
+        .map(|_| resolve(loopback, "mqtt.listen_v5"))
         .transpose()?;
     let rumqttd_config = rumqttd::Config {
         id: 0,
@@ -162,8 +165,8 @@ pub fn start(
         })
         .map_err(|e| BrokerError::Start(e.to_string()))?;
     Ok(RunningBroker {
-        listen,
-        listen_v5,
+        internal: listen,
+        internal_v5: listen_v5,
         stop,
         reader,
     })

@@ -17,6 +17,7 @@ pub mod buffer;
 pub mod clock;
 pub mod config;
 pub mod forwarder;
+pub mod gate;
 pub mod metrics;
 pub mod retry;
 pub mod routing;
@@ -142,6 +143,12 @@ pub async fn run(
         config.streams.iter().map(|s| s.topics.as_slice()),
         config.default_stream,
     );
+    // Bind the client-facing listeners first: a taken address is reported before anything runs.
+    let listener = gate::bind(config.mqtt.listen, "mqtt.listen").await?;
+    let listener_v5 = match config.mqtt.listen_v5 {
+        Some(addr) => Some(gate::bind(addr, "mqtt.listen_v5").await?),
+        None => None,
+    };
     let broker = broker::start(
         &config.mqtt,
         router,
@@ -149,9 +156,20 @@ pub async fn run(
         commands.clone(),
         metrics.clone(),
     )?;
-    println!("mqtt listening on {}", broker.listen);
-    if let Some(v5) = broker.listen_v5 {
-        println!("mqtt5 listening on {v5}");
+    let gate = gate::Gate::new();
+    let bound = |l: &tokio::net::TcpListener, key, addr| {
+        l.local_addr()
+            .map_err(|source| BrokerError::Bind { key, addr, source })
+    };
+    println!(
+        "mqtt listening on {}",
+        bound(&listener, "mqtt.listen", config.mqtt.listen)?
+    );
+    gate.serve(listener, broker.internal);
+    if let (Some(l), Some(internal)) = (listener_v5, broker.internal_v5) {
+        let addr = config.mqtt.listen_v5.unwrap_or(config.mqtt.listen);
+        println!("mqtt5 listening on {}", bound(&l, "mqtt.listen_v5", addr)?);
+        gate.serve(l, internal);
     }
     tracing::info!(device = %config.device_id, streams = streams.len(), buffer = %config.buffer.path.display(), "edge-agent running");
 
@@ -173,7 +191,8 @@ pub async fn run(
     ready.store(true, Ordering::Relaxed);
     shutdown.cancelled().await;
     ready.store(false, Ordering::Relaxed);
-    tracing::info!("shutting down: draining the broker link into the buffer");
+    tracing::info!("shutting down: no more MQTT input; draining the broker into the buffer");
+    gate.close();
     let _ = tokio::task::spawn_blocking(move || broker.stop()).await;
     stop_forwarding.cancel();
     let _ = forwarder.await;

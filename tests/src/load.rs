@@ -192,3 +192,147 @@ async fn sensor(spec: LoadSpec, client: usize) -> (u64, u64) {
     let acked = poller.await.expect("poller");
     (total, acked)
 }
+
+/// A publisher that runs until stopped: QoS 1 at a steady rate to a fixed address, reconnecting
+/// with a fresh session whenever the connection drops, and never republishing a message whose
+/// PUBACK it did not get (so the log can hold each message at most once). It records when each
+/// message was acknowledged.
+pub struct Steady {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<SteadyLog>,
+}
+
+/// What a [`Steady`] publisher did.
+#[derive(Debug, Default)]
+pub struct SteadyLog {
+    /// Messages handed to the client (acknowledged or not).
+    pub published: u64,
+    /// (message index, when its PUBACK arrived), in ack order.
+    pub acked: Vec<(u64, Instant)>,
+    /// Connections made.
+    pub connections: u64,
+}
+
+impl Steady {
+    /// Starts publishing `rate` messages/s of `payload_bytes` binary payloads (client id
+    /// `client`) on `topic` to `mqtt`.
+    pub fn start(
+        mqtt: SocketAddr,
+        client: usize,
+        rate: f64,
+        topic: &str,
+        payload_bytes: usize,
+    ) -> Steady {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let topic = topic.to_owned();
+        let handle = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(steady(mqtt, client, rate, topic, payload_bytes, flag))
+        });
+        Steady { stop, handle }
+    }
+
+    /// Stops publishing (after the PUBACKs in flight, up to 2 s) and returns the log.
+    pub fn stop(self) -> SteadyLog {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().expect("steady publisher")
+    }
+}
+
+async fn steady(
+    mqtt: SocketAddr,
+    client: usize,
+    rate: f64,
+    topic: String,
+    size: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> SteadyLog {
+    use std::collections::VecDeque;
+    use std::sync::atomic::Ordering;
+    let mut log = SteadyLog::default();
+    let every = Duration::from_secs_f64(1.0 / rate);
+    let mut next_index = 0u64;
+    let start = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        log.connections += 1;
+        let mut options = MqttOptions::new(
+            format!("steady-{client}-{}", log.connections),
+            mqtt.ip().to_string(),
+            mqtt.port(),
+        );
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_clean_session(true);
+        let (mqtt_client, mut eventloop) = AsyncClient::new(options, 100);
+        // Indices handed to this client, in order; the n-th outgoing PUBLISH is the n-th of them.
+        let mut queued: VecDeque<u64> = VecDeque::new();
+        let mut in_flight: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
+        let mut connected = false;
+        let mut draining_since: Option<Instant> = None;
+        loop {
+            if stop.load(Ordering::Relaxed) && draining_since.is_none() {
+                draining_since = Some(Instant::now());
+            }
+            if draining_since.is_some_and(|d| {
+                in_flight.is_empty() && queued.is_empty() || d.elapsed() > Duration::from_secs(2)
+            }) {
+                return log;
+            }
+            let due = start + every.mul_f64(next_index as f64);
+            let publish_now =
+                connected && draining_since.is_none() && Instant::now() >= due && queued.len() < 50;
+            if publish_now {
+                if mqtt_client
+                    .try_publish(
+                        topic.clone(),
+                        QoS::AtLeastOnce,
+                        false,
+                        payload(PayloadKind::Binary, client, next_index, size),
+                    )
+                    .is_ok()
+                {
+                    queued.push_back(next_index);
+                    next_index += 1;
+                    log.published += 1;
+                }
+                continue;
+            }
+            let wait = if connected {
+                due.saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(20))
+            } else {
+                Duration::from_millis(20)
+            };
+            let event = tokio::select! {
+                e = eventloop.poll() => Some(e),
+                _ = tokio::time::sleep(wait) => None,
+            };
+            match event {
+                None => {}
+                Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => connected = true,
+                Some(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
+                    if let Some(index) = queued.pop_front() {
+                        in_flight.insert(pkid, index);
+                    }
+                }
+                Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                    if let Some(index) = in_flight.remove(&ack.pkid) {
+                        log.acked.push((index, Instant::now()));
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) => {
+                    // Connection gone: what was not acknowledged is abandoned, never resent.
+                    if !connected {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    log
+}
