@@ -79,6 +79,14 @@ pub enum BufferError {
     },
 }
 
+impl BufferError {
+    /// Whether SQLite reported a full disk (SQLITE_FULL).
+    pub fn is_disk_full(&self) -> bool {
+        let BufferError::Sqlite { source, .. } = self;
+        matches!(source, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
 /// A record received from the broker, not yet in the buffer.
 #[derive(Debug, Clone)]
 pub struct NewRecord {
@@ -178,7 +186,7 @@ pub struct BufferStream {
 }
 
 /// Per-stream counts of one commit.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitSummary {
     /// Records appended, per stream index.
     pub appended: Vec<u64>,
@@ -186,8 +194,10 @@ pub struct CommitSummary {
     pub acked: Vec<u64>,
     /// Records moved to dead letters, per stream index.
     pub dead_lettered: Vec<u64>,
-    /// Records evicted by the quota, per stream index.
+    /// Records evicted by the quota (or the full disk), per stream index.
     pub evicted: Vec<u64>,
+    /// Why they were evicted.
+    pub evicted_reason: LossReason,
     /// Records dropped by their TTL, per stream index.
     pub expired: Vec<u64>,
     /// The loss reports written by this commit (drops of this commit and reported ones).
@@ -200,6 +210,46 @@ pub struct Buffer {
     path: PathBuf,
     streams: Vec<StreamState>,
     quota_bytes: u64,
+    /// Set while the disk is full: the bytes that fit, below the quota. Evictions down to it
+    /// are reported as `disk_full`.
+    disk_cap: Option<u64>,
+    /// Space held back for the day the disk fills (see [`RESERVE_BYTES`]).
+    reserve: PathBuf,
+}
+
+/// Size of the reserve file kept beside the buffer. In WAL mode a full disk is a dead end: the
+/// checkpoint that would shrink the WAL needs the database file to grow first. Releasing the
+/// reserve gives the checkpoint and the evicting transaction the room they need. It is larger
+/// than the WAL grows between two checkpoints at the rates measured here.
+pub const RESERVE_BYTES: usize = 4 << 20;
+
+/// How often the checkpointer moves the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Checkpoints the buffer's WAL from a thread of its own, so the writer never stalls on a
+/// checkpoint inside a commit (which would stretch the window in which rumqttd has
+/// acknowledged records that are not committed yet). Runs until `stop` is set.
+pub fn spawn_checkpointer(
+    path: &Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let path = path.to_owned();
+    std::thread::Builder::new().name("buffer-checkpoint".into()).spawn(move || {
+        let conn = match Connection::open(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the buffer for checkpoints; the WAL will grow");
+                return;
+            }
+        };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(CHECKPOINT_EVERY);
+            // PASSIVE never blocks the writer; what it cannot copy now is copied next time.
+            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+                tracing::warn!(error = %e, "buffer checkpoint failed; retried");
+            }
+        }
+    })
 }
 
 /// A stream known to the buffer at open.
@@ -255,10 +305,14 @@ impl Buffer {
             }
         };
         let mut conn = Connection::open(path).map_err(sqlite)?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
-            .and_then(|()| conn.execute_batch(SCHEMA))
-            .map_err(sqlite)?;
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={RESERVE_BYTES};"
+        ))
+        .and_then(|()| conn.execute_batch(SCHEMA))
+        .map_err(sqlite)?;
         let epoch = load_epoch(&conn).map_err(sqlite)?;
+        let reserve = PathBuf::from(format!("{}.reserve", path.display()));
+        ensure_reserve(&reserve);
         if let Some(q) = quarantine.as_mut() {
             q.salvaged = recovery::salvage(&q.moved_to, &mut conn).map_err(sqlite)?;
         }
@@ -307,6 +361,8 @@ impl Buffer {
                 path: path.to_owned(),
                 streams: state,
                 quota_bytes,
+                disk_cap: None,
+                reserve,
             },
             streams: opened,
             epoch,
@@ -335,20 +391,54 @@ impl Buffer {
         expire: bool,
     ) -> Result<CommitSummary, BufferError> {
         let mut streams = self.streams.clone();
-        let summary = apply(
-            &mut self.conn,
-            &mut streams,
-            commands,
-            self.quota_bytes,
-            now_ms,
-            expire,
-        )
-        .map_err(|source| BufferError::Sqlite {
-            path: self.path.clone(),
-            source,
-        })?;
+        let cap = match self.disk_cap {
+            Some(cap) if cap < self.quota_bytes => (cap, LossReason::DiskFull),
+            _ => (self.quota_bytes, LossReason::Quota),
+        };
+        let summary = apply(&mut self.conn, &mut streams, commands, cap, now_ms, expire).map_err(
+            |source| BufferError::Sqlite {
+                path: self.path.clone(),
+                source,
+            },
+        )?;
         self.streams = streams;
         Ok(summary)
+    }
+
+    /// The disk is full: from now on keep at most 80% of what is held (so the retried commit
+    /// evicts by policy to make room), release the reserve, and checkpoint the WAL into the
+    /// database so its space goes back to the filesystem.
+    pub fn disk_full(&mut self) {
+        let held = self.backlog_bytes();
+        self.disk_cap = Some(self.disk_cap.unwrap_or(held).min(held) * 4 / 5);
+        let _ = std::fs::remove_file(&self.reserve);
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+    }
+
+    /// Space came back (or may have): evict down to the configured quota only, and hold the
+    /// reserve again if it fits.
+    pub fn disk_ok(&mut self) {
+        self.disk_cap = None;
+        ensure_reserve(&self.reserve);
+    }
+}
+
+/// Creates the reserve file if it is missing and fits; a partial one is removed.
+fn ensure_reserve(path: &Path) {
+    use std::io::Write;
+    if path
+        .metadata()
+        .is_ok_and(|m| m.len() == RESERVE_BYTES as u64)
+    {
+        return;
+    }
+    let written = std::fs::File::create(path).and_then(|mut f| {
+        f.write_all(&vec![0u8; RESERVE_BYTES])?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot hold the disk reserve now; will retry");
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -401,7 +491,7 @@ fn apply(
     conn: &mut Connection,
     streams: &mut [StreamState],
     commands: &[WriterCommand],
-    quota: u64,
+    (cap, cap_reason): (u64, LossReason),
     now_ms: i64,
     expire: bool,
 ) -> rusqlite::Result<CommitSummary> {
@@ -411,6 +501,7 @@ fn apply(
         acked: vec![0; n],
         dead_lettered: vec![0; n],
         evicted: vec![0; n],
+        evicted_reason: cap_reason,
         expired: vec![0; n],
         losses: Vec::new(),
     };
@@ -493,7 +584,7 @@ fn apply(
             .iter()
             .map(|s| s.progress.backlog_bytes)
             .sum::<u64>()
-            > quota
+            > cap
         {
             let candidates: Vec<(Priority, u64)> = streams
                 .iter()
@@ -528,7 +619,7 @@ fn apply(
             if let Some(d) = d {
                 summary
                     .losses
-                    .push(d.report(&streams[i].name, LossReason::Quota, now_ms));
+                    .push(d.report(&streams[i].name, cap_reason, now_ms));
             }
         }
         // Every drop of this commit, and every loss handed in, becomes a record to send.
@@ -725,7 +816,11 @@ pub struct BufferWriter {
     metrics: Metrics,
     stream_names: Vec<String>,
     last_expiry: Instant,
+    disk_full_since: Option<Instant>,
 }
+
+/// How long after the last full-disk error the configured quota is tried again.
+const DISK_FULL_HOLD: Duration = Duration::from_secs(30);
 
 /// How often records past their TTL are looked for.
 const EXPIRY_EVERY: Duration = Duration::from_secs(1);
@@ -749,6 +844,7 @@ impl BufferWriter {
             metrics,
             stream_names,
             last_expiry: Instant::now(),
+            disk_full_since: None,
         }
     }
 
@@ -799,7 +895,26 @@ impl BufferWriter {
                         .observe(started.elapsed().as_secs_f64());
                     self.record(&summary);
                     self.progress.send_replace(self.buffer.progress());
+                    if self
+                        .disk_full_since
+                        .is_some_and(|t| t.elapsed() >= DISK_FULL_HOLD)
+                    {
+                        tracing::info!("buffer disk: trying the full quota again");
+                        self.disk_full_since = None;
+                        self.buffer.disk_ok();
+                    }
                     return;
+                }
+                Err(e) if e.is_disk_full() => {
+                    // Make room by policy and retry at once; the records of this group were
+                    // acknowledged to their publishers and must not be the ones dropped.
+                    if self.disk_full_since.is_none() {
+                        tracing::error!(error = %e, "buffer disk full: evicting lowest priority, oldest records to make room (reported as disk_full)");
+                    }
+                    self.disk_full_since = Some(Instant::now());
+                    self.metrics.disk_full.inc();
+                    self.buffer.disk_full();
+                    std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => {
                     // Nothing was applied; the same group is retried. Meanwhile the queue from
@@ -827,7 +942,7 @@ impl BufferWriter {
                 .with_label_values(&labels)
                 .inc_by(summary.dead_lettered[i]);
             for (count, reason) in [
-                (summary.evicted[i], LossReason::Quota),
+                (summary.evicted[i], summary.evicted_reason),
                 (summary.expired[i], LossReason::Ttl),
             ] {
                 if count > 0 {

@@ -117,6 +117,9 @@ pub async fn run(
         metrics.clone(),
         names.clone(),
     );
+    let stop_checkpoints = Arc::new(AtomicBool::new(false));
+    let checkpointer = buffer::spawn_checkpointer(&config.buffer.path, stop_checkpoints.clone())
+        .map_err(|e| AgentError::Broker(BrokerError::Start(e.to_string())))?;
     let writer = std::thread::Builder::new()
         .name("buffer-writer".into())
         .spawn(move || writer.run())
@@ -198,6 +201,8 @@ pub async fn run(
     let _ = forwarder.await;
     drop(commands);
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    stop_checkpoints.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || checkpointer.join()).await;
     stop_serving.cancel();
     tracing::info!("stopped; everything received is in the buffer");
     Ok(())

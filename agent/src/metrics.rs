@@ -45,6 +45,8 @@ pub const COMMIT_SECONDS: &str = "agent_buffer_commit_seconds";
 pub const BUFFER_QUARANTINED: &str = "agent_buffer_quarantined_total";
 /// Records read back from quarantined buffer files.
 pub const BUFFER_SALVAGED: &str = "agent_buffer_salvaged_records_total";
+/// Buffer commits refused because the disk was full (room made by eviction, then retried).
+pub const DISK_FULL: &str = "agent_buffer_disk_full_total";
 /// Failed buffer commits (retried).
 pub const COMMIT_ERRORS: &str = "agent_buffer_commit_errors_total";
 
@@ -86,6 +88,8 @@ pub struct Metrics {
     pub buffer_quarantined: IntCounter,
     /// See [`BUFFER_SALVAGED`].
     pub buffer_salvaged: IntCounter,
+    /// See [`DISK_FULL`].
+    pub disk_full: IntCounter,
 }
 
 impl Metrics {
@@ -183,6 +187,10 @@ impl Metrics {
             buffer_salvaged: counter(
                 BUFFER_SALVAGED,
                 "Records read back from quarantined buffer files.",
+            ),
+            disk_full: counter(
+                DISK_FULL,
+                "Buffer commits refused for a full disk (room made, retried).",
             ),
             registry,
         }

@@ -407,6 +407,7 @@ pub struct AgentHarness {
     extra: String,
     quota: String,
     mqtt_port: u16,
+    buffer: Option<PathBuf>,
 }
 
 /// A running agent.
@@ -449,7 +450,14 @@ impl AgentHarness {
             extra: String::new(),
             quota: "256MiB".into(),
             mqtt_port: 0,
+            buffer: None,
         }
+    }
+
+    /// Put the buffer file here instead of `dir/buffer.db`.
+    pub fn buffer_path(mut self, path: &Path) -> Self {
+        self.buffer = Some(path.to_owned());
+        self
     }
 
     /// Buffer quota, e.g. "300KiB".
@@ -498,7 +506,11 @@ metrics_listen: 127.0.0.1:0
 {extra}",
             url = self.ingest_url,
             token = self.dir.join("token").display(),
-            buffer = self.dir.join("buffer.db").display(),
+            buffer = self
+                .buffer
+                .clone()
+                .unwrap_or_else(|| self.dir.join("buffer.db"))
+                .display(),
             streams = self.streams,
             extra = self.extra,
             quota = self.quota,

@@ -117,9 +117,11 @@ fn twenty_kill_9_cycles_lose_nothing_beyond_the_commit_window() {
     let seen = in_log(&cloud);
     assert!(seen.values().all(|&n| n == 1), "duplicates in the log");
 
-    // A message acknowledged within the commit window (10 ms, plus the commit itself) before a
-    // kill may be lost: rumqttd acks on receipt. Anything acknowledged earlier must be there.
-    let window = Duration::from_millis(10 + 40);
+    // rumqttd acks on receipt, so a message acknowledged while its group was still open (the
+    // 10 ms commit window) or being committed (the fsync: a few ms, but tens of ms when the
+    // ingest's fsyncs compete for this VM's disk) may be lost to a kill. Anything acknowledged
+    // before that must be in the log.
+    let window = Duration::from_millis(10 + 150);
     let mut per_cycle = vec![(0u64, 0u64); kills.len() + 1];
     for &(c, i, t) in &acked {
         let cycle = kills.iter().position(|&k| k > t).unwrap_or(kills.len());

@@ -377,3 +377,101 @@ fn garbage_and_truncated_buffer_files_never_stop_the_agent() {
         || (cloud.total_records() as f64 >= salvaged).then_some(()),
     );
 }
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(path).expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (the test command runs as root in CI)"
+        );
+        SmallDisk(path.to_owned())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_drops_by_policy_reports_every_loss_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SmallDisk::mount(&dir.path().join("small"), "16m");
+    let port = free_port();
+    let agent = AgentHarness::new(dir.path(), &format!("http://127.0.0.1:{port}"))
+        .buffer_path(&disk.0.join("buffer.db"))
+        .quota("1GiB")
+        .run();
+    let paced = |topic: &'static str, n: u64| {
+        let mut s = spec(agent.mqtt, 1, n, Arc::new(move |_, _| topic.to_owned()));
+        s.rate_per_client = Some(10_000.0);
+        publish(s)
+    };
+    paced("plant/1/logs/l", 60_000);
+    eventually(Duration::from_secs(30), "the disk filled up", || {
+        (agent.metric("agent_buffer_disk_full_total") > 0.0).then_some(())
+    });
+    paced("plant/1/telemetry/t", 2000);
+    paced("plant/1/alarm/a", 100);
+    assert_eq!(
+        agent.readyz(),
+        200,
+        "the agent keeps running on a full disk"
+    );
+    let cloud = CloudHarness::new(dir.path()).port(port).run();
+    eventually(Duration::from_secs(60), "buffer drained", || {
+        (agent.backlog() == 0.0 && cloud.total_records() > 0).then_some(())
+    });
+
+    let count = |s: &str| cloud.read_topic(&format!("iot.{TENANT}.{s}")).len() as u64;
+    let reports: Vec<LossReport> = cloud
+        .read_topic(&format!("iot.{TENANT}._losses"))
+        .iter()
+        .map(|r| serde_json::from_slice(&r.payload).expect("loss report"))
+        .collect();
+    let missing = (60_000 - count("logs")) + (2000 - count("telemetry")) + (100 - count("alarms"));
+    let reported: u64 = reports.iter().map(|r| r.count).sum();
+    assert!(missing > 0, "the small disk could not hold everything");
+    assert_eq!(
+        reported, missing,
+        "every lost record is reported: {reports:?}"
+    );
+    assert!(
+        reports
+            .iter()
+            .any(|r| r.reason == LossReason::DiskFull && r.stream.as_deref() == Some("logs"))
+    );
+    assert_eq!(count("alarms"), 100, "critical kept");
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.stream.as_deref() != Some("alarms"))
+    );
+
+    // Space is back (the buffer drained): new data flows with no further loss.
+    let before = agent
+        .metric("agent_records_dropped_total{reason=\"disk_full\",stream=\"telemetry\"}")
+        + agent.metric("agent_records_dropped_total{reason=\"disk_full\",stream=\"logs\"}");
+    let telemetry_before = count("telemetry");
+    paced("plant/2/telemetry/t", 500);
+    eventually(Duration::from_secs(20), "new records delivered", || {
+        (count("telemetry") == telemetry_before + 500 && agent.backlog() == 0.0).then_some(())
+    });
+    let after = agent
+        .metric("agent_records_dropped_total{reason=\"disk_full\",stream=\"telemetry\"}")
+        + agent.metric("agent_records_dropped_total{reason=\"disk_full\",stream=\"logs\"}");
+    assert_eq!(before, after, "no loss once space is back");
+}
