@@ -100,6 +100,8 @@ pub struct Lane {
     bytes_mark: Option<u64>,
     /// Cap on records per batch after a 413 (halved each time), reset after a success.
     pub size_cap: Option<usize>,
+    /// Highest sequence ever put in a request: it may be in the log even if unacknowledged.
+    sent_through: u64,
 }
 
 impl Lane {
@@ -110,7 +112,25 @@ impl Lane {
             waiting_since: backlog.then(|| now.checked_sub(linger).unwrap_or(now)),
             bytes_mark: (!backlog).then_some(0),
             size_cap: None,
+            sent_through: cursor,
         }
+    }
+
+    /// A request carries records up to `last_seq`; returns the previous mark, for [`Lane::unsend`].
+    pub fn sent(&mut self, last_seq: u64) -> u64 {
+        let before = self.sent_through;
+        self.sent_through = self.sent_through.max(last_seq);
+        before
+    }
+
+    /// That request surely did not reach the log: put the mark back.
+    pub fn unsend(&mut self, before: u64) {
+        self.sent_through = before;
+    }
+
+    /// Records at or below this may be in the log: the buffer must not evict them.
+    pub fn sent_floor(&self) -> u64 {
+        self.sent_through.max(self.cursor)
     }
 
     /// Notes newly committed records.

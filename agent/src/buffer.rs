@@ -13,6 +13,7 @@
 //! then commits them in one transaction (one fsync), so flash sees few large writes.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,29 @@ impl BufferError {
     pub fn is_disk_full(&self) -> bool {
         let BufferError::Sqlite { source, .. } = self;
         matches!(source, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
+/// Per stream, the highest sequence the forwarder has put in a request: records at or below it
+/// may be in the log, so eviction and TTL never drop them, which keeps loss reports exact.
+///
+/// The forwarder reads a batch and raises the floor while holding this lock, and the writer
+/// holds it for the whole commit in which it evicts: so a batch is either read before the
+/// eviction (and protected by the floor) or after it (and no longer holds the evicted rows).
+pub struct SentFloor(std::sync::Mutex<Vec<u64>>);
+
+impl SentFloor {
+    /// Floors by stream index.
+    pub fn new(floors: Vec<u64>) -> SentFloor {
+        SentFloor(std::sync::Mutex::new(floors))
+    }
+
+    /// Holds the floors (and so excludes evictions) until the guard is dropped.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        // A panic while holding it leaves plain numbers behind; they stay usable.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -382,11 +406,13 @@ impl Buffer {
 
     /// Applies `commands` in one transaction; with `expire`, also drops records past their
     /// stream's TTL (as of `now_ms`). Every drop writes its loss report in the same transaction.
-    /// On error nothing of it is applied and the in-memory state is unchanged, so the same
-    /// commands can be retried.
+    /// Records at or below a stream's `sent_floor` are never dropped: they were sent once and
+    /// may be in the log. On error nothing of it is applied and the in-memory state is
+    /// unchanged, so the same commands can be retried.
     pub fn commit(
         &mut self,
         commands: &[WriterCommand],
+        sent_floor: &[u64],
         now_ms: i64,
         expire: bool,
     ) -> Result<CommitSummary, BufferError> {
@@ -395,12 +421,22 @@ impl Buffer {
             Some(cap) if cap < self.quota_bytes => (cap, LossReason::DiskFull),
             _ => (self.quota_bytes, LossReason::Quota),
         };
-        let summary = apply(&mut self.conn, &mut streams, commands, cap, now_ms, expire).map_err(
-            |source| BufferError::Sqlite {
-                path: self.path.clone(),
-                source,
-            },
-        )?;
+        let floor: Vec<u64> = (0..streams.len())
+            .map(|i| sent_floor.get(i).copied().unwrap_or(0))
+            .collect();
+        let summary = apply(
+            &mut self.conn,
+            &mut streams,
+            commands,
+            cap,
+            &floor,
+            now_ms,
+            expire,
+        )
+        .map_err(|source| BufferError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })?;
         self.streams = streams;
         Ok(summary)
     }
@@ -492,6 +528,7 @@ fn apply(
     streams: &mut [StreamState],
     commands: &[WriterCommand],
     (cap, cap_reason): (u64, LossReason),
+    sent_floor: &[u64],
     now_ms: i64,
     expire: bool,
 ) -> rusqlite::Result<CommitSummary> {
@@ -561,11 +598,14 @@ fn apply(
         }
         if expire {
             let mut expire_rows = tx.prepare_cached(
-                "DELETE FROM records WHERE stream_id = ?1 AND received_at_ms < ?2 RETURNING seq, length(topic) + length(payload)",
+                "DELETE FROM records WHERE stream_id = ?1 AND seq > ?2 AND received_at_ms < ?3 RETURNING seq, length(topic) + length(payload)",
             )?;
             for (i, s) in streams.iter_mut().enumerate() {
                 let Some(ttl) = s.ttl_ms else { continue };
-                let dropped = drop_rows(expire_rows.query(params![s.id, now_ms - ttl])?, s)?;
+                let dropped = drop_rows(
+                    expire_rows.query(params![s.id, sent_floor[i] as i64, now_ms - ttl])?,
+                    s,
+                )?;
                 if dropped.count > 0 {
                     summary.expired[i] += dropped.count;
                     summary
@@ -576,10 +616,11 @@ fn apply(
         }
         // Quota: evict lowest priority, oldest first, until under it. Loss reports stay.
         let mut evict = tx.prepare_cached(
-            "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 ORDER BY seq LIMIT ?2)
+            "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3)
              RETURNING seq, length(topic) + length(payload)",
         )?;
         let mut evicted: Vec<Option<Dropped>> = vec![None; n];
+        let mut exhausted = vec![false; n];
         while streams
             .iter()
             .map(|s| s.progress.backlog_bytes)
@@ -592,7 +633,7 @@ fn apply(
                 .map(|(i, s)| {
                     (
                         s.priority,
-                        if Some(i) == loss_stream {
+                        if Some(i) == loss_stream || exhausted[i] {
                             0
                         } else {
                             s.progress.backlog_records
@@ -604,11 +645,14 @@ fn apply(
                 break;
             };
             let s = &mut streams[victim];
-            let dropped = drop_rows(evict.query(params![s.id, EVICT_CHUNK as i64])?, s)?;
+            let dropped = drop_rows(
+                evict.query(params![s.id, sent_floor[victim] as i64, EVICT_CHUNK as i64])?,
+                s,
+            )?;
             if dropped.count == 0 {
-                // Counts drifted from the file; trust the file.
-                s.progress.backlog_records = 0;
-                s.progress.backlog_bytes = 0;
+                // What is left of it was already sent once: it may be in the log, so it is not
+                // evicted (it will be delivered or dead-lettered). Try the next stream.
+                exhausted[victim] = true;
                 continue;
             }
             summary.evicted[victim] += dropped.count;
@@ -817,6 +861,7 @@ pub struct BufferWriter {
     stream_names: Vec<String>,
     last_expiry: Instant,
     disk_full_since: Option<Instant>,
+    sent_floor: Arc<SentFloor>,
 }
 
 /// How long after the last full-disk error the configured quota is tried again.
@@ -835,6 +880,7 @@ impl BufferWriter {
         progress: watch::Sender<Vec<StreamProgress>>,
         metrics: Metrics,
         stream_names: Vec<String>,
+        sent_floor: Arc<SentFloor>,
     ) -> BufferWriter {
         BufferWriter {
             buffer,
@@ -845,6 +891,7 @@ impl BufferWriter {
             stream_names,
             last_expiry: Instant::now(),
             disk_full_since: None,
+            sent_floor,
         }
     }
 
@@ -888,7 +935,12 @@ impl BufferWriter {
         let mut delay = Duration::from_millis(50);
         loop {
             let started = Instant::now();
-            match self.buffer.commit(group, crate::clock::now_ms(), expire) {
+            match self.buffer.commit(
+                group,
+                &self.sent_floor.lock(),
+                crate::clock::now_ms(),
+                expire,
+            ) {
                 Ok(summary) => {
                     self.metrics
                         .commit_seconds
@@ -1010,6 +1062,7 @@ mod tests {
                     rec(0, b"c"),
                     rec(1, b"d"),
                 ],
+                &[],
                 0,
                 false,
             )
@@ -1031,6 +1084,7 @@ mod tests {
                         first: 1,
                         last: 2,
                     }],
+                    &[],
                     0,
                     false,
                 )
@@ -1046,7 +1100,7 @@ mod tests {
         );
         assert_eq!(opened[0].resume_after, 0);
         assert_eq!(b.progress()[1].committed_seq, 3);
-        b.commit(&[rec(1, b"e")], 0, false).expect("commit");
+        b.commit(&[rec(1, b"e")], &[], 0, false).expect("commit");
         assert_eq!(
             b.progress()[1].committed_seq,
             4,
@@ -1061,7 +1115,7 @@ mod tests {
         let mut b = Buffer::open(&path, &streams(), 1 << 30)
             .expect("open")
             .buffer;
-        b.commit(&[rec(2, &[1; 100]), rec(2, &[2; 100])], 0, false)
+        b.commit(&[rec(2, &[1; 100]), rec(2, &[2; 100])], &[], 0, false)
             .expect("commit");
         let r = BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
             .expect("reader");
@@ -1079,7 +1133,7 @@ mod tests {
             .buffer;
         let mut cmds = vec![rec(0, &[0; 100]), rec(1, &[1; 100])];
         cmds.extend((0..4).map(|_| rec(2, &[2; 100])));
-        let s = b.commit(&cmds, 5, false).expect("commit");
+        let s = b.commit(&cmds, &[], 5, false).expect("commit");
         assert_eq!(
             s.evicted,
             vec![0, 0, 4, 0],
@@ -1132,7 +1186,7 @@ mod tests {
         let mut b = Buffer::open(&path, &streams(), 1 << 30)
             .expect("open")
             .buffer;
-        b.commit(&[rec(1, b"x"), rec(1, b"y")], 0, false)
+        b.commit(&[rec(1, b"x"), rec(1, b"y")], &[], 0, false)
             .expect("commit");
         let s = b
             .commit(
@@ -1143,6 +1197,7 @@ mod tests {
                     status: 400,
                     reason: "bad".into(),
                 }],
+                &[],
                 0,
                 false,
             )
@@ -1163,7 +1218,8 @@ mod tests {
             let mut b = Buffer::open(&path, &streams(), 1 << 30)
                 .expect("open")
                 .buffer;
-            b.commit(&[rec(2, b"keep me")], 0, false).expect("commit");
+            b.commit(&[rec(2, b"keep me")], &[], 0, false)
+                .expect("commit");
         }
         let o = Buffer::open(&path, &streams()[..2], 1 << 30).expect("reopen");
         let (_b, opened) = (o.buffer, o.streams);
@@ -1186,9 +1242,9 @@ mod tests {
                 received_at_ms: t,
             })
         };
-        b.commit(&[at(1_000), at(2_000), at(70_000)], 0, false)
+        b.commit(&[at(1_000), at(2_000), at(70_000)], &[], 0, false)
             .expect("commit");
-        let s = b.commit(&[], 61_500, true).expect("expire");
+        let s = b.commit(&[], &[], 61_500, true).expect("expire");
         assert_eq!(
             s.expired[1], 1,
             "only the record older than 60 s at t=61.5 s"
@@ -1226,7 +1282,7 @@ mod tests {
             detected_at_ms: 1,
         };
         let s = b
-            .commit(&[WriterCommand::Loss(overflow)], 1, false)
+            .commit(&[WriterCommand::Loss(overflow)], &[], 1, false)
             .expect("commit");
         assert_eq!(s.appended[3], 1);
     }
@@ -1266,7 +1322,8 @@ mod tests {
         assert!(q.moved_to.exists() && q.moved_to.to_string_lossy().contains(".corrupt-"));
         assert_eq!(q.salvaged, 0);
         let mut b = o.buffer;
-        b.commit(&[rec(1, b"fresh")], 0, false).expect("usable");
+        b.commit(&[rec(1, b"fresh")], &[], 0, false)
+            .expect("usable");
     }
 
     #[test]
@@ -1278,7 +1335,7 @@ mod tests {
                 .expect("open")
                 .buffer;
             let cmds: Vec<_> = (0..2000).map(|i| rec(1 + i % 2, &[i as u8; 300])).collect();
-            b.commit(&cmds, 0, false).expect("commit");
+            b.commit(&cmds, &[], 0, false).expect("commit");
             b.conn
                 .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
                 .expect("checkpoint");
@@ -1300,6 +1357,25 @@ mod tests {
         let held: u64 = o.buffer.progress().iter().map(|p| p.backlog_records).sum();
         assert_eq!(held, q.salvaged, "salvaged records are in the new buffer");
         assert!(recovery::verify(&path).expect("verify").integrity == "ok");
+    }
+
+    #[test]
+    fn records_already_sent_are_never_evicted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let cost = 3 + 100 + RECORD_OVERHEAD_BYTES;
+        let mut b = Buffer::open(&path, &streams(), cost * 3)
+            .expect("open")
+            .buffer;
+        let floor = [0, 0, 2, 0];
+        let cmds: Vec<_> = (0..6).map(|_| rec(2, &[2; 100])).collect();
+        let s = b.commit(&cmds, &floor, 5, false).expect("commit");
+        assert_eq!(
+            s.losses[0].first_seq,
+            Some(3),
+            "seqs 1 and 2 were sent: kept"
+        );
+        assert_eq!(s.evicted[2], 4);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! jitter. After every failure the scheduler decides again, so the batch retried first is the
 //! most urgent one, not the one that happened to fail.
 
+use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::{self, Decision, Lane, PreparedBatch};
-use crate::buffer::{BufferReader, StreamProgress, WriterCommand};
+use crate::buffer::{BufferReader, SentFloor, StreamProgress, WriterCommand};
 use crate::config::{IngestConfig, StreamConfig};
 use crate::metrics::Metrics;
 use crate::retry::{Outcome, classify};
@@ -37,6 +38,8 @@ pub struct Forwarder {
     pub reader: BufferReader,
     /// Acks and dead letters go to the buffer writer.
     pub commands: SyncSender<WriterCommand>,
+    /// Per stream, the highest sequence sent: the buffer never evicts up to it.
+    pub sent_floor: Arc<SentFloor>,
     /// Committed progress from the buffer writer.
     pub progress: watch::Receiver<Vec<StreamProgress>>,
     /// Metrics.
@@ -133,34 +136,45 @@ impl Forwarder {
             let (after, max_bytes, level) =
                 (lane.cursor, config.batch.max_bytes, self.ingest.zstd_level);
             let (device, name, epoch) = (self.device_id.clone(), config.name.clone(), self.epoch);
+            let mut sent_before = 0;
+            let (floors, floor_before) = (self.sent_floor.clone(), self.lanes[stream].sent_floor());
             let taken = reader
                 .take()
                 .expect("invariant: the reader is returned after every read");
             let prepared = tokio::task::spawn_blocking(move || {
-                let result = taken
-                    .read_batch(stream, after, max_records, max_bytes)
+                // Read and raise the floor under the lock, so no eviction slips in between.
+                let read = {
+                    let mut floor = floors.lock();
+                    let read = taken.read_batch(stream, after, max_records, max_bytes);
+                    if let Some(last) = read.as_ref().ok().and_then(|r| r.last()) {
+                        floor[stream] = floor_before.max(last.seq);
+                    }
+                    read
+                };
+                let result = read.map_err(|e| e.to_string()).and_then(|records| {
+                    if records.is_empty() {
+                        return Ok(None);
+                    }
+                    batcher::prepare(
+                        &device,
+                        &name,
+                        epoch,
+                        records,
+                        level,
+                        crate::clock::now_ms(),
+                    )
+                    .map(Some)
                     .map_err(|e| e.to_string())
-                    .and_then(|records| {
-                        if records.is_empty() {
-                            return Ok(None);
-                        }
-                        batcher::prepare(
-                            &device,
-                            &name,
-                            epoch,
-                            records,
-                            level,
-                            crate::clock::now_ms(),
-                        )
-                        .map(Some)
-                        .map_err(|e| e.to_string())
-                    });
+                });
                 (taken, result)
             })
             .await;
             let batch = match prepared {
                 Ok((r, result)) => {
                     reader = Some(r);
+                    if let Ok(Some(batch)) = &result {
+                        sent_before = self.lanes[stream].sent(batch.last_seq);
+                    }
                     match result {
                         Ok(Some(batch)) => batch,
                         Ok(None) => {
@@ -168,6 +182,7 @@ impl Forwarder {
                             // (evicted under quota): move the cursor past it.
                             let p = progress[stream];
                             self.lanes[stream].advance(p.committed_seq, &p);
+                            self.sent_floor.lock()[stream] = self.lanes[stream].sent_floor();
                             continue;
                         }
                         Err(e) => {
@@ -186,6 +201,16 @@ impl Forwarder {
                 r = send(&client, &url, &self.device_id, &self.token, &batch) => r,
                 _ = shutdown.cancelled() => return,
             };
+            // Only a request without an answer after it went out may be in the log; an explicit
+            // refusal or a failed connect means nothing of it was appended.
+            let maybe_in_log = match &outcome {
+                Ok((o, _)) => *o == Outcome::Delivered,
+                Err(SendError::Transport(e)) => !e.is_connect(),
+            };
+            if !maybe_in_log {
+                self.lanes[stream].unsend(sent_before);
+                self.sent_floor.lock()[stream] = self.lanes[stream].sent_floor();
+            }
             let (outcome, reason) = match outcome {
                 Ok(answer) => answer,
                 Err(e) => (Outcome::Retry { after: None }, e.to_string()),

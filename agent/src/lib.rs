@@ -50,6 +50,13 @@ pub enum AgentError {
     Metrics(#[source] std::io::Error),
 }
 
+/// The initial sent floors: each stream's resume point.
+fn lanes_floor(lanes: &[Lane]) -> Arc<buffer::SentFloor> {
+    Arc::new(buffer::SentFloor::new(
+        lanes.iter().map(Lane::sent_floor).collect(),
+    ))
+}
+
 /// Runs the agent until `shutdown`, then stops cleanly: the broker link is drained into the
 /// buffer, in-flight requests are abandoned (their records stay buffered), the last group is
 /// committed.
@@ -94,7 +101,7 @@ pub async fn run(
     let reader = BufferReader::open(&config.buffer.path, &names)?;
     let progress = buffer.progress();
     let now = Instant::now();
-    let lanes = opened
+    let lanes: Vec<Lane> = opened
         .iter()
         .zip(&streams)
         .zip(&progress)
@@ -108,6 +115,7 @@ pub async fn run(
         })
         .collect();
     let (commands, command_rx) = std::sync::mpsc::sync_channel(config.buffer.queue_records);
+    let sent_floor: Arc<buffer::SentFloor> = lanes_floor(&lanes);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(progress);
     let writer = BufferWriter::new(
         buffer,
@@ -116,6 +124,7 @@ pub async fn run(
         progress_tx,
         metrics.clone(),
         names.clone(),
+        sent_floor.clone(),
     );
     let stop_checkpoints = Arc::new(AtomicBool::new(false));
     let checkpointer = buffer::spawn_checkpointer(&config.buffer.path, stop_checkpoints.clone())
@@ -185,6 +194,7 @@ pub async fn run(
         lanes,
         reader,
         commands: commands.clone(),
+        sent_floor,
         progress: progress_rx,
         metrics,
     };
