@@ -682,6 +682,26 @@ streams:
     }
 
     #[test]
+    fn the_annotated_example_is_valid() {
+        let c = AgentConfig::parse(
+            Path::new("config/agent.yaml"),
+            include_str!("../../config/agent.yaml"),
+        )
+        .expect("config/agent.yaml is valid");
+        assert_eq!(
+            c.streams
+                .iter()
+                .find(|s| s.name == "logs")
+                .and_then(|s| s.ttl),
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(
+            c.streams.last().map(|s| s.name.as_str()),
+            Some(ingest_wire::LOSS_STREAM)
+        );
+    }
+
+    #[test]
     fn missing_token_file_is_named() {
         let err = resolve_token(
             Path::new("a.yaml"),

@@ -294,6 +294,19 @@ sink:
     }
 
     #[test]
+    fn the_annotated_example_is_valid() {
+        let c = IngestConfig::parse(
+            Path::new("config/cloud-ingest.yaml"),
+            include_str!("../../config/cloud-ingest.yaml"),
+        )
+        .expect("config/cloud-ingest.yaml is valid");
+        assert_eq!(
+            c.devices["demo-device"].token_sha256,
+            crate::auth::hash_token("demo-token-change-me")
+        );
+    }
+
+    #[test]
     fn errors_name_file_key_and_reason() {
         let cases = [
             (
