@@ -408,6 +408,7 @@ pub struct AgentHarness {
     quota: String,
     mqtt_port: u16,
     buffer: Option<PathBuf>,
+    mqtt_extra: String,
 }
 
 /// A running agent.
@@ -451,7 +452,14 @@ impl AgentHarness {
             quota: "256MiB".into(),
             mqtt_port: 0,
             buffer: None,
+            mqtt_extra: String::new(),
         }
+    }
+
+    /// Extra keys of the `mqtt:` section (indented by two spaces, newline-terminated).
+    pub fn mqtt_extra(mut self, yaml: &str) -> Self {
+        self.mqtt_extra = yaml.to_owned();
+        self
     }
 
     /// Put the buffer file here instead of `dir/buffer.db`.
@@ -498,7 +506,7 @@ ingest:
 mqtt:
   listen: 127.0.0.1:{mqtt_port}
   listen_v5: 127.0.0.1:0
-buffer:
+{mqtt_extra}buffer:
   path: {buffer}
   quota_bytes: {quota}
 streams:{streams}
@@ -515,6 +523,7 @@ metrics_listen: 127.0.0.1:0
             extra = self.extra,
             quota = self.quota,
             mqtt_port = self.mqtt_port,
+            mqtt_extra = self.mqtt_extra,
         )
     }
 

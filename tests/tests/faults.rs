@@ -475,3 +475,169 @@ fn a_full_disk_drops_by_policy_reports_every_loss_and_recovers() {
         + agent.metric("agent_records_dropped_total{reason=\"disk_full\",stream=\"logs\"}");
     assert_eq!(before, after, "no loss once space is back");
 }
+
+#[test]
+fn a_flapping_ingest_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cloud = CloudHarness::new(dir.path()).run();
+    let port = cloud.addr.port();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let mqtt = agent.mqtt;
+    let load = std::thread::spawn(move || {
+        let mut s = spec(mqtt, 3, 1500, by_stream());
+        s.rate_per_client = Some(150.0);
+        publish(s)
+    });
+    // Killed and restarted every 2 s while the load runs (10 s).
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_secs(1));
+        cloud.process.kill();
+        std::thread::sleep(Duration::from_secs(1));
+        cloud = CloudHarness::new(dir.path()).port(port).run();
+    }
+    assert_eq!(load.join().expect("load").acked, 4500);
+    eventually(Duration::from_secs(30), "4500 records in the log", || {
+        (cloud.total_records() >= 4500).then_some(())
+    });
+    assert_all_once(&cloud, 3, 1500);
+}
+
+#[test]
+fn records_past_their_ttl_are_dropped_and_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let streams = "
+  - name: live
+    topics: [\"plant/+/live/#\"]
+    priority: high
+    ttl: 1s
+  - name: telemetry
+    topics: [\"plant/+/telemetry/#\"]
+    priority: normal
+";
+    let agent = AgentHarness::new(dir.path(), &format!("http://127.0.0.1:{port}"))
+        .streams(streams)
+        .run();
+    publish(spec(
+        agent.mqtt,
+        1,
+        40,
+        Arc::new(|_, i| {
+            if i % 2 == 0 {
+                "plant/1/live/v".into()
+            } else {
+                "plant/1/telemetry/t".into()
+            }
+        }),
+    ));
+    eventually(Duration::from_secs(10), "the live records expired", || {
+        (agent.metric("agent_records_dropped_total{reason=\"ttl\",stream=\"live\"}") >= 20.0)
+            .then_some(())
+    });
+    let cloud = CloudHarness::new(dir.path()).port(port).run();
+    eventually(Duration::from_secs(20), "drained", || {
+        (agent.backlog() == 0.0 && cloud.total_records() >= 21).then_some(())
+    });
+    assert_eq!(cloud.read_topic(&format!("iot.{TENANT}.live")).len(), 0);
+    assert_eq!(
+        cloud.read_topic(&format!("iot.{TENANT}.telemetry")).len(),
+        20,
+        "no TTL: all kept"
+    );
+    let reports: Vec<LossReport> = cloud
+        .read_topic(&format!("iot.{TENANT}._losses"))
+        .iter()
+        .map(|r| serde_json::from_slice(&r.payload).expect("loss report"))
+        .collect();
+    assert_eq!(reports.iter().map(|r| r.count).sum::<u64>(), 20);
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.reason == LossReason::Ttl && r.stream.as_deref() == Some("live"))
+    );
+}
+
+#[test]
+fn a_refused_token_keeps_the_data_and_raises_the_alarm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let mut agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    std::fs::write(dir.path().join("token"), "not-the-right-token").expect("token");
+    assert!(agent.process.terminate().success());
+    let agent = e2e::start_agent(dir.path(), &agent.config);
+    publish(spec(agent.mqtt, 1, 60, by_stream()));
+    eventually(Duration::from_secs(20), "the alarm", || {
+        (agent.metric("agent_auth_alarm") == 1.0).then_some(())
+    });
+    assert_eq!(agent.backlog(), 60.0, "data kept");
+    assert_eq!(cloud.total_records(), 0);
+    assert!(
+        agent
+            .process
+            .stderr()
+            .contains("ingest refuses this device"),
+        "logged for the operator"
+    );
+    // The operator fixes the token and restarts: everything arrives.
+    let mut agent = agent;
+    std::fs::write(dir.path().join("token"), e2e::TOKEN).expect("token");
+    assert!(agent.process.terminate().success());
+    let agent = e2e::start_agent(dir.path(), &agent.config);
+    eventually(Duration::from_secs(20), "60 records delivered", || {
+        (cloud.total_records() >= 60).then_some(())
+    });
+    assert_eq!(agent.metric("agent_auth_alarm"), 0.0);
+}
+
+#[test]
+fn records_the_broker_skips_are_counted_and_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    // A tiny in-memory broker log: a QoS 0 burst outruns the buffer writer.
+    let agent = AgentHarness::new(dir.path(), &cloud.url())
+        .mqtt_extra(
+            "  router_segment_bytes: 64KiB\n  router_segments: 1\n  max_payload_bytes: 4KiB\n",
+        )
+        .run();
+    let mut s = spec(
+        agent.mqtt,
+        8,
+        20_000,
+        Arc::new(|c, _| format!("plant/{c}/telemetry/t")),
+    );
+    s.qos = QoS::AtMostOnce;
+    publish(s);
+    eventually(
+        Duration::from_secs(60),
+        "every record delivered or counted",
+        || {
+            let skipped = agent.metric(
+                "agent_records_dropped_total{reason=\"broker_overflow\",stream=\"(unknown)\"}",
+            );
+            (agent.backlog() == 0.0
+                && cloud.read_topic(&format!("iot.{TENANT}.telemetry")).len() as f64 + skipped
+                    >= 160_000.0)
+                .then_some(())
+        },
+    );
+    let skipped = agent
+        .metric("agent_records_dropped_total{reason=\"broker_overflow\",stream=\"(unknown)\"}")
+        as u64;
+    assert!(skipped > 0, "the burst overflowed the tiny broker log");
+    let delivered = cloud.read_topic(&format!("iot.{TENANT}.telemetry")).len() as u64;
+    assert_eq!(
+        delivered + skipped,
+        160_000,
+        "every record is delivered or counted as skipped"
+    );
+    eventually(Duration::from_secs(20), "the loss reports arrived", || {
+        let reported: u64 = cloud
+            .read_topic(&format!("iot.{TENANT}._losses"))
+            .iter()
+            .map(|r| serde_json::from_slice::<LossReport>(&r.payload).expect("loss report"))
+            .filter(|r| r.reason == LossReason::BrokerOverflow)
+            .map(|r| r.count)
+            .sum();
+        (reported == skipped).then_some(())
+    });
+}
