@@ -1038,6 +1038,14 @@ mod tests {
         .collect()
     }
 
+    /// A fresh buffer (with its directory, kept alive by the caller) holding the test streams.
+    fn fresh(quota: u64) -> (tempfile::TempDir, PathBuf, Buffer) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let buffer = Buffer::open(&path, &streams(), quota).expect("open").buffer;
+        (dir, path, buffer)
+    }
+
     fn rec(stream: usize, payload: &[u8]) -> WriterCommand {
         WriterCommand::Append(NewRecord {
             stream,
@@ -1110,11 +1118,7 @@ mod tests {
 
     #[test]
     fn byte_limit_keeps_at_least_one_record() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("b.db");
-        let mut b = Buffer::open(&path, &streams(), 1 << 30)
-            .expect("open")
-            .buffer;
+        let (_dir, path, mut b) = fresh(1 << 30);
         b.commit(&[rec(2, &[1; 100]), rec(2, &[2; 100])], &[], 0, false)
             .expect("commit");
         let r = BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
@@ -1181,11 +1185,7 @@ mod tests {
 
     #[test]
     fn dead_letters_are_kept() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("b.db");
-        let mut b = Buffer::open(&path, &streams(), 1 << 30)
-            .expect("open")
-            .buffer;
+        let (_dir, _, mut b) = fresh(1 << 30);
         b.commit(&[rec(1, b"x"), rec(1, b"y")], &[], 0, false)
             .expect("commit");
         let s = b
@@ -1268,11 +1268,7 @@ mod tests {
 
     #[test]
     fn handed_in_losses_are_stored() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("b.db");
-        let mut b = Buffer::open(&path, &streams(), 1 << 30)
-            .expect("open")
-            .buffer;
+        let (_dir, _, mut b) = fresh(1 << 30);
         let overflow = LossReport {
             stream: None,
             first_seq: None,

@@ -19,6 +19,14 @@ fn in_log(cloud: &Cloud) -> HashMap<(u32, u64), u32> {
     seen
 }
 
+/// Every (publisher, message index, PUBACK time) the publishers got.
+fn acknowledged(logs: &[e2e::load::SteadyLog]) -> Vec<(u32, u64, Instant)> {
+    logs.iter()
+        .enumerate()
+        .flat_map(|(c, l)| l.acked.iter().map(move |&(i, t)| (c as u32, i, t)))
+        .collect()
+}
+
 fn drain(agent: &Agent, cloud: &Cloud, at_least: usize) {
     eventually(
         Duration::from_secs(60),
@@ -53,11 +61,7 @@ fn sigterm_under_load_loses_nothing() {
     let agent = start_agent(dir.path(), &agent.config);
     std::thread::sleep(Duration::from_secs(1));
     let logs: Vec<_> = publishers.into_iter().map(Steady::stop).collect();
-    let acked: Vec<(u32, u64, Instant)> = logs
-        .iter()
-        .enumerate()
-        .flat_map(|(c, l)| l.acked.iter().map(move |&(i, t)| (c as u32, i, t)))
-        .collect();
+    let acked = acknowledged(&logs);
     assert!(
         acked.iter().any(|a| a.2 < stopped_at) && acked.iter().any(|a| a.2 > stopped_at),
         "load ran across the stop"
@@ -103,11 +107,7 @@ fn twenty_kill_9_cycles_lose_nothing_beyond_the_commit_window() {
     }
     std::thread::sleep(Duration::from_secs(1));
     let logs: Vec<_> = publishers.into_iter().map(Steady::stop).collect();
-    let acked: Vec<(u32, u64, Instant)> = logs
-        .iter()
-        .enumerate()
-        .flat_map(|(c, l)| l.acked.iter().map(move |&(i, t)| (c as u32, i, t)))
-        .collect();
+    let acked = acknowledged(&logs);
     drain(&agent, &cloud, 1);
     eventually(Duration::from_secs(30), "log stable", || {
         let before = cloud.total_records();
