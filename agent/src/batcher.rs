@@ -6,7 +6,10 @@
 //!
 //! Policy: a stream is due when `max_records` or `max_bytes` are waiting, or its oldest waiting
 //! record is `linger` old. A backlog (after an outage or a restart) is due at once. Among due
-//! streams the highest priority class goes first; within a class, the one waiting longest.
+//! streams: first any stream not served for `starvation_bound` (so nothing waits forever, not
+//! even behind a flood of critical data); then critical, strictly; then high, normal and bulk
+//! share batches by weight (smooth weighted round robin). Within a class, the stream waiting
+//! longest goes first.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +31,8 @@ pub struct Candidate {
     pub pending_bytes: Option<u64>,
     /// Since when records have been waiting.
     pub waiting_since: Option<Instant>,
+    /// When a batch of this stream last went out, if ever.
+    pub last_served: Option<Instant>,
     /// The stream's triggers.
     pub triggers: BatchTriggers,
 }
@@ -61,32 +66,113 @@ impl Candidate {
     }
 }
 
-/// The scheduling decision. Pure.
-pub fn decide(now: Instant, candidates: &[Candidate]) -> Decision {
-    let due = candidates
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| c.due_at().map(|at| (i, c, at)));
-    let mut next_deadline: Option<Instant> = None;
-    let mut best: Option<(usize, Priority, Instant)> = None;
-    for (i, c, at) in due {
-        if at > now {
-            next_deadline = Some(next_deadline.map_or(at, |d| d.min(at)));
-            continue;
-        }
-        let since = c.waiting_since.unwrap_or(now);
-        let better = match best {
-            None => true,
-            Some((_, p, s)) => c.priority > p || (c.priority == p && since < s),
-        };
-        if better {
-            best = Some((i, c.priority, since));
+/// How the priority classes share the uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulePolicy {
+    /// Relative shares of high, normal and bulk (critical is strict and takes no share).
+    pub weights: [u32; 3],
+    /// A due stream not served for this long goes next, whatever its class.
+    pub starvation_bound: Duration,
+}
+
+impl Default for SchedulePolicy {
+    fn default() -> Self {
+        SchedulePolicy {
+            weights: [4, 2, 1],
+            starvation_bound: Duration::from_secs(1),
         }
     }
-    match (best, next_deadline) {
-        (Some((i, _, _)), _) => Decision::Send(i),
-        (None, Some(at)) => Decision::WaitUntil(at),
-        (None, None) => Decision::Idle,
+}
+
+/// Index into [`SchedulePolicy::weights`] of a shared class.
+fn share_index(p: Priority) -> Option<usize> {
+    match p {
+        Priority::Critical => None,
+        Priority::High => Some(0),
+        Priority::Normal => Some(1),
+        Priority::Bulk => Some(2),
+    }
+}
+
+/// Decides which stream sends next. Its only state is the weighted round robin's credit per
+/// class; no I/O, no clock of its own: table-tested.
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    policy: SchedulePolicy,
+    credit: [i64; 3],
+}
+
+impl Scheduler {
+    /// A scheduler with `policy`.
+    pub fn new(policy: SchedulePolicy) -> Scheduler {
+        Scheduler {
+            policy,
+            credit: [0; 3],
+        }
+    }
+
+    /// The next decision at `now`.
+    pub fn decide(&mut self, now: Instant, candidates: &[Candidate]) -> Decision {
+        let mut next_deadline: Option<Instant> = None;
+        let mut due = Vec::new();
+        for (i, c) in candidates.iter().enumerate() {
+            match c.due_at() {
+                Some(at) if at > now => {
+                    next_deadline = Some(next_deadline.map_or(at, |d| d.min(at)))
+                }
+                Some(_) => due.push((i, c)),
+                None => {}
+            }
+        }
+        if due.is_empty() {
+            return next_deadline.map_or(Decision::Idle, Decision::WaitUntil);
+        }
+        let waited = |c: &Candidate| c.waiting_since.unwrap_or(now);
+        let longest_waiting = |set: &mut dyn Iterator<Item = &(usize, &Candidate)>| {
+            set.min_by_key(|(i, c)| (waited(c), *i)).map(|&(i, _)| i)
+        };
+        // 1. Nothing waits longer than the bound since its last service.
+        let unserved_since = |c: &Candidate| c.last_served.or(c.waiting_since).unwrap_or(now);
+        if let Some(&(i, _)) = due
+            .iter()
+            .filter(|(_, c)| {
+                now.saturating_duration_since(unserved_since(c)) >= self.policy.starvation_bound
+            })
+            .min_by_key(|(i, c)| (unserved_since(c), *i))
+        {
+            return Decision::Send(i);
+        }
+        // 2. Critical, strictly.
+        if let Some(i) =
+            longest_waiting(&mut due.iter().filter(|(_, c)| c.priority == Priority::Critical))
+        {
+            return Decision::Send(i);
+        }
+        // 3. Smooth weighted round robin over the classes that have a due stream.
+        let mut present = [false; 3];
+        for (_, c) in &due {
+            if let Some(k) = share_index(c.priority) {
+                present[k] = true;
+            }
+        }
+        let total: i64 = (0..3)
+            .filter(|&k| present[k])
+            .map(|k| i64::from(self.policy.weights[k]))
+            .sum();
+        for k in (0..3).filter(|&k| present[k]) {
+            self.credit[k] += i64::from(self.policy.weights[k]);
+        }
+        let class = (0..3)
+            .filter(|&k| present[k])
+            .max_by_key(|&k| (self.credit[k], std::cmp::Reverse(k)))
+            .expect("invariant: a due stream has a class");
+        self.credit[class] -= total;
+        let chosen = longest_waiting(
+            &mut due
+                .iter()
+                .filter(|(_, c)| share_index(c.priority) == Some(class)),
+        );
+        Decision::Send(chosen.expect("invariant: the chosen class has a due stream"))
     }
 }
 
@@ -102,6 +188,8 @@ pub struct Lane {
     pub size_cap: Option<usize>,
     /// Highest sequence ever put in a request: it may be in the log even if unacknowledged.
     sent_through: u64,
+    /// When a batch of this stream last went out.
+    last_served: Option<Instant>,
 }
 
 impl Lane {
@@ -113,7 +201,13 @@ impl Lane {
             bytes_mark: (!backlog).then_some(0),
             size_cap: None,
             sent_through: cursor,
+            last_served: None,
         }
+    }
+
+    /// A batch of this stream went out at `now` (whatever the answer).
+    pub fn served(&mut self, now: Instant) {
+        self.last_served = Some(now);
     }
 
     /// A request carries records up to `last_seq`; returns the previous mark, for [`Lane::unsend`].
@@ -166,6 +260,7 @@ impl Lane {
                 .bytes_mark
                 .map(|m| progress.appended_bytes.saturating_sub(m)),
             waiting_since: self.waiting_since,
+            last_served: self.last_served,
             triggers,
         }
     }
@@ -250,6 +345,8 @@ mod tests {
             pending_records: pending,
             pending_bytes: bytes,
             waiting_since: waited_ms.map(|ms| now - Duration::from_millis(ms)),
+            // Served just now unless a case says otherwise, so the starvation bound stays out.
+            last_served: Some(now),
             triggers: T,
         }
     }
@@ -311,8 +408,71 @@ mod tests {
             ),
         ];
         for (name, candidates, want) in cases {
-            assert_eq!(decide(now, &candidates), want, "{name}");
+            let mut scheduler = Scheduler::new(SchedulePolicy::default());
+            assert_eq!(scheduler.decide(now, &candidates), want, "{name}");
         }
+    }
+
+    fn decide(now: Instant, candidates: &[Candidate]) -> Decision {
+        Scheduler::new(SchedulePolicy::default()).decide(now, candidates)
+    }
+
+    #[test]
+    fn starvation_bound_beats_even_critical() {
+        use Priority::*;
+        let now = Instant::now() + Duration::from_secs(10);
+        let mut bulk = c(Bulk, 500, None, Some(9000), now);
+        let critical = c(Critical, 100, None, Some(5), now);
+        bulk.last_served = Some(now - Duration::from_millis(999));
+        assert_eq!(
+            decide(now, &[bulk, critical]),
+            Decision::Send(1),
+            "within the bound: critical"
+        );
+        bulk.last_served = Some(now - Duration::from_millis(1000));
+        assert_eq!(
+            decide(now, &[bulk, critical]),
+            Decision::Send(0),
+            "at the bound: the starved bulk stream"
+        );
+        bulk.last_served = None;
+        assert_eq!(
+            decide(now, &[bulk, critical]),
+            Decision::Send(0),
+            "never served and waiting 9 s"
+        );
+    }
+
+    #[test]
+    fn shared_classes_get_batches_by_weight() {
+        use Priority::*;
+        let now = Instant::now() + Duration::from_secs(10);
+        let streams = [
+            c(High, 500, None, Some(5), now),
+            c(Normal, 500, None, Some(5), now),
+            c(Bulk, 500, None, Some(5), now),
+        ];
+        let mut scheduler = Scheduler::new(SchedulePolicy {
+            weights: [4, 2, 1],
+            starvation_bound: Duration::from_secs(60),
+        });
+        let mut counts = [0; 3];
+        for _ in 0..700 {
+            let Decision::Send(i) = scheduler.decide(now, &streams) else {
+                panic!("all are due")
+            };
+            counts[i] += 1;
+        }
+        assert_eq!(counts, [400, 200, 100]);
+        // Only bulk and normal due: they split 2:1, bulk is never shut out.
+        let mut counts = [0; 3];
+        for _ in 0..300 {
+            let Decision::Send(i) = scheduler.decide(now, &streams[1..]) else {
+                panic!("due")
+            };
+            counts[i + 1] += 1;
+        }
+        assert_eq!(counts, [0, 200, 100]);
     }
 
     #[test]

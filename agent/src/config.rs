@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::batcher::SchedulePolicy;
 use crate::routing::{Priority, TopicFilter};
 
 /// A config that cannot be used. The agent exits with this message before it starts.
@@ -35,6 +36,60 @@ struct RawConfig {
     default_stream: String,
     #[serde(default)]
     metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    scheduling: RawScheduling,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScheduling {
+    #[serde(default)]
+    weights: RawWeights,
+    #[serde(default = "default_starvation_bound")]
+    starvation_bound: String,
+}
+
+impl Default for RawScheduling {
+    fn default() -> Self {
+        RawScheduling {
+            weights: RawWeights::default(),
+            starvation_bound: default_starvation_bound(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeights {
+    #[serde(default = "default_weight_high")]
+    high: u32,
+    #[serde(default = "default_weight_normal")]
+    normal: u32,
+    #[serde(default = "default_weight_bulk")]
+    bulk: u32,
+}
+
+impl Default for RawWeights {
+    fn default() -> Self {
+        RawWeights {
+            high: default_weight_high(),
+            normal: default_weight_normal(),
+            bulk: default_weight_bulk(),
+        }
+    }
+}
+
+fn default_starvation_bound() -> String {
+    "1s".into()
+}
+fn default_weight_high() -> u32 {
+    4
+}
+fn default_weight_normal() -> u32 {
+    2
+}
+fn default_weight_bulk() -> u32 {
+    1
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +239,8 @@ pub struct AgentConfig {
     pub default_stream: usize,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// How the priority classes share the uplink.
+    pub schedule: SchedulePolicy,
 }
 
 /// Where the token comes from.
@@ -496,6 +553,22 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         }
     };
     streams.push(loss_stream());
+    let w = &raw.scheduling.weights;
+    for (key, weight) in [("high", w.high), ("normal", w.normal), ("bulk", w.bulk)] {
+        if weight == 0 {
+            return Err((
+                format!("scheduling.weights.{key}"),
+                "must be at least 1, so the class always makes progress".into(),
+            ));
+        }
+    }
+    let schedule = SchedulePolicy {
+        weights: [w.high, w.normal, w.bulk],
+        starvation_bound: duration(
+            "scheduling.starvation_bound",
+            &raw.scheduling.starvation_bound,
+        )?,
+    };
     Ok(AgentConfig {
         device_id: raw.device_id,
         ingest,
@@ -504,6 +577,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         streams,
         default_stream,
         metrics_listen: raw.metrics_listen,
+        schedule,
     })
 }
 

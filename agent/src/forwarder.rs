@@ -14,7 +14,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::batcher::{self, Decision, Lane, PreparedBatch};
+use crate::batcher::{self, Decision, Lane, PreparedBatch, SchedulePolicy, Scheduler};
 use crate::buffer::{BufferReader, SentFloor, StreamProgress, WriterCommand};
 use crate::config::{IngestConfig, StreamConfig};
 use crate::metrics::Metrics;
@@ -34,6 +34,8 @@ pub struct Forwarder {
     pub streams: Vec<StreamConfig>,
     /// Per-stream sending state, by index.
     pub lanes: Vec<Lane>,
+    /// How the priority classes share the uplink.
+    pub schedule: SchedulePolicy,
     /// Read side of the buffer.
     pub reader: BufferReader,
     /// Acks and dead letters go to the buffer writer.
@@ -84,6 +86,7 @@ impl Forwarder {
             .without_max_times();
         let mut backoff = backoff_builder.build();
         let mut reader = Some(self.reader);
+        let mut scheduler = Scheduler::new(self.schedule);
         let delivered: Vec<_> = self
             .streams
             .iter()
@@ -109,7 +112,7 @@ impl Forwarder {
                     lane.candidate(stream.priority, stream.batch, p)
                 })
                 .collect();
-            let stream = match batcher::decide(now, &candidates) {
+            let stream = match scheduler.decide(now, &candidates) {
                 Decision::Send(i) => i,
                 Decision::WaitUntil(at) => {
                     tokio::select! {
@@ -197,6 +200,7 @@ impl Forwarder {
                     return;
                 }
             };
+            self.lanes[stream].served(Instant::now());
             let outcome = tokio::select! {
                 r = send(&client, &url, &self.device_id, &self.token, &batch) => r,
                 _ = shutdown.cancelled() => return,

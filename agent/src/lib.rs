@@ -192,6 +192,7 @@ pub async fn run(
         token,
         streams,
         lanes,
+        schedule: config.schedule,
         reader,
         commands: commands.clone(),
         sent_floor,
