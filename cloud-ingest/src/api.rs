@@ -17,7 +17,7 @@ use ingest_wire::{BatchAck, DecodeError, HEADER_DEVICE_ID, HEADER_RETRY_AFTER, L
 use serde::Deserialize;
 
 use crate::auth::{Authenticated, Registry};
-use crate::config::RequestLimits;
+use crate::config::{ReadApi, RequestLimits};
 use crate::metrics::Metrics;
 use crate::publish::{Delivery, PublishError, Publisher, embedded, topic_name};
 
@@ -35,6 +35,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The embedded log's file, when that is the sink (enables the read endpoints).
     pub embedded_log: Option<PathBuf>,
+    /// Who may use the read endpoints.
+    pub read_api: ReadApi,
 }
 
 /// Why a batch request failed.
@@ -277,20 +279,57 @@ fn default_read_limit() -> usize {
 /// Most records one read returns.
 const MAX_READ_LIMIT: usize = 10_000;
 
-async fn list_topics(State(state): State<Arc<AppState>>) -> Response {
+/// The embedded log's file, if this request may read it; otherwise the response to give.
+fn readable_log(state: &AppState, headers: &HeaderMap) -> Result<PathBuf, Response> {
+    let refuse = |status: StatusCode, error: &str| {
+        (status, Json(serde_json::json!({ "error": error }))).into_response()
+    };
     let Some(path) = state.embedded_log.clone() else {
-        return not_embedded();
+        return Err(not_embedded());
+    };
+    match state.read_api {
+        ReadApi::Open => Ok(path),
+        ReadApi::Disabled => Err(refuse(
+            StatusCode::NOT_FOUND,
+            "the log's read API is disabled (read_api.enabled)",
+        )),
+        ReadApi::Token(expected) => {
+            let presented = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| crate::auth::hash_token(t.trim()));
+            let ok = presented
+                .is_some_and(|p| bool::from(subtle::ConstantTimeEq::ct_eq(&p[..], &expected[..])));
+            if ok {
+                Ok(path)
+            } else {
+                Err(refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "a valid read token is required",
+                ))
+            }
+        }
+    }
+}
+
+async fn list_topics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let path = match readable_log(&state, &headers) {
+        Ok(p) => p,
+        Err(response) => return response,
     };
     blocking_json(move || embedded::topics(&path)).await
 }
 
 async fn read_topic(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Path(topic): Path<String>,
     Query(q): Query<ReadQuery>,
 ) -> Response {
-    let Some(path) = state.embedded_log.clone() else {
-        return not_embedded();
+    let path = match readable_log(&state, &headers) {
+        Ok(p) => p,
+        Err(response) => return response,
     };
     let limit = q.limit.min(MAX_READ_LIMIT);
     blocking_json(move || {
@@ -363,6 +402,7 @@ mod tests {
             topic_template: "iot.{tenant}.{stream}".into(),
             metrics: Metrics::new(),
             embedded_log: Some(path),
+            read_api: ReadApi::Open,
         })
     }
 
@@ -426,6 +466,52 @@ mod tests {
             topics[0].end_offset, 2,
             "only the accepted batch is in the log"
         );
+    }
+
+    #[tokio::test]
+    async fn the_read_api_can_require_a_token_or_be_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = state(dir.path());
+        let with = |read_api| {
+            Arc::new(AppState {
+                registry: open.registry.clone(),
+                publisher: open.publisher.clone(),
+                limits: open.limits,
+                topic_template: open.topic_template.clone(),
+                metrics: Metrics::new(),
+                embedded_log: open.embedded_log.clone(),
+                read_api,
+            })
+        };
+        let get = |token: Option<&str>| {
+            let mut r = Request::get("/v1/log");
+            if let Some(t) = token {
+                r = r.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            r.body(Body::empty()).expect("request")
+        };
+        for (api, token, want) in [
+            (ReadApi::Open, None, StatusCode::OK),
+            (
+                ReadApi::Token(hash_token("reader")),
+                Some("reader"),
+                StatusCode::OK,
+            ),
+            (
+                ReadApi::Token(hash_token("reader")),
+                Some("tok"),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                ReadApi::Token(hash_token("reader")),
+                None,
+                StatusCode::UNAUTHORIZED,
+            ),
+            (ReadApi::Disabled, Some("reader"), StatusCode::NOT_FOUND),
+        ] {
+            let response = app(with(api)).oneshot(get(token)).await.expect("response");
+            assert_eq!(response.status(), want, "{api:?} {token:?}");
+        }
     }
 
     #[tokio::test]

@@ -42,6 +42,30 @@ struct RawConfig {
     sink: RawSink,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    read_api: RawReadApi,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReadApi {
+    #[serde(default = "default_true")]
+    enabled: bool,
+    #[serde(default)]
+    token_sha256: Option<String>,
+}
+
+impl Default for RawReadApi {
+    fn default() -> Self {
+        RawReadApi {
+            enabled: true,
+            token_sha256: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +129,19 @@ pub struct IngestConfig {
     pub sink: SinkConfig,
     /// Per-request limits.
     pub limits: RequestLimits,
+    /// Who may read the embedded log over HTTP.
+    pub read_api: ReadApi,
+}
+
+/// Access to `GET /v1/log…` (the embedded log's read endpoints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadApi {
+    /// Not served (404).
+    Disabled,
+    /// Served to anyone who can reach the listener (only allowed on a loopback address).
+    Open,
+    /// Served to requests bearing the token with this SHA-256.
+    Token([u8; 32]),
 }
 
 /// A registered device.
@@ -257,6 +294,26 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
             n => n,
         },
     };
+    let read_api = match (raw.read_api.enabled, raw.read_api.token_sha256) {
+        (false, _) => ReadApi::Disabled,
+        (true, Some(hash)) => {
+            let mut token = [0u8; 32];
+            hex::decode_to_slice(hash.trim(), &mut token).map_err(|_| {
+                ("read_api.token_sha256".to_owned(), "must be 64 hex characters: the SHA-256 of the token (`cloud-ingest hash-token`)".to_owned())
+            })?;
+            ReadApi::Token(token)
+        }
+        (true, None) if raw.listen.ip().is_loopback() => ReadApi::Open,
+        (true, None) => {
+            return Err((
+                "read_api".into(),
+                format!(
+                    "listen ({}) is not a loopback address, so the log's read API needs read_api.token_sha256, or read_api.enabled: false",
+                    raw.listen
+                ),
+            ));
+        }
+    };
     let sink = match raw.sink {
         RawSink::Embedded { path } => SinkConfig::Embedded { path },
     };
@@ -266,6 +323,7 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         devices,
         sink,
         limits,
+        read_api,
     })
 }
 

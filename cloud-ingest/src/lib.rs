@@ -38,6 +38,7 @@ pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow:
         topic_template: config.topic_template.clone(),
         metrics: Metrics::new(),
         embedded_log,
+        read_api: config.read_api,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
