@@ -71,13 +71,24 @@ impl RunningBroker {
     }
 }
 
-/// Port 0 means "any free port": pick one now, because rumqttd does not report the port it got.
-fn resolve(addr: SocketAddr, key: &'static str) -> Result<SocketAddr, BrokerError> {
-    let probe =
-        TcpListener::bind(addr).map_err(|source| BrokerError::Bind { key, addr, source })?;
-    probe
-        .local_addr()
-        .map_err(|source| BrokerError::Bind { key, addr, source })
+/// Ports the internal rumqttd listeners are picked from: below Linux's ephemeral range
+/// (32768–60999), so no outgoing connection (the gate opens one per client) can take the port
+/// between the moment it is found free and the moment rumqttd binds it.
+const INTERNAL_PORTS: std::ops::Range<u16> = 20_000..26_000;
+
+/// A free loopback address for an internal listener (rumqttd does not report the port it got,
+/// so it cannot be given port 0).
+fn internal_addr(key: &'static str) -> Result<SocketAddr, BrokerError> {
+    let mut last = None;
+    for _ in 0..64 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], rand::random_range(INTERNAL_PORTS)));
+        match TcpListener::bind(addr) {
+            Ok(_) => return Ok(addr),
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    let (addr, source) = last.expect("invariant: at least one attempt");
+    Err(BrokerError::Bind { key, addr, source })
 }
 
 fn server(name: &str, listen: SocketAddr, config: &MqttConfig) -> ServerSettings {
@@ -106,11 +117,10 @@ pub fn start(
     metrics: Metrics,
 ) -> Result<RunningBroker, BrokerError> {
     // rumqttd listens on loopback only; the gate owns the configured addresses.
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let listen = resolve(loopback, "mqtt.listen")?;
+    let listen = internal_addr("mqtt.listen")?;
     let listen_v5 = config
         .listen_v5
-        .map(|_| resolve(loopback, "mqtt.listen_v5"))
+        .map(|_| internal_addr("mqtt.listen_v5"))
         .transpose()?;
     let rumqttd_config = rumqttd::Config {
         id: 0,
@@ -247,7 +257,8 @@ fn read_link(
         .records_dropped
         .with_label_values(&[OVERFLOW_STREAM, "broker_overflow"]);
     // rumqttd numbers each record of a filter's log; a gap means it skipped records.
-    let mut next_offset: Option<u64> = None;
+    // The filter's log starts at offset 0: records skipped before the first read count too.
+    let mut next_offset: u64 = 0;
     let mut stop_since: Option<Instant> = None;
     let mut last_activity = Instant::now();
     loop {
@@ -261,8 +272,8 @@ fn read_link(
             Ok(Some(Notification::Forward(forward))) => {
                 last_activity = Instant::now();
                 if let Some((_, offset)) = forward.cursor {
-                    if let Some(expected) = next_offset.filter(|&e| offset > e) {
-                        let lost = offset - expected;
+                    if offset > next_offset {
+                        let lost = offset - next_offset;
                         overflow.inc_by(lost);
                         metrics.broker_overflows.inc();
                         let report = LossReport {
@@ -281,7 +292,7 @@ fn read_link(
                             "broker overflow: the buffer writer lagged and rumqttd skipped records; raise mqtt.router_segments or lower the load"
                         );
                     }
-                    next_offset = Some(offset + 1);
+                    next_offset = offset + 1;
                 }
                 let topic = match String::from_utf8(forward.publish.topic.to_vec()) {
                     Ok(t) => t,

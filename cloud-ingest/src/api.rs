@@ -280,12 +280,12 @@ fn default_read_limit() -> usize {
 const MAX_READ_LIMIT: usize = 10_000;
 
 /// The embedded log's file, if this request may read it; otherwise the response to give.
-fn readable_log(state: &AppState, headers: &HeaderMap) -> Result<PathBuf, Response> {
+fn readable_log(state: &AppState, headers: &HeaderMap) -> Result<PathBuf, Box<Response>> {
     let refuse = |status: StatusCode, error: &str| {
-        (status, Json(serde_json::json!({ "error": error }))).into_response()
+        Box::new((status, Json(serde_json::json!({ "error": error }))).into_response())
     };
     let Some(path) = state.embedded_log.clone() else {
-        return Err(not_embedded());
+        return Err(Box::new(not_embedded()));
     };
     match state.read_api {
         ReadApi::Open => Ok(path),
@@ -316,7 +316,7 @@ fn readable_log(state: &AppState, headers: &HeaderMap) -> Result<PathBuf, Respon
 async fn list_topics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let path = match readable_log(&state, &headers) {
         Ok(p) => p,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     blocking_json(move || embedded::topics(&path)).await
 }
@@ -329,7 +329,7 @@ async fn read_topic(
 ) -> Response {
     let path = match readable_log(&state, &headers) {
         Ok(p) => p,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let limit = q.limit.min(MAX_READ_LIMIT);
     blocking_json(move || {

@@ -51,13 +51,36 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released).
+/// A free TCP port on 127.0.0.1 for a process the test starts later. Picked below Linux's
+/// ephemeral range (and away from the agent's internal ports, 20000–25999), so no outgoing
+/// connection takes it in the meantime.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    let seed = std::process::id() as u64 ^ unique() as u64;
+    let mut x = seed | 1;
+    for _ in 0..256 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 26_000 + (x % 6_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 26000-31999");
+}
+
+/// Polls `probe` until it returns `Some`, or gives `None` once `timeout` has passed.
+pub fn try_eventually<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Polls `probe` until it returns `Some` or `timeout` passes (then panics with `what`).

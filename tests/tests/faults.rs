@@ -607,18 +607,21 @@ fn records_the_broker_skips_are_counted_and_reported() {
     );
     s.qos = QoS::AtMostOnce;
     publish(s);
-    eventually(
-        Duration::from_secs(60),
-        "every record delivered or counted",
-        || {
-            let skipped = agent.metric(
-                "agent_records_dropped_total{reason=\"broker_overflow\",stream=\"(unknown)\"}",
-            );
-            (agent.backlog() == 0.0
-                && cloud.read_topic(&format!("iot.{TENANT}.telemetry")).len() as f64 + skipped
-                    >= 160_000.0)
-                .then_some(())
-        },
+    let mut last = (0.0, 0, 0.0);
+    let settled = e2e::try_eventually(Duration::from_secs(60), || {
+        let skipped = agent
+            .metric("agent_records_dropped_total{reason=\"broker_overflow\",stream=\"(unknown)\"}");
+        let delivered = cloud.read_topic(&format!("iot.{TENANT}.telemetry")).len();
+        last = (
+            skipped,
+            delivered,
+            agent.metric("agent_records_received_total{stream=\"telemetry\"}"),
+        );
+        (agent.backlog() == 0.0 && delivered as f64 + skipped >= 160_000.0).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "not every record delivered or counted: (skipped, delivered, received) = {last:?}"
     );
     let skipped = agent
         .metric("agent_records_dropped_total{reason=\"broker_overflow\",stream=\"(unknown)\"}")
