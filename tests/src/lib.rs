@@ -376,6 +376,14 @@ impl Cloud {
         }
     }
 
+    /// Every loss report of the test tenant (topic `iot.{TENANT}._losses`), in log order.
+    pub fn loss_reports(&self) -> Vec<ingest_wire::LossReport> {
+        self.read_topic(&format!("iot.{TENANT}.{}", ingest_wire::LOSS_STREAM))
+            .iter()
+            .map(|r| serde_json::from_slice(&r.payload).expect("a loss report is JSON"))
+            .collect()
+    }
+
     /// Records in the log, over every topic.
     pub fn total_records(&self) -> u64 {
         let topics: serde_json::Value = match self

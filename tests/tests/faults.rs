@@ -8,7 +8,7 @@ use std::time::Duration;
 use e2e::fault::{FaultProxy, Mode};
 use e2e::load::{self, LoadSpec, PayloadKind};
 use e2e::{AgentHarness, Cloud, CloudHarness, DEVICE, TENANT, eventually, free_port};
-use ingest_wire::{CONTENT_TYPE_BATCH, Limits, LossReason, LossReport};
+use ingest_wire::{CONTENT_TYPE_BATCH, Limits, LossReason};
 use rumqttc::QoS;
 
 fn spec(
@@ -221,11 +221,7 @@ fn a_full_quota_during_an_outage_drops_lowest_priority_first_and_reports_every_l
     });
 
     let in_log = |s: &str| cloud.read_topic(&format!("iot.{TENANT}.{s}")).len() as u64;
-    let reports: Vec<LossReport> = cloud
-        .read_topic(&format!("iot.{TENANT}._losses"))
-        .iter()
-        .map(|r| serde_json::from_slice(&r.payload).expect("loss report JSON"))
-        .collect();
+    let reports = cloud.loss_reports();
     let reported = |s: &str| {
         reports
             .iter()
@@ -437,11 +433,7 @@ fn a_full_disk_drops_by_policy_reports_every_loss_and_recovers() {
     });
 
     let count = |s: &str| cloud.read_topic(&format!("iot.{TENANT}.{s}")).len() as u64;
-    let reports: Vec<LossReport> = cloud
-        .read_topic(&format!("iot.{TENANT}._losses"))
-        .iter()
-        .map(|r| serde_json::from_slice(&r.payload).expect("loss report"))
-        .collect();
+    let reports = cloud.loss_reports();
     let missing = (60_000 - count("logs")) + (2000 - count("telemetry")) + (100 - count("alarms"));
     let reported: u64 = reports.iter().map(|r| r.count).sum();
     assert!(missing > 0, "the small disk could not hold everything");
@@ -544,11 +536,7 @@ fn records_past_their_ttl_are_dropped_and_reported() {
         20,
         "no TTL: all kept"
     );
-    let reports: Vec<LossReport> = cloud
-        .read_topic(&format!("iot.{TENANT}._losses"))
-        .iter()
-        .map(|r| serde_json::from_slice(&r.payload).expect("loss report"))
-        .collect();
+    let reports = cloud.loss_reports();
     assert_eq!(reports.iter().map(|r| r.count).sum::<u64>(), 20);
     assert!(
         reports
@@ -635,9 +623,8 @@ fn records_the_broker_skips_are_counted_and_reported() {
     );
     eventually(Duration::from_secs(20), "the loss reports arrived", || {
         let reported: u64 = cloud
-            .read_topic(&format!("iot.{TENANT}._losses"))
-            .iter()
-            .map(|r| serde_json::from_slice::<LossReport>(&r.payload).expect("loss report"))
+            .loss_reports()
+            .into_iter()
             .filter(|r| r.reason == LossReason::BrokerOverflow)
             .map(|r| r.count)
             .sum();
