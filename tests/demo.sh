@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 RATE=${RATE:-500}
 
+bash tests/setup.sh build   # C build tools for librdkafka
 cargo build --release --workspace --bins --locked
 mkdir -p demo-data
 export EDGE_AGENT_TOKEN=demo-token-change-me   # its SHA-256 is in config/cloud-ingest.yaml

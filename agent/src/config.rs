@@ -95,7 +95,10 @@ fn default_weight_bulk() -> u32 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawIngest {
-    url: String,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    urls: Option<Vec<String>>,
     #[serde(default)]
     token_file: Option<PathBuf>,
     #[serde(default)]
@@ -255,8 +258,9 @@ pub enum TokenSource {
 /// The uplink to the ingest.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
-    /// Base URL, e.g. `https://ingest.example.com`.
-    pub url: reqwest::Url,
+    /// Base URLs of the ingest replicas, e.g. `https://ingest.example.com`, in order of
+    /// preference. The agent sticks to one while it answers and fails over to the next.
+    pub urls: Vec<reqwest::Url>,
     /// Where the bearer token is read from at start-up.
     pub token: TokenSource,
     /// Whole-request timeout: a stuck ingest is given up on after this.
@@ -597,15 +601,32 @@ pub fn loss_stream() -> StreamConfig {
 }
 
 fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
-    let url = reqwest::Url::parse(&raw.url)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
-        .ok_or_else(|| {
-            (
-                "ingest.url".into(),
-                format!("{:?} is not an http(s) URL", raw.url),
-            )
-        })?;
+    let (key, texts) = match (raw.url, raw.urls) {
+        (Some(url), None) => ("ingest.url".to_owned(), vec![url]),
+        (None, Some(urls)) if !urls.is_empty() => ("ingest.urls".to_owned(), urls),
+        _ => {
+            return Err((
+                "ingest".into(),
+                "set exactly one of url (one ingest) or urls (a non-empty list of replicas)".into(),
+            ));
+        }
+    };
+    let mut urls = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let url = reqwest::Url::parse(text)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+            .filter(|u| u.join(ingest_wire::BATCHES_PATH).is_ok())
+            .ok_or_else(|| {
+                let at = if key == "ingest.urls" {
+                    format!("{key}[{i}]")
+                } else {
+                    key.clone()
+                };
+                (at, format!("{text:?} is not an http(s) URL"))
+            })?;
+        urls.push(url);
+    }
     if raw.token.is_some() {
         return Err((
             "ingest.token".into(),
@@ -638,7 +659,7 @@ fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
         ));
     }
     Ok(IngestConfig {
-        url,
+        urls,
         token,
         request_timeout: duration("ingest.request_timeout", &raw.request_timeout)?,
         connect_timeout: duration("ingest.connect_timeout", &raw.connect_timeout)?,
@@ -735,6 +756,27 @@ streams:
                 GOOD.replace("url: http://127.0.0.1:8080", "url: ftp://x"),
                 "ingest.url",
                 "not an http(s) URL",
+            ),
+            (
+                GOOD.replace(
+                    "url: http://127.0.0.1:8080",
+                    "urls: [\"http://a:1\", \"b:2\"]",
+                ),
+                "ingest.urls[1]",
+                "\"b:2\" is not an http(s) URL",
+            ),
+            (
+                GOOD.replace(
+                    "url: http://127.0.0.1:8080",
+                    "url: http://a:1\n  urls: [\"http://b:2\"]",
+                ),
+                "ingest",
+                "exactly one of url",
+            ),
+            (
+                GOOD.replace("url: http://127.0.0.1:8080", "urls: []"),
+                "ingest",
+                "exactly one of url",
             ),
             (
                 GOOD.replace("version: 1", "version: 3"),

@@ -72,13 +72,18 @@ impl Forwarder {
                 return;
             }
         };
-        let url = match self.ingest.url.join(ingest_wire::BATCHES_PATH) {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::error!(error = %e, "ingest.url cannot take the batches path");
-                return;
-            }
-        };
+        // Validated by the config: every base URL takes the path.
+        let urls: Vec<reqwest::Url> = self
+            .ingest
+            .urls
+            .iter()
+            .filter_map(|u| u.join(ingest_wire::BATCHES_PATH).ok())
+            .collect();
+        if urls.is_empty() {
+            tracing::error!("no usable ingest URL; nothing will be sent");
+            return;
+        }
+        let mut replicas = Replicas::new(urls.len());
         let backoff_builder = backon::ExponentialBuilder::default()
             .with_min_delay(self.ingest.retry_initial)
             .with_max_delay(self.ingest.retry_max)
@@ -202,7 +207,7 @@ impl Forwarder {
             };
             self.lanes[stream].served(Instant::now());
             let outcome = tokio::select! {
-                r = send(&client, &url, &self.device_id, &self.token, &batch) => r,
+                r = send(&client, &urls[replicas.current], &self.device_id, &self.token, &batch) => r,
                 _ = shutdown.cancelled() => return,
             };
             // Only a request without an answer after it went out may be in the log; an explicit
@@ -244,6 +249,7 @@ impl Forwarder {
                     self.lanes[stream].advance(batch.last_seq, &latest);
                     self.lanes[stream].size_cap = None;
                     backoff = backoff_builder.build();
+                    replicas.succeeded();
                 }
                 Outcome::TooLarge if batch.records > 1 => {
                     self.metrics
@@ -295,15 +301,59 @@ impl Forwarder {
                         .batches
                         .with_label_values(&[stream_name.as_str(), "retried"])
                         .inc();
-                    let delay = backoff
-                        .next()
-                        .unwrap_or(self.ingest.retry_max)
-                        .max(after.unwrap_or_default());
-                    tracing::warn!(stream = %stream_name, %reason, retry_in = ?delay, "ingest unreachable or busy; data kept, retrying");
+                    let failed = replicas.current;
+                    let delay = if replicas.failed() {
+                        backoff
+                            .next()
+                            .unwrap_or(self.ingest.retry_max)
+                            .max(after.unwrap_or_default())
+                    } else {
+                        // Another replica has not failed yet in this round: try it now.
+                        Duration::ZERO
+                    };
+                    if replicas.current != failed {
+                        self.metrics.ingest_failovers.inc();
+                        self.metrics.ingest_current.set(replicas.current as i64);
+                        tracing::warn!(stream = %stream_name, %reason, from = %urls[failed], to = %urls[replicas.current], "ingest replica unreachable or busy; failing over, data kept");
+                    } else {
+                        tracing::warn!(stream = %stream_name, %reason, retry_in = ?delay, "ingest unreachable or busy; data kept, retrying");
+                    }
                     sleep_or_stop(delay, &shutdown).await;
                 }
             }
         }
+    }
+}
+
+/// Which ingest replica requests go to: the same one while it answers (its dedup state then
+/// covers our retries), the next one after a failure. Backoff applies once every replica
+/// failed in a row.
+#[derive(Debug)]
+struct Replicas {
+    count: usize,
+    current: usize,
+    failed_in_row: usize,
+}
+
+impl Replicas {
+    fn new(count: usize) -> Replicas {
+        Replicas {
+            count: count.max(1),
+            current: 0,
+            failed_in_row: 0,
+        }
+    }
+
+    fn succeeded(&mut self) {
+        self.failed_in_row = 0;
+    }
+
+    /// Records a failure of the current replica and moves to the next; true when every replica
+    /// failed since the last success (time to back off).
+    fn failed(&mut self) -> bool {
+        self.failed_in_row += 1;
+        self.current = (self.current + 1) % self.count;
+        self.failed_in_row.is_multiple_of(self.count)
     }
 }
 
@@ -352,5 +402,43 @@ async fn sleep_or_stop(delay: Duration, shutdown: &CancellationToken) {
     tokio::select! {
         _ = tokio::time::sleep(delay) => {}
         _ = shutdown.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Replicas;
+
+    #[test]
+    fn replicas_fail_over_in_turn_and_back_off_after_a_full_round() {
+        let mut r = Replicas::new(3);
+        assert_eq!(r.current, 0);
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let back_off = r.failed();
+            seen.push((r.current, back_off));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (1, false),
+                (2, false),
+                (0, true),
+                (1, false),
+                (2, false),
+                (0, true)
+            ]
+        );
+        r.failed();
+        r.succeeded();
+        assert_eq!(r.current, 1, "a replica that answers is kept");
+        assert!(!r.failed(), "a success starts a new round");
+
+        let mut one = Replicas::new(1);
+        assert!(
+            one.failed() && one.failed(),
+            "one ingest: back off every time"
+        );
+        assert_eq!(one.current, 0);
     }
 }

@@ -37,6 +37,10 @@ pub const WIRE_BYTES: &str = "agent_wire_bytes_total";
 pub const RAW_BYTES: &str = "agent_raw_bytes_total";
 /// 1 while the last request reached the ingest, 0 otherwise.
 pub const LINK_UP: &str = "agent_link_up";
+/// Switches from one ingest replica (`ingest.urls`) to the next after a failed request.
+pub const INGEST_FAILOVERS: &str = "agent_ingest_failovers_total";
+/// Index in `ingest.urls` of the replica requests go to now.
+pub const INGEST_CURRENT: &str = "agent_ingest_current";
 /// 1 while the ingest refuses our credentials (401/403): an operator must act.
 pub const AUTH_ALARM: &str = "agent_auth_alarm";
 /// Buffer commit durations.
@@ -80,6 +84,10 @@ pub struct Metrics {
     pub link_up: IntGauge,
     /// See [`AUTH_ALARM`].
     pub auth_alarm: IntGauge,
+    /// See [`INGEST_FAILOVERS`].
+    pub ingest_failovers: IntCounter,
+    /// See [`INGEST_CURRENT`].
+    pub ingest_current: IntGauge,
     /// See [`COMMIT_SECONDS`].
     pub commit_seconds: Histogram,
     /// See [`COMMIT_ERRORS`].
@@ -170,6 +178,14 @@ impl Metrics {
             ),
             link_up: gauge(LINK_UP, "1 while the ingest answers."),
             auth_alarm: gauge(AUTH_ALARM, "1 while the ingest refuses our credentials."),
+            ingest_failovers: counter(
+                INGEST_FAILOVERS,
+                "Switches to the next ingest replica after a failed request.",
+            ),
+            ingest_current: gauge(
+                INGEST_CURRENT,
+                "Index in ingest.urls of the replica in use.",
+            ),
             commit_seconds: reg(
                 &registry,
                 Histogram::with_opts(

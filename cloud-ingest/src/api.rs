@@ -19,7 +19,7 @@ use serde::Deserialize;
 use crate::auth::{Authenticated, Registry};
 use crate::config::{ReadApi, RequestLimits};
 use crate::metrics::Metrics;
-use crate::publish::{Delivery, PublishError, Publisher, embedded, topic_name};
+use crate::publish::{Delivery, PublishError, Publisher, clock_offset, embedded, topic_name};
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -31,6 +31,8 @@ pub struct AppState {
     pub limits: RequestLimits,
     /// Log topic template.
     pub topic_template: String,
+    /// Agent clocks further off than this get corrected timestamps (milliseconds).
+    pub clock_skew_threshold_ms: i64,
     /// Metrics.
     pub metrics: Metrics,
     /// The embedded log's file, when that is the sink (enables the read endpoints).
@@ -242,15 +244,34 @@ async fn accept_batch(
         .sum();
     state.metrics.raw_bytes.inc_by(raw);
     let topic = topic_name(&state.topic_template, &device.tenant, &batch.stream);
-    let ack = state
-        .publisher
-        .publish(Delivery {
-            tenant: device.tenant,
-            topic,
-            batch,
-            ingested_at_ms: now_ms(),
-        })
+    let ingested_at_ms = now_ms();
+    let clock_offset_ms = clock_offset(
+        batch.sent_at_ms,
+        ingested_at_ms,
+        state.clock_skew_threshold_ms,
+    );
+    if let Some(offset_ms) = clock_offset_ms {
+        state.metrics.clock_corrected.inc();
+        tracing::debug!(device = %batch.device_id, offset_ms, "agent clock is off; timestamps corrected beside the originals");
+    }
+    let delivery = Delivery {
+        tenant: device.tenant,
+        topic,
+        batch,
+        ingested_at_ms,
+        clock_offset_ms,
+    };
+    // The append runs to its end even if the client hangs up (its timeout): otherwise a batch
+    // half-appended to a stateless sink would be forgotten by the dedup state and appended
+    // again by the retry, which waits for this one to finish.
+    let publisher = state.publisher.clone();
+    let ack = tokio::spawn(async move { publisher.publish(delivery).await })
         .await
+        .map_err(|e| {
+            IngestError::Unavailable(PublishError::Unavailable {
+                reason: format!("append task failed: {e}"),
+            })
+        })?
         .map_err(IngestError::Unavailable)?;
     state.metrics.records_accepted.inc_by(ack.accepted);
     state.metrics.records_duplicate.inc_by(ack.duplicates);
@@ -400,6 +421,7 @@ mod tests {
                 max_records_per_batch: 100,
             },
             topic_template: "iot.{tenant}.{stream}".into(),
+            clock_skew_threshold_ms: 60_000,
             metrics: Metrics::new(),
             embedded_log: Some(path),
             read_api: ReadApi::Open,
@@ -478,6 +500,7 @@ mod tests {
                 publisher: open.publisher.clone(),
                 limits: open.limits,
                 topic_template: open.topic_template.clone(),
+                clock_skew_threshold_ms: open.clock_skew_threshold_ms,
                 metrics: Metrics::new(),
                 embedded_log: open.embedded_log.clone(),
                 read_api,

@@ -1,9 +1,10 @@
 //! The ingest's YAML config: parse (raw serde structs), then a pure `validate` into domain types.
 //! Every error names the file, the key path and the reason.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -44,6 +45,12 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     read_api: RawReadApi,
+    #[serde(default = "default_clock_skew_threshold")]
+    clock_skew_threshold: String,
+}
+
+fn default_clock_skew_threshold() -> String {
+    "60s".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,9 +84,74 @@ struct RawDevice {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "type",
+    content = "options",
+    rename_all = "snake_case",
+    deny_unknown_fields
+)]
 enum RawSink {
-    Embedded { path: PathBuf },
+    Embedded(RawEmbedded),
+    Kafka(RawKafka),
+    Nats(RawNats),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmbedded {
+    path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    brokers: String,
+    #[serde(default = "default_kafka_compression")]
+    compression: String,
+    #[serde(default = "default_kafka_linger")]
+    linger: String,
+    #[serde(default = "default_delivery_timeout")]
+    delivery_timeout: String,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+}
+
+fn default_kafka_compression() -> String {
+    "zstd".into()
+}
+fn default_kafka_linger() -> String {
+    "5ms".into()
+}
+fn default_delivery_timeout() -> String {
+    "10s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNats {
+    url: String,
+    #[serde(default = "default_nats_stream")]
+    stream: String,
+    #[serde(default)]
+    subjects: Option<Vec<String>>,
+    #[serde(default = "default_true")]
+    create_stream: bool,
+    #[serde(default = "default_duplicate_window")]
+    duplicate_window: String,
+    #[serde(default = "default_nats_replicas")]
+    replicas: usize,
+    #[serde(default = "default_delivery_timeout")]
+    ack_timeout: String,
+}
+
+fn default_nats_stream() -> String {
+    "IOT".into()
+}
+fn default_duplicate_window() -> String {
+    "2m".into()
+}
+fn default_nats_replicas() -> usize {
+    1
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +203,8 @@ pub struct IngestConfig {
     pub limits: RequestLimits,
     /// Who may read the embedded log over HTTP.
     pub read_api: ReadApi,
+    /// Agent clocks further off than this get corrected timestamps beside the originals.
+    pub clock_skew_threshold: Duration,
 }
 
 /// Access to `GET /v1/log…` (the embedded log's read endpoints).
@@ -161,6 +235,54 @@ pub enum SinkConfig {
         /// Path of the log file.
         path: PathBuf,
     },
+    /// Apache Kafka (or a Kafka-protocol broker).
+    Kafka(KafkaConfig),
+    /// NATS JetStream.
+    Nats(NatsConfig),
+}
+
+/// Settings librdkafka gets from us and that `properties` may not override: they are what
+/// makes a 2xx mean "in Kafka, once, in order".
+pub const KAFKA_FIXED_PROPERTIES: [&str; 5] = [
+    "bootstrap.servers",
+    "enable.idempotence",
+    "acks",
+    "max.in.flight.requests.per.connection",
+    "message.timeout.ms",
+];
+
+/// The Kafka sink.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// `compression.type`: zstd, lz4, snappy, gzip or none.
+    pub compression: String,
+    /// `linger.ms`.
+    pub linger: Duration,
+    /// How long a record may take to be acknowledged before the batch is answered 503.
+    pub delivery_timeout: Duration,
+    /// Further librdkafka properties (security, SASL, tuning), passed as they are.
+    pub properties: BTreeMap<String, String>,
+}
+
+/// The NATS JetStream sink.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URL(s), e.g. `nats://127.0.0.1:4222` (comma-separated for a cluster).
+    pub url: String,
+    /// JetStream stream holding every subject the ingest writes.
+    pub stream: String,
+    /// The stream's subjects (`iot.>` from the default template).
+    pub subjects: Vec<String>,
+    /// Create the stream when it is missing (otherwise it must exist).
+    pub create_stream: bool,
+    /// The stream's `Nats-Msg-Id` dedup window, when the ingest creates it.
+    pub duplicate_window: Duration,
+    /// The stream's replicas, when the ingest creates it.
+    pub replicas: usize,
+    /// How long a PubAck may take before the batch is answered 503.
+    pub ack_timeout: Duration,
 }
 
 /// Limits applied to every request.
@@ -314,9 +436,8 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
             ));
         }
     };
-    let sink = match raw.sink {
-        RawSink::Embedded { path } => SinkConfig::Embedded { path },
-    };
+    let sink = validate_sink(raw.sink, &raw.topic_template)?;
+    let clock_skew_threshold = duration("clock_skew_threshold", &raw.clock_skew_threshold)?;
     Ok(IngestConfig {
         listen: raw.listen,
         topic_template: raw.topic_template,
@@ -324,6 +445,116 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         sink,
         limits,
         read_api,
+        clock_skew_threshold,
+    })
+}
+
+fn duration(key: &str, text: &str) -> Result<Duration, (String, String)> {
+    humantime::parse_duration(text).map_err(|e| {
+        (
+            key.to_owned(),
+            format!("{text:?} is not a duration like \"5s\": {e}"),
+        )
+    })
+}
+
+fn validate_sink(raw: RawSink, topic_template: &str) -> Result<SinkConfig, (String, String)> {
+    Ok(match raw {
+        RawSink::Embedded(e) => SinkConfig::Embedded { path: e.path },
+        RawSink::Kafka(k) => {
+            if k.brokers.trim().is_empty() {
+                return Err((
+                    "sink.options.brokers".into(),
+                    "must list at least one host:port".into(),
+                ));
+            }
+            if !["zstd", "lz4", "snappy", "gzip", "none"].contains(&k.compression.as_str()) {
+                return Err((
+                    "sink.options.compression".into(),
+                    format!(
+                        "{:?} is not one of zstd, lz4, snappy, gzip, none",
+                        k.compression
+                    ),
+                ));
+            }
+            if let Some(fixed) = k.properties.keys().find(|p| {
+                KAFKA_FIXED_PROPERTIES.contains(&p.as_str())
+                    || p.as_str() == "compression.type"
+                    || p.as_str() == "linger.ms"
+            }) {
+                return Err((
+                    format!("sink.options.properties.{fixed}"),
+                    "is set by the ingest (brokers, compression, linger and delivery_timeout are options of their own; idempotence, acks=all and ordering are not negotiable)".into(),
+                ));
+            }
+            let delivery_timeout = duration("sink.options.delivery_timeout", &k.delivery_timeout)?;
+            if delivery_timeout < Duration::from_secs(1) {
+                return Err((
+                    "sink.options.delivery_timeout".into(),
+                    "must be at least 1s".into(),
+                ));
+            }
+            SinkConfig::Kafka(KafkaConfig {
+                brokers: k.brokers,
+                compression: k.compression,
+                linger: duration("sink.options.linger", &k.linger)?,
+                delivery_timeout,
+                properties: k.properties,
+            })
+        }
+        RawSink::Nats(n) => {
+            if !n.url.starts_with("nats://") && !n.url.starts_with("tls://") {
+                return Err((
+                    "sink.options.url".into(),
+                    format!("{:?} is not a nats:// or tls:// URL", n.url),
+                ));
+            }
+            if n.stream.is_empty()
+                || n.stream
+                    .contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace())
+            {
+                return Err((
+                    "sink.options.stream".into(),
+                    format!(
+                        "{:?} is not a JetStream stream name (no '.', '*', '>' or spaces)",
+                        n.stream
+                    ),
+                ));
+            }
+            let subjects = match n.subjects {
+                Some(s) if !s.is_empty() => s,
+                Some(_) => {
+                    return Err((
+                        "sink.options.subjects".into(),
+                        "must list at least one subject".into(),
+                    ));
+                }
+                None => {
+                    let prefix = topic_template.split('{').next().unwrap_or_default();
+                    if prefix.is_empty() || !prefix.ends_with('.') {
+                        return Err((
+                            "sink.options.subjects".into(),
+                            format!(
+                                "cannot be derived from topic_template {topic_template:?} (it must start with a fixed prefix ending in '.', like \"iot.\"); list the stream's subjects"
+                            ),
+                        ));
+                    }
+                    vec![format!("{prefix}>")]
+                }
+            };
+            if n.replicas == 0 {
+                return Err(("sink.options.replicas".into(), "must be at least 1".into()));
+            }
+            SinkConfig::Nats(NatsConfig {
+                url: n.url,
+                stream: n.stream,
+                subjects,
+                create_stream: n.create_stream,
+                duplicate_window: duration("sink.options.duplicate_window", &n.duplicate_window)?,
+                replicas: n.replicas,
+                ack_timeout: duration("sink.options.ack_timeout", &n.ack_timeout)?,
+            })
+        }
     })
 }
 
@@ -340,7 +571,8 @@ devices:
     token_sha256: 2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b
 sink:
   type: embedded
-  path: /tmp/log.db
+  options:
+    path: /tmp/log.db
 ";
 
     #[test]
@@ -349,6 +581,40 @@ sink:
         assert_eq!(c.devices["dev-1"].tenant, "acme");
         assert_eq!(c.limits.max_records_per_batch, 10_000);
         assert_eq!(c.limits.max_body_bytes, 8 << 20);
+    }
+
+    #[test]
+    fn stateless_sinks() {
+        let kafka = GOOD.replace(
+            "type: embedded\n  options:\n    path: /tmp/log.db",
+            "type: kafka\n  options:\n    brokers: k1:9092,k2:9092\n    properties:\n      security.protocol: plaintext",
+        );
+        match IngestConfig::parse(Path::new("i.yaml"), &kafka)
+            .expect("valid")
+            .sink
+        {
+            SinkConfig::Kafka(k) => {
+                assert_eq!(k.compression, "zstd");
+                assert_eq!(k.linger, Duration::from_millis(5));
+                assert_eq!(k.properties["security.protocol"], "plaintext");
+            }
+            other => panic!("{other:?}"),
+        }
+        let nats = GOOD.replace(
+            "type: embedded\n  options:\n    path: /tmp/log.db",
+            "type: nats\n  options:\n    url: nats://127.0.0.1:4222",
+        );
+        match IngestConfig::parse(Path::new("i.yaml"), &nats)
+            .expect("valid")
+            .sink
+        {
+            SinkConfig::Nats(n) => {
+                assert_eq!(n.subjects, vec!["iot.>".to_owned()]);
+                assert_eq!(n.stream, "IOT");
+                assert_eq!(n.duplicate_window, Duration::from_secs(120));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -388,9 +654,51 @@ sink:
                 "unsupported version 2",
             ),
             (
-                GOOD.replace("  path: /tmp/log.db", "  path: /tmp/log.db\n  extra: 1"),
-                "sink",
+                GOOD.replace("    path: /tmp/log.db", "    path: /tmp/log.db\n    extra: 1"),
+                "sink.options",
                 "unknown field `extra`",
+            ),
+            (
+                GOOD.replace("  options:\n    path: /tmp/log.db", "  path: /tmp/log.db"),
+                "sink.path",
+                "expected \"type\" or \"options\"",
+            ),
+            (
+                GOOD.replace(
+                    "type: embedded\n  options:\n    path: /tmp/log.db",
+                    "type: kafka\n  options:\n    brokers: k:9092\n    properties:\n      acks: \"1\"",
+                ),
+                "sink.options.properties.acks",
+                "not negotiable",
+            ),
+            (
+                GOOD.replace(
+                    "type: embedded\n  options:\n    path: /tmp/log.db",
+                    "type: kafka\n  options:\n    brokers: k:9092\n    compression: brotli",
+                ),
+                "sink.options.compression",
+                "\"brotli\" is not one of",
+            ),
+            (
+                GOOD.replace(
+                    "type: embedded\n  options:\n    path: /tmp/log.db",
+                    "type: nats\n  options:\n    url: http://n:4222",
+                ),
+                "sink.options.url",
+                "not a nats://",
+            ),
+            (
+                format!("{GOOD}topic_template: \"{{tenant}}.{{stream}}\"\n").replace(
+                    "type: embedded\n  options:\n    path: /tmp/log.db",
+                    "type: nats\n  options:\n    url: nats://n:4222",
+                ),
+                "sink.options.subjects",
+                "cannot be derived",
+            ),
+            (
+                format!("{GOOD}clock_skew_threshold: soon\n"),
+                "clock_skew_threshold",
+                "not a duration",
             ),
             (
                 format!("{GOOD}limits:\n  max_body_bytes: lots\n"),

@@ -24,18 +24,35 @@ use crate::auth::Registry;
 use crate::config::{IngestConfig, SinkConfig};
 use crate::metrics::Metrics;
 use crate::publish::embedded::EmbeddedLog;
+use crate::publish::kafka::KafkaLog;
+use crate::publish::nats::NatsLog;
 
 /// Starts the ingest on `config.listen` and serves until `shutdown` is cancelled.
 /// Requests in flight are finished before it returns.
 pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (publisher, embedded_log): (Arc<dyn publish::Publisher>, _) = match &config.sink {
         SinkConfig::Embedded { path } => (Arc::new(EmbeddedLog::open(path)?), Some(path.clone())),
+        SinkConfig::Kafka(kafka) => (
+            KafkaLog::start(kafka)
+                .map_err(|e| anyhow::anyhow!("cannot create the Kafka producer: {e}"))?,
+            None,
+        ),
+        SinkConfig::Nats(nats) => (
+            Arc::new(
+                NatsLog::start(nats)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot set up the NATS client: {e}"))?,
+            ),
+            None,
+        ),
     };
     let state = Arc::new(AppState {
         registry: Registry::new(config.devices.clone()),
         publisher,
         limits: config.limits,
         topic_template: config.topic_template.clone(),
+        clock_skew_threshold_ms: i64::try_from(config.clock_skew_threshold.as_millis())
+            .unwrap_or(i64::MAX),
         metrics: Metrics::new(),
         embedded_log,
         read_api: config.read_api,

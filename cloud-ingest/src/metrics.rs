@@ -12,6 +12,8 @@ pub const RECORDS_DUPLICATE: &str = "ingest_records_duplicate_total";
 pub const WIRE_BYTES: &str = "ingest_wire_bytes_total";
 /// Body bytes once decompressed.
 pub const RAW_BYTES: &str = "ingest_raw_bytes_total";
+/// Batches whose agent clock was off by more than the threshold (timestamps corrected).
+pub const CLOCK_CORRECTED: &str = "ingest_clock_corrected_batches_total";
 
 /// Handles to every metric of the ingest.
 #[derive(Clone)]
@@ -27,6 +29,8 @@ pub struct Metrics {
     pub wire_bytes: IntCounter,
     /// See [`RAW_BYTES`].
     pub raw_bytes: IntCounter,
+    /// See [`CLOCK_CORRECTED`].
+    pub clock_corrected: IntCounter,
 }
 
 impl Metrics {
@@ -47,6 +51,10 @@ impl Metrics {
         );
         let wire_bytes = counter(WIRE_BYTES, "Request body bytes as received.");
         let raw_bytes = counter(RAW_BYTES, "Batch bytes once decompressed.");
+        let clock_corrected = counter(
+            CLOCK_CORRECTED,
+            "Batches from an agent whose clock was off (timestamps corrected).",
+        );
         let requests = IntCounterVec::new(
             Opts::new(REQUESTS, "Batch requests by HTTP status."),
             &["status"],
@@ -62,6 +70,7 @@ impl Metrics {
             records_duplicate,
             wire_bytes,
             raw_bytes,
+            clock_corrected,
         }
     }
 

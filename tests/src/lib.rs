@@ -8,6 +8,7 @@
 //! Binaries are found beside the test executable (`target/<profile>/`), or in `$GATEWAY_BIN_DIR`;
 //! build them first with `cargo build --workspace --bins` (the README's test command does).
 
+pub mod brokers;
 pub mod fault;
 pub mod load;
 
@@ -198,6 +199,7 @@ pub struct CloudHarness {
     port: u16,
     extra_devices: Vec<(String, String, String)>,
     limits: String,
+    sink: Option<String>,
 }
 
 /// A running ingest.
@@ -219,7 +221,29 @@ impl CloudHarness {
             port: 0,
             extra_devices: Vec::new(),
             limits: String::new(),
+            sink: None,
         }
+    }
+
+    /// Append to Kafka at `brokers` instead of the embedded log; a record not acknowledged
+    /// within 2 s fails its batch (below the test agent's 5 s request timeout).
+    pub fn kafka(self, brokers: &str) -> Self {
+        self.sink(&format!(
+            "  type: kafka\n  options:\n    brokers: {brokers}\n    delivery_timeout: 2s\n"
+        ))
+    }
+
+    /// The `sink:` section's body, as YAML indented by two spaces.
+    pub fn sink(mut self, yaml: &str) -> Self {
+        self.sink = Some(yaml.to_owned());
+        self
+    }
+
+    /// Append to NATS JetStream at `url` (stream `stream`) instead of the embedded log.
+    pub fn nats(self, url: &str, stream: &str) -> Self {
+        self.sink(&format!(
+            "  type: nats\n  options:\n    url: {url}\n    stream: {stream}\n    ack_timeout: 2s\n"
+        ))
     }
 
     /// Listen on this port (to start it after an agent that already points at it).
@@ -259,13 +283,18 @@ impl CloudHarness {
         } else {
             format!("limits:\n{}\n", self.limits)
         };
-        let config = self.dir.join("cloud-ingest.yaml");
+        let sink = self.sink.clone().unwrap_or_else(|| {
+            format!(
+                "  type: embedded\n  options:\n    path: {}\n",
+                self.dir.join("log.db").display()
+            )
+        });
+        let config = self.dir.join(format!("cloud-ingest-{}.yaml", self.port));
         std::fs::write(
             &config,
             format!(
-                "version: 1\nlisten: 127.0.0.1:{}\ndevices:\n{devices}sink:\n  type: embedded\n  path: {}\n{limits}",
+                "version: 1\nlisten: 127.0.0.1:{}\ndevices:\n{devices}sink:\n{sink}{limits}",
                 self.port,
-                self.dir.join("log.db").display()
             ),
         )
         .expect("write config");
@@ -283,6 +312,13 @@ impl CloudHarness {
             http: reqwest::blocking::Client::new(),
         }
     }
+}
+
+/// Wall-clock now, Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn unique() -> u128 {
@@ -405,6 +441,14 @@ impl Cloud {
         metric(self.addr, series)
     }
 
+    /// HTTP status of `/readyz` (0 when it does not answer).
+    pub fn readyz(&self) -> u16 {
+        self.http
+            .get(format!("{}/readyz", self.url()))
+            .send()
+            .map_or(0, |r| r.status().as_u16())
+    }
+
     /// POSTs a raw body to the batches endpoint; returns (status, body).
     pub fn post(
         &self,
@@ -434,6 +478,7 @@ impl Cloud {
 pub struct AgentHarness {
     dir: PathBuf,
     ingest_url: String,
+    device: (String, String),
     streams: String,
     extra: String,
     quota: String,
@@ -478,6 +523,7 @@ impl AgentHarness {
         AgentHarness {
             dir: dir.to_owned(),
             ingest_url: cloud_url.to_owned(),
+            device: (DEVICE.to_owned(), TOKEN.to_owned()),
             streams: THREE_STREAMS.to_owned(),
             extra: String::new(),
             quota: "256MiB".into(),
@@ -485,6 +531,18 @@ impl AgentHarness {
             buffer: None,
             mqtt_extra: String::new(),
         }
+    }
+
+    /// Run as this device (id, token) instead of the test device.
+    pub fn device(mut self, id: &str, token: &str) -> Self {
+        self.device = (id.to_owned(), token.to_owned());
+        self
+    }
+
+    /// Send to these ingest replicas (`ingest.urls`) instead of one URL.
+    pub fn ingest_urls(mut self, urls: &[String]) -> Self {
+        self.ingest_url = format!("[{}]", urls.join(", "));
+        self
     }
 
     /// Extra keys of the `mqtt:` section (indented by two spaces, newline-terminated).
@@ -527,9 +585,9 @@ impl AgentHarness {
     pub fn config_text(&self) -> String {
         format!(
             "version: 1
-device_id: {DEVICE}
+device_id: {device}
 ingest:
-  url: {url}
+  {url_key}: {url}
   token_file: {token}
   retry_initial: 50ms
   retry_max: 500ms
@@ -543,6 +601,12 @@ mqtt:
 streams:{streams}
 metrics_listen: 127.0.0.1:0
 {extra}",
+            device = self.device.0,
+            url_key = if self.ingest_url.starts_with('[') {
+                "urls"
+            } else {
+                "url"
+            },
             url = self.ingest_url,
             token = self.dir.join("token").display(),
             buffer = self
@@ -560,7 +624,7 @@ metrics_listen: 127.0.0.1:0
 
     /// Writes the config and token, starts the binary; returns once MQTT listens.
     pub fn run(self) -> Agent {
-        std::fs::write(self.dir.join("token"), format!("{TOKEN}\n")).expect("token");
+        std::fs::write(self.dir.join("token"), format!("{}\n", self.device.1)).expect("token");
         let config = self.dir.join("agent.yaml");
         std::fs::write(&config, self.config_text()).expect("config");
         start_agent(&self.dir, &config)

@@ -87,7 +87,7 @@ fn bad_agent_configs_name_file_key_and_reason() {
 fn bad_ingest_config_names_file_key_and_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("ingest.yaml");
-    std::fs::write(&file, "version: 1\nlisten: 127.0.0.1:0\ndevices:\n  - id: d\n    tenant: t\n    token_sha256: nothex\nsink:\n  type: embedded\n  path: /tmp/x.db\n").expect("write");
+    std::fs::write(&file, "version: 1\nlisten: 127.0.0.1:0\ndevices:\n  - id: d\n    tenant: t\n    token_sha256: nothex\nsink:\n  type: embedded\n  options:\n    path: /tmp/x.db\n").expect("write");
     let out = Command::new(bin("cloud-ingest"))
         .arg("check-config")
         .arg(&file)

@@ -9,7 +9,7 @@
 //! Concurrent requests are group-committed: the writer takes every queued batch into one
 //! transaction, so many small batches share one fsync.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +20,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use super::dedup::{DedupScope, RangeSet};
 use super::{Delivery, PublishError, PublishFuture, Publisher};
 
 const SCHEMA: &str = "
@@ -37,7 +38,8 @@ CREATE TABLE IF NOT EXISTS records (
     received_at_ms INTEGER NOT NULL,
     sent_at_ms INTEGER NOT NULL,
     ingested_at_ms INTEGER NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    corrected_at_ms INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS records_by_offset ON records (topic, offset);
 CREATE TABLE IF NOT EXISTS dedup (
@@ -90,6 +92,7 @@ impl EmbeddedLog {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .and_then(|()| conn.execute_batch(SCHEMA))
             .map_err(sqlite)?;
+        migrate(&conn).map_err(sqlite)?;
         let offsets = load_offsets(&conn).map_err(sqlite)?;
         let (jobs, rx) = mpsc::channel(MAX_GROUP);
         let healthy = Arc::new(AtomicBool::new(true));
@@ -126,9 +129,6 @@ impl Publisher for EmbeddedLog {
         self.healthy.load(Ordering::Relaxed) && !self.jobs.is_closed()
     }
 }
-
-/// (device, stream, epoch): within it, a sequence number identifies one record.
-type DedupScope = (String, String, u64);
 
 struct Writer {
     conn: Connection,
@@ -181,8 +181,8 @@ impl Writer {
         let mut touched_keys = Vec::new();
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                "INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, corrected_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
             for job in group {
                 let d = &job.delivery;
@@ -219,6 +219,7 @@ impl Writer {
                         d.batch.sent_at_ms,
                         d.ingested_at_ms,
                         r.payload.as_ref(),
+                        d.corrected_at_ms(r),
                     ])?;
                     seen.insert(r.seq);
                     *next += 1;
@@ -259,6 +260,19 @@ impl Writer {
     }
 }
 
+/// Brings a log file written by an older version up to the current schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_corrected: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('records') WHERE name = 'corrected_at_ms'",
+        [],
+        |row| row.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_corrected {
+        conn.execute_batch("ALTER TABLE records ADD COLUMN corrected_at_ms INTEGER")?;
+    }
+    Ok(())
+}
+
 fn load_offsets(conn: &Connection) -> rusqlite::Result<HashMap<String, u64>> {
     let mut stmt = conn.prepare("SELECT name, next_offset FROM topics")?;
     let rows = stmt.query_map([], |row| {
@@ -276,63 +290,9 @@ fn load_ranges(conn: &Connection, scope: &DedupScope) -> rusqlite::Result<RangeS
         Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
     })? {
         let (first, last) = row?;
-        set.ranges.insert(first, last);
+        set.insert_range(first, last);
     }
     Ok(set)
-}
-
-/// A set of u64 stored as disjoint, non-adjacent inclusive ranges (first → last).
-/// Sequences arrive mostly in order, so a stream's set is usually one range.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct RangeSet {
-    ranges: BTreeMap<u64, u64>,
-}
-
-impl RangeSet {
-    /// Whether `v` is in the set.
-    pub fn contains(&self, v: u64) -> bool {
-        self.ranges
-            .range(..=v)
-            .next_back()
-            .is_some_and(|(_, &last)| v <= last)
-    }
-
-    /// Adds `v`, merging with neighbouring ranges.
-    pub fn insert(&mut self, v: u64) {
-        if self.contains(v) {
-            return;
-        }
-        let before = self
-            .ranges
-            .range(..v)
-            .next_back()
-            .map(|(&f, &l)| (f, l))
-            .filter(|&(_, last)| last.checked_add(1) == Some(v));
-        let after = v
-            .checked_add(1)
-            .and_then(|n| self.ranges.get(&n).map(|&l| (n, l)));
-        match (before, after) {
-            (Some((f, _)), Some((n, l))) => {
-                self.ranges.remove(&n);
-                self.ranges.insert(f, l);
-            }
-            (Some((f, _)), None) => {
-                self.ranges.insert(f, v);
-            }
-            (None, Some((n, l))) => {
-                self.ranges.remove(&n);
-                self.ranges.insert(v, l);
-            }
-            (None, None) => {
-                self.ranges.insert(v, v);
-            }
-        }
-    }
-
-    /// The ranges, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.ranges.iter().map(|(&f, &l)| (f, l))
-    }
 }
 
 /// One record as read back from the embedded log.
@@ -359,6 +319,12 @@ pub struct LogRecord {
     pub sent_at_ms: i64,
     /// Ingest receive time, Unix ms.
     pub ingested_at_ms: i64,
+    /// `received_at_ms` on the ingest's clock, present only when the agent's clock was off by
+    /// more than `clock_skew_threshold`; `received_at_ms` is then the agent's original.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrected_at_ms: Option<i64>,
+    /// Whether `corrected_at_ms` was set (the agent's clock was off).
+    pub clock_corrected: bool,
     /// The payload as text, when it is valid UTF-8.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<String>,
@@ -396,7 +362,7 @@ pub fn read(path: &Path, topic: &str, from: u64, limit: usize) -> Result<Vec<Log
     };
     let mut stmt = conn
         .prepare(
-            "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch
+            "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch, corrected_at_ms
              FROM records WHERE topic = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
         )
         .map_err(sqlite)?;
@@ -421,6 +387,8 @@ pub fn read(path: &Path, topic: &str, from: u64, limit: usize) -> Result<Vec<Log
                 received_at_ms: row.get(6)?,
                 sent_at_ms: row.get(7)?,
                 ingested_at_ms: row.get(8)?,
+                corrected_at_ms: row.get(11)?,
+                clock_corrected: row.get::<_, Option<i64>>(11)?.is_some(),
                 payload: text,
                 payload_base64: b64,
             })
@@ -457,36 +425,12 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn range_set_merges() {
-        let mut s = RangeSet::default();
-        for v in [5, 7, 6, 1, 3, 2, 10] {
-            s.insert(v);
-        }
-        assert_eq!(s.iter().collect::<Vec<_>>(), vec![(1, 3), (5, 7), (10, 10)]);
-        for (v, want) in [
-            (0, false),
-            (1, true),
-            (4, false),
-            (7, true),
-            (8, false),
-            (10, true),
-        ] {
-            assert_eq!(s.contains(v), want, "{v}");
-        }
-        s.insert(4);
-        s.insert(u64::MAX);
-        assert_eq!(
-            s.iter().collect::<Vec<_>>(),
-            vec![(1, 7), (10, 10), (u64::MAX, u64::MAX)]
-        );
-    }
-
     fn delivery(seqs: std::ops::Range<u64>) -> Delivery {
         Delivery {
             tenant: "acme".into(),
             topic: "iot.acme.t".into(),
             ingested_at_ms: 3,
+            clock_offset_ms: None,
             batch: Batch {
                 device_id: "d1".into(),
                 stream: "t".into(),

@@ -3,12 +3,19 @@
 //!
 //! Each scenario starts a fresh ingest (embedded log) and agent, publishes with N simulated
 //! sensors as fast as the broker takes them, and waits until every record is in the log.
+//!
+//! The second table is the ingest's overhead on Kafka: the same records POSTed as batches to
+//! the ingest (which answers once Kafka acknowledged each record) against a plain rdkafka
+//! producer with the same settings, both on one tansu broker on this machine.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use e2e::brokers::Tansu;
 use e2e::load::{self, LoadSpec, PayloadKind};
-use e2e::{AgentHarness, CloudHarness};
+use e2e::{AgentHarness, CloudHarness, DEVICE, TOKEN};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rumqttc::QoS;
 
 struct Scenario {
@@ -95,6 +102,212 @@ fn run(s: &Scenario) -> Row {
     }
 }
 
+/// Records per batch and concurrent senders in the Kafka comparison.
+const KAFKA_BATCH: u64 = 1000;
+const KAFKA_SENDERS: usize = 4;
+
+/// The batches sender `sender` posts: `batches` × [`KAFKA_BATCH`] records of 200 B JSON.
+fn kafka_batches(sender: usize, batches: u64) -> Vec<(u64, ingest_wire::Batch)> {
+    (0..batches)
+        .map(|b| {
+            let records = (0..KAFKA_BATCH)
+                .map(|i| {
+                    let seq = b * KAFKA_BATCH + i + 1;
+                    ingest_wire::Record {
+                        seq,
+                        topic: format!("plant/{sender}/telemetry/t{}", seq % 4),
+                        payload: load::payload(PayloadKind::Json, sender, seq, 200).into(),
+                        qos: None,
+                        received_at_ms: e2e::now_ms(),
+                    }
+                })
+                .collect();
+            let batch = ingest_wire::Batch {
+                device_id: DEVICE.into(),
+                stream: format!("bench{sender}"),
+                sent_at_ms: e2e::now_ms(),
+                epoch: 1,
+                records,
+            };
+            (KAFKA_BATCH, batch)
+        })
+        .collect()
+}
+
+/// Rounds of the Kafka comparison; the table shows the medians (this VM's noise is ±25%).
+const KAFKA_ROUNDS: usize = 3;
+
+/// Median records/s through the ingest into Kafka, and through a plain rdkafka producer, each
+/// run on a fresh broker (tansu's memory storage slows as it fills), alternating.
+fn kafka_overhead(records: u64) -> (f64, f64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let per_sender = records / KAFKA_BATCH / KAFKA_SENDERS as u64;
+    let total = per_sender * KAFKA_SENDERS as u64 * KAFKA_BATCH;
+    let bodies: Vec<Vec<Vec<u8>>> = (0..KAFKA_SENDERS)
+        .map(|s| {
+            kafka_batches(s, per_sender)
+                .iter()
+                .map(|(_, b)| {
+                    ingest_wire::compress(&ingest_wire::encode_batch(b), 3).expect("zstd")
+                })
+                .collect()
+        })
+        .collect();
+    let (mut via_ingest, mut direct) = (Vec::new(), Vec::new());
+    for _ in 0..KAFKA_ROUNDS {
+        via_ingest.push(through_ingest(dir.path(), &bodies, total));
+        let tansu = Tansu::start(dir.path());
+        direct.push(
+            tokio::runtime::Runtime::new()
+                .expect("runtime")
+                .block_on(produce_directly(&tansu.brokers, total)),
+        );
+    }
+    (median(via_ingest), median(direct))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// records/s of `bodies` (one list per concurrent sender) POSTed to a fresh ingest on a fresh
+/// broker, until the last 2xx.
+fn through_ingest(dir: &std::path::Path, bodies: &[Vec<Vec<u8>>], total: u64) -> f64 {
+    let tansu = Tansu::start(dir);
+    let cloud = CloudHarness::new(dir)
+        .sink(&format!(
+            "  type: kafka\n  options:\n    brokers: {}\n    delivery_timeout: 30s\n",
+            tansu.brokers
+        ))
+        .run();
+    // Warm-up: the topics exist before the clock starts, for both sides.
+    let url = format!("{}{}", cloud.url(), ingest_wire::BATCHES_PATH);
+    let http = reqwest::blocking::Client::new();
+    for sender in bodies {
+        post_until_ok(&http, &url, &sender[0]);
+    }
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for sender in bodies {
+            let url = &url;
+            scope.spawn(move || {
+                let http = reqwest::blocking::Client::new();
+                // The first batch went in the warm-up; its retry is a duplicate, not counted.
+                for body in &sender[1..] {
+                    post_until_ok(&http, url, body);
+                }
+            });
+        }
+    });
+    let sent = total - bodies.len() as u64 * KAFKA_BATCH;
+    sent as f64 / started.elapsed().as_secs_f64()
+}
+
+fn post_until_ok(http: &reqwest::blocking::Client, url: &str, body: &[u8]) {
+    for _ in 0..100 {
+        let answer = http
+            .post(url)
+            .header("content-type", ingest_wire::CONTENT_TYPE_BATCH)
+            .header("content-encoding", ingest_wire::ENCODING_ZSTD)
+            .header(ingest_wire::HEADER_DEVICE_ID, DEVICE)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(body.to_vec())
+            .send();
+        match answer {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) => eprintln!("ingest answered {}; retrying", r.status()),
+            Err(e) => eprintln!("request failed: {e}; retrying"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("the ingest never took a batch");
+}
+
+/// (topic index, payload, headers) of one record of the direct run.
+type PreparedRecord = (usize, Vec<u8>, Vec<(&'static str, String)>);
+
+/// The same records straight from an rdkafka producer configured as the ingest's (idempotent,
+/// acks=all, zstd, linger 5 ms, the same key, headers and number of topics); records/s until
+/// all acknowledged.
+async fn produce_directly(brokers: &str, records: u64) -> f64 {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "zstd")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    // As many topics as the ingest's senders have streams, records spread over them.
+    let topics: Vec<String> = (0..KAFKA_SENDERS)
+        .map(|t| format!("iot.direct.bench{t}"))
+        .collect();
+    // Built before the clock starts, as the ingest's request bodies are.
+    let prepared: Vec<PreparedRecord> = (0..records + KAFKA_SENDERS as u64)
+        .map(|seq| {
+            let headers = vec![
+                ("device", DEVICE.to_owned()),
+                ("tenant", "direct".to_owned()),
+                ("stream", "bench".to_owned()),
+                ("epoch", "1".to_owned()),
+                ("seq", seq.to_string()),
+                ("mqtt_topic", format!("plant/0/telemetry/t{}", seq % 4)),
+                ("received_at_ms", e2e::now_ms().to_string()),
+                ("sent_at_ms", e2e::now_ms().to_string()),
+                ("ingested_at_ms", e2e::now_ms().to_string()),
+                ("batch_id", format!("{DEVICE}/bench/1/{seq}-{seq}")),
+            ];
+            let payload = load::payload(PayloadKind::Json, 0, seq, 200);
+            (seq as usize % KAFKA_SENDERS, payload, headers)
+        })
+        .collect();
+    let send = |seq: u64| {
+        let (topic, payload, fields) = &prepared[seq as usize];
+        let topic = &topics[*topic];
+        let headers = fields.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v.as_str()),
+            })
+        });
+        let mut record = FutureRecord::to(topic)
+            .key(DEVICE)
+            .payload(payload)
+            .headers(headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => return delivery,
+                Err((_, back)) => {
+                    // Queue full: let librdkafka drain a little.
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    };
+    let delivered = |r: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, _>| {
+        assert!(matches!(r, Ok(Ok(_))), "record not delivered: {r:?}");
+    };
+    for t in 0..KAFKA_SENDERS as u64 {
+        delivered(send(t).await);
+    }
+    let started = Instant::now();
+    let mut pending = std::collections::VecDeque::new();
+    for seq in KAFKA_SENDERS as u64..records + KAFKA_SENDERS as u64 {
+        pending.push_back(send(seq));
+        if pending.len() >= 4_000
+            && let Some(oldest) = pending.pop_front()
+        {
+            delivered(oldest.await);
+        }
+    }
+    for p in pending {
+        delivered(p.await);
+    }
+    records as f64 / started.elapsed().as_secs_f64()
+}
+
 fn main() {
     let scale: u64 = std::env::var("BENCH_SCALE")
         .ok()
@@ -123,11 +336,18 @@ fn main() {
             qos: QoS::AtLeastOnce,
         },
     ];
+    // BENCH_ONLY=kafka runs the second table alone.
+    let only_kafka = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "kafka");
+    let scenarios = if only_kafka {
+        &scenarios[..0]
+    } else {
+        &scenarios[..]
+    };
     println!(
         "| scenario | records | publish msg/s | end-to-end records/s | agent peak RSS MiB | ingest peak RSS MiB | wire / raw bytes | lost (counted by the agent) |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for s in &scenarios {
+    for s in scenarios {
         let r = run(s);
         println!(
             "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.3} | {} ({}) |",
@@ -142,4 +362,14 @@ fn main() {
             r.lost_counted
         );
     }
+    let records = 200_000 * scale;
+    let (via_ingest, direct) = kafka_overhead(records);
+    println!();
+    println!("| into Kafka (tansu, memory storage), {records} records of 200 B JSON | records/s |");
+    println!("|---|---:|");
+    println!(
+        "| cloud-ingest: {KAFKA_SENDERS} senders × batches of {KAFKA_BATCH}, 2xx after Kafka acked each record | {via_ingest:.0} |"
+    );
+    println!("| plain rdkafka producer, same settings, key and headers | {direct:.0} |");
+    println!("| ratio (ingest / direct) | {:.2} |", via_ingest / direct);
 }

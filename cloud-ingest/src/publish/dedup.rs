@@ -1,0 +1,220 @@
+//! Deduplication: which sequence numbers of an idempotency scope are already in the log.
+//!
+//! The scope is (device, stream, epoch); within it a sequence number names one record. The
+//! embedded log keeps its sets in its own file, in the transaction that appends the records.
+//! The Kafka and NATS sinks are stateless: each replica remembers, in [`SeenCache`], what it
+//! appended itself, and holds a scope's lock for the whole append, so two requests carrying
+//! the same records (a retry racing its original) never both append them, and records of a
+//! scope reach the log in request order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+/// (device, stream, epoch): within it, a sequence number identifies one record.
+pub type DedupScope = (String, String, u64);
+
+/// A set of u64 stored as disjoint, non-adjacent inclusive ranges (first → last).
+/// Sequences arrive mostly in order, so a stream's set is usually one range.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RangeSet {
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    /// Whether `v` is in the set.
+    pub fn contains(&self, v: u64) -> bool {
+        self.ranges
+            .range(..=v)
+            .next_back()
+            .is_some_and(|(_, &last)| v <= last)
+    }
+
+    /// Adds `v`, merging with neighbouring ranges.
+    pub fn insert(&mut self, v: u64) {
+        if self.contains(v) {
+            return;
+        }
+        let before = self
+            .ranges
+            .range(..v)
+            .next_back()
+            .map(|(&f, &l)| (f, l))
+            .filter(|&(_, last)| last.checked_add(1) == Some(v));
+        let after = v
+            .checked_add(1)
+            .and_then(|n| self.ranges.get(&n).map(|&l| (n, l)));
+        match (before, after) {
+            (Some((f, _)), Some((n, l))) => {
+                self.ranges.remove(&n);
+                self.ranges.insert(f, l);
+            }
+            (Some((f, _)), None) => {
+                self.ranges.insert(f, v);
+            }
+            (None, Some((n, l))) => {
+                self.ranges.remove(&n);
+                self.ranges.insert(v, l);
+            }
+            (None, None) => {
+                self.ranges.insert(v, v);
+            }
+        }
+    }
+
+    /// Adds the inclusive range `first..=last`, which must not overlap the set (loading).
+    pub fn insert_range(&mut self, first: u64, last: u64) {
+        self.ranges.insert(first, last);
+    }
+
+    /// The ranges, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(&f, &l)| (f, l))
+    }
+}
+
+/// In-memory dedup sets of one replica, bounded to `capacity` scopes: past it, the scopes used
+/// least recently (and not in use) are forgotten. A forgotten scope's retries are appended
+/// again, which is why consumers of a stateless sink can also deduplicate by the record's
+/// idempotency key (its headers).
+pub struct SeenCache {
+    scopes: std::sync::Mutex<HashMap<DedupScope, CacheEntry>>,
+    capacity: usize,
+    tick: AtomicU64,
+}
+
+struct CacheEntry {
+    set: Arc<Mutex<RangeSet>>,
+    last_used: u64,
+}
+
+impl SeenCache {
+    /// An empty cache remembering at most `capacity` scopes.
+    pub fn new(capacity: usize) -> SeenCache {
+        SeenCache {
+            scopes: std::sync::Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+            tick: AtomicU64::new(0),
+        }
+    }
+
+    /// Locks `scope`'s set until the guard is dropped; waits while another request holds it.
+    pub async fn lock(&self, scope: DedupScope) -> OwnedMutexGuard<RangeSet> {
+        let set = {
+            let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+            let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+            let set = scopes
+                .entry(scope)
+                .and_modify(|e| e.last_used = tick)
+                .or_insert_with(|| CacheEntry {
+                    set: Arc::default(),
+                    last_used: tick,
+                })
+                .set
+                .clone();
+            if scopes.len() > self.capacity {
+                forget_oldest(&mut scopes, self.capacity * 3 / 4);
+            }
+            set
+        };
+        set.lock_owned().await
+    }
+
+    /// Scopes remembered now.
+    pub fn len(&self) -> usize {
+        self.scopes.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no scope is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Drops the least recently used scopes nobody holds until at most `keep` remain.
+fn forget_oldest(scopes: &mut HashMap<DedupScope, CacheEntry>, keep: usize) {
+    let mut idle: Vec<(u64, DedupScope)> = scopes
+        .iter()
+        .filter(|(_, e)| Arc::strong_count(&e.set) == 1)
+        .map(|(k, e)| (e.last_used, k.clone()))
+        .collect();
+    idle.sort_unstable();
+    let excess = scopes.len().saturating_sub(keep);
+    for (_, key) in idle.into_iter().take(excess) {
+        scopes.remove(&key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_set_merges() {
+        let mut s = RangeSet::default();
+        for v in [5, 7, 6, 1, 3, 2, 10] {
+            s.insert(v);
+        }
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![(1, 3), (5, 7), (10, 10)]);
+        for (v, want) in [
+            (0, false),
+            (1, true),
+            (4, false),
+            (7, true),
+            (8, false),
+            (10, true),
+        ] {
+            assert_eq!(s.contains(v), want, "{v}");
+        }
+        s.insert(4);
+        s.insert(u64::MAX);
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            vec![(1, 7), (10, 10), (u64::MAX, u64::MAX)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_scope_is_held_by_one_request_at_a_time() {
+        let cache = Arc::new(SeenCache::new(10));
+        let scope = || ("d".to_owned(), "s".to_owned(), 1);
+        let mut first = cache.lock(scope()).await;
+        first.insert(1);
+        let waiter = {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.lock(scope()).await.contains(1) })
+        };
+        tokio::task::yield_now().await;
+        assert!(
+            !waiter.is_finished(),
+            "the second request waits for the first"
+        );
+        drop(first);
+        assert!(
+            waiter.await.expect("join"),
+            "and then sees what it appended"
+        );
+    }
+
+    #[tokio::test]
+    async fn past_capacity_the_least_recently_used_idle_scopes_are_forgotten() {
+        let cache = SeenCache::new(4);
+        let scope = |i: u64| ("d".to_owned(), "s".to_owned(), i);
+        let held = cache.lock(scope(0)).await;
+        for i in 1..=4 {
+            cache.lock(scope(i)).await.insert(7);
+        }
+        assert_eq!(cache.len(), 3, "5 scopes > 4: trimmed to 3");
+        drop(held);
+        assert!(
+            !cache.lock(scope(1)).await.contains(7),
+            "the oldest idle scope was forgotten"
+        );
+        assert!(
+            cache.lock(scope(4)).await.contains(7),
+            "the newest was kept"
+        );
+    }
+}
