@@ -40,6 +40,12 @@ impl Delivery {
             .map(|offset| record.received_at_ms.saturating_add(offset))
     }
 
+    /// The batch's idempotency scope: (device, stream, epoch).
+    pub fn scope(&self) -> dedup::DedupScope {
+        let b = &self.batch;
+        (b.device_id.clone(), b.stream.clone(), b.epoch)
+    }
+
     /// Names the batch in logs and headers: `device/stream/epoch/first-last`.
     pub fn batch_id(&self) -> String {
         let b = &self.batch;

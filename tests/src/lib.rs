@@ -314,6 +314,18 @@ impl CloudHarness {
     }
 }
 
+/// Peak resident set size of process `pid` in MiB (VmHWM); 0 when unknown.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// Wall-clock now, Unix milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -485,6 +497,7 @@ pub struct AgentHarness {
     mqtt_port: u16,
     buffer: Option<PathBuf>,
     mqtt_extra: String,
+    launcher: Vec<PathBuf>,
 }
 
 /// A running agent.
@@ -530,7 +543,14 @@ impl AgentHarness {
             mqtt_port: 0,
             buffer: None,
             mqtt_extra: String::new(),
+            launcher: Vec::new(),
         }
+    }
+
+    /// Run this command instead of the native binary, e.g. `[qemu-aarch64-static, <arm binary>]`.
+    pub fn launcher(mut self, command: &[PathBuf]) -> Self {
+        self.launcher = command.to_vec();
+        self
     }
 
     /// Run as this device (id, token) instead of the test device.
@@ -627,7 +647,16 @@ metrics_listen: 127.0.0.1:0
         std::fs::write(self.dir.join("token"), format!("{}\n", self.device.1)).expect("token");
         let config = self.dir.join("agent.yaml");
         std::fs::write(&config, self.config_text()).expect("config");
-        start_agent(&self.dir, &config)
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args);
+                cmd
+            }
+            None => Command::new(bin("edge-agent")),
+        };
+        cmd.arg("run").arg("--config").arg(&config);
+        launch_agent(&self.dir, &config, cmd)
     }
 }
 
@@ -635,6 +664,10 @@ metrics_listen: 127.0.0.1:0
 pub fn start_agent(dir: &Path, config: &Path) -> Agent {
     let mut cmd = Command::new(bin("edge-agent"));
     cmd.arg("run").arg("--config").arg(config);
+    launch_agent(dir, config, cmd)
+}
+
+fn launch_agent(dir: &Path, config: &Path, cmd: Command) -> Agent {
     let mut process = Process::spawn(cmd, dir.join(format!("agent-{}.stderr", unique())));
     let metrics = process
         .wait_line("metrics listening on")

@@ -3,6 +3,7 @@
 //! did not write: Python's confluent-kafka and async-nats.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,12 +63,18 @@ fn kafka_topics(tenant: &str) -> Vec<String> {
         .collect()
 }
 
+/// A test directory with two subdirectories (two agents, or two ingest replicas).
+fn dirs_for_two() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).expect("dir");
+    std::fs::create_dir_all(&b).expect("dir");
+    (dir, a, b)
+}
+
 #[test]
 fn kafka_two_tenants_three_streams_exactly_once_with_keys_headers_and_order() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&a_dir).expect("dir");
-    std::fs::create_dir_all(&b_dir).expect("dir");
+    let (dir, a_dir, b_dir) = dirs_for_two();
     let tansu = Tansu::start(dir.path());
     let cloud = CloudHarness::new(dir.path())
         .kafka(&tansu.brokers)
@@ -156,10 +163,7 @@ fn kafka_two_tenants_three_streams_exactly_once_with_keys_headers_and_order() {
 
 #[test]
 fn jetstream_exactly_once_and_a_retry_to_another_replica_is_dropped_by_msg_id() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&a_dir).expect("dir");
-    std::fs::create_dir_all(&b_dir).expect("dir");
+    let (dir, a_dir, b_dir) = dirs_for_two();
     let nats = NatsServer::start(dir.path());
     let cloud = CloudHarness::new(&a_dir).nats(&nats.url, "IOT").run();
     eventually(Duration::from_secs(20), "ingest ready", || {
@@ -351,10 +355,7 @@ fn kafka_outage_is_answered_503_and_everything_unacknowledged_arrives_after_rest
 
 #[test]
 fn the_agent_fails_over_to_a_second_ingest_replica_and_loses_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&a_dir).expect("dir");
-    std::fs::create_dir_all(&b_dir).expect("dir");
+    let (dir, a_dir, b_dir) = dirs_for_two();
     let tansu = Tansu::start(dir.path());
     let mut replica_a = CloudHarness::new(&a_dir).kafka(&tansu.brokers).run();
     let replica_b = CloudHarness::new(&b_dir).kafka(&tansu.brokers).run();

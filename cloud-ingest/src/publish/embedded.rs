@@ -186,11 +186,7 @@ impl Writer {
             )?;
             for job in group {
                 let d = &job.delivery;
-                let key = (
-                    d.batch.device_id.clone(),
-                    d.batch.stream.clone(),
-                    d.batch.epoch,
-                );
+                let key = d.scope();
                 if !self.dedup.contains_key(&key) {
                     let ranges = load_ranges(&tx, &key)?;
                     self.dedup.insert(key.clone(), ranges);

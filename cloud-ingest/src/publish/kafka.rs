@@ -85,12 +85,7 @@ impl KafkaLog {
     }
 
     async fn append(&self, d: Delivery) -> Result<BatchAck, PublishError> {
-        let scope = (
-            d.batch.device_id.clone(),
-            d.batch.stream.clone(),
-            d.batch.epoch,
-        );
-        let mut seen = self.seen.lock(scope).await;
+        let mut seen = self.seen.lock(d.scope()).await;
         let producer = self.producer();
         let batch_id = d.batch_id();
         let mut duplicates = 0;

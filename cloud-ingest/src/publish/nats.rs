@@ -61,12 +61,7 @@ impl NatsLog {
     }
 
     async fn append(&self, d: Delivery) -> Result<BatchAck, PublishError> {
-        let scope = (
-            d.batch.device_id.clone(),
-            d.batch.stream.clone(),
-            d.batch.epoch,
-        );
-        let mut seen = self.seen.lock(scope).await;
+        let mut seen = self.seen.lock(d.scope()).await;
         let batch_id = d.batch_id();
         let unavailable = |reason: String| PublishError::Unavailable {
             reason: format!("JetStream did not acknowledge batch {batch_id}: {reason}"),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use e2e::brokers::Tansu;
 use e2e::load::{self, LoadSpec, PayloadKind};
-use e2e::{AgentHarness, CloudHarness, DEVICE, TOKEN};
+use e2e::{AgentHarness, CloudHarness, DEVICE, TOKEN, peak_rss_mib};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rumqttc::QoS;
@@ -24,7 +24,12 @@ struct Scenario {
     per_client: u64,
     payload_bytes: usize,
     qos: QoS,
+    /// Extra `mqtt:` keys of the agent (the 512 MB board profile).
+    mqtt_extra: &'static str,
 }
+
+/// The memory keys of `cross/agent.yaml`, the packaged profile for a 512 MB board.
+const BOARD_512MB: &str = "  router_segment_bytes: 1MiB\n  router_segments: 4\n";
 
 struct Row {
     name: &'static str,
@@ -38,23 +43,12 @@ struct Row {
     lost_counted: u64,
 }
 
-/// Peak resident set size of `pid` in MiB (VmHWM).
-fn peak_rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn run(s: &Scenario) -> Row {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
-    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url())
+        .mqtt_extra(s.mqtt_extra)
+        .run();
     let spec = LoadSpec {
         mqtt: agent.mqtt,
         clients: s.clients,
@@ -96,8 +90,8 @@ fn run(s: &Scenario) -> Row {
         e2e_rate: in_log as f64 / e2e.as_secs_f64(),
         lost: total - in_log,
         lost_counted: dropped(),
-        agent_peak_rss_mb: peak_rss_mb(agent.process.pid()),
-        ingest_peak_rss_mb: peak_rss_mb(cloud.process.pid()),
+        agent_peak_rss_mb: peak_rss_mib(agent.process.pid()),
+        ingest_peak_rss_mb: peak_rss_mib(cloud.process.pid()),
         wire_over_raw: if raw > 0.0 { wire / raw } else { 0.0 },
     }
 }
@@ -320,6 +314,7 @@ fn main() {
             per_client: 30_000 * scale,
             payload_bytes: 200,
             qos: QoS::AtLeastOnce,
+            mqtt_extra: "",
         },
         Scenario {
             name: "QoS0, 200 B JSON, 10 sensors",
@@ -327,6 +322,7 @@ fn main() {
             per_client: 30_000 * scale,
             payload_bytes: 200,
             qos: QoS::AtMostOnce,
+            mqtt_extra: "",
         },
         Scenario {
             name: "QoS1, 1 KiB JSON, 5 sensors",
@@ -334,6 +330,15 @@ fn main() {
             per_client: 20_000 * scale,
             payload_bytes: 1024,
             qos: QoS::AtLeastOnce,
+            mqtt_extra: "",
+        },
+        Scenario {
+            name: "QoS1, 200 B JSON, 10 sensors, 512 MB board profile",
+            clients: 10,
+            per_client: 30_000 * scale,
+            payload_bytes: 200,
+            qos: QoS::AtLeastOnce,
+            mqtt_extra: BOARD_512MB,
         },
     ];
     // BENCH_ONLY=kafka runs the second table alone.
