@@ -116,6 +116,14 @@ struct RawIngest {
     retry_max: String,
     #[serde(default = "default_zstd_level")]
     zstd_level: i32,
+    #[serde(default)]
+    max_upload_rate: Option<String>,
+    #[serde(default = "default_true")]
+    critical_may_exceed_rate: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,6 +281,10 @@ pub struct IngestConfig {
     pub retry_max: Duration,
     /// zstd level of batch bodies.
     pub zstd_level: i32,
+    /// Cap on request body bytes per second (a metered link), if any.
+    pub max_upload_rate: Option<u64>,
+    /// Whether critical batches go at once under the cap (their bytes are paid back after).
+    pub critical_may_exceed_rate: bool,
 }
 
 /// The embedded broker.
@@ -666,6 +678,19 @@ fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
         retry_initial,
         retry_max,
         zstd_level,
+        max_upload_rate: match raw.max_upload_rate {
+            None => None,
+            Some(text) => match size("ingest.max_upload_rate", &text)? {
+                0 => {
+                    return Err((
+                        "ingest.max_upload_rate".into(),
+                        "must be above 0 (leave it out for no cap)".into(),
+                    ));
+                }
+                n => Some(n),
+            },
+        },
+        critical_may_exceed_rate: raw.critical_may_exceed_rate,
     })
 }
 
@@ -777,6 +802,14 @@ streams:
                 GOOD.replace("url: http://127.0.0.1:8080", "urls: []"),
                 "ingest",
                 "exactly one of url",
+            ),
+            (
+                GOOD.replace(
+                    "url: http://127.0.0.1:8080",
+                    "url: http://127.0.0.1:8080\n  max_upload_rate: fast",
+                ),
+                "ingest.max_upload_rate",
+                "not a size",
             ),
             (
                 GOOD.replace("version: 1", "version: 3"),

@@ -14,11 +14,13 @@ use reqwest::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::bandwidth::TokenBucket;
 use crate::batcher::{self, Decision, Lane, PreparedBatch, SchedulePolicy, Scheduler};
 use crate::buffer::{BufferReader, SentFloor, StreamProgress, WriterCommand};
 use crate::config::{IngestConfig, StreamConfig};
 use crate::metrics::Metrics;
 use crate::retry::{Outcome, classify};
+use crate::routing::Priority;
 
 /// The forwarder stage.
 pub struct Forwarder {
@@ -84,6 +86,10 @@ impl Forwarder {
             return;
         }
         let mut replicas = Replicas::new(urls.len());
+        let mut bucket = self
+            .ingest
+            .max_upload_rate
+            .map(|rate| TokenBucket::new(rate, Instant::now()));
         let backoff_builder = backon::ExponentialBuilder::default()
             .with_min_delay(self.ingest.retry_initial)
             .with_max_delay(self.ingest.retry_max)
@@ -205,6 +211,18 @@ impl Forwarder {
                     return;
                 }
             };
+            if let Some(bucket) = &mut bucket {
+                let borrow = self.ingest.critical_may_exceed_rate
+                    && self.streams[stream].priority == Priority::Critical;
+                let wait = bucket.reserve(batch.body.len(), Instant::now(), borrow);
+                if !wait.is_zero() {
+                    self.metrics.rate_limited_seconds.inc_by(wait.as_secs_f64());
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
             self.lanes[stream].served(Instant::now());
             let outcome = tokio::select! {
                 r = send(&client, &urls[replicas.current], &self.device_id, &self.token, &batch) => r,

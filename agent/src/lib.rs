@@ -11,6 +11,7 @@
 //! rumqttd acknowledges QoS 1 on receipt: a crash can lose the current commit window, a clean
 //! stop (SIGTERM) loses nothing.
 
+pub mod bandwidth;
 pub mod batcher;
 pub mod broker;
 pub mod buffer;

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::http::StatusCode;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,8 @@ pub const WIRE_BYTES: &str = "agent_wire_bytes_total";
 pub const RAW_BYTES: &str = "agent_raw_bytes_total";
 /// 1 while the last request reached the ingest, 0 otherwise.
 pub const LINK_UP: &str = "agent_link_up";
+/// Seconds batches waited for the uplink's bandwidth cap (`ingest.max_upload_rate`).
+pub const RATE_LIMITED_SECONDS: &str = "agent_rate_limited_seconds_total";
 /// Switches from one ingest replica (`ingest.urls`) to the next after a failed request.
 pub const INGEST_FAILOVERS: &str = "agent_ingest_failovers_total";
 /// Index in `ingest.urls` of the replica requests go to now.
@@ -84,6 +86,8 @@ pub struct Metrics {
     pub link_up: IntGauge,
     /// See [`AUTH_ALARM`].
     pub auth_alarm: IntGauge,
+    /// See [`RATE_LIMITED_SECONDS`].
+    pub rate_limited_seconds: Counter,
     /// See [`INGEST_FAILOVERS`].
     pub ingest_failovers: IntCounter,
     /// See [`INGEST_CURRENT`].
@@ -178,6 +182,14 @@ impl Metrics {
             ),
             link_up: gauge(LINK_UP, "1 while the ingest answers."),
             auth_alarm: gauge(AUTH_ALARM, "1 while the ingest refuses our credentials."),
+            rate_limited_seconds: reg(
+                &registry,
+                Counter::new(
+                    RATE_LIMITED_SECONDS,
+                    "Seconds batches waited for the bandwidth cap.",
+                )
+                .expect("invariant: valid metric"),
+            ),
             ingest_failovers: counter(
                 INGEST_FAILOVERS,
                 "Switches to the next ingest replica after a failed request.",

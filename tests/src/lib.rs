@@ -432,6 +432,24 @@ impl Cloud {
             .collect()
     }
 
+    /// Records per topic in the log (end offsets); empty when the ingest does not answer.
+    pub fn topic_counts(&self) -> std::collections::HashMap<String, u64> {
+        let topics: serde_json::Value = match self
+            .http
+            .get(format!("{}/v1/log", self.url()))
+            .send()
+            .and_then(|r| r.json())
+        {
+            Ok(v) => v,
+            Err(_) => return Default::default(),
+        };
+        topics.as_array().map_or_else(Default::default, |a| {
+            a.iter()
+                .filter_map(|t| Some((t["topic"].as_str()?.to_owned(), t["end_offset"].as_u64()?)))
+                .collect()
+        })
+    }
+
     /// Records in the log, over every topic.
     pub fn total_records(&self) -> u64 {
         let topics: serde_json::Value = match self
@@ -497,6 +515,7 @@ pub struct AgentHarness {
     mqtt_port: u16,
     buffer: Option<PathBuf>,
     mqtt_extra: String,
+    ingest_extra: String,
     launcher: Vec<PathBuf>,
 }
 
@@ -543,6 +562,7 @@ impl AgentHarness {
             mqtt_port: 0,
             buffer: None,
             mqtt_extra: String::new(),
+            ingest_extra: String::new(),
             launcher: Vec::new(),
         }
     }
@@ -562,6 +582,12 @@ impl AgentHarness {
     /// Send to these ingest replicas (`ingest.urls`) instead of one URL.
     pub fn ingest_urls(mut self, urls: &[String]) -> Self {
         self.ingest_url = format!("[{}]", urls.join(", "));
+        self
+    }
+
+    /// Extra keys of the `ingest:` section (indented by two spaces, newline-terminated).
+    pub fn ingest_extra(mut self, yaml: &str) -> Self {
+        self.ingest_extra = yaml.to_owned();
         self
     }
 
@@ -612,7 +638,7 @@ ingest:
   retry_initial: 50ms
   retry_max: 500ms
   request_timeout: 5s
-mqtt:
+{ingest_extra}mqtt:
   listen: 127.0.0.1:{mqtt_port}
   listen_v5: 127.0.0.1:0
 {mqtt_extra}buffer:
@@ -639,6 +665,7 @@ metrics_listen: 127.0.0.1:0
             quota = self.quota,
             mqtt_port = self.mqtt_port,
             mqtt_extra = self.mqtt_extra,
+            ingest_extra = self.ingest_extra,
         )
     }
 

@@ -1,10 +1,11 @@
-//! How streams share the uplink: critical first, but nothing starves behind it.
+//! How streams share the uplink: critical first, but nothing starves behind it; and a
+//! bandwidth cap holds on a metered link.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use e2e::load::{self, LoadSpec, PayloadKind};
-use e2e::{AgentHarness, CloudHarness, TENANT, eventually};
+use e2e::{AgentHarness, CloudHarness, TENANT, eventually, free_port};
 use rumqttc::QoS;
 
 #[test]
@@ -59,4 +60,94 @@ fn a_flood_of_critical_does_not_stop_bulk() {
         cloud.read_topic(&format!("iot.{TENANT}.alarms")).len(),
         200_000
     );
+}
+
+#[test]
+fn after_an_outage_critical_goes_first_and_the_bandwidth_cap_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let cap: f64 = 320.0 * 1024.0;
+    let streams = "
+  - name: alarms
+    topics: [\"plant/+/alarm/#\"]
+    priority: critical
+    batch: { max_records: 100, linger: 0ms }
+  - name: logs
+    topics: [\"plant/+/logs/#\"]
+    priority: bulk
+    batch: { max_records: 1000, linger: 100ms }
+";
+    // The ingest does not exist yet: an outage from the start.
+    let agent = AgentHarness::new(dir.path(), &format!("http://127.0.0.1:{port}"))
+        .streams(streams)
+        .ingest_extra("  max_upload_rate: 320KiB\n")
+        .run();
+    let spec = |clients: usize, n: u64, topic: &'static str| LoadSpec {
+        mqtt: agent.mqtt,
+        clients,
+        messages_per_client: n,
+        rate_per_client: None,
+        payload_bytes: 200,
+        kind: PayloadKind::Json,
+        qos: QoS::AtLeastOnce,
+        topic: Arc::new(move |c, _| format!("plant/{c}/{topic}/x")),
+        client_prefix: format!("{topic}-"),
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(load::publish(spec(2, 50_000, "logs")));
+    runtime.block_on(load::publish(spec(1, 100, "alarm")));
+    eventually(Duration::from_secs(30), "everything buffered", || {
+        (agent.backlog() == 100_100.0).then_some(())
+    });
+
+    let cloud = CloudHarness::new(dir.path()).port(port).run();
+    let (alarms, logs) = (format!("iot.{TENANT}.alarms"), format!("iot.{TENANT}.logs"));
+    let count = |counts: &std::collections::HashMap<String, u64>, t: &str| {
+        counts.get(t).copied().unwrap_or(0)
+    };
+    let mut bulk_when_critical_done = None;
+    let (mut at_10, mut at_90) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while at_90.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the backlog did not drain in 120 s"
+        );
+        let counts = cloud.topic_counts();
+        let sample = (Instant::now(), agent.metric("agent_wire_bytes_total"));
+        let bulk = count(&counts, &logs);
+        if bulk_when_critical_done.is_none() && count(&counts, &alarms) == 100 {
+            bulk_when_critical_done = Some(bulk);
+        }
+        if at_10.is_none() && bulk >= 10_000 {
+            at_10 = Some(sample);
+        }
+        if bulk >= 90_000 {
+            at_90 = Some(sample);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let bulk_before = bulk_when_critical_done.expect("critical delivered before 90% of bulk");
+    assert!(
+        bulk_before < 10_000,
+        "all critical records arrive before 10% of the bulk backlog; bulk had {bulk_before}"
+    );
+    let ((t10, b10), (t90, b90)) = (
+        at_10.expect("sampled at 10%"),
+        at_90.expect("sampled at 90%"),
+    );
+    let rate = (b90 - b10) / (t90 - t10).as_secs_f64();
+    println!(
+        "critical done with {bulk_before} bulk records in the log; uplink {:.0} B/s for a cap of {cap:.0} B/s ({:+.1}%), waited {:.1} s for the cap",
+        rate,
+        (rate / cap - 1.0) * 100.0,
+        agent.metric("agent_rate_limited_seconds_total")
+    );
+    assert!(
+        (rate - cap).abs() <= cap * 0.10,
+        "the uplink ran at {rate:.0} B/s for a cap of {cap:.0} B/s"
+    );
+    eventually(Duration::from_secs(60), "bulk complete", || {
+        (count(&cloud.topic_counts(), &logs) == 100_000).then_some(())
+    });
 }
