@@ -309,6 +309,8 @@ pub fn prepare(
                     payload: Bytes::from(r.payload),
                     qos: None,
                     received_at_ms: r.received_at_ms,
+                    boot_id: r.boot_id,
+                    monotonic_ms: r.monotonic_ms,
                 }
             })
             .collect(),

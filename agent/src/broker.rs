@@ -306,6 +306,7 @@ fn read_link(
                     topic,
                     payload: Bytes::clone(&forward.publish.payload),
                     received_at_ms: crate::clock::now_ms(),
+                    monotonic_ms: crate::clock::monotonic_ms(),
                 };
                 if commands.send(WriterCommand::Append(record)).is_err() {
                     tracing::error!("buffer writer is gone; the link reader stops");

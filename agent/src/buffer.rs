@@ -42,8 +42,11 @@ CREATE TABLE IF NOT EXISTS records (
     seq INTEGER NOT NULL,
     topic TEXT NOT NULL,
     received_at_ms INTEGER NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    boot INTEGER,
+    monotonic_ms INTEGER
 );
+CREATE TABLE IF NOT EXISTS boots (id INTEGER PRIMARY KEY, boot_id TEXT NOT NULL UNIQUE);
 CREATE UNIQUE INDEX IF NOT EXISTS records_by_seq ON records (stream_id, seq);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
@@ -122,6 +125,8 @@ pub struct NewRecord {
     pub payload: Bytes,
     /// Receive time, Unix ms.
     pub received_at_ms: i64,
+    /// Receive time, milliseconds since this host booted ([`crate::clock::monotonic_ms`]).
+    pub monotonic_ms: u64,
 }
 
 impl NewRecord {
@@ -142,6 +147,10 @@ pub struct StoredRecord {
     pub payload: Vec<u8>,
     /// Receive time, Unix ms.
     pub received_at_ms: i64,
+    /// Boot id of the host when it was received; empty if unknown (older buffer, salvage).
+    pub boot_id: String,
+    /// Milliseconds since that boot when it was received; 0 if unknown.
+    pub monotonic_ms: u64,
 }
 
 /// A command for the writer thread.
@@ -333,6 +342,7 @@ impl Buffer {
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={RESERVE_BYTES};"
         ))
         .and_then(|()| conn.execute_batch(SCHEMA))
+        .and_then(|()| migrate(&conn))
         .map_err(sqlite)?;
         let epoch = load_epoch(&conn).map_err(sqlite)?;
         let reserve = PathBuf::from(format!("{}.reserve", path.display()));
@@ -546,7 +556,8 @@ fn apply(
     let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO records (stream_id, seq, topic, received_at_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO records (stream_id, seq, topic, received_at_ms, payload, boot, monotonic_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, (SELECT id FROM boots WHERE boot_id = ?6), ?7)",
         )?;
         let mut delete = tx.prepare_cached(
             "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING seq, length(topic) + length(payload)",
@@ -554,13 +565,7 @@ fn apply(
         for command in commands {
             match command {
                 WriterCommand::Append(r) => {
-                    append(
-                        &mut insert,
-                        &mut streams[r.stream],
-                        &r.topic,
-                        &r.payload,
-                        r.received_at_ms,
-                    )?;
+                    append(&mut insert, &mut streams[r.stream], r)?;
                     summary.appended[r.stream] += 1;
                 }
                 WriterCommand::Loss(report) => summary.losses.push(report.clone()),
@@ -669,10 +674,16 @@ fn apply(
         // Every drop of this commit, and every loss handed in, becomes a record to send.
         if let Some(ls) = loss_stream {
             for report in &summary.losses {
-                let payload =
-                    serde_json::to_vec(report).expect("invariant: a loss report serialises");
-                let topic = format!("{LOSS_STREAM}/{}", report.reason.as_str());
-                append(&mut insert, &mut streams[ls], &topic, &payload, now_ms)?;
+                let record = NewRecord {
+                    stream: ls,
+                    topic: format!("{LOSS_STREAM}/{}", report.reason.as_str()),
+                    payload: serde_json::to_vec(report)
+                        .expect("invariant: a loss report serialises")
+                        .into(),
+                    received_at_ms: now_ms,
+                    monotonic_ms: crate::clock::monotonic_ms(),
+                };
+                append(&mut insert, &mut streams[ls], &record)?;
                 summary.appended[ls] += 1;
             }
         }
@@ -687,19 +698,41 @@ fn apply(
     Ok(summary)
 }
 
+/// Brings a buffer written by an older version up to the current schema (boot id and
+/// monotonic time per record: NULL, i.e. unknown, for the records it already held), and
+/// registers this boot.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_monotonic: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('records') WHERE name = 'monotonic_ms'",
+        [],
+        |row| row.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_monotonic {
+        conn.execute_batch(
+            "ALTER TABLE records ADD COLUMN boot INTEGER; ALTER TABLE records ADD COLUMN monotonic_ms INTEGER;",
+        )?;
+    }
+    conn.execute(
+        "INSERT OR IGNORE INTO boots (boot_id) VALUES (?1)",
+        [crate::clock::boot_id()],
+    )?;
+    Ok(())
+}
+
 fn append(
     insert: &mut rusqlite::CachedStatement<'_>,
     s: &mut StreamState,
-    topic: &str,
-    payload: &[u8],
-    received_at_ms: i64,
+    r: &NewRecord,
 ) -> rusqlite::Result<()> {
+    let (topic, payload) = (&r.topic, &r.payload);
     insert.execute(params![
         s.id,
         s.next_seq as i64,
         topic,
-        received_at_ms,
-        payload
+        r.received_at_ms,
+        payload.as_ref(),
+        crate::clock::boot_id(),
+        r.monotonic_ms as i64,
     ])?;
     let cost = (topic.len() + payload.len()) as u64 + RECORD_OVERHEAD_BYTES;
     s.progress.committed_seq = s.next_seq;
@@ -822,7 +855,11 @@ impl BufferReader {
         };
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT seq, topic, received_at_ms, payload FROM records WHERE stream_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
+            .prepare_cached(
+                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms
+                 FROM records r LEFT JOIN boots b ON b.id = r.boot
+                 WHERE r.stream_id = ?1 AND r.seq > ?2 ORDER BY r.seq LIMIT ?3",
+            )
             .map_err(sqlite)?;
         let mut rows = stmt
             .query(params![
@@ -839,6 +876,14 @@ impl BufferReader {
                 topic: row.get(1).map_err(sqlite)?,
                 received_at_ms: row.get(2).map_err(sqlite)?,
                 payload: row.get(3).map_err(sqlite)?,
+                boot_id: row
+                    .get::<_, Option<String>>(4)
+                    .map_err(sqlite)?
+                    .unwrap_or_default(),
+                monotonic_ms: row
+                    .get::<_, Option<i64>>(5)
+                    .map_err(sqlite)?
+                    .map_or(0, |m| m as u64),
             };
             bytes += record.topic.len() + record.payload.len();
             if !out.is_empty() && bytes > max_bytes {
@@ -1052,6 +1097,7 @@ mod tests {
             topic: "t/1".into(),
             payload: Bytes::copy_from_slice(payload),
             received_at_ms: 7,
+            monotonic_ms: 7,
         })
     }
 
@@ -1240,6 +1286,7 @@ mod tests {
                 topic: "t".into(),
                 payload: Bytes::from_static(b"x"),
                 received_at_ms: t,
+                monotonic_ms: 1,
             })
         };
         b.commit(&[at(1_000), at(2_000), at(70_000)], &[], 0, false)

@@ -441,6 +441,7 @@ mod tests {
                     payload: vec![0, 1, 2].into(),
                     qos: Some(1),
                     received_at_ms: 0,
+                    ..Default::default()
                 })
                 .collect(),
         };

@@ -118,6 +118,7 @@ fn batch(device: &str, seqs: &[u64]) -> Batch {
                 payload: Bytes::from(vec![0, 0xff, seq as u8]),
                 qos: None,
                 received_at_ms: 1,
+                ..Default::default()
             })
             .collect(),
     }

@@ -222,6 +222,7 @@ fn jetstream_exactly_once_and_a_retry_to_another_replica_is_dropped_by_msg_id() 
                 payload: bytes::Bytes::from(format!("r{seq}")),
                 qos: None,
                 received_at_ms: agent_now - 1000,
+                ..Default::default()
             })
             .collect(),
     };

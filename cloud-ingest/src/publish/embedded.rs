@@ -39,7 +39,9 @@ CREATE TABLE IF NOT EXISTS records (
     sent_at_ms INTEGER NOT NULL,
     ingested_at_ms INTEGER NOT NULL,
     payload BLOB NOT NULL,
-    corrected_at_ms INTEGER
+    corrected_at_ms INTEGER,
+    boot_id TEXT,
+    monotonic_ms INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS records_by_offset ON records (topic, offset);
 CREATE TABLE IF NOT EXISTS dedup (
@@ -181,8 +183,8 @@ impl Writer {
         let mut touched_keys = Vec::new();
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, corrected_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                "INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, corrected_at_ms, boot_id, monotonic_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?;
             for job in group {
                 let d = &job.delivery;
@@ -216,6 +218,8 @@ impl Writer {
                         d.ingested_at_ms,
                         r.payload.as_ref(),
                         d.corrected_at_ms(r),
+                        Some(r.boot_id.as_str()).filter(|b| !b.is_empty()),
+                        Some(r.monotonic_ms as i64).filter(|&m| m > 0),
                     ])?;
                     seen.insert(r.seq);
                     *next += 1;
@@ -258,13 +262,19 @@ impl Writer {
 
 /// Brings a log file written by an older version up to the current schema.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has_corrected: bool = conn.query_row(
-        "SELECT count(*) FROM pragma_table_info('records') WHERE name = 'corrected_at_ms'",
-        [],
-        |row| row.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !has_corrected {
-        conn.execute_batch("ALTER TABLE records ADD COLUMN corrected_at_ms INTEGER")?;
+    for (column, kind) in [
+        ("corrected_at_ms", "INTEGER"),
+        ("boot_id", "TEXT"),
+        ("monotonic_ms", "INTEGER"),
+    ] {
+        let present: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('records') WHERE name = ?1",
+            [column],
+            |row| row.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE records ADD COLUMN {column} {kind}"))?;
+        }
     }
     Ok(())
 }
@@ -321,6 +331,12 @@ pub struct LogRecord {
     pub corrected_at_ms: Option<i64>,
     /// Whether `corrected_at_ms` was set (the agent's clock was off).
     pub clock_corrected: bool,
+    /// The agent host's boot id when it received the record, when the sender gave it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// Milliseconds since that boot, when the sender gave it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monotonic_ms: Option<u64>,
     /// The payload as text, when it is valid UTF-8.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<String>,
@@ -358,7 +374,7 @@ pub fn read(path: &Path, topic: &str, from: u64, limit: usize) -> Result<Vec<Log
     };
     let mut stmt = conn
         .prepare(
-            "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch, corrected_at_ms
+            "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch, corrected_at_ms, boot_id, monotonic_ms
              FROM records WHERE topic = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
         )
         .map_err(sqlite)?;
@@ -385,6 +401,8 @@ pub fn read(path: &Path, topic: &str, from: u64, limit: usize) -> Result<Vec<Log
                 ingested_at_ms: row.get(8)?,
                 corrected_at_ms: row.get(11)?,
                 clock_corrected: row.get::<_, Option<i64>>(11)?.is_some(),
+                boot_id: row.get(12)?,
+                monotonic_ms: row.get::<_, Option<i64>>(13)?.map(|m| m as u64),
                 payload: text,
                 payload_base64: b64,
             })
@@ -439,6 +457,7 @@ mod tests {
                         payload: Bytes::from(vec![seq as u8, 0xff]),
                         qos: Some(1),
                         received_at_ms: 1,
+                        ..Default::default()
                     })
                     .collect(),
             },

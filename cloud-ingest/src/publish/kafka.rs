@@ -213,6 +213,10 @@ fn headers(d: &Delivery, r: &Record, batch_id: &str) -> OwnedHeaders {
     if let Some(qos) = r.qos {
         fields.push(("qos", qos.to_string()));
     }
+    if !r.boot_id.is_empty() {
+        fields.push(("boot_id", r.boot_id.clone()));
+        fields.push(("monotonic_ms", r.monotonic_ms.to_string()));
+    }
     if let Some(corrected) = d.corrected_at_ms(r) {
         fields.push(("corrected_at_ms", corrected.to_string()));
         fields.push(("clock_corrected", "true".into()));

@@ -148,6 +148,10 @@ fn headers(d: &Delivery, r: &Record, batch_id: &str) -> HeaderMap {
     if let Some(qos) = r.qos {
         h.insert("qos", qos.to_string().as_str());
     }
+    if !r.boot_id.is_empty() {
+        h.insert("boot_id", r.boot_id.as_str());
+        h.insert("monotonic_ms", r.monotonic_ms.to_string().as_str());
+    }
     if let Some(corrected) = d.corrected_at_ms(r) {
         h.insert("corrected_at_ms", corrected.to_string().as_str());
         h.insert("clock_corrected", "true");

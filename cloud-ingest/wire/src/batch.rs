@@ -41,6 +41,12 @@ pub struct Record {
     /// Agent wall-clock time when the broker received it, Unix milliseconds.
     #[prost(int64, tag = "5")]
     pub received_at_ms: i64,
+    /// The agent host's boot id when it was received; empty if unknown.
+    #[prost(string, tag = "6")]
+    pub boot_id: String,
+    /// Milliseconds since that boot when it was received.
+    #[prost(uint64, tag = "7")]
+    pub monotonic_ms: u64,
 }
 
 #[cfg(test)]
@@ -62,6 +68,8 @@ mod tests {
             ("payload", 3),
             ("qos", 4),
             ("received_at_ms", 5),
+            ("boot_id", 6),
+            ("monotonic_ms", 7),
         ] {
             assert!(
                 PROTO.contains(&format!(" {field} = {tag};")),

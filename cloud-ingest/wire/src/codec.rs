@@ -192,6 +192,7 @@ mod tests {
                     payload: Bytes::from_static(b"\x00\xffbinary"),
                     qos: Some(1),
                     received_at_ms: 2,
+                    ..Default::default()
                 })
                 .collect(),
         }

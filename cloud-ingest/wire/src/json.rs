@@ -50,6 +50,16 @@ pub struct JsonRecord {
     /// When the reading was taken, Unix milliseconds; default 0 (unknown).
     #[serde(default)]
     pub received_at_ms: i64,
+    /// The sender's boot id when it was taken; default empty (unknown).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot_id: String,
+    /// Milliseconds since that boot; default 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub monotonic_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl JsonBatch {
@@ -82,6 +92,8 @@ impl JsonBatch {
                     payload,
                     qos: r.qos,
                     received_at_ms: r.received_at_ms,
+                    boot_id: r.boot_id,
+                    monotonic_ms: r.monotonic_ms,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -113,6 +113,7 @@ fn kafka_batches(sender: usize, batches: u64) -> Vec<(u64, ingest_wire::Batch)> 
                         payload: load::payload(PayloadKind::Json, sender, seq, 200).into(),
                         qos: None,
                         received_at_ms: e2e::now_ms(),
+                        ..Default::default()
                     }
                 })
                 .collect();
