@@ -8,6 +8,8 @@
 //! the ingest (which answers once Kafka acknowledged each record) against a plain rdkafka
 //! producer with the same settings, both on one tansu broker on this machine.
 
+mod network;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -342,17 +344,20 @@ fn main() {
             mqtt_extra: BOARD_512MB,
         },
     ];
-    // BENCH_ONLY=kafka runs the second table alone.
-    let only_kafka = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "kafka");
-    let scenarios = if only_kafka {
-        &scenarios[..0]
-    } else {
+    // BENCH_ONLY=pipeline|kafka|network runs one group of tables.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let runs = |table: &str| only.is_empty() || only == table;
+    let scenarios = if runs("pipeline") {
         &scenarios[..]
+    } else {
+        &scenarios[..0]
     };
-    println!(
-        "| scenario | records | publish msg/s | end-to-end records/s | agent peak RSS MiB | ingest peak RSS MiB | wire / raw bytes | lost (counted by the agent) |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    if runs("pipeline") {
+        println!(
+            "| scenario | records | publish msg/s | end-to-end records/s | agent peak RSS MiB | ingest peak RSS MiB | wire / raw bytes | lost (counted by the agent) |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    }
     for s in scenarios {
         let r = run(s);
         println!(
@@ -368,14 +373,54 @@ fn main() {
             r.lost_counted
         );
     }
-    let records = 200_000 * scale;
-    let (via_ingest, direct) = kafka_overhead(records);
+    if runs("kafka") {
+        let records = 200_000 * scale;
+        let (via_ingest, direct) = kafka_overhead(records);
+        println!();
+        println!(
+            "| into Kafka (tansu, memory storage), {records} records of 200 B JSON | records/s |"
+        );
+        println!("|---|---:|");
+        println!(
+            "| cloud-ingest: {KAFKA_SENDERS} senders × batches of {KAFKA_BATCH}, 2xx after Kafka acked each record | {via_ingest:.0} |"
+        );
+        println!("| plain rdkafka producer, same settings, key and headers | {direct:.0} |");
+        println!("| ratio (ingest / direct) | {:.2} |", via_ingest / direct);
+    }
+    if runs("network") {
+        network_tables(scale);
+    }
+}
+
+/// Issue 4's figures for the network layer as it is (see `network.rs`).
+fn network_tables(scale: u64) {
     println!();
-    println!("| into Kafka (tansu, memory storage), {records} records of 200 B JSON | records/s |");
+    println!("| records per batch | wire / raw, zstd level 1 | with a 4 KiB dictionary |");
+    println!("|---:|---:|---:|");
+    for (n, plain, dict) in network::wire_ratios() {
+        println!("| {n} | {plain:.3} | {dict:.3} |");
+    }
+    let d = network::drain(1_000_000 * scale);
+    println!();
+    println!("| network layer (200 B JSON records) | value |");
     println!("|---|---:|");
     println!(
-        "| cloud-ingest: {KAFKA_SENDERS} senders × batches of {KAFKA_BATCH}, 2xx after Kafka acked each record | {via_ingest:.0} |"
+        "| bytes written to the gateway's disk per buffered record (WAL + checkpoints) | {:.0} |",
+        d.disk_bytes_per_record
     );
-    println!("| plain rdkafka producer, same settings, key and headers | {direct:.0} |");
-    println!("| ratio (ingest / direct) | {:.2} |", via_ingest / direct);
+    println!(
+        "| drain of a {} record backlog under {:.0} records/s of live load | {:.1} s ({:.0} records/s) |",
+        d.backlog,
+        d.live_rate,
+        d.drain_seconds,
+        d.backlog as f64 / d.drain_seconds
+    );
+    println!(
+        "| critical latency, agent receipt → ingest receipt, link up, live load: p50 / p99 | {} / {} ms |",
+        d.critical_online.0, d.critical_online.1
+    );
+    println!(
+        "| the same during the drain: p50 / p99 | {} / {} ms |",
+        d.critical_draining.0, d.critical_draining.1
+    );
 }

@@ -1,0 +1,231 @@
+//! The network layer's figures (issue 4's benchmarks), measured on the pipeline as it is:
+//! wire bytes per raw byte by batch size with and without a zstd dictionary, bytes written to
+//! the gateway's disk per record, the drain of a 1,000,000-record backlog under 10,000
+//! records/s of live load, and critical latency online and during that drain.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use e2e::load::{self, LoadSpec, PayloadKind, Steady};
+use e2e::{AgentHarness, CloudHarness, DEVICE, TENANT, free_port};
+use rumqttc::QoS;
+
+/// The agent's default zstd level.
+const LEVEL: i32 = 1;
+/// Dictionary size the issue measured with.
+const DICT_BYTES: usize = 4096;
+
+fn record(client: usize, i: u64) -> ingest_wire::Record {
+    ingest_wire::Record {
+        seq: i + 1,
+        topic: format!("plant/{client}/telemetry/t{}", i % 4),
+        payload: load::payload(PayloadKind::Json, client, i, 200).into(),
+        received_at_ms: 1_795_000_000_000 + i as i64 * 10,
+        ..Default::default()
+    }
+}
+
+fn batch(client: usize, first: u64, n: u64) -> (Vec<u8>, usize) {
+    let records: Vec<_> = (first..first + n).map(|i| record(client, i)).collect();
+    let raw = records
+        .iter()
+        .map(|r| r.topic.len() + r.payload.len())
+        .sum();
+    let b = ingest_wire::Batch {
+        device_id: DEVICE.into(),
+        stream: "telemetry".into(),
+        sent_at_ms: 1_795_000_000_000,
+        records,
+        epoch: 1,
+    };
+    (ingest_wire::encode_batch(&b), raw)
+}
+
+/// (records per batch, wire/raw without dictionary, wire/raw with a 4 KiB dictionary).
+pub fn wire_ratios() -> Vec<(u64, f64, f64)> {
+    // The dictionary is trained on other sensors' single-record batches, as an agent would
+    // train it on its own history.
+    let samples: Vec<Vec<u8>> = (0..2000u64)
+        .map(|i| batch(100 + (i % 10) as usize, i, 1).0)
+        .collect();
+    let dict = zstd::dict::from_samples(&samples, DICT_BYTES).expect("train dictionary");
+    let mut with_dict =
+        zstd::bulk::Compressor::with_dictionary(LEVEL, &dict).expect("dictionary compressor");
+    [10u64, 100, 1000]
+        .into_iter()
+        .map(|n| {
+            // 20 batches per size, from sensors the dictionary never saw.
+            let (mut raw, mut plain, mut dicted) = (0usize, 0usize, 0usize);
+            for b in 0..20u64 {
+                let (bytes, r) = batch((b % 5) as usize, b * n, n);
+                raw += r;
+                plain += zstd::bulk::compress(&bytes, LEVEL).expect("zstd").len();
+                dicted += with_dict.compress(&bytes).expect("zstd dict").len();
+            }
+            (n, plain as f64 / raw as f64, dicted as f64 / raw as f64)
+        })
+        .collect()
+}
+
+fn bulk_spec(mqtt: std::net::SocketAddr, clients: usize, per_client: u64) -> LoadSpec {
+    LoadSpec {
+        mqtt,
+        clients,
+        messages_per_client: per_client,
+        rate_per_client: None,
+        payload_bytes: 200,
+        kind: PayloadKind::Json,
+        qos: QoS::AtLeastOnce,
+        topic: Arc::new(|c, i| format!("plant/{c}/logs/l{}", i % 4)),
+        client_prefix: "drain-".into(),
+    }
+}
+
+/// Bytes the process wrote to storage so far (`/proc/<pid>/io` write_bytes).
+fn disk_writes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Percentile `p` (0..=100) of `v`, in ms.
+fn percentile(mut v: Vec<i64>, p: f64) -> i64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * p / 100.0).round() as usize]
+}
+
+/// What the drain scenario measured.
+pub struct Drain {
+    /// Backlog records.
+    pub backlog: u64,
+    /// Bytes the agent wrote to disk per buffered record, while buffering.
+    pub disk_bytes_per_record: f64,
+    /// Seconds from the link's return until the backlog was gone.
+    pub drain_seconds: f64,
+    /// Live records/s published meanwhile.
+    pub live_rate: f64,
+    /// Critical latency (agent receipt → ingest receipt), p50 and p99 ms, link up, live load.
+    pub critical_online: (i64, i64),
+    /// The same during the drain.
+    pub critical_draining: (i64, i64),
+}
+
+const STREAMS: &str = "
+  - name: alarms
+    topics: [\"plant/+/alarm/#\"]
+    priority: critical
+    batch: { max_records: 100, linger: 0ms }
+  - name: logs
+    topics: [\"plant/+/logs/#\"]
+    priority: bulk
+    batch: { max_records: 1000, linger: 100ms }
+";
+
+/// Live load: `clients` steady publishers of `rate` records/s each on the bulk stream, plus
+/// one critical publisher at 20/s.
+fn live(mqtt: std::net::SocketAddr, clients: usize, rate: f64) -> Vec<Steady> {
+    let mut v: Vec<Steady> = (0..clients)
+        .map(|c| Steady::start(mqtt, 1000 + c, rate, &format!("plant/{c}/logs/live"), 200))
+        .collect();
+    v.push(Steady::start(mqtt, 2000, 20.0, "plant/0/alarm/a", 64));
+    v
+}
+
+/// (p50, p99) of critical latency for records the agent received in [from, to] (Unix ms).
+fn critical_latency(cloud: &e2e::Cloud, from: i64, to: i64) -> (i64, i64) {
+    let page: serde_json::Value = reqwest::blocking::get(format!(
+        "{}/v1/log/iot.{TENANT}.alarms?limit=10000",
+        cloud.url()
+    ))
+    .and_then(|r| r.json())
+    .expect("read alarms");
+    let latencies: Vec<i64> = page["records"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| {
+                    Some((r["received_at_ms"].as_i64()?, r["ingested_at_ms"].as_i64()?))
+                })
+                .filter(|&(rx, _)| rx >= from && rx <= to)
+                .map(|(rx, ing)| ing - rx)
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        percentile(latencies.clone(), 50.0),
+        percentile(latencies, 99.0),
+    )
+}
+
+/// Online phase, outage with a `backlog`-record build-up, then the drain under live load.
+pub fn drain(backlog: u64) -> Drain {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut cloud = CloudHarness::new(dir.path()).port(port).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url())
+        .streams(STREAMS)
+        .quota("4GiB")
+        .run();
+    let (live_clients, live_each) = (4, 2500.0);
+
+    // Online: 10 s of live load with the link up.
+    let online_from = e2e::now_ms();
+    let publishers = live(agent.mqtt, live_clients, live_each);
+    std::thread::sleep(Duration::from_secs(10));
+    let online_to = e2e::now_ms();
+    for p in publishers {
+        p.stop();
+    }
+    wait_until("online load delivered", Duration::from_secs(60), || {
+        agent.backlog() == 0.0
+    });
+    let critical_online = critical_latency(&cloud, online_from, online_to);
+
+    // Outage: the backlog builds up in the buffer.
+    cloud.process.kill();
+    let writes_before = disk_writes(agent.process.pid());
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(load::publish(bulk_spec(agent.mqtt, 10, backlog / 10)));
+    wait_until("backlog buffered", Duration::from_secs(300), || {
+        agent.backlog() >= backlog as f64
+    });
+    let disk_bytes_per_record =
+        (disk_writes(agent.process.pid()) - writes_before) as f64 / backlog as f64;
+
+    // The link returns; live load goes on through the drain.
+    let publishers = live(agent.mqtt, live_clients, live_each);
+    let started = Instant::now();
+    let drain_from = e2e::now_ms();
+    let cloud = CloudHarness::new(dir.path()).port(port).run();
+    wait_until("backlog drained", Duration::from_secs(600), || {
+        agent.metric("agent_backlog_records{stream=\"logs\"}") < live_each * live_clients as f64
+    });
+    let drain_seconds = started.elapsed().as_secs_f64();
+    let drain_to = e2e::now_ms();
+    let published: u64 = publishers.into_iter().map(|p| p.stop().published).sum();
+    let critical_draining = critical_latency(&cloud, drain_from, drain_to);
+    Drain {
+        backlog,
+        disk_bytes_per_record,
+        drain_seconds,
+        live_rate: published as f64 / drain_seconds,
+        critical_online,
+        critical_draining,
+    }
+}
