@@ -533,6 +533,19 @@ pub struct Agent {
     pub config: PathBuf,
 }
 
+/// Two streams, critical `alarms` and bulk `logs`, under `plant/+/…`: for drains after an
+/// outage.
+pub const CRITICAL_AND_BULK: &str = "
+  - name: alarms
+    topics: [\"plant/+/alarm/#\"]
+    priority: critical
+    batch: { max_records: 100, linger: 0ms }
+  - name: logs
+    topics: [\"plant/+/logs/#\"]
+    priority: bulk
+    batch: { max_records: 1000, linger: 100ms }
+";
+
 /// Three streams (critical, normal, bulk) under `plant/+/…`.
 pub const THREE_STREAMS: &str = "
   - name: alarms

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::load::{self, LoadSpec, PayloadKind};
-use e2e::{AgentHarness, CloudHarness, TENANT, eventually, free_port};
+use e2e::{AgentHarness, CRITICAL_AND_BULK, CloudHarness, TENANT, eventually, free_port};
 use rumqttc::QoS;
 
 #[test]
@@ -67,19 +67,9 @@ fn after_an_outage_critical_goes_first_and_the_bandwidth_cap_holds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let cap: f64 = 320.0 * 1024.0;
-    let streams = "
-  - name: alarms
-    topics: [\"plant/+/alarm/#\"]
-    priority: critical
-    batch: { max_records: 100, linger: 0ms }
-  - name: logs
-    topics: [\"plant/+/logs/#\"]
-    priority: bulk
-    batch: { max_records: 1000, linger: 100ms }
-";
     // The ingest does not exist yet: an outage from the start.
     let agent = AgentHarness::new(dir.path(), &format!("http://127.0.0.1:{port}"))
-        .streams(streams)
+        .streams(CRITICAL_AND_BULK)
         .ingest_extra("  max_upload_rate: 320KiB\n")
         .run();
     let spec = |clients: usize, n: u64, topic: &'static str| LoadSpec {

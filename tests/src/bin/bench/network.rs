@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::load::{self, LoadSpec, PayloadKind, Steady};
-use e2e::{AgentHarness, CloudHarness, DEVICE, TENANT, free_port};
+use e2e::{AgentHarness, CRITICAL_AND_BULK, CloudHarness, DEVICE, TENANT, free_port};
 use rumqttc::QoS;
 
 /// The agent's default zstd level.
@@ -126,17 +126,6 @@ pub struct Drain {
     pub critical_draining: (i64, i64),
 }
 
-const STREAMS: &str = "
-  - name: alarms
-    topics: [\"plant/+/alarm/#\"]
-    priority: critical
-    batch: { max_records: 100, linger: 0ms }
-  - name: logs
-    topics: [\"plant/+/logs/#\"]
-    priority: bulk
-    batch: { max_records: 1000, linger: 100ms }
-";
-
 /// Live load: `clients` steady publishers of `rate` records/s each on the bulk stream, plus
 /// one critical publisher at 20/s.
 fn live(mqtt: std::net::SocketAddr, clients: usize, rate: f64) -> Vec<Steady> {
@@ -179,7 +168,7 @@ pub fn drain(backlog: u64) -> Drain {
     let port = free_port();
     let mut cloud = CloudHarness::new(dir.path()).port(port).run();
     let agent = AgentHarness::new(dir.path(), &cloud.url())
-        .streams(STREAMS)
+        .streams(CRITICAL_AND_BULK)
         .quota("4GiB")
         .run();
     let (live_clients, live_each) = (4, 2500.0);
