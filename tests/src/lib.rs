@@ -452,18 +452,7 @@ impl Cloud {
 
     /// Records in the log, over every topic.
     pub fn total_records(&self) -> u64 {
-        let topics: serde_json::Value = match self
-            .http
-            .get(format!("{}/v1/log", self.url()))
-            .send()
-            .and_then(|r| r.json())
-        {
-            Ok(v) => v,
-            Err(_) => return 0,
-        };
-        topics.as_array().map_or(0, |a| {
-            a.iter().filter_map(|t| t["end_offset"].as_u64()).sum()
-        })
+        self.topic_counts().values().sum()
     }
 
     /// The value of one of its metric series; 0 if absent.

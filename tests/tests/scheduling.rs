@@ -8,6 +8,29 @@ use e2e::load::{self, LoadSpec, PayloadKind};
 use e2e::{AgentHarness, CRITICAL_AND_BULK, CloudHarness, TENANT, eventually, free_port};
 use rumqttc::QoS;
 
+/// `clients` sensors each publishing `n` QoS 1 messages as fast as they can on
+/// `plant/<client>/<topic>/x`.
+fn burst(
+    mqtt: std::net::SocketAddr,
+    clients: usize,
+    n: u64,
+    topic: &'static str,
+    kind: PayloadKind,
+    payload_bytes: usize,
+) -> LoadSpec {
+    LoadSpec {
+        mqtt,
+        clients,
+        messages_per_client: n,
+        rate_per_client: None,
+        payload_bytes,
+        kind,
+        qos: QoS::AtLeastOnce,
+        topic: Arc::new(move |c, _| format!("plant/{c}/{topic}/x")),
+        client_prefix: format!("{topic}-"),
+    }
+}
+
 #[test]
 fn a_flood_of_critical_does_not_stop_bulk() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -26,17 +49,7 @@ fn a_flood_of_critical_does_not_stop_bulk() {
         .streams(streams)
         .extra("scheduling:\n  starvation_bound: 1s\n")
         .run();
-    let spec = |clients: usize, n: u64, topic: &'static str| LoadSpec {
-        mqtt: agent.mqtt,
-        clients,
-        messages_per_client: n,
-        rate_per_client: None,
-        payload_bytes: 100,
-        kind: PayloadKind::Binary,
-        qos: QoS::AtLeastOnce,
-        topic: Arc::new(move |c, _| format!("plant/{c}/{topic}/x")),
-        client_prefix: format!("{topic}-"),
-    };
+    let spec = |clients, n, topic| burst(agent.mqtt, clients, n, topic, PayloadKind::Binary, 100);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     // Far more critical data than the uplink moves in a second, in batches of 100; then bulk.
     runtime.block_on(load::publish(spec(4, 50_000, "alarm")));
@@ -72,17 +85,7 @@ fn after_an_outage_critical_goes_first_and_the_bandwidth_cap_holds() {
         .streams(CRITICAL_AND_BULK)
         .ingest_extra("  max_upload_rate: 320KiB\n")
         .run();
-    let spec = |clients: usize, n: u64, topic: &'static str| LoadSpec {
-        mqtt: agent.mqtt,
-        clients,
-        messages_per_client: n,
-        rate_per_client: None,
-        payload_bytes: 200,
-        kind: PayloadKind::Json,
-        qos: QoS::AtLeastOnce,
-        topic: Arc::new(move |c, _| format!("plant/{c}/{topic}/x")),
-        client_prefix: format!("{topic}-"),
-    };
+    let spec = |clients, n, topic| burst(agent.mqtt, clients, n, topic, PayloadKind::Json, 200);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(load::publish(spec(2, 50_000, "logs")));
     runtime.block_on(load::publish(spec(1, 100, "alarm")));
