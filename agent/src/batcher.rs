@@ -1,8 +1,14 @@
 //! When a stream's batch is due, which stream goes next, and building the batch body.
 //!
-//! Invariant: a stream's records leave in sequence order, one batch at a time per stream, and
-//! the next batch starts right after the last one the ingest acknowledged (or dead-lettered);
-//! so order per (device, stream) holds into the log.
+//! Invariant: one batch at a time per stream, and the next one is read only once the previous
+//! one is answered. A FIFO stream's next batch starts right after what the ingest acknowledged
+//! (or dead-lettered), so order per (device, stream) holds into the log; a newest-first stream
+//! sends its newest undelivered records first, then fills the holes below, newest to oldest.
+//! Within a batch, records are always in sequence order. A record leaves a [`Lane`] only as
+//! delivered, dead-lettered or found gone; everything sent and unanswered stays protected.
+//!
+//! Batch size adapts: the triggers' size when caught up, growing with the backlog up to
+//! `drain_max_records` / `drain_max_bytes`, so a drain uses few large requests.
 //!
 //! Policy: a stream is due when `max_records` or `max_bytes` are waiting, or its oldest waiting
 //! record is `linger` old. A backlog (after an outage or a restart) is due at once. Among due
@@ -16,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ingest_wire::{Batch, Record};
 
-use crate::buffer::{StoredRecord, StreamProgress};
+use crate::buffer::{MAX_SEQ, Protection, SeqRanges, StoredRecord, StreamProgress};
 use crate::config::BatchTriggers;
 use crate::routing::Priority;
 
@@ -176,31 +182,69 @@ impl Scheduler {
     }
 }
 
-/// The forwarder's view of one stream: where sending resumes and since when data waits.
+/// In which order a stream's waiting records leave.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// Oldest first: the log gets the stream in sequence order (the default).
+    #[default]
+    Fifo,
+    /// Newest first, for "latest value" streams: after an outage the newest batch goes first,
+    /// then the backlog, newest to oldest. Records keep sequence order within a batch.
+    NewestFirst,
+}
+
+/// What became of a request, as far as its records are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Acknowledged or dead-lettered: its records leave the buffer.
+    Done,
+    /// Surely not appended (refused, or never connected): sent again later.
+    NotInLog,
+    /// No usable answer after it went out: it may be in the log; sent again later.
+    Unknown,
+}
+
+/// The request in flight of a lane.
+#[derive(Debug, Clone)]
+struct InFlight {
+    covered: (u64, u64),
+    maybe_sent_before: SeqRanges,
+}
+
+/// The forwarder's view of one stream: what is delivered, what is in flight or may be in the
+/// log, where the next batch is read from and since when data waits.
 #[derive(Debug, Clone)]
 pub struct Lane {
-    /// Last sequence acknowledged (or dead-lettered, or found evicted).
+    /// Every sequence at or below it is delivered (or dead-lettered, or found gone).
     pub cursor: u64,
+    order: Order,
+    /// Delivered ranges above the cursor (newest-first leaves holes below what it sent).
+    done: SeqRanges,
+    /// Ranges put in a request that may be in the log and are not delivered yet.
+    maybe_sent: SeqRanges,
+    in_flight: Option<InFlight>,
     waiting_since: Option<Instant>,
     /// `appended_bytes` when the stream was last caught up; `None` during a backlog.
     bytes_mark: Option<u64>,
     /// Cap on records per batch after a 413 (halved each time), reset after a success.
     pub size_cap: Option<usize>,
-    /// Highest sequence ever put in a request: it may be in the log even if unacknowledged.
-    sent_through: u64,
     /// When a batch of this stream last went out.
     last_served: Option<Instant>,
 }
 
 impl Lane {
     /// A lane resuming after `cursor`; `backlog` when records already wait (sent at once).
-    pub fn new(cursor: u64, backlog: bool, now: Instant, linger: Duration) -> Lane {
+    pub fn new(cursor: u64, backlog: bool, now: Instant, linger: Duration, order: Order) -> Lane {
         Lane {
             cursor,
+            order,
+            done: SeqRanges::default(),
+            maybe_sent: SeqRanges::default(),
+            in_flight: None,
             waiting_since: backlog.then(|| now.checked_sub(linger).unwrap_or(now)),
             bytes_mark: (!backlog).then_some(0),
             size_cap: None,
-            sent_through: cursor,
             last_served: None,
         }
     }
@@ -210,34 +254,92 @@ impl Lane {
         self.last_served = Some(now);
     }
 
-    /// A request carries records up to `last_seq`; returns the previous mark, for [`Lane::unsend`].
-    pub fn sent(&mut self, last_seq: u64) -> u64 {
-        let before = self.sent_through;
-        self.sent_through = self.sent_through.max(last_seq);
-        before
+    /// Whether a request of this stream is in flight (one at a time keeps the order).
+    pub fn busy(&self) -> bool {
+        self.in_flight.is_some()
     }
 
-    /// That request surely did not reach the log: put the mark back.
-    pub fn unsend(&mut self, before: u64) {
-        self.sent_through = before;
-    }
-
-    /// Records at or below this may be in the log: the buffer must not evict them.
-    pub fn sent_floor(&self) -> u64 {
-        self.sent_through.max(self.cursor)
-    }
-
-    /// Notes newly committed records.
-    pub fn observe(&mut self, progress: &StreamProgress, now: Instant) {
-        if progress.committed_seq > self.cursor && self.waiting_since.is_none() {
-            self.waiting_since = Some(now);
+    /// Where the next batch is read from, in reading order, and whether newest first.
+    pub fn spans(&self) -> (Vec<(u64, u64)>, bool) {
+        let from = self.cursor.saturating_add(1);
+        match self.order {
+            Order::Fifo => (vec![(from, MAX_SEQ)], false),
+            Order::NewestFirst => {
+                let mut gaps = self.done.gaps(from, MAX_SEQ);
+                gaps.reverse();
+                (gaps, true)
+            }
         }
     }
 
-    /// The batch up to `last_seq` has left the buffer (acknowledged, dead-lettered or evicted).
-    pub fn advance(&mut self, last_seq: u64, progress: &StreamProgress) {
-        self.cursor = self.cursor.max(last_seq);
-        if progress.committed_seq <= self.cursor {
+    /// Records and bytes of the next batch: the triggers' size when caught up, growing with
+    /// the backlog up to the drain sizes (fewer, larger requests while draining).
+    /// A newest-first stream sends its newest records (above everything delivered) at the
+    /// triggers' size, so they arrive first and fast; its older backlog drains in large batches.
+    pub fn limits(&self, t: &BatchTriggers, progress: &StreamProgress) -> (usize, usize) {
+        let newest_waiting = self.order == Order::NewestFirst
+            && self
+                .done
+                .iter()
+                .next_back()
+                .is_none_or(|(_, top)| progress.committed_seq > top);
+        let pending = if newest_waiting {
+            0
+        } else {
+            usize::try_from(self.pending(progress)).unwrap_or(usize::MAX)
+        };
+        let drain_records = t.drain_max_records.max(t.max_records);
+        let records = pending.clamp(t.max_records, drain_records);
+        let scaled = (t.max_bytes as u128 * records as u128 / t.max_records as u128) as usize;
+        let bytes = scaled.min(t.drain_max_bytes.max(t.max_bytes));
+        (self.size_cap.map_or(records, |c| c.min(records)), bytes)
+    }
+
+    /// A request carrying `covered` goes out: protect it until its answer.
+    pub fn begin(&mut self, covered: (u64, u64)) {
+        let before = self.maybe_sent.clone();
+        self.maybe_sent.insert(covered.0, covered.1);
+        self.in_flight = Some(InFlight {
+            covered,
+            maybe_sent_before: before,
+        });
+    }
+
+    /// The request in flight ended with `answer`.
+    pub fn finish(&mut self, answer: Answer, progress: &StreamProgress) {
+        let Some(f) = self.in_flight.take() else {
+            return;
+        };
+        match answer {
+            Answer::Done => {
+                self.done.insert(f.covered.0, f.covered.1);
+                self.maybe_sent.remove(f.covered.0, f.covered.1);
+                self.settle(progress);
+            }
+            Answer::NotInLog => self.maybe_sent = f.maybe_sent_before,
+            Answer::Unknown => {}
+        }
+    }
+
+    /// A read found nothing to send: everything committed is delivered or gone (evicted).
+    pub fn gone(&mut self, progress: &StreamProgress) {
+        if progress.committed_seq > self.cursor {
+            self.done.insert(self.cursor + 1, progress.committed_seq);
+        }
+        self.settle(progress);
+    }
+
+    /// Moves the cursor over delivered ranges and notes whether the stream is caught up.
+    fn settle(&mut self, progress: &StreamProgress) {
+        while let Some((first, last)) = self.done.first() {
+            if first > self.cursor.saturating_add(1) {
+                break;
+            }
+            self.cursor = self.cursor.max(last);
+            self.done.remove_through(self.cursor);
+        }
+        self.maybe_sent.remove_through(self.cursor);
+        if self.pending(progress) == 0 {
             self.waiting_since = None;
             self.bytes_mark = Some(progress.appended_bytes);
         } else {
@@ -246,7 +348,34 @@ impl Lane {
         }
     }
 
-    /// The scheduler's view of this lane.
+    /// What the buffer must not evict or expire of this stream.
+    pub fn protection(&self) -> Protection {
+        let mut ranges = self.maybe_sent.clone();
+        for (first, last) in self.done.iter() {
+            ranges.insert(first, last);
+        }
+        Protection {
+            floor: self.cursor,
+            ranges,
+        }
+    }
+
+    /// Committed records not delivered yet.
+    fn pending(&self, progress: &StreamProgress) -> u64 {
+        let committed = progress.committed_seq;
+        committed
+            .saturating_sub(self.cursor)
+            .saturating_sub(self.done.count_within(self.cursor + 1, committed))
+    }
+
+    /// Notes newly committed records.
+    pub fn observe(&mut self, progress: &StreamProgress, now: Instant) {
+        if self.pending(progress) > 0 && self.waiting_since.is_none() {
+            self.waiting_since = Some(now);
+        }
+    }
+
+    /// The scheduler's view of this lane (nothing pending while its request is in flight).
     pub fn candidate(
         &self,
         priority: Priority,
@@ -255,7 +384,11 @@ impl Lane {
     ) -> Candidate {
         Candidate {
             priority,
-            pending_records: progress.committed_seq.saturating_sub(self.cursor),
+            pending_records: if self.busy() {
+                0
+            } else {
+                self.pending(progress)
+            },
             pending_bytes: self
                 .bytes_mark
                 .map(|m| progress.appended_bytes.saturating_sub(m)),
@@ -333,6 +466,8 @@ mod tests {
         max_records: 100,
         max_bytes: 1000,
         linger: Duration::from_millis(50),
+        drain_max_records: 1000,
+        drain_max_bytes: 5000,
     };
 
     fn c(
@@ -485,7 +620,7 @@ mod tests {
             appended_bytes: bytes,
             ..Default::default()
         };
-        let mut lane = Lane::new(0, false, now, T.linger);
+        let mut lane = Lane::new(0, false, now, T.linger, Order::Fifo);
         assert_eq!(
             decide(now, &[lane.candidate(Priority::Normal, T, &p(0, 0))]),
             Decision::Idle
@@ -503,7 +638,16 @@ mod tests {
             ),
             Decision::Send(0)
         );
-        lane.advance(100, &p(3000, 30_000));
+        lane.begin((1, 100));
+        assert_eq!(
+            decide(
+                now,
+                &[lane.candidate(Priority::Normal, T, &p(3000, 30_000))]
+            ),
+            Decision::Idle,
+            "one request in flight per stream"
+        );
+        lane.finish(Answer::Done, &p(3000, 30_000));
         assert_eq!(
             decide(
                 now,
@@ -512,7 +656,8 @@ mod tests {
             Decision::Send(0),
             "backlog stays due"
         );
-        lane.advance(3000, &p(3000, 30_000));
+        lane.begin((101, 3000));
+        lane.finish(Answer::Done, &p(3000, 30_000));
         assert_eq!(
             decide(
                 now,
@@ -521,11 +666,104 @@ mod tests {
             Decision::Idle
         );
 
-        let restarted = Lane::new(10, true, now, T.linger);
+        let restarted = Lane::new(10, true, now, T.linger, Order::Fifo);
         assert_eq!(
             decide(now, &[restarted.candidate(Priority::Bulk, T, &p(20, 0))]),
             Decision::Send(0),
             "backlog after restart is due at once"
         );
+    }
+
+    #[test]
+    fn fifo_lane_protects_what_may_be_in_the_log() {
+        let p = StreamProgress {
+            committed_seq: 500,
+            ..Default::default()
+        };
+        let mut lane = Lane::new(0, true, Instant::now(), T.linger, Order::Fifo);
+        assert_eq!(lane.spans(), (vec![(1, MAX_SEQ)], false));
+        lane.begin((1, 100));
+        assert_eq!(lane.protection().droppable()[0], (101, MAX_SEQ));
+        lane.finish(Answer::Unknown, &p);
+        assert_eq!(
+            lane.protection().droppable()[0],
+            (101, MAX_SEQ),
+            "no answer: it may be in the log"
+        );
+        lane.begin((1, 200));
+        lane.finish(Answer::NotInLog, &p);
+        assert_eq!(
+            lane.protection().droppable()[0],
+            (101, MAX_SEQ),
+            "a refused retry does not unprotect the earlier unknown"
+        );
+        lane.begin((1, 200));
+        lane.finish(Answer::Done, &p);
+        assert_eq!(lane.cursor, 200);
+        assert_eq!(lane.protection(), Protection::floor(200));
+        assert_eq!(lane.spans(), (vec![(201, MAX_SEQ)], false));
+    }
+
+    #[test]
+    fn newest_first_lane_reads_from_the_top_and_fills_the_holes() {
+        let p = |seq| StreamProgress {
+            committed_seq: seq,
+            ..Default::default()
+        };
+        let mut lane = Lane::new(0, true, Instant::now(), T.linger, Order::NewestFirst);
+        assert_eq!(lane.spans(), (vec![(1, MAX_SEQ)], true));
+        assert_eq!(
+            lane.limits(&T, &p(1000)),
+            (100, 1000),
+            "the newest go at the triggers' size"
+        );
+        // The newest 100 of 1000 go first.
+        lane.begin((901, 1000));
+        lane.finish(Answer::Done, &p(1000));
+        assert_eq!(
+            lane.limits(&T, &p(1000)),
+            (900, 5000),
+            "then the backlog drains in large batches"
+        );
+        assert_eq!(lane.cursor, 0);
+        assert_eq!(lane.spans(), (vec![(1001, MAX_SEQ), (1, 900)], true));
+        assert_eq!(lane.pending(&p(1000)), 900);
+        assert_eq!(
+            lane.protection().droppable(),
+            vec![(1, 900), (1001, MAX_SEQ)],
+            "the oldest unsent stay evictable"
+        );
+        // Live records arrived meanwhile: they go next, then the backlog.
+        lane.begin((1001, 1010));
+        lane.finish(Answer::Done, &p(1010));
+        assert_eq!(lane.spans(), (vec![(1011, MAX_SEQ), (1, 900)], true));
+        lane.begin((1, 900));
+        lane.finish(Answer::Done, &p(1010));
+        assert_eq!(lane.cursor, 1010, "the holes closed: the cursor moves up");
+        assert_eq!(lane.pending(&p(1010)), 0);
+        assert_eq!(lane.spans(), (vec![(1011, MAX_SEQ)], true));
+    }
+
+    #[test]
+    fn batches_grow_with_the_backlog() {
+        let lane = Lane::new(0, true, Instant::now(), T.linger, Order::Fifo);
+        let p = |seq| StreamProgress {
+            committed_seq: seq,
+            ..Default::default()
+        };
+        assert_eq!(
+            lane.limits(&T, &p(5)),
+            (100, 1000),
+            "caught up: the triggers"
+        );
+        assert_eq!(lane.limits(&T, &p(300)), (300, 3000));
+        assert_eq!(
+            lane.limits(&T, &p(100_000)),
+            (1000, 5000),
+            "draining: the drain caps"
+        );
+        let mut capped = lane.clone();
+        capped.size_cap = Some(50);
+        assert_eq!(capped.limits(&T, &p(100_000)), (50, 5000), "after a 413");
     }
 }

@@ -23,7 +23,10 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 
+pub mod protection;
 pub mod recovery;
+
+pub use protection::{MAX_SEQ, Protected, Protection, SeqRanges};
 
 use crate::routing::Priority;
 use ingest_wire::{LOSS_STREAM, LossReason, LossReport};
@@ -88,29 +91,6 @@ impl BufferError {
     pub fn is_disk_full(&self) -> bool {
         let BufferError::Sqlite { source, .. } = self;
         matches!(source, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
-    }
-}
-
-/// Per stream, the highest sequence the forwarder has put in a request: records at or below it
-/// may be in the log, so eviction and TTL never drop them, which keeps loss reports exact.
-///
-/// The forwarder reads a batch and raises the floor while holding this lock, and the writer
-/// holds it for the whole commit in which it evicts: so a batch is either read before the
-/// eviction (and protected by the floor) or after it (and no longer holds the evicted rows).
-pub struct SentFloor(std::sync::Mutex<Vec<u64>>);
-
-impl SentFloor {
-    /// Floors by stream index.
-    pub fn new(floors: Vec<u64>) -> SentFloor {
-        SentFloor(std::sync::Mutex::new(floors))
-    }
-
-    /// Holds the floors (and so excludes evictions) until the guard is dropped.
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
-        // A panic while holding it leaves plain numbers behind; they stay usable.
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -416,13 +396,13 @@ impl Buffer {
 
     /// Applies `commands` in one transaction; with `expire`, also drops records past their
     /// stream's TTL (as of `now_ms`). Every drop writes its loss report in the same transaction.
-    /// Records at or below a stream's `sent_floor` are never dropped: they were sent once and
-    /// may be in the log. On error nothing of it is applied and the in-memory state is
+    /// Records a stream's [`Protection`] covers are never dropped: they were sent and may be in
+    /// the log. On error nothing of it is applied and the in-memory state is
     /// unchanged, so the same commands can be retried.
     pub fn commit(
         &mut self,
         commands: &[WriterCommand],
-        sent_floor: &[u64],
+        protected: &[Protection],
         now_ms: i64,
         expire: bool,
     ) -> Result<CommitSummary, BufferError> {
@@ -431,15 +411,15 @@ impl Buffer {
             Some(cap) if cap < self.quota_bytes => (cap, LossReason::DiskFull),
             _ => (self.quota_bytes, LossReason::Quota),
         };
-        let floor: Vec<u64> = (0..streams.len())
-            .map(|i| sent_floor.get(i).copied().unwrap_or(0))
+        let droppable: Vec<Vec<(u64, u64)>> = (0..streams.len())
+            .map(|i| protected.get(i).cloned().unwrap_or_default().droppable())
             .collect();
         let summary = apply(
             &mut self.conn,
             &mut streams,
             commands,
             cap,
-            &floor,
+            &droppable,
             now_ms,
             expire,
         )
@@ -538,7 +518,7 @@ fn apply(
     streams: &mut [StreamState],
     commands: &[WriterCommand],
     (cap, cap_reason): (u64, LossReason),
-    sent_floor: &[u64],
+    droppable: &[Vec<(u64, u64)>],
     now_ms: i64,
     expire: bool,
 ) -> rusqlite::Result<CommitSummary> {
@@ -603,14 +583,22 @@ fn apply(
         }
         if expire {
             let mut expire_rows = tx.prepare_cached(
-                "DELETE FROM records WHERE stream_id = ?1 AND seq > ?2 AND received_at_ms < ?3 RETURNING seq, length(topic) + length(payload)",
+                "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 AND received_at_ms < ?4 RETURNING seq, length(topic) + length(payload)",
             )?;
             for (i, s) in streams.iter_mut().enumerate() {
                 let Some(ttl) = s.ttl_ms else { continue };
-                let dropped = drop_rows(
-                    expire_rows.query(params![s.id, sent_floor[i] as i64, now_ms - ttl])?,
-                    s,
-                )?;
+                let mut dropped = Dropped::default();
+                for &(first, last) in &droppable[i] {
+                    dropped.merge(&drop_rows(
+                        expire_rows.query(params![
+                            s.id,
+                            first as i64,
+                            last as i64,
+                            now_ms - ttl
+                        ])?,
+                        s,
+                    )?);
+                }
                 if dropped.count > 0 {
                     summary.expired[i] += dropped.count;
                     summary
@@ -621,11 +609,13 @@ fn apply(
         }
         // Quota: evict lowest priority, oldest first, until under it. Loss reports stay.
         let mut evict = tx.prepare_cached(
-            "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3)
+            "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq LIMIT ?4)
              RETURNING seq, length(topic) + length(payload)",
         )?;
         let mut evicted: Vec<Option<Dropped>> = vec![None; n];
         let mut exhausted = vec![false; n];
+        // Per stream, the droppable range eviction is at (oldest first).
+        let mut at = vec![0usize; n];
         while streams
             .iter()
             .map(|s| s.progress.backlog_bytes)
@@ -650,14 +640,18 @@ fn apply(
                 break;
             };
             let s = &mut streams[victim];
+            let Some(&(first, last)) = droppable[victim].get(at[victim]) else {
+                // What is left of it was sent: it may be in the log, so it is not evicted (it
+                // will be delivered or dead-lettered). Try the next stream.
+                exhausted[victim] = true;
+                continue;
+            };
             let dropped = drop_rows(
-                evict.query(params![s.id, sent_floor[victim] as i64, EVICT_CHUNK as i64])?,
+                evict.query(params![s.id, first as i64, last as i64, EVICT_CHUNK as i64])?,
                 s,
             )?;
             if dropped.count == 0 {
-                // What is left of it was already sent once: it may be in the log, so it is not
-                // evicted (it will be delivered or dead-lettered). Try the next stream.
-                exhausted[victim] = true;
+                at[victim] += 1;
                 continue;
             }
             summary.evicted[victim] += dropped.count;
@@ -840,59 +834,107 @@ impl BufferReader {
         })
     }
 
-    /// Up to `max_records` records of `stream` after `after_seq`, in order, stopping before
-    /// `max_bytes` of topic+payload (at least one record if any).
+    /// Up to `max_records` records of `stream` from `spans` (inclusive sequence ranges, read
+    /// in the order given: each oldest first, or newest first with `newest_first`), stopping
+    /// before `max_bytes` of topic+payload (at least one record if any).
     pub fn read_batch(
         &self,
         stream: usize,
-        after_seq: u64,
+        spans: &[(u64, u64)],
+        newest_first: bool,
         max_records: usize,
         max_bytes: usize,
-    ) -> Result<Vec<StoredRecord>, BufferError> {
+    ) -> Result<ReadBatch, BufferError> {
         let sqlite = |source| BufferError::Sqlite {
             path: self.path.clone(),
             source,
         };
         let mut stmt = self
             .conn
-            .prepare_cached(
+            .prepare_cached(if newest_first {
                 "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms
                  FROM records r LEFT JOIN boots b ON b.id = r.boot
-                 WHERE r.stream_id = ?1 AND r.seq > ?2 ORDER BY r.seq LIMIT ?3",
-            )
-            .map_err(sqlite)?;
-        let mut rows = stmt
-            .query(params![
-                self.stream_ids[stream],
-                after_seq as i64,
-                max_records as i64
-            ])
+                 WHERE r.stream_id = ?1 AND r.seq BETWEEN ?2 AND ?3 ORDER BY r.seq DESC LIMIT ?4"
+            } else {
+                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms
+                 FROM records r LEFT JOIN boots b ON b.id = r.boot
+                 WHERE r.stream_id = ?1 AND r.seq BETWEEN ?2 AND ?3 ORDER BY r.seq LIMIT ?4"
+            })
             .map_err(sqlite)?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        while let Some(row) = rows.next().map_err(sqlite)? {
-            let record = StoredRecord {
-                seq: row.get::<_, i64>(0).map_err(sqlite)? as u64,
-                topic: row.get(1).map_err(sqlite)?,
-                received_at_ms: row.get(2).map_err(sqlite)?,
-                payload: row.get(3).map_err(sqlite)?,
-                boot_id: row
-                    .get::<_, Option<String>>(4)
-                    .map_err(sqlite)?
-                    .unwrap_or_default(),
-                monotonic_ms: row
-                    .get::<_, Option<i64>>(5)
-                    .map_err(sqlite)?
-                    .map_or(0, |m| m as u64),
-            };
-            bytes += record.topic.len() + record.payload.len();
-            if !out.is_empty() && bytes > max_bytes {
+        // The inclusive range every record of which is in `out` or not in the buffer.
+        let mut covered: Option<(u64, u64)> = None;
+        for &(first, last) in spans {
+            let (first, last) = (first.min(MAX_SEQ), last.min(MAX_SEQ));
+            let wanted = max_records - out.len();
+            let mut rows = stmt
+                .query(params![
+                    self.stream_ids[stream],
+                    first as i64,
+                    last as i64,
+                    wanted as i64
+                ])
+                .map_err(sqlite)?;
+            let (mut got, mut full) = (0, false);
+            while let Some(row) = rows.next().map_err(sqlite)? {
+                let record = StoredRecord {
+                    seq: row.get::<_, i64>(0).map_err(sqlite)? as u64,
+                    topic: row.get(1).map_err(sqlite)?,
+                    received_at_ms: row.get(2).map_err(sqlite)?,
+                    payload: row.get(3).map_err(sqlite)?,
+                    boot_id: row
+                        .get::<_, Option<String>>(4)
+                        .map_err(sqlite)?
+                        .unwrap_or_default(),
+                    monotonic_ms: row
+                        .get::<_, Option<i64>>(5)
+                        .map_err(sqlite)?
+                        .map_or(0, |m| m as u64),
+                };
+                bytes += record.topic.len() + record.payload.len();
+                if !out.is_empty() && bytes > max_bytes {
+                    full = true;
+                    break;
+                }
+                let seq = record.seq;
+                covered = Some(match (covered, newest_first) {
+                    (None, false) => (first, seq),
+                    (None, true) => (seq, seq),
+                    (Some((lo, _)), false) => (lo, seq),
+                    (Some((_, hi)), true) => (seq, hi),
+                });
+                out.push(record);
+                got += 1;
+            }
+            full |= got == wanted;
+            if newest_first && !full {
+                // This span is exhausted down to its start: nothing below the last record
+                // read is left in it.
+                covered = covered.map(|(_, hi)| (first, hi));
+            }
+            if full {
                 break;
             }
-            out.push(record);
         }
-        Ok(out)
+        if newest_first {
+            out.reverse();
+        }
+        Ok(ReadBatch {
+            records: out,
+            covered,
+        })
     }
+}
+
+/// What [`BufferReader::read_batch`] read.
+#[derive(Debug, Default)]
+pub struct ReadBatch {
+    /// The records, in sequence order.
+    pub records: Vec<StoredRecord>,
+    /// The inclusive sequence range each record of which is in `records` or was not in the
+    /// buffer (already gone); `None` when nothing was read.
+    pub covered: Option<(u64, u64)>,
 }
 
 /// The writer stage: owns the [`Buffer`], group-commits commands, publishes progress.
@@ -906,7 +948,7 @@ pub struct BufferWriter {
     stream_names: Vec<String>,
     last_expiry: Instant,
     disk_full_since: Option<Instant>,
-    sent_floor: Arc<SentFloor>,
+    protected: Arc<Protected>,
 }
 
 /// How long after the last full-disk error the configured quota is tried again.
@@ -925,7 +967,7 @@ impl BufferWriter {
         progress: watch::Sender<Vec<StreamProgress>>,
         metrics: Metrics,
         stream_names: Vec<String>,
-        sent_floor: Arc<SentFloor>,
+        protected: Arc<Protected>,
     ) -> BufferWriter {
         BufferWriter {
             buffer,
@@ -936,7 +978,7 @@ impl BufferWriter {
             stream_names,
             last_expiry: Instant::now(),
             disk_full_since: None,
-            sent_floor,
+            protected,
         }
     }
 
@@ -982,7 +1024,7 @@ impl BufferWriter {
             let started = Instant::now();
             match self.buffer.commit(
                 group,
-                &self.sent_floor.lock(),
+                &self.protected.lock(),
                 crate::clock::now_ms(),
                 expire,
             ) {
@@ -1124,13 +1166,22 @@ mod tests {
             let r =
                 BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
                     .expect("reader");
-            let batch = r.read_batch(1, 0, 10, 1 << 20).expect("read");
+            let batch = r
+                .read_batch(1, &[(1, MAX_SEQ)], false, 10, 1 << 20)
+                .expect("read")
+                .records;
             assert_eq!(
                 batch.iter().map(|r| r.seq).collect::<Vec<_>>(),
                 vec![1, 2, 3]
             );
             assert_eq!(batch[0].payload, b"\x00a");
-            assert_eq!(r.read_batch(1, 1, 1, 1 << 20).expect("read")[0].seq, 2);
+            assert_eq!(
+                r.read_batch(1, &[(2, MAX_SEQ)], false, 1, 1 << 20)
+                    .expect("read")
+                    .records[0]
+                    .seq,
+                2
+            );
             let s = b
                 .commit(
                     &[WriterCommand::Ack {
@@ -1169,8 +1220,20 @@ mod tests {
             .expect("commit");
         let r = BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
             .expect("reader");
-        assert_eq!(r.read_batch(2, 0, 10, 10).expect("read").len(), 1);
-        assert_eq!(r.read_batch(2, 0, 10, 300).expect("read").len(), 2);
+        assert_eq!(
+            r.read_batch(2, &[(1, MAX_SEQ)], false, 10, 10)
+                .expect("read")
+                .records
+                .len(),
+            1
+        );
+        assert_eq!(
+            r.read_batch(2, &[(1, MAX_SEQ)], false, 10, 300)
+                .expect("read")
+                .records
+                .len(),
+            2
+        );
     }
 
     #[test]
@@ -1209,7 +1272,10 @@ mod tests {
             ],
         )
         .expect("reader");
-        let sent = r.read_batch(3, 0, 10, 1 << 20).expect("read");
+        let sent = r
+            .read_batch(3, &[(1, MAX_SEQ)], false, 10, 1 << 20)
+            .expect("read")
+            .records;
         assert_eq!(
             sent.len(),
             1,
@@ -1223,7 +1289,10 @@ mod tests {
         let r = BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
             .expect("reader");
         assert_eq!(
-            r.read_batch(0, 0, 10, 1 << 20).expect("read").len(),
+            r.read_batch(0, &[(1, MAX_SEQ)], false, 10, 1 << 20)
+                .expect("read")
+                .records
+                .len(),
             1,
             "critical untouched"
         );
@@ -1403,22 +1472,79 @@ mod tests {
     }
 
     #[test]
-    fn records_already_sent_are_never_evicted() {
+    fn records_sent_are_never_evicted_the_oldest_unsent_are() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
         let cost = 3 + 100 + RECORD_OVERHEAD_BYTES;
         let mut b = Buffer::open(&path, &streams(), cost * 3)
             .expect("open")
             .buffer;
-        let floor = [0, 0, 2, 0];
+        let sent = |floor, ranges: &[(u64, u64)]| {
+            let mut p = vec![Protection::default(); 4];
+            p[2].floor = floor;
+            for &(f, l) in ranges {
+                p[2].ranges.insert(f, l);
+            }
+            p
+        };
         let cmds: Vec<_> = (0..6).map(|_| rec(2, &[2; 100])).collect();
-        let s = b.commit(&cmds, &floor, 5, false).expect("commit");
+        let s = b.commit(&cmds, &sent(2, &[]), 5, false).expect("commit");
         assert_eq!(
             s.losses[0].first_seq,
             Some(3),
             "seqs 1 and 2 were sent: kept"
         );
         assert_eq!(s.evicted[2], 4);
+        assert_eq!(b.progress()[2].backlog_records, 2);
+
+        // A newest-first stream has its newest batch in flight: the oldest unsent ones go.
+        let cmds: Vec<_> = (0..6).map(|_| rec(2, &[2; 100])).collect();
+        let s = b
+            .commit(&cmds, &sent(2, &[(8, 9), (12, 12)]), 5, false)
+            .expect("commit");
+        let lost = &s.losses[0];
+        assert_eq!(
+            (lost.first_seq, lost.last_seq, lost.count),
+            (Some(7), Some(11), 3),
+            "7, 10 and 11 go; 8, 9 and 12 are in flight"
+        );
+    }
+
+    #[test]
+    fn reads_newest_first_across_spans_and_says_what_it_covered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let mut b = Buffer::open(&path, &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
+        let cmds: Vec<_> = (0..10).map(|_| rec(2, b"v")).collect();
+        b.commit(&cmds, &[], 0, false).expect("commit");
+        let r = BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
+            .expect("reader");
+        let read = |spans: &[(u64, u64)], newest, n| {
+            let got = r.read_batch(2, spans, newest, n, 1 << 20).expect("read");
+            (
+                got.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+                got.covered,
+            )
+        };
+        // 6 and 7 were delivered: the spans skip them.
+        let spans = [(8, MAX_SEQ), (1, 5)];
+        assert_eq!(read(&spans, true, 4), (vec![5, 8, 9, 10], Some((5, 10))));
+        assert_eq!(
+            read(&spans, true, 20),
+            (vec![1, 2, 3, 4, 5, 8, 9, 10], Some((1, 10)))
+        );
+        assert_eq!(
+            read(&[(4, MAX_SEQ)], false, 3),
+            (vec![4, 5, 6], Some((4, 6)))
+        );
+        assert_eq!(read(&[(11, MAX_SEQ)], false, 3), (vec![], None));
+        // The top span is empty (evicted), the next one is read down to its start.
+        assert_eq!(
+            read(&[(11, MAX_SEQ), (1, 3)], true, 5),
+            (vec![1, 2, 3], Some((1, 3)))
+        );
     }
 
     #[test]

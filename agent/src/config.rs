@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::batcher::SchedulePolicy;
+use crate::batcher::{Order, SchedulePolicy};
 use crate::routing::{Priority, TopicFilter};
 
 /// A config that cannot be used. The agent exits with this message before it starts.
@@ -120,6 +120,12 @@ struct RawIngest {
     max_upload_rate: Option<String>,
     #[serde(default = "default_true")]
     critical_may_exceed_rate: bool,
+    #[serde(default = "default_max_in_flight")]
+    max_in_flight: usize,
+}
+
+fn default_max_in_flight() -> usize {
+    4
 }
 
 fn default_true() -> bool {
@@ -163,6 +169,10 @@ struct RawStream {
     batch: RawBatch,
     #[serde(default)]
     ttl: Option<String>,
+    #[serde(default)]
+    order: Order,
+    #[serde(default)]
+    zstd_level: Option<i32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +184,10 @@ struct RawBatch {
     max_bytes: String,
     #[serde(default = "default_linger")]
     linger: String,
+    #[serde(default = "default_drain_max_records")]
+    drain_max_records: usize,
+    #[serde(default = "default_drain_max_bytes")]
+    drain_max_bytes: String,
 }
 
 impl Default for RawBatch {
@@ -182,6 +196,8 @@ impl Default for RawBatch {
             max_records: default_max_records(),
             max_bytes: default_max_bytes(),
             linger: default_linger(),
+            drain_max_records: default_drain_max_records(),
+            drain_max_bytes: default_drain_max_bytes(),
         }
     }
 }
@@ -231,6 +247,17 @@ fn default_max_bytes() -> String {
 fn default_linger() -> String {
     "200ms".into()
 }
+fn default_drain_max_records() -> usize {
+    DRAIN_MAX_RECORDS
+}
+fn default_drain_max_bytes() -> String {
+    "4MiB".into()
+}
+
+/// Default `batch.drain_max_records`: half the ingest's default `max_records_per_batch`.
+pub const DRAIN_MAX_RECORDS: usize = 5000;
+/// Default `batch.drain_max_bytes`.
+pub const DRAIN_MAX_BYTES: usize = 4 << 20;
 
 /// A validated agent config.
 #[derive(Debug, Clone)]
@@ -285,6 +312,8 @@ pub struct IngestConfig {
     pub max_upload_rate: Option<u64>,
     /// Whether critical batches go at once under the cap (their bytes are paid back after).
     pub critical_may_exceed_rate: bool,
+    /// Requests in flight at once, across streams (one per stream; one slot kept for critical).
+    pub max_in_flight: usize,
 }
 
 /// The embedded broker.
@@ -330,6 +359,10 @@ pub struct StreamConfig {
     pub batch: BatchTriggers,
     /// Records older than this are dropped (and reported) if still undelivered.
     pub ttl: Option<Duration>,
+    /// Oldest first (FIFO) or newest first.
+    pub order: Order,
+    /// zstd level of this stream's batches.
+    pub zstd_level: i32,
 }
 
 /// A batch is sent when any trigger fires.
@@ -341,6 +374,23 @@ pub struct BatchTriggers {
     pub max_bytes: usize,
     /// The oldest waiting record is this old.
     pub linger: Duration,
+    /// Records per batch while a backlog drains (batches grow with the backlog up to it).
+    pub drain_max_records: usize,
+    /// Bytes per batch while a backlog drains.
+    pub drain_max_bytes: usize,
+}
+
+impl BatchTriggers {
+    /// Triggers of streams the agent makes itself (orphans, the default and loss streams).
+    pub fn internal(linger: Duration) -> BatchTriggers {
+        BatchTriggers {
+            max_records: default_max_records(),
+            max_bytes: 1 << 20,
+            linger,
+            drain_max_records: DRAIN_MAX_RECORDS,
+            drain_max_bytes: DRAIN_MAX_BYTES,
+        }
+    }
 }
 
 impl AgentConfig {
@@ -530,18 +580,29 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             max_records: positive(&key("batch.max_records"), s.batch.max_records)?,
             max_bytes: usize_size(&key("batch.max_bytes"), &s.batch.max_bytes)?,
             linger: duration(&key("batch.linger"), &s.batch.linger)?,
+            drain_max_records: positive(
+                &key("batch.drain_max_records"),
+                s.batch.drain_max_records,
+            )?,
+            drain_max_bytes: usize_size(&key("batch.drain_max_bytes"), &s.batch.drain_max_bytes)?,
         };
         let ttl = s
             .ttl
             .as_deref()
             .map(|t| duration(&key("ttl"), t))
             .transpose()?;
+        let zstd_level = zstd_level(
+            &key("zstd_level"),
+            s.zstd_level.unwrap_or(ingest.zstd_level),
+        )?;
         streams.push(StreamConfig {
             name: s.name,
             topics,
             priority: s.priority,
             batch,
             ttl,
+            order: s.order,
+            zstd_level,
         });
     }
     let default_stream = match streams.iter().position(|s| s.name == raw.default_stream) {
@@ -558,12 +619,10 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
                 name: raw.default_stream,
                 topics: Vec::new(),
                 priority: Priority::Bulk,
-                batch: BatchTriggers {
-                    max_records: default_max_records(),
-                    max_bytes: 1 << 20,
-                    linger: Duration::from_millis(200),
-                },
+                batch: BatchTriggers::internal(Duration::from_millis(200)),
                 ttl: None,
+                order: Order::Fifo,
+                zstd_level: ingest.zstd_level,
             });
             streams.len() - 1
         }
@@ -603,12 +662,19 @@ pub fn loss_stream() -> StreamConfig {
         name: ingest_wire::LOSS_STREAM.into(),
         topics: Vec::new(),
         priority: Priority::Critical,
-        batch: BatchTriggers {
-            max_records: 1000,
-            max_bytes: 1 << 20,
-            linger: Duration::ZERO,
-        },
+        batch: BatchTriggers::internal(Duration::ZERO),
         ttl: None,
+        order: Order::Fifo,
+        zstd_level: 1,
+    }
+}
+
+/// A zstd level the agent accepts.
+fn zstd_level(key: &str, level: i32) -> Result<i32, Invalid> {
+    if (1..=19).contains(&level) {
+        Ok(level)
+    } else {
+        Err((key.into(), format!("{level} is not in 1..=19")))
     }
 }
 
@@ -655,13 +721,7 @@ fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
             ));
         }
     };
-    let zstd_level = raw.zstd_level;
-    if !(1..=19).contains(&zstd_level) {
-        return Err((
-            "ingest.zstd_level".into(),
-            format!("{zstd_level} is not in 1..=19"),
-        ));
-    }
+    let zstd_level = zstd_level("ingest.zstd_level", raw.zstd_level)?;
     let retry_initial = duration("ingest.retry_initial", &raw.retry_initial)?;
     let retry_max = duration("ingest.retry_max", &raw.retry_max)?;
     if retry_max < retry_initial {
@@ -691,6 +751,7 @@ fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
             },
         },
         critical_may_exceed_rate: raw.critical_may_exceed_rate,
+        max_in_flight: positive("ingest.max_in_flight", raw.max_in_flight)?,
     })
 }
 

@@ -1,9 +1,15 @@
 //! The uplink: sends due batches to the ingest over HTTP(S) and tells the buffer what left.
 //!
-//! Invariant: a batch is acknowledged to the buffer (deleted) only after a 2xx; a 400 moves it
+//! Invariants: a batch is acknowledged to the buffer (deleted) only after a 2xx; a 400 moves it
 //! to the dead-letter table; anything else keeps it and retries with exponential backoff and
-//! jitter. After every failure the scheduler decides again, so the batch retried first is the
-//! most urgent one, not the one that happened to fail.
+//! jitter. At most one request per stream is in flight, and a stream's next batch is read
+//! only once the previous one is answered, so order per (device, stream) holds into the log
+//! whatever the concurrency across streams.
+//!
+//! Concurrency: up to `ingest.max_in_flight` requests at once across streams, the last slot
+//! kept for critical streams, so critical data never waits behind a full pipe of bulk. While
+//! the ingest fails, one request at a time probes it. After every answer the scheduler
+//! decides again, so the batch sent next is the most urgent one, not the one that failed.
 
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
@@ -12,11 +18,14 @@ use std::time::{Duration, Instant};
 use backon::BackoffBuilder;
 use reqwest::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bandwidth::TokenBucket;
-use crate::batcher::{self, Decision, Lane, PreparedBatch, SchedulePolicy, Scheduler};
-use crate::buffer::{BufferReader, SentFloor, StreamProgress, WriterCommand};
+use crate::batcher::{
+    self, Answer, Candidate, Decision, Lane, PreparedBatch, SchedulePolicy, Scheduler,
+};
+use crate::buffer::{BufferReader, Protected, StreamProgress, WriterCommand};
 use crate::config::{IngestConfig, StreamConfig};
 use crate::metrics::Metrics;
 use crate::retry::{Outcome, classify};
@@ -38,12 +47,12 @@ pub struct Forwarder {
     pub lanes: Vec<Lane>,
     /// How the priority classes share the uplink.
     pub schedule: SchedulePolicy,
-    /// Read side of the buffer.
-    pub reader: BufferReader,
+    /// Read side of the buffer (taken by [`Forwarder::run`]).
+    pub reader: Option<BufferReader>,
     /// Acks and dead letters go to the buffer writer.
     pub commands: SyncSender<WriterCommand>,
-    /// Per stream, the highest sequence sent: the buffer never evicts up to it.
-    pub sent_floor: Arc<SentFloor>,
+    /// Per stream, what may be in the log: the buffer never evicts it.
+    pub protected: Arc<Protected>,
     /// Committed progress from the buffer writer.
     pub progress: watch::Receiver<Vec<StreamProgress>>,
     /// Metrics.
@@ -57,8 +66,29 @@ enum SendError {
     Transport(#[from] reqwest::Error),
 }
 
+/// A request that ended, as its task reports it.
+struct Sent {
+    stream: usize,
+    /// The replica it went to.
+    replica: usize,
+    batch: PreparedBatch,
+    outcome: Result<(Outcome, String), SendError>,
+}
+
+/// How many requests may start now: `max` when the ingest answers, one (a probe) while it
+/// fails; the last slot only for critical streams. Pure.
+fn open_slots(max: usize, in_flight: usize, probing: bool, critical: bool) -> usize {
+    let limit = if probing { 1 } else { max.max(1) };
+    let limit = if critical || limit == 1 {
+        limit
+    } else {
+        limit - 1
+    };
+    limit.saturating_sub(in_flight)
+}
+
 impl Forwarder {
-    /// Runs until `shutdown`. A request in flight at shutdown is abandoned: its records stay
+    /// Runs until `shutdown`. Requests in flight at shutdown are abandoned: their records stay
     /// in the buffer and are resent (and deduplicated) after the restart.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let client = match reqwest::Client::builder()
@@ -96,111 +126,136 @@ impl Forwarder {
             .with_jitter()
             .without_max_times();
         let mut backoff = backoff_builder.build();
-        let mut reader = Some(self.reader);
+        let mut reader = self.reader.take();
+        if reader.is_none() {
+            tracing::error!("the forwarder has no buffer reader; nothing will be sent");
+            return;
+        }
         let mut scheduler = Scheduler::new(self.schedule);
-        let delivered: Vec<_> = self
-            .streams
-            .iter()
-            .map(|s| {
-                self.metrics
-                    .batches
-                    .with_label_values(&[s.name.as_str(), "delivered"])
-            })
-            .collect();
+        let mut in_flight: JoinSet<Sent> = JoinSet::new();
+        // While the ingest fails: nothing new before `retry_at`, one request at a time.
+        let (mut retry_at, mut probing) = (None::<Instant>, false);
+        let shared = Arc::new((
+            client,
+            urls.clone(),
+            self.device_id.clone(),
+            self.token.clone(),
+        ));
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
             let progress = self.progress.borrow_and_update().clone();
             let now = Instant::now();
-            let candidates: Vec<_> = self
+            let candidates: Vec<Candidate> = self
                 .lanes
                 .iter_mut()
                 .zip(&self.streams)
                 .zip(&progress)
                 .map(|((lane, stream), p)| {
                     lane.observe(p, now);
-                    lane.candidate(stream.priority, stream.batch, p)
+                    let mut c = lane.candidate(stream.priority, stream.batch, p);
+                    let critical = stream.priority == Priority::Critical;
+                    if open_slots(
+                        self.ingest.max_in_flight,
+                        in_flight.len(),
+                        probing,
+                        critical,
+                    ) == 0
+                    {
+                        c.pending_records = 0;
+                    }
+                    c
                 })
                 .collect();
-            let stream = match scheduler.decide(now, &candidates) {
+            let decision = match retry_at {
+                Some(at) if at > now => Decision::WaitUntil(at),
+                _ => scheduler.decide(now, &candidates),
+            };
+            let stream = match decision {
                 Decision::Send(i) => i,
-                Decision::WaitUntil(at) => {
+                Decision::WaitUntil(_) | Decision::Idle => {
+                    let deadline = match decision {
+                        Decision::WaitUntil(at) => at,
+                        _ => now + Duration::from_secs(3600),
+                    };
                     tokio::select! {
-                        _ = self.progress.changed() => {}
-                        _ = tokio::time::sleep_until(at.into()) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    continue;
-                }
-                Decision::Idle => {
-                    tokio::select! {
+                        Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                            let Ok(sent) = done else {
+                                tracing::error!("a request task panicked; the agent must restart");
+                                return;
+                            };
+                            let (delay, failed) = self.answered(sent, &mut replicas, &urls, &mut backoff, &backoff_builder);
+                            probing = failed;
+                            if let Some(delay) = delay {
+                                retry_at = Some(Instant::now() + delay);
+                            }
+                        }
                         changed = self.progress.changed() => if changed.is_err() { return },
+                        _ = tokio::time::sleep_until(deadline.into()) => {}
                         _ = shutdown.cancelled() => return,
                     }
                     continue;
                 }
             };
-            let lane = &self.lanes[stream];
+            retry_at = None;
             let config = &self.streams[stream];
-            let max_records = lane
-                .size_cap
-                .unwrap_or(config.batch.max_records)
-                .min(config.batch.max_records);
-            let (after, max_bytes, level) =
-                (lane.cursor, config.batch.max_bytes, self.ingest.zstd_level);
+            let (max_records, max_bytes) =
+                self.lanes[stream].limits(&config.batch, &progress[stream]);
+            let (spans, newest_first) = self.lanes[stream].spans();
+            let level = config.zstd_level;
             let (device, name, epoch) = (self.device_id.clone(), config.name.clone(), self.epoch);
-            let mut sent_before = 0;
-            let (floors, floor_before) = (self.sent_floor.clone(), self.lanes[stream].sent_floor());
+            let protected = self.protected.clone();
             let taken = reader
                 .take()
                 .expect("invariant: the reader is returned after every read");
             let prepared = tokio::task::spawn_blocking(move || {
-                // Read and raise the floor under the lock, so no eviction slips in between.
+                // Read and protect under the lock, so no eviction slips in between.
                 let read = {
-                    let mut floor = floors.lock();
-                    let read = taken.read_batch(stream, after, max_records, max_bytes);
-                    if let Some(last) = read.as_ref().ok().and_then(|r| r.last()) {
-                        floor[stream] = floor_before.max(last.seq);
+                    let mut guard = protected.lock();
+                    let read =
+                        taken.read_batch(stream, &spans, newest_first, max_records, max_bytes);
+                    if let Some((first, last)) = read.as_ref().ok().and_then(|r| r.covered) {
+                        guard[stream].ranges.insert(first, last);
                     }
                     read
                 };
-                let result = read.map_err(|e| e.to_string()).and_then(|records| {
-                    if records.is_empty() {
+                let result = read.map_err(|e| e.to_string()).and_then(|read| {
+                    let Some(covered) = read.covered else {
+                        return Ok(None);
+                    };
+                    if read.records.is_empty() {
                         return Ok(None);
                     }
                     batcher::prepare(
                         &device,
                         &name,
                         epoch,
-                        records,
+                        read.records,
                         level,
                         crate::clock::now_ms(),
                     )
-                    .map(Some)
+                    .map(|b| Some((covered, b)))
                     .map_err(|e| e.to_string())
                 });
                 (taken, result)
             })
             .await;
-            let batch = match prepared {
+            let (covered, batch) = match prepared {
                 Ok((r, result)) => {
                     reader = Some(r);
-                    if let Ok(Some(batch)) = &result {
-                        sent_before = self.lanes[stream].sent(batch.last_seq);
-                    }
                     match result {
-                        Ok(Some(batch)) => batch,
+                        Ok(Some(ready)) => ready,
                         Ok(None) => {
-                            // Everything up to the committed seq left the buffer by other means
-                            // (evicted under quota): move the cursor past it.
-                            let p = progress[stream];
-                            self.lanes[stream].advance(p.committed_seq, &p);
-                            self.sent_floor.lock()[stream] = self.lanes[stream].sent_floor();
+                            // Everything committed left the buffer by other means (evicted
+                            // under quota): move past it.
+                            self.lanes[stream].gone(&progress[stream]);
+                            self.protected.lock()[stream] = self.lanes[stream].protection();
                             continue;
                         }
                         Err(e) => {
                             tracing::error!(stream = %self.streams[stream].name, error = %e, "cannot read a batch from the buffer; retrying");
+                            self.protected.lock()[stream] = self.lanes[stream].protection();
                             sleep_or_stop(Duration::from_secs(1), &shutdown).await;
                             continue;
                         }
@@ -211,133 +266,156 @@ impl Forwarder {
                     return;
                 }
             };
+            self.lanes[stream].begin(covered);
+            self.protected.lock()[stream] = self.lanes[stream].protection();
+            let mut wait = Duration::ZERO;
             if let Some(bucket) = &mut bucket {
                 let borrow = self.ingest.critical_may_exceed_rate
                     && self.streams[stream].priority == Priority::Critical;
-                let wait = bucket.reserve(batch.body.len(), Instant::now(), borrow);
-                if !wait.is_zero() {
-                    self.metrics.rate_limited_seconds.inc_by(wait.as_secs_f64());
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                }
+                wait = bucket.reserve(batch.body.len(), Instant::now(), borrow);
+                self.metrics.rate_limited_seconds.inc_by(wait.as_secs_f64());
             }
             self.lanes[stream].served(Instant::now());
-            let outcome = tokio::select! {
-                r = send(&client, &urls[replicas.current], &self.device_id, &self.token, &batch) => r,
-                _ = shutdown.cancelled() => return,
+            let (shared, replica) = (shared.clone(), replicas.current);
+            in_flight.spawn(async move {
+                tokio::time::sleep(wait).await;
+                let (client, urls, device, token) = &*shared;
+                let outcome = send(client, &urls[replica], device, token, &batch).await;
+                Sent {
+                    stream,
+                    replica,
+                    batch,
+                    outcome,
+                }
+            });
+        }
+    }
+
+    /// Books the answer to one request: the lane, the buffer, metrics and replicas. Returns
+    /// how long nothing new may go (after a failure or a refusal) and whether the ingest failed.
+    fn answered(
+        &mut self,
+        sent: Sent,
+        replicas: &mut Replicas,
+        urls: &[reqwest::Url],
+        backoff: &mut backon::ExponentialBackoff,
+        backoff_builder: &backon::ExponentialBuilder,
+    ) -> (Option<Duration>, bool) {
+        let Sent {
+            stream,
+            replica,
+            batch,
+            outcome,
+        } = sent;
+        // Only a request without an answer after it went out may be in the log; an explicit
+        // refusal or a failed connect means nothing of it was appended.
+        let answer = match &outcome {
+            Ok((Outcome::Delivered | Outcome::Reject, _)) => Answer::Done,
+            Ok((Outcome::TooLarge, _)) if batch.records <= 1 => Answer::Done,
+            Ok(_) => Answer::NotInLog,
+            Err(SendError::Transport(e)) if e.is_connect() => Answer::NotInLog,
+            Err(_) => Answer::Unknown,
+        };
+        let (outcome, reason) = match outcome {
+            Ok(answer) => answer,
+            Err(e) => (Outcome::Retry { after: None }, e.to_string()),
+        };
+        let latest = self
+            .progress
+            .borrow()
+            .get(stream)
+            .copied()
+            .unwrap_or_default();
+        if answer == Answer::Done {
+            // Tell the buffer before the lane moves on, so a read never sees them again.
+            let command = if outcome == Outcome::Delivered {
+                WriterCommand::Ack {
+                    stream,
+                    first: batch.first_seq,
+                    last: batch.last_seq,
+                }
+            } else {
+                WriterCommand::DeadLetter {
+                    stream,
+                    first: batch.first_seq,
+                    last: batch.last_seq,
+                    status: if outcome == Outcome::TooLarge {
+                        413
+                    } else {
+                        400
+                    },
+                    reason: reason.clone(),
+                }
             };
-            // Only a request without an answer after it went out may be in the log; an explicit
-            // refusal or a failed connect means nothing of it was appended.
-            let maybe_in_log = match &outcome {
-                Ok((o, _)) => *o == Outcome::Delivered,
-                Err(SendError::Transport(e)) => !e.is_connect(),
-            };
-            if !maybe_in_log {
-                self.lanes[stream].unsend(sent_before);
-                self.sent_floor.lock()[stream] = self.lanes[stream].sent_floor();
+            tell_buffer(&self.commands, command);
+        }
+        self.lanes[stream].finish(answer, &latest);
+        self.protected.lock()[stream] = self.lanes[stream].protection();
+        let stream_name = self.streams[stream].name.as_str();
+        let count = |what: &str| {
+            self.metrics
+                .batches
+                .with_label_values(&[stream_name, what])
+                .inc();
+        };
+        match outcome {
+            Outcome::Delivered => {
+                self.metrics.link_up.set(1);
+                self.metrics.auth_alarm.set(0);
+                self.metrics.wire_bytes.inc_by(batch.body.len() as u64);
+                self.metrics.raw_bytes.inc_by(batch.raw_bytes);
+                count("delivered");
+                self.lanes[stream].size_cap = None;
+                *backoff = backoff_builder.build();
+                replicas.succeeded();
+                (None, false)
             }
-            let (outcome, reason) = match outcome {
-                Ok(answer) => answer,
-                Err(e) => (Outcome::Retry { after: None }, e.to_string()),
-            };
-            let stream_name = self.streams[stream].name.clone();
-            let latest = self
-                .progress
-                .borrow()
-                .get(stream)
-                .copied()
-                .unwrap_or(progress[stream]);
-            match outcome {
-                Outcome::Delivered => {
-                    self.metrics.link_up.set(1);
-                    self.metrics.auth_alarm.set(0);
-                    self.metrics.wire_bytes.inc_by(batch.body.len() as u64);
-                    self.metrics.raw_bytes.inc_by(batch.raw_bytes);
-                    delivered[stream].inc();
-                    tell_buffer(
-                        &self.commands,
-                        WriterCommand::Ack {
-                            stream,
-                            first: batch.first_seq,
-                            last: batch.last_seq,
-                        },
-                    );
-                    self.lanes[stream].advance(batch.last_seq, &latest);
-                    self.lanes[stream].size_cap = None;
-                    backoff = backoff_builder.build();
-                    replicas.succeeded();
+            Outcome::TooLarge if batch.records > 1 => {
+                count("too_large");
+                let cap = (batch.records / 2).max(1);
+                tracing::warn!(stream = %stream_name, records = batch.records, retry_with = cap, "ingest says the batch is too large; splitting it");
+                self.lanes[stream].size_cap = Some(cap);
+                (None, false)
+            }
+            Outcome::Reject | Outcome::TooLarge => {
+                self.metrics.link_up.set(1);
+                count("dead_lettered");
+                tracing::error!(stream = %stream_name, first_seq = batch.first_seq, last_seq = batch.last_seq, %reason, "ingest rejected the batch; kept in the dead-letter table, the queue goes on");
+                self.lanes[stream].size_cap = None;
+                (None, false)
+            }
+            Outcome::Alarm => {
+                self.metrics.link_up.set(1);
+                self.metrics.auth_alarm.set(1);
+                count("refused");
+                let delay = backoff.next().unwrap_or(self.ingest.retry_max);
+                tracing::error!(stream = %stream_name, %reason, retry_in = ?delay, "ingest refuses this device (check ingest.url, device_id and token); data kept");
+                (Some(delay), true)
+            }
+            Outcome::Retry { after } => {
+                self.metrics.link_up.set(0);
+                count("retried");
+                if replica != replicas.current {
+                    // Another request already moved away from that replica.
+                    return (Some(Duration::ZERO), true);
                 }
-                Outcome::TooLarge if batch.records > 1 => {
-                    self.metrics
-                        .batches
-                        .with_label_values(&[stream_name.as_str(), "too_large"])
-                        .inc();
-                    let cap = (batch.records / 2).max(1);
-                    tracing::warn!(stream = %stream_name, records = batch.records, retry_with = cap, "ingest says the batch is too large; splitting it");
-                    self.lanes[stream].size_cap = Some(cap);
+                let delay = if replicas.failed() {
+                    backoff
+                        .next()
+                        .unwrap_or(self.ingest.retry_max)
+                        .max(after.unwrap_or_default())
+                } else {
+                    // Another replica has not failed yet in this round: try it now.
+                    Duration::ZERO
+                };
+                if replicas.current != replica {
+                    self.metrics.ingest_failovers.inc();
+                    self.metrics.ingest_current.set(replicas.current as i64);
+                    tracing::warn!(stream = %stream_name, %reason, from = %urls[replica], to = %urls[replicas.current], "ingest replica unreachable or busy; failing over, data kept");
+                } else {
+                    tracing::warn!(stream = %stream_name, %reason, retry_in = ?delay, "ingest unreachable or busy; data kept, retrying");
                 }
-                Outcome::Reject | Outcome::TooLarge => {
-                    self.metrics.link_up.set(1);
-                    self.metrics
-                        .batches
-                        .with_label_values(&[stream_name.as_str(), "dead_lettered"])
-                        .inc();
-                    tracing::error!(stream = %stream_name, first_seq = batch.first_seq, last_seq = batch.last_seq, %reason, "ingest rejected the batch; kept in the dead-letter table, the queue goes on");
-                    tell_buffer(
-                        &self.commands,
-                        WriterCommand::DeadLetter {
-                            stream,
-                            first: batch.first_seq,
-                            last: batch.last_seq,
-                            status: if outcome == Outcome::TooLarge {
-                                413
-                            } else {
-                                400
-                            },
-                            reason,
-                        },
-                    );
-                    self.lanes[stream].advance(batch.last_seq, &latest);
-                    self.lanes[stream].size_cap = None;
-                }
-                Outcome::Alarm => {
-                    self.metrics.link_up.set(1);
-                    self.metrics.auth_alarm.set(1);
-                    self.metrics
-                        .batches
-                        .with_label_values(&[stream_name.as_str(), "refused"])
-                        .inc();
-                    let delay = backoff.next().unwrap_or(self.ingest.retry_max);
-                    tracing::error!(stream = %stream_name, %reason, retry_in = ?delay, "ingest refuses this device (check ingest.url, device_id and token); data kept");
-                    sleep_or_stop(delay, &shutdown).await;
-                }
-                Outcome::Retry { after } => {
-                    self.metrics.link_up.set(0);
-                    self.metrics
-                        .batches
-                        .with_label_values(&[stream_name.as_str(), "retried"])
-                        .inc();
-                    let failed = replicas.current;
-                    let delay = if replicas.failed() {
-                        backoff
-                            .next()
-                            .unwrap_or(self.ingest.retry_max)
-                            .max(after.unwrap_or_default())
-                    } else {
-                        // Another replica has not failed yet in this round: try it now.
-                        Duration::ZERO
-                    };
-                    if replicas.current != failed {
-                        self.metrics.ingest_failovers.inc();
-                        self.metrics.ingest_current.set(replicas.current as i64);
-                        tracing::warn!(stream = %stream_name, %reason, from = %urls[failed], to = %urls[replicas.current], "ingest replica unreachable or busy; failing over, data kept");
-                    } else {
-                        tracing::warn!(stream = %stream_name, %reason, retry_in = ?delay, "ingest unreachable or busy; data kept, retrying");
-                    }
-                    sleep_or_stop(delay, &shutdown).await;
-                }
+                (Some(delay), true)
             }
         }
     }
@@ -425,7 +503,32 @@ async fn sleep_or_stop(delay: Duration, shutdown: &CancellationToken) {
 
 #[cfg(test)]
 mod tests {
-    use super::Replicas;
+    use super::{Replicas, open_slots};
+
+    #[test]
+    fn slots_keep_one_for_critical_and_probe_one_at_a_time() {
+        // (max, in flight, probing, critical) → slots open
+        let cases = [
+            ((4, 0, false, false), 3),
+            ((4, 2, false, false), 1),
+            ((4, 3, false, false), 0),
+            ((4, 3, false, true), 1),
+            ((4, 4, false, true), 0),
+            ((4, 0, true, false), 1),
+            ((4, 1, true, true), 0),
+            ((1, 0, false, false), 1),
+            ((1, 1, false, true), 0),
+            ((2, 1, false, false), 0),
+            ((2, 1, false, true), 1),
+        ];
+        for ((max, n, probing, critical), want) in cases {
+            assert_eq!(
+                open_slots(max, n, probing, critical),
+                want,
+                "max {max}, {n} in flight, probing {probing}, critical {critical}"
+            );
+        }
+    }
 
     #[test]
     fn replicas_fail_over_in_turn_and_back_off_after_a_full_round() {

@@ -51,10 +51,10 @@ pub enum AgentError {
     Metrics(#[source] std::io::Error),
 }
 
-/// The initial sent floors: each stream's resume point.
-fn lanes_floor(lanes: &[Lane]) -> Arc<buffer::SentFloor> {
-    Arc::new(buffer::SentFloor::new(
-        lanes.iter().map(Lane::sent_floor).collect(),
+/// The initial protections: each stream's resume point.
+fn protections(lanes: &[Lane]) -> Arc<buffer::Protected> {
+    Arc::new(buffer::Protected::new(
+        lanes.iter().map(Lane::protection).collect(),
     ))
 }
 
@@ -90,12 +90,10 @@ pub async fn run(
             name: orphan.name.clone(),
             topics: Vec::new(),
             priority: Priority::Bulk,
-            batch: BatchTriggers {
-                max_records: 1000,
-                max_bytes: 1 << 20,
-                linger: std::time::Duration::ZERO,
-            },
+            batch: BatchTriggers::internal(std::time::Duration::ZERO),
             ttl: None,
+            order: batcher::Order::Fifo,
+            zstd_level: config.ingest.zstd_level,
         });
     }
     let names: Vec<String> = streams.iter().map(|s| s.name.clone()).collect();
@@ -112,11 +110,12 @@ pub async fn run(
                 p.committed_seq > o.resume_after,
                 now,
                 s.batch.linger,
+                s.order,
             )
         })
         .collect();
     let (commands, command_rx) = std::sync::mpsc::sync_channel(config.buffer.queue_records);
-    let sent_floor: Arc<buffer::SentFloor> = lanes_floor(&lanes);
+    let protected = protections(&lanes);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(progress);
     let writer = BufferWriter::new(
         buffer,
@@ -125,7 +124,7 @@ pub async fn run(
         progress_tx,
         metrics.clone(),
         names.clone(),
-        sent_floor.clone(),
+        protected.clone(),
     );
     let stop_checkpoints = Arc::new(AtomicBool::new(false));
     let checkpointer = buffer::spawn_checkpointer(&config.buffer.path, stop_checkpoints.clone())
@@ -194,9 +193,9 @@ pub async fn run(
         streams,
         lanes,
         schedule: config.schedule,
-        reader,
+        reader: Some(reader),
         commands: commands.clone(),
-        sent_floor,
+        protected,
         progress: progress_rx,
         metrics,
     };

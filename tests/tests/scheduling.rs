@@ -144,3 +144,70 @@ fn after_an_outage_critical_goes_first_and_the_bandwidth_cap_holds() {
         (count(&cloud.topic_counts(), &logs) == 100_000).then_some(())
     });
 }
+
+#[test]
+fn after_an_outage_a_newest_first_stream_sends_its_newest_records_first_and_fifo_keeps_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let streams = "
+  - name: latest
+    topics: [\"plant/+/latest/#\"]
+    priority: normal
+    order: newest_first
+    batch: { max_records: 50, linger: 0ms }
+  - name: logs
+    topics: [\"plant/+/logs/#\"]
+    priority: bulk
+    batch: { max_records: 50, linger: 0ms }
+";
+    // The ingest does not exist yet: an outage from the start.
+    let agent = AgentHarness::new(dir.path(), &format!("http://127.0.0.1:{port}"))
+        .streams(streams)
+        .run();
+    let spec = |n, topic| burst(agent.mqtt, 1, n, topic, PayloadKind::Json, 100);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(load::publish(spec(2000, "latest")));
+    runtime.block_on(load::publish(spec(2000, "logs")));
+    eventually(Duration::from_secs(30), "everything buffered", || {
+        (agent.backlog() == 4000.0).then_some(())
+    });
+
+    let cloud = CloudHarness::new(dir.path()).port(port).run();
+    eventually(Duration::from_secs(60), "everything delivered", || {
+        (agent.backlog() == 0.0 && cloud.total_records() == 4000).then_some(())
+    });
+    let latest = cloud.read_topic(&format!("iot.{TENANT}.latest"));
+    let seqs: Vec<u64> = latest.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs.iter().collect::<std::collections::BTreeSet<_>>().len(),
+        2000,
+        "every record once"
+    );
+    assert_eq!(
+        &seqs[..50],
+        &(1951..=2000).collect::<Vec<_>>()[..],
+        "the newest batch is the first in the log"
+    );
+    assert!(seqs[50..].iter().all(|&s| s <= 1950), "then the backlog");
+    let index = |r: &e2e::LogRecord| -> u64 {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("json payload");
+        v["seq"].as_u64().expect("index")
+    };
+    assert_eq!(
+        index(&latest[49]),
+        1999,
+        "seq 2000 is the sensor's last reading"
+    );
+
+    let logs = cloud.read_topic(&format!("iot.{TENANT}.logs"));
+    assert_eq!(
+        logs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=2000).collect::<Vec<_>>(),
+        "a FIFO stream keeps exact order"
+    );
+    assert_eq!(
+        logs.iter().map(index).collect::<Vec<_>>(),
+        (0..2000).collect::<Vec<_>>(),
+        "in publish order"
+    );
+}
