@@ -206,10 +206,10 @@ pub enum Answer {
 }
 
 /// The request in flight of a lane.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct InFlight {
-    covered: (u64, u64),
-    maybe_sent_before: SeqRanges,
+    /// The stream's committed sequence when its batch was read.
+    committed_at_read: u64,
 }
 
 /// The forwarder's view of one stream: what is delivered, what is in flight or may be in the
@@ -295,38 +295,42 @@ impl Lane {
         (self.size_cap.map_or(records, |c| c.min(records)), bytes)
     }
 
-    /// A request carrying `covered` goes out: protect it until its answer.
-    pub fn begin(&mut self, covered: (u64, u64)) {
-        let before = self.maybe_sent.clone();
-        self.maybe_sent.insert(covered.0, covered.1);
+    /// A request of this stream starts: its batch is read from [`Lane::spans`] with the
+    /// stream's progress as it is now.
+    pub fn begin(&mut self, progress: &StreamProgress) {
         self.in_flight = Some(InFlight {
-            covered,
-            maybe_sent_before: before,
+            committed_at_read: progress.committed_seq,
         });
     }
 
-    /// The request in flight ended with `answer`.
-    pub fn finish(&mut self, answer: Answer, progress: &StreamProgress) {
-        let Some(f) = self.in_flight.take() else {
-            return;
-        };
+    /// The request carrying the records of `covered` ended with `answer`.
+    pub fn finish(&mut self, covered: (u64, u64), answer: Answer, progress: &StreamProgress) {
+        self.in_flight = None;
         match answer {
             Answer::Done => {
-                self.done.insert(f.covered.0, f.covered.1);
-                self.maybe_sent.remove(f.covered.0, f.covered.1);
+                self.done.insert(covered.0, covered.1);
+                self.maybe_sent.remove(covered.0, covered.1);
                 self.settle(progress);
             }
-            Answer::NotInLog => self.maybe_sent = f.maybe_sent_before,
-            Answer::Unknown => {}
+            Answer::NotInLog => {}
+            Answer::Unknown => self.maybe_sent.insert(covered.0, covered.1),
         }
     }
 
-    /// A read found nothing to send: everything committed is delivered or gone (evicted).
-    pub fn gone(&mut self, progress: &StreamProgress) {
-        if progress.committed_seq > self.cursor {
-            self.done.insert(self.cursor + 1, progress.committed_seq);
+    /// The read found nothing to send: everything committed when it began is delivered or
+    /// gone (evicted).
+    pub fn found_empty(&mut self, progress: &StreamProgress) {
+        if let Some(f) = self.in_flight.take()
+            && f.committed_at_read > self.cursor
+        {
+            self.done.insert(self.cursor + 1, f.committed_at_read);
         }
         self.settle(progress);
+    }
+
+    /// The request ended before anything was sent (the read failed).
+    pub fn abandon(&mut self) {
+        self.in_flight = None;
     }
 
     /// Moves the cursor over delivered ranges and notes whether the stream is caught up.
@@ -638,7 +642,7 @@ mod tests {
             ),
             Decision::Send(0)
         );
-        lane.begin((1, 100));
+        lane.begin(&p(3000, 30_000));
         assert_eq!(
             decide(
                 now,
@@ -647,7 +651,7 @@ mod tests {
             Decision::Idle,
             "one request in flight per stream"
         );
-        lane.finish(Answer::Done, &p(3000, 30_000));
+        lane.finish((1, 100), Answer::Done, &p(3000, 30_000));
         assert_eq!(
             decide(
                 now,
@@ -656,8 +660,8 @@ mod tests {
             Decision::Send(0),
             "backlog stays due"
         );
-        lane.begin((101, 3000));
-        lane.finish(Answer::Done, &p(3000, 30_000));
+        lane.begin(&p(3000, 30_000));
+        lane.finish((101, 3000), Answer::Done, &p(3000, 30_000));
         assert_eq!(
             decide(
                 now,
@@ -682,23 +686,22 @@ mod tests {
         };
         let mut lane = Lane::new(0, true, Instant::now(), T.linger, Order::Fifo);
         assert_eq!(lane.spans(), (vec![(1, MAX_SEQ)], false));
-        lane.begin((1, 100));
-        assert_eq!(lane.protection().droppable()[0], (101, MAX_SEQ));
-        lane.finish(Answer::Unknown, &p);
+        lane.begin(&p);
+        lane.finish((1, 100), Answer::Unknown, &p);
         assert_eq!(
             lane.protection().droppable()[0],
             (101, MAX_SEQ),
             "no answer: it may be in the log"
         );
-        lane.begin((1, 200));
-        lane.finish(Answer::NotInLog, &p);
+        lane.begin(&p);
+        lane.finish((1, 200), Answer::NotInLog, &p);
         assert_eq!(
             lane.protection().droppable()[0],
             (101, MAX_SEQ),
             "a refused retry does not unprotect the earlier unknown"
         );
-        lane.begin((1, 200));
-        lane.finish(Answer::Done, &p);
+        lane.begin(&p);
+        lane.finish((1, 200), Answer::Done, &p);
         assert_eq!(lane.cursor, 200);
         assert_eq!(lane.protection(), Protection::floor(200));
         assert_eq!(lane.spans(), (vec![(201, MAX_SEQ)], false));
@@ -718,8 +721,8 @@ mod tests {
             "the newest go at the triggers' size"
         );
         // The newest 100 of 1000 go first.
-        lane.begin((901, 1000));
-        lane.finish(Answer::Done, &p(1000));
+        lane.begin(&p(1000));
+        lane.finish((901, 1000), Answer::Done, &p(1000));
         assert_eq!(
             lane.limits(&T, &p(1000)),
             (900, 5000),
@@ -734,11 +737,11 @@ mod tests {
             "the oldest unsent stay evictable"
         );
         // Live records arrived meanwhile: they go next, then the backlog.
-        lane.begin((1001, 1010));
-        lane.finish(Answer::Done, &p(1010));
+        lane.begin(&p(1010));
+        lane.finish((1001, 1010), Answer::Done, &p(1010));
         assert_eq!(lane.spans(), (vec![(1011, MAX_SEQ), (1, 900)], true));
-        lane.begin((1, 900));
-        lane.finish(Answer::Done, &p(1010));
+        lane.begin(&p(1010));
+        lane.finish((1, 900), Answer::Done, &p(1010));
         assert_eq!(lane.cursor, 1010, "the holes closed: the cursor moves up");
         assert_eq!(lane.pending(&p(1010)), 0);
         assert_eq!(lane.spans(), (vec![(1011, MAX_SEQ)], true));

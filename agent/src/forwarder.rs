@@ -47,8 +47,8 @@ pub struct Forwarder {
     pub lanes: Vec<Lane>,
     /// How the priority classes share the uplink.
     pub schedule: SchedulePolicy,
-    /// Read side of the buffer (taken by [`Forwarder::run`]).
-    pub reader: Option<BufferReader>,
+    /// Read connections to the buffer, one per request that may be in flight.
+    pub readers: Vec<BufferReader>,
     /// Acks and dead letters go to the buffer writer.
     pub commands: SyncSender<WriterCommand>,
     /// Per stream, what may be in the log: the buffer never evicts it.
@@ -66,19 +66,193 @@ enum SendError {
     Transport(#[from] reqwest::Error),
 }
 
-/// A request that ended, as its task reports it.
+/// A request that went out, as its task reports it.
 struct Sent {
     stream: usize,
     /// The replica it went to.
     replica: usize,
+    /// The sequences it stands for (see [`crate::buffer::ReadBatch::covered`]).
+    covered: (u64, u64),
     batch: PreparedBatch,
     outcome: Result<(Outcome, String), SendError>,
 }
 
-/// How many requests may start now: `max` when the ingest answers, one (a probe) while it
-/// fails; the last slot only for critical streams. Pure.
+/// How a request task ended.
+enum Ended {
+    /// Nothing was left to read.
+    Empty { stream: usize },
+    /// The buffer could not be read.
+    ReadFailed { stream: usize, error: String },
+    /// The batch went out; the answer (or why there is none).
+    Answered(Sent),
+    /// A readiness probe of a replica ended: its status, or why there is none.
+    Probed {
+        replica: usize,
+        answer: Result<u16, String>,
+    },
+}
+
+/// What every request task shares.
+struct Uplink {
+    client: reqwest::Client,
+    urls: Vec<reqwest::Url>,
+    device_id: String,
+    token: String,
+    /// Idle read connections.
+    readers: std::sync::Mutex<Vec<BufferReader>>,
+    protected: Arc<Protected>,
+    bucket: Option<std::sync::Mutex<TokenBucket>>,
+    metrics: Metrics,
+}
+
+/// One request: read a batch (protecting it), compress it, wait for the bandwidth cap, POST.
+struct Request {
+    stream: usize,
+    spans: Vec<(u64, u64)>,
+    newest_first: bool,
+    max_records: usize,
+    max_bytes: usize,
+    zstd_level: i32,
+    stream_name: String,
+    epoch: u64,
+    /// Critical under the cap: goes at once, paid back after.
+    borrow: bool,
+    replica: usize,
+    uplink: Arc<Uplink>,
+}
+
+impl Request {
+    async fn run(self) -> Ended {
+        let stream = self.stream;
+        let uplink = self.uplink.clone();
+        let prepared = tokio::task::spawn_blocking(move || self.prepare()).await;
+        let (covered, batch) = match prepared {
+            Ok(Ok(Some(ready))) => ready,
+            Ok(Ok(None)) => return Ended::Empty { stream },
+            Ok(Err(error)) => return Ended::ReadFailed { stream, error },
+            Err(e) => {
+                return Ended::ReadFailed {
+                    stream,
+                    error: format!("batch preparation panicked: {e}"),
+                };
+            }
+        };
+        let Uplink {
+            client,
+            urls,
+            device_id,
+            token,
+            ..
+        } = &*uplink;
+        tokio::time::sleep(batch.wait).await;
+        let outcome = send(
+            client,
+            &urls[batch.replica],
+            device_id,
+            token,
+            &batch.prepared,
+        )
+        .await;
+        Ended::Answered(Sent {
+            stream,
+            replica: batch.replica,
+            covered,
+            batch: batch.prepared,
+            outcome,
+        })
+    }
+
+    /// Blocking: reads and protects the batch, compresses it, reserves its bytes under the cap
+    /// (the wait itself is async, so a stop never waits for it).
+    fn prepare(self) -> Result<Option<Covered>, String> {
+        let uplink = &*self.uplink;
+        let reader = uplink
+            .readers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .ok_or("invariant: a reader per request in flight")?;
+        // Read and protect under the lock, so no eviction slips in between.
+        let read = {
+            let mut guard = uplink.protected.lock();
+            let read = reader.read_batch(
+                self.stream,
+                &self.spans,
+                self.newest_first,
+                self.max_records,
+                self.max_bytes,
+            );
+            if let Some((first, last)) = read.as_ref().ok().and_then(|r| r.covered) {
+                guard[self.stream].ranges.insert(first, last);
+            }
+            read
+        };
+        uplink
+            .readers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(reader);
+        let read = read.map_err(|e| e.to_string())?;
+        let Some(covered) = read.covered.filter(|_| !read.records.is_empty()) else {
+            return Ok(None);
+        };
+        let prepared = batcher::prepare(
+            &uplink.device_id,
+            &self.stream_name,
+            self.epoch,
+            read.records,
+            self.zstd_level,
+            crate::clock::now_ms(),
+        )
+        .map_err(|e| e.to_string())?;
+        if let Some(bucket) = &uplink.bucket {
+            let wait = bucket
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .reserve(prepared.body.len(), Instant::now(), self.borrow);
+            uplink
+                .metrics
+                .rate_limited_seconds
+                .inc_by(wait.as_secs_f64());
+            return Ok(Some((
+                covered,
+                Ready {
+                    prepared,
+                    replica: self.replica,
+                    wait,
+                },
+            )));
+        }
+        Ok(Some((
+            covered,
+            Ready {
+                prepared,
+                replica: self.replica,
+                wait: Duration::ZERO,
+            },
+        )))
+    }
+}
+
+/// A batch ready to go, with the sequences it stands for.
+type Covered = ((u64, u64), Ready);
+
+/// A batch ready to go.
+struct Ready {
+    prepared: PreparedBatch,
+    replica: usize,
+    /// How long the bandwidth cap holds it back.
+    wait: Duration,
+}
+
+/// How many batches may start now: up to `max` in flight, the last slot only for critical
+/// streams; none while the ingest fails (a readiness probe goes instead, so no data is held
+/// in requests to a dead link). Pure.
 fn open_slots(max: usize, in_flight: usize, probing: bool, critical: bool) -> usize {
-    let limit = if probing { 1 } else { max.max(1) };
+    if probing {
+        return 0;
+    }
+    let limit = max.max(1);
     let limit = if critical || limit == 1 {
         limit
     } else {
@@ -116,31 +290,41 @@ impl Forwarder {
             return;
         }
         let mut replicas = Replicas::new(urls.len());
-        let mut bucket = self
+        let bucket = self
             .ingest
             .max_upload_rate
-            .map(|rate| TokenBucket::new(rate, Instant::now()));
+            .map(|rate| std::sync::Mutex::new(TokenBucket::new(rate, Instant::now())));
         let backoff_builder = backon::ExponentialBuilder::default()
             .with_min_delay(self.ingest.retry_initial)
             .with_max_delay(self.ingest.retry_max)
             .with_jitter()
             .without_max_times();
         let mut backoff = backoff_builder.build();
-        let mut reader = self.reader.take();
-        if reader.is_none() {
+        if self.readers.is_empty() {
             tracing::error!("the forwarder has no buffer reader; nothing will be sent");
             return;
         }
         let mut scheduler = Scheduler::new(self.schedule);
-        let mut in_flight: JoinSet<Sent> = JoinSet::new();
-        // While the ingest fails: nothing new before `retry_at`, one request at a time.
+        let mut in_flight: JoinSet<Ended> = JoinSet::new();
+        // While the ingest fails: nothing before `retry_at`, then a readiness probe; batches go
+        // again once it answers 200.
         let (mut retry_at, mut probing) = (None::<Instant>, false);
-        let shared = Arc::new((
+        let readyz: Vec<reqwest::Url> = self
+            .ingest
+            .urls
+            .iter()
+            .filter_map(|u| u.join(ingest_wire::READYZ_PATH).ok())
+            .collect();
+        let uplink = Arc::new(Uplink {
             client,
-            urls.clone(),
-            self.device_id.clone(),
-            self.token.clone(),
-        ));
+            urls: urls.clone(),
+            device_id: self.device_id.clone(),
+            token: self.token.clone(),
+            readers: std::sync::Mutex::new(std::mem::take(&mut self.readers)),
+            protected: self.protected.clone(),
+            bucket,
+            metrics: self.metrics.clone(),
+        });
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -170,6 +354,23 @@ impl Forwarder {
                 .collect();
             let decision = match retry_at {
                 Some(at) if at > now => Decision::WaitUntil(at),
+                _ if probing => {
+                    if in_flight.is_empty() {
+                        let (client, url) =
+                            (uplink.client.clone(), readyz[replicas.current].clone());
+                        let replica = replicas.current;
+                        in_flight.spawn(async move {
+                            let answer = client.get(url).send().await;
+                            Ended::Probed {
+                                replica,
+                                answer: answer
+                                    .map(|r| r.status().as_u16())
+                                    .map_err(|e| e.to_string()),
+                            }
+                        });
+                    }
+                    Decision::Idle
+                }
                 _ => scheduler.decide(now, &candidates),
             };
             let stream = match decision {
@@ -181,14 +382,39 @@ impl Forwarder {
                     };
                     tokio::select! {
                         Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                            let Ok(sent) = done else {
-                                tracing::error!("a request task panicked; the agent must restart");
-                                return;
+                            let ended = match done {
+                                Ok(ended) => ended,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "a request task panicked; the agent must restart");
+                                    return;
+                                }
                             };
-                            let (delay, failed) = self.answered(sent, &mut replicas, &urls, &mut backoff, &backoff_builder);
-                            probing = failed;
-                            if let Some(delay) = delay {
-                                retry_at = Some(Instant::now() + delay);
+                            match ended {
+                                Ended::Empty { stream } => {
+                                    // Everything committed left the buffer by other means
+                                    // (evicted under quota): move past it.
+                                    let latest = self.latest(stream);
+                                    self.lanes[stream].found_empty(&latest);
+                                    self.protected.lock()[stream] = self.lanes[stream].protection();
+                                }
+                                Ended::ReadFailed { stream, error } => {
+                                    tracing::error!(stream = %self.streams[stream].name, %error, "cannot read a batch from the buffer; retrying");
+                                    self.lanes[stream].abandon();
+                                    self.protected.lock()[stream] = self.lanes[stream].protection();
+                                    retry_at = Some(Instant::now() + Duration::from_secs(1));
+                                }
+                                Ended::Probed { replica, answer } => {
+                                    let (delay, failed) = self.probed(replica, answer, &mut replicas, &urls, &mut backoff);
+                                    probing = failed;
+                                    retry_at = delay.map(|d| Instant::now() + d);
+                                }
+                                Ended::Answered(sent) => {
+                                    let (delay, failed) = self.answered(sent, &mut replicas, &urls, &mut backoff, &backoff_builder);
+                                    probing = failed;
+                                    if let Some(delay) = delay {
+                                        retry_at = Some(Instant::now() + delay);
+                                    }
+                                }
                             }
                         }
                         changed = self.progress.changed() => if changed.is_err() { return },
@@ -203,92 +429,64 @@ impl Forwarder {
             let (max_records, max_bytes) =
                 self.lanes[stream].limits(&config.batch, &progress[stream]);
             let (spans, newest_first) = self.lanes[stream].spans();
-            let level = config.zstd_level;
-            let (device, name, epoch) = (self.device_id.clone(), config.name.clone(), self.epoch);
-            let protected = self.protected.clone();
-            let taken = reader
-                .take()
-                .expect("invariant: the reader is returned after every read");
-            let prepared = tokio::task::spawn_blocking(move || {
-                // Read and protect under the lock, so no eviction slips in between.
-                let read = {
-                    let mut guard = protected.lock();
-                    let read =
-                        taken.read_batch(stream, &spans, newest_first, max_records, max_bytes);
-                    if let Some((first, last)) = read.as_ref().ok().and_then(|r| r.covered) {
-                        guard[stream].ranges.insert(first, last);
-                    }
-                    read
-                };
-                let result = read.map_err(|e| e.to_string()).and_then(|read| {
-                    let Some(covered) = read.covered else {
-                        return Ok(None);
-                    };
-                    if read.records.is_empty() {
-                        return Ok(None);
-                    }
-                    batcher::prepare(
-                        &device,
-                        &name,
-                        epoch,
-                        read.records,
-                        level,
-                        crate::clock::now_ms(),
-                    )
-                    .map(|b| Some((covered, b)))
-                    .map_err(|e| e.to_string())
-                });
-                (taken, result)
-            })
-            .await;
-            let (covered, batch) = match prepared {
-                Ok((r, result)) => {
-                    reader = Some(r);
-                    match result {
-                        Ok(Some(ready)) => ready,
-                        Ok(None) => {
-                            // Everything committed left the buffer by other means (evicted
-                            // under quota): move past it.
-                            self.lanes[stream].gone(&progress[stream]);
-                            self.protected.lock()[stream] = self.lanes[stream].protection();
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::error!(stream = %self.streams[stream].name, error = %e, "cannot read a batch from the buffer; retrying");
-                            self.protected.lock()[stream] = self.lanes[stream].protection();
-                            sleep_or_stop(Duration::from_secs(1), &shutdown).await;
-                            continue;
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "batch preparation panicked; the agent must restart");
-                    return;
-                }
+            self.lanes[stream].begin(&progress[stream]);
+            self.lanes[stream].served(now);
+            let request = Request {
+                stream,
+                spans,
+                newest_first,
+                max_records,
+                max_bytes,
+                zstd_level: config.zstd_level,
+                stream_name: config.name.clone(),
+                epoch: self.epoch,
+                borrow: self.ingest.critical_may_exceed_rate
+                    && config.priority == Priority::Critical,
+                replica: replicas.current,
+                uplink: uplink.clone(),
             };
-            self.lanes[stream].begin(covered);
-            self.protected.lock()[stream] = self.lanes[stream].protection();
-            let mut wait = Duration::ZERO;
-            if let Some(bucket) = &mut bucket {
-                let borrow = self.ingest.critical_may_exceed_rate
-                    && self.streams[stream].priority == Priority::Critical;
-                wait = bucket.reserve(batch.body.len(), Instant::now(), borrow);
-                self.metrics.rate_limited_seconds.inc_by(wait.as_secs_f64());
-            }
-            self.lanes[stream].served(Instant::now());
-            let (shared, replica) = (shared.clone(), replicas.current);
-            in_flight.spawn(async move {
-                tokio::time::sleep(wait).await;
-                let (client, urls, device, token) = &*shared;
-                let outcome = send(client, &urls[replica], device, token, &batch).await;
-                Sent {
-                    stream,
-                    replica,
-                    batch,
-                    outcome,
-                }
-            });
+            in_flight.spawn(request.run());
         }
+    }
+
+    /// Books a readiness probe: batches go again after a 200; otherwise the next replica, or
+    /// the same after a backoff. Returns the wait and whether the ingest still fails.
+    fn probed(
+        &mut self,
+        replica: usize,
+        answer: Result<u16, String>,
+        replicas: &mut Replicas,
+        urls: &[reqwest::Url],
+        backoff: &mut backon::ExponentialBackoff,
+    ) -> (Option<Duration>, bool) {
+        let reason = match answer {
+            Ok(status) if (200..300).contains(&status) => {
+                tracing::info!(ingest = %urls[replica], "ingest ready again; sending");
+                return (None, false);
+            }
+            Ok(status) => format!("readiness probe answered {status}"),
+            Err(e) => format!("readiness probe failed: {e}"),
+        };
+        let delay = if replicas.failed() {
+            backoff.next().unwrap_or(self.ingest.retry_max)
+        } else {
+            Duration::ZERO
+        };
+        if replicas.current != replica {
+            self.metrics.ingest_failovers.inc();
+            self.metrics.ingest_current.set(replicas.current as i64);
+        }
+        tracing::warn!(ingest = %urls[replica], %reason, retry_in = ?delay, "ingest not ready; data kept");
+        (Some(delay), true)
+    }
+
+    /// The stream's committed progress as of now.
+    fn latest(&self, stream: usize) -> StreamProgress {
+        self.progress
+            .borrow()
+            .get(stream)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Books the answer to one request: the lane, the buffer, metrics and replicas. Returns
@@ -304,6 +502,7 @@ impl Forwarder {
         let Sent {
             stream,
             replica,
+            covered,
             batch,
             outcome,
         } = sent;
@@ -349,7 +548,7 @@ impl Forwarder {
             };
             tell_buffer(&self.commands, command);
         }
-        self.lanes[stream].finish(answer, &latest);
+        self.lanes[stream].finish(covered, answer, &latest);
         self.protected.lock()[stream] = self.lanes[stream].protection();
         let stream_name = self.streams[stream].name.as_str();
         let count = |what: &str| {
@@ -494,19 +693,12 @@ fn tell_buffer(commands: &SyncSender<WriterCommand>, command: WriterCommand) {
     }
 }
 
-async fn sleep_or_stop(delay: Duration, shutdown: &CancellationToken) {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => {}
-        _ = shutdown.cancelled() => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::{Replicas, open_slots};
 
     #[test]
-    fn slots_keep_one_for_critical_and_probe_one_at_a_time() {
+    fn slots_keep_one_for_critical_and_none_while_probing() {
         // (max, in flight, probing, critical) → slots open
         let cases = [
             ((4, 0, false, false), 3),
@@ -514,8 +706,8 @@ mod tests {
             ((4, 3, false, false), 0),
             ((4, 3, false, true), 1),
             ((4, 4, false, true), 0),
-            ((4, 0, true, false), 1),
-            ((4, 1, true, true), 0),
+            ((4, 0, true, false), 0),
+            ((4, 0, true, true), 0),
             ((1, 0, false, false), 1),
             ((1, 1, false, true), 0),
             ((2, 1, false, false), 0),

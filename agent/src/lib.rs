@@ -97,7 +97,10 @@ pub async fn run(
         });
     }
     let names: Vec<String> = streams.iter().map(|s| s.name.clone()).collect();
-    let reader = BufferReader::open(&config.buffer.path, &names)?;
+    // One read connection per request that may be in flight: reads run beside each other.
+    let readers = (0..config.ingest.max_in_flight)
+        .map(|_| BufferReader::open(&config.buffer.path, &names))
+        .collect::<Result<Vec<_>, _>>()?;
     let progress = buffer.progress();
     let now = Instant::now();
     let lanes: Vec<Lane> = opened
@@ -193,7 +196,7 @@ pub async fn run(
         streams,
         lanes,
         schedule: config.schedule,
-        reader: Some(reader),
+        readers,
         commands: commands.clone(),
         protected,
         progress: progress_rx,

@@ -144,7 +144,7 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
             get(|State(s): State<Arc<AppState>>| async move { s.metrics.render() }),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route(ingest_wire::READYZ_PATH, get(readyz))
         .with_state(state)
 }
 

@@ -27,6 +27,10 @@ pub use loss::{LOSS_STREAM, LossReason, LossReport};
 pub const WIRE_VERSION: u32 = 1;
 /// Where batches are POSTed.
 pub const BATCHES_PATH: &str = "/v1/batches";
+
+/// Readiness: 200 when the ingest can append to its log now, 503 otherwise. The agent probes
+/// it while the ingest fails, instead of sending data into a dead link.
+pub const READYZ_PATH: &str = "/readyz";
 /// Content type of the compact protobuf batch.
 pub const CONTENT_TYPE_BATCH: &str = "application/x-protobuf; proto=edgegw.v1.Batch";
 /// Content type of the plain JSON batch.
