@@ -418,13 +418,15 @@ pub struct PreparedBatch {
     pub body: Vec<u8>,
 }
 
-/// Encodes and compresses `records` (non-empty, in sequence order) as one batch body.
+/// Encodes and compresses `records` (non-empty, in sequence order) as one batch body, with
+/// `dictionary` when given.
 pub fn prepare(
     device_id: &str,
     stream: &str,
     epoch: u64,
     records: Vec<StoredRecord>,
     zstd_level: i32,
+    dictionary: Option<&[u8]>,
     sent_at_ms: i64,
 ) -> std::io::Result<PreparedBatch> {
     let first_seq = records.first().map_or(0, |r| r.seq);
@@ -452,7 +454,11 @@ pub fn prepare(
             })
             .collect(),
     };
-    let body = ingest_wire::compress(&ingest_wire::encode_batch(&batch), zstd_level)?;
+    let raw = ingest_wire::encode_batch(&batch);
+    let body = match dictionary {
+        Some(d) => ingest_wire::compress_with_dictionary(&raw, zstd_level, d)?,
+        None => ingest_wire::compress(&raw, zstd_level)?,
+    };
     Ok(PreparedBatch {
         first_seq,
         last_seq,

@@ -173,6 +173,8 @@ struct RawStream {
     order: Order,
     #[serde(default)]
     zstd_level: Option<i32>,
+    #[serde(default)]
+    zstd_dictionary: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -363,6 +365,8 @@ pub struct StreamConfig {
     pub order: Order,
     /// zstd level of this stream's batches.
     pub zstd_level: i32,
+    /// Whether its batches use a zstd dictionary trained on its records.
+    pub zstd_dictionary: bool,
 }
 
 /// A batch is sent when any trigger fires.
@@ -603,6 +607,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             ttl,
             order: s.order,
             zstd_level,
+            zstd_dictionary: s.zstd_dictionary,
         });
     }
     let default_stream = match streams.iter().position(|s| s.name == raw.default_stream) {
@@ -623,6 +628,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
                 ttl: None,
                 order: Order::Fifo,
                 zstd_level: ingest.zstd_level,
+                zstd_dictionary: false,
             });
             streams.len() - 1
         }
@@ -666,6 +672,7 @@ pub fn loss_stream() -> StreamConfig {
         ttl: None,
         order: Order::Fifo,
         zstd_level: 1,
+        zstd_dictionary: false,
     }
 }
 

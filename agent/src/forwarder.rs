@@ -11,6 +11,7 @@
 //! the ingest fails, one request at a time probes it. After every answer the scheduler
 //! decides again, so the batch sent next is the most urgent one, not the one that failed.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
@@ -27,6 +28,7 @@ use crate::batcher::{
 };
 use crate::buffer::{BufferReader, Protected, StreamProgress, WriterCommand};
 use crate::config::{IngestConfig, StreamConfig};
+use crate::dictionary::{StreamDictionary, Trained};
 use crate::metrics::Metrics;
 use crate::retry::{Outcome, classify};
 use crate::routing::Priority;
@@ -74,6 +76,8 @@ struct Sent {
     /// The sequences it stands for (see [`crate::buffer::ReadBatch::covered`]).
     covered: (u64, u64),
     batch: PreparedBatch,
+    /// Id of the zstd dictionary it is compressed with.
+    dictionary: Option<u32>,
     outcome: Result<(Outcome, String), SendError>,
 }
 
@@ -103,6 +107,95 @@ struct Uplink {
     protected: Arc<Protected>,
     bucket: Option<std::sync::Mutex<TokenBucket>>,
     metrics: Metrics,
+    /// Per stream, its zstd dictionary.
+    dictionaries: std::sync::Mutex<Vec<StreamDictionary>>,
+    /// (replica, dictionary id) pairs the replica has.
+    registered: std::sync::Mutex<HashSet<(usize, u32)>>,
+}
+
+impl Uplink {
+    fn dictionaries(&self) -> std::sync::MutexGuard<'_, Vec<StreamDictionary>> {
+        self.dictionaries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn registered(&self) -> std::sync::MutexGuard<'_, HashSet<(usize, u32)>> {
+        self.registered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes sure `replica` has the dictionary `batch` uses. `None` when it has (or the batch
+    /// uses none); otherwise the outcome to book instead of sending: the batch waits.
+    async fn register(
+        &self,
+        stream: usize,
+        stream_name: &str,
+        replica: usize,
+        batch: &Ready,
+    ) -> Option<Result<(Outcome, String), SendError>> {
+        let trained = batch.dictionary.as_ref()?;
+        if self.registered().contains(&(replica, trained.id)) {
+            return None;
+        }
+        let url = self.urls[replica]
+            .join(&format!(
+                "{}/{}",
+                ingest_wire::DICTIONARIES_PATH,
+                trained.id
+            ))
+            .ok()?;
+        let answer = self
+            .client
+            .put(url)
+            .header(ingest_wire::HEADER_DEVICE_ID, &self.device_id)
+            .header(AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(trained.bytes.clone())
+            .send()
+            .await;
+        let status = match answer {
+            Ok(r) => r.status().as_u16(),
+            Err(e) => return Some(Err(SendError::Transport(e))),
+        };
+        match classify(status, None) {
+            Outcome::Delivered => {
+                self.registered().insert((replica, trained.id));
+                self.metrics.dictionary_registrations.inc();
+                tracing::info!(stream = %stream_name, id = trained.id, ingest = %self.urls[replica], "zstd dictionary registered");
+                None
+            }
+            Outcome::Reject | Outcome::TooLarge | Outcome::NeedsDictionary => {
+                self.dictionaries()[stream] = StreamDictionary::Off;
+                self.metrics
+                    .stream_dictionary
+                    .with_label_values(&[stream_name])
+                    .set(0);
+                tracing::warn!(stream = %stream_name, status, "the ingest refuses zstd dictionaries; compressing this stream without one");
+                Some(Ok((
+                    Outcome::NeedsDictionary,
+                    format!("dictionary registration answered {status}"),
+                )))
+            }
+            Outcome::Alarm if status == 404 || status == 405 => {
+                // An ingest from before dictionaries: the batches go without.
+                self.dictionaries()[stream] = StreamDictionary::Off;
+                self.metrics
+                    .stream_dictionary
+                    .with_label_values(&[stream_name])
+                    .set(0);
+                tracing::warn!(stream = %stream_name, status, "the ingest does not take zstd dictionaries; compressing this stream without one");
+                Some(Ok((
+                    Outcome::NeedsDictionary,
+                    format!("dictionary registration answered {status}"),
+                )))
+            }
+            other => Some(Ok((
+                other,
+                format!("dictionary registration answered {status}"),
+            ))),
+        }
+    }
 }
 
 /// One request: read a batch (protecting it), compress it, wait for the bandwidth cap, POST.
@@ -123,7 +216,7 @@ struct Request {
 
 impl Request {
     async fn run(self) -> Ended {
-        let stream = self.stream;
+        let (stream, stream_name) = (self.stream, self.stream_name.clone());
         let uplink = self.uplink.clone();
         let prepared = tokio::task::spawn_blocking(move || self.prepare()).await;
         let (covered, batch) = match prepared {
@@ -145,18 +238,27 @@ impl Request {
             ..
         } = &*uplink;
         tokio::time::sleep(batch.wait).await;
-        let outcome = send(
-            client,
-            &urls[batch.replica],
-            device_id,
-            token,
-            &batch.prepared,
-        )
-        .await;
+        let outcome = match uplink
+            .register(stream, &stream_name, batch.replica, &batch)
+            .await
+        {
+            Some(instead) => instead,
+            None => {
+                send(
+                    client,
+                    &urls[batch.replica],
+                    device_id,
+                    token,
+                    &batch.prepared,
+                )
+                .await
+            }
+        };
         Ended::Answered(Sent {
             stream,
             replica: batch.replica,
             covered,
+            dictionary: batch.dictionary.as_ref().map(|d| d.id),
             batch: batch.prepared,
             outcome,
         })
@@ -196,12 +298,28 @@ impl Request {
         let Some(covered) = read.covered.filter(|_| !read.records.is_empty()) else {
             return Ok(None);
         };
+        let dictionary = {
+            let mut dictionaries = uplink.dictionaries();
+            let d = &mut dictionaries[self.stream];
+            if d.wants_samples()
+                && let Some(trained) = d.learn(&uplink.device_id, &self.stream_name, &read.records)
+            {
+                tracing::info!(stream = %self.stream_name, id = trained.id, bytes = trained.bytes.len(), "zstd dictionary trained on this stream's records");
+                uplink
+                    .metrics
+                    .stream_dictionary
+                    .with_label_values(&[self.stream_name.as_str()])
+                    .set(i64::from(trained.id));
+            }
+            d.current()
+        };
         let prepared = batcher::prepare(
             &uplink.device_id,
             &self.stream_name,
             self.epoch,
             read.records,
             self.zstd_level,
+            dictionary.as_ref().map(|d| d.bytes.as_slice()),
             crate::clock::now_ms(),
         )
         .map_err(|e| e.to_string())?;
@@ -220,6 +338,7 @@ impl Request {
                     prepared,
                     replica: self.replica,
                     wait,
+                    dictionary,
                 },
             )));
         }
@@ -229,6 +348,7 @@ impl Request {
                 prepared,
                 replica: self.replica,
                 wait: Duration::ZERO,
+                dictionary,
             },
         )))
     }
@@ -243,6 +363,8 @@ struct Ready {
     replica: usize,
     /// How long the bandwidth cap holds it back.
     wait: Duration,
+    /// The dictionary it is compressed with, if any.
+    dictionary: Option<Arc<Trained>>,
 }
 
 /// How many batches may start now: up to `max` in flight, the last slot only for critical
@@ -324,6 +446,13 @@ impl Forwarder {
             protected: self.protected.clone(),
             bucket,
             metrics: self.metrics.clone(),
+            dictionaries: std::sync::Mutex::new(
+                self.streams
+                    .iter()
+                    .map(|s| StreamDictionary::new(s.zstd_dictionary))
+                    .collect(),
+            ),
+            registered: std::sync::Mutex::new(HashSet::new()),
         });
         loop {
             if shutdown.is_cancelled() {
@@ -409,7 +538,7 @@ impl Forwarder {
                                     retry_at = delay.map(|d| Instant::now() + d);
                                 }
                                 Ended::Answered(sent) => {
-                                    let (delay, failed) = self.answered(sent, &mut replicas, &urls, &mut backoff, &backoff_builder);
+                                    let (delay, failed) = self.answered(sent, &uplink, &mut replicas, &urls, &mut backoff, &backoff_builder);
                                     probing = failed;
                                     if let Some(delay) = delay {
                                         retry_at = Some(Instant::now() + delay);
@@ -494,6 +623,7 @@ impl Forwarder {
     fn answered(
         &mut self,
         sent: Sent,
+        uplink: &Uplink,
         replicas: &mut Replicas,
         urls: &[reqwest::Url],
         backoff: &mut backon::ExponentialBackoff,
@@ -504,6 +634,7 @@ impl Forwarder {
             replica,
             covered,
             batch,
+            dictionary,
             outcome,
         } = sent;
         // Only a request without an answer after it went out may be in the log; an explicit
@@ -567,6 +698,22 @@ impl Forwarder {
                 self.lanes[stream].size_cap = None;
                 *backoff = backoff_builder.build();
                 replicas.succeeded();
+                uplink.dictionaries()[stream].hit();
+                (None, false)
+            }
+            Outcome::NeedsDictionary => {
+                // The replica lacks the batch's dictionary (restarted, or another replica
+                // registered it): register it again and resend; repeated misses turn it off.
+                if let Some(id) = dictionary {
+                    uplink.registered().remove(&(replica, id));
+                    if uplink.dictionaries()[stream].missed() {
+                        self.metrics
+                            .stream_dictionary
+                            .with_label_values(&[stream_name])
+                            .set(0);
+                        tracing::warn!(stream = %stream_name, %reason, "the ingest keeps asking for the zstd dictionary; compressing this stream without one");
+                    }
+                }
                 (None, false)
             }
             Outcome::TooLarge if batch.records > 1 => {

@@ -17,6 +17,7 @@ pub mod broker;
 pub mod buffer;
 pub mod clock;
 pub mod config;
+pub mod dictionary;
 pub mod forwarder;
 pub mod gate;
 pub mod metrics;
@@ -94,6 +95,7 @@ pub async fn run(
             ttl: None,
             order: batcher::Order::Fifo,
             zstd_level: config.ingest.zstd_level,
+            zstd_dictionary: false,
         });
     }
     let names: Vec<String> = streams.iter().map(|s| s.name.clone()).collect();

@@ -45,6 +45,10 @@ pub const INGEST_FAILOVERS: &str = "agent_ingest_failovers_total";
 pub const INGEST_CURRENT: &str = "agent_ingest_current";
 /// 1 while the ingest refuses our credentials (401/403): an operator must act.
 pub const AUTH_ALARM: &str = "agent_auth_alarm";
+/// Id of the zstd dictionary a stream's batches are compressed with now (0: none), per stream.
+pub const STREAM_DICTIONARY: &str = "agent_stream_dictionary_id";
+/// Dictionary registrations at an ingest replica (`PUT /v1/dictionaries/{id}`).
+pub const DICTIONARY_REGISTRATIONS: &str = "agent_dictionary_registrations_total";
 /// Buffer commit durations.
 pub const COMMIT_SECONDS: &str = "agent_buffer_commit_seconds";
 /// Corrupt buffer files moved aside at start.
@@ -76,6 +80,10 @@ pub struct Metrics {
     pub backlog_records: IntGaugeVec,
     /// See [`BACKLOG_BYTES`].
     pub backlog_bytes: IntGaugeVec,
+    /// [`STREAM_DICTIONARY`]
+    pub stream_dictionary: IntGaugeVec,
+    /// [`DICTIONARY_REGISTRATIONS`]
+    pub dictionary_registrations: IntCounter,
     /// See [`BATCHES`].
     pub batches: IntCounterVec,
     /// See [`WIRE_BYTES`].
@@ -169,6 +177,14 @@ impl Metrics {
                 "Times rumqttd skipped records because the buffer writer lagged.",
             ),
             backlog_records: gauge_vec(BACKLOG_RECORDS, "Records in the buffer."),
+            stream_dictionary: gauge_vec(
+                STREAM_DICTIONARY,
+                "Id of the zstd dictionary the stream's batches use (0: none).",
+            ),
+            dictionary_registrations: counter(
+                DICTIONARY_REGISTRATIONS,
+                "zstd dictionaries registered at an ingest replica.",
+            ),
             backlog_bytes: gauge_vec(BACKLOG_BYTES, "Bytes in the buffer (quota cost)."),
             batches: counter_vec(
                 BATCHES,

@@ -15,6 +15,9 @@ pub enum Outcome {
     /// 401/403, or an endpoint that does not exist (404/405/415: misconfiguration): keep the
     /// data, raise the alarm, retry with backoff until an operator fixes it.
     Alarm,
+    /// 428: the batch uses a zstd dictionary this ingest replica does not have: register it
+    /// and resend at once.
+    NeedsDictionary,
     /// 408/429/5xx or no answer: keep the data and retry, after Retry-After when given.
     Retry {
         /// The ingest's Retry-After, if any.
@@ -27,6 +30,7 @@ pub fn classify(status: u16, retry_after: Option<&str>) -> Outcome {
     match status {
         200..=299 => Outcome::Delivered,
         413 => Outcome::TooLarge,
+        428 => Outcome::NeedsDictionary,
         400 | 422 => Outcome::Reject,
         401 | 403 | 404 | 405 | 415 => Outcome::Alarm,
         408 | 429 | 500..=599 => Outcome::Retry {
@@ -53,6 +57,7 @@ mod tests {
             (204, None, Outcome::Delivered),
             (400, None, Outcome::Reject),
             (413, None, Outcome::TooLarge),
+            (428, None, Outcome::NeedsDictionary),
             (401, None, Outcome::Alarm),
             (403, None, Outcome::Alarm),
             (404, None, Outcome::Alarm),

@@ -12,12 +12,13 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use ingest_wire::{BatchAck, DecodeError, HEADER_DEVICE_ID, HEADER_RETRY_AFTER, Limits};
 use serde::Deserialize;
 
 use crate::auth::{Authenticated, Registry};
 use crate::config::{ReadApi, RequestLimits};
+use crate::dictionaries::Dictionaries;
 use crate::metrics::Metrics;
 use crate::publish::{Delivery, PublishError, Publisher, clock_offset, embedded, topic_name};
 
@@ -39,6 +40,8 @@ pub struct AppState {
     pub embedded_log: Option<PathBuf>,
     /// Who may use the read endpoints.
     pub read_api: ReadApi,
+    /// zstd dictionaries registered by devices.
+    pub dictionaries: Dictionaries,
 }
 
 /// Why a batch request failed.
@@ -79,6 +82,15 @@ pub enum IngestError {
     /// The body could not be read (client went away). 400.
     #[error("request body could not be read")]
     BodyRead,
+    /// The batch's zstd frame names a dictionary this replica does not have. 428; the agent
+    /// registers it (`PUT /v1/dictionaries/{id}`) and resends.
+    #[error(
+        "the body is compressed with zstd dictionary {0}, which is not registered here: PUT it to /v1/dictionaries/{0}, then resend"
+    )]
+    UnknownDictionary(u32),
+    /// A dictionary registration is not a zstd dictionary with the id of its path. 400.
+    #[error("{0}")]
+    BadDictionary(String),
 }
 
 impl IngestError {
@@ -90,8 +102,11 @@ impl IngestError {
             IngestError::TooLarge { .. } | IngestError::TooManyRecords { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            IngestError::BadBatch(_) | IngestError::BodyRead => StatusCode::BAD_REQUEST,
+            IngestError::BadBatch(_) | IngestError::BodyRead | IngestError::BadDictionary(_) => {
+                StatusCode::BAD_REQUEST
+            }
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::UnknownDictionary(_) => StatusCode::PRECONDITION_REQUIRED,
         }
     }
 }
@@ -137,6 +152,10 @@ impl IntoResponse for IngestError {
 pub fn app(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
         .route(ingest_wire::BATCHES_PATH, post(post_batch))
+        .route(
+            &format!("{}/{{id}}", ingest_wire::DICTIONARIES_PATH),
+            put(put_dictionary),
+        )
         .route("/v1/log", get(list_topics))
         .route("/v1/log/{topic}", get(read_topic))
         .route(
@@ -184,6 +203,41 @@ async fn post_batch(
     response
 }
 
+/// `PUT /v1/dictionaries/{id}`: registers a device's zstd dictionary on this replica.
+async fn put_dictionary(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let device = authenticate(&state, &headers)?;
+        let limit = ingest_wire::MAX_DICTIONARY_BYTES;
+        let body = axum::body::to_bytes(body, limit)
+            .await
+            .map_err(|_| IngestError::TooLarge { limit })?;
+        let id: u32 = id.parse().map_err(|_| {
+            IngestError::BadDictionary(format!("dictionary id {id:?} is not a number"))
+        })?;
+        if ingest_wire::dictionary_id(&body) != Some(id) || id == 0 {
+            return Err(IngestError::BadDictionary(format!(
+                "the body is not a zstd dictionary with id {id} (train one with zstd --train; its id is in its header)"
+            )));
+        }
+        state.dictionaries.insert(&device.device_id, id, &body);
+        tracing::info!(device = %device.device_id, id, bytes = body.len(), "zstd dictionary registered");
+        Ok::<_, IngestError>(StatusCode::NO_CONTENT)
+    }
+    .await;
+    match result {
+        Ok(status) => status.into_response(),
+        Err(e) => {
+            tracing::info!(status = e.status().as_u16(), error = %e, "dictionary refused");
+            e.into_response()
+        }
+    }
+}
+
 fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Authenticated, IngestError> {
     let device = headers
         .get(HEADER_DEVICE_ID)
@@ -221,14 +275,26 @@ async fn accept_batch(
             .get(name)
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
-    let batch = ingest_wire::decode_body(
+    let encoding = header(header::CONTENT_ENCODING);
+    let zstd = encoding.is_some_and(|e| e.trim().eq_ignore_ascii_case(ingest_wire::ENCODING_ZSTD));
+    let dictionary = match ingest_wire::frame_dictionary_id(&body).filter(|_| zstd) {
+        Some(id) => Some(
+            state
+                .dictionaries
+                .get(&device.device_id, id)
+                .ok_or(IngestError::UnknownDictionary(id))?,
+        ),
+        None => None,
+    };
+    let batch = ingest_wire::decode_body_with(
         &body,
         header(header::CONTENT_TYPE),
-        header(header::CONTENT_ENCODING),
+        encoding,
         Limits {
             max_decompressed_bytes: state.limits.max_decompressed_bytes,
             max_records: state.limits.max_records_per_batch,
         },
+        dictionary.as_deref(),
     )?;
     if batch.device_id != device.device_id {
         return Err(IngestError::Forbidden {
@@ -407,6 +473,7 @@ mod tests {
     fn state(dir: &std::path::Path) -> Arc<AppState> {
         let path = dir.join("log.db");
         Arc::new(AppState {
+            dictionaries: Dictionaries::new(1 << 20),
             registry: Registry::new(HashMap::from([(
                 "d1".to_owned(),
                 Device {
@@ -492,11 +559,91 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn batches_compressed_with_a_dictionary_need_it_registered_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state(dir.path());
+        let raw = |seqs: std::ops::Range<u64>| {
+            ingest_wire::encode_batch(&Batch {
+                device_id: "d1".into(),
+                stream: "t".into(),
+                records: seqs
+                    .map(|seq| Record {
+                        seq,
+                        topic: format!("plant/{}/t", seq % 5),
+                        payload: format!("{{\"v\":{}}}", seq * 7 % 100).into_bytes().into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        let samples: Vec<Vec<u8>> = (1..400).map(|i| raw(i..i + 1)).collect();
+        let dict = ingest_wire::train_dictionary(&samples, 1024).expect("train");
+        let id = ingest_wire::dictionary_id(&dict).expect("id");
+        let put = |token: &str, id: String, body: Vec<u8>| {
+            Request::put(format!("{}/{id}", ingest_wire::DICTIONARIES_PATH))
+                .header(HEADER_DEVICE_ID, "d1")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(Body::from(body))
+                .expect("request")
+        };
+        let with_dict = |seqs| {
+            request(
+                "tok",
+                ingest_wire::compress_with_dictionary(&raw(seqs), 1, &dict).expect("zstd"),
+            )
+        };
+        let cases: Vec<(Request<Body>, StatusCode)> = vec![
+            (with_dict(1..4), StatusCode::PRECONDITION_REQUIRED),
+            (
+                put("nope", id.to_string(), dict.clone()),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                put("tok", (id ^ 1).to_string(), dict.clone()),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                put("tok", id.to_string(), b"not a dictionary".to_vec()),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                put("tok", "x".into(), dict.clone()),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                put(
+                    "tok",
+                    id.to_string(),
+                    vec![0; ingest_wire::MAX_DICTIONARY_BYTES + 1],
+                ),
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+            (
+                put("tok", id.to_string(), dict.clone()),
+                StatusCode::NO_CONTENT,
+            ),
+            (with_dict(1..4), StatusCode::OK),
+        ];
+        for (i, (req, want)) in cases.into_iter().enumerate() {
+            let response = app(state.clone()).oneshot(req).await.expect("response");
+            assert_eq!(response.status(), want, "case {i}");
+        }
+        let topics =
+            embedded::topics(state.embedded_log.as_ref().expect("embedded")).expect("topics");
+        assert_eq!(
+            topics[0].end_offset, 3,
+            "the batch is in once its dictionary is"
+        );
+    }
+
+    #[tokio::test]
     async fn the_read_api_can_require_a_token_or_be_off() {
         let dir = tempfile::tempdir().expect("tempdir");
         let open = state(dir.path());
         let with = |read_api| {
             Arc::new(AppState {
+                dictionaries: Dictionaries::new(1 << 20),
                 registry: open.registry.clone(),
                 publisher: open.publisher.clone(),
                 limits: open.limits,

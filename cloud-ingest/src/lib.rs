@@ -12,6 +12,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod dictionaries;
 pub mod metrics;
 pub mod publish;
 
@@ -26,6 +27,9 @@ use crate::metrics::Metrics;
 use crate::publish::embedded::EmbeddedLog;
 use crate::publish::kafka::KafkaLog;
 use crate::publish::nats::NatsLog;
+
+/// Bytes of registered zstd dictionaries a replica keeps (about 16,000 of 4 KiB).
+const DICTIONARY_CACHE_BYTES: usize = 64 << 20;
 
 /// Starts the ingest on `config.listen` and serves until `shutdown` is cancelled.
 /// Requests in flight are finished before it returns.
@@ -56,6 +60,7 @@ pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow:
         metrics: Metrics::new(),
         embedded_log,
         read_api: config.read_api,
+        dictionaries: dictionaries::Dictionaries::new(DICTIONARY_CACHE_BYTES),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -67,12 +67,50 @@ pub fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     zstd::bulk::compress(raw, level)
 }
 
+/// Compresses `raw` as one zstd frame at `level` with `dictionary`; the frame header names the
+/// dictionary's id, so the receiver knows which one to decode it with.
+pub fn compress_with_dictionary(
+    raw: &[u8],
+    level: i32,
+    dictionary: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::Compressor::with_dictionary(level, dictionary)?.compress(raw)
+}
+
+/// Trains a zstd dictionary of at most `max_bytes` on `samples` (typically encoded batches of
+/// a single record each); it declares a random id.
+pub fn train_dictionary(samples: &[Vec<u8>], max_bytes: usize) -> std::io::Result<Vec<u8>> {
+    zstd::dict::from_samples(samples, max_bytes)
+}
+
+/// The id a zstd dictionary declares (trained dictionaries carry one); `None` for raw content.
+pub fn dictionary_id(dictionary: &[u8]) -> Option<u32> {
+    zstd::zstd_safe::get_dict_id_from_dict(dictionary).map(u32::from)
+}
+
+/// The dictionary id in the header of a body's first zstd frame, if it names one: the receiver
+/// needs that dictionary (registered at [`crate::DICTIONARIES_PATH`]) to decode the body.
+pub fn frame_dictionary_id(body: &[u8]) -> Option<u32> {
+    zstd::zstd_safe::get_dict_id_from_frame(body).map(u32::from)
+}
+
 /// Decodes and validates a body given its `Content-Type` and `Content-Encoding` headers.
 pub fn decode_body(
     body: &[u8],
     content_type: Option<&str>,
     content_encoding: Option<&str>,
     limits: Limits,
+) -> Result<Batch, DecodeError> {
+    decode_body_with(body, content_type, content_encoding, limits, None)
+}
+
+/// [`decode_body`] for a body compressed with `dictionary` (the one its frame header names).
+pub fn decode_body_with(
+    body: &[u8],
+    content_type: Option<&str>,
+    content_encoding: Option<&str>,
+    limits: Limits,
+    dictionary: Option<&[u8]>,
 ) -> Result<Batch, DecodeError> {
     let raw = match content_encoding.map(str::trim) {
         None | Some("") | Some("identity") => {
@@ -83,9 +121,9 @@ pub fn decode_body(
             }
             std::borrow::Cow::Borrowed(body)
         }
-        Some(enc) if enc.eq_ignore_ascii_case(ENCODING_ZSTD) => {
-            std::borrow::Cow::Owned(bounded_unzstd(body, limits.max_decompressed_bytes)?)
-        }
+        Some(enc) if enc.eq_ignore_ascii_case(ENCODING_ZSTD) => std::borrow::Cow::Owned(
+            bounded_unzstd(body, limits.max_decompressed_bytes, dictionary)?,
+        ),
         Some(other) => return Err(DecodeError::Encoding(other.to_owned())),
     };
     let mime = content_type
@@ -109,8 +147,13 @@ pub fn decode_body(
     Ok(batch)
 }
 
-fn bounded_unzstd(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
-    let decoder = zstd::stream::read::Decoder::new(body).map_err(DecodeError::Zstd)?;
+fn bounded_unzstd(
+    body: &[u8],
+    limit: usize,
+    dictionary: Option<&[u8]>,
+) -> Result<Vec<u8>, DecodeError> {
+    let decoder = zstd::stream::read::Decoder::with_dictionary(body, dictionary.unwrap_or(&[]))
+        .map_err(DecodeError::Zstd)?;
     let mut out = Vec::new();
     // Read one byte past the limit: if it arrives, the body is too large.
     decoder
@@ -196,6 +239,43 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_dictionary_named_in_the_frame_is_needed_to_decode() {
+        let samples: Vec<Vec<u8>> = (0..500u64)
+            .map(|i| {
+                let mut b = batch(&[i + 1]);
+                b.records[0].payload = Bytes::from(format!(
+                    "{{\"sensor\":\"s-{}\",\"temperature\":{}.{},\"status\":\"ok\"}}",
+                    i % 7,
+                    15 + i % 10,
+                    i % 9
+                ));
+                encode_batch(&b)
+            })
+            .collect();
+        let dict = train_dictionary(&samples, 2048).expect("train");
+        let id = dictionary_id(&dict).expect("a trained dictionary has an id");
+        let body = compress_with_dictionary(&samples[3], 1, &dict).expect("compress");
+        assert_eq!(frame_dictionary_id(&body), Some(id));
+        assert_eq!(
+            frame_dictionary_id(&compress(&samples[3], 1).expect("zstd")),
+            None
+        );
+        let decoded = decode_body_with(
+            &body,
+            Some(CONTENT_TYPE_BATCH),
+            Some("zstd"),
+            LIMITS,
+            Some(&dict),
+        )
+        .expect("decodes with its dictionary");
+        assert_eq!(decoded.records[0].seq, 4);
+        assert!(matches!(
+            decode_body(&body, Some(CONTENT_TYPE_BATCH), Some("zstd"), LIMITS),
+            Err(DecodeError::Zstd(_))
+        ));
     }
 
     #[test]

@@ -19,7 +19,10 @@ mod json;
 mod loss;
 
 pub use batch::{Batch, Record};
-pub use codec::{DecodeError, Limits, compress, decode_body, encode_batch};
+pub use codec::{
+    DecodeError, Limits, compress, compress_with_dictionary, decode_body, decode_body_with,
+    dictionary_id, encode_batch, frame_dictionary_id, train_dictionary,
+};
 pub use json::{BatchAck, JsonBatch, JsonRecord};
 pub use loss::{LOSS_STREAM, LossReason, LossReport};
 
@@ -27,6 +30,14 @@ pub use loss::{LOSS_STREAM, LossReason, LossReport};
 pub const WIRE_VERSION: u32 = 1;
 /// Where batches are POSTed.
 pub const BATCHES_PATH: &str = "/v1/batches";
+
+/// Where a zstd dictionary is registered: `PUT {DICTIONARIES_PATH}/{id}` with the dictionary
+/// as the body (same authentication as batches; at most [`MAX_DICTIONARY_BYTES`]). A batch whose
+/// zstd frame header names a dictionary the ingest does not have is answered 428: register it,
+/// then resend.
+pub const DICTIONARIES_PATH: &str = "/v1/dictionaries";
+/// Largest dictionary the ingest registers, in bytes.
+pub const MAX_DICTIONARY_BYTES: usize = 64 * 1024;
 
 /// Readiness: 200 when the ingest can append to its log now, 503 otherwise. The agent probes
 /// it while the ingest fails, instead of sending data into a dead link.
