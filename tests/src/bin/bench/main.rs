@@ -8,6 +8,7 @@
 //! the ingest (which answers once Kafka acknowledged each record) against a plain rdkafka
 //! producer with the same settings, both on one tansu broker on this machine.
 
+mod at_rest;
 mod network;
 
 use std::sync::Arc;
@@ -399,6 +400,23 @@ fn network_tables(scale: u64) {
     println!("|---:|---:|---:|");
     for (n, plain, dict) in network::wire_ratios() {
         println!("| {n} | {plain:.3} | {dict:.3} |");
+    }
+    println!();
+    println!("| zstd level, 1000-record batches | wire / raw | compression MB/s (one core) |");
+    println!("|---:|---:|---:|");
+    for (level, ratio, speed) in network::level_sweep() {
+        println!("| {level} | {ratio:.3} | {speed:.0} |");
+    }
+    println!();
+    println!(
+        "| compression at rest? design, records per commit | disk bytes written per record | wire / raw | building 1000-record requests, µs per record |"
+    );
+    println!("|---|---:|---:|---:|");
+    for r in at_rest::measure() {
+        println!(
+            "| {}, {} | {:.0} | {:.3} | {:.2} |",
+            r.design, r.group, r.disk_per_record, r.wire_ratio, r.drain_us_per_record
+        );
     }
     let d = network::drain(1_000_000 * scale);
     println!();

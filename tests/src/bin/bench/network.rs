@@ -21,7 +21,10 @@ fn record(client: usize, i: u64) -> ingest_wire::Record {
         topic: format!("plant/{client}/telemetry/t{}", i % 4),
         payload: load::payload(PayloadKind::Json, client, i, 200).into(),
         received_at_ms: 1_795_000_000_000 + i as i64 * 10,
-        ..Default::default()
+        // As the agent sends them: the host's boot id and time since boot on every record.
+        boot_id: "5f2c1a9e-3b7d-4e8a-9c21-0d4b6e8f1a2c".into(),
+        monotonic_ms: 60_000 + i * 10,
+        qos: None,
     }
 }
 
@@ -63,6 +66,27 @@ pub fn wire_ratios() -> Vec<(u64, f64, f64)> {
                 dicted += with_dict.compress(&bytes).expect("zstd dict").len();
             }
             (n, plain as f64 / raw as f64, dicted as f64 / raw as f64)
+        })
+        .collect()
+}
+
+/// 1000-record batches by zstd level: (level, wire/raw, compression MB/s of the encoded batch).
+pub fn level_sweep() -> Vec<(i32, f64, f64)> {
+    let batches: Vec<(Vec<u8>, usize)> = (0..5u64)
+        .map(|b| batch(b as usize, b * 1000, 1000))
+        .collect();
+    let raw: usize = batches.iter().map(|(_, r)| r).sum();
+    let encoded: usize = batches.iter().map(|(b, _)| b.len()).sum();
+    [1, 3, 9, 15, 19]
+        .into_iter()
+        .map(|level| {
+            let started = Instant::now();
+            let wire: usize = batches
+                .iter()
+                .map(|(b, _)| zstd::bulk::compress(b, level).expect("zstd").len())
+                .sum();
+            let speed = encoded as f64 / started.elapsed().as_secs_f64() / 1e6;
+            (level, wire as f64 / raw as f64, speed)
         })
         .collect()
 }
