@@ -29,10 +29,14 @@ struct Scenario {
     qos: QoS,
     /// Extra `mqtt:` keys of the agent (the 512 MB board profile).
     mqtt_extra: &'static str,
+    /// Extra `ingest:` keys of the agent (the 512 MB board profile).
+    ingest_extra: &'static str,
 }
 
 /// The memory keys of `cross/agent.yaml`, the packaged profile for a 512 MB board.
 const BOARD_512MB: &str = "  router_segment_bytes: 1MiB\n  router_segments: 4\n";
+/// Its uplink key that bounds memory: batches built at once.
+const BOARD_512MB_INGEST: &str = "  max_in_flight: 2\n";
 
 struct Row {
     name: &'static str,
@@ -51,6 +55,7 @@ fn run(s: &Scenario) -> Row {
     let cloud = CloudHarness::new(dir.path()).run();
     let agent = AgentHarness::new(dir.path(), &cloud.url())
         .mqtt_extra(s.mqtt_extra)
+        .ingest_extra(s.ingest_extra)
         .run();
     let spec = LoadSpec {
         mqtt: agent.mqtt,
@@ -319,6 +324,7 @@ fn main() {
             payload_bytes: 200,
             qos: QoS::AtLeastOnce,
             mqtt_extra: "",
+            ingest_extra: "",
         },
         Scenario {
             name: "QoS0, 200 B JSON, 10 sensors",
@@ -327,6 +333,7 @@ fn main() {
             payload_bytes: 200,
             qos: QoS::AtMostOnce,
             mqtt_extra: "",
+            ingest_extra: "",
         },
         Scenario {
             name: "QoS1, 1 KiB JSON, 5 sensors",
@@ -335,6 +342,7 @@ fn main() {
             payload_bytes: 1024,
             qos: QoS::AtLeastOnce,
             mqtt_extra: "",
+            ingest_extra: "",
         },
         Scenario {
             name: "QoS1, 200 B JSON, 10 sensors, 512 MB board profile",
@@ -343,6 +351,7 @@ fn main() {
             payload_bytes: 200,
             qos: QoS::AtLeastOnce,
             mqtt_extra: BOARD_512MB,
+            ingest_extra: BOARD_512MB_INGEST,
         },
     ];
     // BENCH_ONLY=pipeline|kafka|network runs one group of tables.
