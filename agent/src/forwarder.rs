@@ -158,43 +158,52 @@ impl Uplink {
             Ok(r) => r.status().as_u16(),
             Err(e) => return Some(Err(SendError::Transport(e))),
         };
-        match classify(status, None) {
-            Outcome::Delivered => {
+        match registration(status) {
+            Registration::Done => {
                 self.registered().insert((replica, trained.id));
                 self.metrics.dictionary_registrations.inc();
                 tracing::info!(stream = %stream_name, id = trained.id, ingest = %self.urls[replica], "zstd dictionary registered");
                 None
             }
-            Outcome::Reject | Outcome::TooLarge | Outcome::NeedsDictionary => {
+            Registration::Refused => {
                 self.dictionaries()[stream] = StreamDictionary::Off;
                 self.metrics
                     .stream_dictionary
                     .with_label_values(&[stream_name])
                     .set(0);
-                tracing::warn!(stream = %stream_name, status, "the ingest refuses zstd dictionaries; compressing this stream without one");
+                tracing::warn!(stream = %stream_name, status, "the ingest does not take this zstd dictionary; compressing this stream without one");
                 Some(Ok((
                     Outcome::NeedsDictionary,
                     format!("dictionary registration answered {status}"),
                 )))
             }
-            Outcome::Alarm if status == 404 || status == 405 => {
-                // An ingest from before dictionaries: the batches go without.
-                self.dictionaries()[stream] = StreamDictionary::Off;
-                self.metrics
-                    .stream_dictionary
-                    .with_label_values(&[stream_name])
-                    .set(0);
-                tracing::warn!(stream = %stream_name, status, "the ingest does not take zstd dictionaries; compressing this stream without one");
-                Some(Ok((
-                    Outcome::NeedsDictionary,
-                    format!("dictionary registration answered {status}"),
-                )))
-            }
-            other => Some(Ok((
-                other,
+            Registration::Failed(outcome) => Some(Ok((
+                outcome,
                 format!("dictionary registration answered {status}"),
             ))),
         }
+    }
+}
+
+/// What a dictionary registration's answer means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registration {
+    /// 2xx: the replica has it.
+    Done,
+    /// Refused (400, 413), or an ingest from before dictionaries (404, 405, …): the stream's
+    /// batches go without one from now on, and the batch is resent at once.
+    Refused,
+    /// Credentials refused or the ingest failing: booked like a batch with that answer.
+    Failed(Outcome),
+}
+
+/// Classifies the status of `PUT /v1/dictionaries/{id}`. Pure.
+fn registration(status: u16) -> Registration {
+    match classify(status, None) {
+        Outcome::Delivered => Registration::Done,
+        outcome @ Outcome::Retry { .. } => Registration::Failed(outcome),
+        Outcome::Alarm if status == 401 || status == 403 => Registration::Failed(Outcome::Alarm),
+        _ => Registration::Refused,
     }
 }
 
@@ -842,7 +851,27 @@ fn tell_buffer(commands: &SyncSender<WriterCommand>, command: WriterCommand) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Replicas, open_slots};
+    use super::{Registration, Replicas, open_slots, registration};
+    use crate::retry::Outcome;
+
+    #[test]
+    fn dictionary_registration_answers() {
+        for (status, want) in [
+            (204, Registration::Done),
+            (200, Registration::Done),
+            (400, Registration::Refused),
+            (413, Registration::Refused),
+            (404, Registration::Refused),
+            (405, Registration::Refused),
+            (428, Registration::Refused),
+            (401, Registration::Failed(Outcome::Alarm)),
+            (403, Registration::Failed(Outcome::Alarm)),
+            (503, Registration::Failed(Outcome::Retry { after: None })),
+            (429, Registration::Failed(Outcome::Retry { after: None })),
+        ] {
+            assert_eq!(registration(status), want, "{status}");
+        }
+    }
 
     #[test]
     fn slots_keep_one_for_critical_and_none_while_probing() {

@@ -64,14 +64,7 @@ fn batch(records: Vec<ingest_wire::Record>) -> ingest_wire::Batch {
 }
 
 fn written() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    crate::network::disk_writes(std::process::id())
 }
 
 fn open(path: &Path, schema: &str) -> Connection {

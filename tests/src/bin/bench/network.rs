@@ -106,7 +106,7 @@ fn bulk_spec(mqtt: std::net::SocketAddr, clients: usize, per_client: u64) -> Loa
 }
 
 /// Bytes the process wrote to storage so far (`/proc/<pid>/io` write_bytes).
-fn disk_writes(pid: u32) -> u64 {
+pub fn disk_writes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/io"))
         .ok()
         .and_then(|s| {
