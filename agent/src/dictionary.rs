@@ -7,7 +7,7 @@
 //! one, or answers 428 again and again) turns the stream's dictionary off, never the data.
 //!
 //! Measured (`BENCH_ONLY=network bash tests/bench.sh`): a 4 KiB dictionary shrinks 10-record
-//! batches of JSON telemetry by ~14% and makes 100- and 1000-record batches slightly larger,
+//! batches of JSON telemetry by ~18% and makes 100- and 1000-record batches slightly larger,
 //! so it is for streams sent a few records at a time (critical, low-rate), not for bulk.
 
 use std::sync::Arc;
