@@ -8,8 +8,9 @@
 //!
 //! Concurrency: up to `ingest.max_in_flight` requests at once across streams, the last slot
 //! kept for critical streams, so critical data never waits behind a full pipe of bulk. While
-//! the ingest fails, one request at a time probes it. After every answer the scheduler
-//! decides again, so the batch sent next is the most urgent one, not the one that failed.
+//! the ingest fails, no batch goes: a `GET /readyz` probes it (with backoff and failover), so
+//! no records sit in requests to a dead link. After every answer the scheduler decides again,
+//! so the batch sent next is the most urgent one, not the one that failed.
 
 use std::collections::HashSet;
 use std::sync::Arc;
