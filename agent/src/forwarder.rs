@@ -333,31 +333,22 @@ impl Request {
             crate::clock::now_ms(),
         )
         .map_err(|e| e.to_string())?;
-        if let Some(bucket) = &uplink.bucket {
-            let wait = bucket
+        let wait = uplink.bucket.as_ref().map_or(Duration::ZERO, |bucket| {
+            bucket
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .reserve(prepared.body.len(), Instant::now(), self.borrow);
-            uplink
-                .metrics
-                .rate_limited_seconds
-                .inc_by(wait.as_secs_f64());
-            return Ok(Some((
-                covered,
-                Ready {
-                    prepared,
-                    replica: self.replica,
-                    wait,
-                    dictionary,
-                },
-            )));
-        }
+                .reserve(prepared.body.len(), Instant::now(), self.borrow)
+        });
+        uplink
+            .metrics
+            .rate_limited_seconds
+            .inc_by(wait.as_secs_f64());
         Ok(Some((
             covered,
             Ready {
                 prepared,
                 replica: self.replica,
-                wait: Duration::ZERO,
+                wait,
                 dictionary,
             },
         )))
