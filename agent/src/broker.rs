@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -31,6 +30,9 @@ pub const OVERFLOW_STREAM: &str = "(unknown)";
 const SHUTDOWN_QUIET: Duration = Duration::from_millis(300);
 /// Longest the reader keeps draining after shutdown was asked.
 const SHUTDOWN_MAX: Duration = Duration::from_secs(5);
+/// Longest [`RunningBroker::stop`] may take: the drain, and handing its last record to a queue
+/// the writer is emptying.
+pub const STOP_BOUND: Duration = Duration::from_secs(6);
 
 /// The broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +115,7 @@ pub fn start(
     config: &MqttConfig,
     router: Router,
     stream_names: Vec<String>,
-    commands: SyncSender<WriterCommand>,
+    commands: crate::buffer::Queue,
     metrics: Metrics,
 ) -> Result<RunningBroker, BrokerError> {
     // rumqttd listens on loopback only; the gate owns the configured addresses.
@@ -245,7 +247,7 @@ fn read_link(
     _link_tx: rumqttd::local::LinkTx,
     router: &Router,
     stream_names: &[String],
-    commands: &SyncSender<WriterCommand>,
+    commands: &crate::buffer::Queue,
     metrics: &Metrics,
     stop: &AtomicBool,
 ) {

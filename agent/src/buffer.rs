@@ -2,42 +2,45 @@
 //!
 //! Invariants:
 //! - a record is deleted only once the ingest acknowledged it (2xx), moved to the dead-letter
-//!   table when the ingest rejected it (400/413), or evicted by the quota policy (counted);
+//!   table when the ingest rejected it (400/413), or dropped by policy (quota, TTL, full disk)
+//!   or for failing its checksum, and every drop writes a loss report in the same transaction;
 //! - each stream's sequence numbers increase by one per record and survive restarts (the
 //!   counter is committed in the same transaction as the records);
+//! - every record carries a CRC-32 of its seq, topic, payload and receive time: a record whose
+//!   bytes changed on disk is never delivered (it is reported lost as `corrupt_buffer`);
 //! - one thread, [`BufferWriter`], owns every write (appends, acks, evictions): a second writer
 //!   connection would fight for SQLite's write lock and starve the drain. Reads for batches go
-//!   through a separate read-only connection ([`BufferReader`]), which WAL lets run alongside.
+//!   through a separate read-only connection ([`BufferReader`]), which WAL lets run alongside;
+//! - a full disk never wedges the writer ([`space`] has the invariant and its arithmetic).
 //!
 //! Group commit: the writer gathers commands for at most `commit_window` after the first one,
 //! then commits them in one transaction (one fsync), so flash sees few large writes.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use tokio::sync::watch;
-
-use crate::metrics::Metrics;
 
 pub mod protection;
 pub mod recovery;
+pub mod space;
+mod writer;
 
 pub use protection::{MAX_SEQ, Protected, Protection, SeqRanges};
 
 use crate::routing::Priority;
 use ingest_wire::{LOSS_STREAM, LossReason, LossReport};
 pub use recovery::Quarantine;
+pub use writer::{BufferWriter, Queue, STOP_BOUND};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streams (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
-    next_seq INTEGER NOT NULL
+    next_seq INTEGER NOT NULL,
+    floor INTEGER
 );
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
@@ -47,7 +50,8 @@ CREATE TABLE IF NOT EXISTS records (
     received_at_ms INTEGER NOT NULL,
     payload BLOB NOT NULL,
     boot INTEGER,
-    monotonic_ms INTEGER
+    monotonic_ms INTEGER,
+    crc INTEGER
 );
 CREATE TABLE IF NOT EXISTS boots (id INTEGER PRIMARY KEY, boot_id TEXT NOT NULL UNIQUE);
 CREATE UNIQUE INDEX IF NOT EXISTS records_by_seq ON records (stream_id, seq);
@@ -66,8 +70,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 /// Bytes a record costs against the quota beyond its topic and payload (row and index).
 pub const RECORD_OVERHEAD_BYTES: u64 = 48;
-/// Most commands folded into one transaction.
-const MAX_GROUP: usize = 20_000;
 /// Records evicted per delete statement while over quota.
 const EVICT_CHUNK: u64 = 512;
 
@@ -116,6 +118,18 @@ impl NewRecord {
     }
 }
 
+/// The checksum stored with a record: CRC-32 of its seq, receive time, topic and payload, so
+/// a record that changed on disk (a torn page, a flipped bit) is told from a good one.
+pub fn checksum(seq: u64, received_at_ms: i64, topic: &str, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seq.to_le_bytes());
+    h.update(&received_at_ms.to_le_bytes());
+    h.update(&(topic.len() as u64).to_le_bytes());
+    h.update(topic.as_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
 /// A record read back for a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRecord {
@@ -161,6 +175,14 @@ pub enum WriterCommand {
         status: u16,
         /// The ingest's reason.
         reason: String,
+    },
+    /// These records of `stream` failed their checksum when read: drop them and report them
+    /// lost (`corrupt_buffer`).
+    Corrupt {
+        /// Stream index.
+        stream: usize,
+        /// Their sequence numbers.
+        seqs: Vec<u64>,
     },
 }
 
@@ -226,22 +248,25 @@ pub struct Buffer {
     /// Set while the disk is full: the bytes that fit, below the quota. Evictions down to it
     /// are reported as `disk_full`.
     disk_cap: Option<u64>,
-    /// Space held back for the day the disk fills (see [`RESERVE_BYTES`]).
+    /// Bytes of the reserve file kept beside the buffer ([`space`]).
+    reserve_bytes: u64,
+    /// The reserve file.
     reserve: PathBuf,
+    /// Whether the file may not grow any more: the disk filled ([`space`]).
+    frozen: bool,
+    page_size: u64,
 }
 
-/// Size of the reserve file kept beside the buffer. In WAL mode a full disk is a dead end: the
-/// checkpoint that would shrink the WAL needs the database file to grow first. Releasing the
-/// reserve gives the checkpoint and the evicting transaction the room they need. It is larger
-/// than the WAL grows between two checkpoints at the rates measured here.
-pub const RESERVE_BYTES: usize = 4 << 20;
+/// The reserve when none is given (tests, tools); the agent sizes it from the config and the
+/// volume ([`space::auto_reserve`]).
+pub const RESERVE_BYTES: u64 = 4 << 20;
 
 /// How often the checkpointer moves the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
-/// Checkpoints the buffer's WAL from a thread of its own, so the writer never stalls on a
-/// checkpoint inside a commit (which would stretch the window in which rumqttd has
-/// acknowledged records that are not committed yet). Runs until `stop` is set.
+/// Checkpoints the buffer's WAL from a thread of its own, so the writer rarely stalls on a
+/// checkpoint inside a commit (the writer checkpoints itself only to keep the WAL's growth of
+/// the file bounded, [`space`]). Runs until `stop` is set.
 pub fn spawn_checkpointer(
     path: &Path,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -255,11 +280,18 @@ pub fn spawn_checkpointer(
                 return;
             }
         };
+        let mut failing = false;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             std::thread::sleep(CHECKPOINT_EVERY);
             // PASSIVE never blocks the writer; what it cannot copy now is copied next time.
-            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
-                tracing::warn!(error = %e, "buffer checkpoint failed; retried");
+            // On a full disk it fails until the writer has made room: said once per episode.
+            match conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+                Ok(()) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "buffer checkpoint failed; retried every 500 ms");
+                }
+                Err(_) => {}
             }
         }
     })
@@ -289,13 +321,26 @@ pub struct Opened {
 }
 
 impl Buffer {
-    /// Opens or creates the buffer at `path` for `streams` in config order. A corrupt file is
-    /// quarantined and what it still holds is salvaged into a fresh one (see [`recovery`]).
-    /// Streams with records in the file but not in `streams` are appended as bulk orphans.
+    /// Opens or creates the buffer at `path` for `streams` in config order, with the default
+    /// reserve ([`RESERVE_BYTES`]); see [`Buffer::open_with`].
     pub fn open(
         path: &Path,
         streams: &[BufferStream],
         quota_bytes: u64,
+    ) -> Result<Opened, BufferError> {
+        Buffer::open_with(path, streams, quota_bytes, RESERVE_BYTES)
+    }
+
+    /// Opens or creates the buffer at `path` for `streams` in config order, holding a reserve
+    /// file of `reserve_bytes` beside it. A corrupt file is quarantined and what it still holds
+    /// is salvaged into a fresh one, and what it held but could not give back is reported lost
+    /// (see [`recovery`]). Streams with records in the file but not in `streams` are appended
+    /// as bulk orphans.
+    pub fn open_with(
+        path: &Path,
+        streams: &[BufferStream],
+        quota_bytes: u64,
+        reserve_bytes: u64,
     ) -> Result<Opened, BufferError> {
         let sqlite = |source| BufferError::Sqlite {
             path: path.to_owned(),
@@ -314,22 +359,30 @@ impl Buffer {
                     moved_to,
                     reason,
                     salvaged: 0,
+                    losses: Vec::new(),
                 })
             }
         };
         let mut conn = Connection::open(path).map_err(sqlite)?;
+        // auto_vacuum takes effect only on a new file: free pages can then be given back to a
+        // full volume ([`space`]). Older buffers keep theirs.
         conn.execute_batch(&format!(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={RESERVE_BYTES};"
+            "PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={reserve_bytes}; PRAGMA busy_timeout=5000;"
         ))
         .and_then(|()| conn.execute_batch(SCHEMA))
         .and_then(|()| migrate(&conn))
         .map_err(sqlite)?;
-        let epoch = load_epoch(&conn).map_err(sqlite)?;
-        let reserve = PathBuf::from(format!("{}.reserve", path.display()));
-        ensure_reserve(&reserve);
         if let Some(q) = quarantine.as_mut() {
-            q.salvaged = recovery::salvage(&q.moved_to, &mut conn).map_err(sqlite)?;
+            let salvaged = recovery::salvage(&q.moved_to, &mut conn).map_err(sqlite)?;
+            q.salvaged = salvaged.copied;
+            q.losses = salvaged.losses;
         }
+        let epoch = load_epoch(&conn).map_err(sqlite)?;
+        let page_size: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(sqlite)?;
+        let reserve = space::side(path, ".reserve");
+        ensure_reserve(&reserve, reserve_bytes);
         let mut state = Vec::new();
         for spec in streams {
             let mut loaded = load_stream(&conn, &spec.name, spec.priority).map_err(sqlite)?;
@@ -369,15 +422,27 @@ impl Buffer {
                 orphan: i >= streams.len(),
             });
         }
+        let mut buffer = Buffer {
+            conn,
+            path: path.to_owned(),
+            streams: state,
+            quota_bytes,
+            disk_cap: None,
+            reserve_bytes,
+            reserve,
+            frozen: false,
+            page_size: page_size.max(512) as u64,
+        };
+        // What the salvage could not give back is reported before anything else happens.
+        if let Some(q) = &quarantine
+            && !q.losses.is_empty()
+        {
+            let reports: Vec<WriterCommand> =
+                q.losses.iter().cloned().map(WriterCommand::Loss).collect();
+            buffer.commit(&reports, &[], crate::clock::now_ms(), false)?;
+        }
         Ok(Opened {
-            buffer: Buffer {
-                conn,
-                path: path.to_owned(),
-                streams: state,
-                quota_bytes,
-                disk_cap: None,
-                reserve,
-            },
+            buffer,
             streams: opened,
             epoch,
             quarantine,
@@ -418,54 +483,164 @@ impl Buffer {
             &mut self.conn,
             &mut streams,
             commands,
-            cap,
+            Limits {
+                cap: cap.0,
+                reason: cap.1,
+                // A frozen file grows no more: room for new records is made before they are
+                // written, so they land in the pages freed.
+                make_room_first: self.frozen,
+            },
             &droppable,
             now_ms,
             expire,
         )
-        .map_err(|source| BufferError::Sqlite {
-            path: self.path.clone(),
-            source,
-        })?;
+        .map_err(|source| self.error(source))?;
         self.streams = streams;
         Ok(summary)
     }
 
-    /// The disk is full: from now on keep at most 80% of what is held (so the retried commit
-    /// evicts by policy to make room), release the reserve, and checkpoint the WAL into the
-    /// database so its space goes back to the filesystem.
-    pub fn disk_full(&mut self) {
-        let held = self.backlog_bytes();
-        self.disk_cap = Some(self.disk_cap.unwrap_or(held).min(held) * 4 / 5);
-        let _ = std::fs::remove_file(&self.reserve);
-        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+    fn error(&self, source: rusqlite::Error) -> BufferError {
+        BufferError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
-    /// Space came back (or may have): evict down to the configured quota only, and hold the
-    /// reserve again if it fits.
-    pub fn disk_ok(&mut self) {
-        self.disk_cap = None;
-        ensure_reserve(&self.reserve);
+    fn pragma(&self, name: &str) -> Result<u64, BufferError> {
+        self.conn
+            .query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
+            .map(|v| v.max(0) as u64)
+            .map_err(|e| self.error(e))
+    }
+
+    /// Whether the file may not grow (the disk filled and space has not come back).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// After every commit: checkpoints (TRUNCATE) when the WAL holds more growth of the file
+    /// than half the reserve ([`space::must_checkpoint`]), so a full disk can always be
+    /// checkpointed out of.
+    pub fn bound_growth(&mut self) -> Result<(), BufferError> {
+        let pages = self.pragma("page_count")?;
+        let file = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        if space::must_checkpoint(pages, self.page_size, file, self.reserve_bytes) {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Copies the whole WAL into the file and empties it; `false` when readers kept it busy.
+    fn checkpoint(&mut self) -> Result<bool, BufferError> {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .map_err(|e| self.error(e))?;
+        Ok(busy == 0)
+    }
+
+    /// Once a second: lets the file grow only as far as the volume allows
+    /// ([`space::db_limit_pages`]); while frozen, gives free pages back to the volume and,
+    /// once space has come back, takes the reserve back and lets the file grow again.
+    pub fn fit_to_volume(&mut self) -> Result<(), BufferError> {
+        let volume = match space::Volume::of(&self.path) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the buffer volume's free space");
+                return Ok(());
+            }
+        };
+        if self.frozen {
+            self.give_back_free_pages()?;
+            let volume = space::Volume::of(&self.path).unwrap_or(volume);
+            if space::space_is_back(volume, self.reserve_bytes)
+                && ensure_reserve(&self.reserve, self.reserve_bytes)
+            {
+                tracing::info!("buffer disk: space is back; the reserve is held again and the full quota applies");
+                self.frozen = false;
+                self.disk_cap = None;
+            }
+        }
+        let pages = self.pragma("page_count")?;
+        let limit = if self.frozen {
+            pages
+        } else {
+            space::db_limit_pages(
+                volume,
+                space::Usage::of(&self.path),
+                self.reserve_bytes,
+                self.page_size,
+                pages,
+            )
+        };
+        self.pragma(&format!("max_page_count = {limit}"))?;
+        Ok(())
+    }
+
+    /// Frees pages the file no longer uses (beyond half the reserve, kept for reuse) back to
+    /// the volume: incremental vacuum, then a checkpoint that shrinks the file. Buffers made
+    /// before auto_vacuum keep their size.
+    fn give_back_free_pages(&mut self) -> Result<(), BufferError> {
+        if self.pragma("auto_vacuum")? != 2 {
+            return Ok(());
+        }
+        let keep = self.reserve_bytes / 2 / self.page_size;
+        let free = self.pragma("freelist_count")?;
+        if free > keep {
+            self.conn
+                .execute_batch(&format!("PRAGMA incremental_vacuum({});", free - keep))
+                .map_err(|e| self.error(e))?;
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// SQLite said the disk is full (the volume, or the file's allowed size): release the
+    /// reserve if the volume itself is full, checkpoint (which the reserve always makes
+    /// possible, emptying the WAL), stop the file from growing, and keep at most 80% of what
+    /// is held from now on, so the retried commit evicts by policy to make room.
+    pub fn disk_full(&mut self) {
+        let volume_full = space::Volume::of(&self.path)
+            .map_or(true, |v| v.available < self.reserve_bytes / 2);
+        if volume_full && self.reserve.exists() {
+            tracing::warn!(reserve = %self.reserve.display(), "buffer volume full: releasing the reserve");
+            let _ = std::fs::remove_file(&self.reserve);
+        }
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!(error = %e, "buffer checkpoint on a full disk failed; retried");
+        }
+        self.frozen = true;
+        if let Ok(pages) = self.pragma("page_count") {
+            let _ = self.pragma(&format!("max_page_count = {pages}"));
+        }
+        let held = self.backlog_bytes();
+        self.disk_cap = Some(self.disk_cap.unwrap_or(held).min(held) * 4 / 5);
     }
 }
 
-/// Creates the reserve file if it is missing and fits; a partial one is removed.
-fn ensure_reserve(path: &Path) {
+/// Creates the reserve file if it is missing and fits (a partial one is removed); whether it
+/// is there now.
+fn ensure_reserve(path: &Path, bytes: u64) -> bool {
     use std::io::Write;
-    if path
-        .metadata()
-        .is_ok_and(|m| m.len() == RESERVE_BYTES as u64)
-    {
-        return;
+    if path.metadata().is_ok_and(|m| m.len() == bytes) {
+        return true;
     }
     let written = std::fs::File::create(path).and_then(|mut f| {
-        f.write_all(&vec![0u8; RESERVE_BYTES])?;
+        let chunk = vec![0u8; 64 << 10];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
         f.sync_all()
     });
     if let Err(e) = written {
         tracing::warn!(path = %path.display(), error = %e, "cannot hold the disk reserve now; will retry");
         let _ = std::fs::remove_file(path);
+        return false;
     }
+    true
 }
 
 /// The buffer's epoch, created at random with the file.
@@ -513,11 +688,23 @@ fn load_stream(conn: &Connection, name: &str, priority: Priority) -> rusqlite::R
     })
 }
 
+/// How far a commit may fill the buffer.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Most bytes (quota cost) held after the commit.
+    cap: u64,
+    /// What an eviction down to `cap` is reported as.
+    reason: LossReason,
+    /// Evict before writing the new records, so they reuse the freed pages (the file may not
+    /// grow). Only classes no higher than the highest incoming one give way for them.
+    make_room_first: bool,
+}
+
 fn apply(
     conn: &mut Connection,
     streams: &mut [StreamState],
     commands: &[WriterCommand],
-    (cap, cap_reason): (u64, LossReason),
+    limits: Limits,
     droppable: &[Vec<(u64, u64)>],
     now_ms: i64,
     expire: bool,
@@ -528,7 +715,7 @@ fn apply(
         acked: vec![0; n],
         dead_lettered: vec![0; n],
         evicted: vec![0; n],
-        evicted_reason: cap_reason,
+        evicted_reason: limits.reason,
         expired: vec![0; n],
         losses: Vec::new(),
     };
@@ -536,12 +723,45 @@ fn apply(
     let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO records (stream_id, seq, topic, received_at_ms, payload, boot, monotonic_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, (SELECT id FROM boots WHERE boot_id = ?6), ?7)",
+            "INSERT INTO records (stream_id, seq, topic, received_at_ms, payload, boot, monotonic_ms, crc)
+             VALUES (?1, ?2, ?3, ?4, ?5, (SELECT id FROM boots WHERE boot_id = ?6), ?7, ?8)",
         )?;
         let mut delete = tx.prepare_cached(
             "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING seq, length(topic) + length(payload)",
         )?;
+        let mut evict = tx.prepare_cached(
+            "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq LIMIT ?4)
+             RETURNING seq, length(topic) + length(payload)",
+        )?;
+        let mut evicted: Vec<Option<Dropped>> = vec![None; n];
+        if limits.make_room_first {
+            let incoming: u64 = commands
+                .iter()
+                .filter_map(|c| match c {
+                    WriterCommand::Append(r) => Some(r.cost()),
+                    _ => None,
+                })
+                .sum();
+            let highest = commands
+                .iter()
+                .filter_map(|c| match c {
+                    WriterCommand::Append(r) => Some(streams[r.stream].priority),
+                    _ => None,
+                })
+                .max();
+            if let Some(highest) = highest {
+                let yielding: Vec<bool> = streams.iter().map(|s| s.priority <= highest).collect();
+                evict_down_to(
+                    &mut evict,
+                    streams,
+                    limits.cap.saturating_sub(incoming),
+                    droppable,
+                    &yielding,
+                    loss_stream,
+                    &mut evicted,
+                )?;
+            }
+        }
         for command in commands {
             match command {
                 WriterCommand::Append(r) => {
@@ -579,6 +799,28 @@ fn apply(
                     )?;
                     summary.dead_lettered[*stream] += dropped.count;
                 }
+                WriterCommand::Corrupt { stream, seqs } => {
+                    let s = &mut streams[*stream];
+                    let mut dropped = Vec::new();
+                    for &seq in seqs {
+                        let d = drop_rows(delete.query(params![s.id, seq as i64, seq as i64])?, s)?;
+                        if d.count > 0 {
+                            dropped.push(seq);
+                        }
+                    }
+                    summary.losses.extend(
+                        seq_runs(&dropped)
+                            .into_iter()
+                            .map(|(first, last, count)| LossReport {
+                                stream: Some(s.name.clone()),
+                                first_seq: Some(first),
+                                last_seq: Some(last),
+                                count,
+                                reason: LossReason::CorruptBuffer,
+                                detected_at_ms: now_ms,
+                            }),
+                    );
+                }
             }
         }
         if expire {
@@ -608,61 +850,21 @@ fn apply(
             }
         }
         // Quota: evict lowest priority, oldest first, until under it. Loss reports stay.
-        let mut evict = tx.prepare_cached(
-            "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq LIMIT ?4)
-             RETURNING seq, length(topic) + length(payload)",
+        evict_down_to(
+            &mut evict,
+            streams,
+            limits.cap,
+            droppable,
+            &vec![true; n],
+            loss_stream,
+            &mut evicted,
         )?;
-        let mut evicted: Vec<Option<Dropped>> = vec![None; n];
-        let mut exhausted = vec![false; n];
-        // Per stream, the droppable range eviction is at (oldest first).
-        let mut at = vec![0usize; n];
-        while streams
-            .iter()
-            .map(|s| s.progress.backlog_bytes)
-            .sum::<u64>()
-            > cap
-        {
-            let candidates: Vec<(Priority, u64)> = streams
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    (
-                        s.priority,
-                        if Some(i) == loss_stream || exhausted[i] {
-                            0
-                        } else {
-                            s.progress.backlog_records
-                        },
-                    )
-                })
-                .collect();
-            let Some(victim) = eviction_victim(&candidates) else {
-                break;
-            };
-            let s = &mut streams[victim];
-            let Some(&(first, last)) = droppable[victim].get(at[victim]) else {
-                // What is left of it was sent: it may be in the log, so it is not evicted (it
-                // will be delivered or dead-lettered). Try the next stream.
-                exhausted[victim] = true;
-                continue;
-            };
-            let dropped = drop_rows(
-                evict.query(params![s.id, first as i64, last as i64, EVICT_CHUNK as i64])?,
-                s,
-            )?;
-            if dropped.count == 0 {
-                at[victim] += 1;
-                continue;
-            }
-            summary.evicted[victim] += dropped.count;
-            let total = evicted[victim].get_or_insert(Dropped::default());
-            total.merge(&dropped);
-        }
         for (i, d) in evicted.iter().enumerate() {
             if let Some(d) = d {
+                summary.evicted[i] += d.count;
                 summary
                     .losses
-                    .push(d.report(&streams[i].name, cap_reason, now_ms));
+                    .push(d.report(&streams[i].name, limits.reason, now_ms));
             }
         }
         // Every drop of this commit, and every loss handed in, becomes a record to send.
@@ -681,20 +883,97 @@ fn apply(
                 summary.appended[ls] += 1;
             }
         }
+        // The floor (lowest sequence still held) tells a salvage which records were delivered.
+        let mut update = tx.prepare_cached(
+            "UPDATE streams SET next_seq = ?2, floor = (SELECT MIN(seq) FROM records WHERE stream_id = ?1) WHERE id = ?1",
+        )?;
         for s in streams.iter() {
-            tx.execute(
-                "UPDATE streams SET next_seq = ?2 WHERE id = ?1",
-                params![s.id, s.next_seq as i64],
-            )?;
+            update.execute(params![s.id, s.next_seq as i64])?;
         }
     }
     tx.commit()?;
     Ok(summary)
 }
 
-/// Brings a buffer written by an older version up to the current schema (boot id and
-/// monotonic time per record: NULL, i.e. unknown, for the records it already held), and
-/// registers this boot.
+/// Evicts the lowest priority, oldest droppable records of the `yielding` streams until what
+/// is held is at most `cap` (or nothing of them is left to evict); what goes is added to
+/// `evicted`. The loss stream is never evicted.
+fn evict_down_to(
+    evict: &mut rusqlite::CachedStatement<'_>,
+    streams: &mut [StreamState],
+    cap: u64,
+    droppable: &[Vec<(u64, u64)>],
+    yielding: &[bool],
+    loss_stream: Option<usize>,
+    evicted: &mut [Option<Dropped>],
+) -> rusqlite::Result<()> {
+    let n = streams.len();
+    let mut exhausted: Vec<bool> = (0..n).map(|i| !yielding[i]).collect();
+    // Per stream, the droppable range eviction is at (oldest first).
+    let mut at = vec![0usize; n];
+    while streams
+        .iter()
+        .map(|s| s.progress.backlog_bytes)
+        .sum::<u64>()
+        > cap
+    {
+        let candidates: Vec<(Priority, u64)> = streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                (
+                    s.priority,
+                    if Some(i) == loss_stream || exhausted[i] {
+                        0
+                    } else {
+                        s.progress.backlog_records
+                    },
+                )
+            })
+            .collect();
+        let Some(victim) = eviction_victim(&candidates) else {
+            break;
+        };
+        let s = &mut streams[victim];
+        let Some(&(first, last)) = droppable[victim].get(at[victim]) else {
+            // What is left of it was sent: it may be in the log, so it is not evicted (it
+            // will be delivered or dead-lettered). Try the next stream.
+            exhausted[victim] = true;
+            continue;
+        };
+        let dropped = drop_rows(
+            evict.query(params![s.id, first as i64, last as i64, EVICT_CHUNK as i64])?,
+            s,
+        )?;
+        if dropped.count == 0 {
+            at[victim] += 1;
+            continue;
+        }
+        evicted[victim]
+            .get_or_insert(Dropped::default())
+            .merge(&dropped);
+    }
+    Ok(())
+}
+
+/// Sorted sequence numbers as runs of consecutive ones: (first, last, count). Pure.
+pub fn seq_runs(seqs: &[u64]) -> Vec<(u64, u64, u64)> {
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    for &seq in seqs {
+        match runs.last_mut() {
+            Some((_, last, count)) if *last + 1 == seq => {
+                *last = seq;
+                *count += 1;
+            }
+            _ => runs.push((seq, seq, 1)),
+        }
+    }
+    runs
+}
+
+/// Brings a buffer written by an older version up to the current schema (boot id, monotonic
+/// time, checksum per record and the delivered floor per stream: NULL, i.e. unknown, for what
+/// it already held), and registers this boot.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let has_monotonic: bool = conn.query_row(
         "SELECT count(*) FROM pragma_table_info('records') WHERE name = 'monotonic_ms'",
@@ -705,6 +984,17 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch(
             "ALTER TABLE records ADD COLUMN boot INTEGER; ALTER TABLE records ADD COLUMN monotonic_ms INTEGER;",
         )?;
+    }
+    // Checksums and the delivered floor came later: NULL (unknown) for what is already held.
+    for (table, column) in [("records", "crc"), ("streams", "floor")] {
+        let has: bool = conn.query_row(
+            &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"),
+            [],
+            |row| row.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} INTEGER;"))?;
+        }
     }
     conn.execute(
         "INSERT OR IGNORE INTO boots (boot_id) VALUES (?1)",
@@ -727,6 +1017,7 @@ fn append(
         payload.as_ref(),
         crate::clock::boot_id(),
         r.monotonic_ms as i64,
+        checksum(s.next_seq, r.received_at_ms, topic, payload),
     ])?;
     let cost = (topic.len() + payload.len()) as u64 + RECORD_OVERHEAD_BYTES;
     s.progress.committed_seq = s.next_seq;
@@ -852,16 +1143,17 @@ impl BufferReader {
         let mut stmt = self
             .conn
             .prepare_cached(if newest_first {
-                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms
+                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms, r.crc
                  FROM records r LEFT JOIN boots b ON b.id = r.boot
                  WHERE r.stream_id = ?1 AND r.seq BETWEEN ?2 AND ?3 ORDER BY r.seq DESC LIMIT ?4"
             } else {
-                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms
+                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms, r.crc
                  FROM records r LEFT JOIN boots b ON b.id = r.boot
                  WHERE r.stream_id = ?1 AND r.seq BETWEEN ?2 AND ?3 ORDER BY r.seq LIMIT ?4"
             })
             .map_err(sqlite)?;
         let mut out = Vec::new();
+        let mut corrupt = Vec::new();
         let mut bytes = 0usize;
         // The inclusive range every record of which is in `out` or not in the buffer.
         let mut covered: Option<(u64, u64)> = None;
@@ -878,34 +1170,43 @@ impl BufferReader {
                 .map_err(sqlite)?;
             let (mut got, mut full) = (0, false);
             while let Some(row) = rows.next().map_err(sqlite)? {
-                let record = StoredRecord {
-                    seq: row.get::<_, i64>(0).map_err(sqlite)? as u64,
-                    topic: row.get(1).map_err(sqlite)?,
-                    received_at_ms: row.get(2).map_err(sqlite)?,
-                    payload: row.get(3).map_err(sqlite)?,
-                    boot_id: row
-                        .get::<_, Option<String>>(4)
-                        .map_err(sqlite)?
-                        .unwrap_or_default(),
-                    monotonic_ms: row
-                        .get::<_, Option<i64>>(5)
-                        .map_err(sqlite)?
-                        .map_or(0, |m| m as u64),
-                };
-                bytes += record.topic.len() + record.payload.len();
-                if !out.is_empty() && bytes > max_bytes {
-                    full = true;
-                    break;
+                let seq = row.get::<_, i64>(0).map_err(sqlite)? as u64;
+                // A damaged row may not even read as the types it should have.
+                let read = (|| -> rusqlite::Result<StoredRecord> {
+                    Ok(StoredRecord {
+                        seq,
+                        topic: row.get(1)?,
+                        received_at_ms: row.get(2)?,
+                        payload: row.get(3)?,
+                        boot_id: row.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                        monotonic_ms: row.get::<_, Option<i64>>(5)?.map_or(0, |m| m as u64),
+                    })
+                })();
+                let crc: Option<i64> = row.get(6).ok().flatten();
+                let intact = read.as_ref().is_ok_and(|r| {
+                    crc.is_none_or(|c| {
+                        c as u32 == checksum(r.seq, r.received_at_ms, &r.topic, &r.payload)
+                    })
+                });
+                if let (Ok(record), true) = (&read, intact) {
+                    bytes += record.topic.len() + record.payload.len();
+                    if !out.is_empty() && bytes > max_bytes {
+                        full = true;
+                        break;
+                    }
                 }
-                let seq = record.seq;
                 covered = Some(match (covered, newest_first) {
                     (None, false) => (first, seq),
                     (None, true) => (seq, seq),
                     (Some((lo, _)), false) => (lo, seq),
                     (Some((_, hi)), true) => (seq, hi),
                 });
-                out.push(record);
                 got += 1;
+                match read {
+                    Ok(record) if intact => out.push(record),
+                    // Not delivered: the writer drops it and reports it lost.
+                    _ => corrupt.push(seq),
+                }
             }
             full |= got == wanted;
             if newest_first && !full {
@@ -920,9 +1221,11 @@ impl BufferReader {
         if newest_first {
             out.reverse();
         }
+        corrupt.sort_unstable();
         Ok(ReadBatch {
             records: out,
             covered,
+            corrupt,
         })
     }
 }
@@ -935,174 +1238,9 @@ pub struct ReadBatch {
     /// The inclusive sequence range each record of which is in `records` or was not in the
     /// buffer (already gone); `None` when nothing was read.
     pub covered: Option<(u64, u64)>,
-}
-
-/// The writer stage: owns the [`Buffer`], group-commits commands, publishes progress.
-/// Runs on its own thread until every command sender is dropped, then commits what is left.
-pub struct BufferWriter {
-    buffer: Buffer,
-    commands: Receiver<WriterCommand>,
-    commit_window: Duration,
-    progress: watch::Sender<Vec<StreamProgress>>,
-    metrics: Metrics,
-    stream_names: Vec<String>,
-    last_expiry: Instant,
-    disk_full_since: Option<Instant>,
-    protected: Arc<Protected>,
-}
-
-/// How long after the last full-disk error the configured quota is tried again.
-const DISK_FULL_HOLD: Duration = Duration::from_secs(30);
-
-/// How often records past their TTL are looked for.
-const EXPIRY_EVERY: Duration = Duration::from_secs(1);
-
-impl BufferWriter {
-    /// A writer for `buffer`, taking `commands`, committing at most `commit_window` after the
-    /// first command of a group, publishing progress and metrics (labelled by `stream_names`).
-    pub fn new(
-        buffer: Buffer,
-        commands: Receiver<WriterCommand>,
-        commit_window: Duration,
-        progress: watch::Sender<Vec<StreamProgress>>,
-        metrics: Metrics,
-        stream_names: Vec<String>,
-        protected: Arc<Protected>,
-    ) -> BufferWriter {
-        BufferWriter {
-            buffer,
-            commands,
-            commit_window,
-            progress,
-            metrics,
-            stream_names,
-            last_expiry: Instant::now(),
-            disk_full_since: None,
-            protected,
-        }
-    }
-
-    /// Runs until the command channel closes.
-    pub fn run(mut self) {
-        let mut group = Vec::new();
-        loop {
-            match self.commands.recv_timeout(EXPIRY_EVERY) {
-                Ok(first) => group.push(first),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-            let deadline = Instant::now() + self.commit_window;
-            let mut closed = false;
-            while !group.is_empty() && group.len() < MAX_GROUP {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match self.commands.recv_timeout(left) {
-                    Ok(c) => group.push(c),
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
-            let expire = self.last_expiry.elapsed() >= EXPIRY_EVERY;
-            if !group.is_empty() || expire {
-                if expire {
-                    self.last_expiry = Instant::now();
-                }
-                self.commit_with_retry(&group, expire);
-            }
-            group.clear();
-            if closed {
-                return;
-            }
-        }
-    }
-
-    fn commit_with_retry(&mut self, group: &[WriterCommand], expire: bool) {
-        let mut delay = Duration::from_millis(50);
-        loop {
-            let started = Instant::now();
-            match self.buffer.commit(
-                group,
-                &self.protected.lock(),
-                crate::clock::now_ms(),
-                expire,
-            ) {
-                Ok(summary) => {
-                    self.metrics
-                        .commit_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    self.record(&summary);
-                    self.progress.send_replace(self.buffer.progress());
-                    if self
-                        .disk_full_since
-                        .is_some_and(|t| t.elapsed() >= DISK_FULL_HOLD)
-                    {
-                        tracing::info!("buffer disk: trying the full quota again");
-                        self.disk_full_since = None;
-                        self.buffer.disk_ok();
-                    }
-                    return;
-                }
-                Err(e) if e.is_disk_full() => {
-                    // Make room by policy and retry at once; the records of this group were
-                    // acknowledged to their publishers and must not be the ones dropped.
-                    if self.disk_full_since.is_none() {
-                        tracing::error!(error = %e, "buffer disk full: evicting lowest priority, oldest records to make room (reported as disk_full)");
-                    }
-                    self.disk_full_since = Some(Instant::now());
-                    self.metrics.disk_full.inc();
-                    self.buffer.disk_full();
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => {
-                    // Nothing was applied; the same group is retried. Meanwhile the queue from
-                    // the broker fills, and any overflow in rumqttd is counted and reported.
-                    tracing::error!(error = %e, commands = group.len(), retry_in = ?delay, "buffer commit failed");
-                    self.metrics.commit_errors.inc();
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-    }
-
-    fn record(&self, summary: &CommitSummary) {
-        let m = &self.metrics;
-        for (i, name) in self.stream_names.iter().enumerate() {
-            let labels = [name.as_str()];
-            m.records_buffered
-                .with_label_values(&labels)
-                .inc_by(summary.appended[i]);
-            m.records_delivered
-                .with_label_values(&labels)
-                .inc_by(summary.acked[i]);
-            m.records_dead_lettered
-                .with_label_values(&labels)
-                .inc_by(summary.dead_lettered[i]);
-            for (count, reason) in [
-                (summary.evicted[i], summary.evicted_reason),
-                (summary.expired[i], LossReason::Ttl),
-            ] {
-                if count > 0 {
-                    m.records_dropped
-                        .with_label_values(&[name.as_str(), reason.as_str()])
-                        .inc_by(count);
-                }
-            }
-        }
-        for loss in &summary.losses {
-            tracing::error!(stream = loss.stream.as_deref().unwrap_or("(unknown)"), reason = loss.reason.as_str(), count = loss.count, first_seq = ?loss.first_seq, last_seq = ?loss.last_seq, "records lost; loss report queued for the cloud");
-        }
-        for (name, p) in self.stream_names.iter().zip(self.buffer.progress()) {
-            m.backlog_records
-                .with_label_values(&[name])
-                .set(p.backlog_records as i64);
-            m.backlog_bytes
-                .with_label_values(&[name])
-                .set(p.backlog_bytes as i64);
-        }
-    }
+    /// Records that failed their checksum (not in `records`): the writer must drop and report
+    /// them ([`WriterCommand::Corrupt`]) before the batch is acknowledged.
+    pub corrupt: Vec<u64>,
 }
 
 #[cfg(test)]
@@ -1442,11 +1580,13 @@ mod tests {
     fn a_damaged_file_is_quarantined_and_readable_records_are_salvaged() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
+        let epoch;
         {
             let mut b = Buffer::open(&path, &streams(), 1 << 30)
                 .expect("open")
                 .buffer;
             let cmds: Vec<_> = (0..2000).map(|i| rec(1 + i % 2, &[i as u8; 300])).collect();
+            epoch = load_epoch(&b.conn).expect("epoch");
             b.commit(&cmds, &[], 0, false).expect("commit");
             b.conn
                 .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
@@ -1466,8 +1606,33 @@ mod tests {
             "salvaged {} of 2000",
             q.salvaged
         );
-        let held: u64 = o.buffer.progress().iter().map(|p| p.backlog_records).sum();
+        let progress = o.buffer.progress();
+        let held: u64 = progress[..3].iter().map(|p| p.backlog_records).sum();
         assert_eq!(held, q.salvaged, "salvaged records are in the new buffer");
+        let reported: u64 = q.losses.iter().map(|l| l.count).sum();
+        assert_eq!(
+            q.salvaged + reported,
+            2000,
+            "what did not come back is reported: {:?}",
+            q.losses
+        );
+        assert!(
+            q.losses
+                .iter()
+                .all(|l| l.reason == LossReason::CorruptBuffer && l.first_seq.is_some())
+        );
+        assert_eq!(
+            progress[3].backlog_records,
+            q.losses.len() as u64,
+            "the reports wait to be sent"
+        );
+        assert_eq!(o.epoch, epoch, "the records keep their identity");
+        let stray: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("salvage") || (n.contains("corrupt") && n.ends_with("-shm")))
+            .collect();
+        assert!(stray.is_empty(), "stray files: {stray:?}");
         assert!(recovery::verify(&path).expect("verify").integrity == "ok");
     }
 

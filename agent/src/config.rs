@@ -157,6 +157,8 @@ struct RawBuffer {
     commit_window: String,
     #[serde(default = "default_queue_records")]
     queue_records: usize,
+    #[serde(default)]
+    reserve_bytes: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -346,6 +348,9 @@ pub struct BufferConfig {
     pub commit_window: Duration,
     /// Records queued in memory between the broker and the buffer writer.
     pub queue_records: usize,
+    /// Size of the reserve file kept beside the buffer for a full disk; `None`: sized from the
+    /// volume at start ([`crate::buffer::space::auto_reserve`]).
+    pub reserve_bytes: Option<u64>,
 }
 
 /// One stream.
@@ -461,6 +466,39 @@ pub fn resolve_token(file: &Path, source: &TokenSource) -> Result<String, Config
     Ok(token)
 }
 
+/// Checks that the buffer's volume can hold the reserve, the WAL's room and the quota
+/// ([`crate::buffer::space::check`]), and picks the reserve when the config leaves it open
+/// (start-up I/O: the volume is asked). Returns the reserve in bytes.
+pub fn check_buffer_volume(file: &Path, config: &AgentConfig) -> Result<u64, ConfigError> {
+    use crate::buffer::space;
+    let err = |key: &str, reason: String| ConfigError {
+        file: file.to_owned(),
+        key: key.into(),
+        reason,
+    };
+    let path = &config.buffer.path;
+    let volume = space::Volume::of(path).map_err(|e| {
+        err(
+            "buffer.path",
+            format!("cannot read the free space of {}: {e}", path.display()),
+        )
+    })?;
+    let max_record = config.mqtt.max_payload_bytes as u64;
+    let reserve = config
+        .buffer
+        .reserve_bytes
+        .unwrap_or_else(|| space::auto_reserve(volume.total, max_record));
+    space::check(
+        volume,
+        space::Usage::of(path),
+        reserve,
+        config.buffer.quota_bytes,
+        max_record,
+    )
+    .map_err(|(key, reason)| err(key, format!("{}: {reason}", path.display())))?;
+    Ok(reserve)
+}
+
 /// serde_yaml puts its own path before its message ("buffer: unknown field …"); the key path
 /// comes from serde_path_to_error instead, so drop the repeat.
 fn yaml_reason(path: &str, message: String) -> String {
@@ -548,6 +586,12 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         quota_bytes: size("buffer.quota_bytes", &raw.buffer.quota_bytes)?,
         commit_window: duration("buffer.commit_window", &raw.buffer.commit_window)?,
         queue_records: positive("buffer.queue_records", raw.buffer.queue_records)?,
+        reserve_bytes: raw
+            .buffer
+            .reserve_bytes
+            .as_deref()
+            .map(|r| size("buffer.reserve_bytes", r))
+            .transpose()?,
     };
     let mut streams = Vec::with_capacity(raw.streams.len() + 1);
     for (i, s) in raw.streams.into_iter().enumerate() {

@@ -14,7 +14,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
@@ -53,7 +52,7 @@ pub struct Forwarder {
     /// Read connections to the buffer, one per request that may be in flight.
     pub readers: Vec<BufferReader>,
     /// Acks and dead letters go to the buffer writer.
-    pub commands: SyncSender<WriterCommand>,
+    pub commands: crate::buffer::Queue,
     /// Per stream, what may be in the log: the buffer never evicts it.
     pub protected: Arc<Protected>,
     /// Committed progress from the buffer writer.
@@ -106,6 +105,8 @@ struct Uplink {
     /// Idle read connections.
     readers: std::sync::Mutex<Vec<BufferReader>>,
     protected: Arc<Protected>,
+    /// Records that fail their checksum go to the buffer writer from here.
+    commands: crate::buffer::Queue,
     bucket: Option<std::sync::Mutex<TokenBucket>>,
     metrics: Metrics,
     /// Per stream, its zstd dictionary.
@@ -305,6 +306,17 @@ impl Request {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(reader);
         let read = read.map_err(|e| e.to_string())?;
+        if !read.corrupt.is_empty() {
+            // Dropped and reported before this batch's ack can delete their range.
+            tracing::error!(stream = %self.stream_name, records = read.corrupt.len(), "buffered records failed their checksum; not sent, reported lost");
+            let corrupt = WriterCommand::Corrupt {
+                stream: self.stream,
+                seqs: read.corrupt,
+            };
+            if uplink.commands.send(corrupt).is_err() {
+                return Err("the buffer writer is gone".into());
+            }
+        }
         let Some(covered) = read.covered.filter(|_| !read.records.is_empty()) else {
             return Ok(None);
         };
@@ -445,6 +457,7 @@ impl Forwarder {
             token: self.token.clone(),
             readers: std::sync::Mutex::new(std::mem::take(&mut self.readers)),
             protected: self.protected.clone(),
+            commands: self.commands.clone(),
             bucket,
             metrics: self.metrics.clone(),
             dictionaries: std::sync::Mutex::new(
@@ -831,7 +844,7 @@ async fn send(
 }
 
 /// Hands an ack or dead letter to the buffer writer.
-fn tell_buffer(commands: &SyncSender<WriterCommand>, command: WriterCommand) {
+fn tell_buffer(commands: &crate::buffer::Queue, command: WriterCommand) {
     // The queue is shared with the broker link and may be full for a moment.
     let sent = tokio::task::block_in_place(|| commands.send(command));
     if sent.is_err() {

@@ -26,7 +26,7 @@ pub mod routing;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +50,9 @@ pub enum AgentError {
     /// The metrics listener cannot be bound.
     #[error("metrics_listen: cannot listen: {0}")]
     Metrics(#[source] std::io::Error),
+    /// A stop did not finish within [`STOP_BOUND`]; the process exits non-zero.
+    #[error("the stop did not finish in time; see the log for what may be lost")]
+    Stop,
 }
 
 /// The initial protections: each stream's resume point.
@@ -77,11 +80,27 @@ pub async fn run(
             ttl: s.ttl,
         })
         .collect();
-    let opened = Buffer::open(&config.buffer.path, &configured, config.buffer.quota_bytes)?;
+    let reserve = config.buffer.reserve_bytes.unwrap_or(buffer::RESERVE_BYTES);
+    let opened = Buffer::open_with(
+        &config.buffer.path,
+        &configured,
+        config.buffer.quota_bytes,
+        reserve,
+    )?;
     if let Some(q) = &opened.quarantine {
-        tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, salvaged = q.salvaged, "buffer file was corrupt: quarantined, readable records salvaged, starting with a fresh buffer");
+        let lost: u64 = q.losses.iter().map(|l| l.count).sum();
+        tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, salvaged = q.salvaged, lost, "buffer file was corrupt: quarantined, intact records salvaged, the rest reported lost (corrupt_buffer)");
         metrics.buffer_quarantined.inc();
         metrics.buffer_salvaged.inc_by(q.salvaged);
+        for loss in &q.losses {
+            metrics
+                .records_dropped
+                .with_label_values(&[
+                    loss.stream.as_deref().unwrap_or(broker::OVERFLOW_STREAM),
+                    loss.reason.as_str(),
+                ])
+                .inc_by(loss.count);
+        }
     }
     let (buffer, epoch, opened) = (opened.buffer, opened.epoch, opened.streams);
     let mut streams = config.streams.clone();
@@ -119,13 +138,14 @@ pub async fn run(
             )
         })
         .collect();
-    let (commands, command_rx) = std::sync::mpsc::sync_channel(config.buffer.queue_records);
+    let (commands, command_rx) = flume::bounded(config.buffer.queue_records);
     let protected = protections(&lanes);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(progress);
     let writer = BufferWriter::new(
         buffer,
         command_rx,
         config.buffer.commit_window,
+        buffer::space::group_bytes(reserve),
         progress_tx,
         metrics.clone(),
         names.clone(),
@@ -212,14 +232,46 @@ pub async fn run(
     ready.store(false, Ordering::Relaxed);
     tracing::info!("shutting down: no more MQTT input; draining the broker into the buffer");
     gate.close();
-    let _ = tokio::task::spawn_blocking(move || broker.stop()).await;
     stop_forwarding.cancel();
-    let _ = forwarder.await;
+    // Each step is bounded, so a stop ends within STOP_BOUND whatever the disk does (systemd's
+    // TimeoutStopSec is 30 s): the broker's drain (its reader stops after SHUTDOWN_MAX; a full
+    // queue drains because the writer always makes progress), then the writer's last commits.
+    let drained = bounded(
+        broker::STOP_BOUND,
+        tokio::task::spawn_blocking(move || broker.stop()),
+    )
+    .await;
+    let _ = bounded(Duration::from_secs(1), forwarder).await;
+    let waiting = commands.len();
     drop(commands);
-    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    let written = bounded(
+        buffer::STOP_BOUND,
+        tokio::task::spawn_blocking(move || writer.join()),
+    )
+    .await;
     stop_checkpoints.store(true, Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || checkpointer.join()).await;
+    let _ = bounded(
+        Duration::from_secs(1),
+        tokio::task::spawn_blocking(move || checkpointer.join()),
+    )
+    .await;
     stop_serving.cancel();
+    if !(drained && written) {
+        tracing::error!(
+            records_waiting = waiting,
+            "stop timed out: records received but not yet committed may be lost"
+        );
+        return Err(AgentError::Stop);
+    }
     tracing::info!("stopped; everything received is in the buffer");
     Ok(())
+}
+
+/// The longest a clean stop takes: the broker's drain, the forwarder's stop, the writer's
+/// last commits and the checkpointer, each bounded.
+pub const STOP_BOUND: Duration = Duration::from_secs(20);
+
+/// Waits for `task` at most `limit`; whether it ended in time.
+async fn bounded<T>(limit: Duration, task: tokio::task::JoinHandle<T>) -> bool {
+    tokio::time::timeout(limit, task).await.is_ok()
 }

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 
 use edge_agent::buffer::recovery;
-use edge_agent::config::{AgentConfig, resolve_token};
+use edge_agent::config::{AgentConfig, check_buffer_volume, resolve_token};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -85,6 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { file } => {
             let config = AgentConfig::load(&file)?;
             resolve_token(&file, &config.ingest.token)?;
+            check_buffer_volume(&file, &config)?;
             println!(
                 "{}: valid ({} streams)",
                 file.display(),
@@ -101,6 +102,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             if report.integrity != "ok" {
                 anyhow::bail!("{}: corrupt: {}", file.display(), report.integrity);
+            }
+            if report.corrupt_records > 0 {
+                anyhow::bail!(
+                    "{}: {} records fail their checksum",
+                    file.display(),
+                    report.corrupt_records
+                );
             }
             Ok(())
         }
@@ -122,8 +130,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             failed.map_or(Ok(()), |e| Err(e.into()))
         }
         Command::Run { config: file } => {
-            let config = AgentConfig::load(&file)?;
+            let mut config = AgentConfig::load(&file)?;
             let token = resolve_token(&file, &config.ingest.token)?;
+            config.buffer.reserve_bytes = Some(check_buffer_volume(&file, &config)?);
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();

@@ -21,7 +21,8 @@ pub const RECORDS_BUFFERED: &str = "agent_records_buffered_total";
 pub const RECORDS_DELIVERED: &str = "agent_records_delivered_total";
 /// Records the ingest rejected, kept in the dead-letter table, per stream.
 pub const RECORDS_DEAD_LETTERED: &str = "agent_records_dead_lettered_total";
-/// Records lost, per stream and reason (`quota`, `broker_overflow`).
+/// Records lost, per stream and reason (`quota`, `ttl`, `disk_full`, `corrupt_buffer`,
+/// `broker_overflow`, `stop_failed`).
 pub const RECORDS_DROPPED: &str = "agent_records_dropped_total";
 /// Times rumqttd skipped records because the buffer writer lagged (records in RECORDS_DROPPED).
 pub const BROKER_OVERFLOWS: &str = "agent_broker_overflows_total";
@@ -59,6 +60,12 @@ pub const BUFFER_SALVAGED: &str = "agent_buffer_salvaged_records_total";
 pub const DISK_FULL: &str = "agent_buffer_disk_full_total";
 /// Failed buffer commits (retried).
 pub const COMMIT_ERRORS: &str = "agent_buffer_commit_errors_total";
+/// 1 while the buffer's disk is full (the file may not grow; room is made by eviction).
+pub const BUFFER_DISK_FULL: &str = "agent_buffer_disk_full";
+/// Records received and waiting in memory for the buffer writer.
+pub const BUFFER_QUEUE_RECORDS: &str = "agent_buffer_queue_records";
+/// Seconds since the buffer last committed (it commits at least once a second while running).
+pub const BUFFER_LAST_COMMIT_AGE: &str = "agent_buffer_last_commit_age_seconds";
 
 /// Handles to every metric of the agent.
 #[derive(Clone)]
@@ -110,6 +117,13 @@ pub struct Metrics {
     pub buffer_salvaged: IntCounter,
     /// See [`DISK_FULL`].
     pub disk_full: IntCounter,
+    /// See [`BUFFER_DISK_FULL`].
+    pub buffer_disk_full: IntGauge,
+    /// See [`BUFFER_QUEUE_RECORDS`].
+    pub buffer_queue_records: IntGauge,
+    /// See [`BUFFER_LAST_COMMIT_AGE`]; set from `last_commit_ms` when rendered.
+    buffer_last_commit_age: prometheus::Gauge,
+    last_commit_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Metrics {
@@ -236,12 +250,38 @@ impl Metrics {
                 DISK_FULL,
                 "Buffer commits refused for a full disk (room made, retried).",
             ),
+            buffer_disk_full: gauge(
+                BUFFER_DISK_FULL,
+                "1 while the buffer's disk is full: room is made by eviction.",
+            ),
+            buffer_queue_records: gauge(
+                BUFFER_QUEUE_RECORDS,
+                "Records waiting in memory for the buffer writer.",
+            ),
+            buffer_last_commit_age: reg(
+                &registry,
+                prometheus::Gauge::new(
+                    BUFFER_LAST_COMMIT_AGE,
+                    "Seconds since the buffer last committed.",
+                )
+                .expect("invariant: valid metric"),
+            ),
+            last_commit_ms: Arc::new(std::sync::atomic::AtomicI64::new(crate::clock::now_ms())),
             registry,
         }
     }
 
+    /// The buffer committed just now.
+    pub fn committed_now(&self) {
+        self.last_commit_ms
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        let since = crate::clock::now_ms() - self.last_commit_ms.load(Ordering::Relaxed);
+        self.buffer_last_commit_age
+            .set(since.max(0) as f64 / 1000.0);
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

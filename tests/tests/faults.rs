@@ -229,7 +229,10 @@ fn a_full_quota_during_an_outage_drops_lowest_priority_first_and_reports_every_l
             .map(|r| r.count)
             .sum::<u64>()
     };
-    assert!(reports.iter().all(|r| r.reason == LossReason::Quota));
+    assert!(
+        reports.iter().all(|r| r.reason == LossReason::Quota),
+        "{reports:?}"
+    );
     assert_eq!(in_log("alarms"), 200, "critical untouched");
     assert_eq!(reported("alarms"), 0);
     for (stream, published) in [("logs", 3000), ("telemetry", 1500)] {

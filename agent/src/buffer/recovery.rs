@@ -2,13 +2,25 @@
 //! moved aside (quarantined, never deleted) when corrupt, and whatever rows can still be read
 //! are copied into a fresh buffer. Also the offline `edge-agent buffer verify|dump`.
 //!
-//! Invariant: a corrupt file never stops the agent from starting, and is never lost: it stays
-//! beside the buffer as `<buffer>.corrupt-<unix ms>` for an operator to inspect.
+//! Invariants:
+//! - a corrupt file never stops the agent from starting, and is never lost: it stays beside the
+//!   buffer as `<buffer>.corrupt-<unix ms>` for an operator to inspect; salvage leaves no other
+//!   file behind;
+//! - a salvaged record is byte-identical to what was received (its checksum is verified) and
+//!   keeps its identity (epoch, stream, sequence) whenever the file still tells it, so a record
+//!   the ingest already has is deduplicated, not delivered twice;
+//! - what the file held but the salvage could not give back is reported lost
+//!   (`corrupt_buffer`), with the sequence ranges when the file still tells them (the stream's
+//!   next sequence and delivered floor), else with what count it can establish.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use ingest_wire::{LossReason, LossReport};
 use rusqlite::{Connection, ErrorCode, OpenFlags, params};
 use serde::Serialize;
+
+use super::space::side;
 
 /// A corrupt buffer that was moved aside.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,8 +29,10 @@ pub struct Quarantine {
     pub moved_to: PathBuf,
     /// What SQLite said about it.
     pub reason: String,
-    /// Records read from it and kept in the fresh buffer (with new sequence numbers).
+    /// Records read from it, intact, and kept in the fresh buffer.
     pub salvaged: u64,
+    /// What it held but could not give back: reported upstream at start.
+    pub losses: Vec<LossReport>,
 }
 
 fn is_corruption(e: &rusqlite::Error) -> bool {
@@ -58,108 +72,354 @@ pub fn quarantine(path: &Path) -> std::io::Result<PathBuf> {
 /// Rowids tried past the last readable one before salvage gives up (when the highest rowid
 /// itself cannot be read).
 const SALVAGE_MISSES: i64 = 100_000;
+/// Most loss reports one salvage writes per stream; further missing runs are merged into the
+/// last one.
+const MAX_REPORTS_PER_STREAM: usize = 100;
 
-/// Copies every record still readable from `from`, in rowid (arrival) order, into `into` (a
-/// fresh buffer), with new sequence numbers. Reads row by row, so an unreadable page loses only
-/// the rows on it. Returns how many were copied.
-pub fn salvage(from: &Path, into: &mut Connection) -> rusqlite::Result<u64> {
+/// What a salvage got back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Salvaged {
+    /// Intact records copied into the fresh buffer.
+    pub copied: u64,
+    /// What could not be given back.
+    pub losses: Vec<LossReport>,
+}
+
+/// Copies every intact record still readable from `from`, in rowid (arrival) order, into
+/// `into` (a fresh buffer). When `from` still tells its epoch and each stream's next sequence,
+/// the fresh buffer takes them over and records keep their sequence numbers; otherwise they
+/// are numbered anew under a new epoch. Reads row by row, so an unreadable page loses only the
+/// rows on it; a row whose checksum fails is not copied. Leaves no file behind but the
+/// quarantined one (and its WAL).
+pub fn salvage(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged> {
+    let beside = |p: &Path| ["-wal", "-shm", "-journal"].map(|s| side(p, s));
+    let existed: Vec<PathBuf> = beside(from).into_iter().filter(|p| p.exists()).collect();
     // A truncated file still claims its old size in its header, and SQLite then refuses every
     // page; a copy whose header leaves the size to the file lets the surviving pages be read.
     let patched = truncated_copy(from);
     let readable = patched.as_deref().unwrap_or(from);
-    let copied = salvage_rows(readable, into);
-    if let Some(copy) = patched {
+    let result = salvage_rows(readable, into);
+    if let Some(copy) = &patched {
         let _ = std::fs::remove_file(copy);
+        for p in beside(copy) {
+            let _ = std::fs::remove_file(p);
+        }
     }
-    copied
+    for p in beside(from) {
+        if !existed.contains(&p) || p.to_string_lossy().ends_with("-shm") {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    result
 }
 
 /// For a file shorter than its header says: a copy with the in-header size marked invalid.
 fn truncated_copy(path: &Path) -> Option<PathBuf> {
-    let mut bytes = std::fs::read(path).ok()?;
-    if bytes.len() < 100 {
-        return None;
-    }
-    let page_size = match u16::from_be_bytes([bytes[16], bytes[17]]) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut header = [0u8; 100];
+    let len = std::fs::metadata(path).ok()?.len();
+    std::fs::File::open(path).ok()?.read_exact(&mut header).ok()?;
+    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
         1 => 65_536,
         n => n as u64,
     };
-    let header_pages = u32::from_be_bytes([bytes[28], bytes[29], bytes[30], bytes[31]]) as u64;
-    if page_size == 0 || header_pages * page_size <= bytes.len() as u64 {
+    let header_pages = u32::from_be_bytes([header[28], header[29], header[30], header[31]]) as u64;
+    if page_size == 0 || header_pages * page_size <= len {
         return None;
     }
     // The in-header size counts only while "version-valid-for" (92..96) equals the change
     // counter (24..28); make them differ so SQLite sizes the database from the file.
-    let counter = u32::from_be_bytes([bytes[24], bytes[25], bytes[26], bytes[27]]);
-    bytes[92..96].copy_from_slice(&counter.wrapping_add(1).to_be_bytes());
-    let copy = PathBuf::from(format!("{}.salvage", path.display()));
-    std::fs::write(&copy, &bytes).ok()?;
-    Some(copy)
+    let counter = u32::from_be_bytes([header[24], header[25], header[26], header[27]]);
+    let copy = side(path, ".salvage");
+    std::fs::copy(path, &copy).ok()?;
+    let patched = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&copy)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(92))?;
+            f.write_all(&counter.wrapping_add(1).to_be_bytes())
+        });
+    match patched {
+        Ok(()) => Some(copy),
+        Err(_) => {
+            let _ = std::fs::remove_file(&copy);
+            None
+        }
+    }
 }
 
-fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<u64> {
-    let Ok(source) = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
-        return Ok(0);
+/// A stream of the damaged file, as far as it still tells.
+#[derive(Debug, Clone)]
+struct OldStream {
+    name: String,
+    next_seq: Option<u64>,
+    floor: Option<u64>,
+}
+
+fn old_streams(source: &Connection) -> Option<HashMap<i64, OldStream>> {
+    let row = |r: &rusqlite::Row<'_>, cols: usize| -> rusqlite::Result<(i64, OldStream)> {
+        Ok((
+            r.get(0)?,
+            OldStream {
+                name: r.get(1)?,
+                next_seq: r.get::<_, Option<i64>>(2)?.map(|n| n.max(1) as u64),
+                floor: if cols > 3 {
+                    r.get::<_, Option<i64>>(3)?.map(|n| n.max(1) as u64)
+                } else {
+                    None
+                },
+            },
+        ))
     };
-    // Stream names, if that table is still readable; unknown ids get a name of their own.
-    let mut names = std::collections::HashMap::new();
-    if let Ok(mut stmt) = source.prepare("SELECT id, name FROM streams")
-        && let Ok(rows) = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
-    {
-        names.extend(rows.map_while(Result::ok));
+    for (sql, cols) in [
+        ("SELECT id, name, next_seq, floor FROM streams", 4),
+        ("SELECT id, name, next_seq FROM streams", 3),
+    ] {
+        if let Ok(mut stmt) = source.prepare(sql) {
+            return stmt
+                .query_map([], |r| row(r, cols))
+                .and_then(|rows| rows.collect::<rusqlite::Result<HashMap<_, _>>>())
+                .ok();
+        }
     }
+    None
+}
+
+/// One row read back from the damaged file.
+struct OldRow {
+    stream_id: i64,
+    seq: u64,
+    topic: String,
+    received_at_ms: i64,
+    payload: Vec<u8>,
+    crc: Option<i64>,
+    monotonic_ms: Option<i64>,
+}
+
+fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged> {
+    let now = crate::clock::now_ms();
+    let unknown = || Salvaged {
+        copied: 0,
+        losses: vec![LossReport {
+            stream: None,
+            first_seq: None,
+            last_seq: None,
+            count: 0,
+            reason: LossReason::CorruptBuffer,
+            detected_at_ms: now,
+        }],
+    };
+    let Ok(source) = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return Ok(unknown());
+    };
+    let epoch: Option<i64> = source
+        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))
+        .ok();
+    let streams = old_streams(&source);
+    // Records keep their identity only when the file tells the epoch and where every stream's
+    // numbering stands: a new record must never reuse a sequence the ingest may have.
+    let keep = epoch.is_some()
+        && streams
+            .as_ref()
+            .is_some_and(|s| !s.is_empty() && s.values().all(|o| o.next_seq.is_some()));
     let max_id: Option<i64> = source
         .query_row("SELECT MAX(id) FROM records", [], |r| r.get(0))
         .ok()
         .flatten();
-    let Ok(mut lookup) = source
-        .prepare("SELECT stream_id, topic, received_at_ms, payload FROM records WHERE id = ?1")
-    else {
-        return Ok(0);
+    let lookup = source
+        .prepare("SELECT stream_id, seq, topic, received_at_ms, payload, crc, monotonic_ms FROM records WHERE id = ?1")
+        .or_else(|_| source.prepare("SELECT stream_id, seq, topic, received_at_ms, payload, NULL, NULL FROM records WHERE id = ?1"));
+    let Ok(mut lookup) = lookup else {
+        return Ok(unknown());
     };
     let tx = into.transaction()?;
+    if keep {
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('epoch', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [epoch],
+        )?;
+        for old in streams.iter().flat_map(|s| s.values()) {
+            tx.execute(
+                "INSERT INTO streams (name, next_seq) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET next_seq = excluded.next_seq",
+                params![old.name, old.next_seq.unwrap_or(1) as i64],
+            )?;
+        }
+    }
+    let name_of = |stream_id: i64| {
+        streams
+            .as_ref()
+            .and_then(|s| s.get(&stream_id))
+            .map_or_else(|| format!("salvaged-{stream_id}"), |o| o.name.clone())
+    };
     let mut copied = 0u64;
+    // Per old stream id: the old sequence numbers given back intact.
+    let mut kept: HashMap<i64, Vec<u64>> = HashMap::new();
+    // Per old stream id: rows read but failing their checksum (when seqs are not kept).
+    let mut bad: HashMap<i64, u64> = HashMap::new();
     let (mut id, mut misses) = (1i64, 0i64);
     while max_id.map_or(misses < SALVAGE_MISSES, |max| id <= max) {
         let row = lookup.query_row([id], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
-            ))
+            Ok(OldRow {
+                stream_id: r.get(0)?,
+                seq: r.get::<_, i64>(1)?.max(0) as u64,
+                topic: r.get(2)?,
+                received_at_ms: r.get(3)?,
+                payload: r.get(4)?,
+                crc: r.get(5)?,
+                monotonic_ms: r.get(6)?,
+            })
         });
         id += 1;
-        let Ok((stream_id, topic, received_at_ms, payload)) = row else {
+        let Ok(row) = row else {
             misses += 1;
             continue;
         };
         misses = 0;
-        let stream = names
-            .get(&stream_id)
-            .cloned()
-            .unwrap_or_else(|| format!("salvaged-{stream_id}"));
+        let intact = row.crc.is_none_or(|c| {
+            c as u32 == super::checksum(row.seq, row.received_at_ms, &row.topic, &row.payload)
+        });
+        if !intact {
+            *bad.entry(row.stream_id).or_default() += 1;
+            continue;
+        }
+        let name = name_of(row.stream_id);
         tx.execute(
             "INSERT INTO streams (name, next_seq) VALUES (?1, 1) ON CONFLICT (name) DO NOTHING",
-            [&stream],
+            [&name],
         )?;
-        let (sid, seq): (i64, i64) = tx.query_row(
+        let (sid, next): (i64, i64) = tx.query_row(
             "SELECT id, next_seq FROM streams WHERE name = ?1",
-            [&stream],
+            [&name],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        tx.execute(
-            "INSERT INTO records (stream_id, seq, topic, received_at_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![sid, seq, topic, received_at_ms, payload],
+        let known = keep
+            && streams
+                .as_ref()
+                .is_some_and(|s| s.contains_key(&row.stream_id));
+        let seq = if known { row.seq } else { next as u64 };
+        let inserted = tx.execute(
+            "INSERT OR IGNORE INTO records (stream_id, seq, topic, received_at_ms, payload, monotonic_ms, crc) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                sid,
+                seq as i64,
+                row.topic,
+                row.received_at_ms,
+                row.payload,
+                row.monotonic_ms,
+                super::checksum(seq, row.received_at_ms, &row.topic, &row.payload)
+            ],
         )?;
-        tx.execute(
-            "UPDATE streams SET next_seq = ?2 WHERE id = ?1",
-            params![sid, seq + 1],
-        )?;
+        if inserted == 0 {
+            continue;
+        }
+        if !known {
+            tx.execute(
+                "UPDATE streams SET next_seq = ?2 WHERE id = ?1",
+                params![sid, seq as i64 + 1],
+            )?;
+        }
+        kept.entry(row.stream_id).or_default().push(row.seq);
         copied += 1;
     }
     tx.commit()?;
-    Ok(copied)
+    let mut losses = Vec::new();
+    match (&streams, keep) {
+        (Some(streams), true) => {
+            let mut ids: Vec<_> = streams.keys().copied().collect();
+            ids.sort_unstable();
+            for sid in ids {
+                let old = &streams[&sid];
+                let mut have = kept.remove(&sid).unwrap_or_default();
+                have.sort_unstable();
+                let Some(next) = old.next_seq else { continue };
+                // Below the floor everything was delivered (or reported) before the damage; an
+                // older file without a floor: below what was salvaged is unknown.
+                let Some(floor) = old.floor.or_else(|| have.first().copied()) else {
+                    continue;
+                };
+                let missing = missing_runs(floor, next, &have);
+                losses.extend(reports(&old.name, &missing, now));
+            }
+        }
+        _ => {
+            // Identity lost: count what the file says each stream held, less what came back.
+            let mut counted = false;
+            for (sid, old) in streams.iter().flatten() {
+                let (Some(next), Some(floor)) = (old.next_seq, old.floor) else {
+                    continue;
+                };
+                let had = next.saturating_sub(floor);
+                let back = kept.get(sid).map_or(0, |v| v.len() as u64);
+                counted = true;
+                if had > back {
+                    losses.push(LossReport {
+                        stream: Some(old.name.clone()),
+                        first_seq: None,
+                        last_seq: None,
+                        count: had - back,
+                        reason: LossReason::CorruptBuffer,
+                        detected_at_ms: now,
+                    });
+                }
+            }
+            if !counted {
+                losses.extend(unknown().losses);
+            }
+        }
+    }
+    // Rows of streams the file no longer names that failed their checksum.
+    for (sid, count) in bad {
+        if keep && streams.as_ref().is_some_and(|s| s.contains_key(&sid)) {
+            continue; // already among the missing ranges
+        }
+        losses.push(LossReport {
+            stream: Some(name_of(sid)),
+            first_seq: None,
+            last_seq: None,
+            count,
+            reason: LossReason::CorruptBuffer,
+            detected_at_ms: now,
+        });
+    }
+    Ok(Salvaged { copied, losses })
+}
+
+/// The runs of sequences in `floor..next` not in `have` (sorted): (first, last, count). Pure.
+fn missing_runs(floor: u64, next: u64, have: &[u64]) -> Vec<(u64, u64, u64)> {
+    let mut runs = Vec::new();
+    let mut at = floor;
+    for &seq in have.iter().filter(|&&s| s >= floor && s < next) {
+        if seq > at {
+            runs.push((at, seq - 1, seq - at));
+        }
+        at = at.max(seq + 1);
+    }
+    if next > at {
+        runs.push((at, next - 1, next - at));
+    }
+    runs
+}
+
+/// Loss reports for the missing runs of one stream, at most [`MAX_REPORTS_PER_STREAM`].
+fn reports(stream: &str, runs: &[(u64, u64, u64)], now: i64) -> Vec<LossReport> {
+    let mut out: Vec<LossReport> = Vec::new();
+    for &(first, last, count) in runs {
+        if out.len() == MAX_REPORTS_PER_STREAM {
+            let tail = out.last_mut().expect("invariant: at the cap, there is a last report");
+            tail.last_seq = Some(last);
+            tail.count += count;
+            continue;
+        }
+        out.push(LossReport {
+            stream: Some(stream.to_owned()),
+            first_seq: Some(first),
+            last_seq: Some(last),
+            count,
+            reason: LossReason::CorruptBuffer,
+            detected_at_ms: now,
+        });
+    }
+    out
 }
 
 /// What `edge-agent buffer verify` reports.
@@ -173,6 +433,9 @@ pub struct VerifyReport {
     pub streams: Vec<StreamSummary>,
     /// Records in the dead-letter table.
     pub dead_letters: u64,
+    /// Records whose bytes no longer match their checksum (never sent; reported lost when
+    /// the agent reads them).
+    pub corrupt_records: u64,
 }
 
 /// One stream of a buffer file.
@@ -217,11 +480,31 @@ pub fn verify(path: &Path) -> rusqlite::Result<VerifyReport> {
     let dead_letters = conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
         r.get::<_, i64>(0)
     })? as u64;
+    let mut corrupt_records = 0;
+    if let Ok(mut stmt) =
+        conn.prepare("SELECT seq, received_at_ms, topic, payload, crc FROM records")
+    {
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let intact = (|| -> rusqlite::Result<bool> {
+                let crc: Option<i64> = row.get(4)?;
+                let seq = row.get::<_, i64>(0)? as u64;
+                let received: i64 = row.get(1)?;
+                let topic: String = row.get(2)?;
+                let payload: Vec<u8> = row.get(3)?;
+                Ok(crc.is_none_or(|c| c as u32 == super::checksum(seq, received, &topic, &payload)))
+            })();
+            if !intact.unwrap_or(false) {
+                corrupt_records += 1;
+            }
+        }
+    }
     Ok(VerifyReport {
         integrity,
         epoch,
         streams,
         dead_letters,
+        corrupt_records,
     })
 }
 

@@ -22,6 +22,9 @@ pub enum LossReason {
     BrokerOverflow,
     /// The buffer's disk was full: records were evicted to make room.
     DiskFull,
+    /// The buffer file was damaged (a torn write, a bad flash page): these records could not
+    /// be read back intact, so they are not sent.
+    CorruptBuffer,
 }
 
 impl LossReason {
@@ -32,6 +35,7 @@ impl LossReason {
             LossReason::Ttl => "ttl",
             LossReason::BrokerOverflow => "broker_overflow",
             LossReason::DiskFull => "disk_full",
+            LossReason::CorruptBuffer => "corrupt_buffer",
         }
     }
 }

@@ -1,0 +1,397 @@
+//! The writer stage: the one thread that writes the buffer.
+//!
+//! Invariants:
+//! - every command handed in is committed, or, for new records that a full disk cannot take
+//!   even after evicting everything the policy allows, dropped with a loss report in the commit
+//!   that follows. The writer never waits forever on one group, so the queue in front of it
+//!   always drains and acknowledgements from the ingest always become deletes;
+//! - the [`Protected`] lock is held while a commit runs and never across a retry's sleep;
+//! - once every sender is gone (the agent stops), what is queued is committed within
+//!   [`STOP_BOUND`]; what still cannot be committed then is counted and logged as lost.
+//!
+//! Group commit: after the first command of a group the writer gathers more for at most
+//! `commit_window`, up to [`MAX_GROUP`] commands and the group's byte bound
+//! ([`super::space::group_bytes`]), then commits them in one transaction (one fsync).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flume::RecvTimeoutError;
+use ingest_wire::{LossReason, LossReport};
+use tokio::sync::watch;
+
+use super::{Buffer, CommitSummary, Protected, StreamProgress, WriterCommand};
+use crate::metrics::Metrics;
+
+/// The sending side of the writer's queue (bounded: senders wait while it is full).
+pub type Queue = flume::Sender<WriterCommand>;
+
+/// Most commands folded into one transaction.
+pub const MAX_GROUP: usize = 20_000;
+/// How often records past their TTL are looked for and the file is fitted to its volume.
+const TICK: Duration = Duration::from_secs(1);
+/// Commits refused for a full disk, each after making more room, before the group's new
+/// records are dropped (and reported) instead: by then the policy had nothing left to evict.
+const FULL_ATTEMPTS: u32 = 8;
+/// Once the agent stops, how long the writer keeps retrying a commit that fails.
+const STOP_RETRY: Duration = Duration::from_secs(5);
+/// The longest the agent's stop waits for the writer: its last commits, retries included.
+pub const STOP_BOUND: Duration = Duration::from_secs(10);
+
+/// The writer stage: owns the [`Buffer`], group-commits commands, publishes progress.
+/// Runs on its own thread until every command sender is dropped, then commits what is left.
+pub struct BufferWriter {
+    buffer: Buffer,
+    commands: flume::Receiver<WriterCommand>,
+    commit_window: Duration,
+    group_bytes: u64,
+    progress: watch::Sender<Vec<StreamProgress>>,
+    metrics: Metrics,
+    stream_names: Vec<String>,
+    protected: Arc<Protected>,
+}
+
+impl BufferWriter {
+    /// A writer for `buffer`, taking `commands`, committing at most `commit_window` after the
+    /// first command of a group and at most `group_bytes` of records at once, publishing
+    /// progress and metrics (labelled by `stream_names`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        buffer: Buffer,
+        commands: flume::Receiver<WriterCommand>,
+        commit_window: Duration,
+        group_bytes: u64,
+        progress: watch::Sender<Vec<StreamProgress>>,
+        metrics: Metrics,
+        stream_names: Vec<String>,
+        protected: Arc<Protected>,
+    ) -> BufferWriter {
+        BufferWriter {
+            buffer,
+            commands,
+            commit_window,
+            group_bytes: group_bytes.max(1),
+            progress,
+            metrics,
+            stream_names,
+            protected,
+        }
+    }
+
+    /// Runs until the command channel closes and what it held is committed.
+    pub fn run(mut self) {
+        let mut group = Vec::new();
+        let mut last_tick = Instant::now();
+        self.fit();
+        loop {
+            let mut closed = false;
+            match self.commands.recv_timeout(TICK) {
+                Ok(first) => group.push(first),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => closed = true,
+            }
+            let deadline = Instant::now() + self.commit_window;
+            let mut bytes: u64 = group.iter().map(cost).sum();
+            while !closed
+                && !group.is_empty()
+                && group.len() < MAX_GROUP
+                && bytes < self.group_bytes
+            {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.commands.recv_timeout(left) {
+                    Ok(c) => {
+                        bytes += cost(&c);
+                        group.push(c);
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => closed = true,
+                }
+            }
+            let tick = last_tick.elapsed() >= TICK;
+            if tick {
+                last_tick = Instant::now();
+                self.fit();
+            }
+            if !group.is_empty() || tick {
+                self.commit_group(&mut group, tick, closed);
+            }
+            group.clear();
+            self.metrics
+                .buffer_queue_records
+                .set(self.commands.len() as i64);
+            if closed && self.commands.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Fits the file to its volume ([`Buffer::fit_to_volume`]); a failure is retried next tick.
+    fn fit(&mut self) {
+        if let Err(e) = self.buffer.fit_to_volume() {
+            tracing::warn!(error = %e, "cannot fit the buffer to its volume now; retried");
+        }
+        self.metrics
+            .buffer_disk_full
+            .set(i64::from(self.buffer.is_frozen()));
+    }
+
+    /// Commits `group` (and with `expire`, the TTL sweep), making room on a full disk, until it
+    /// is in; see the module's invariants. `stopping`: the agent is stopping, so retries of a
+    /// failing commit are bounded by [`STOP_RETRY`].
+    fn commit_group(&mut self, group: &mut Vec<WriterCommand>, expire: bool, stopping: bool) {
+        let mut delay = Duration::from_millis(50);
+        let mut full_attempts = 0;
+        let since = Instant::now();
+        loop {
+            let started = Instant::now();
+            let result = {
+                let protected = self.protected.lock();
+                self.buffer
+                    .commit(group, &protected, crate::clock::now_ms(), expire)
+            };
+            let error = match result {
+                Ok(summary) => {
+                    self.metrics
+                        .commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.committed_now();
+                    self.record(&summary);
+                    self.progress.send_replace(self.buffer.progress());
+                    if let Err(e) = self.buffer.bound_growth() {
+                        tracing::warn!(error = %e, "buffer checkpoint failed; retried after the next commit");
+                    }
+                    return;
+                }
+                Err(e) => e,
+            };
+            if stopping && since.elapsed() >= STOP_RETRY {
+                self.give_up(group, &error);
+                return;
+            }
+            if error.is_disk_full() {
+                if full_attempts == 0 && !self.buffer.is_frozen() {
+                    tracing::error!(error = %error, "buffer disk full: evicting the lowest priority, oldest records to make room (reported as disk_full)");
+                }
+                full_attempts += 1;
+                self.metrics.disk_full.inc();
+                self.metrics.buffer_disk_full.set(1);
+                if full_attempts >= FULL_ATTEMPTS && self.drop_appends(group) {
+                    continue;
+                }
+                self.buffer.disk_full();
+                if full_attempts < FULL_ATTEMPTS {
+                    continue;
+                }
+            } else {
+                // Nothing was applied; the same group is retried. Meanwhile the queue from the
+                // broker fills, and any overflow in rumqttd is counted and reported.
+                tracing::error!(error = %error, commands = group.len(), retry_in = ?delay, "buffer commit failed");
+                self.metrics.commit_errors.inc();
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Replaces the group's new records by loss reports (per stream, reason `disk_full`):
+    /// the disk cannot take them even with everything evictable gone. `false` when the group
+    /// held none.
+    fn drop_appends(&mut self, group: &mut Vec<WriterCommand>) -> bool {
+        let mut dropped: BTreeMap<usize, u64> = BTreeMap::new();
+        group.retain(|c| match c {
+            WriterCommand::Append(r) => {
+                *dropped.entry(r.stream).or_default() += 1;
+                false
+            }
+            _ => true,
+        });
+        if dropped.is_empty() {
+            return false;
+        }
+        let now = crate::clock::now_ms();
+        for (stream, count) in dropped {
+            let name = self.stream_names[stream].clone();
+            tracing::error!(stream = %name, count, "buffer disk full and nothing left to evict: new records dropped; loss report queued for the cloud");
+            self.metrics
+                .records_dropped
+                .with_label_values(&[name.as_str(), LossReason::DiskFull.as_str()])
+                .inc_by(count);
+            group.push(WriterCommand::Loss(LossReport {
+                stream: Some(name),
+                first_seq: None,
+                last_seq: None,
+                count,
+                reason: LossReason::DiskFull,
+                detected_at_ms: now,
+            }));
+        }
+        true
+    }
+
+    /// The agent is stopping and the buffer still refuses the group: count and log what is lost
+    /// (a loss report cannot be written either).
+    fn give_up(&self, group: &[WriterCommand], error: &super::BufferError) {
+        let mut lost: BTreeMap<usize, u64> = BTreeMap::new();
+        let mut reports = 0u64;
+        for c in group {
+            match c {
+                WriterCommand::Append(r) => *lost.entry(r.stream).or_default() += 1,
+                WriterCommand::Loss(l) => reports += l.count,
+                _ => {}
+            }
+        }
+        for (stream, count) in lost {
+            let name = self.stream_names[stream].as_str();
+            self.metrics
+                .records_dropped
+                .with_label_values(&[name, "stop_failed"])
+                .inc_by(count);
+            tracing::error!(stream = name, count, error = %error, "stopping: the buffer refused these records; they are lost and could not be reported upstream");
+        }
+        if reports > 0 {
+            tracing::error!(count = reports, error = %error, "stopping: loss reports for these records could not be written");
+        }
+    }
+
+    fn record(&self, summary: &CommitSummary) {
+        let m = &self.metrics;
+        for (i, name) in self.stream_names.iter().enumerate() {
+            let labels = [name.as_str()];
+            m.records_buffered
+                .with_label_values(&labels)
+                .inc_by(summary.appended[i]);
+            m.records_delivered
+                .with_label_values(&labels)
+                .inc_by(summary.acked[i]);
+            m.records_dead_lettered
+                .with_label_values(&labels)
+                .inc_by(summary.dead_lettered[i]);
+            for (count, reason) in [
+                (summary.evicted[i], summary.evicted_reason),
+                (summary.expired[i], LossReason::Ttl),
+            ] {
+                if count > 0 {
+                    m.records_dropped
+                        .with_label_values(&[name.as_str(), reason.as_str()])
+                        .inc_by(count);
+                }
+            }
+        }
+        for loss in &summary.losses {
+            if loss.reason == LossReason::CorruptBuffer {
+                if let Some(stream) = loss.stream.as_deref() {
+                    m.records_dropped
+                        .with_label_values(&[stream, loss.reason.as_str()])
+                        .inc_by(loss.count);
+                }
+            }
+            tracing::error!(stream = loss.stream.as_deref().unwrap_or("(unknown)"), reason = loss.reason.as_str(), count = loss.count, first_seq = ?loss.first_seq, last_seq = ?loss.last_seq, "records lost; loss report queued for the cloud");
+        }
+        for (name, p) in self.stream_names.iter().zip(self.buffer.progress()) {
+            m.backlog_records
+                .with_label_values(&[name])
+                .set(p.backlog_records as i64);
+            m.backlog_bytes
+                .with_label_values(&[name])
+                .set(p.backlog_bytes as i64);
+        }
+    }
+}
+
+/// Record bytes a command adds to its group.
+fn cost(command: &WriterCommand) -> u64 {
+    match command {
+        WriterCommand::Append(r) => r.cost(),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{BufferStream, NewRecord};
+    use crate::routing::Priority;
+    use bytes::Bytes;
+
+    fn streams() -> Vec<BufferStream> {
+        [("logs", Priority::Bulk), (ingest_wire::LOSS_STREAM, Priority::Critical)]
+            .into_iter()
+            .map(|(name, priority)| BufferStream {
+                name: name.into(),
+                priority,
+                ttl: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_group_the_disk_cannot_take_is_dropped_and_reported_and_acks_still_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let mut buffer = Buffer::open(&path, &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
+        buffer
+            .commit(
+                &[WriterCommand::Append(NewRecord {
+                    stream: 0,
+                    topic: "t".into(),
+                    payload: Bytes::from_static(b"x"),
+                    received_at_ms: 1,
+                    monotonic_ms: 1,
+                })],
+                &[],
+                1,
+                false,
+            )
+            .expect("commit");
+        // The file may not grow by a single page: big records cannot fit, whatever is evicted.
+        buffer.frozen = true;
+        let pages = buffer.pragma("page_count").expect("pages");
+        buffer
+            .pragma(&format!("max_page_count = {pages}"))
+            .expect("limit");
+        let (tx, rx) = flume::bounded(10);
+        let (progress, _) = watch::channel(buffer.progress());
+        let mut writer = BufferWriter::new(
+            buffer,
+            rx,
+            Duration::ZERO,
+            1 << 20,
+            progress,
+            Metrics::new(),
+            vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
+            Arc::new(Protected::new(vec![Default::default(); 2])),
+        );
+        drop(tx);
+        let big = |i: u8| {
+            WriterCommand::Append(NewRecord {
+                stream: 0,
+                topic: "t".into(),
+                payload: Bytes::from(vec![i; 64 << 10]),
+                received_at_ms: 2,
+                monotonic_ms: 2,
+            })
+        };
+        let mut group = vec![
+            big(1),
+            WriterCommand::Ack {
+                stream: 0,
+                first: 1,
+                last: 1,
+            },
+            big(2),
+        ];
+        writer.commit_group(&mut group, false, false);
+        let p = writer.buffer.progress();
+        assert_eq!(p[0].backlog_records, 0, "the ack became a delete");
+        assert_eq!(p[1].backlog_records, 1, "one loss report for the two records");
+        let dropped = writer
+            .metrics
+            .records_dropped
+            .with_label_values(&["logs", "disk_full"])
+            .get();
+        assert_eq!(dropped, 2);
+    }
+}
