@@ -239,6 +239,24 @@ pub struct CommitSummary {
     pub losses: Vec<LossReport>,
 }
 
+impl CommitSummary {
+    /// Adds the counts of an earlier commit (of the same group) to these.
+    pub fn absorb(&mut self, earlier: CommitSummary) {
+        let add = |a: &mut Vec<u64>, b: Vec<u64>| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        add(&mut self.appended, earlier.appended);
+        add(&mut self.acked, earlier.acked);
+        add(&mut self.dead_lettered, earlier.dead_lettered);
+        add(&mut self.expired, earlier.expired);
+        if earlier.evicted.iter().any(|&n| n > 0) {
+            self.evicted_reason = earlier.evicted_reason;
+        }
+        add(&mut self.evicted, earlier.evicted);
+        let mut losses = earlier.losses;
+        losses.append(&mut self.losses);
+        self.losses = losses;
+    }
+}
+
 /// The buffer's write side (owned by [`BufferWriter`]; used directly in tests).
 pub struct Buffer {
     conn: Connection,
@@ -252,8 +270,9 @@ pub struct Buffer {
     reserve_bytes: u64,
     /// The reserve file.
     reserve: PathBuf,
-    /// Whether the file may not grow any more: the disk filled ([`space`]).
-    frozen: bool,
+    /// While the disk is full: the most pages the file may have (its size when the disk
+    /// filled). It may shrink below (free pages given back) and grow back up to it ([`space`]).
+    ceiling: Option<u64>,
     page_size: u64,
 }
 
@@ -430,7 +449,7 @@ impl Buffer {
             disk_cap: None,
             reserve_bytes,
             reserve,
-            frozen: false,
+            ceiling: None,
             page_size: page_size.max(512) as u64,
         };
         // What the salvage could not give back is reported before anything else happens.
@@ -486,13 +505,64 @@ impl Buffer {
             Limits {
                 cap: cap.0,
                 reason: cap.1,
-                // A frozen file grows no more: room for new records is made before they are
-                // written, so they land in the pages freed.
-                make_room_first: self.frozen,
+                highest: None,
             },
             &droppable,
             now_ms,
             expire,
+        )
+        .map_err(|source| self.error(source))?;
+        self.streams = streams;
+        Ok(summary)
+    }
+
+    /// On a frozen file (the disk filled), before new records are written: applies the group's
+    /// other commands (acks first free what they may) and evicts by policy until `appends` fit
+    /// under the disk cap, in a transaction of its own (pages freed by one transaction are
+    /// reused by the next). Only classes no higher than the highest incoming one give way.
+    pub fn make_room(
+        &mut self,
+        others: &[WriterCommand],
+        appends: &[WriterCommand],
+        protected: &[Protection],
+        now_ms: i64,
+    ) -> Result<CommitSummary, BufferError> {
+        let mut streams = self.streams.clone();
+        let (bytes, highest) = appends
+            .iter()
+            .filter_map(|c| match c {
+                WriterCommand::Append(r) => Some((r.cost(), streams[r.stream].priority)),
+                _ => None,
+            })
+            .fold((0u64, None), |(b, h), (c, p)| {
+                (b + c, Some(h.map_or(p, |h: Priority| h.max(p))))
+            });
+        let cap = self
+            .disk_cap
+            .unwrap_or(self.quota_bytes)
+            .min(self.quota_bytes);
+        let droppable: Vec<Vec<(u64, u64)>> = (0..streams.len())
+            .map(|i| protected.get(i).cloned().unwrap_or_default().droppable())
+            .collect();
+        tracing::debug!(
+            cap,
+            bytes,
+            held = self.backlog_bytes(),
+            ?droppable,
+            "making room"
+        );
+        let summary = apply(
+            &mut self.conn,
+            &mut streams,
+            others,
+            Limits {
+                cap: cap.saturating_sub(bytes),
+                reason: LossReason::DiskFull,
+                highest,
+            },
+            &droppable,
+            now_ms,
+            false,
         )
         .map_err(|source| self.error(source))?;
         self.streams = streams;
@@ -515,16 +585,22 @@ impl Buffer {
 
     /// Whether the file may not grow (the disk filled and space has not come back).
     pub fn is_frozen(&self) -> bool {
-        self.frozen
+        self.ceiling.is_some()
     }
 
     /// After every commit: checkpoints (TRUNCATE) when the WAL holds more growth of the file
     /// than half the reserve ([`space::must_checkpoint`]), so a full disk can always be
-    /// checkpointed out of.
+    /// checkpointed out of; and when the WAL itself takes much of what is left of the volume
+    /// ([`space::wal_too_large`]).
     pub fn bound_growth(&mut self) -> Result<(), BufferError> {
         let pages = self.pragma("page_count")?;
-        let file = std::fs::metadata(&self.path).map_or(0, |m| m.len());
-        if space::must_checkpoint(pages, self.page_size, file, self.reserve_bytes) {
+        let usage = space::Usage::of(&self.path);
+        let wal_too_large = usage.wal > self.reserve_bytes / 2
+            && space::Volume::of(&self.path)
+                .is_ok_and(|v| space::wal_too_large(usage.wal, v, self.reserve_bytes));
+        if wal_too_large
+            || space::must_checkpoint(pages, self.page_size, usage.db, self.reserve_bytes)
+        {
             self.checkpoint()?;
         }
         Ok(())
@@ -550,20 +626,22 @@ impl Buffer {
                 return Ok(());
             }
         };
-        if self.frozen {
+        if self.ceiling.is_some() {
             self.give_back_free_pages()?;
             let volume = space::Volume::of(&self.path).unwrap_or(volume);
             if space::space_is_back(volume, self.reserve_bytes)
                 && ensure_reserve(&self.reserve, self.reserve_bytes)
             {
-                tracing::info!("buffer disk: space is back; the reserve is held again and the full quota applies");
-                self.frozen = false;
+                tracing::info!(
+                    "buffer disk: space is back; the reserve is held again and the full quota applies"
+                );
+                self.ceiling = None;
                 self.disk_cap = None;
             }
         }
         let pages = self.pragma("page_count")?;
-        let limit = if self.frozen {
-            pages
+        let limit = if let Some(ceiling) = self.ceiling {
+            ceiling.max(pages)
         } else {
             space::db_limit_pages(
                 volume,
@@ -578,18 +656,33 @@ impl Buffer {
     }
 
     /// Frees pages the file no longer uses (beyond half the reserve, kept for reuse) back to
-    /// the volume: incremental vacuum, then a checkpoint that shrinks the file. Buffers made
-    /// before auto_vacuum keep their size.
+    /// the volume: incremental vacuum, then a checkpoint that shrinks the file. In steps of a
+    /// quarter of the reserve, each checkpointed, so the WAL it writes (pages moved from the end
+    /// of the file into free slots) always fits. Buffers made before auto_vacuum keep their size.
     fn give_back_free_pages(&mut self) -> Result<(), BufferError> {
         if self.pragma("auto_vacuum")? != 2 {
             return Ok(());
         }
         let keep = self.reserve_bytes / 2 / self.page_size;
-        let free = self.pragma("freelist_count")?;
-        if free > keep {
-            self.conn
-                .execute_batch(&format!("PRAGMA incremental_vacuum({});", free - keep))
-                .map_err(|e| self.error(e))?;
+        let step = (self.reserve_bytes / 4 / self.page_size).max(1);
+        for _ in 0..16 {
+            let free = self.pragma("freelist_count")?;
+            if free <= keep {
+                break;
+            }
+            // Stepped to its end: a single step frees only a page.
+            let vacuumed = self
+                .conn
+                .prepare(&format!(
+                    "PRAGMA incremental_vacuum({})",
+                    (free - keep).min(step)
+                ))
+                .and_then(|mut stmt| {
+                    let mut rows = stmt.query([])?;
+                    while rows.next()?.is_some() {}
+                    Ok(())
+                });
+            vacuumed.map_err(|e| self.error(e))?;
             self.checkpoint()?;
         }
         Ok(())
@@ -600,8 +693,8 @@ impl Buffer {
     /// possible, emptying the WAL), stop the file from growing, and keep at most 80% of what
     /// is held from now on, so the retried commit evicts by policy to make room.
     pub fn disk_full(&mut self) {
-        let volume_full = space::Volume::of(&self.path)
-            .map_or(true, |v| v.available < self.reserve_bytes / 2);
+        let volume_full =
+            space::Volume::of(&self.path).map_or(true, |v| v.available < self.reserve_bytes / 2);
         if volume_full && self.reserve.exists() {
             tracing::warn!(reserve = %self.reserve.display(), "buffer volume full: releasing the reserve");
             let _ = std::fs::remove_file(&self.reserve);
@@ -609,9 +702,9 @@ impl Buffer {
         if let Err(e) = self.checkpoint() {
             tracing::warn!(error = %e, "buffer checkpoint on a full disk failed; retried");
         }
-        self.frozen = true;
         if let Ok(pages) = self.pragma("page_count") {
-            let _ = self.pragma(&format!("max_page_count = {pages}"));
+            let ceiling = *self.ceiling.get_or_insert(pages);
+            let _ = self.pragma(&format!("max_page_count = {}", ceiling.max(pages)));
         }
         let held = self.backlog_bytes();
         self.disk_cap = Some(self.disk_cap.unwrap_or(held).min(held) * 4 / 5);
@@ -695,9 +788,8 @@ struct Limits {
     cap: u64,
     /// What an eviction down to `cap` is reported as.
     reason: LossReason,
-    /// Evict before writing the new records, so they reuse the freed pages (the file may not
-    /// grow). Only classes no higher than the highest incoming one give way for them.
-    make_room_first: bool,
+    /// Only streams of this class or lower are evicted (all when `None`).
+    highest: Option<Priority>,
 }
 
 fn apply(
@@ -723,8 +815,8 @@ fn apply(
     let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO records (stream_id, seq, topic, received_at_ms, payload, boot, monotonic_ms, crc)
-             VALUES (?1, ?2, ?3, ?4, ?5, (SELECT id FROM boots WHERE boot_id = ?6), ?7, ?8)",
+            "INSERT INTO records (id, stream_id, seq, topic, received_at_ms, payload, boot, monotonic_ms, crc)
+             VALUES (?9, ?1, ?2, ?3, ?4, ?5, (SELECT id FROM boots WHERE boot_id = ?6), ?7, ?8)",
         )?;
         let mut delete = tx.prepare_cached(
             "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING seq, length(topic) + length(payload)",
@@ -734,34 +826,6 @@ fn apply(
              RETURNING seq, length(topic) + length(payload)",
         )?;
         let mut evicted: Vec<Option<Dropped>> = vec![None; n];
-        if limits.make_room_first {
-            let incoming: u64 = commands
-                .iter()
-                .filter_map(|c| match c {
-                    WriterCommand::Append(r) => Some(r.cost()),
-                    _ => None,
-                })
-                .sum();
-            let highest = commands
-                .iter()
-                .filter_map(|c| match c {
-                    WriterCommand::Append(r) => Some(streams[r.stream].priority),
-                    _ => None,
-                })
-                .max();
-            if let Some(highest) = highest {
-                let yielding: Vec<bool> = streams.iter().map(|s| s.priority <= highest).collect();
-                evict_down_to(
-                    &mut evict,
-                    streams,
-                    limits.cap.saturating_sub(incoming),
-                    droppable,
-                    &yielding,
-                    loss_stream,
-                    &mut evicted,
-                )?;
-            }
-        }
         for command in commands {
             match command {
                 WriterCommand::Append(r) => {
@@ -808,18 +872,16 @@ fn apply(
                             dropped.push(seq);
                         }
                     }
-                    summary.losses.extend(
-                        seq_runs(&dropped)
-                            .into_iter()
-                            .map(|(first, last, count)| LossReport {
-                                stream: Some(s.name.clone()),
-                                first_seq: Some(first),
-                                last_seq: Some(last),
-                                count,
-                                reason: LossReason::CorruptBuffer,
-                                detected_at_ms: now_ms,
-                            }),
-                    );
+                    summary.losses.extend(seq_runs(&dropped).into_iter().map(
+                        |(first, last, count)| LossReport {
+                            stream: Some(s.name.clone()),
+                            first_seq: Some(first),
+                            last_seq: Some(last),
+                            count,
+                            reason: LossReason::CorruptBuffer,
+                            detected_at_ms: now_ms,
+                        },
+                    ));
                 }
             }
         }
@@ -850,12 +912,16 @@ fn apply(
             }
         }
         // Quota: evict lowest priority, oldest first, until under it. Loss reports stay.
+        let yielding: Vec<bool> = streams
+            .iter()
+            .map(|s| limits.highest.is_none_or(|h| s.priority <= h))
+            .collect();
         evict_down_to(
             &mut evict,
             streams,
             limits.cap,
             droppable,
-            &vec![true; n],
+            &yielding,
             loss_stream,
             &mut evicted,
         )?;
@@ -1018,6 +1084,7 @@ fn append(
         crate::clock::boot_id(),
         r.monotonic_ms as i64,
         checksum(s.next_seq, r.received_at_ms, topic, payload),
+        row_id(s.id, s.next_seq),
     ])?;
     let cost = (topic.len() + payload.len()) as u64 + RECORD_OVERHEAD_BYTES;
     s.progress.committed_seq = s.next_seq;
@@ -1026,6 +1093,19 @@ fn append(
     s.progress.backlog_records += 1;
     s.progress.backlog_bytes += cost;
     Ok(())
+}
+
+/// Bits of a record's rowid that hold its sequence number; the stream's id is above them.
+const SEQ_BITS: u32 = 48;
+
+/// The rowid of record `seq` of the stream with database id `stream_id`: the table is ordered
+/// by stream, then sequence, so a stream's records share pages. Evicting a stream's oldest
+/// records then frees whole pages, which a full disk's new records reuse; rows of streams
+/// interleaved by arrival would leave every page partly used. `None` (SQLite picks) for a
+/// stream id beyond the 15 bits left, which a buffer never reaches. Pure.
+pub fn row_id(stream_id: i64, seq: u64) -> Option<i64> {
+    (stream_id > 0 && stream_id < 1 << 15 && seq < 1 << SEQ_BITS)
+        .then_some((stream_id << SEQ_BITS) | seq as i64)
 }
 
 /// What one delete removed: count and sequence range.
@@ -1724,5 +1804,63 @@ mod tests {
         ] {
             assert_eq!(eviction_victim(&streams), want, "{streams:?}");
         }
+    }
+}
+#[cfg(test)]
+mod frozen_tests {
+    use super::*;
+
+    #[test]
+    fn a_frozen_file_makes_room_for_new_records_by_policy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let streams: Vec<BufferStream> = [
+            ("alarms", Priority::Critical),
+            ("logs", Priority::Bulk),
+            (LOSS_STREAM, Priority::Critical),
+        ]
+        .into_iter()
+        .map(|(name, priority)| BufferStream {
+            name: name.into(),
+            priority,
+            ttl: None,
+        })
+        .collect();
+        let mut b = Buffer::open(&path, &streams, 1 << 30).expect("open").buffer;
+        let rec = |stream| {
+            WriterCommand::Append(NewRecord {
+                stream,
+                topic: "plant/1/x".into(),
+                payload: Bytes::from(vec![7u8; 400]),
+                received_at_ms: 1,
+                monotonic_ms: 1,
+            })
+        };
+        let fill: Vec<_> = (0..3000).map(|i| rec(i % 2)).collect();
+        b.commit(&fill, &[], 1, false).expect("fill");
+        b.disk_full();
+        let more: Vec<_> = (0..300).map(|i| rec(i % 2)).collect();
+        let mut tries = 0;
+        let s = loop {
+            let made = b.make_room(&[], &more, &[], 2).expect("make room");
+            match b.commit(&more, &[], 2, false) {
+                Ok(mut s) => {
+                    s.absorb(made);
+                    break s;
+                }
+                Err(e) if e.is_disk_full() && tries < 8 => {
+                    tries += 1;
+                    b.disk_full();
+                }
+                Err(e) => panic!("after {tries} tries: {e}"),
+            }
+        };
+        assert_eq!(s.appended[0] + s.appended[1], 300);
+        assert!(
+            s.evicted[1] > 0 && s.evicted[0] == 0,
+            "{:?} {:?} after {tries}",
+            s.evicted,
+            s.losses
+        );
     }
 }

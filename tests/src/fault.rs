@@ -23,6 +23,8 @@ pub enum Mode {
     BlackHole,
     /// Answer 400 (without forwarding) to requests whose body the predicate picks; forward others.
     Reject(Picker),
+    /// Forward to the ingest and relay its answer this long after it came: a slow link.
+    Delay(Duration),
 }
 
 /// A running proxy. Requests go to `upstream`; the mode can change at any time.
@@ -133,6 +135,13 @@ fn serve(
                     answer.len()
                 )?;
                 writer.write_all(answer)?;
+            }
+            Mode::Delay(wait) => {
+                let (answer_head, answer_body) = exchange(upstream, &head, &body)?;
+                faults.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(wait);
+                writer.write_all(&answer_head)?;
+                writer.write_all(&answer_body)?;
             }
             Mode::Forward | Mode::Reject(_) => {
                 let (answer_head, answer_body) = exchange(upstream, &head, &body)?;

@@ -22,6 +22,8 @@ use serde::Serialize;
 
 use super::space::side;
 
+mod pages;
+
 /// A corrupt buffer that was moved aside.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quarantine {
@@ -69,9 +71,8 @@ pub fn quarantine(path: &Path) -> std::io::Result<PathBuf> {
     Ok(moved_to)
 }
 
-/// Rowids tried past the last readable one before salvage gives up (when the highest rowid
-/// itself cannot be read).
-const SALVAGE_MISSES: i64 = 100_000;
+/// Rowids tried one by one past a damaged page before the salvage jumps further ahead.
+const SALVAGE_STEPS: i64 = 1024;
 /// Most loss reports one salvage writes per stream; further missing runs are merged into the
 /// last one.
 const MAX_REPORTS_PER_STREAM: usize = 100;
@@ -118,7 +119,10 @@ fn truncated_copy(path: &Path) -> Option<PathBuf> {
     use std::io::{Read, Seek, SeekFrom, Write};
     let mut header = [0u8; 100];
     let len = std::fs::metadata(path).ok()?.len();
-    std::fs::File::open(path).ok()?.read_exact(&mut header).ok()?;
+    std::fs::File::open(path)
+        .ok()?
+        .read_exact(&mut header)
+        .ok()?;
     let page_size = match u16::from_be_bytes([header[16], header[17]]) {
         1 => 65_536,
         n => n as u64,
@@ -185,6 +189,41 @@ fn old_streams(source: &Connection) -> Option<HashMap<i64, OldStream>> {
     None
 }
 
+/// A `records` row as read off a raw page: its nine columns with the right types and a
+/// checksum (rows from before checksums cannot be trusted without SQLite's b-tree).
+fn raw_record(row: pages::Row) -> Option<OldRow> {
+    use pages::Value::{Blob, Int, Null, Text};
+    let mut v = row.values.into_iter();
+    let (
+        Some(Null),
+        Some(Int(stream_id)),
+        Some(Int(seq)),
+        Some(Text(topic)),
+        Some(Int(received_at_ms)),
+        Some(Blob(payload)),
+    ) = (v.next(), v.next(), v.next(), v.next(), v.next(), v.next())
+    else {
+        return None;
+    };
+    let monotonic_ms = match (v.next()?, v.next()?) {
+        (Int(_) | Null, Int(m)) => Some(m),
+        (Int(_) | Null, Null) => None,
+        _ => return None,
+    };
+    let Some(Int(crc)) = v.next() else {
+        return None;
+    };
+    Some(OldRow {
+        stream_id,
+        seq: u64::try_from(seq).ok()?,
+        topic: String::from_utf8(topic).ok()?,
+        received_at_ms,
+        payload,
+        crc: Some(crc),
+        monotonic_ms,
+    })
+}
+
 /// One row read back from the damaged file.
 struct OldRow {
     stream_id: i64,
@@ -213,7 +252,9 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
         return Ok(unknown());
     };
     let epoch: Option<i64> = source
-        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))
+        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+            r.get(0)
+        })
         .ok();
     let streams = old_streams(&source);
     // Records keep their identity only when the file tells the epoch and where every stream's
@@ -222,15 +263,35 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
         && streams
             .as_ref()
             .is_some_and(|s| !s.is_empty() && s.values().all(|o| o.next_seq.is_some()));
-    let max_id: Option<i64> = source
-        .query_row("SELECT MAX(id) FROM records", [], |r| r.get(0))
-        .ok()
-        .flatten();
-    let lookup = source
-        .prepare("SELECT stream_id, seq, topic, received_at_ms, payload, crc, monotonic_ms FROM records WHERE id = ?1")
-        .or_else(|_| source.prepare("SELECT stream_id, seq, topic, received_at_ms, payload, NULL, NULL FROM records WHERE id = ?1"));
-    let Ok(mut lookup) = lookup else {
+    const COLUMNS: &str = "id, stream_id, seq, topic, received_at_ms, payload";
+    let prepare = |filter: &str| {
+        source
+            .prepare(&format!(
+                "SELECT {COLUMNS}, crc, monotonic_ms FROM records WHERE {filter}"
+            ))
+            .or_else(|_| {
+                source.prepare(&format!(
+                    "SELECT {COLUMNS}, NULL, NULL FROM records WHERE {filter}"
+                ))
+            })
+    };
+    let (Ok(mut after), Ok(mut at)) = (prepare("id > ?1 ORDER BY id LIMIT 1"), prepare("id = ?1"))
+    else {
         return Ok(unknown());
+    };
+    let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, OldRow)> {
+        Ok((
+            r.get(0)?,
+            OldRow {
+                stream_id: r.get(1)?,
+                seq: r.get::<_, i64>(2)?.max(0) as u64,
+                topic: r.get(3)?,
+                received_at_ms: r.get(4)?,
+                payload: r.get(5)?,
+                crc: r.get(6)?,
+                monotonic_ms: r.get(7)?,
+            },
+        ))
     };
     let tx = into.transaction()?;
     if keep {
@@ -254,33 +315,15 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
     let mut copied = 0u64;
     // Per old stream id: the old sequence numbers given back intact.
     let mut kept: HashMap<i64, Vec<u64>> = HashMap::new();
-    // Per old stream id: rows read but failing their checksum (when seqs are not kept).
+    // Per old stream id: rows read but failing their checksum.
     let mut bad: HashMap<i64, u64> = HashMap::new();
-    let (mut id, mut misses) = (1i64, 0i64);
-    while max_id.map_or(misses < SALVAGE_MISSES, |max| id <= max) {
-        let row = lookup.query_row([id], |r| {
-            Ok(OldRow {
-                stream_id: r.get(0)?,
-                seq: r.get::<_, i64>(1)?.max(0) as u64,
-                topic: r.get(2)?,
-                received_at_ms: r.get(3)?,
-                payload: r.get(4)?,
-                crc: r.get(5)?,
-                monotonic_ms: r.get(6)?,
-            })
-        });
-        id += 1;
-        let Ok(row) = row else {
-            misses += 1;
-            continue;
-        };
-        misses = 0;
+    let mut keep_row = |row: OldRow| -> rusqlite::Result<()> {
         let intact = row.crc.is_none_or(|c| {
             c as u32 == super::checksum(row.seq, row.received_at_ms, &row.topic, &row.payload)
         });
         if !intact {
             *bad.entry(row.stream_id).or_default() += 1;
-            continue;
+            return Ok(());
         }
         let name = name_of(row.stream_id);
         tx.execute(
@@ -298,19 +341,20 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
                 .is_some_and(|s| s.contains_key(&row.stream_id));
         let seq = if known { row.seq } else { next as u64 };
         let inserted = tx.execute(
-            "INSERT OR IGNORE INTO records (stream_id, seq, topic, received_at_ms, payload, monotonic_ms, crc) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                sid,
-                seq as i64,
-                row.topic,
-                row.received_at_ms,
-                row.payload,
-                row.monotonic_ms,
-                super::checksum(seq, row.received_at_ms, &row.topic, &row.payload)
-            ],
-        )?;
+        "INSERT OR IGNORE INTO records (id, stream_id, seq, topic, received_at_ms, payload, monotonic_ms, crc) VALUES (?8, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            sid,
+            seq as i64,
+            row.topic,
+            row.received_at_ms,
+            row.payload,
+            row.monotonic_ms,
+            super::checksum(seq, row.received_at_ms, &row.topic, &row.payload),
+            super::row_id(sid, seq),
+        ],
+    )?;
         if inserted == 0 {
-            continue;
+            return Ok(());
         }
         if !known {
             tx.execute(
@@ -320,6 +364,54 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
         }
         kept.entry(row.stream_id).or_default().push(row.seq);
         copied += 1;
+        Ok(())
+    };
+    // Walk the table in rowid order, one region at a time: rowids below 2^48 (buffers from
+    // before rowids were clustered), then each stream's ([`super::row_id`]). A read that fails
+    // hit a damaged page: step over it row by row, then by growing jumps, so the rows after it
+    // are still found.
+    let top_stream = streams
+        .as_ref()
+        .and_then(|s| s.keys().max().copied())
+        .unwrap_or(0)
+        .clamp(64, (1 << 15) - 1);
+    for region in 0..=top_stream {
+        let (lo, hi) = (region << 48, ((region + 1) << 48) - 1);
+        let mut last = lo;
+        loop {
+            let found = match after.query_row([last], read) {
+                Ok(row) => Some(row),
+                Err(rusqlite::Error::QueryReturnedNoRows) => None,
+                Err(_) => step_over(&mut at, &mut after, last, hi, read),
+            };
+            match found {
+                Some((id, row)) if id <= hi => {
+                    last = id;
+                    keep_row(row)?;
+                }
+                _ => break,
+            }
+        }
+    }
+    // What the b-tree could not reach may still sit on leaf pages whose parents were lost: read
+    // the pages themselves. Only rows whose checksum holds and whose sequence the file still
+    // held undelivered (from its floor up) are taken, each once.
+    if keep && let Some(streams) = &streams {
+        let mut found = Vec::new();
+        let wal = side(from, "-wal");
+        pages::scan(from, wal.exists().then_some(wal.as_path()), |row| {
+            if let Some(old) = raw_record(row)
+                && let Some(s) = streams.get(&old.stream_id)
+                && let (Some(floor), Some(next)) = (s.floor, s.next_seq)
+                && (floor..next).contains(&old.seq)
+            {
+                found.push(old);
+            }
+        });
+        // A row the walk already copied is ignored by the insert (same stream and sequence).
+        for old in found {
+            keep_row(old)?;
+        }
     }
     tx.commit()?;
     let mut losses = Vec::new();
@@ -384,6 +476,32 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
     Ok(Salvaged { copied, losses })
 }
 
+/// After a read past `last` failed: the next readable row up to `hi`, looked for id by id for
+/// [`SALVAGE_STEPS`] ids, then by reads past `last + 2^k` for growing k. `None` when nothing
+/// readable is left below `hi`.
+fn step_over<T>(
+    at: &mut rusqlite::Statement<'_>,
+    after: &mut rusqlite::Statement<'_>,
+    last: i64,
+    hi: i64,
+    read: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T> + Copy,
+) -> Option<T> {
+    for id in last.saturating_add(1)..=last.saturating_add(SALVAGE_STEPS).min(hi) {
+        if let Ok(row) = at.query_row([id], read) {
+            return Some(row);
+        }
+    }
+    for k in 10..63 {
+        let from = last.checked_add(1i64 << k).filter(|f| *f < hi)?;
+        match after.query_row([from], read) {
+            Ok(row) => return Some(row),
+            Err(rusqlite::Error::QueryReturnedNoRows) => return None,
+            Err(_) => {}
+        }
+    }
+    None
+}
+
 /// The runs of sequences in `floor..next` not in `have` (sorted): (first, last, count). Pure.
 fn missing_runs(floor: u64, next: u64, have: &[u64]) -> Vec<(u64, u64, u64)> {
     let mut runs = Vec::new();
@@ -405,7 +523,9 @@ fn reports(stream: &str, runs: &[(u64, u64, u64)], now: i64) -> Vec<LossReport> 
     let mut out: Vec<LossReport> = Vec::new();
     for &(first, last, count) in runs {
         if out.len() == MAX_REPORTS_PER_STREAM {
-            let tail = out.last_mut().expect("invariant: at the cap, there is a last report");
+            let tail = out
+                .last_mut()
+                .expect("invariant: at the cap, there is a last report");
             tail.last_seq = Some(last);
             tail.count += count;
             continue;
@@ -486,14 +606,17 @@ pub fn verify(path: &Path) -> rusqlite::Result<VerifyReport> {
     {
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
-            let intact = (|| -> rusqlite::Result<bool> {
-                let crc: Option<i64> = row.get(4)?;
-                let seq = row.get::<_, i64>(0)? as u64;
-                let received: i64 = row.get(1)?;
-                let topic: String = row.get(2)?;
-                let payload: Vec<u8> = row.get(3)?;
-                Ok(crc.is_none_or(|c| c as u32 == super::checksum(seq, received, &topic, &payload)))
-            })();
+            let intact =
+                (|| -> rusqlite::Result<bool> {
+                    let crc: Option<i64> = row.get(4)?;
+                    let seq = row.get::<_, i64>(0)? as u64;
+                    let received: i64 = row.get(1)?;
+                    let topic: String = row.get(2)?;
+                    let payload: Vec<u8> = row.get(3)?;
+                    Ok(crc.is_none_or(|c| {
+                        c as u32 == super::checksum(seq, received, &topic, &payload)
+                    }))
+                })();
             if !intact.unwrap_or(false) {
                 corrupt_records += 1;
             }
@@ -566,4 +689,95 @@ pub fn dump(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{Buffer, BufferStream, NewRecord, WriterCommand};
+    use crate::routing::Priority;
+
+    fn streams() -> Vec<BufferStream> {
+        [
+            ("alarms", Priority::Critical),
+            ("logs", Priority::Bulk),
+            (ingest_wire::LOSS_STREAM, Priority::Critical),
+        ]
+        .into_iter()
+        .map(|(name, priority)| BufferStream {
+            name: name.into(),
+            priority,
+            ttl: None,
+        })
+        .collect()
+    }
+
+    /// A buffer of 3000 records in two streams, checkpointed into its file.
+    fn filled(path: &Path) -> u64 {
+        let mut b = Buffer::open(path, &streams(), 1 << 30).expect("open");
+        let cmds: Vec<_> = (0..3000u32)
+            .map(|i| {
+                WriterCommand::Append(NewRecord {
+                    stream: (i % 2) as usize,
+                    topic: format!("plant/{i}"),
+                    payload: bytes::Bytes::from(i.to_be_bytes().repeat(50)),
+                    received_at_ms: i as i64,
+                    monotonic_ms: 1,
+                })
+            })
+            .collect();
+        b.buffer.commit(&cmds, &[], 0, false).expect("commit");
+        b.buffer.checkpoint().expect("checkpoint");
+        b.epoch
+    }
+
+    fn salvaged_from(damage: impl FnOnce(&mut Vec<u8>)) -> (Salvaged, u64, u64) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let epoch = filled(&path);
+        let mut bytes = std::fs::read(&path).expect("read");
+        damage(&mut bytes);
+        std::fs::write(&path, &bytes).expect("write");
+        let o = Buffer::open(&path, &streams(), 1 << 30).expect("opens anyway");
+        let q = o.quarantine.expect("quarantined");
+        let held: u64 = o.buffer.progress()[..2]
+            .iter()
+            .map(|p| p.backlog_records)
+            .sum();
+        assert_eq!(held, q.salvaged);
+        assert_eq!(o.epoch, epoch, "identity kept");
+        (
+            Salvaged {
+                copied: q.salvaged,
+                losses: q.losses,
+            },
+            held,
+            epoch,
+        )
+    }
+
+    #[test]
+    fn a_truncated_file_gives_back_its_intact_head_and_reports_the_rest_by_range() {
+        for share in [0.1, 0.5, 0.9] {
+            let (s, _, _) = salvaged_from(|b| {
+                let len = b.len();
+                b.truncate((len as f64 * share) as usize);
+            });
+            let reported: u64 = s.losses.iter().map(|l| l.count).sum();
+            assert_eq!(s.copied + reported, 3000, "{share}: {:?}", s.losses);
+            if share > 0.4 {
+                assert!(s.copied > 0, "{share}: something comes back");
+            }
+        }
+    }
+
+    #[test]
+    fn missing_runs_are_the_gaps_between_floor_and_next() {
+        assert_eq!(
+            missing_runs(1, 11, &[1, 2, 5, 10]),
+            vec![(3, 4, 2), (6, 9, 4)]
+        );
+        assert_eq!(missing_runs(3, 6, &[]), vec![(3, 5, 3)]);
+        assert_eq!(missing_runs(3, 6, &[1, 3, 4, 5]), vec![]);
+    }
 }

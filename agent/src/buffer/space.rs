@@ -9,7 +9,8 @@
 //! - a commit writes at most `reserve / 4` bytes of records ([`group_bytes`]; one larger
 //!   record goes alone, and the config keeps records under that);
 //! - the writer checkpoints as soon as a commit leaves more than `reserve / 2` of pending
-//!   growth ([`must_checkpoint`]), so growth + one commit always fit in the reserve;
+//!   growth ([`must_checkpoint`]), so growth + one commit always fit in the reserve, and as
+//!   soon as the WAL takes much of what the volume has left ([`wal_too_large`]);
 //! - the database file may grow only while `2 × reserve` stays free beside it (the reserve,
 //!   and as much again for the WAL) ([`db_limit_pages`]), so a buffer alone on its volume
 //!   never fills it;
@@ -107,6 +108,13 @@ pub fn group_bytes(reserve: u64) -> u64 {
 /// half the reserve. Pure.
 pub fn must_checkpoint(page_count: u64, page_size: u64, db_file: u64, reserve: u64) -> bool {
     (page_count * page_size).saturating_sub(db_file) > reserve / 2
+}
+
+/// Whether the WAL file takes too much of the volume: more than half the reserve and more than
+/// a quarter of what is free. On a roomy volume the WAL may grow between the checkpointer's
+/// rounds; on a tight one it is emptied as soon as a commit leaves it that large. Pure.
+pub fn wal_too_large(wal: u64, volume: Volume, reserve: u64) -> bool {
+    wal > reserve / 2 && wal > volume.available / 4
 }
 
 /// Largest size, in pages, the database may reach now: what the volume has free plus what the
@@ -217,8 +225,26 @@ mod tests {
             (100 + 129, 100 * page, true),
             (10, 100 * page, false),
         ] {
-            assert_eq!(must_checkpoint(pages, page, file, MIB), want, "{pages} {file}");
+            assert_eq!(
+                must_checkpoint(pages, page, file, MIB),
+                want,
+                "{pages} {file}"
+            );
         }
+    }
+
+    #[test]
+    fn the_wal_is_emptied_early_only_on_a_tight_volume() {
+        let v = |available| Volume {
+            total: 1 << 40,
+            available,
+        };
+        assert!(
+            !wal_too_large(MIB / 2, v(0), MIB),
+            "within half the reserve"
+        );
+        assert!(wal_too_large(MIB, v(3 * MIB), MIB));
+        assert!(!wal_too_large(8 * MIB, v(64 << 30), MIB), "roomy volume");
     }
 
     #[test]

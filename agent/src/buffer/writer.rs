@@ -84,6 +84,7 @@ impl BufferWriter {
         let mut group = Vec::new();
         let mut last_tick = Instant::now();
         self.fit();
+        self.publish_backlog();
         loop {
             let mut closed = false;
             match self.commands.recv_timeout(TICK) {
@@ -145,19 +146,12 @@ impl BufferWriter {
         let since = Instant::now();
         loop {
             let started = Instant::now();
-            let result = {
-                let protected = self.protected.lock();
-                self.buffer
-                    .commit(group, &protected, crate::clock::now_ms(), expire)
-            };
-            let error = match result {
+            let error = match self.commit_once(group, expire) {
                 Ok(summary) => {
                     self.metrics
                         .commit_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    self.metrics.committed_now();
-                    self.record(&summary);
-                    self.progress.send_replace(self.buffer.progress());
+                    self.published(&summary);
                     if let Err(e) = self.buffer.bound_growth() {
                         tracing::warn!(error = %e, "buffer checkpoint failed; retried after the next commit");
                     }
@@ -170,6 +164,7 @@ impl BufferWriter {
                 return;
             }
             if error.is_disk_full() {
+                tracing::debug!(error = %error, attempt = full_attempts, commands = group.len(), "buffer disk full");
                 if full_attempts == 0 && !self.buffer.is_frozen() {
                     tracing::error!(error = %error, "buffer disk full: evicting the lowest priority, oldest records to make room (reported as disk_full)");
                 }
@@ -192,6 +187,57 @@ impl BufferWriter {
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// One try at committing `group`. On a frozen file, room is made first in a commit of its
+    /// own that also takes the group's other commands ([`Buffer::make_room`]); once that is in,
+    /// `group` keeps only the new records, so a retry does not apply the others twice.
+    fn commit_once(
+        &mut self,
+        group: &mut Vec<WriterCommand>,
+        expire: bool,
+    ) -> Result<CommitSummary, super::BufferError> {
+        let protected = self.protected.lock();
+        let now = crate::clock::now_ms();
+        let is_append = |c: &WriterCommand| matches!(c, WriterCommand::Append(_));
+        let mut first = None;
+        if self.buffer.is_frozen() && group.iter().any(is_append) {
+            let (appends, others): (Vec<_>, Vec<_>) =
+                std::mem::take(group).into_iter().partition(is_append);
+            match self.buffer.make_room(&others, &appends, &protected, now) {
+                Ok(summary) => {
+                    *group = appends;
+                    first = Some(summary);
+                }
+                Err(e) => {
+                    *group = others;
+                    group.extend(appends);
+                    return Err(e);
+                }
+            }
+        }
+        match self.buffer.commit(group, &protected, now, expire) {
+            Ok(mut summary) => {
+                if let Some(first) = first {
+                    summary.absorb(first);
+                }
+                Ok(summary)
+            }
+            Err(e) => {
+                drop(protected);
+                if let Some(first) = first {
+                    self.published(&first);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A commit is in: its metrics, logs and the progress the forwarder reads.
+    fn published(&self, summary: &CommitSummary) {
+        self.metrics.committed_now();
+        self.record(summary);
+        self.progress.send_replace(self.buffer.progress());
     }
 
     /// Replaces the group's new records by loss reports (per stream, reason `disk_full`):
@@ -279,15 +325,21 @@ impl BufferWriter {
             }
         }
         for loss in &summary.losses {
-            if loss.reason == LossReason::CorruptBuffer {
-                if let Some(stream) = loss.stream.as_deref() {
-                    m.records_dropped
-                        .with_label_values(&[stream, loss.reason.as_str()])
-                        .inc_by(loss.count);
-                }
+            if loss.reason == LossReason::CorruptBuffer
+                && let Some(stream) = loss.stream.as_deref()
+            {
+                m.records_dropped
+                    .with_label_values(&[stream, loss.reason.as_str()])
+                    .inc_by(loss.count);
             }
             tracing::error!(stream = loss.stream.as_deref().unwrap_or("(unknown)"), reason = loss.reason.as_str(), count = loss.count, first_seq = ?loss.first_seq, last_seq = ?loss.last_seq, "records lost; loss report queued for the cloud");
         }
+        self.publish_backlog();
+    }
+
+    /// What each stream holds, as gauges.
+    fn publish_backlog(&self) {
+        let m = &self.metrics;
         for (name, p) in self.stream_names.iter().zip(self.buffer.progress()) {
             m.backlog_records
                 .with_label_values(&[name])
@@ -315,14 +367,17 @@ mod tests {
     use bytes::Bytes;
 
     fn streams() -> Vec<BufferStream> {
-        [("logs", Priority::Bulk), (ingest_wire::LOSS_STREAM, Priority::Critical)]
-            .into_iter()
-            .map(|(name, priority)| BufferStream {
-                name: name.into(),
-                priority,
-                ttl: None,
-            })
-            .collect()
+        [
+            ("logs", Priority::Bulk),
+            (ingest_wire::LOSS_STREAM, Priority::Critical),
+        ]
+        .into_iter()
+        .map(|(name, priority)| BufferStream {
+            name: name.into(),
+            priority,
+            ttl: None,
+        })
+        .collect()
     }
 
     #[test]
@@ -347,8 +402,8 @@ mod tests {
             )
             .expect("commit");
         // The file may not grow by a single page: big records cannot fit, whatever is evicted.
-        buffer.frozen = true;
         let pages = buffer.pragma("page_count").expect("pages");
+        buffer.ceiling = Some(pages);
         buffer
             .pragma(&format!("max_page_count = {pages}"))
             .expect("limit");
@@ -386,7 +441,10 @@ mod tests {
         writer.commit_group(&mut group, false, false);
         let p = writer.buffer.progress();
         assert_eq!(p[0].backlog_records, 0, "the ack became a delete");
-        assert_eq!(p[1].backlog_records, 1, "one loss report for the two records");
+        assert_eq!(
+            p[1].backlog_records, 1,
+            "one loss report for the two records"
+        );
         let dropped = writer
             .metrics
             .records_dropped
