@@ -7,9 +7,10 @@
 //! Guarantees: every record the broker hands over is committed to the buffer within the commit
 //! window before anything else happens to it; it leaves the buffer only when the ingest answered
 //! 2xx (or 400: then it is kept as a dead letter), or by the quota policy (counted); order is kept
-//! per stream; the backlog lives on disk, so memory stays bounded whatever the outage.
+//! per stream; the backlog lives on disk, so memory stays bounded whatever the outage; a full
+//! disk never wedges the buffer (it drops by policy and reports every loss).
 //! rumqttd acknowledges QoS 1 on receipt: a crash can lose the current commit window, a clean
-//! stop (SIGTERM) loses nothing.
+//! stop (SIGTERM) loses nothing and ends within [`STOP_BOUND`].
 
 pub mod bandwidth;
 pub mod batcher;
