@@ -17,6 +17,7 @@
 //! then commits them in one transaction (one fsync), so flash sees few large writes.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -109,6 +110,83 @@ pub struct NewRecord {
     pub received_at_ms: i64,
     /// Receive time, milliseconds since this host booted ([`crate::clock::monotonic_ms`]).
     pub monotonic_ms: u64,
+    /// Who waits for its commit to acknowledge it (a QoS 1/2 publisher's connection).
+    pub receipt: Option<Receipt>,
+}
+
+/// Where the writer tells a publisher's connection that its record is committed, or refused
+/// (a full disk could not take it): the record's place in that connection's order.
+#[derive(Clone)]
+pub struct Receipt {
+    /// The connection's receipts.
+    pub to: Arc<Receipts>,
+    /// Its number on that connection (increasing).
+    pub ticket: u64,
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Receipt({})", self.ticket)
+    }
+}
+
+/// One connection's receipts: every ticket up to `done` is committed or refused.
+#[derive(Default)]
+pub struct Receipts {
+    /// (every ticket up to this one is settled, the refused ones not yet taken).
+    state: std::sync::Mutex<(u64, Vec<u64>)>,
+    notify: tokio::sync::Notify,
+}
+
+impl Receipts {
+    /// (every ticket up to this one is settled, the refused ones among them since last time),
+    /// read together.
+    pub fn take(&self) -> (u64, Vec<u64>) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (state.0, std::mem::take(&mut state.1))
+    }
+
+    /// Waits until something was settled since the last call.
+    pub async fn changed(&self) {
+        self.notify.notified().await;
+    }
+
+    fn settle(&self, ticket: u64, refused: bool) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if refused {
+            state.1.push(ticket);
+        }
+        state.0 = state.0.max(ticket);
+    }
+
+    fn wake(&self) {
+        self.notify.notify_one();
+    }
+}
+
+/// Tells the connections waiting on `commands`' records that they are settled.
+pub fn settle(commands: &[WriterCommand], refused: bool) {
+    let mut woken: Vec<&Arc<Receipts>> = Vec::new();
+    for c in commands {
+        if let WriterCommand::Append(NewRecord {
+            receipt: Some(r), ..
+        }) = c
+        {
+            r.to.settle(r.ticket, refused);
+            if !woken.iter().any(|w| Arc::ptr_eq(w, &r.to)) {
+                woken.push(&r.to);
+            }
+        }
+    }
+    for w in woken {
+        w.wake();
+    }
 }
 
 impl NewRecord {
@@ -944,6 +1022,7 @@ fn apply(
                         .into(),
                     received_at_ms: now_ms,
                     monotonic_ms: crate::clock::monotonic_ms(),
+                    receipt: None,
                 };
                 append(&mut insert, &mut streams[ls], &record)?;
                 summary.appended[ls] += 1;
@@ -1358,6 +1437,7 @@ mod tests {
             payload: Bytes::copy_from_slice(payload),
             received_at_ms: 7,
             monotonic_ms: 7,
+            receipt: None,
         })
     }
 
@@ -1574,6 +1654,7 @@ mod tests {
                 payload: Bytes::from_static(b"x"),
                 received_at_ms: t,
                 monotonic_ms: 1,
+                receipt: None,
             })
         };
         b.commit(&[at(1_000), at(2_000), at(70_000)], &[], 0, false)
@@ -1834,6 +1915,7 @@ mod frozen_tests {
                 payload: Bytes::from(vec![7u8; 400]),
                 received_at_ms: 1,
                 monotonic_ms: 1,
+                receipt: None,
             })
         };
         let fill: Vec<_> = (0..3000).map(|i| rec(i % 2)).collect();

@@ -237,7 +237,7 @@ fn default_segments() -> usize {
     4
 }
 fn default_commit_window() -> String {
-    "10ms".into()
+    "0ms".into()
 }
 fn default_queue_records() -> usize {
     20_000
@@ -344,7 +344,8 @@ pub struct BufferConfig {
     pub path: PathBuf,
     /// Most bytes of records kept; past it the lowest-priority, oldest records are evicted.
     pub quota_bytes: u64,
-    /// Longest a received record waits before its transaction commits.
+    /// Longest the writer waits for more records after the first of a group (0: it commits as
+    /// soon as the previous commit ended, with whatever arrived meanwhile).
     pub commit_window: Duration,
     /// Records queued in memory between the broker and the buffer writer.
     pub queue_records: usize,
@@ -839,7 +840,7 @@ streams:
         assert_eq!(c.streams[c.default_stream].name, "default");
         assert_eq!(c.streams[c.default_stream].priority, Priority::Bulk);
         assert_eq!(c.streams[0].batch.linger, Duration::ZERO);
-        assert_eq!(c.buffer.commit_window, Duration::from_millis(10));
+        assert_eq!(c.buffer.commit_window, Duration::ZERO);
         assert_eq!(c.ingest.token, TokenSource::Env("EDGE_AGENT_TOKEN".into()));
     }
 

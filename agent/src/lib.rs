@@ -20,8 +20,9 @@ pub mod clock;
 pub mod config;
 pub mod dictionary;
 pub mod forwarder;
-pub mod gate;
+pub mod front_door;
 pub mod metrics;
+pub mod mqtt;
 pub mod retry;
 pub mod routing;
 
@@ -36,6 +37,7 @@ use crate::broker::BrokerError;
 use crate::buffer::{Buffer, BufferError, BufferReader, BufferStream, BufferWriter};
 use crate::config::{AgentConfig, BatchTriggers, StreamConfig};
 use crate::forwarder::Forwarder;
+use crate::front_door::FrontDoor;
 use crate::metrics::Metrics;
 use crate::routing::{Priority, Router};
 
@@ -54,6 +56,9 @@ pub enum AgentError {
     /// A stop did not finish within [`STOP_BOUND`]; the process exits non-zero.
     #[error("the stop did not finish in time; see the log for what may be lost")]
     Stop,
+    /// A stage stopped on its own; the agent stopped and exits non-zero (systemd restarts it).
+    #[error("the {0} stopped unexpectedly")]
+    StageStopped(&'static str),
 }
 
 /// The initial protections: each stream's resume point.
@@ -97,7 +102,7 @@ pub async fn run(
             metrics
                 .records_dropped
                 .with_label_values(&[
-                    loss.stream.as_deref().unwrap_or(broker::OVERFLOW_STREAM),
+                    loss.stream.as_deref().unwrap_or("(unknown)"),
                     loss.reason.as_str(),
                 ])
                 .inc_by(loss.count);
@@ -182,19 +187,22 @@ pub async fn run(
         config.default_stream,
     );
     // Bind the client-facing listeners first: a taken address is reported before anything runs.
-    let listener = gate::bind(config.mqtt.listen, "mqtt.listen").await?;
+    let listener = front_door::bind(config.mqtt.listen, "mqtt.listen").await?;
     let listener_v5 = match config.mqtt.listen_v5 {
-        Some(addr) => Some(gate::bind(addr, "mqtt.listen_v5").await?),
+        Some(addr) => Some(front_door::bind(addr, "mqtt.listen_v5").await?),
         None => None,
     };
-    let broker = broker::start(
-        &config.mqtt,
+    let broker = broker::start(&config.mqtt)?;
+    let front_door = FrontDoor::new(
         router,
-        names,
+        &names,
         commands.clone(),
         metrics.clone(),
-    )?;
-    let gate = gate::Gate::new();
+        broker.internal,
+        broker.internal_v5,
+        config.mqtt.max_payload_bytes,
+        config.mqtt.max_connections,
+    );
     let bound = |l: &tokio::net::TcpListener, key, addr| {
         l.local_addr()
             .map_err(|source| BrokerError::Bind { key, addr, source })
@@ -203,11 +211,11 @@ pub async fn run(
         "mqtt listening on {}",
         bound(&listener, "mqtt.listen", config.mqtt.listen)?
     );
-    gate.serve(listener, broker.internal);
-    if let (Some(l), Some(internal)) = (listener_v5, broker.internal_v5) {
-        let addr = config.mqtt.listen_v5.unwrap_or(config.mqtt.listen);
+    front_door.serve(listener);
+    if let (Some(l), Some(addr)) = (listener_v5, config.mqtt.listen_v5) {
+        // A second address serving both protocol versions, like the first.
         println!("mqtt5 listening on {}", bound(&l, "mqtt.listen_v5", addr)?);
-        gate.serve(l, internal);
+        front_door.serve(l);
     }
     tracing::info!(device = %config.device_id, streams = streams.len(), buffer = %config.buffer.path.display(), "edge-agent running");
 
@@ -229,19 +237,26 @@ pub async fn run(
     let forwarder = tokio::spawn(forwarder.run(stop_forwarding.clone()));
 
     ready.store(true, Ordering::Relaxed);
-    shutdown.cancelled().await;
+    // Supervision: a stage that stops on its own (the buffer writer, the forwarder, rumqttd)
+    // stops the agent, which exits non-zero so systemd restarts it; it never runs half alive.
+    let died = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        stage = stopped_stage(&writer, &forwarder, &broker.thread) => Some(stage),
+    };
     ready.store(false, Ordering::Relaxed);
-    tracing::info!("shutting down: no more MQTT input; draining the broker into the buffer");
-    gate.close();
+    match died {
+        None => tracing::info!("shutting down: no more MQTT input"),
+        Some(stage) => tracing::error!(
+            stage,
+            "a stage stopped unexpectedly: stopping the agent (exit status 1; systemd restarts it)"
+        ),
+    }
+    front_door.close();
     stop_forwarding.cancel();
     // Each step is bounded, so a stop ends within STOP_BOUND whatever the disk does (systemd's
-    // TimeoutStopSec is 30 s): the broker's drain (its reader stops after SHUTDOWN_MAX; a full
-    // queue drains because the writer always makes progress), then the writer's last commits.
-    let drained = bounded(
-        broker::STOP_BOUND,
-        tokio::task::spawn_blocking(move || broker.stop()),
-    )
-    .await;
+    // TimeoutStopSec is 30 s): the front door's connections end within their grace (they
+    // acknowledge what the writer commits meanwhile), then the writer's last commits.
+    drop(front_door);
     let _ = bounded(Duration::from_secs(1), forwarder).await;
     let waiting = commands.len();
     drop(commands);
@@ -257,15 +272,39 @@ pub async fn run(
     )
     .await;
     stop_serving.cancel();
-    if !(drained && written) {
+    if !written {
         tracing::error!(
             records_waiting = waiting,
             "stop timed out: records received but not yet committed may be lost"
         );
         return Err(AgentError::Stop);
     }
+    if let Some(stage) = died {
+        return Err(AgentError::StageStopped(stage));
+    }
     tracing::info!("stopped; everything received is in the buffer");
     Ok(())
+}
+
+/// Which stage stopped on its own, once one does.
+async fn stopped_stage(
+    writer: &std::thread::JoinHandle<()>,
+    forwarder: &tokio::task::JoinHandle<()>,
+    broker: &std::thread::JoinHandle<()>,
+) -> &'static str {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        for (stopped, stage) in [
+            (writer.is_finished(), "buffer writer"),
+            (forwarder.is_finished(), "forwarder"),
+            (broker.is_finished(), "embedded MQTT broker"),
+        ] {
+            if stopped {
+                return stage;
+            }
+        }
+    }
 }
 
 /// The longest a clean stop takes: the broker's drain, the forwarder's stop, the writer's

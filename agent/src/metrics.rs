@@ -60,6 +60,15 @@ pub const BUFFER_SALVAGED: &str = "agent_buffer_salvaged_records_total";
 pub const DISK_FULL: &str = "agent_buffer_disk_full_total";
 /// Failed buffer commits (retried).
 pub const COMMIT_ERRORS: &str = "agent_buffer_commit_errors_total";
+/// QoS 1/2 publishes refused to their sender (not acknowledged) because the disk could not
+/// take them even after evicting everything the policy allows.
+pub const PUBLISHES_REFUSED: &str = "agent_mqtt_publishes_refused_total";
+/// MQTT connections refused over `mqtt.max_connections`.
+pub const MQTT_REFUSED: &str = "agent_mqtt_connections_refused_total";
+/// QoS 1/2 resends (DUP) of publishes already kept: acknowledged again, not stored again.
+pub const MQTT_RESENDS: &str = "agent_mqtt_resends_total";
+/// QoS 0 copies for local subscribers dropped because the embedded broker lagged.
+pub const LOCAL_COPIES_DROPPED: &str = "agent_mqtt_local_copies_dropped_total";
 /// 1 while the buffer's disk is full (the file may not grow; room is made by eviction).
 pub const BUFFER_DISK_FULL: &str = "agent_buffer_disk_full";
 /// Records received and waiting in memory for the buffer writer.
@@ -119,6 +128,14 @@ pub struct Metrics {
     pub disk_full: IntCounter,
     /// See [`BUFFER_DISK_FULL`].
     pub buffer_disk_full: IntGauge,
+    /// See [`PUBLISHES_REFUSED`].
+    pub publishes_refused: IntCounter,
+    /// See [`MQTT_REFUSED`].
+    pub mqtt_refused: IntCounter,
+    /// See [`MQTT_RESENDS`].
+    pub mqtt_resends: IntCounter,
+    /// See [`LOCAL_COPIES_DROPPED`].
+    pub local_copies_dropped: IntCounter,
     /// See [`BUFFER_QUEUE_RECORDS`].
     pub buffer_queue_records: IntGauge,
     /// See [`BUFFER_LAST_COMMIT_AGE`]; set from `last_commit_ms` when rendered.
@@ -253,6 +270,19 @@ impl Metrics {
             buffer_disk_full: gauge(
                 BUFFER_DISK_FULL,
                 "1 while the buffer's disk is full: room is made by eviction.",
+            ),
+            publishes_refused: counter(
+                PUBLISHES_REFUSED,
+                "QoS 1/2 publishes refused to their sender for a full disk.",
+            ),
+            mqtt_refused: counter(MQTT_REFUSED, "MQTT connections refused over the limit."),
+            mqtt_resends: counter(
+                MQTT_RESENDS,
+                "Resends of publishes already kept: acknowledged, not stored again.",
+            ),
+            local_copies_dropped: counter(
+                LOCAL_COPIES_DROPPED,
+                "Copies for local subscribers dropped: the embedded broker lagged.",
             ),
             buffer_queue_records: gauge(
                 BUFFER_QUEUE_RECORDS,

@@ -723,6 +723,7 @@ mod tests {
                     payload: bytes::Bytes::from(i.to_be_bytes().repeat(50)),
                     received_at_ms: i as i64,
                     monotonic_ms: 1,
+                    receipt: None,
                 })
             })
             .collect();

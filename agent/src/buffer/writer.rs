@@ -148,6 +148,7 @@ impl BufferWriter {
             let started = Instant::now();
             let error = match self.commit_once(group, expire) {
                 Ok(summary) => {
+                    super::settle(group, false);
                     self.metrics
                         .commit_seconds
                         .observe(started.elapsed().as_secs_f64());
@@ -240,20 +241,31 @@ impl BufferWriter {
         self.progress.send_replace(self.buffer.progress());
     }
 
-    /// Replaces the group's new records by loss reports (per stream, reason `disk_full`):
-    /// the disk cannot take them even with everything evictable gone. `false` when the group
-    /// held none.
+    /// Takes the group's new records out: the disk cannot take them even with everything
+    /// evictable gone. Those a publisher waits on are refused to it (it was never told they
+    /// are kept, so they are not lost); the others (QoS 0) are replaced by loss reports, per
+    /// stream, reason `disk_full`. `false` when the group held none.
     fn drop_appends(&mut self, group: &mut Vec<WriterCommand>) -> bool {
-        let mut dropped: BTreeMap<usize, u64> = BTreeMap::new();
-        group.retain(|c| match c {
-            WriterCommand::Append(r) => {
-                *dropped.entry(r.stream).or_default() += 1;
-                false
-            }
-            _ => true,
-        });
-        if dropped.is_empty() {
+        let (appends, rest): (Vec<_>, Vec<_>) = std::mem::take(group)
+            .into_iter()
+            .partition(|c| matches!(c, WriterCommand::Append(_)));
+        *group = rest;
+        if appends.is_empty() {
             return false;
+        }
+        super::settle(&appends, true);
+        let mut dropped: BTreeMap<usize, u64> = BTreeMap::new();
+        let mut refused = 0u64;
+        for c in &appends {
+            match c {
+                WriterCommand::Append(r) if r.receipt.is_some() => refused += 1,
+                WriterCommand::Append(r) => *dropped.entry(r.stream).or_default() += 1,
+                _ => {}
+            }
+        }
+        if refused > 0 {
+            tracing::error!(count = refused, "buffer disk full and nothing left to evict: publishes refused to their senders (not acknowledged)");
+            self.metrics.publishes_refused.inc_by(refused);
         }
         let now = crate::clock::now_ms();
         for (stream, count) in dropped {
@@ -278,6 +290,7 @@ impl BufferWriter {
     /// The agent is stopping and the buffer still refuses the group: count and log what is lost
     /// (a loss report cannot be written either).
     fn give_up(&self, group: &[WriterCommand], error: &super::BufferError) {
+        super::settle(group, true);
         let mut lost: BTreeMap<usize, u64> = BTreeMap::new();
         let mut reports = 0u64;
         for c in group {
@@ -395,6 +408,7 @@ mod tests {
                     payload: Bytes::from_static(b"x"),
                     received_at_ms: 1,
                     monotonic_ms: 1,
+                    receipt: None,
                 })],
                 &[],
                 1,
@@ -427,6 +441,7 @@ mod tests {
                 payload: Bytes::from(vec![i; 64 << 10]),
                 received_at_ms: 2,
                 monotonic_ms: 2,
+                receipt: None,
             })
         };
         let mut group = vec![

@@ -1,0 +1,508 @@
+//! The MQTT front door: the agent owns the client sockets and keeps every publish itself.
+//!
+//! ```text
+//! client ─MQTT 3.1.1/5─▶ front door ─PUBLISH─▶ routing ─▶ buffer writer ─commit─▶ PUBACK/PUBREC
+//!                            │ everything else, and a QoS 0 copy of each publish
+//!                            ▼
+//!                     rumqttd (loopback) ─▶ local subscribers on the gateway
+//! ```
+//!
+//! Invariants:
+//! - a QoS 1 PUBACK and a QoS 2 PUBREC are written only after the record's commit (fsync), in
+//!   the order the publishes came; a publish the disk cannot take is never acknowledged (MQTT 5:
+//!   a PUBACK with reason 0x97; 3.1.1: the connection is closed, the client resends);
+//! - a QoS 2 publish is stored once per packet id until its PUBREL; a QoS 1 resend (DUP) of a
+//!   publish this session already kept (same packet id, topic and payload) is acknowledged
+//!   again, not stored again. Sessions live in the agent's memory: a resend after the agent
+//!   restarted is stored again (the window is the agent's uptime);
+//! - every topic is kept, `$…` topics included (the durable path does not go through rumqttd's
+//!   subscriptions), and rumqttd can no longer skip a record the agent acknowledged;
+//! - rumqttd only ever sees client ids of `[0-9a-f]` (ids with `/`, `+`, `#` or `$` crash it)
+//!   and publishes at QoS 0;
+//! - once closed, no byte from a client is read, so nothing new is taken; acknowledgements of
+//!   what was taken still go out while the buffer commits it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::BrokerError;
+use crate::buffer::{NewRecord, Queue, Receipt, Receipts, WriterCommand};
+use crate::metrics::Metrics;
+use crate::mqtt::{self, Frame, kind};
+use crate::routing::Router;
+
+/// A client must send its CONNECT within this time after the TCP connection opens.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most persistent sessions (clean session off) whose publish ids the agent remembers.
+const MAX_SESSIONS: usize = 10_000;
+/// Most bytes of topics an MQTT 5 client may park behind topic aliases.
+const MAX_ALIAS_BYTES: usize = 1 << 20;
+/// Frames queued towards one client before its reader waits.
+const OUTBOUND_FRAMES: usize = 256;
+/// How long a closing connection waits for the commits it still has to acknowledge.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// What the front door shares between connections.
+pub struct FrontDoor {
+    closing: CancellationToken,
+    ctx: Arc<Ctx>,
+}
+
+struct Ctx {
+    router: Router,
+    /// `agent_records_received_total`, per stream.
+    received: Vec<prometheus::IntCounter>,
+    queue: Queue,
+    metrics: Metrics,
+    /// rumqttd's internal listeners, for MQTT 3.1.1 and 5 clients.
+    upstream_v4: SocketAddr,
+    upstream_v5: SocketAddr,
+    /// Largest packet a client may send.
+    max_packet: usize,
+    /// Publish ids of persistent sessions, by client id.
+    sessions: Mutex<HashMap<String, Arc<Mutex<Session>>>>,
+    /// Open connections, against `mqtt.max_connections`.
+    connections: Arc<tokio::sync::Semaphore>,
+}
+
+/// What a session remembers of its client's publishes, for exactly-once.
+#[derive(Debug, Default)]
+struct Session {
+    /// QoS 1 publishes kept: packet id → checksum of topic and payload.
+    kept: HashMap<u16, u32>,
+    /// QoS 2 publishes kept and not yet released (PUBREL).
+    unreleased: HashSet<u16>,
+}
+
+/// Binds a client-facing listener; the error names the config key.
+pub async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, BrokerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BrokerError::Bind { key, addr, source })
+}
+
+/// The id rumqttd knows a client by: a digest of its own id, so any id a client may use (with
+/// `/`, `+`, `#`, `$`, long, UTF-8) is safe there, and the same client gets the same id (its
+/// session). An empty id stays empty (rumqttd assigns one). Pure.
+pub fn upstream_id(client_id: &str) -> String {
+    use sha2::Digest;
+    if client_id.is_empty() {
+        return String::new();
+    }
+    let digest = sha2::Sha256::digest(client_id.as_bytes());
+    format!("gw{}", hex::encode(&digest[..15]))
+}
+
+impl FrontDoor {
+    /// A front door handing publishes to `queue`, relaying the rest to rumqttd.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        router: Router,
+        stream_names: &[String],
+        queue: Queue,
+        metrics: Metrics,
+        upstream_v4: SocketAddr,
+        upstream_v5: SocketAddr,
+        max_payload: usize,
+        max_connections: usize,
+    ) -> FrontDoor {
+        FrontDoor {
+            closing: CancellationToken::new(),
+            ctx: Arc::new(Ctx {
+                received: stream_names
+                    .iter()
+                    .map(|n| metrics.records_received.with_label_values(&[n.as_str()]))
+                    .collect(),
+                router,
+                queue,
+                metrics,
+                upstream_v4,
+                upstream_v5,
+                // Topic, properties and header around the largest payload.
+                max_packet: max_payload + 65_536 + 1024,
+                sessions: Mutex::new(HashMap::new()),
+                connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            }),
+        }
+    }
+
+    /// Serves every connection accepted on `listener` (MQTT 3.1.1 and 5 alike).
+    pub fn serve(&self, listener: TcpListener) {
+        let closing = self.closing.clone();
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = closing.cancelled() => return,
+                };
+                match accepted {
+                    Ok((client, _)) => {
+                        let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
+                            ctx.metrics.mqtt_refused.inc();
+                            tokio::spawn(refuse(client));
+                            continue;
+                        };
+                        let (ctx, closing) = (ctx.clone(), closing.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = connection(client, &ctx, &closing).await {
+                                tracing::debug!(error = %e, "MQTT connection closed");
+                            }
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "MQTT accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Stops accepting connections and reading client bytes; acknowledgements of what was
+    /// taken still go out.
+    pub fn close(&self) {
+        self.closing.cancel();
+    }
+}
+
+/// Over `mqtt.max_connections`: read the CONNECT (briefly) and answer "server unavailable".
+async fn refuse(mut client: TcpStream) {
+    let mut buf = BytesMut::with_capacity(512);
+    let read = tokio::time::timeout(Duration::from_secs(2), client.read_buf(&mut buf)).await;
+    let v5 = matches!(read, Ok(Ok(_))) && buf.get(8) == Some(&5);
+    let answer: &[u8] = if v5 {
+        &[0x20, 3, 0, 0x9F, 0] // connection rate exceeded
+    } else {
+        &[0x20, 2, 0, 3] // server unavailable
+    };
+    let _ = client.write_all(answer).await;
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Mqtt(#[from] mqtt::MqttError),
+    #[error("no CONNECT within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("{0}")]
+    Protocol(&'static str),
+}
+
+/// Reads frames from `reader` into `buf` until a whole one is there.
+async fn read_frame(
+    reader: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut BytesMut,
+    limit: usize,
+) -> Result<Option<Frame>, ConnectionError> {
+    loop {
+        if let Some(frame) = mqtt::next_frame(buf, limit)? {
+            return Ok(Some(frame));
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+/// Acknowledgements waiting for their records' commit, in the order owed.
+#[derive(Default)]
+struct Owed {
+    /// (ticket it waits for, packet id, ack type, whether it acknowledges that ticket's own
+    /// record: else it only waits its turn).
+    queue: VecDeque<(u64, u16, u8, bool)>,
+    /// The last ticket handed out on this connection.
+    last: u64,
+}
+
+async fn connection(
+    client: TcpStream,
+    ctx: &Ctx,
+    closing: &CancellationToken,
+) -> Result<(), ConnectionError> {
+    let _ = client.set_nodelay(true);
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let mut inbound = BytesMut::with_capacity(4096);
+    let first = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        read_frame(&mut client_rx, &mut inbound, ctx.max_packet),
+    )
+    .await
+    .map_err(|_| ConnectionError::ConnectTimeout(CONNECT_TIMEOUT))??;
+    let Some(first) = first else { return Ok(()) };
+    let connect = mqtt::connect(&first)?;
+    let v5 = connect.is_v5();
+    let upstream = if v5 {
+        ctx.upstream_v5
+    } else {
+        ctx.upstream_v4
+    };
+    let broker = TcpStream::connect(upstream).await.map_err(|e| {
+        tracing::error!(error = %e, "embedded broker unreachable; MQTT connection refused");
+        e
+    })?;
+    let _ = broker.set_nodelay(true);
+    let (mut broker_rx, mut broker_tx) = broker.into_split();
+    broker_tx
+        .write_all(&mqtt::rename_client(
+            &first,
+            &connect,
+            &upstream_id(&connect.client_id),
+        ))
+        .await?;
+    // Towards rumqttd through a bounded queue: a stalled broker never holds up the durable
+    // path (publish copies are dropped, and counted, when it is full).
+    let (to_broker, mut to_broker_rx) = mpsc::channel::<Bytes>(OUTBOUND_FRAMES);
+    let up = tokio::spawn(async move {
+        while let Some(frame) = to_broker_rx.recv().await {
+            if broker_tx.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = broker_tx.shutdown().await;
+    });
+
+    // One writer towards the client: rumqttd's packets and the agent's acknowledgements, each
+    // whole, in the order they are queued.
+    let (out, mut out_rx) = mpsc::channel::<Bytes>(OUTBOUND_FRAMES);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = out_rx.recv().await {
+            if client_tx.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = client_tx.shutdown().await;
+    });
+    // rumqttd → client, frame by frame.
+    let broker_gone = CancellationToken::new();
+    let down = {
+        let out = out.clone();
+        let gone = broker_gone.clone();
+        let limit = ctx.max_packet;
+        tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(4096);
+            while let Ok(Some(frame)) = read_frame(&mut broker_rx, &mut buf, limit).await {
+                if out.send(frame.raw).await.is_err() {
+                    break;
+                }
+            }
+            gone.cancel();
+        })
+    };
+
+    let session = if connect.clean || connect.client_id.is_empty() {
+        Arc::new(Mutex::new(Session::default()))
+    } else {
+        ctx.session(&connect.client_id)
+    };
+    let receipts = Arc::new(Receipts::default());
+    let mut owed = Owed::default();
+    let mut aliases: HashMap<u16, Bytes> = HashMap::new();
+    let mut alias_bytes = 0usize;
+    let result: Result<(), ConnectionError> = loop {
+        let frame = tokio::select! {
+            f = read_frame(&mut client_rx, &mut inbound, ctx.max_packet) => f,
+            _ = receipts.changed() => {
+                if !flush(&mut owed, &receipts, &out, v5).await {
+                    break Err(ConnectionError::Protocol("a publish was refused: the buffer's disk is full"));
+                }
+                continue;
+            }
+            _ = broker_gone.cancelled() => break Ok(()),
+            _ = closing.cancelled() => break Ok(()),
+        };
+        let frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        match frame.kind() {
+            kind::PUBLISH => {
+                let p = mqtt::publish(&frame, v5)?;
+                let topic = match (p.alias, p.topic.is_empty()) {
+                    (Some(a), true) => aliases
+                        .get(&a)
+                        .cloned()
+                        .ok_or(ConnectionError::Protocol("unknown topic alias"))?,
+                    (Some(a), false) => {
+                        alias_bytes += p.topic.len();
+                        if alias_bytes > MAX_ALIAS_BYTES {
+                            break Err(ConnectionError::Protocol("too many topic alias bytes"));
+                        }
+                        aliases.insert(a, p.topic.clone());
+                        p.topic.clone()
+                    }
+                    (None, _) => p.topic.clone(),
+                };
+                if topic.is_empty() {
+                    break Err(ConnectionError::Protocol("empty topic"));
+                }
+                // Local subscribers get a QoS 0 copy; rumqttd is never waited on for it.
+                if to_broker
+                    .try_send(mqtt::as_qos0(&frame, &p, &topic, v5))
+                    .is_err()
+                {
+                    ctx.metrics.local_copies_dropped.inc();
+                }
+                let text = String::from_utf8_lossy(&topic).into_owned();
+                let digest = crate::buffer::checksum(0, 0, &text, &p.payload);
+                let already = {
+                    let mut s = session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    match p.qos {
+                        1 if p.dup && s.kept.get(&p.pkid) == Some(&digest) => true,
+                        1 => {
+                            s.kept.insert(p.pkid, digest);
+                            false
+                        }
+                        2 => !s.unreleased.insert(p.pkid),
+                        _ => false,
+                    }
+                };
+                let ack = match p.qos {
+                    1 => Some(kind::PUBACK),
+                    2 => Some(kind::PUBREC),
+                    _ => None,
+                };
+                if already {
+                    ctx.metrics.mqtt_resends.inc();
+                    owed.queue
+                        .push_back((owed.last, p.pkid, ack.unwrap_or(kind::PUBACK), false));
+                } else {
+                    let stream = ctx.router.route(&text);
+                    ctx.received[stream].inc();
+                    let receipt = ack.map(|_| {
+                        owed.last += 1;
+                        Receipt {
+                            to: receipts.clone(),
+                            ticket: owed.last,
+                        }
+                    });
+                    if let Some(a) = ack {
+                        owed.queue.push_back((owed.last, p.pkid, a, true));
+                    }
+                    let record = NewRecord {
+                        stream,
+                        topic: text,
+                        payload: p.payload.clone(),
+                        received_at_ms: crate::clock::now_ms(),
+                        monotonic_ms: crate::clock::monotonic_ms(),
+                        receipt,
+                    };
+                    if ctx.queue.send_async(WriterCommand::Append(record)).await.is_err() {
+                        break Err(ConnectionError::Protocol("the buffer writer is gone"));
+                    }
+                }
+                if !flush(&mut owed, &receipts, &out, v5).await {
+                    break Err(ConnectionError::Protocol("a publish was refused: the buffer's disk is full"));
+                }
+            }
+            kind::PUBREL => {
+                let pkid = mqtt::pubrel(&frame)?;
+                session
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .unreleased
+                    .remove(&pkid);
+                owed.queue.push_back((owed.last, pkid, kind::PUBCOMP, false));
+                if !flush(&mut owed, &receipts, &out, v5).await {
+                    break Err(ConnectionError::Protocol("a publish was refused: the buffer's disk is full"));
+                }
+            }
+            kind::CONNECT => break Err(ConnectionError::Protocol("a second CONNECT")),
+            _ => {
+                let disconnect = frame.kind() == kind::DISCONNECT;
+                if to_broker.send(frame.raw).await.is_err() || disconnect {
+                    break Ok(());
+                }
+            }
+        }
+    };
+    // What was taken is acknowledged as its commits come in, for a little while.
+    let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+    while !owed.queue.is_empty() && tokio::time::Instant::now() < deadline {
+        if !flush(&mut owed, &receipts, &out, v5).await {
+            break;
+        }
+        if owed.queue.is_empty() {
+            break;
+        }
+        let _ = tokio::time::timeout_at(deadline, receipts.changed()).await;
+    }
+    drop(out);
+    drop(to_broker);
+    let _ = up.await;
+    down.abort();
+    let _ = writer.await;
+    result
+}
+
+/// Sends every acknowledgement whose record is settled, in order. `false` when a 3.1.1
+/// client's publish was refused: it cannot be told, so its connection closes.
+async fn flush(owed: &mut Owed, receipts: &Receipts, out: &mpsc::Sender<Bytes>, v5: bool) -> bool {
+    let (done, refused) = receipts.take();
+    while let Some(&(ticket, pkid, ack, own)) = owed.queue.front() {
+        if ticket > done {
+            break;
+        }
+        owed.queue.pop_front();
+        let reason = if own && refused.contains(&ticket) {
+            if !v5 {
+                return false;
+            }
+            Some(0x97) // quota exceeded
+        } else {
+            None
+        };
+        if out.send(mqtt::ack(ack, pkid, reason)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+impl Ctx {
+    /// The session of a persistent client, created if new (the oldest are forgotten past
+    /// [`MAX_SESSIONS`]).
+    fn session(&self, client_id: &str) -> Arc<Mutex<Session>> {
+        let mut sessions = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !sessions.contains_key(client_id) && sessions.len() >= MAX_SESSIONS {
+            if let Some(k) = sessions.keys().next().cloned() {
+                sessions.remove(&k);
+            }
+        }
+        sessions
+            .entry(client_id.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_ids_are_safe_for_rumqttd_and_stable() {
+        for id in ["plant/7/sensor", "a+b#c$d", "", "é".repeat(10_000).as_str()] {
+            let up = upstream_id(id);
+            assert!(up.chars().all(|c| c.is_ascii_alphanumeric()), "{up}");
+            assert_eq!(up, upstream_id(id));
+            assert_eq!(up.is_empty(), id.is_empty());
+        }
+        assert_ne!(upstream_id("a"), upstream_id("b"));
+    }
+}

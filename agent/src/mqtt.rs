@@ -1,0 +1,496 @@
+//! The few MQTT 3.1.1 and 5 packets the front door reads or writes itself: framing, CONNECT
+//! (to learn the protocol level and client id, and to rename the client towards the embedded
+//! broker), PUBLISH (to keep the record) and the acknowledgements it sends. Everything else
+//! passes through as framed bytes.
+//!
+//! Invariant: whatever the bytes, nothing here panics, reads out of bounds or allocates more
+//! than the frame it was given; a packet it cannot decode is an error that closes its
+//! connection, never a guess.
+
+use bytes::{Bytes, BytesMut};
+
+/// Packet types (the high nibble of a packet's first byte).
+pub mod kind {
+    /// CONNECT.
+    pub const CONNECT: u8 = 1;
+    /// PUBLISH.
+    pub const PUBLISH: u8 = 3;
+    /// PUBACK.
+    pub const PUBACK: u8 = 4;
+    /// PUBREC.
+    pub const PUBREC: u8 = 5;
+    /// PUBREL.
+    pub const PUBREL: u8 = 6;
+    /// PUBCOMP.
+    pub const PUBCOMP: u8 = 7;
+    /// DISCONNECT.
+    pub const DISCONNECT: u8 = 14;
+}
+
+/// A packet the front door cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MqttError {
+    /// The remaining length is longer than 4 bytes.
+    #[error("malformed remaining length")]
+    Length,
+    /// The packet is larger than allowed; the connection is closed.
+    #[error("packet of {size} bytes is over the limit of {limit}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit (mqtt.max_payload_bytes plus room for the header).
+        limit: usize,
+    },
+    /// A field runs past the end of its packet, or holds a value MQTT forbids.
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+}
+
+/// A whole packet cut from the stream: its first byte and the bytes after the fixed header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Type and flags.
+    pub byte1: u8,
+    /// The packet as received, fixed header included (what is relayed).
+    pub raw: Bytes,
+    /// Where the variable header starts in `raw`.
+    pub body_at: usize,
+}
+
+impl Frame {
+    /// Its type.
+    pub fn kind(&self) -> u8 {
+        self.byte1 >> 4
+    }
+
+    /// Variable header and payload.
+    pub fn body(&self) -> &[u8] {
+        &self.raw[self.body_at..]
+    }
+}
+
+/// Cuts the next whole packet off `buf`: `Ok(None)` when more bytes are needed.
+pub fn next_frame(buf: &mut BytesMut, limit: usize) -> Result<Option<Frame>, MqttError> {
+    let Some(&byte1) = buf.first() else {
+        return Ok(None);
+    };
+    let mut len = 0usize;
+    let mut at = 1;
+    loop {
+        let Some(&b) = buf.get(at) else {
+            return Ok(None);
+        };
+        len |= ((b & 0x7F) as usize) << (7 * (at - 1));
+        at += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if at > 4 {
+            return Err(MqttError::Length);
+        }
+    }
+    if len > limit {
+        return Err(MqttError::TooLarge { size: len, limit });
+    }
+    if buf.len() < at + len {
+        buf.reserve(at + len - buf.len());
+        return Ok(None);
+    }
+    Ok(Some(Frame {
+        byte1,
+        raw: buf.split_to(at + len).freeze(),
+        body_at: at,
+    }))
+}
+
+/// Writes an MQTT variable-length integer.
+fn put_length(out: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            return;
+        }
+    }
+}
+
+/// Reads an MQTT variable-length integer at `at`: (value, bytes).
+fn get_length(bytes: &[u8], at: usize) -> Result<(usize, usize), MqttError> {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = *bytes.get(at + i).ok_or(MqttError::Malformed("length"))?;
+        len |= ((b & 0x7F) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok((len, i + 1));
+        }
+    }
+    Err(MqttError::Length)
+}
+
+fn u16_at(bytes: &[u8], at: usize, what: &'static str) -> Result<u16, MqttError> {
+    let b = bytes.get(at..at + 2).ok_or(MqttError::Malformed(what))?;
+    Ok(u16::from_be_bytes([b[0], b[1]]))
+}
+
+/// A length-prefixed string or binary field at `at`: (its bytes, where the next field starts).
+fn field<'a>(bytes: &'a [u8], at: usize, what: &'static str) -> Result<(&'a [u8], usize), MqttError> {
+    let len = u16_at(bytes, at, what)? as usize;
+    let v = bytes
+        .get(at + 2..at + 2 + len)
+        .ok_or(MqttError::Malformed(what))?;
+    Ok((v, at + 2 + len))
+}
+
+/// What the front door needs of a CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connect {
+    /// 4 for MQTT 3.1.1 (3 for 3.1), 5 for MQTT 5.
+    pub level: u8,
+    /// The client id, as sent (may be empty).
+    pub client_id: String,
+    /// Clean session (3.1.1) or clean start (5).
+    pub clean: bool,
+    /// Keep-alive in seconds (0: none).
+    pub keep_alive: u16,
+    /// Where the client id field starts in the frame's body, and where it ends.
+    id_span: (usize, usize),
+}
+
+impl Connect {
+    /// Whether the client speaks MQTT 5.
+    pub fn is_v5(&self) -> bool {
+        self.level == 5
+    }
+}
+
+/// Reads a CONNECT frame.
+pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
+    if frame.kind() != kind::CONNECT {
+        return Err(MqttError::Malformed("CONNECT: first packet is not a CONNECT"));
+    }
+    let b = frame.body();
+    let (name, at) = field(b, 0, "CONNECT protocol name")?;
+    if name != b"MQTT" && name != b"MQIsdp" {
+        return Err(MqttError::Malformed("CONNECT protocol name"));
+    }
+    let level = *b.get(at).ok_or(MqttError::Malformed("CONNECT level"))?;
+    if !matches!(level, 3..=5) {
+        return Err(MqttError::Malformed("CONNECT protocol level"));
+    }
+    let flags = *b.get(at + 1).ok_or(MqttError::Malformed("CONNECT flags"))?;
+    let keep_alive = u16_at(b, at + 2, "CONNECT keep-alive")?;
+    let mut at = at + 4;
+    if level == 5 {
+        let (props, n) = get_length(b, at)?;
+        at += n + props;
+    }
+    let (id, end) = field(b, at, "CONNECT client id")?;
+    let client_id = std::str::from_utf8(id)
+        .map_err(|_| MqttError::Malformed("CONNECT client id (not UTF-8)"))?
+        .to_owned();
+    Ok(Connect {
+        level,
+        client_id,
+        clean: flags & 0x02 != 0,
+        keep_alive,
+        id_span: (at, end),
+    })
+}
+
+/// The same CONNECT with its client id replaced by `id` (the rest byte for byte).
+pub fn rename_client(frame: &Frame, connect: &Connect, id: &str) -> Bytes {
+    let body = frame.body();
+    let (from, to) = connect.id_span;
+    let mut rest = Vec::with_capacity(body.len() + id.len());
+    rest.extend_from_slice(&body[..from]);
+    rest.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    rest.extend_from_slice(id.as_bytes());
+    rest.extend_from_slice(&body[to..]);
+    let mut out = Vec::with_capacity(rest.len() + 5);
+    out.push(frame.byte1);
+    put_length(&mut out, rest.len());
+    out.extend_from_slice(&rest);
+    out.into()
+}
+
+/// What the front door needs of a PUBLISH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// 0, 1 or 2.
+    pub qos: u8,
+    /// A resend of a packet whose acknowledgement was lost.
+    pub dup: bool,
+    /// The retain flag.
+    pub retain: bool,
+    /// The topic as sent (empty when an MQTT 5 topic alias stands for it).
+    pub topic: Bytes,
+    /// The packet id (QoS 1 and 2).
+    pub pkid: u16,
+    /// MQTT 5 topic alias, if any.
+    pub alias: Option<u16>,
+    /// The payload.
+    pub payload: Bytes,
+    /// Where the properties (MQTT 5) start and end in the frame's body.
+    props: (usize, usize),
+}
+
+/// Reads a PUBLISH frame of a client speaking MQTT 5 (`v5`) or 3.1.1.
+pub fn publish(frame: &Frame, v5: bool) -> Result<Publish, MqttError> {
+    let qos = (frame.byte1 >> 1) & 0x03;
+    if qos == 3 {
+        return Err(MqttError::Malformed("PUBLISH QoS 3"));
+    }
+    let body = frame.body();
+    let (topic, mut at) = field(body, 0, "PUBLISH topic")?;
+    let topic_at = 2;
+    let topic = frame
+        .raw
+        .slice(frame.body_at + topic_at..frame.body_at + topic_at + topic.len());
+    let mut pkid = 0;
+    if qos > 0 {
+        pkid = u16_at(body, at, "PUBLISH packet id")?;
+        if pkid == 0 {
+            return Err(MqttError::Malformed("PUBLISH packet id 0"));
+        }
+        at += 2;
+    }
+    let mut alias = None;
+    let props_start = at;
+    if v5 {
+        let (len, n) = get_length(body, at)?;
+        let end = at + n + len;
+        let props = body
+            .get(at + n..end)
+            .ok_or(MqttError::Malformed("PUBLISH properties"))?;
+        alias = topic_alias(props)?;
+        at = end;
+    }
+    if std::str::from_utf8(&topic).is_err() {
+        return Err(MqttError::Malformed("PUBLISH topic (not UTF-8)"));
+    }
+    Ok(Publish {
+        qos,
+        dup: frame.byte1 & 0x08 != 0,
+        retain: frame.byte1 & 0x01 != 0,
+        topic,
+        pkid,
+        alias,
+        payload: frame.raw.slice((frame.body_at + at).min(frame.raw.len())..),
+        props: (props_start, at),
+    })
+}
+
+/// The topic alias among MQTT 5 PUBLISH properties, skipping the others.
+fn topic_alias(props: &[u8]) -> Result<Option<u16>, MqttError> {
+    let bad = MqttError::Malformed("PUBLISH properties");
+    let mut at = 0;
+    let mut alias = None;
+    while at < props.len() {
+        let id = props[at];
+        at += 1;
+        at += match id {
+            0x01 => 1,                              // payload format indicator
+            0x02 => 4,                              // message expiry interval
+            0x23 => {
+                alias = Some(u16_at(props, at, "topic alias")?);
+                2
+            }
+            0x03 | 0x08 => field(props, at, "PUBLISH property")?.1 - at, // content type, response topic
+            0x09 => field(props, at, "PUBLISH property")?.1 - at,        // correlation data
+            0x26 => {
+                // user property: two strings
+                let (_, next) = field(props, at, "user property")?;
+                field(props, next, "user property")?.1 - at
+            }
+            0x0B => get_length(props, at)?.1, // subscription identifier
+            _ => return Err(bad),
+        };
+        if at > props.len() {
+            return Err(bad);
+        }
+    }
+    Ok(alias)
+}
+
+/// The same PUBLISH at QoS 0 on `topic`, for the embedded broker's local subscribers: no packet
+/// id, no DUP, no topic alias (MQTT 5 properties otherwise kept).
+pub fn as_qos0(frame: &Frame, p: &Publish, topic: &[u8], v5: bool) -> Bytes {
+    let body = frame.body();
+    let mut rest = Vec::with_capacity(body.len() + topic.len());
+    rest.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    rest.extend_from_slice(topic);
+    if v5 {
+        let (from, to) = p.props;
+        let mut props = Vec::new();
+        if let Ok((len, n)) = get_length(body, from) {
+            let all = body.get(from + n..from + n + len).unwrap_or_default();
+            strip_alias(all, &mut props);
+        }
+        let _ = to;
+        put_length(&mut rest, props.len());
+        rest.extend_from_slice(&props);
+    }
+    rest.extend_from_slice(&p.payload);
+    let mut out = Vec::with_capacity(rest.len() + 5);
+    out.push((kind::PUBLISH << 4) | (frame.byte1 & 0x01));
+    put_length(&mut out, rest.len());
+    out.extend_from_slice(&rest);
+    out.into()
+}
+
+/// Copies MQTT 5 PUBLISH properties without the topic alias (already checked well formed).
+fn strip_alias(props: &[u8], out: &mut Vec<u8>) {
+    let mut at = 0;
+    while at < props.len() {
+        let start = at;
+        let id = props[at];
+        at += 1;
+        let len = match id {
+            0x01 => Some(1),
+            0x02 => Some(4),
+            0x23 => Some(2),
+            0x03 | 0x08 | 0x09 => field(props, at, "p").ok().map(|(_, n)| n - at),
+            0x26 => field(props, at, "p")
+                .and_then(|(_, n)| field(props, n, "p"))
+                .ok()
+                .map(|(_, n)| n - at),
+            0x0B => get_length(props, at).ok().map(|(_, n)| n),
+            _ => None,
+        };
+        let Some(len) = len else { return };
+        at += len;
+        if id != 0x23 {
+            out.extend_from_slice(props.get(start..at).unwrap_or_default());
+        }
+    }
+}
+
+/// A PUBACK, PUBREC or PUBCOMP for `pkid`; `reason` (MQTT 5 only) when not success.
+pub fn ack(kind: u8, pkid: u16, reason: Option<u8>) -> Bytes {
+    let [hi, lo] = pkid.to_be_bytes();
+    match reason {
+        None => Bytes::from(vec![kind << 4, 2, hi, lo]),
+        Some(r) => Bytes::from(vec![kind << 4, 3, hi, lo, r]),
+    }
+}
+
+/// The packet id of a PUBREL (and its fixed flags checked).
+pub fn pubrel(frame: &Frame) -> Result<u16, MqttError> {
+    if frame.byte1 != 0x62 {
+        return Err(MqttError::Malformed("PUBREL flags"));
+    }
+    u16_at(frame.body(), 0, "PUBREL packet id")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(bytes: &[u8]) -> Frame {
+        let mut b = BytesMut::from(bytes);
+        next_frame(&mut b, 1 << 20).expect("valid").expect("whole")
+    }
+
+    fn connect_bytes(level: u8, id: &str) -> Vec<u8> {
+        let mut v = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 30];
+        if level == 5 {
+            // Properties: session expiry interval 10 s.
+            v.extend_from_slice(&[5, 0x11, 0, 0, 0, 10]);
+        }
+        v.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        v.extend_from_slice(id.as_bytes());
+        let mut out = vec![0x10];
+        put_length(&mut out, v.len());
+        out.extend(v);
+        out
+    }
+
+    #[test]
+    fn connect_is_read_and_renamed_byte_for_byte_otherwise() {
+        for level in [4, 5] {
+            let f = frame(&connect_bytes(level, "plant/7/sensor"));
+            let c = connect(&f).expect("connect");
+            assert_eq!((c.level, c.client_id.as_str(), c.clean, c.keep_alive), (level, "plant/7/sensor", true, 30));
+            let renamed = frame(&rename_client(&f, &c, "gw-abc"));
+            let again = connect(&renamed).expect("renamed");
+            assert_eq!(again.client_id, "gw-abc");
+            assert_eq!((again.level, again.clean, again.keep_alive), (level, true, 30));
+            assert_eq!(rename_client(&renamed, &again, "plant/7/sensor"), f.raw);
+        }
+    }
+
+    #[test]
+    fn publishes_are_read_and_copied_at_qos0() {
+        // QoS 1, v4: topic "a/b", pkid 7, payload "hi".
+        let f = frame(&[0x3B, 9, 0, 3, b'a', b'/', b'b', 0, 7, b'h', b'i']);
+        let p = publish(&f, false).expect("publish");
+        assert_eq!((p.qos, p.dup, p.retain, &p.topic[..], p.pkid, &p.payload[..]), (1, true, true, &b"a/b"[..], 7, &b"hi"[..]));
+        let copy = frame(&as_qos0(&f, &p, &p.topic, false));
+        let q = publish(&copy, false).expect("copy");
+        assert_eq!((q.qos, q.dup, q.retain, &q.topic[..], &q.payload[..]), (0, false, true, &b"a/b"[..], &b"hi"[..]));
+        // QoS 2, v5, empty topic with alias 3 and a user property.
+        let props = [0x23, 0, 3, 0x26, 0, 1, b'k', 0, 1, b'v'];
+        let mut body = vec![0, 0, 0, 9, props.len() as u8];
+        body.extend_from_slice(&props);
+        body.extend_from_slice(b"x");
+        let mut raw = vec![0x34, body.len() as u8];
+        raw.extend(body);
+        let f = frame(&raw);
+        let p = publish(&f, true).expect("v5");
+        assert_eq!((p.qos, p.alias, p.pkid, &p.payload[..]), (2, Some(3), 9, &b"x"[..]));
+        let copy = frame(&as_qos0(&f, &p, b"t/1", true));
+        let q = publish(&copy, true).expect("copy");
+        assert_eq!((&q.topic[..], q.alias, &q.payload[..]), (&b"t/1"[..], None, &b"x"[..]));
+    }
+
+    #[test]
+    fn framing_waits_for_whole_packets_and_bounds_them() {
+        let mut b = BytesMut::from(&[0x30, 0x80][..]);
+        assert_eq!(next_frame(&mut b, 100), Ok(None));
+        let mut b = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F][..]);
+        assert!(matches!(next_frame(&mut b, 1 << 20), Err(MqttError::TooLarge { .. })));
+        let mut b = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..]);
+        assert_eq!(next_frame(&mut b, usize::MAX), Err(MqttError::Length));
+        let mut b = BytesMut::from(&[0xC0, 0, 0xD0, 0][..]);
+        assert_eq!(next_frame(&mut b, 10).expect("ok").expect("ping").kind(), 12);
+        assert_eq!(b.len(), 2);
+    }
+
+    /// Property: random bytes never panic any reader.
+    #[test]
+    fn garbage_never_panics() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 64) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if let Some(b) = bytes.first_mut() {
+                *b = [0x10, 0x30, 0x32, 0x34, 0x3A, 0x62][next() as usize % 6];
+            }
+            if bytes.len() > 1 {
+                bytes[1] = (len - 2) as u8;
+            }
+            let mut buf = BytesMut::from(&bytes[..]);
+            if let Ok(Some(f)) = next_frame(&mut buf, 1 << 20) {
+                if let Ok(c) = connect(&f) {
+                    let _ = rename_client(&f, &c, "x");
+                }
+                for v5 in [false, true] {
+                    if let Ok(p) = publish(&f, v5) {
+                        let _ = as_qos0(&f, &p, &p.topic, v5);
+                    }
+                }
+                let _ = pubrel(&f);
+            }
+        }
+    }
+}
