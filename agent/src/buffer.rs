@@ -705,6 +705,11 @@ impl Buffer {
             }
         };
         if self.ceiling.is_some() {
+            // Room inside the file again (the ingest took records): the cap that made room
+            // is lifted; a new refusal sets a new one from what is held then.
+            if self.pragma("freelist_count")? * self.page_size >= self.reserve_bytes {
+                self.disk_cap = None;
+            }
             self.give_back_free_pages()?;
             let volume = space::Volume::of(&self.path).unwrap_or(volume);
             if space::space_is_back(volume, self.reserve_bytes)
@@ -766,6 +771,17 @@ impl Buffer {
         Ok(())
     }
 
+    /// SQLite said the disk is full while the group held no new records (acks, reports):
+    /// only WAL room is missing. Release the reserve if the volume is full, and checkpoint.
+    pub fn wal_room(&mut self) {
+        let volume_full =
+            space::Volume::of(&self.path).map_or(true, |v| v.available < self.reserve_bytes / 2);
+        if volume_full && self.reserve.exists() {
+            let _ = std::fs::remove_file(&self.reserve);
+        }
+        let _ = self.checkpoint();
+    }
+
     /// SQLite said the disk is full (the volume, or the file's allowed size): release the
     /// reserve if the volume itself is full, checkpoint (which the reserve always makes
     /// possible, emptying the WAL), stop the file from growing, and keep at most 80% of what
@@ -780,9 +796,10 @@ impl Buffer {
         if let Err(e) = self.checkpoint() {
             tracing::warn!(error = %e, "buffer checkpoint on a full disk failed; retried");
         }
+        // The file stays at the size it has now: what the disk could hold when it filled.
         if let Ok(pages) = self.pragma("page_count") {
-            let ceiling = *self.ceiling.get_or_insert(pages);
-            let _ = self.pragma(&format!("max_page_count = {}", ceiling.max(pages)));
+            self.ceiling = Some(pages);
+            let _ = self.pragma(&format!("max_page_count = {pages}"));
         }
         let held = self.backlog_bytes();
         self.disk_cap = Some(self.disk_cap.unwrap_or(held).min(held) * 4 / 5);
@@ -1341,10 +1358,17 @@ impl BufferReader {
                         monotonic_ms: row.get::<_, Option<i64>>(5)?.map_or(0, |m| m as u64),
                     })
                 })();
-                let crc: Option<i64> = row.get(6).ok().flatten();
+                // NULL: a record from before checksums. Anything but an integer is damage.
+                let crc = match row.get_ref(6) {
+                    Ok(rusqlite::types::ValueRef::Null) => Ok(None),
+                    Ok(rusqlite::types::ValueRef::Integer(c)) => Ok(Some(c)),
+                    _ => Err(()),
+                };
                 let intact = read.as_ref().is_ok_and(|r| {
-                    crc.is_none_or(|c| {
-                        c as u32 == checksum(r.seq, r.received_at_ms, &r.topic, &r.payload)
+                    crc.is_ok_and(|crc| {
+                        crc.is_none_or(|c| {
+                            c as u32 == checksum(r.seq, r.received_at_ms, &r.topic, &r.payload)
+                        })
                     })
                 });
                 if let (Ok(record), true) = (&read, intact) {

@@ -317,7 +317,13 @@ impl Request {
                 return Err("the buffer writer is gone".into());
             }
         }
+        let corrupt_only = read.records.is_empty() && read.covered.is_some();
         let Some(covered) = read.covered.filter(|_| !read.records.is_empty()) else {
+            if corrupt_only {
+                // Only damaged records were read: the writer drops them; read again after,
+                // rather than taking the stream for empty (good records may follow).
+                return Err("only records failing their checksum were read; read again".into());
+            }
             return Ok(None);
         };
         let dictionary = {

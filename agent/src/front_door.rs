@@ -243,11 +243,7 @@ async fn connection(
     let Some(first) = first else { return Ok(()) };
     let connect = mqtt::connect(&first)?;
     let v5 = connect.is_v5();
-    let upstream = if v5 {
-        ctx.upstream_v5
-    } else {
-        ctx.upstream_v4
-    };
+    let upstream = if v5 { ctx.upstream_v5 } else { ctx.upstream_v4 };
     let broker = TcpStream::connect(upstream).await.map_err(|e| {
         tracing::error!(error = %e, "embedded broker unreachable; MQTT connection refused");
         e
@@ -358,7 +354,9 @@ async fn connection(
                 let text = String::from_utf8_lossy(&topic).into_owned();
                 let digest = crate::buffer::checksum(0, 0, &text, &p.payload);
                 let already = {
-                    let mut s = session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut s = session
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     match p.qos {
                         1 if p.dup && s.kept.get(&p.pkid) == Some(&digest) => true,
                         1 => {
@@ -399,12 +397,19 @@ async fn connection(
                         monotonic_ms: crate::clock::monotonic_ms(),
                         receipt,
                     };
-                    if ctx.queue.send_async(WriterCommand::Append(record)).await.is_err() {
+                    if ctx
+                        .queue
+                        .send_async(WriterCommand::Append(record))
+                        .await
+                        .is_err()
+                    {
                         break Err(ConnectionError::Protocol("the buffer writer is gone"));
                     }
                 }
                 if !flush(&mut owed, &receipts, &out, v5).await {
-                    break Err(ConnectionError::Protocol("a publish was refused: the buffer's disk is full"));
+                    break Err(ConnectionError::Protocol(
+                        "a publish was refused: the buffer's disk is full",
+                    ));
                 }
             }
             kind::PUBREL => {
@@ -414,9 +419,12 @@ async fn connection(
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .unreleased
                     .remove(&pkid);
-                owed.queue.push_back((owed.last, pkid, kind::PUBCOMP, false));
+                owed.queue
+                    .push_back((owed.last, pkid, kind::PUBCOMP, false));
                 if !flush(&mut owed, &receipts, &out, v5).await {
-                    break Err(ConnectionError::Protocol("a publish was refused: the buffer's disk is full"));
+                    break Err(ConnectionError::Protocol(
+                        "a publish was refused: the buffer's disk is full",
+                    ));
                 }
             }
             kind::CONNECT => break Err(ConnectionError::Protocol("a second CONNECT")),
@@ -479,15 +487,13 @@ impl Ctx {
             .sessions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !sessions.contains_key(client_id) && sessions.len() >= MAX_SESSIONS {
-            if let Some(k) = sessions.keys().next().cloned() {
-                sessions.remove(&k);
-            }
+        if !sessions.contains_key(client_id)
+            && sessions.len() >= MAX_SESSIONS
+            && let Some(k) = sessions.keys().next().cloned()
+        {
+            sessions.remove(&k);
         }
-        sessions
-            .entry(client_id.to_owned())
-            .or_default()
-            .clone()
+        sessions.entry(client_id.to_owned()).or_default().clone()
     }
 }
 

@@ -133,8 +133,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = AgentConfig::load(&file)?;
             let token = resolve_token(&file, &config.ingest.token)?;
             config.buffer.reserve_bytes = Some(check_buffer_volume(&file, &config)?);
+            raise_open_files_limit();
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(async {
+            let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 let on_signal = shutdown.clone();
                 tokio::spawn(async move {
@@ -142,8 +143,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     on_signal.cancel();
                 });
                 edge_agent::run(config, token, shutdown).await
-            })?;
+            });
+            // The stop is already bounded; a blocking task it gave up on must not hold the
+            // process (dropping a runtime waits for them forever).
+            runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+            result?;
             Ok(())
+        }
+    }
+}
+
+/// Each MQTT connection takes a few descriptors (the client's, and the relay to the embedded
+/// broker on both ends): the soft limit goes up to the hard one, as far as the system allows.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            eprintln!("warning: cannot raise the open files limit: {e}");
         }
     }
 }

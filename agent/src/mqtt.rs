@@ -137,7 +137,11 @@ fn u16_at(bytes: &[u8], at: usize, what: &'static str) -> Result<u16, MqttError>
 }
 
 /// A length-prefixed string or binary field at `at`: (its bytes, where the next field starts).
-fn field<'a>(bytes: &'a [u8], at: usize, what: &'static str) -> Result<(&'a [u8], usize), MqttError> {
+fn field<'a>(
+    bytes: &'a [u8],
+    at: usize,
+    what: &'static str,
+) -> Result<(&'a [u8], usize), MqttError> {
     let len = u16_at(bytes, at, what)? as usize;
     let v = bytes
         .get(at + 2..at + 2 + len)
@@ -170,7 +174,9 @@ impl Connect {
 /// Reads a CONNECT frame.
 pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
     if frame.kind() != kind::CONNECT {
-        return Err(MqttError::Malformed("CONNECT: first packet is not a CONNECT"));
+        return Err(MqttError::Malformed(
+            "CONNECT: first packet is not a CONNECT",
+        ));
     }
     let b = frame.body();
     let (name, at) = field(b, 0, "CONNECT protocol name")?;
@@ -293,8 +299,8 @@ fn topic_alias(props: &[u8]) -> Result<Option<u16>, MqttError> {
         let id = props[at];
         at += 1;
         at += match id {
-            0x01 => 1,                              // payload format indicator
-            0x02 => 4,                              // message expiry interval
+            0x01 => 1, // payload format indicator
+            0x02 => 4, // message expiry interval
             0x23 => {
                 alias = Some(u16_at(props, at, "topic alias")?);
                 2
@@ -414,11 +420,17 @@ mod tests {
         for level in [4, 5] {
             let f = frame(&connect_bytes(level, "plant/7/sensor"));
             let c = connect(&f).expect("connect");
-            assert_eq!((c.level, c.client_id.as_str(), c.clean, c.keep_alive), (level, "plant/7/sensor", true, 30));
+            assert_eq!(
+                (c.level, c.client_id.as_str(), c.clean, c.keep_alive),
+                (level, "plant/7/sensor", true, 30)
+            );
             let renamed = frame(&rename_client(&f, &c, "gw-abc"));
             let again = connect(&renamed).expect("renamed");
             assert_eq!(again.client_id, "gw-abc");
-            assert_eq!((again.level, again.clean, again.keep_alive), (level, true, 30));
+            assert_eq!(
+                (again.level, again.clean, again.keep_alive),
+                (level, true, 30)
+            );
             assert_eq!(rename_client(&renamed, &again, "plant/7/sensor"), f.raw);
         }
     }
@@ -428,10 +440,16 @@ mod tests {
         // QoS 1, v4: topic "a/b", pkid 7, payload "hi".
         let f = frame(&[0x3B, 9, 0, 3, b'a', b'/', b'b', 0, 7, b'h', b'i']);
         let p = publish(&f, false).expect("publish");
-        assert_eq!((p.qos, p.dup, p.retain, &p.topic[..], p.pkid, &p.payload[..]), (1, true, true, &b"a/b"[..], 7, &b"hi"[..]));
+        assert_eq!(
+            (p.qos, p.dup, p.retain, &p.topic[..], p.pkid, &p.payload[..]),
+            (1, true, true, &b"a/b"[..], 7, &b"hi"[..])
+        );
         let copy = frame(&as_qos0(&f, &p, &p.topic, false));
         let q = publish(&copy, false).expect("copy");
-        assert_eq!((q.qos, q.dup, q.retain, &q.topic[..], &q.payload[..]), (0, false, true, &b"a/b"[..], &b"hi"[..]));
+        assert_eq!(
+            (q.qos, q.dup, q.retain, &q.topic[..], &q.payload[..]),
+            (0, false, true, &b"a/b"[..], &b"hi"[..])
+        );
         // QoS 2, v5, empty topic with alias 3 and a user property.
         let props = [0x23, 0, 3, 0x26, 0, 1, b'k', 0, 1, b'v'];
         let mut body = vec![0, 0, 0, 9, props.len() as u8];
@@ -441,10 +459,16 @@ mod tests {
         raw.extend(body);
         let f = frame(&raw);
         let p = publish(&f, true).expect("v5");
-        assert_eq!((p.qos, p.alias, p.pkid, &p.payload[..]), (2, Some(3), 9, &b"x"[..]));
+        assert_eq!(
+            (p.qos, p.alias, p.pkid, &p.payload[..]),
+            (2, Some(3), 9, &b"x"[..])
+        );
         let copy = frame(&as_qos0(&f, &p, b"t/1", true));
         let q = publish(&copy, true).expect("copy");
-        assert_eq!((&q.topic[..], q.alias, &q.payload[..]), (&b"t/1"[..], None, &b"x"[..]));
+        assert_eq!(
+            (&q.topic[..], q.alias, &q.payload[..]),
+            (&b"t/1"[..], None, &b"x"[..])
+        );
     }
 
     #[test]
@@ -452,11 +476,17 @@ mod tests {
         let mut b = BytesMut::from(&[0x30, 0x80][..]);
         assert_eq!(next_frame(&mut b, 100), Ok(None));
         let mut b = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F][..]);
-        assert!(matches!(next_frame(&mut b, 1 << 20), Err(MqttError::TooLarge { .. })));
+        assert!(matches!(
+            next_frame(&mut b, 1 << 20),
+            Err(MqttError::TooLarge { .. })
+        ));
         let mut b = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..]);
         assert_eq!(next_frame(&mut b, usize::MAX), Err(MqttError::Length));
         let mut b = BytesMut::from(&[0xC0, 0, 0xD0, 0][..]);
-        assert_eq!(next_frame(&mut b, 10).expect("ok").expect("ping").kind(), 12);
+        assert_eq!(
+            next_frame(&mut b, 10).expect("ok").expect("ping").kind(),
+            12
+        );
         assert_eq!(b.len(), 2);
     }
 

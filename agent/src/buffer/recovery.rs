@@ -136,6 +136,11 @@ fn truncated_copy(path: &Path) -> Option<PathBuf> {
     let counter = u32::from_be_bytes([header[24], header[25], header[26], header[27]]);
     let copy = side(path, ".salvage");
     std::fs::copy(path, &copy).ok()?;
+    // Its WAL too: it may hold the newest commits (and where each stream's numbering stands).
+    let wal = side(path, "-wal");
+    if wal.exists() {
+        let _ = std::fs::copy(&wal, side(&copy, "-wal"));
+    }
     let patched = std::fs::OpenOptions::new()
         .write(true)
         .open(&copy)
@@ -374,7 +379,7 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
         .as_ref()
         .and_then(|s| s.keys().max().copied())
         .unwrap_or(0)
-        .clamp(64, (1 << 15) - 1);
+        .clamp(64, (1 << 15) - 2);
     for region in 0..=top_stream {
         let (lo, hi) = (region << 48, ((region + 1) << 48) - 1);
         let mut last = lo;
@@ -397,22 +402,31 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
     // the pages themselves. Only rows whose checksum holds and whose sequence the file still
     // held undelivered (from its floor up) are taken, each once.
     if keep && let Some(streams) = &streams {
-        let mut found = Vec::new();
-        let wal = side(from, "-wal");
-        pages::scan(from, wal.exists().then_some(wal.as_path()), |row| {
+        let mut failed = None;
+        // The database file only: superseded WAL frames hold rows deleted since (the walk
+        // above read the WAL through SQLite).
+        pages::scan(from, None, |row| {
+            if failed.is_some() {
+                return;
+            }
             if let Some(old) = raw_record(row)
                 && let Some(s) = streams.get(&old.stream_id)
                 && let (Some(floor), Some(next)) = (s.floor, s.next_seq)
                 && (floor..next).contains(&old.seq)
+                // A row the walk already copied is ignored by the insert (same stream and seq).
+                && let Err(e) = keep_row(old)
             {
-                found.push(old);
+                failed = Some(e);
             }
         });
-        // A row the walk already copied is ignored by the insert (same stream and sequence).
-        for old in found {
-            keep_row(old)?;
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
+    // A stream's numbering goes on above everything it held, whatever its row said.
+    tx.execute_batch(
+        "UPDATE streams SET next_seq = MAX(next_seq, COALESCE((SELECT MAX(seq) + 1 FROM records r WHERE r.stream_id = streams.id), 1));",
+    )?;
     tx.commit()?;
     let mut losses = Vec::new();
     match (&streams, keep) {
@@ -434,7 +448,8 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
             }
         }
         _ => {
-            // Identity lost: count what the file says each stream held, less what came back.
+            // Identity lost: count what the file says each stream held, less what came back
+            // (its rows that failed their checksum are in that difference already).
             let mut counted = false;
             for (sid, old) in streams.iter().flatten() {
                 let (Some(next), Some(floor)) = (old.next_seq, old.floor) else {
@@ -443,6 +458,7 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
                 let had = next.saturating_sub(floor);
                 let back = kept.get(sid).map_or(0, |v| v.len() as u64);
                 counted = true;
+                bad.remove(sid);
                 if had > back {
                     losses.push(LossReport {
                         stream: Some(old.name.clone()),
@@ -459,7 +475,7 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
             }
         }
     }
-    // Rows of streams the file no longer names that failed their checksum.
+    // Rows that failed their checksum and are not counted above.
     for (sid, count) in bad {
         if keep && streams.as_ref().is_some_and(|s| s.contains_key(&sid)) {
             continue; // already among the missing ranges

@@ -141,8 +141,8 @@ pub fn space_is_back(volume: Volume, reserve: u64) -> bool {
 }
 
 /// Checks that the volume can hold the buffer: the reserve twice (the reserve file and the
-/// WAL's room) plus [`MIN_RECORDS_BYTES`], and that the quota fits beside them. `Err` is
-/// (config key, reason). Pure.
+/// WAL's room) plus [`MIN_RECORDS_BYTES`], and that the quota fits beside them, by the
+/// volume's size. `Err` is (config key, reason). Pure.
 pub fn check(
     volume: Volume,
     usage: Usage,
@@ -161,20 +161,17 @@ pub fn check(
             ),
         ));
     }
-    let room = volume
-        .available
-        .saturating_add(usage.db)
-        .saturating_add(usage.wal)
-        .saturating_add(usage.reserve);
+    // Judged on the volume's size, not on what is free now: a volume another program filled
+    // must not keep the agent from starting and draining (the full-disk path handles it).
     let needed = 2 * reserve + MIN_RECORDS_BYTES;
-    if volume.total < needed || room < needed {
+    if volume.total < needed {
         return Err((
             "buffer.path",
             format!(
-                "the volume has {} for the buffer ({} in all, {} free); it needs at least {} (buffer.reserve_bytes {} twice, plus {} of records): use a larger volume or a smaller buffer.reserve_bytes",
-                mib(room.min(volume.total)),
+                "the volume is {} in all ({} free, {} of it the buffer's own files); it needs at least {} (buffer.reserve_bytes {} twice, plus {} of records): use a larger volume or a smaller buffer.reserve_bytes",
                 mib(volume.total),
                 mib(volume.available),
+                mib(usage.db + usage.wal + usage.reserve),
                 mib(needed),
                 mib(reserve),
                 mib(MIN_RECORDS_BYTES)
@@ -278,13 +275,13 @@ mod tests {
         assert!(check(vol(6 * MIB), none, MIB, 4 * MIB, record).is_ok());
         let (key, reason) = check(vol(2 * MIB), none, MIB, MIB, record).expect_err("too small");
         assert_eq!(key, "buffer.path");
-        assert!(reason.contains("2.0 MiB free"), "{reason}");
+        assert!(reason.contains("2.0 MiB in all (2.0 MiB free"), "{reason}");
         let (key, _) = check(vol(64 * MIB), none, 512 << 10, 8 * MIB, record).expect_err("reserve");
         assert_eq!(key, "buffer.reserve_bytes");
         let (key, reason) = check(vol(8 * MIB), none, MIB, 1 << 30, record).expect_err("quota");
         assert_eq!(key, "buffer.quota_bytes");
         assert!(reason.contains("at most 6.0 MiB"), "{reason}");
-        // A full volume the buffer already fills is fine: its own files count as room.
+        // A full volume is fine: it is judged on its size (the full-disk path makes room).
         let full = Volume {
             total: 8 * MIB,
             available: 0,

@@ -34,8 +34,11 @@ const TICK: Duration = Duration::from_secs(1);
 /// Commits refused for a full disk, each after making more room, before the group's new
 /// records are dropped (and reported) instead: by then the policy had nothing left to evict.
 const FULL_ATTEMPTS: u32 = 8;
-/// Once the agent stops, how long the writer keeps retrying a commit that fails.
+/// Once the agent stops, how long the writer keeps retrying commits that fail.
 const STOP_RETRY: Duration = Duration::from_secs(5);
+/// How long commits may keep failing (other than for a full disk, which is handled) before
+/// the writer stops: the agent then stops and exits non-zero, and systemd restarts it.
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(20);
 /// The longest the agent's stop waits for the writer: its last commits, retries included.
 pub const STOP_BOUND: Duration = Duration::from_secs(10);
 
@@ -50,6 +53,8 @@ pub struct BufferWriter {
     metrics: Metrics,
     stream_names: Vec<String>,
     protected: Arc<Protected>,
+    /// When the writer first saw that the agent is stopping (every sender gone).
+    stop_seen: Option<Instant>,
 }
 
 impl BufferWriter {
@@ -76,6 +81,7 @@ impl BufferWriter {
             metrics,
             stream_names,
             protected,
+            stop_seen: None,
         }
     }
 
@@ -114,8 +120,9 @@ impl BufferWriter {
                 last_tick = Instant::now();
                 self.fit();
             }
-            if !group.is_empty() || tick {
-                self.commit_group(&mut group, tick, closed);
+            if (!group.is_empty() || tick) && !self.commit_group(&mut group, tick) {
+                tracing::error!(after = ?GIVE_UP_AFTER, "the buffer refuses every commit: the buffer writer stops, and with it the agent");
+                return;
             }
             group.clear();
             self.metrics
@@ -138,9 +145,10 @@ impl BufferWriter {
     }
 
     /// Commits `group` (and with `expire`, the TTL sweep), making room on a full disk, until it
-    /// is in; see the module's invariants. `stopping`: the agent is stopping, so retries of a
-    /// failing commit are bounded by [`STOP_RETRY`].
-    fn commit_group(&mut self, group: &mut Vec<WriterCommand>, expire: bool, stopping: bool) {
+    /// is in; see the module's invariants. Once the agent is stopping, retries end after
+    /// [`STOP_RETRY`] (what is left is counted as lost). `false`: commits failed for
+    /// [`GIVE_UP_AFTER`] for another reason than a full disk; the writer must stop.
+    fn commit_group(&mut self, group: &mut Vec<WriterCommand>, expire: bool) -> bool {
         let mut delay = Duration::from_millis(50);
         let mut full_attempts = 0;
         let since = Instant::now();
@@ -156,34 +164,47 @@ impl BufferWriter {
                     if let Err(e) = self.buffer.bound_growth() {
                         tracing::warn!(error = %e, "buffer checkpoint failed; retried after the next commit");
                     }
-                    return;
+                    return true;
                 }
                 Err(e) => e,
             };
-            if stopping && since.elapsed() >= STOP_RETRY {
-                self.give_up(group, &error);
-                return;
+            if self.commands.is_disconnected() {
+                let seen = *self.stop_seen.get_or_insert_with(Instant::now);
+                if seen.elapsed() >= STOP_RETRY {
+                    self.give_up(group, &error);
+                    return true;
+                }
             }
             if error.is_disk_full() {
-                tracing::debug!(error = %error, attempt = full_attempts, commands = group.len(), "buffer disk full");
                 if full_attempts == 0 && !self.buffer.is_frozen() {
                     tracing::error!(error = %error, "buffer disk full: evicting the lowest priority, oldest records to make room (reported as disk_full)");
                 }
                 full_attempts += 1;
                 self.metrics.disk_full.inc();
                 self.metrics.buffer_disk_full.set(1);
+                let appends = group.iter().any(|c| matches!(c, WriterCommand::Append(_)));
                 if full_attempts >= FULL_ATTEMPTS && self.drop_appends(group) {
                     continue;
                 }
-                self.buffer.disk_full();
+                if appends {
+                    self.buffer.disk_full();
+                } else {
+                    // Only WAL room is missing (deletes, reports): lowering the cap would not
+                    // help; a checkpoint (with the reserve released) does.
+                    self.buffer.wal_room();
+                }
                 if full_attempts < FULL_ATTEMPTS {
                     continue;
                 }
             } else {
                 // Nothing was applied; the same group is retried. Meanwhile the queue from the
-                // broker fills, and any overflow in rumqttd is counted and reported.
+                // front door fills and publishers wait for their acknowledgements.
                 tracing::error!(error = %error, commands = group.len(), retry_in = ?delay, "buffer commit failed");
                 self.metrics.commit_errors.inc();
+                if since.elapsed() >= GIVE_UP_AFTER {
+                    self.give_up(group, &error);
+                    return false;
+                }
             }
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(2));
@@ -264,7 +285,10 @@ impl BufferWriter {
             }
         }
         if refused > 0 {
-            tracing::error!(count = refused, "buffer disk full and nothing left to evict: publishes refused to their senders (not acknowledged)");
+            tracing::error!(
+                count = refused,
+                "buffer disk full and nothing left to evict: publishes refused to their senders (not acknowledged)"
+            );
             self.metrics.publishes_refused.inc_by(refused);
         }
         let now = crate::clock::now_ms();
@@ -287,8 +311,9 @@ impl BufferWriter {
         true
     }
 
-    /// The agent is stopping and the buffer still refuses the group: count and log what is lost
-    /// (a loss report cannot be written either).
+    /// The buffer still refuses the group and the writer gives up on it (the agent is stopping,
+    /// or commits keep failing): publishers waiting on it are refused; what they were not told
+    /// about is counted and logged as lost (a loss report cannot be written either).
     fn give_up(&self, group: &[WriterCommand], error: &super::BufferError) {
         super::settle(group, true);
         let mut lost: BTreeMap<usize, u64> = BTreeMap::new();
@@ -453,7 +478,7 @@ mod tests {
             },
             big(2),
         ];
-        writer.commit_group(&mut group, false, false);
+        assert!(writer.commit_group(&mut group, false));
         let p = writer.buffer.progress();
         assert_eq!(p[0].backlog_records, 0, "the ack became a delete");
         assert_eq!(

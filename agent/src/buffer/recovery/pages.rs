@@ -183,6 +183,9 @@ fn cell(
     })
 }
 
+/// Most columns a record may have (the buffer's widest table has 9).
+const MAX_COLUMNS: usize = 32;
+
 /// Decodes a record: a header of serial types, then the values.
 pub fn record(payload: &[u8]) -> Option<Vec<Value>> {
     let (header_len, mut h) = varint(payload)?;
@@ -193,6 +196,10 @@ pub fn record(payload: &[u8]) -> Option<Vec<Value>> {
     let mut body = header_len;
     let mut values = Vec::new();
     while h < header_len {
+        // No table of the buffer has more columns; a header claiming more is damage.
+        if values.len() == MAX_COLUMNS {
+            return None;
+        }
         let (serial, n) = varint(payload.get(h..header_len)?)?;
         h += n;
         let int = |len: usize, body: usize| -> Option<i64> {

@@ -1,0 +1,404 @@
+//! The MQTT front door, end to end: acknowledgements that mean "on disk", QoS 2 and resends
+//! exactly once, both protocol versions on one port with local subscribers still served,
+//! `$` topics kept, and clients that try to wedge or crash the door.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use e2e::load::{self, LoadSpec, PayloadKind};
+use e2e::{AgentHarness, Cloud, CloudHarness, TENANT, eventually};
+use rumqttc::QoS;
+
+/// A raw MQTT 3.1.1 CONNECT for `client_id`.
+fn connect_packet(client_id: &str, clean: bool) -> Vec<u8> {
+    let mut v = vec![
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        if clean { 0x02 } else { 0x00 },
+        0,
+        60,
+    ];
+    v.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    v.extend_from_slice(client_id.as_bytes());
+    packet(0x10, &v)
+}
+
+/// A raw PUBLISH at `qos` (1 or 2) with packet id `pkid`.
+fn publish_packet(topic: &str, payload: &[u8], qos: u8, pkid: u16, dup: bool) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    v.extend_from_slice(topic.as_bytes());
+    v.extend_from_slice(&pkid.to_be_bytes());
+    v.extend_from_slice(payload);
+    packet(0x30 | (qos << 1) | if dup { 0x08 } else { 0 }, &v)
+}
+
+fn packet(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![byte1];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// Connects as `client_id` and reads the CONNACK; returns the stream and the CONNACK code.
+fn raw_client(addr: SocketAddr, client_id: &str, clean: bool) -> (TcpStream, u8) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(&connect_packet(client_id, clean))
+        .expect("CONNECT");
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).expect("CONNACK");
+    assert_eq!(connack[0], 0x20, "a CONNACK");
+    (s, connack[3])
+}
+
+fn read_packet(s: &mut TcpStream) -> Vec<u8> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).expect("packet head");
+    let mut body = vec![0u8; head[1] as usize];
+    s.read_exact(&mut body).expect("packet body");
+    [head.to_vec(), body].concat()
+}
+
+fn records_of(cloud: &Cloud, stream: &str) -> Vec<e2e::LogRecord> {
+    cloud.read_topic(&format!("iot.{TENANT}.{stream}"))
+}
+
+fn publish(spec: LoadSpec) -> load::LoadReport {
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(load::publish(spec))
+}
+
+fn steady_sensor(mqtt: SocketAddr, n: u64) -> std::thread::JoinHandle<load::LoadReport> {
+    std::thread::spawn(move || {
+        publish(LoadSpec {
+            mqtt,
+            clients: 1,
+            messages_per_client: n,
+            rate_per_client: Some(200.0),
+            payload_bytes: 64,
+            kind: PayloadKind::Binary,
+            qos: QoS::AtLeastOnce,
+            topic: Arc::new(|_, _| "plant/1/telemetry/steady".to_owned()),
+            client_prefix: "steady-".into(),
+        })
+    })
+}
+
+#[test]
+fn qos2_from_mosquitto_and_a_qos1_resend_after_a_lost_puback_are_stored_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    for version in ["mqttv311", "mqttv5"] {
+        let status = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &agent.mqtt.port().to_string(),
+                "-V",
+                version,
+            ])
+            .args([
+                "-q",
+                "2",
+                "-t",
+                "plant/2/telemetry/q2",
+                "-m",
+                &format!("qos2 {version}"),
+            ])
+            .status()
+            .expect("mosquitto_pub");
+        assert!(status.success());
+    }
+    // A QoS 2 resend (DUP) before the PUBREL: acknowledged again, stored once.
+    let (mut s, code) = raw_client(agent.mqtt, "raw/qos2", true);
+    assert_eq!(code, 0);
+    s.write_all(&publish_packet(
+        "plant/2/telemetry/q2",
+        b"raw qos2",
+        2,
+        9,
+        false,
+    ))
+    .expect("publish");
+    assert_eq!(
+        read_packet(&mut s),
+        vec![0x50, 2, 0, 9],
+        "PUBREC after the commit"
+    );
+    s.write_all(&publish_packet(
+        "plant/2/telemetry/q2",
+        b"raw qos2",
+        2,
+        9,
+        true,
+    ))
+    .expect("resend");
+    assert_eq!(read_packet(&mut s), vec![0x50, 2, 0, 9]);
+    s.write_all(&[0x62, 2, 0, 9]).expect("PUBREL");
+    assert_eq!(read_packet(&mut s), vec![0x70, 2, 0, 9], "PUBCOMP");
+    drop(s);
+
+    // QoS 1: the PUBACK is lost (the connection drops before the client reads it); the client
+    // reconnects to its persistent session and resends with DUP: one record.
+    let (mut s, _) = raw_client(agent.mqtt, "plant/7/sensor", false);
+    s.write_all(&publish_packet(
+        "plant/2/telemetry/q1",
+        b"resent once",
+        1,
+        5,
+        false,
+    ))
+    .expect("publish");
+    eventually(Duration::from_secs(10), "the first one committed", || {
+        (agent.metric("agent_records_buffered_total{stream=\"telemetry\"}") >= 4.0).then_some(())
+    });
+    drop(s);
+    let (mut s, _) = raw_client(agent.mqtt, "plant/7/sensor", false);
+    s.write_all(&publish_packet(
+        "plant/2/telemetry/q1",
+        b"resent once",
+        1,
+        5,
+        true,
+    ))
+    .expect("resend");
+    assert_eq!(
+        read_packet(&mut s),
+        vec![0x40, 2, 0, 5],
+        "PUBACK for the resend"
+    );
+    drop(s);
+
+    let records = eventually(Duration::from_secs(20), "all in the log", || {
+        let r = records_of(&cloud, "telemetry");
+        (r.len() >= 4).then_some(r)
+    });
+    let mut payloads: Vec<String> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        ["qos2 mqttv311", "qos2 mqttv5", "raw qos2", "resent once"],
+        "each exactly once"
+    );
+    assert_eq!(agent.metric("agent_mqtt_resends_total"), 2.0);
+}
+
+#[test]
+fn one_port_serves_mqtt_3_and_5_and_local_subscribers_still_get_live_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let port = agent.mqtt.port().to_string();
+    let mut subscribers: Vec<_> = ["mqttv311", "mqttv5"]
+        .iter()
+        .map(|v| {
+            Command::new("mosquitto_sub")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-V",
+                    v,
+                    "-t",
+                    "plant/+/telemetry/#",
+                    "-C",
+                    "2",
+                    "-W",
+                    "20",
+                ])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("mosquitto_sub")
+        })
+        .collect();
+    // Both subscriptions are in place once their SUBACKs went out; publish until they are.
+    std::thread::sleep(Duration::from_millis(500));
+    for version in ["mqttv311", "mqttv5"] {
+        let status = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "1"])
+            .args([
+                "-t",
+                "plant/3/telemetry/live",
+                "-m",
+                &format!("live {version}"),
+            ])
+            .status()
+            .expect("mosquitto_pub");
+        assert!(status.success());
+    }
+    for sub in subscribers.drain(..) {
+        let out = sub.wait_with_output().expect("mosquitto_sub output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("live mqttv311") && text.contains("live mqttv5"),
+            "a local subscriber got both: {text:?}"
+        );
+    }
+    eventually(Duration::from_secs(20), "both also in the log", || {
+        (records_of(&cloud, "telemetry").len() == 2).then_some(())
+    });
+}
+
+#[test]
+fn dollar_topics_are_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let status = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &agent.mqtt.port().to_string(),
+            "-q",
+            "1",
+        ])
+        .args(["-t", "$plant/1/alarm/x", "-m", "dollar"])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success());
+    let r = eventually(Duration::from_secs(20), "the $ record in the log", || {
+        let r = records_of(&cloud, "default");
+        (!r.is_empty()).then_some(r)
+    });
+    assert_eq!(r[0].mqtt_topic, "$plant/1/alarm/x");
+    assert_eq!(r[0].payload, b"dollar");
+}
+
+#[test]
+fn client_ids_with_slashes_and_takeovers_do_not_wedge_the_door() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let steady = steady_sensor(agent.mqtt, 1000);
+    // Twice the same id with a slash (this crashed rumqttd), then 100 takeovers.
+    let (_first, code) = raw_client(agent.mqtt, "plant/7/sensor", true);
+    assert_eq!(code, 0);
+    for i in 0..101 {
+        let (mut s, code) = raw_client(agent.mqtt, "plant/7/sensor", i % 2 == 0);
+        assert_eq!(code, 0, "takeover {i} accepted");
+        s.write_all(&publish_packet(
+            "plant/7/telemetry/x",
+            &[i as u8],
+            1,
+            1,
+            false,
+        ))
+        .expect("publish");
+        assert_eq!(
+            read_packet(&mut s),
+            vec![0x40, 2, 0, 1],
+            "takeover {i} publishes"
+        );
+    }
+    for id in ["", "a+b#c", "$weird", &"é".repeat(1000)] {
+        let (mut s, code) = raw_client(agent.mqtt, id, true);
+        assert_eq!(code, 0, "id {id:?}");
+        s.write_all(&publish_packet("plant/7/telemetry/x", b"id", 1, 2, false))
+            .expect("publish");
+        assert_eq!(read_packet(&mut s), vec![0x40, 2, 0, 2]);
+    }
+    let report = steady.join().expect("steady sensor");
+    assert_eq!(report.acked, 1000);
+    eventually(
+        Duration::from_secs(30),
+        "nothing of the steady sensor lost",
+        || {
+            let n = records_of(&cloud, "telemetry")
+                .iter()
+                .filter(|r| r.mqtt_topic == "plant/1/telemetry/steady")
+                .count();
+            (n == 1000).then_some(())
+        },
+    );
+    assert_eq!(agent.readyz(), 200);
+}
+
+#[test]
+fn idle_sockets_garbage_and_a_connect_storm_do_not_starve_the_door() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url())
+        .mqtt_extra("  max_connections: 4000\n")
+        .run();
+    let pid = agent.process.pid();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let before = fds();
+    let steady = steady_sensor(agent.mqtt, 1000);
+    // 2,000 idle sockets that never send a CONNECT.
+    let idle: Vec<TcpStream> = (0..2000)
+        .filter_map(|_| TcpStream::connect(agent.mqtt).ok())
+        .collect();
+    // Garbage, and a header announcing 256 MiB.
+    for bytes in [
+        vec![0xFFu8; 64],
+        vec![0x30, 0xFF, 0xFF, 0xFF, 0x7F, 1, 2, 3],
+    ] {
+        let mut s = TcpStream::connect(agent.mqtt).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(&bytes).expect("write");
+        let mut buf = [0u8; 16];
+        assert!(
+            matches!(s.read(&mut buf), Ok(0) | Err(_)),
+            "garbage gets the connection closed"
+        );
+    }
+    // 1,000 sensors connecting at once, as after a switch reboot.
+    let started = Instant::now();
+    let storm: Vec<_> = (0..1000)
+        .map(|i| {
+            let addr = agent.mqtt;
+            std::thread::spawn(move || raw_client(addr, &format!("storm-{i}"), true).1)
+        })
+        .collect();
+    let codes: Vec<u8> = storm
+        .into_iter()
+        .map(|t| t.join().expect("storm"))
+        .collect();
+    assert!(codes.iter().all(|c| *c == 0), "every storm client accepted");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "1,000 connected in {:?}",
+        started.elapsed()
+    );
+    let report = steady.join().expect("steady");
+    assert_eq!(report.acked, 1000, "the steady sensor lost nothing");
+    drop(idle);
+    // The idle sockets' descriptors go once they closed or their CONNECT timed out.
+    eventually(Duration::from_secs(20), "descriptors released", || {
+        (fds() <= before + 50).then_some(())
+    });
+    eventually(Duration::from_secs(30), "steady sensor in the log", || {
+        let n = records_of(&cloud, "telemetry").len();
+        (n == 1000).then_some(())
+    });
+}
