@@ -91,7 +91,8 @@ for arch in $ARCHS; do
   # Smoke: the ARM binary runs under qemu and accepts the packaged config.
   smoke=$(mktemp -d)
   echo placeholder > "$smoke/token"
-  sed -e "s|/etc/edge-agent/token|$smoke/token|" -e "s|/var/lib/edge-agent/|$smoke/|" cross/agent.yaml > "$smoke/agent.yaml"
+  : > "$smoke/users"
+  sed -e "s|/etc/edge-agent/|$smoke/|" -e "s|/var/lib/edge-agent/|$smoke/|" cross/agent.yaml > "$smoke/agent.yaml"
   "$OUT/$arch/run" --version
   "$OUT/$arch/run" check-config "$smoke/agent.yaml"
   rm -rf "$smoke"

@@ -38,6 +38,12 @@ set -e
 if [ "$1" = configure ]; then
   getent passwd edge-agent >/dev/null || adduser --system --group --home /var/lib/edge-agent --no-create-home edge-agent
   chgrp edge-agent /etc/edge-agent/agent.yaml
+  if [ ! -e /etc/edge-agent/users ]; then
+    # No MQTT users yet: add sensors with `edge-agent hash-password` (INSTALL.md).
+    : > /etc/edge-agent/users
+    chgrp edge-agent /etc/edge-agent/users
+    chmod 0640 /etc/edge-agent/users
+  fi
   if [ ! -e /etc/edge-agent/token ]; then
     # A placeholder: the agent runs and keeps data; the ingest answers 401 until it is replaced.
     printf 'placeholder-token-replace-me\n' > /etc/edge-agent/token

@@ -146,6 +146,34 @@ struct RawMqtt {
     router_segment_bytes: String,
     #[serde(default = "default_segments")]
     router_segments: usize,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    acl: Option<Vec<RawRule>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    allow_anonymous: bool,
+    #[serde(default)]
+    users_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    anonymous: bool,
+    #[serde(default)]
+    publish: Vec<String>,
+    #[serde(default)]
+    subscribe: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -333,8 +361,21 @@ pub struct MqttConfig {
     pub max_connections: usize,
     /// Size of one in-memory segment of rumqttd's router log.
     pub router_segment_bytes: usize,
-    /// Segments kept per filter: how far the buffer writer may lag before rumqttd drops data.
+    /// Segments kept per filter: how far a local subscriber may lag before it misses copies.
     pub router_segments: usize,
+    /// Who may connect.
+    pub auth: AuthConfig,
+    /// What each client may publish and subscribe to; `None`: everything.
+    pub acl: Option<Vec<crate::access::Rule>>,
+}
+
+/// Who may connect to the front door.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Clients without a user name may connect.
+    pub allow_anonymous: bool,
+    /// `name:hash[:groups]` lines (`edge-agent hash-password` makes the hash).
+    pub users_file: Option<PathBuf>,
 }
 
 /// The durable buffer.
@@ -575,7 +616,18 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             &raw.mqtt.router_segment_bytes,
         )?,
         router_segments: positive("mqtt.router_segments", raw.mqtt.router_segments)?,
+        auth: AuthConfig {
+            allow_anonymous: raw.mqtt.auth.allow_anonymous,
+            users_file: raw.mqtt.auth.users_file,
+        },
+        acl: raw.mqtt.acl.map(validate_acl).transpose()?,
     };
+    if !mqtt.auth.allow_anonymous && mqtt.auth.users_file.is_none() {
+        return Err((
+            "mqtt.auth".into(),
+            "no client could connect: set users_file (lines of name:hash, from `edge-agent hash-password`) or allow_anonymous: true".into(),
+        ));
+    }
     if mqtt.router_segment_bytes < mqtt.max_payload_bytes {
         return Err((
             "mqtt.router_segment_bytes".into(),
@@ -707,6 +759,48 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     })
 }
 
+/// ACL rules: who, and valid topic filters once `%u` and `%c` are filled in.
+fn validate_acl(rules: Vec<RawRule>) -> Result<Vec<crate::access::Rule>, Invalid> {
+    use crate::access::{Rule, Who};
+    rules
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut who: Vec<Who> = r
+                .users
+                .into_iter()
+                .map(|u| if u == "*" { Who::AnyUser } else { Who::User(u) })
+                .collect();
+            who.extend(r.groups.into_iter().map(Who::Group));
+            if r.anonymous {
+                who.push(Who::Anonymous);
+            }
+            if who.is_empty() {
+                return Err((
+                    format!("mqtt.acl[{i}]"),
+                    "says for whom: users (\"*\" for any user), groups, or anonymous: true".into(),
+                ));
+            }
+            for (key, list) in [("publish", &r.publish), ("subscribe", &r.subscribe)] {
+                for (j, p) in list.iter().enumerate() {
+                    let sample = p.replace("%u", "u").replace("%c", "c");
+                    if TopicFilter::new(&sample).is_none() {
+                        return Err((
+                            format!("mqtt.acl[{i}].{key}[{j}]"),
+                            format!("{p:?} is not a valid MQTT topic filter"),
+                        ));
+                    }
+                }
+            }
+            Ok(Rule {
+                who,
+                publish: r.publish,
+                subscribe: r.subscribe,
+            })
+        })
+        .collect()
+}
+
 /// The reserved stream loss reports travel in: critical, sent at once, never evicted.
 pub fn loss_stream() -> StreamConfig {
     StreamConfig {
@@ -819,6 +913,7 @@ ingest:
   token_env: EDGE_AGENT_TOKEN
 mqtt:
   listen: 127.0.0.1:1883
+  auth: { allow_anonymous: true }
 buffer:
   path: /tmp/buffer.db
   quota_bytes: 64MiB

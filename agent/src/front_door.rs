@@ -33,6 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{Access, Client};
 use crate::broker::BrokerError;
 use crate::buffer::{NewRecord, Queue, Receipt, Receipts, WriterCommand};
 use crate::metrics::Metrics;
@@ -71,6 +72,10 @@ struct Ctx {
     sessions: Mutex<HashMap<String, Arc<Mutex<Session>>>>,
     /// Open connections, against `mqtt.max_connections`.
     connections: Arc<tokio::sync::Semaphore>,
+    /// Who may connect, publish and subscribe.
+    access: Arc<Access>,
+    /// Password checks (Argon2: CPU and memory) running at once.
+    verifying: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a session remembers of its client's publishes, for exactly-once.
@@ -113,6 +118,7 @@ impl FrontDoor {
         upstream_v5: SocketAddr,
         max_payload: usize,
         max_connections: usize,
+        access: Access,
     ) -> FrontDoor {
         FrontDoor {
             closing: CancellationToken::new(),
@@ -130,6 +136,8 @@ impl FrontDoor {
                 max_packet: max_payload + 65_536 + 1024,
                 sessions: Mutex::new(HashMap::new()),
                 connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+                access: Arc::new(access),
+                verifying: Arc::new(tokio::sync::Semaphore::new(2)),
             }),
         }
     }
@@ -216,14 +224,39 @@ async fn read_frame(
     }
 }
 
+/// One acknowledgement owed to the client.
+#[derive(Debug, Clone, Copy)]
+struct Ack {
+    /// The ticket it waits for.
+    ticket: u64,
+    pkid: u16,
+    /// PUBACK, PUBREC or PUBCOMP.
+    kind: u8,
+    /// Whether it acknowledges that ticket's own record (else it only waits its turn).
+    own: bool,
+    /// MQTT 5 reason code, when not success.
+    reason: Option<u8>,
+}
+
 /// Acknowledgements waiting for their records' commit, in the order owed.
 #[derive(Default)]
 struct Owed {
-    /// (ticket it waits for, packet id, ack type, whether it acknowledges that ticket's own
-    /// record: else it only waits its turn).
-    queue: VecDeque<(u64, u16, u8, bool)>,
+    queue: VecDeque<Ack>,
     /// The last ticket handed out on this connection.
     last: u64,
+}
+
+impl Owed {
+    /// An acknowledgement that only waits its turn (nothing of its own to commit).
+    fn after_the_rest(&mut self, pkid: u16, kind: u8, reason: Option<u8>) {
+        self.queue.push_back(Ack {
+            ticket: self.last,
+            pkid,
+            kind,
+            own: false,
+            reason,
+        });
+    }
 }
 
 async fn connection(
@@ -243,6 +276,27 @@ async fn connection(
     let Some(first) = first else { return Ok(()) };
     let connect = mqtt::connect(&first)?;
     let v5 = connect.is_v5();
+    let user = match authenticate(ctx, &connect).await {
+        Ok(user) => user,
+        Err((v4_code, v5_reason, why)) => {
+            ctx.metrics.mqtt_auth_failures.inc();
+            tracing::info!(client_id = %connect.client_id, user = connect.username.as_deref().unwrap_or(""), why, "MQTT connection refused");
+            let _ = client_tx
+                .write_all(&mqtt::connack_refused(v5, v4_code, v5_reason))
+                .await;
+            return Ok(());
+        }
+    };
+    let groups = user
+        .as_deref()
+        .map(|u| ctx.access.users.groups(u).to_vec())
+        .unwrap_or_default();
+    let who = Client {
+        user: user.as_deref(),
+        groups: &groups,
+        client_id: &connect.client_id,
+    };
+    let mut denied_logged = false;
     let upstream = if v5 { ctx.upstream_v5 } else { ctx.upstream_v4 };
     let broker = TcpStream::connect(upstream).await.map_err(|e| {
         tracing::error!(error = %e, "embedded broker unreachable; MQTT connection refused");
@@ -280,16 +334,46 @@ async fn connection(
         }
         let _ = client_tx.shutdown().await;
     });
-    // rumqttd → client, frame by frame.
+    // rumqttd → client, frame by frame; a SUBACK for a partly denied SUBSCRIBE gets the
+    // refusals put back in place.
     let broker_gone = CancellationToken::new();
+    let subacks: Arc<Mutex<HashMap<u16, Vec<bool>>>> = Arc::default();
     let down = {
         let out = out.clone();
         let gone = broker_gone.clone();
         let limit = ctx.max_packet;
+        let subacks = subacks.clone();
         tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(4096);
             while let Ok(Some(frame)) = read_frame(&mut broker_rx, &mut buf, limit).await {
-                if out.send(frame.raw).await.is_err() {
+                let frame = match (frame.kind(), mqtt::suback_codes(&frame, v5)) {
+                    (kind::SUBACK, Ok((pkid, codes))) => {
+                        let keep = subacks
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .remove(&pkid);
+                        match keep {
+                            Some(keep) => {
+                                let mut given = codes.into_iter();
+                                let failure = if v5 { 0x87 } else { 0x80 };
+                                let all: Vec<u8> = keep
+                                    .iter()
+                                    .map(|k| {
+                                        if *k {
+                                            given.next().unwrap_or(failure)
+                                        } else {
+                                            failure
+                                        }
+                                    })
+                                    .collect();
+                                mqtt::suback(pkid, &all, v5)
+                            }
+                            None => frame.raw,
+                        }
+                    }
+                    _ => frame.raw,
+                };
+                if out.send(frame).await.is_err() {
                     break;
                 }
             }
@@ -344,6 +428,28 @@ async fn connection(
                 if topic.is_empty() {
                     break Err(ConnectionError::Protocol("empty topic"));
                 }
+                let text = String::from_utf8_lossy(&topic).into_owned();
+                if !ctx.access.acl.may_publish(&who, &text) {
+                    ctx.metrics
+                        .mqtt_denied
+                        .with_label_values(&["publish"])
+                        .inc();
+                    if !denied_logged {
+                        denied_logged = true;
+                        tracing::warn!(client_id = %connect.client_id, user = user.as_deref().unwrap_or(""), topic = %text, "publish denied by mqtt.acl: not stored (said once per connection)");
+                    }
+                    // MQTT 5 says why; a 3.1.1 client is acknowledged as Mosquitto does, so it
+                    // does not resend what will never be kept.
+                    match p.qos {
+                        1 => owed.after_the_rest(p.pkid, kind::PUBACK, Some(0x87)),
+                        2 => owed.after_the_rest(p.pkid, kind::PUBREC, Some(0x87)),
+                        _ => {}
+                    }
+                    if !flush(&mut owed, &receipts, &out, v5).await {
+                        break Err(ConnectionError::Protocol("the client is gone"));
+                    }
+                    continue;
+                }
                 // Local subscribers get a QoS 0 copy; rumqttd is never waited on for it.
                 if to_broker
                     .try_send(mqtt::as_qos0(&frame, &p, &topic, v5))
@@ -351,7 +457,6 @@ async fn connection(
                 {
                     ctx.metrics.local_copies_dropped.inc();
                 }
-                let text = String::from_utf8_lossy(&topic).into_owned();
                 let digest = crate::buffer::checksum(0, 0, &text, &p.payload);
                 let already = {
                     let mut s = session
@@ -374,8 +479,7 @@ async fn connection(
                 };
                 if already {
                     ctx.metrics.mqtt_resends.inc();
-                    owed.queue
-                        .push_back((owed.last, p.pkid, ack.unwrap_or(kind::PUBACK), false));
+                    owed.after_the_rest(p.pkid, ack.unwrap_or(kind::PUBACK), None);
                 } else {
                     let stream = ctx.router.route(&text);
                     ctx.received[stream].inc();
@@ -386,8 +490,14 @@ async fn connection(
                             ticket: owed.last,
                         }
                     });
-                    if let Some(a) = ack {
-                        owed.queue.push_back((owed.last, p.pkid, a, true));
+                    if let Some(kind) = ack {
+                        owed.queue.push_back(Ack {
+                            ticket: owed.last,
+                            pkid: p.pkid,
+                            kind,
+                            own: true,
+                            reason: None,
+                        });
                     }
                     let record = NewRecord {
                         stream,
@@ -419,12 +529,49 @@ async fn connection(
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .unreleased
                     .remove(&pkid);
-                owed.queue
-                    .push_back((owed.last, pkid, kind::PUBCOMP, false));
+                owed.after_the_rest(pkid, kind::PUBCOMP, None);
                 if !flush(&mut owed, &receipts, &out, v5).await {
                     break Err(ConnectionError::Protocol(
                         "a publish was refused: the buffer's disk is full",
                     ));
+                }
+            }
+            kind::SUBSCRIBE => {
+                let sub = mqtt::subscribe(&frame, v5)?;
+                let keep: Vec<bool> = sub
+                    .filters
+                    .iter()
+                    .map(|f| ctx.access.acl.may_subscribe(&who, f))
+                    .collect();
+                let denied = keep.iter().filter(|k| !**k).count();
+                if denied > 0 {
+                    ctx.metrics
+                        .mqtt_denied
+                        .with_label_values(&["subscribe"])
+                        .inc_by(denied as u64);
+                    tracing::warn!(client_id = %connect.client_id, user = user.as_deref().unwrap_or(""), filters = ?sub.filters, "subscription denied by mqtt.acl");
+                }
+                let forwarded = if denied == 0 {
+                    Some(frame.raw.clone())
+                } else if denied == keep.len() {
+                    let failure = if v5 { 0x87 } else { 0x80 };
+                    let codes = vec![failure; keep.len()];
+                    if out.send(mqtt::suback(sub.pkid, &codes, v5)).await.is_err() {
+                        break Ok(());
+                    }
+                    None
+                } else {
+                    // The broker subscribes to the rest; its SUBACK gets the refusals back in place.
+                    subacks
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(sub.pkid, keep.clone());
+                    Some(mqtt::keep_filters(&frame, &sub, &keep))
+                };
+                if let Some(f) = forwarded
+                    && to_broker.send(f).await.is_err()
+                {
+                    break Ok(());
                 }
             }
             kind::CONNECT => break Err(ConnectionError::Protocol("a second CONNECT")),
@@ -455,24 +602,69 @@ async fn connection(
     result
 }
 
+/// The user a CONNECT authenticates as (`None`: anonymous), or the CONNACK codes refusing it
+/// (MQTT 3.1.1, MQTT 5) and why.
+async fn authenticate(
+    ctx: &Ctx,
+    connect: &mqtt::Connect,
+) -> Result<Option<String>, (u8, u8, &'static str)> {
+    const BAD_CREDENTIALS: (u8, u8) = (4, 0x86);
+    const NOT_AUTHORIZED: (u8, u8) = (5, 0x87);
+    match (&connect.username, &connect.password) {
+        (Some(user), Some(password)) => {
+            let _turn = ctx.verifying.acquire().await;
+            let (access, u, p) = (ctx.access.clone(), user.clone(), password.clone());
+            let ok = tokio::task::spawn_blocking(move || access.users.verify(&u, &p))
+                .await
+                .unwrap_or(false);
+            if ok {
+                Ok(Some(user.clone()))
+            } else {
+                Err((
+                    BAD_CREDENTIALS.0,
+                    BAD_CREDENTIALS.1,
+                    "unknown user or wrong password",
+                ))
+            }
+        }
+        (Some(_), None) => Err((
+            BAD_CREDENTIALS.0,
+            BAD_CREDENTIALS.1,
+            "a user name without a password",
+        )),
+        (None, _) if ctx.access.allow_anonymous => Ok(None),
+        (None, _) => Err((
+            NOT_AUTHORIZED.0,
+            NOT_AUTHORIZED.1,
+            "anonymous, and mqtt.auth.allow_anonymous is off",
+        )),
+    }
+}
+
 /// Sends every acknowledgement whose record is settled, in order. `false` when a 3.1.1
 /// client's publish was refused: it cannot be told, so its connection closes.
 async fn flush(owed: &mut Owed, receipts: &Receipts, out: &mpsc::Sender<Bytes>, v5: bool) -> bool {
     let (done, refused) = receipts.take();
-    while let Some(&(ticket, pkid, ack, own)) = owed.queue.front() {
-        if ticket > done {
+    while let Some(&ack) = owed.queue.front() {
+        if ack.ticket > done {
             break;
         }
         owed.queue.pop_front();
-        let reason = if own && refused.contains(&ticket) {
+        let reason = if ack.own && refused.contains(&ack.ticket) {
             if !v5 {
                 return false;
             }
             Some(0x97) // quota exceeded
+        } else if v5 {
+            ack.reason
         } else {
             None
         };
-        if out.send(mqtt::ack(ack, pkid, reason)).await.is_err() {
+        if out
+            .send(mqtt::ack(ack.kind, ack.pkid, reason))
+            .await
+            .is_err()
+        {
             return false;
         }
     }

@@ -12,6 +12,7 @@
 //! rumqttd acknowledges QoS 1 on receipt: a crash can lose the current commit window, a clean
 //! stop (SIGTERM) loses nothing and ends within [`STOP_BOUND`].
 
+pub mod access;
 pub mod bandwidth;
 pub mod batcher;
 pub mod broker;
@@ -74,6 +75,7 @@ fn protections(lanes: &[Lane]) -> Arc<buffer::Protected> {
 pub async fn run(
     config: AgentConfig,
     token: String,
+    users: access::Users,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let metrics = Metrics::new();
@@ -202,6 +204,11 @@ pub async fn run(
         broker.internal_v5,
         config.mqtt.max_payload_bytes,
         config.mqtt.max_connections,
+        access::Access {
+            users,
+            allow_anonymous: config.mqtt.auth.allow_anonymous,
+            acl: access::Acl::new(config.mqtt.acl.clone()),
+        },
     );
     let bound = |l: &tokio::net::TcpListener, key, addr| {
         l.local_addr()

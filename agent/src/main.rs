@@ -34,6 +34,9 @@ enum Command {
         /// The YAML config to check.
         file: PathBuf,
     },
+    /// Print the hash of a password read from standard input, for a line `name:HASH` of the
+    /// users file (mqtt.auth.users_file). Argon2id, random salt.
+    HashPassword,
     /// Inspect a buffer file offline (read-only; safe while the agent runs).
     Buffer {
         #[command(subcommand)]
@@ -86,10 +89,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = AgentConfig::load(&file)?;
             resolve_token(&file, &config.ingest.token)?;
             check_buffer_volume(&file, &config)?;
+            let users = load_users(&config)?;
             println!(
-                "{}: valid ({} streams)",
+                "{}: valid ({} streams, {} MQTT users)",
                 file.display(),
-                config.streams.len()
+                config.streams.len(),
+                users.len()
+            );
+            Ok(())
+        }
+        Command::HashPassword => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                anyhow::bail!("no password on standard input");
+            }
+            println!(
+                "{}",
+                edge_agent::access::hash_password(password).map_err(anyhow::Error::msg)?
             );
             Ok(())
         }
@@ -133,6 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = AgentConfig::load(&file)?;
             let token = resolve_token(&file, &config.ingest.token)?;
             config.buffer.reserve_bytes = Some(check_buffer_volume(&file, &config)?);
+            let users = load_users(&config)?;
             raise_open_files_limit();
             let runtime = tokio::runtime::Runtime::new()?;
             let result = runtime.block_on(async {
@@ -142,7 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     wait_for_signal().await;
                     on_signal.cancel();
                 });
-                edge_agent::run(config, token, shutdown).await
+                edge_agent::run(config, token, users, shutdown).await
             });
             // The stop is already bounded; a blocking task it gave up on must not hold the
             // process (dropping a runtime waits for them forever).
@@ -151,6 +170,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The users file the config names (none: no users).
+fn load_users(config: &AgentConfig) -> anyhow::Result<edge_agent::access::Users> {
+    Ok(match &config.mqtt.auth.users_file {
+        Some(file) => edge_agent::access::Users::load(file)?,
+        None => edge_agent::access::Users::default(),
+    })
 }
 
 /// Each MQTT connection takes a few descriptors (the client's, and the relay to the embedded

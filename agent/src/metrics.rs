@@ -63,6 +63,10 @@ pub const COMMIT_ERRORS: &str = "agent_buffer_commit_errors_total";
 /// QoS 1/2 publishes refused to their sender (not acknowledged) because the disk could not
 /// take them even after evicting everything the policy allows.
 pub const PUBLISHES_REFUSED: &str = "agent_mqtt_publishes_refused_total";
+/// MQTT connections refused for their credentials (or anonymous when that is off).
+pub const MQTT_AUTH_FAILURES: &str = "agent_mqtt_auth_failures_total";
+/// Publishes and subscriptions denied by `mqtt.acl`, by action.
+pub const MQTT_DENIED: &str = "agent_mqtt_denied_total";
 /// MQTT connections refused over `mqtt.max_connections`.
 pub const MQTT_REFUSED: &str = "agent_mqtt_connections_refused_total";
 /// QoS 1/2 resends (DUP) of publishes already kept: acknowledged again, not stored again.
@@ -132,6 +136,10 @@ pub struct Metrics {
     pub publishes_refused: IntCounter,
     /// See [`MQTT_REFUSED`].
     pub mqtt_refused: IntCounter,
+    /// See [`MQTT_AUTH_FAILURES`].
+    pub mqtt_auth_failures: IntCounter,
+    /// See [`MQTT_DENIED`].
+    pub mqtt_denied: IntCounterVec,
     /// See [`MQTT_RESENDS`].
     pub mqtt_resends: IntCounter,
     /// See [`LOCAL_COPIES_DROPPED`].
@@ -141,6 +149,8 @@ pub struct Metrics {
     /// See [`BUFFER_LAST_COMMIT_AGE`]; set from `last_commit_ms` when rendered.
     buffer_last_commit_age: prometheus::Gauge,
     last_commit_ms: Arc<std::sync::atomic::AtomicI64>,
+    /// Whether the buffer's last commit succeeded: `/readyz` is 503 while commits fail.
+    buffer_ok: Arc<AtomicBool>,
 }
 
 impl Metrics {
@@ -276,6 +286,15 @@ impl Metrics {
                 "QoS 1/2 publishes refused to their sender for a full disk.",
             ),
             mqtt_refused: counter(MQTT_REFUSED, "MQTT connections refused over the limit."),
+            mqtt_auth_failures: counter(
+                MQTT_AUTH_FAILURES,
+                "MQTT connections refused for their credentials.",
+            ),
+            mqtt_denied: counter_vec(
+                MQTT_DENIED,
+                "Publishes and subscriptions denied by the ACL.",
+                &["action"],
+            ),
             mqtt_resends: counter(
                 MQTT_RESENDS,
                 "Resends of publishes already kept: acknowledged, not stored again.",
@@ -297,6 +316,7 @@ impl Metrics {
                 .expect("invariant: valid metric"),
             ),
             last_commit_ms: Arc::new(std::sync::atomic::AtomicI64::new(crate::clock::now_ms())),
+            buffer_ok: Arc::new(AtomicBool::new(true)),
             registry,
         }
     }
@@ -305,6 +325,13 @@ impl Metrics {
     pub fn committed_now(&self) {
         self.last_commit_ms
             .store(crate::clock::now_ms(), Ordering::Relaxed);
+        self.buffer_ok.store(true, Ordering::Relaxed);
+    }
+
+    /// A buffer commit failed (other than for a full disk, which is handled): not ready until
+    /// one succeeds.
+    pub fn commit_failing(&self) {
+        self.buffer_ok.store(false, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition.
@@ -335,6 +362,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::routing::get;
+    let buffer_ok = metrics.buffer_ok.clone();
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -344,7 +372,7 @@ pub async fn serve(
         .route(
             "/readyz",
             get(move || {
-                let up = ready.load(Ordering::Relaxed);
+                let up = ready.load(Ordering::Relaxed) && buffer_ok.load(Ordering::Relaxed);
                 std::future::ready(if up {
                     (StatusCode::OK, "ready")
                 } else {

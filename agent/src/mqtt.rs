@@ -23,6 +23,10 @@ pub mod kind {
     pub const PUBREL: u8 = 6;
     /// PUBCOMP.
     pub const PUBCOMP: u8 = 7;
+    /// SUBSCRIBE.
+    pub const SUBSCRIBE: u8 = 8;
+    /// SUBACK.
+    pub const SUBACK: u8 = 9;
     /// DISCONNECT.
     pub const DISCONNECT: u8 = 14;
 }
@@ -160,6 +164,10 @@ pub struct Connect {
     pub clean: bool,
     /// Keep-alive in seconds (0: none).
     pub keep_alive: u16,
+    /// User name, if given.
+    pub username: Option<String>,
+    /// Password, if given.
+    pub password: Option<Vec<u8>>,
     /// Where the client id field starts in the frame's body, and where it ends.
     id_span: (usize, usize),
 }
@@ -198,11 +206,36 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
     let client_id = std::str::from_utf8(id)
         .map_err(|_| MqttError::Malformed("CONNECT client id (not UTF-8)"))?
         .to_owned();
+    let mut next = end;
+    if flags & 0x04 != 0 {
+        if level == 5 {
+            let (props, n) = get_length(b, next)?;
+            next += n + props;
+        }
+        next = field(b, next, "CONNECT will topic")?.1;
+        next = field(b, next, "CONNECT will payload")?.1;
+    }
+    let mut username = None;
+    if flags & 0x80 != 0 {
+        let (u, n) = field(b, next, "CONNECT user name")?;
+        username = Some(
+            std::str::from_utf8(u)
+                .map_err(|_| MqttError::Malformed("CONNECT user name (not UTF-8)"))?
+                .to_owned(),
+        );
+        next = n;
+    }
+    let mut password = None;
+    if flags & 0x40 != 0 {
+        password = Some(field(b, next, "CONNECT password")?.0.to_vec());
+    }
     Ok(Connect {
         level,
         client_id,
         clean: flags & 0x02 != 0,
         keep_alive,
+        username,
+        password,
         id_span: (at, end),
     })
 }
@@ -375,6 +408,106 @@ fn strip_alias(props: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// A CONNACK refusing the connection: `v4_code` for MQTT 3.1.1, `v5_reason` for MQTT 5.
+pub fn connack_refused(v5: bool, v4_code: u8, v5_reason: u8) -> Bytes {
+    if v5 {
+        Bytes::from(vec![0x20, 3, 0, v5_reason, 0])
+    } else {
+        Bytes::from(vec![0x20, 2, 0, v4_code])
+    }
+}
+
+/// A SUBSCRIBE: its packet id and each filter with where it sits in the frame's body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribe {
+    /// Packet id.
+    pub pkid: u16,
+    /// The filters, in order.
+    pub filters: Vec<String>,
+    /// Where the filter list starts in the body (after packet id and properties).
+    list_at: usize,
+}
+
+/// Reads a SUBSCRIBE frame.
+pub fn subscribe(frame: &Frame, v5: bool) -> Result<Subscribe, MqttError> {
+    let b = frame.body();
+    let pkid = u16_at(b, 0, "SUBSCRIBE packet id")?;
+    let mut at = 2;
+    if v5 {
+        let (len, n) = get_length(b, at)?;
+        at += n + len;
+    }
+    let list_at = at;
+    let mut filters = Vec::new();
+    while at < b.len() {
+        let (f, next) = field(b, at, "SUBSCRIBE filter")?;
+        b.get(next)
+            .ok_or(MqttError::Malformed("SUBSCRIBE options"))?;
+        filters.push(
+            std::str::from_utf8(f)
+                .map_err(|_| MqttError::Malformed("SUBSCRIBE filter (not UTF-8)"))?
+                .to_owned(),
+        );
+        at = next + 1;
+    }
+    if filters.is_empty() {
+        return Err(MqttError::Malformed("SUBSCRIBE without filters"));
+    }
+    Ok(Subscribe {
+        pkid,
+        filters,
+        list_at,
+    })
+}
+
+/// The same SUBSCRIBE with only the filters `keep` says yes to (at least one).
+pub fn keep_filters(frame: &Frame, s: &Subscribe, keep: &[bool]) -> Bytes {
+    let b = frame.body();
+    let mut rest = b[..s.list_at].to_vec();
+    let mut at = s.list_at;
+    for k in keep {
+        let Ok((_, next)) = field(b, at, "f") else {
+            break;
+        };
+        if *k {
+            rest.extend_from_slice(b.get(at..=next).unwrap_or_default());
+        }
+        at = next + 1;
+    }
+    let mut out = vec![frame.byte1];
+    put_length(&mut out, rest.len());
+    out.extend_from_slice(&rest);
+    out.into()
+}
+
+/// A SUBACK for `pkid` with one code per filter.
+pub fn suback(pkid: u16, codes: &[u8], v5: bool) -> Bytes {
+    let mut rest = pkid.to_be_bytes().to_vec();
+    if v5 {
+        rest.push(0);
+    }
+    rest.extend_from_slice(codes);
+    let mut out = vec![0x90];
+    put_length(&mut out, rest.len());
+    out.extend_from_slice(&rest);
+    out.into()
+}
+
+/// The packet id and codes of a SUBACK frame.
+pub fn suback_codes(frame: &Frame, v5: bool) -> Result<(u16, Vec<u8>), MqttError> {
+    let b = frame.body();
+    let pkid = u16_at(b, 0, "SUBACK packet id")?;
+    let mut at = 2;
+    if v5 {
+        let (len, n) = get_length(b, at)?;
+        at += n + len;
+    }
+    Ok((
+        pkid,
+        b.get(at..).ok_or(MqttError::Malformed("SUBACK"))?.to_vec(),
+    ))
+}
+
 /// A PUBACK, PUBREC or PUBCOMP for `pkid`; `reason` (MQTT 5 only) when not success.
 pub fn ack(kind: u8, pkid: u16, reason: Option<u8>) -> Bytes {
     let [hi, lo] = pkid.to_be_bytes();
@@ -472,6 +605,38 @@ mod tests {
     }
 
     #[test]
+    fn credentials_and_subscriptions_are_read() {
+        // CONNECT v4 with user "u" and password "p".
+        let mut v = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 30, 0, 1, b'c'];
+        v.extend_from_slice(&[0, 1, b'u', 0, 1, b'p']);
+        let mut raw = vec![0x10, v.len() as u8];
+        raw.extend(v);
+        let c = connect(&frame(&raw)).expect("connect");
+        assert_eq!(
+            (c.username.as_deref(), c.password.as_deref()),
+            (Some("u"), Some(&b"p"[..]))
+        );
+        // SUBSCRIBE v4: pkid 3, "a/#" qos 1, "b" qos 0.
+        let raw = [0x82, 10, 0, 3, 0, 3, b'a', b'/', b'#', 1, 0, 1];
+        let mut raw = raw.to_vec();
+        raw.extend_from_slice(b"b");
+        raw.push(0);
+        raw[1] = (raw.len() - 2) as u8;
+        let f = frame(&raw);
+        let s = subscribe(&f, false).expect("subscribe");
+        assert_eq!(
+            (s.pkid, s.filters.clone()),
+            (3, vec!["a/#".to_owned(), "b".to_owned()])
+        );
+        let only_b = subscribe(&frame(&keep_filters(&f, &s, &[false, true])), false).expect("kept");
+        assert_eq!(only_b.filters, vec!["b".to_owned()]);
+        assert_eq!(
+            suback_codes(&frame(&suback(3, &[0x80, 1], true)), true).expect("suback"),
+            (3, vec![0x80, 1])
+        );
+    }
+
+    #[test]
     fn framing_waits_for_whole_packets_and_bounds_them() {
         let mut b = BytesMut::from(&[0x30, 0x80][..]);
         assert_eq!(next_frame(&mut b, 100), Ok(None));
@@ -504,7 +669,7 @@ mod tests {
             let len = (next() % 64) as usize;
             let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             if let Some(b) = bytes.first_mut() {
-                *b = [0x10, 0x30, 0x32, 0x34, 0x3A, 0x62][next() as usize % 6];
+                *b = [0x10, 0x30, 0x32, 0x34, 0x3A, 0x62, 0x82, 0x90][next() as usize % 8];
             }
             if bytes.len() > 1 {
                 bytes[1] = (len - 2) as u8;
@@ -520,6 +685,13 @@ mod tests {
                     }
                 }
                 let _ = pubrel(&f);
+                for v5 in [false, true] {
+                    if let Ok(sub) = subscribe(&f, v5) {
+                        let keep: Vec<bool> = sub.filters.iter().map(|_| true).collect();
+                        let _ = keep_filters(&f, &sub, &keep);
+                    }
+                    let _ = suback_codes(&f, v5);
+                }
             }
         }
     }

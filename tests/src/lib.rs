@@ -156,6 +156,11 @@ impl Process {
         self.child.id()
     }
 
+    /// Its exit status, if it has exited.
+    pub fn try_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -545,6 +550,7 @@ pub struct AgentHarness {
     mqtt_port: u16,
     buffer: Option<PathBuf>,
     mqtt_extra: String,
+    mqtt_auth: String,
     ingest_extra: String,
     launcher: Vec<PathBuf>,
 }
@@ -605,9 +611,17 @@ impl AgentHarness {
             mqtt_port: 0,
             buffer: None,
             mqtt_extra: String::new(),
+            mqtt_auth: "  auth: { allow_anonymous: true }\n".into(),
             ingest_extra: String::new(),
             launcher: Vec::new(),
         }
+    }
+
+    /// Replace the `mqtt.auth` (and `mqtt.acl`) keys, indented by two spaces (the default lets
+    /// anonymous clients in).
+    pub fn mqtt_auth(mut self, yaml: &str) -> Self {
+        self.mqtt_auth = yaml.to_owned();
+        self
     }
 
     /// Run this command instead of the native binary, e.g. `[qemu-aarch64-static, <arm binary>]`.
@@ -684,7 +698,7 @@ ingest:
 {ingest_extra}mqtt:
   listen: 127.0.0.1:{mqtt_port}
   listen_v5: 127.0.0.1:0
-{mqtt_extra}buffer:
+{mqtt_auth}{mqtt_extra}buffer:
   path: {buffer}
   quota_bytes: {quota}
 streams:{streams}
@@ -708,6 +722,7 @@ metrics_listen: 127.0.0.1:0
             quota = self.quota,
             mqtt_port = self.mqtt_port,
             mqtt_extra = self.mqtt_extra,
+            mqtt_auth = self.mqtt_auth,
             ingest_extra = self.ingest_extra,
         )
     }

@@ -158,6 +158,7 @@ fn the_packages_hold_binary_config_and_unit_and_both_pass_checks() {
         // (the token is provisioned on the gateway; the postinst writes a placeholder).
         let etc = root.path().join("etc/edge-agent");
         std::fs::write(etc.join("token"), "placeholder\n").expect("token");
+        std::fs::write(etc.join("users"), "").expect("users");
         let config = std::fs::read_to_string(etc.join("agent.yaml"))
             .expect("packaged config")
             .replace("/etc/edge-agent/", &format!("{}/", etc.display()))

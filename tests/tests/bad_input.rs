@@ -15,6 +15,7 @@ ingest:
   token_file: TOKEN_FILE
 mqtt:
   listen: 127.0.0.1:0
+  auth: { allow_anonymous: true }
 buffer:
   path: BUFFER
   quota_bytes: 64MiB
@@ -64,6 +65,17 @@ fn bad_agent_configs_name_file_key_and_reason() {
             good.replace(&token.display().to_string(), "/nonexistent/token"),
             "ingest.token_file: cannot read token file /nonexistent/token",
         ),
+        (
+            good.replace("  auth: { allow_anonymous: true }\n", ""),
+            "mqtt.auth: no client could connect",
+        ),
+        (
+            good.replace(
+                "  auth: { allow_anonymous: true }",
+                "  auth: { allow_anonymous: true }\n  acl: [{ users: [\"*\"], publish: [\"a/#/b\"] }]",
+            ),
+            "mqtt.acl[0].publish[0]: \"a/#/b\" is not a valid MQTT topic filter",
+        ),
     ];
     for (text, expected) in cases {
         std::fs::write(&file, &text).expect("write");
@@ -77,6 +89,25 @@ fn bad_agent_configs_name_file_key_and_reason() {
             );
         }
     }
+    let users = dir.path().join("users");
+    std::fs::write(&users, "alice:plaintext-password\n").expect("users");
+    std::fs::write(
+        &file,
+        good.replace(
+            "  auth: { allow_anonymous: true }",
+            &format!("  auth: {{ users_file: {} }}", users.display()),
+        ),
+    )
+    .expect("write");
+    let (ok, stderr) = agent(&["check-config", file.to_str().expect("utf8")]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "{}:1: user \"alice\": not a password hash",
+            users.display()
+        )),
+        "the users file's error names file and line: {stderr}"
+    );
     assert!(
         !dir.path().join("b.db").exists(),
         "a bad config starts nothing"

@@ -402,3 +402,251 @@ fn idle_sockets_garbage_and_a_connect_storm_do_not_starve_the_door() {
         (n == 1000).then_some(())
     });
 }
+
+/// `edge-agent hash-password` for `password`.
+fn hash(password: &str) -> String {
+    let mut child = Command::new(e2e::bin("edge-agent"))
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("hash-password");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(password.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("output");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
+}
+
+/// mosquitto_pub with these credentials; whether it succeeded.
+fn mosquitto_pub(
+    addr: SocketAddr,
+    version: &str,
+    creds: Option<(&str, &str)>,
+    topic: &str,
+    message: &str,
+) -> bool {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &addr.port().to_string(),
+        "-V",
+        version,
+        "-q",
+        "1",
+        "-t",
+        topic,
+        "-m",
+        message,
+    ]);
+    if let Some((u, p)) = creds {
+        cmd.args(["-u", u, "-P", p]);
+    }
+    cmd.stderr(Stdio::null())
+        .status()
+        .expect("mosquitto_pub")
+        .success()
+}
+
+/// A raw MQTT 3.1.1 CONNECT with credentials, then the CONNACK code.
+fn raw_login(addr: SocketAddr, client_id: &str, user: &str, password: &str) -> (TcpStream, u8) {
+    let mut v = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+    for field in [client_id.as_bytes(), user.as_bytes(), password.as_bytes()] {
+        v.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        v.extend_from_slice(field);
+    }
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(&packet(0x10, &v)).expect("CONNECT");
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).expect("CONNACK");
+    (s, connack[3])
+}
+
+#[test]
+fn only_known_users_get_in_and_the_acl_keeps_them_to_their_topics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let users = dir.path().join("users");
+    std::fs::write(
+        &users,
+        format!(
+            "sensor-1:{}\ngrafana:{}:dashboards\n",
+            hash("s3cret-1"),
+            hash("dash-pw")
+        ),
+    )
+    .expect("users");
+    let agent = AgentHarness::new(dir.path(), &cloud.url())
+        .mqtt_auth(&format!(
+            "  auth: {{ allow_anonymous: false, users_file: {} }}
+  acl:
+    - users: [\"*\"]
+      publish: [\"plant/+/telemetry/%u/#\"]
+    - groups: [dashboards]
+      subscribe: [\"plant/#\"]
+",
+            users.display()
+        ))
+        .run();
+    let good = Some(("sensor-1", "s3cret-1"));
+    for version in ["mqttv311", "mqttv5"] {
+        assert!(
+            mosquitto_pub(
+                agent.mqtt,
+                version,
+                good,
+                "plant/1/telemetry/sensor-1/t",
+                version
+            ),
+            "{version}: the right password works"
+        );
+        assert!(!mosquitto_pub(
+            agent.mqtt,
+            version,
+            Some(("sensor-1", "wrong")),
+            "plant/1/telemetry/sensor-1/t",
+            "x"
+        ));
+        assert!(!mosquitto_pub(
+            agent.mqtt,
+            version,
+            Some(("mallory", "s3cret-1")),
+            "plant/1/telemetry/sensor-1/t",
+            "x"
+        ));
+        assert!(
+            !mosquitto_pub(
+                agent.mqtt,
+                version,
+                None,
+                "plant/1/telemetry/sensor-1/t",
+                "x"
+            ),
+            "anonymous refused"
+        );
+    }
+    assert_eq!(agent.metric("agent_mqtt_auth_failures_total"), 6.0);
+    let (_, code) = raw_login(agent.mqtt, "c", "sensor-1", "wrong");
+    assert_eq!(code, 4, "3.1.1: bad user name or password");
+    let (_, code) = raw_client(agent.mqtt, "anon", true);
+    assert_eq!(code, 5, "3.1.1: not authorized");
+
+    // Outside its prefix: acknowledged (3.1.1) but never stored; counted.
+    assert!(mosquitto_pub(
+        agent.mqtt,
+        "mqttv311",
+        good,
+        "plant/1/telemetry/sensor-2/t",
+        "not mine"
+    ));
+    assert!(mosquitto_pub(
+        agent.mqtt,
+        "mqttv311",
+        good,
+        "plant/1/alarm/sensor-1/t",
+        "not mine"
+    ));
+    assert_eq!(
+        agent.metric("agent_mqtt_denied_total{action=\"publish\"}"),
+        2.0
+    );
+
+    // A sensor may not subscribe to everything; a dashboard may read the plant.
+    let (mut s, code) = raw_login(agent.mqtt, "spy", "sensor-1", "s3cret-1");
+    assert_eq!(code, 0);
+    let mut sub = vec![0, 7];
+    sub.extend_from_slice(&[0, 1, b'#', 0]);
+    s.write_all(&packet(0x82, &sub)).expect("SUBSCRIBE");
+    assert_eq!(
+        read_packet(&mut s),
+        vec![0x90, 3, 0, 7, 0x80],
+        "SUBACK failure"
+    );
+    let (mut s, code) = raw_login(agent.mqtt, "dash", "grafana", "dash-pw");
+    assert_eq!(code, 0);
+    let mut sub = vec![0, 8];
+    for f in ["plant/#", "#"] {
+        sub.extend_from_slice(&(f.len() as u16).to_be_bytes());
+        sub.extend_from_slice(f.as_bytes());
+        sub.push(0);
+    }
+    s.write_all(&packet(0x82, &sub)).expect("SUBSCRIBE");
+    assert_eq!(
+        read_packet(&mut s),
+        vec![0x90, 4, 0, 8, 0, 0x80],
+        "granted in place, refused in place"
+    );
+    assert_eq!(
+        agent.metric("agent_mqtt_denied_total{action=\"subscribe\"}"),
+        2.0
+    );
+
+    let records = eventually(Duration::from_secs(20), "the two allowed records", || {
+        let r = records_of(&cloud, "telemetry");
+        (r.len() >= 2).then_some(r)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let records = records_of(&cloud, "telemetry").len().max(records.len());
+    assert_eq!(records, 2, "denied publishes are not stored");
+}
+
+#[test]
+fn a_buffer_that_refuses_every_commit_stops_the_agent_which_exits_non_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let mut agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let (mut s, _) = raw_client(agent.mqtt, "before", true);
+    s.write_all(&publish_packet("plant/1/telemetry/t", b"kept", 1, 1, false))
+        .expect("publish");
+    assert_eq!(read_packet(&mut s), vec![0x40, 2, 0, 1]);
+    // The buffer's files refuse every write from now on, through the descriptors the agent
+    // already holds (a failing SD card does that): `chattr +i` on ext4.
+    let files: Vec<_> = ["buffer.db", "buffer.db-wal"]
+        .iter()
+        .map(|f| dir.path().join(f))
+        .collect();
+    let chattr = |flag: &str| {
+        for f in &files {
+            let status = Command::new("chattr")
+                .arg(flag)
+                .arg(f)
+                .status()
+                .expect("chattr");
+            assert!(status.success(), "chattr {flag} (needs root and ext4)");
+        }
+    };
+    chattr("+i");
+    s.write_all(&publish_packet(
+        "plant/1/telemetry/t",
+        b"not kept",
+        1,
+        2,
+        false,
+    ))
+    .expect("publish");
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut buf = [0u8; 4];
+    let acked = s.read_exact(&mut buf).is_ok();
+    let ready = e2e::try_eventually(Duration::from_secs(10), || {
+        (agent.readyz() == 503).then_some(())
+    });
+    let exited = e2e::try_eventually(Duration::from_secs(40), || agent.process.try_status());
+    chattr("-i");
+    assert!(!acked, "no PUBACK: the record is not on disk");
+    assert!(ready.is_some(), "not ready while commits fail");
+    let exited = exited.expect("the agent stops by itself");
+    assert!(!exited.success(), "and exits non-zero: {exited:?}");
+    assert!(agent.process.stderr().contains("stopped unexpectedly"));
+}

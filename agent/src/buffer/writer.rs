@@ -201,6 +201,7 @@ impl BufferWriter {
                 // front door fills and publishers wait for their acknowledgements.
                 tracing::error!(error = %error, commands = group.len(), retry_in = ?delay, "buffer commit failed");
                 self.metrics.commit_errors.inc();
+                self.metrics.commit_failing();
                 if since.elapsed() >= GIVE_UP_AFTER {
                     self.give_up(group, &error);
                     return false;
