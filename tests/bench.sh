@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # Benchmarks of the real release binaries on this machine; prints a Markdown table.
 # Usage: bash tests/bench.sh        (BENCH_SCALE=N multiplies the record counts;
-#                                   BENCH_ONLY=pipeline, kafka or network runs one group)
+#                                   BENCH_ONLY=pipeline, kafka, network or frontdoor runs one
+#                                   group; BENCH_BASELINE=<git ref> builds that version's agent
+#                                   and runs it beside this one in the frontdoor table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh test   # build tools and the tansu broker
 cargo build --release --workspace --bins
+if [ -n "${BENCH_BASELINE:-}" ]; then
+  # The baseline's agent, built from its own tree with its own target dir.
+  src=target/bench-baseline/src
+  rm -rf "$src" && mkdir -p "$src"
+  git archive "$BENCH_BASELINE" | tar -x -C "$src"
+  (cd "$src" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release -p edge-agent)
+  export BENCH_BASELINE_DIR="$PWD/target/bench-baseline/target/release"
+fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"
 ./target/release/bench

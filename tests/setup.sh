@@ -26,7 +26,7 @@ install_debs() {
 install_debs cmake libcurl4-openssl-dev g++ make
 [ "$mode" = build ] && exit 0
 
-install_debs mosquitto-clients nats-server python3-pip faketime
+install_debs mosquitto-clients nats-server python3-pip faketime openssl e2fsprogs
 
 # An independent Kafka client to read what the ingest produced.
 python3 -c 'import confluent_kafka' 2>/dev/null \

@@ -150,6 +150,16 @@ struct RawMqtt {
     auth: RawAuth,
     #[serde(default)]
     acl: Option<Vec<RawRule>>,
+    #[serde(default)]
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: SocketAddr,
+    cert_file: PathBuf,
+    key_file: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -367,6 +377,19 @@ pub struct MqttConfig {
     pub auth: AuthConfig,
     /// What each client may publish and subscribe to; `None`: everything.
     pub acl: Option<Vec<crate::access::Rule>>,
+    /// An MQTT over TLS listener, if any.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The MQTT over TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// PEM certificate chain, the server's first.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
 }
 
 /// Who may connect to the front door.
@@ -621,6 +644,11 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             users_file: raw.mqtt.auth.users_file,
         },
         acl: raw.mqtt.acl.map(validate_acl).transpose()?,
+        tls: raw.mqtt.tls.map(|t| TlsConfig {
+            listen: t.listen,
+            cert_file: t.cert_file,
+            key_file: t.key_file,
+        }),
     };
     if !mqtt.auth.allow_anonymous && mqtt.auth.users_file.is_none() {
         return Err((

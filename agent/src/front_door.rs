@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -85,6 +85,32 @@ struct Session {
     kept: HashMap<u16, u32>,
     /// QoS 2 publishes kept and not yet released (PUBREL).
     unreleased: HashSet<u16>,
+}
+
+/// The TLS acceptor for `mqtt.tls`: the certificate chain and key read now (start-up I/O);
+/// the error names the key and the file.
+pub fn tls_acceptor(
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("mqtt.tls.cert_file: {}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "mqtt.tls.cert_file: {}: no PEM certificate in it",
+            cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("mqtt.tls.key_file: {}: {e}", key_file.display()))?;
+    let config = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("mqtt.tls: the certificate and key do not go together: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Binds a client-facing listener; the error names the config key.
@@ -161,6 +187,7 @@ impl FrontDoor {
                         };
                         let (ctx, closing) = (ctx.clone(), closing.clone());
                         tokio::spawn(async move {
+                            let _ = client.set_nodelay(true);
                             if let Err(e) = connection(client, &ctx, &closing).await {
                                 tracing::debug!(error = %e, "MQTT connection closed");
                             }
@@ -172,6 +199,43 @@ impl FrontDoor {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
+            }
+        });
+    }
+
+    /// Serves MQTT over TLS on `listener`: the handshake, then the same as [`FrontDoor::serve`].
+    pub fn serve_tls(&self, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+        let closing = self.closing.clone();
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = closing.cancelled() => return,
+                };
+                let Ok((client, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
+                    ctx.metrics.mqtt_refused.inc();
+                    continue;
+                };
+                let (ctx, closing, acceptor) = (ctx.clone(), closing.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let _ = client.set_nodelay(true);
+                    // The handshake counts against the CONNECT timeout.
+                    match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(client)).await {
+                        Ok(Ok(tls)) => {
+                            if let Err(e) = connection(tls, &ctx, &closing).await {
+                                tracing::debug!(error = %e, "MQTT connection closed");
+                            }
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
             }
         });
     }
@@ -259,13 +323,15 @@ impl Owed {
     }
 }
 
-async fn connection(
-    client: TcpStream,
+async fn connection<S>(
+    client: S,
     ctx: &Ctx,
     closing: &CancellationToken,
-) -> Result<(), ConnectionError> {
-    let _ = client.set_nodelay(true);
-    let (mut client_rx, mut client_tx) = client.into_split();
+) -> Result<(), ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let mut inbound = BytesMut::with_capacity(4096);
     let first = tokio::time::timeout(
         CONNECT_TIMEOUT,

@@ -54,6 +54,9 @@ pub enum AgentError {
     /// The metrics listener cannot be bound.
     #[error("metrics_listen: cannot listen: {0}")]
     Metrics(#[source] std::io::Error),
+    /// The TLS certificate or key cannot be used (the message names the key and the file).
+    #[error("{0}")]
+    Tls(String),
     /// A stop did not finish within [`STOP_BOUND`]; the process exits non-zero.
     #[error("the stop did not finish in time; see the log for what may be lost")]
     Stop,
@@ -194,6 +197,13 @@ pub async fn run(
         Some(addr) => Some(front_door::bind(addr, "mqtt.listen_v5").await?),
         None => None,
     };
+    let tls = match &config.mqtt.tls {
+        Some(t) => Some((
+            front_door::bind(t.listen, "mqtt.tls.listen").await?,
+            front_door::tls_acceptor(&t.cert_file, &t.key_file).map_err(AgentError::Tls)?,
+        )),
+        None => None,
+    };
     let broker = broker::start(&config.mqtt)?;
     let front_door = FrontDoor::new(
         router,
@@ -223,6 +233,13 @@ pub async fn run(
         // A second address serving both protocol versions, like the first.
         println!("mqtt5 listening on {}", bound(&l, "mqtt.listen_v5", addr)?);
         front_door.serve(l);
+    }
+    if let (Some((l, acceptor)), Some(t)) = (tls, &config.mqtt.tls) {
+        println!(
+            "mqtts listening on {}",
+            bound(&l, "mqtt.tls.listen", t.listen)?
+        );
+        front_door.serve_tls(l, acceptor);
     }
     tracing::info!(device = %config.device_id, streams = streams.len(), buffer = %config.buffer.path.display(), "edge-agent running");
 

@@ -109,6 +109,9 @@ pub struct Process {
 
 impl Process {
     fn spawn(mut cmd: Command, stderr_path: PathBuf) -> Process {
+        use std::os::unix::process::CommandExt;
+        // A group of its own: a launcher that forks (faketime) is stopped with its child.
+        cmd.process_group(0);
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -133,7 +136,7 @@ impl Process {
     }
 
     /// Waits for a stdout line starting with `prefix`; returns the rest.
-    fn wait_line(&mut self, prefix: &str) -> String {
+    pub fn wait_line(&mut self, prefix: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -161,18 +164,23 @@ impl Process {
         self.child.try_wait().ok().flatten()
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL (its whole process group) and reap.
     pub fn kill(&mut self) {
+        self.signal_group("-KILL");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
+    fn signal_group(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([signal, "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
+    }
+
     /// SIGTERM, then waits for the exit status (SIGKILL after 20 s).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        self.signal_group("-TERM");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -790,6 +798,11 @@ pub fn metric(addr: SocketAddr, series: &str) -> f64 {
 }
 
 impl Agent {
+    /// Waits for a stdout line starting with `prefix` (after those the harness read); the rest.
+    pub fn printed(&mut self, prefix: &str) -> String {
+        self.process.wait_line(prefix)
+    }
+
     /// HTTP status of `/readyz`.
     pub fn readyz(&self) -> u16 {
         reqwest::blocking::get(format!("http://{}/readyz", self.metrics))

@@ -43,7 +43,7 @@ pub struct LoadSpec {
 }
 
 /// What a load run did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoadReport {
     /// Messages published.
     pub published: u64,
@@ -51,6 +51,25 @@ pub struct LoadReport {
     pub acked: u64,
     /// Wall time from the first publish to the last PUBACK.
     pub elapsed: Duration,
+    /// Time from writing each QoS 1 publish to its PUBACK, microseconds (a sample: at most
+    /// [`MAX_LATENCY_SAMPLES`] per sensor).
+    pub ack_latencies_us: Vec<u64>,
+}
+
+/// PUBACK latencies kept per sensor.
+pub const MAX_LATENCY_SAMPLES: usize = 20_000;
+
+impl LoadReport {
+    /// The `q`-quantile (0..=1) of the PUBACK latencies, in milliseconds; 0 without samples.
+    pub fn ack_latency_ms(&self, q: f64) -> f64 {
+        let mut v = self.ack_latencies_us.clone();
+        if v.is_empty() {
+            return 0.0;
+        }
+        v.sort_unstable();
+        let at = ((v.len() - 1) as f64 * q).round() as usize;
+        v[at] as f64 / 1000.0
+    }
 }
 
 /// The payload of message `index` of sensor `client`: deterministic, so a test can regenerate
@@ -119,17 +138,19 @@ pub async fn publish(spec: LoadSpec) -> LoadReport {
         published: 0,
         acked: 0,
         elapsed: Duration::ZERO,
+        ack_latencies_us: Vec::new(),
     };
     for t in tasks {
-        let (published, acked) = t.await.expect("sensor task");
+        let (published, acked, latencies) = t.await.expect("sensor task");
         report.published += published;
         report.acked += acked;
+        report.ack_latencies_us.extend(latencies);
     }
     report.elapsed = started.elapsed();
     report
 }
 
-async fn sensor(spec: LoadSpec, client: usize) -> (u64, u64) {
+async fn sensor(spec: LoadSpec, client: usize) -> (u64, u64, Vec<u64>) {
     let mut options = MqttOptions::new(
         format!("{}{client}", spec.client_prefix),
         spec.mqtt.ip().to_string(),
@@ -147,12 +168,28 @@ async fn sensor(spec: LoadSpec, client: usize) -> (u64, u64) {
         let mut done_tx = Some(done_tx);
         let mut acked = 0u64;
         let mut written = 0u64;
+        let mut sent_at = std::collections::HashMap::new();
+        let mut latencies = Vec::new();
         loop {
             let event = tokio::time::timeout(Duration::from_secs(60), eventloop.poll()).await;
             match event {
-                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_)))) => written += 1,
-                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) => return acked,
+                Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                    acked += 1;
+                    if let Some(t) = sent_at.remove(&ack.pkid)
+                        && latencies.len() < MAX_LATENCY_SAMPLES
+                    {
+                        latencies.push(Instant::now().duration_since(t).as_micros() as u64);
+                    }
+                }
+                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
+                    written += 1;
+                    if pkid != 0 {
+                        sent_at.insert(pkid, Instant::now());
+                    }
+                }
+                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) => {
+                    return (acked, latencies);
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => panic!("sensor {client}: MQTT connection failed: {e}"),
                 Err(_) => panic!("sensor {client}: no MQTT progress for 60 s ({acked} acked)"),
@@ -189,8 +226,8 @@ async fn sensor(spec: LoadSpec, client: usize) -> (u64, u64) {
     }
     done_rx.await.expect("poller signals completion");
     mqtt.disconnect().await.expect("queue disconnect");
-    let acked = poller.await.expect("poller");
-    (total, acked)
+    let (acked, latencies) = poller.await.expect("poller");
+    (total, acked, latencies)
 }
 
 /// A publisher that runs until stopped: QoS 1 at a steady rate to a fixed address, reconnecting

@@ -650,3 +650,80 @@ fn a_buffer_that_refuses_every_commit_stops_the_agent_which_exits_non_zero() {
     assert!(!exited.success(), "and exits non-zero: {exited:?}");
     assert!(agent.process.stderr().contains("stopped unexpectedly"));
 }
+
+#[test]
+fn tls_with_a_ca_file_works_and_plain_tcp_to_the_tls_port_does_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(made.success());
+    let cloud = CloudHarness::new(dir.path()).run();
+    let mut agent = AgentHarness::new(dir.path(), &cloud.url())
+        .mqtt_extra(&format!(
+            "  tls: {{ listen: 127.0.0.1:0, cert_file: {}, key_file: {} }}\n",
+            cert.display(),
+            key.display()
+        ))
+        .run();
+    let tls: SocketAddr = agent
+        .printed("mqtts listening on")
+        .parse()
+        .expect("address");
+    let publish = |extra: &[&str], message: &str| {
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &tls.port().to_string(), "-q", "1"])
+            .args(["-t", "plant/4/telemetry/tls", "-m", message])
+            .args(extra)
+            .stderr(Stdio::null())
+            .status()
+            .expect("mosquitto_pub")
+            .success()
+    };
+    let ca = cert.display().to_string();
+    assert!(publish(&["--cafile", &ca, "-V", "mqttv311"], "over tls v3"));
+    assert!(publish(&["--cafile", &ca, "-V", "mqttv5"], "over tls v5"));
+    assert!(
+        !publish(&[], "plain tcp"),
+        "plain MQTT to the TLS port fails"
+    );
+    // A raw MQTT CONNECT gets a TLS alert or nothing, never a CONNACK.
+    let mut s = TcpStream::connect(tls).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(&connect_packet("plain", true)).expect("write");
+    let mut first = [0u8; 1];
+    let answered = s.read(&mut first).unwrap_or(0);
+    assert!(
+        answered == 0 || first[0] != 0x20,
+        "no CONNACK over plain TCP"
+    );
+    let r = eventually(Duration::from_secs(20), "both TLS records", || {
+        let r = records_of(&cloud, "telemetry");
+        (r.len() >= 2).then_some(r)
+    });
+    assert_eq!(r.len(), 2);
+}
