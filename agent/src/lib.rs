@@ -1,15 +1,15 @@
 //! Edge agent: the gateway end of the pipeline.
 //!
 //! ```text
-//! sensors ─MQTT─▶ broker (rumqttd) ─▶ routing ─▶ buffer (SQLite, group commit) ─▶ batcher (priority, zstd) ─▶ forwarder ─HTTPS─▶ cloud ingest
+//! sensors ─MQTT─▶ front door ─▶ routing ─▶ buffer (SQLite, group commit) ─commit─▶ PUBACK
+//!                     └─▶ broker (rumqttd: local subscribers)    batcher (priority, zstd) ─▶ forwarder ─HTTPS─▶ cloud ingest
 //! ```
 //!
-//! Guarantees: every record the broker hands over is committed to the buffer within the commit
-//! window before anything else happens to it; it leaves the buffer only when the ingest answered
-//! 2xx (or 400: then it is kept as a dead letter), or by the quota policy (counted); order is kept
-//! per stream; the backlog lives on disk, so memory stays bounded whatever the outage; a full
-//! disk never wedges the buffer (it drops by policy and reports every loss).
-//! rumqttd acknowledges QoS 1 on receipt: a crash can lose the current commit window, a clean
+//! Guarantees: a QoS 1/2 publish is acknowledged only once its record is committed (fsync);
+//! a record leaves the buffer only when the ingest answered 2xx (or 400: then it is kept as a
+//! dead letter), or by policy (quota, TTL, full disk: reported upstream); order is kept per
+//! stream; the backlog lives on disk, so memory stays bounded whatever the outage; a full disk
+//! never wedges the buffer; a stage that stops stops the agent (exit non-zero), and a clean
 //! stop (SIGTERM) loses nothing and ends within [`STOP_BOUND`].
 
 pub mod access;

@@ -24,8 +24,6 @@ pub const RECORDS_DEAD_LETTERED: &str = "agent_records_dead_lettered_total";
 /// Records lost, per stream and reason (`quota`, `ttl`, `disk_full`, `corrupt_buffer`,
 /// `broker_overflow`, `stop_failed`).
 pub const RECORDS_DROPPED: &str = "agent_records_dropped_total";
-/// Times rumqttd skipped records because the buffer writer lagged (records in RECORDS_DROPPED).
-pub const BROKER_OVERFLOWS: &str = "agent_broker_overflows_total";
 /// Records in the buffer, per stream.
 pub const BACKLOG_RECORDS: &str = "agent_backlog_records";
 /// Bytes in the buffer (quota cost), per stream.
@@ -94,8 +92,6 @@ pub struct Metrics {
     pub records_dead_lettered: IntCounterVec,
     /// See [`RECORDS_DROPPED`].
     pub records_dropped: IntCounterVec,
-    /// See [`BROKER_OVERFLOWS`].
-    pub broker_overflows: IntCounter,
     /// See [`BACKLOG_RECORDS`].
     pub backlog_records: IntGaugeVec,
     /// See [`BACKLOG_BYTES`].
@@ -212,10 +208,6 @@ impl Metrics {
                 RECORDS_DROPPED,
                 "Records lost, by reason.",
                 &["stream", "reason"],
-            ),
-            broker_overflows: counter(
-                BROKER_OVERFLOWS,
-                "Times rumqttd skipped records because the buffer writer lagged.",
             ),
             backlog_records: gauge_vec(BACKLOG_RECORDS, "Records in the buffer."),
             stream_dictionary: gauge_vec(
