@@ -18,7 +18,8 @@
 //! - every topic is kept, `$…` topics included (the durable path does not go through rumqttd's
 //!   subscriptions), and rumqttd can no longer skip a record the agent acknowledged;
 //! - rumqttd only ever sees client ids of `[0-9a-f]` (ids with `/`, `+`, `#` or `$` crash it)
-//!   and publishes at QoS 0;
+//!   and publishes at QoS 0, and those only while a client that subscribed through the door is
+//!   connected (a persistent subscriber that is offline misses copies meanwhile);
 //! - once closed, no byte from a client is read, so nothing new is taken; acknowledgements of
 //!   what was taken still go out while the buffer commits it.
 
@@ -76,6 +77,9 @@ struct Ctx {
     access: Arc<Access>,
     /// Password checks (Argon2: CPU and memory) running at once.
     verifying: Arc<tokio::sync::Semaphore>,
+    /// Connections that subscribed through the door and are still open: copies of publishes
+    /// go to rumqttd only while there is one (routing them costs it CPU for nobody).
+    local_subscribers: std::sync::atomic::AtomicUsize,
 }
 
 /// What a session remembers of its client's publishes, for exactly-once.
@@ -164,6 +168,7 @@ impl FrontDoor {
                 connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
                 access: Arc::new(access),
                 verifying: Arc::new(tokio::sync::Semaphore::new(2)),
+                local_subscribers: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -363,6 +368,7 @@ where
         client_id: &connect.client_id,
     };
     let mut denied_logged = false;
+    let mut subscribed = false;
     let upstream = if v5 { ctx.upstream_v5 } else { ctx.upstream_v4 };
     let broker = TcpStream::connect(upstream).await.map_err(|e| {
         tracing::error!(error = %e, "embedded broker unreachable; MQTT connection refused");
@@ -517,9 +523,13 @@ where
                     continue;
                 }
                 // Local subscribers get a QoS 0 copy; rumqttd is never waited on for it.
-                if to_broker
-                    .try_send(mqtt::as_qos0(&frame, &p, &topic, v5))
-                    .is_err()
+                if ctx
+                    .local_subscribers
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+                    && to_broker
+                        .try_send(mqtt::as_qos0(&frame, &p, &topic, v5))
+                        .is_err()
                 {
                     ctx.metrics.local_copies_dropped.inc();
                 }
@@ -634,6 +644,11 @@ where
                         .insert(sub.pkid, keep.clone());
                     Some(mqtt::keep_filters(&frame, &sub, &keep))
                 };
+                if forwarded.is_some() && !subscribed {
+                    subscribed = true;
+                    ctx.local_subscribers
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 if let Some(f) = forwarded
                     && to_broker.send(f).await.is_err()
                 {
@@ -649,6 +664,10 @@ where
             }
         }
     };
+    if subscribed {
+        ctx.local_subscribers
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
     // What was taken is acknowledged as its commits come in, for a little while.
     let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
     while !owed.queue.is_empty() && tokio::time::Instant::now() < deadline {
