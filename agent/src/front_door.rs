@@ -277,6 +277,24 @@ enum ConnectionError {
     Protocol(&'static str),
 }
 
+/// A task writing the frames sent to the returned queue to `sink`, whole and in order, until
+/// the queue closes or a write fails; then it shuts `sink` down.
+fn pump<W>(mut sink: W) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<Bytes>(OUTBOUND_FRAMES);
+    let task = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if sink.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.shutdown().await;
+    });
+    (tx, task)
+}
+
 /// Reads frames from `reader` into `buf` until a whole one is there.
 async fn read_frame(
     reader: &mut (impl AsyncReadExt + Unpin),
@@ -385,27 +403,10 @@ where
         .await?;
     // Towards rumqttd through a bounded queue: a stalled broker never holds up the durable
     // path (publish copies are dropped, and counted, when it is full).
-    let (to_broker, mut to_broker_rx) = mpsc::channel::<Bytes>(OUTBOUND_FRAMES);
-    let up = tokio::spawn(async move {
-        while let Some(frame) = to_broker_rx.recv().await {
-            if broker_tx.write_all(&frame).await.is_err() {
-                break;
-            }
-        }
-        let _ = broker_tx.shutdown().await;
-    });
-
+    let (to_broker, up) = pump(broker_tx);
     // One writer towards the client: rumqttd's packets and the agent's acknowledgements, each
     // whole, in the order they are queued.
-    let (out, mut out_rx) = mpsc::channel::<Bytes>(OUTBOUND_FRAMES);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = out_rx.recv().await {
-            if client_tx.write_all(&frame).await.is_err() {
-                break;
-            }
-        }
-        let _ = client_tx.shutdown().await;
-    });
+    let (out, writer) = pump(client_tx);
     // rumqttd → client, frame by frame; a SUBACK for a partly denied SUBSCRIBE gets the
     // refusals put back in place.
     let broker_gone = CancellationToken::new();
