@@ -29,7 +29,7 @@ wait_for() { # file, line prefix, process
 }
 wait_for demo-data/ingest.out "listening on" $ingest
 wait_for demo-data/agent.out "mqtt listening on" $agent
-echo "== cloud-ingest on http://127.0.0.1:8080, edge-agent MQTT on 127.0.0.1:1883 (v5: 1884), agent metrics on http://127.0.0.1:9464/metrics"
+echo "== cloud-ingest on http://127.0.0.1:8080, edge-agent MQTT on 127.0.0.1:1883 (3.1.1 and 5; also 1884), agent metrics on http://127.0.0.1:9464/metrics"
 echo "== 5 simulated sensors publish $RATE msg/s for $DURATION (QoS 1) on plant/<n>/{alarm,telemetry,logs}/value"
 ./target/release/loadgen --mqtt 127.0.0.1:1883 --clients 5 --rate "$RATE" --duration "$DURATION" --ingest http://127.0.0.1:8080
 echo "== topics in the embedded log (topic, records)"
