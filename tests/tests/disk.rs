@@ -142,23 +142,15 @@ fn fill_the_disk(volume_mib: u64, payload: usize) {
     });
     let (got, lost) = accounts(&cloud, report.acked, payload);
     assert!(got > 0 && lost > 0, "{got} delivered, {lost} lost");
-    // The losses are reported by the policy, disk_full, and critical goes last.
+    // The losses are reported by the policy, as disk_full. (Which class loses first is the
+    // quota test's and the unit tables' business: here a large bulk batch that is in a request
+    // when the disk fills is protected, so under load a higher class may give way first.)
     let reports = cloud.loss_reports();
     assert!(
         reports
             .iter()
-            .any(|r| r.reason == LossReason::DiskFull && r.stream.as_deref() == Some("logs"))
-    );
-    let lost_of = |s: &str| -> u64 {
-        reports
-            .iter()
-            .filter(|r| r.stream.as_deref() == Some(s))
-            .map(|r| r.count)
-            .sum()
-    };
-    assert!(
-        lost_of("alarms") <= lost_of("logs"),
-        "critical is evicted last: {reports:?}"
+            .any(|r| r.reason == LossReason::DiskFull && r.stream.as_deref() == Some("logs")),
+        "{reports:?}"
     );
 
     // Space comes back: the reserve is held again and the file may grow.
