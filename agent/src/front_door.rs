@@ -20,6 +20,9 @@
 //! - rumqttd only ever sees client ids of `[0-9a-f]` (ids with `/`, `+`, `#` or `$` crash it)
 //!   and publishes at QoS 0, and those only while a client that subscribed through the door is
 //!   connected (a persistent subscriber that is offline misses copies meanwhile);
+//! - a client's durable publishing never depends on rumqttd: if rumqttd drops the relay, the
+//!   connection goes on without local pub/sub; the door answers PINGREQ and enforces the
+//!   keep-alive itself, and a second connection with a client id takes the session over;
 //! - once closed, no byte from a client is read, so nothing new is taken; acknowledgements of
 //!   what was taken still go out while the buffer commits it.
 
@@ -77,6 +80,9 @@ struct Ctx {
     access: Arc<Access>,
     /// Password checks (Argon2: CPU and memory) running at once.
     verifying: Arc<tokio::sync::Semaphore>,
+    /// The open connection of each client id (its number and how to end it), for takeovers.
+    live: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    connection_numbers: std::sync::atomic::AtomicU64,
     /// Connections that subscribed through the door and are still open: copies of publishes
     /// go to rumqttd only while there is one (routing them costs it CPU for nobody).
     local_subscribers: std::sync::atomic::AtomicUsize,
@@ -169,6 +175,8 @@ impl FrontDoor {
                 access: Arc::new(access),
                 verifying: Arc::new(tokio::sync::Semaphore::new(2)),
                 local_subscribers: std::sync::atomic::AtomicUsize::new(0),
+                live: Mutex::new(HashMap::new()),
+                connection_numbers: std::sync::atomic::AtomicU64::new(1),
             }),
         }
     }
@@ -399,6 +407,7 @@ where
             &first,
             &connect,
             &upstream_id(&connect.client_id),
+            connect.keep_alive,
         ))
         .await?;
     // Towards rumqttd through a bounded queue: a stalled broker never holds up the durable
@@ -444,6 +453,7 @@ where
                             None => frame.raw,
                         }
                     }
+                    (kind::PINGRESP, _) => continue,
                     _ => frame.raw,
                 };
                 if out.send(frame).await.is_err() {
@@ -454,6 +464,14 @@ where
         })
     };
 
+    // A second connection with this client id takes the session over: the first one ends.
+    let taken_over = CancellationToken::new();
+    let me = ctx.take_over(&connect.client_id, &taken_over);
+    // MQTT: no packet for 1.5 × keep-alive and the server closes the connection.
+    let idle_limit = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let mut idle_deadline = idle_limit.map(|l| tokio::time::Instant::now() + l);
+    let mut broker_alive = true;
     let session = if connect.clean || connect.client_id.is_empty() {
         Arc::new(Mutex::new(Session::default()))
     } else {
@@ -472,9 +490,20 @@ where
                 }
                 continue;
             }
-            _ = broker_gone.cancelled() => break Ok(()),
+            // rumqttd dropping the relay ends local pub/sub for this client, not its durable
+            // publishing: the connection goes on without it.
+            _ = broker_gone.cancelled(), if broker_alive => {
+                broker_alive = false;
+                tracing::debug!(client_id = %connect.client_id, "the embedded broker closed its side of this connection");
+                continue;
+            }
+            _ = taken_over.cancelled() => break Ok(()),
+            _ = sleep_until(idle_deadline) => break Err(ConnectionError::Protocol("keep-alive expired")),
             _ = closing.cancelled() => break Ok(()),
         };
+        if let Some(limit) = idle_limit {
+            idle_deadline = Some(tokio::time::Instant::now() + limit);
+        }
         let frame = match frame {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
@@ -613,6 +642,14 @@ where
                     ));
                 }
             }
+            kind::SUBSCRIBE if !broker_alive => {
+                // No relay to the local broker any more: nothing to subscribe with.
+                let sub = mqtt::subscribe(&frame, v5)?;
+                let codes = vec![0x80; sub.filters.len()];
+                if out.send(mqtt::suback(sub.pkid, &codes, v5)).await.is_err() {
+                    break Ok(());
+                }
+            }
             kind::SUBSCRIBE => {
                 let sub = mqtt::subscribe(&frame, v5)?;
                 let keep: Vec<bool> = sub
@@ -657,6 +694,14 @@ where
                 }
             }
             kind::CONNECT => break Err(ConnectionError::Protocol("a second CONNECT")),
+            kind::PINGREQ => {
+                // Answered here, whatever rumqttd does; passed on so the relay stays alive
+                // there too (its PINGRESP is not relayed).
+                let _ = to_broker.try_send(frame.raw);
+                if out.send(Bytes::from_static(&[0xD0, 0])).await.is_err() {
+                    break Ok(());
+                }
+            }
             _ => {
                 let disconnect = frame.kind() == kind::DISCONNECT;
                 if to_broker.send(frame.raw).await.is_err() || disconnect {
@@ -669,6 +714,7 @@ where
         ctx.local_subscribers
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
+    ctx.leave(&connect.client_id, me);
     // What was taken is acknowledged as its commits come in, for a little while.
     let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
     while !owed.queue.is_empty() && tokio::time::Instant::now() < deadline {
@@ -757,7 +803,46 @@ async fn flush(owed: &mut Owed, receipts: &Receipts, out: &mpsc::Sender<Bytes>, 
     true
 }
 
+/// Waits until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Ctx {
+    /// Registers the connection of `client_id` (not an empty one), ending the one that had it;
+    /// returns this connection's number, for [`Ctx::leave`].
+    fn take_over(&self, client_id: &str, token: &CancellationToken) -> u64 {
+        let n = self
+            .connection_numbers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if client_id.is_empty() {
+            return n;
+        }
+        let previous = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(client_id.to_owned(), (n, token.clone()));
+        if let Some((_, old)) = previous {
+            old.cancel();
+        }
+        n
+    }
+
+    /// The connection number `n` of `client_id` ended (a newer one may hold the id now).
+    fn leave(&self, client_id: &str, n: u64) {
+        let mut live = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if live.get(client_id).is_some_and(|(m, _)| *m == n) {
+            live.remove(client_id);
+        }
+    }
+
     /// The session of a persistent client, created if new (the oldest are forgotten past
     /// [`MAX_SESSIONS`]).
     fn session(&self, client_id: &str) -> Arc<Mutex<Session>> {

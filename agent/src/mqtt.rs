@@ -27,6 +27,10 @@ pub mod kind {
     pub const SUBSCRIBE: u8 = 8;
     /// SUBACK.
     pub const SUBACK: u8 = 9;
+    /// PINGREQ.
+    pub const PINGREQ: u8 = 12;
+    /// PINGRESP.
+    pub const PINGRESP: u8 = 13;
     /// DISCONNECT.
     pub const DISCONNECT: u8 = 14;
 }
@@ -170,6 +174,8 @@ pub struct Connect {
     pub password: Option<Vec<u8>>,
     /// Where the client id field starts in the frame's body, and where it ends.
     id_span: (usize, usize),
+    /// Where the keep-alive sits in the frame's body.
+    keep_alive_at: usize,
 }
 
 impl Connect {
@@ -196,7 +202,8 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
         return Err(MqttError::Malformed("CONNECT protocol level"));
     }
     let flags = *b.get(at + 1).ok_or(MqttError::Malformed("CONNECT flags"))?;
-    let keep_alive = u16_at(b, at + 2, "CONNECT keep-alive")?;
+    let keep_alive_at = at + 2;
+    let keep_alive = u16_at(b, keep_alive_at, "CONNECT keep-alive")?;
     let mut at = at + 4;
     if level == 5 {
         let (props, n) = get_length(b, at)?;
@@ -237,15 +244,20 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
         username,
         password,
         id_span: (at, end),
+        keep_alive_at,
     })
 }
 
-/// The same CONNECT with its client id replaced by `id` (the rest byte for byte).
-pub fn rename_client(frame: &Frame, connect: &Connect, id: &str) -> Bytes {
+/// The same CONNECT with its client id replaced by `id` and its keep-alive by `keep_alive`
+/// (the rest byte for byte).
+pub fn rename_client(frame: &Frame, connect: &Connect, id: &str, keep_alive: u16) -> Bytes {
     let body = frame.body();
     let (from, to) = connect.id_span;
     let mut rest = Vec::with_capacity(body.len() + id.len());
     rest.extend_from_slice(&body[..from]);
+    if let Some(ka) = rest.get_mut(connect.keep_alive_at..connect.keep_alive_at + 2) {
+        ka.copy_from_slice(&keep_alive.to_be_bytes());
+    }
     rest.extend_from_slice(&(id.len() as u16).to_be_bytes());
     rest.extend_from_slice(id.as_bytes());
     rest.extend_from_slice(&body[to..]);
@@ -557,14 +569,14 @@ mod tests {
                 (c.level, c.client_id.as_str(), c.clean, c.keep_alive),
                 (level, "plant/7/sensor", true, 30)
             );
-            let renamed = frame(&rename_client(&f, &c, "gw-abc"));
+            let renamed = frame(&rename_client(&f, &c, "gw-abc", 0));
             let again = connect(&renamed).expect("renamed");
             assert_eq!(again.client_id, "gw-abc");
             assert_eq!(
                 (again.level, again.clean, again.keep_alive),
-                (level, true, 30)
+                (level, true, 0)
             );
-            assert_eq!(rename_client(&renamed, &again, "plant/7/sensor"), f.raw);
+            assert_eq!(rename_client(&renamed, &again, "plant/7/sensor", 30), f.raw);
         }
     }
 
@@ -677,7 +689,7 @@ mod tests {
             let mut buf = BytesMut::from(&bytes[..]);
             if let Ok(Some(f)) = next_frame(&mut buf, 1 << 20) {
                 if let Ok(c) = connect(&f) {
-                    let _ = rename_client(&f, &c, "x");
+                    let _ = rename_client(&f, &c, "x", 0);
                 }
                 for v5 in [false, true] {
                     if let Ok(p) = publish(&f, v5) {
