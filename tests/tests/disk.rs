@@ -153,11 +153,11 @@ fn fill_the_disk(volume_mib: u64, payload: usize) {
         "{reports:?}"
     );
 
-    // Space comes back: the reserve is held again and the file may grow.
+    // Space comes back: out of disk-full mode, the reserve held again, and room for the WAL.
     let back = e2e::try_eventually(Duration::from_secs(30), || {
         (agent.metric("agent_buffer_disk_full") == 0.0
             && disk.0.join("buffer.db.reserve").exists()
-            && disk.available() >= 2 * reserve)
+            && disk.available() >= reserve / 2)
             .then_some(())
     });
     assert!(

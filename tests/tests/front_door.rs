@@ -727,3 +727,29 @@ fn tls_with_a_ca_file_works_and_plain_tcp_to_the_tls_port_does_not() {
     });
     assert_eq!(r.len(), 2);
 }
+
+#[test]
+fn a_client_silent_past_its_keep_alive_is_closed_and_pings_are_answered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    // CONNECT with a keep-alive of 1 s.
+    let mut v = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 1, 0, 5];
+    v.extend_from_slice(b"quiet");
+    let mut s = TcpStream::connect(agent.mqtt).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(&packet(0x10, &v)).expect("CONNECT");
+    assert_eq!(read_packet(&mut s)[..2], [0x20, 2], "CONNACK");
+    s.write_all(&[0xC0, 0]).expect("PINGREQ");
+    assert_eq!(read_packet(&mut s), vec![0xD0, 0], "PINGRESP");
+    let quiet = Instant::now();
+    let mut buf = [0u8; 8];
+    let closed = matches!(s.read(&mut buf), Ok(0) | Err(_));
+    assert!(closed, "closed after its keep-alive");
+    assert!(
+        quiet.elapsed() < Duration::from_secs(5),
+        "within 1.5 × 1 s (and some slack): {:?}",
+        quiet.elapsed()
+    );
+}
