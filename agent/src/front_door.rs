@@ -17,7 +17,8 @@
 //!   restarted is stored again (the window is the agent's uptime);
 //! - every topic is kept, `$…` topics included (the durable path does not go through rumqttd's
 //!   subscriptions), and rumqttd can no longer skip a record the agent acknowledged;
-//! - rumqttd only ever sees client ids of `[0-9a-f]` (ids with `/`, `+`, `#` or `$` crash it)
+//! - rumqttd only ever sees client ids of `[0-9a-zn]`, each once, with clean sessions (ids with
+//!   `/`, `+`, `#` or `$`, and duplicate ids, crash or confuse it)
 //!   and publishes at QoS 0, and those only while a client that subscribed through the door is
 //!   connected (a persistent subscriber that is offline misses copies meanwhile);
 //! - a client's durable publishing never depends on rumqttd: if rumqttd drops the relay, the
@@ -130,14 +131,10 @@ pub async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, Br
         .map_err(|source| BrokerError::Bind { key, addr, source })
 }
 
-/// The id rumqttd knows a client by: a digest of its own id, so any id a client may use (with
-/// `/`, `+`, `#`, `$`, long, UTF-8) is safe there, and the same client gets the same id (its
-/// session). An empty id stays empty (rumqttd assigns one). Pure.
+/// The stem of the id rumqttd knows a client's relay by: a digest of the client's id, so any id
+/// a client may use (with `/`, `+`, `#`, `$`, long, UTF-8) is safe there. Pure.
 pub fn upstream_id(client_id: &str) -> String {
     use sha2::Digest;
-    if client_id.is_empty() {
-        return String::new();
-    }
     let digest = sha2::Sha256::digest(client_id.as_bytes());
     format!("gw{}", hex::encode(&digest[..15]))
 }
@@ -396,6 +393,12 @@ where
     let mut denied_logged = false;
     let mut subscribed = false;
     let upstream = if v5 { ctx.upstream_v5 } else { ctx.upstream_v4 };
+    // A second connection with this client id takes the session over: the first one ends.
+    // Each relay gets an id of its own at rumqttd (the client's digest and this connection's
+    // number), with a clean session: rumqttd never sees a duplicate id, whose takeover and
+    // will handling dropped unrelated connections and panicked under load.
+    let taken_over = CancellationToken::new();
+    let me = ctx.take_over(&connect.client_id, &taken_over);
     let broker = TcpStream::connect(upstream).await.map_err(|e| {
         tracing::error!(error = %e, "embedded broker unreachable; MQTT connection refused");
         e
@@ -406,7 +409,7 @@ where
         .write_all(&mqtt::rename_client(
             &first,
             &connect,
-            &upstream_id(&connect.client_id),
+            &format!("{}n{me}", upstream_id(&connect.client_id)),
             connect.keep_alive,
         ))
         .await?;
@@ -464,9 +467,6 @@ where
         })
     };
 
-    // A second connection with this client id takes the session over: the first one ends.
-    let taken_over = CancellationToken::new();
-    let me = ctx.take_over(&connect.client_id, &taken_over);
     // MQTT: no packet for 1.5 × keep-alive and the server closes the connection.
     let idle_limit = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
@@ -870,7 +870,6 @@ mod tests {
             let up = upstream_id(id);
             assert!(up.chars().all(|c| c.is_ascii_alphanumeric()), "{up}");
             assert_eq!(up, upstream_id(id));
-            assert_eq!(up.is_empty(), id.is_empty());
         }
         assert_ne!(upstream_id("a"), upstream_id("b"));
     }

@@ -248,8 +248,8 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
     })
 }
 
-/// The same CONNECT with its client id replaced by `id` and its keep-alive by `keep_alive`
-/// (the rest byte for byte).
+/// The same CONNECT with its client id replaced by `id`, its keep-alive by `keep_alive` and a
+/// clean session (the rest byte for byte).
 pub fn rename_client(frame: &Frame, connect: &Connect, id: &str, keep_alive: u16) -> Bytes {
     let body = frame.body();
     let (from, to) = connect.id_span;
@@ -257,6 +257,14 @@ pub fn rename_client(frame: &Frame, connect: &Connect, id: &str, keep_alive: u16
     rest.extend_from_slice(&body[..from]);
     if let Some(ka) = rest.get_mut(connect.keep_alive_at..connect.keep_alive_at + 2) {
         ka.copy_from_slice(&keep_alive.to_be_bytes());
+    }
+    // A clean session: the relay's id is used once.
+    if let Some(flags) = connect
+        .keep_alive_at
+        .checked_sub(1)
+        .and_then(|at| rest.get_mut(at))
+    {
+        *flags |= 0x02;
     }
     rest.extend_from_slice(&(id.len() as u16).to_be_bytes());
     rest.extend_from_slice(id.as_bytes());
