@@ -15,6 +15,10 @@ use rumqttc::QoS;
 
 const STREAMS: [&str; 3] = ["alarms", "telemetry", "logs"];
 
+/// These tests run one at a time: each fills a disk flat out, and several at once on two cores
+/// measure the machine more than the agent.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn load(agent: &Agent, clients: usize, per_client: u64, payload: usize) -> LoadSpec {
     LoadSpec {
         mqtt: agent.mqtt,
@@ -112,6 +116,7 @@ fn accounts(cloud: &Cloud, acked: u64, payload: usize) -> (u64, u64) {
 /// The scenario: the ingest is down, a publisher sends far more than the volume holds
 /// as fast as it can, then the ingest comes back.
 fn fill_the_disk(volume_mib: u64, payload: usize) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = SmallDisk::mount(&dir.path().join("small"), &format!("{volume_mib}m"));
     let total = volume_mib << 20;
@@ -225,6 +230,7 @@ fn a_full_16_mib_disk_never_wedges_and_accounts_for_every_record() {
 
 #[test]
 fn a_disk_that_fills_while_the_ingest_is_slow_accounts_for_every_record() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = SmallDisk::mount(&dir.path().join("small"), "8m");
     let cloud = CloudHarness::new(dir.path()).run();
@@ -315,6 +321,7 @@ enum Damage {
 }
 
 fn torn(damage: Damage) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let mut agent = AgentHarness::new(dir.path(), &format!("http://127.0.0.1:{port}")).run();

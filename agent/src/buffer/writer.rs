@@ -34,6 +34,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// Commits refused for a full disk, each after making more room, before the group's new
 /// records are dropped (and reported) instead: by then the policy had nothing left to evict.
 const FULL_ATTEMPTS: u32 = 8;
+/// And the least time spent trying before that (checkpoints and deletes free room meanwhile):
+/// a burst of refusals within milliseconds is not evidence that nothing can be evicted.
+const FULL_PATIENCE: Duration = Duration::from_secs(3);
 /// Once the agent stops, how long the writer keeps retrying commits that fail.
 const STOP_RETRY: Duration = Duration::from_secs(5);
 /// How long commits may keep failing (other than for a full disk, which is handled) before
@@ -183,7 +186,10 @@ impl BufferWriter {
                 self.metrics.disk_full.inc();
                 self.metrics.buffer_disk_full.set(1);
                 let appends = group.iter().any(|c| matches!(c, WriterCommand::Append(_)));
-                if full_attempts >= FULL_ATTEMPTS && self.drop_appends(group) {
+                if full_attempts >= FULL_ATTEMPTS
+                    && since.elapsed() >= FULL_PATIENCE
+                    && self.drop_appends(group)
+                {
                     continue;
                 }
                 if appends {
