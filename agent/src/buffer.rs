@@ -431,9 +431,115 @@ impl Buffer {
     /// Opens or creates the buffer at `path` for `streams` in config order, holding a reserve
     /// file of `reserve_bytes` beside it. A corrupt file is quarantined and what it still holds
     /// is salvaged into a fresh one, and what it held but could not give back is reported lost
-    /// (see [`recovery`]). Streams with records in the file but not in `streams` are appended
-    /// as bulk orphans.
+    /// (see [`Buffer::recover`]). Streams with records in the file but not in `streams` are
+    /// appended as bulk orphans.
     pub fn open_with(
+        path: &Path,
+        streams: &[BufferStream],
+        quota_bytes: u64,
+        reserve_bytes: u64,
+    ) -> Result<Opened, BufferError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // A missing directory surfaces below as SQLite's "unable to open", with the path.
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let quarantine = Buffer::recover(path, streams, quota_bytes, reserve_bytes)?;
+        let mut opened = Buffer::open_file(path, streams, quota_bytes, reserve_bytes)?;
+        ensure_reserve(&opened.buffer.reserve, reserve_bytes);
+        opened.quarantine = quarantine;
+        Ok(opened)
+    }
+
+    /// A corrupt buffer at `path` is replaced by what can be salvaged from it, crash-safely:
+    /// the salvage is built beside it (`<path>.salvage`), with the loss reports for what could
+    /// not be given back in it, and only once that is complete and on disk is the corrupt file
+    /// moved aside (`<path>.corrupt-<ms>`) and the salvaged one moved in. A stop at any point
+    /// before the moves starts the salvage over from the corrupt file; a stop between the two
+    /// moves leaves only the complete salvage, which the next start moves in.
+    fn recover(
+        path: &Path,
+        streams: &[BufferStream],
+        quota_bytes: u64,
+        reserve_bytes: u64,
+    ) -> Result<Option<Quarantine>, BufferError> {
+        let io = |e: std::io::Error| BufferError::Sqlite {
+            path: path.to_owned(),
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        };
+        let salvage = space::side(path, ".salvage");
+        let leftovers = ["", "-wal", "-shm", "-journal"].map(|s| space::side(&salvage, s));
+        if !path.exists() && salvage.exists() {
+            tracing::warn!(salvaged = %salvage.display(), "a salvage of a corrupt buffer was complete but not yet in place; moving it in");
+            std::fs::rename(&salvage, path).map_err(io)?;
+            sync_dir(path);
+        }
+        for p in &leftovers {
+            let _ = std::fs::remove_file(p);
+        }
+        let Some(reason) = recovery::check(path).map_err(|source| BufferError::Sqlite {
+            path: path.to_owned(),
+            source,
+        })?
+        else {
+            return Ok(None);
+        };
+        let salvaged = {
+            let mut conn = Buffer::connect(&salvage, reserve_bytes)?;
+            recovery::salvage(path, &mut conn).map_err(|source| BufferError::Sqlite {
+                path: salvage.clone(),
+                source,
+            })?
+        };
+        {
+            let mut fresh = Buffer::open_file(&salvage, streams, quota_bytes, reserve_bytes)?;
+            // What the salvage could not give back is reported before anything else happens.
+            if !salvaged.losses.is_empty() {
+                let reports: Vec<WriterCommand> = salvaged
+                    .losses
+                    .iter()
+                    .cloned()
+                    .map(WriterCommand::Loss)
+                    .collect();
+                fresh
+                    .buffer
+                    .commit(&reports, &[], crate::clock::now_ms(), false)?;
+            }
+            fresh.buffer.checkpoint()?;
+        }
+        let moved_to = recovery::quarantine(path).map_err(io)?;
+        std::fs::rename(&salvage, path).map_err(io)?;
+        sync_dir(path);
+        for p in &leftovers {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(Some(Quarantine {
+            moved_to,
+            reason,
+            salvaged: salvaged.copied,
+            losses: salvaged.losses,
+        }))
+    }
+
+    /// A connection to the buffer file at `path` (created if missing), set up and migrated.
+    fn connect(path: &Path, reserve_bytes: u64) -> Result<Connection, BufferError> {
+        let sqlite = |source| BufferError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(sqlite)?;
+        // auto_vacuum takes effect only on a new file: free pages can then be given back to a
+        // full volume ([`space`]). Older buffers keep theirs.
+        conn.execute_batch(&format!(
+            "PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={reserve_bytes}; PRAGMA busy_timeout=5000;"
+        ))
+        .and_then(|()| conn.execute_batch(SCHEMA))
+        .and_then(|()| migrate(&conn))
+        .map_err(sqlite)?;
+        Ok(conn)
+    }
+
+    /// Opens the (sound) buffer file at `path` and loads its streams.
+    fn open_file(
         path: &Path,
         streams: &[BufferStream],
         quota_bytes: u64,
@@ -443,43 +549,12 @@ impl Buffer {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // A missing directory surfaces below as SQLite's "unable to open", with the path.
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let mut quarantine = match recovery::check(path).map_err(sqlite)? {
-            None => None,
-            Some(reason) => {
-                let moved_to = recovery::quarantine(path)
-                    .map_err(|e| sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-                Some(Quarantine {
-                    moved_to,
-                    reason,
-                    salvaged: 0,
-                    losses: Vec::new(),
-                })
-            }
-        };
-        let mut conn = Connection::open(path).map_err(sqlite)?;
-        // auto_vacuum takes effect only on a new file: free pages can then be given back to a
-        // full volume ([`space`]). Older buffers keep theirs.
-        conn.execute_batch(&format!(
-            "PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={reserve_bytes}; PRAGMA busy_timeout=5000;"
-        ))
-        .and_then(|()| conn.execute_batch(SCHEMA))
-        .and_then(|()| migrate(&conn))
-        .map_err(sqlite)?;
-        if let Some(q) = quarantine.as_mut() {
-            let salvaged = recovery::salvage(&q.moved_to, &mut conn).map_err(sqlite)?;
-            q.salvaged = salvaged.copied;
-            q.losses = salvaged.losses;
-        }
+        let conn = Buffer::connect(path, reserve_bytes)?;
         let epoch = load_epoch(&conn).map_err(sqlite)?;
         let page_size: i64 = conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(sqlite)?;
         let reserve = space::side(path, ".reserve");
-        ensure_reserve(&reserve, reserve_bytes);
         let mut state = Vec::new();
         for spec in streams {
             let mut loaded = load_stream(&conn, &spec.name, spec.priority).map_err(sqlite)?;
@@ -519,7 +594,7 @@ impl Buffer {
                 orphan: i >= streams.len(),
             });
         }
-        let mut buffer = Buffer {
+        let buffer = Buffer {
             conn,
             path: path.to_owned(),
             streams: state,
@@ -530,19 +605,11 @@ impl Buffer {
             ceiling: None,
             page_size: page_size.max(512) as u64,
         };
-        // What the salvage could not give back is reported before anything else happens.
-        if let Some(q) = &quarantine
-            && !q.losses.is_empty()
-        {
-            let reports: Vec<WriterCommand> =
-                q.losses.iter().cloned().map(WriterCommand::Loss).collect();
-            buffer.commit(&reports, &[], crate::clock::now_ms(), false)?;
-        }
         Ok(Opened {
             buffer,
             streams: opened,
             epoch,
-            quarantine,
+            quarantine: None,
         })
     }
 
@@ -568,6 +635,10 @@ impl Buffer {
         now_ms: i64,
         expire: bool,
     ) -> Result<CommitSummary, BufferError> {
+        let housekeeping = !commands
+            .iter()
+            .any(|c| matches!(c, WriterCommand::Append(_)));
+        self.limit_growth(housekeeping)?;
         let mut streams = self.streams.clone();
         let cap = match self.disk_cap {
             Some(cap) if cap < self.quota_bytes => (cap, LossReason::DiskFull),
@@ -605,6 +676,7 @@ impl Buffer {
         protected: &[Protection],
         now_ms: i64,
     ) -> Result<CommitSummary, BufferError> {
+        self.limit_growth(true)?;
         let mut streams = self.streams.clone();
         let (bytes, highest) = appends
             .iter()
@@ -659,6 +731,33 @@ impl Buffer {
             .query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
             .map(|v| v.max(0) as u64)
             .map_err(|e| self.error(e))
+    }
+
+    /// Pages a frozen file may still grow by for housekeeping (see [`Buffer::limit_growth`]):
+    /// a sixteenth of the reserve, which was released when the disk filled.
+    fn headroom_pages(&self) -> u64 {
+        (self.reserve_bytes / 16 / self.page_size).max(8)
+    }
+
+    /// On a frozen file, before a transaction: new records may not grow it past its ceiling,
+    /// but housekeeping (deletes, evictions and the loss reports they write) may, by
+    /// [`Buffer::headroom_pages`] at most. Without that headroom a file frozen with no free
+    /// page cannot take even the loss report of a refused publish: a B-tree insert (or a
+    /// delete that rebalances) needs a page before any is freed, and the commit is refused
+    /// for ever. The headroom comes out of the released reserve, so the file stays within
+    /// `ceiling + headroom` pages.
+    fn limit_growth(&mut self, housekeeping: bool) -> Result<(), BufferError> {
+        let Some(ceiling) = self.ceiling else {
+            return Ok(());
+        };
+        let pages = self.pragma("page_count")?;
+        let limit = if housekeeping {
+            ceiling + self.headroom_pages()
+        } else {
+            ceiling
+        };
+        self.pragma(&format!("max_page_count = {}", limit.max(pages)))?;
+        Ok(())
     }
 
     /// Whether the file may not grow (the disk filled and space has not come back).
@@ -803,6 +902,16 @@ impl Buffer {
         }
         let held = self.backlog_bytes();
         self.disk_cap = Some(self.disk_cap.unwrap_or(held).min(held) * 4 / 5);
+    }
+}
+
+/// Makes renames in `path`'s directory durable (best effort: a failure only weakens what a
+/// power cut right after may undo).
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
     }
 }
 
@@ -1463,6 +1572,51 @@ mod tests {
             monotonic_ms: 7,
             receipt: None,
         })
+    }
+
+    /// A full disk froze the file with no free page in it and nothing may be evicted: a commit
+    /// that brings no new records (loss reports of refused publishes, acks of records already
+    /// evicted) still goes in. CI once saw such a commit refused for minutes, in a loop.
+    #[test]
+    fn a_frozen_file_without_free_pages_still_takes_loss_reports() {
+        let (_dir, _path, mut b) = fresh(6 << 20);
+        let mut n = 0u64;
+        while b.pragma("page_count").unwrap() * b.page_size < 3_000_000 {
+            let group: Vec<_> = (0..100)
+                .map(|_| {
+                    n += 1;
+                    rec((n % 3) as usize, &[(n % 251) as u8; 400])
+                })
+                .collect();
+            b.commit(&group, &[], 7, false).expect("fill");
+        }
+        b.checkpoint().expect("checkpoint");
+        assert_eq!(b.pragma("freelist_count").unwrap(), 0);
+        let pages = b.pragma("page_count").unwrap();
+        b.ceiling = Some(pages);
+        b.pragma(&format!("max_page_count = {pages}")).unwrap();
+        let report = |i: u64| LossReport {
+            stream: Some("logs".into()),
+            first_seq: None,
+            last_seq: None,
+            count: i,
+            reason: LossReason::DiskFull,
+            detected_at_ms: 8,
+        };
+        for i in 1..=200 {
+            b.commit(&[WriterCommand::Loss(report(i))], &[], 8, false)
+                .unwrap_or_else(|e| panic!("loss report {i} on a frozen file: {e}"));
+        }
+        assert!(
+            b.pragma("page_count").unwrap() <= pages + b.headroom_pages(),
+            "the file grew beyond its headroom"
+        );
+        // New records still may not grow the file.
+        let big: Vec<_> = (0..50).map(|_| rec(2, &[9u8; 4000])).collect();
+        assert!(
+            b.commit(&big, &[], 9, false)
+                .is_err_and(|e| e.is_disk_full())
+        );
     }
 
     #[test]

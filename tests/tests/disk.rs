@@ -113,6 +113,17 @@ fn accounts(cloud: &Cloud, acked: u64, payload: usize) -> (u64, u64) {
     (got.len() as u64, reported)
 }
 
+/// The agent's own log lines, but for the (many) loss-report lines.
+fn agent_log(agent: &Agent) -> String {
+    agent
+        .process
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("edge_agent") && !l.contains("records lost"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The scenario: the ingest is down, a publisher sends far more than the volume holds
 /// as fast as it can, then the ingest comes back.
 fn fill_the_disk(volume_mib: u64, payload: usize) {
@@ -128,7 +139,17 @@ fn fill_the_disk(volume_mib: u64, payload: usize) {
         .run();
     // Two and a half times what the volume holds.
     let per_client = (total * 5 / 2 / (payload as u64 + 120)).div_ceil(4);
-    let report = publish(load(&agent, 4, per_client, payload));
+    let spec = load(&agent, 4, per_client, payload);
+    let report = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publish(spec))) {
+        Ok(report) => report,
+        Err(panic) => {
+            eprintln!(
+                "{volume_mib} MiB, {payload} B: the publishers failed; the agent said:\n{}",
+                agent_log(&agent)
+            );
+            std::panic::resume_unwind(panic)
+        }
+    };
     assert_eq!(report.acked, report.published);
     settled(&agent, report.acked);
     assert!(
@@ -178,13 +199,7 @@ fn fill_the_disk(volume_mib: u64, payload: usize) {
                 (e.file_name(), e.metadata().map(|m| m.len()).unwrap_or(0))
             })
             .collect::<Vec<_>>(),
-        agent
-            .process
-            .stderr()
-            .lines()
-            .filter(|l| l.contains("edge_agent") && !l.contains("records lost"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        agent_log(&agent)
     );
     let started = Instant::now();
     let status = agent.process.terminate();
@@ -379,7 +394,11 @@ fn torn(damage: Damage) {
     let stray: Vec<String> = std::fs::read_dir(dir.path())
         .expect("dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("salvage") || (n.contains(".corrupt-") && n.ends_with("-shm")))
+        .filter(|n| {
+            n.contains("salvage")
+                || n.contains("readable")
+                || (n.contains(".corrupt-") && n.ends_with("-shm"))
+        })
         .collect();
     assert!(stray.is_empty(), "salvage leaves no stray files: {stray:?}");
     eprintln!(

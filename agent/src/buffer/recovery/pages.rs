@@ -4,8 +4,12 @@
 //! format (b-tree pages, cells, overflow pages, records; sqlite.org/fileformat2.html).
 //!
 //! Invariant: whatever the bytes, nothing here panics, reads out of bounds or allocates more
-//! than the file holds; a cell it cannot decode is skipped, never guessed at. What it returns
-//! is raw material: the caller keeps only rows whose checksum holds.
+//! than the file holds, and the work is linear in the file's size: overflow pages (the only
+//! reads a page can cause beyond itself) are read at most [`OVERFLOW_READS_PER_PAGE`] times
+//! per page of the file in all, so damaged cells that all point into one long or looping
+//! chain cannot make a salvage run for hours (CI saw a flipped-bytes file stall the start).
+//! A cell it cannot decode is skipped, never guessed at. What it returns is raw material: the
+//! caller keeps only rows whose checksum holds.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -70,10 +74,15 @@ fn geometry(header: &[u8]) -> Geometry {
     }
 }
 
+/// Overflow page reads allowed per page of the file, over a whole scan. In an intact file every
+/// overflow page belongs to one cell and is read once (twice with its WAL image).
+pub const OVERFLOW_READS_PER_PAGE: u64 = 4;
+
 /// Every row on a table leaf page of the database file `db` and of the page images in its WAL
-/// `wal` (if any), passed to `each`. Pages are read one at a time.
-pub fn scan(db: &Path, wal: Option<&Path>, mut each: impl FnMut(Row)) {
-    let Ok(file) = File::open(db) else { return };
+/// `wal` (if any), passed to `each`. Pages are read one at a time. Returns how many pages were
+/// read, the overflow pages included.
+pub fn scan(db: &Path, wal: Option<&Path>, mut each: impl FnMut(Row)) -> u64 {
+    let Ok(file) = File::open(db) else { return 0 };
     let len = file.metadata().map_or(0, |m| m.len());
     let mut header = [0u8; 100];
     let g = Geometry {
@@ -86,21 +95,30 @@ pub fn scan(db: &Path, wal: Option<&Path>, mut each: impl FnMut(Row)) {
     };
     let pages = len / g.page_size as u64;
     let mut page = vec![0u8; g.page_size];
+    let reads = std::cell::Cell::new(0u64);
     let read_page = |n: u64, buf: &mut [u8]| -> bool {
+        reads.set(reads.get() + 1);
         n >= 1
             && n <= pages
             && file
                 .read_exact_at(buf, (n - 1) * g.page_size as u64)
                 .is_ok()
     };
+    let budget = std::cell::Cell::new(pages.saturating_mul(OVERFLOW_READS_PER_PAGE));
+    let read_overflow = |n: u64, buf: &mut [u8]| -> bool {
+        let left = budget.get();
+        budget.set(left.saturating_sub(1));
+        left > 0 && read_page(n, buf)
+    };
+    let free = freelist(&header, pages, &read_page);
     for n in 1..=pages {
-        if read_page(n, &mut page) {
-            leaf_rows(&page, n == 1, g, &read_page, &mut each);
+        if !free.contains(&n) && read_page(n, &mut page) {
+            leaf_rows(&page, n == 1, g, &read_overflow, &mut each);
         }
     }
     // A WAL frame is a 24-byte header and a page image.
     let Some(wal) = wal.and_then(|w| File::open(w).ok()) else {
-        return;
+        return reads.get();
     };
     let wal_len = wal.metadata().map_or(0, |m| m.len());
     let frame = 24 + g.page_size as u64;
@@ -111,10 +129,40 @@ pub fn scan(db: &Path, wal: Option<&Path>, mut each: impl FnMut(Row)) {
             && wal.read_exact_at(&mut page, at + 24).is_ok()
         {
             let n = u32::from_be_bytes(number) as u64;
-            leaf_rows(&page, n == 1, g, &read_page, &mut each);
+            leaf_rows(&page, n == 1, g, &read_overflow, &mut each);
         }
         at += frame;
     }
+    reads.get()
+}
+
+/// The pages on the file's freelist (trunks and leaves), as far as it can be followed: a freed
+/// page keeps the rows it held when it was freed (records delivered or evicted since), which
+/// must not come back. Each trunk is visited once; a damaged list ends the walk.
+fn freelist(
+    header: &[u8; 100],
+    pages: u64,
+    read_page: &dyn Fn(u64, &mut [u8]) -> bool,
+) -> std::collections::HashSet<u64> {
+    let mut free = std::collections::HashSet::new();
+    if &header[..16] != b"SQLite format 3\0" {
+        return free;
+    }
+    let mut trunk = be32(header, 32).map_or(0, u64::from);
+    let mut page = vec![0u8; geometry(header).page_size];
+    while trunk >= 1 && trunk <= pages && free.insert(trunk) && read_page(trunk, &mut page) {
+        let leaves = be32(&page, 4).map_or(0, |n| n as usize);
+        for i in 0..leaves.min(page.len() / 4 - 2) {
+            if let Some(leaf) = be32(&page, 8 + 4 * i).map(u64::from)
+                && leaf >= 1
+                && leaf <= pages
+            {
+                free.insert(leaf);
+            }
+        }
+        trunk = be32(&page, 0).map_or(0, u64::from);
+    }
+    free
 }
 
 /// The rows of one page, if it is a table leaf page.
@@ -331,6 +379,71 @@ mod tests {
         for (g, w) in got.iter().zip(&want) {
             assert_eq!((g.rowid, &g.values[1..4]), (w.rowid, &w.values[1..4]));
         }
+    }
+
+    /// Leaf pages full of cells that each claim a payload as large as the file, whose overflow
+    /// chain loops on itself: the scan's reads stay linear in the file's size.
+    #[test]
+    fn looping_overflow_chains_cost_reads_linear_in_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("loop.db");
+        let pages = 400usize;
+        let mut bytes = vec![0u8; pages * 4096];
+        for p in 1..pages {
+            let page = &mut bytes[p * 4096..(p + 1) * 4096];
+            if p % 2 == 1 {
+                // A leaf whose 50 cells all start at offset 2048: a payload of the whole
+                // file (varint 1,638,400), rowid 1, 1,600 bytes kept on the page, then the
+                // number of the next page (an overflow page).
+                page[0] = 0x0D;
+                page[3..5].copy_from_slice(&50u16.to_be_bytes());
+                for i in 0..50 {
+                    page[8 + 2 * i..10 + 2 * i].copy_from_slice(&2048u16.to_be_bytes());
+                }
+                page[2048..2051].copy_from_slice(&[0x80 | 0x64, 0x80, 0x00]);
+                page[2051] = 1;
+                page[2052 + 1600..2052 + 1604].copy_from_slice(&(p as u32 + 2).to_be_bytes());
+            } else {
+                // An overflow page pointing at itself.
+                page[..4].copy_from_slice(&(p as u32 + 1).to_be_bytes());
+            }
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        let reads = scan(&path, None, |_| {});
+        let bound = pages as u64 * (1 + OVERFLOW_READS_PER_PAGE);
+        assert!(reads <= bound, "{reads} reads for {pages} pages");
+    }
+
+    /// Rows deleted from the table stay on the pages SQLite freed; they are not read back.
+    #[test]
+    fn rows_on_freed_pages_stay_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.db");
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, b BLOB);")
+            .expect("schema");
+        for i in 0..2000i64 {
+            conn.execute(
+                "INSERT INTO t (id, b) VALUES (?1, ?2)",
+                rusqlite::params![i, vec![i as u8; 300]],
+            )
+            .expect("insert");
+        }
+        conn.execute("DELETE FROM t WHERE id < 1500", [])
+            .expect("delete");
+        let free: i64 = conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .expect("freelist");
+        assert!(free > 50, "pages were freed: {free}");
+        drop(conn);
+        let mut ids = Vec::new();
+        scan(&path, None, |r| {
+            if r.values.len() == 2 {
+                ids.push(r.rowid)
+            }
+        });
+        ids.sort_unstable();
+        assert_eq!(ids, (1500..2000).collect::<Vec<_>>());
     }
 
     /// Property: arbitrary bytes, as a whole file or as a record, never panic.
