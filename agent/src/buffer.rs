@@ -90,6 +90,24 @@ pub enum BufferError {
 }
 
 impl BufferError {
+    /// Whether SQLite found the file damaged (SQLITE_CORRUPT, SQLITE_NOTADB).
+    pub fn is_corrupt(&self) -> bool {
+        let BufferError::Sqlite { source, .. } = self;
+        recovery::is_corruption(source)
+    }
+
+    /// For damage found while running: marks the file for salvage at the next start
+    /// ([`recovery::mark_suspect`]) and says so. `false` for other errors.
+    pub fn mark_if_corrupt(&self) -> bool {
+        if !self.is_corrupt() {
+            return false;
+        }
+        let BufferError::Sqlite { path, source } = self;
+        recovery::mark_suspect(path, &source.to_string());
+        tracing::error!(path = %path.display(), error = %source, "the buffer file is damaged: the agent stops; its next start quarantines it, salvages what is intact and reports the rest lost (corrupt_buffer)");
+        true
+    }
+
     /// Whether SQLite reported a full disk (SQLITE_FULL).
     pub fn is_disk_full(&self) -> bool {
         let BufferError::Sqlite { source, .. } = self;
@@ -509,6 +527,7 @@ impl Buffer {
         let moved_to = recovery::quarantine(path).map_err(io)?;
         std::fs::rename(&salvage, path).map_err(io)?;
         sync_dir(path);
+        recovery::clear_suspect(path);
         for p in &leftovers {
             let _ = std::fs::remove_file(p);
         }

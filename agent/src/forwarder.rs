@@ -85,8 +85,13 @@ struct Sent {
 enum Ended {
     /// Nothing was left to read.
     Empty { stream: usize },
-    /// The buffer could not be read.
-    ReadFailed { stream: usize, error: String },
+    /// The buffer could not be read; `damaged`: SQLite found the file corrupt (it is marked
+    /// for salvage, and the forwarder stops, which stops the agent).
+    ReadFailed {
+        stream: usize,
+        error: String,
+        damaged: bool,
+    },
     /// The batch went out; the answer (or why there is none).
     Answered(Sent),
     /// A readiness probe of a replica ended: its status, or why there is none.
@@ -94,6 +99,22 @@ enum Ended {
         replica: usize,
         answer: Result<u16, String>,
     },
+}
+
+/// Why a batch could not be prepared.
+struct PrepareError {
+    error: String,
+    /// The buffer file is damaged (and marked for salvage).
+    damaged: bool,
+}
+
+impl From<&str> for PrepareError {
+    fn from(error: &str) -> Self {
+        PrepareError {
+            error: error.into(),
+            damaged: false,
+        }
+    }
 }
 
 /// What every request task shares.
@@ -233,11 +254,18 @@ impl Request {
         let (covered, batch) = match prepared {
             Ok(Ok(Some(ready))) => ready,
             Ok(Ok(None)) => return Ended::Empty { stream },
-            Ok(Err(error)) => return Ended::ReadFailed { stream, error },
+            Ok(Err(PrepareError { error, damaged })) => {
+                return Ended::ReadFailed {
+                    stream,
+                    error,
+                    damaged,
+                };
+            }
             Err(e) => {
                 return Ended::ReadFailed {
                     stream,
                     error: format!("batch preparation panicked: {e}"),
+                    damaged: false,
                 };
             }
         };
@@ -277,7 +305,7 @@ impl Request {
 
     /// Blocking: reads and protects the batch, compresses it, reserves its bytes under the cap
     /// (the wait itself is async, so a stop never waits for it).
-    fn prepare(self) -> Result<Option<Covered>, String> {
+    fn prepare(self) -> Result<Option<Covered>, PrepareError> {
         let uplink = &*self.uplink;
         let reader = uplink
             .readers
@@ -305,7 +333,10 @@ impl Request {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(reader);
-        let read = read.map_err(|e| e.to_string())?;
+        let read = read.map_err(|e| PrepareError {
+            damaged: e.mark_if_corrupt(),
+            error: e.to_string(),
+        })?;
         if !read.corrupt.is_empty() {
             // Dropped and reported before this batch's ack can delete their range.
             tracing::error!(stream = %self.stream_name, records = read.corrupt.len(), "buffered records failed their checksum; not sent, reported lost");
@@ -350,7 +381,7 @@ impl Request {
             dictionary.as_ref().map(|d| d.bytes.as_slice()),
             crate::clock::now_ms(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| PrepareError::from(e.to_string().as_str()))?;
         let wait = uplink.bucket.as_ref().map_or(Duration::ZERO, |bucket| {
             bucket
                 .lock()
@@ -546,7 +577,11 @@ impl Forwarder {
                                     self.lanes[stream].found_empty(&latest);
                                     self.protected.lock()[stream] = self.lanes[stream].protection();
                                 }
-                                Ended::ReadFailed { stream, error } => {
+                                Ended::ReadFailed { stream, error, damaged: true } => {
+                                    tracing::error!(stream = %self.streams[stream].name, %error, "the buffer is damaged: the forwarder stops");
+                                    return;
+                                }
+                                Ended::ReadFailed { stream, error, damaged: false } => {
                                     tracing::error!(stream = %self.streams[stream].name, %error, "cannot read a batch from the buffer; retrying");
                                     self.lanes[stream].abandon();
                                     self.protected.lock()[stream] = self.lanes[stream].protection();

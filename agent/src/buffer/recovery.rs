@@ -37,15 +37,42 @@ pub struct Quarantine {
     pub losses: Vec<LossReport>,
 }
 
-fn is_corruption(e: &rusqlite::Error) -> bool {
+pub(super) fn is_corruption(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase))
 }
 
-/// Checks the buffer at `path` (absent is fine). `Ok(Some(reason))` when it is corrupt;
-/// `Err` for errors that are not about the file's content (permissions, missing directory).
+/// The marker beside a buffer in which the running agent found damage.
+fn suspect(path: &Path) -> PathBuf {
+    side(path, ".damaged")
+}
+
+/// Marks the buffer at `path` as damaged (the running agent read a page SQLite calls corrupt):
+/// its next start salvages it even if `PRAGMA quick_check` passes (that check does not read
+/// everything a query may). Written and synced before the agent stops.
+pub fn mark_suspect(path: &Path, why: &str) {
+    use std::io::Write;
+    let marked = std::fs::File::create(suspect(path))
+        .and_then(|mut f| f.write_all(why.as_bytes()).and_then(|()| f.sync_all()));
+    if let Err(e) = marked {
+        tracing::warn!(error = %e, "cannot mark the buffer as damaged; the next start checks it as usual");
+    }
+}
+
+/// After a salvage: the marker is gone with the file it was about.
+pub fn clear_suspect(path: &Path) {
+    let _ = std::fs::remove_file(suspect(path));
+}
+
+/// Checks the buffer at `path` (absent is fine). `Ok(Some(reason))` when it is corrupt, or
+/// was marked damaged while running; `Err` for errors that are not about the file's content
+/// (permissions, missing directory).
 pub fn check(path: &Path) -> rusqlite::Result<Option<String>> {
     if !path.exists() {
+        clear_suspect(path);
         return Ok(None);
+    }
+    if let Ok(why) = std::fs::read_to_string(suspect(path)) {
+        return Ok(Some(format!("damage found while running: {why}")));
     }
     let result = Connection::open(path)
         .and_then(|conn| conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)));
@@ -882,6 +909,50 @@ mod tests {
         assert_eq!(held(&o), q.salvaged, "the finished salvage is in place");
         assert_eq!(o.buffer.progress()[2].backlog_records, reports);
         assert!(!salvage.exists());
+    }
+
+    /// Damage the running agent meets (a read SQLite calls corrupt) marks the file; the next
+    /// start salvages it even when its quick check passes, and a sound file salvaged so loses
+    /// nothing.
+    #[test]
+    fn damage_found_while_running_is_salvaged_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        filled(&path);
+        let names: Vec<String> = streams().into_iter().map(|s| s.name).collect();
+        // Pages of the records' b-tree zeroed under a reader.
+        let mut bytes = std::fs::read(&path).expect("read");
+        let from = bytes.len() / 2 / 4096 * 4096;
+        bytes[from..from + 4 * 4096].fill(0);
+        let damaged = dir.path().join("d.db");
+        std::fs::write(&damaged, &bytes).expect("write");
+        let reader = crate::buffer::BufferReader::open(&damaged, &names).expect("reader");
+        let error = (0..2)
+            .find_map(|s| {
+                reader
+                    .read_batch(s, &[(1, crate::buffer::MAX_SEQ)], false, 5000, 1 << 30)
+                    .err()
+            })
+            .expect("a read meets the damage");
+        assert!(error.is_corrupt(), "{error}");
+        // A sound file marked damaged: salvaged whole.
+        mark_suspect(&path, "test");
+        let o = Buffer::open(&path, &streams(), 1 << 30).expect("opens");
+        let q = o.quarantine.clone().expect("salvaged");
+        assert!(
+            q.reason.contains("damage found while running"),
+            "{}",
+            q.reason
+        );
+        assert_eq!((q.salvaged, q.losses.len()), (3000, 0));
+        assert!(!suspect(&path).exists());
+        drop(o);
+        assert_eq!(
+            Buffer::open(&path, &streams(), 1 << 30)
+                .expect("opens")
+                .quarantine,
+            None
+        );
     }
 
     #[test]

@@ -202,6 +202,10 @@ impl BufferWriter {
                 if full_attempts < FULL_ATTEMPTS {
                     continue;
                 }
+            } else if error.mark_if_corrupt() {
+                // Retrying cannot mend the file: the agent stops, and its next start salvages.
+                self.give_up(group, &error);
+                return false;
             } else {
                 // Nothing was applied; the same group is retried. Meanwhile the queue from the
                 // front door fills and publishers wait for their acknowledgements.
