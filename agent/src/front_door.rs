@@ -180,41 +180,17 @@ impl FrontDoor {
 
     /// Serves every connection accepted on `listener` (MQTT 3.1.1 and 5 alike).
     pub fn serve(&self, listener: TcpListener) {
-        let closing = self.closing.clone();
-        let ctx = self.ctx.clone();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    _ = closing.cancelled() => return,
-                };
-                match accepted {
-                    Ok((client, _)) => {
-                        let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
-                            ctx.metrics.mqtt_refused.inc();
-                            tokio::spawn(refuse(client));
-                            continue;
-                        };
-                        let (ctx, closing) = (ctx.clone(), closing.clone());
-                        tokio::spawn(async move {
-                            let _ = client.set_nodelay(true);
-                            if let Err(e) = connection(client, &ctx, &closing).await {
-                                tracing::debug!(error = %e, "MQTT connection closed");
-                            }
-                            drop(permit);
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "MQTT accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        });
+        self.accept(listener, None);
     }
 
     /// Serves MQTT over TLS on `listener`: the handshake, then the same as [`FrontDoor::serve`].
     pub fn serve_tls(&self, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+        self.accept(listener, Some(acceptor));
+    }
+
+    /// The accept loop of a listener: over `mqtt.max_connections` a client is answered "server
+    /// unavailable"; with `tls`, the handshake counts against the CONNECT timeout.
+    fn accept(&self, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
         let closing = self.closing.clone();
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
@@ -223,26 +199,52 @@ impl FrontDoor {
                     a = listener.accept() => a,
                     _ = closing.cancelled() => return,
                 };
-                let Ok((client, _)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                let client = match accepted {
+                    Ok((client, _)) => client,
+                    Err(e) => {
+                        // Out of file descriptors, mostly: wait rather than spin.
+                        tracing::warn!(error = %e, "MQTT accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
                 };
+                let _ = client.set_nodelay(true);
                 let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
                     ctx.metrics.mqtt_refused.inc();
+                    match &tls {
+                        None => {
+                            tokio::spawn(refuse(client));
+                        }
+                        Some(acceptor) => {
+                            let acceptor = acceptor.clone();
+                            tokio::spawn(async move {
+                                if let Ok(Ok(tls)) =
+                                    tokio::time::timeout(REFUSE_WITHIN, acceptor.accept(client))
+                                        .await
+                                {
+                                    refuse(tls).await;
+                                }
+                            });
+                        }
+                    }
                     continue;
                 };
-                let (ctx, closing, acceptor) = (ctx.clone(), closing.clone(), acceptor.clone());
+                let (ctx, closing, tls) = (ctx.clone(), closing.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let _ = client.set_nodelay(true);
-                    // The handshake counts against the CONNECT timeout.
-                    match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(client)).await {
-                        Ok(Ok(tls)) => {
-                            if let Err(e) = connection(tls, &ctx, &closing).await {
-                                tracing::debug!(error = %e, "MQTT connection closed");
+                    let ended = match tls {
+                        None => connection(client, &ctx, &closing).await,
+                        Some(acceptor) => {
+                            match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(client))
+                                .await
+                            {
+                                Ok(Ok(tls)) => connection(tls, &ctx, &closing).await,
+                                Ok(Err(e)) => Err(e.into()),
+                                Err(_) => Err(ConnectionError::ConnectTimeout(CONNECT_TIMEOUT)),
                             }
                         }
-                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    };
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "MQTT connection closed");
                     }
                     drop(permit);
                 });
@@ -257,10 +259,14 @@ impl FrontDoor {
     }
 }
 
+/// How long a client refused for `mqtt.max_connections` has to send its CONNECT (and over
+/// TLS, to finish its handshake first).
+const REFUSE_WITHIN: Duration = Duration::from_secs(2);
+
 /// Over `mqtt.max_connections`: read the CONNECT (briefly) and answer "server unavailable".
-async fn refuse(mut client: TcpStream) {
+async fn refuse(mut client: impl AsyncRead + AsyncWrite + Unpin) {
     let mut buf = BytesMut::with_capacity(512);
-    let read = tokio::time::timeout(Duration::from_secs(2), client.read_buf(&mut buf)).await;
+    let read = tokio::time::timeout(REFUSE_WITHIN, client.read_buf(&mut buf)).await;
     let v5 = matches!(read, Ok(Ok(_))) && buf.get(8) == Some(&5);
     let answer: &[u8] = if v5 {
         &[0x20, 3, 0, 0x9F, 0] // connection rate exceeded
@@ -268,6 +274,7 @@ async fn refuse(mut client: TcpStream) {
         &[0x20, 2, 0, 3] // server unavailable
     };
     let _ = client.write_all(answer).await;
+    let _ = client.shutdown().await;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -652,7 +652,7 @@ fn a_buffer_that_refuses_every_commit_stops_the_agent_which_exits_non_zero() {
 }
 
 #[test]
-fn tls_with_a_ca_file_works_and_plain_tcp_to_the_tls_port_does_not() {
+fn tls_with_a_ca_file_works_plain_tcp_to_the_tls_port_does_not_and_a_full_door_says_unavailable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let made = Command::new("openssl")
@@ -684,7 +684,7 @@ fn tls_with_a_ca_file_works_and_plain_tcp_to_the_tls_port_does_not() {
     let cloud = CloudHarness::new(dir.path()).run();
     let mut agent = AgentHarness::new(dir.path(), &cloud.url())
         .mqtt_extra(&format!(
-            "  tls: {{ listen: 127.0.0.1:0, cert_file: {}, key_file: {} }}\n",
+            "  tls: {{ listen: 127.0.0.1:0, cert_file: {}, key_file: {} }}\n  max_connections: 2\n",
             cert.display(),
             key.display()
         ))
@@ -721,11 +721,44 @@ fn tls_with_a_ca_file_works_and_plain_tcp_to_the_tls_port_does_not() {
         answered == 0 || first[0] != 0x20,
         "no CONNACK over plain TCP"
     );
-    let r = eventually(Duration::from_secs(20), "both TLS records", || {
-        let r = records_of(&cloud, "telemetry");
-        (r.len() >= 2).then_some(r)
+    drop(s);
+
+    // A full door (mqtt.max_connections, shared by both listeners) answers "server
+    // unavailable", over TLS as over plain TCP; once a connection ends there is room again.
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(agent.mqtt).expect("idle"))
+        .collect();
+    let refused = |port: u16, extra: &[&str]| {
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+            .args([
+                "-t",
+                "plant/4/telemetry/full",
+                "-m",
+                "refused",
+                "-V",
+                "mqttv311",
+            ])
+            .args(extra)
+            .output()
+            .expect("mosquitto_pub");
+        (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).to_lowercase())
+    };
+    let answer = eventually(Duration::from_secs(10), "refused over TLS", || {
+        refused(tls.port(), &["--cafile", &ca])
     });
-    assert_eq!(r.len(), 2);
+    assert!(answer.contains("unavailable"), "{answer}");
+    let answer = refused(agent.mqtt.port(), &[]).expect("refused over TCP");
+    assert!(answer.contains("unavailable"), "{answer}");
+    drop(idle);
+    eventually(Duration::from_secs(10), "room again", || {
+        publish(&["--cafile", &ca, "-V", "mqttv311"], "after the flood").then_some(())
+    });
+    let r = eventually(Duration::from_secs(20), "the TLS records", || {
+        let r = records_of(&cloud, "telemetry");
+        (r.len() >= 3).then_some(r)
+    });
+    assert_eq!(r.len(), 3, "nothing of the refused publishes is kept");
 }
 
 #[test]
