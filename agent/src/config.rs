@@ -160,6 +160,10 @@ struct RawTls {
     listen: SocketAddr,
     cert_file: PathBuf,
     key_file: PathBuf,
+    #[serde(default)]
+    client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    require_client_cert: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -390,6 +394,12 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// PEM private key.
     pub key_file: PathBuf,
+    /// PEM certificates of the CAs that sign sensors' client certificates (mTLS): a client
+    /// presenting one it signed connects as the user its certificate's Common Name names.
+    pub client_ca_file: Option<PathBuf>,
+    /// Only clients with such a certificate may connect (else a client without one may still
+    /// log in with a user name and password).
+    pub require_client_cert: bool,
 }
 
 /// Who may connect to the front door.
@@ -644,11 +654,25 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             users_file: raw.mqtt.auth.users_file,
         },
         acl: raw.mqtt.acl.map(validate_acl).transpose()?,
-        tls: raw.mqtt.tls.map(|t| TlsConfig {
-            listen: t.listen,
-            cert_file: t.cert_file,
-            key_file: t.key_file,
-        }),
+        tls: raw
+            .mqtt
+            .tls
+            .map(|t| {
+                if t.require_client_cert && t.client_ca_file.is_none() {
+                    return Err((
+                        "mqtt.tls.require_client_cert".to_owned(),
+                        "needs client_ca_file: the CA certificates that sign the sensors' client certificates".to_owned(),
+                    ));
+                }
+                Ok(TlsConfig {
+                    listen: t.listen,
+                    cert_file: t.cert_file,
+                    key_file: t.key_file,
+                    client_ca_file: t.client_ca_file,
+                    require_client_cert: t.require_client_cert,
+                })
+            })
+            .transpose()?,
     };
     if !mqtt.auth.allow_anonymous && mqtt.auth.users_file.is_none() {
         return Err((
@@ -1051,6 +1075,14 @@ streams:
                 GOOD.replace("version: 1", "version: 3"),
                 "version",
                 "unsupported version",
+            ),
+            (
+                GOOD.replace(
+                    "  auth: { allow_anonymous: true }",
+                    "  auth: { allow_anonymous: true }\n  tls: { listen: 127.0.0.1:8883, cert_file: c, key_file: k, require_client_cert: true }",
+                ),
+                "mqtt.tls.require_client_cert",
+                "needs client_ca_file",
             ),
         ];
         for (text, key, reason) in cases {

@@ -200,7 +200,7 @@ pub async fn run(
     let tls = match &config.mqtt.tls {
         Some(t) => Some((
             front_door::bind(t.listen, "mqtt.tls.listen").await?,
-            front_door::tls_acceptor(&t.cert_file, &t.key_file).map_err(AgentError::Tls)?,
+            front_door::tls_acceptor(t).map_err(AgentError::Tls)?,
         )),
         None => None,
     };

@@ -761,6 +761,179 @@ fn tls_with_a_ca_file_works_plain_tcp_to_the_tls_port_does_not_and_a_full_door_s
     assert_eq!(r.len(), 3, "nothing of the refused publishes is kept");
 }
 
+/// Runs openssl with `args`; panics on failure.
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`<name>-ca.pem`/`.key`) in `dir`, and a certificate and key it signs for each
+/// subject (`<file>.pem`, `<file>.key`), with 127.0.0.1 as a name.
+fn certificates(dir: &std::path::Path, name: &str, subjects: &[(&str, &str)]) -> String {
+    let at = |f: String| dir.join(f).display().to_string();
+    let (ca, ca_key) = (at(format!("{name}-ca.pem")), at(format!("{name}-ca.key")));
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec!["req", "-x509", "-days", "1", "-subj", "/CN=test CA"];
+    args.extend(ec);
+    args.extend(["-keyout", &ca_key, "-out", &ca]);
+    openssl(&args);
+    for (file, subject) in subjects {
+        let (cert, key, csr) = (
+            at(format!("{file}.pem")),
+            at(format!("{file}.key")),
+            at(format!("{file}.csr")),
+        );
+        let mut args = vec!["req", "-subj", subject, "-keyout", &key, "-out", &csr];
+        args.extend(ec);
+        openssl(&args);
+        let ext = at(format!("{file}.ext"));
+        std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "1",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ]);
+    }
+    ca
+}
+
+#[test]
+fn a_client_certificate_logs_in_as_its_common_name_and_the_acl_applies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let server_ca = certificates(d, "server", &[("server", "/CN=localhost")]);
+    let client_ca = certificates(
+        d,
+        "client",
+        &[("sensor-7", "/CN=sensor-7"), ("nameless", "/O=plant")],
+    );
+    // Signed by a CA the agent does not know.
+    certificates(d, "rogue", &[("rogue", "/CN=sensor-7")]);
+    let users = d.join("users");
+    std::fs::write(&users, format!("sensor-1:{}\n", hash("s3cret-1"))).expect("users");
+    let cloud = CloudHarness::new(d).run();
+    let mut agent = AgentHarness::new(d, &cloud.url())
+        .mqtt_auth(&format!(
+            "  auth: {{ allow_anonymous: false, users_file: {} }}
+  acl:
+    - users: [\"*\"]
+      publish: [\"plant/+/telemetry/%u/#\"]
+",
+            users.display()
+        ))
+        .mqtt_extra(&format!(
+            "  tls: {{ listen: 127.0.0.1:0, cert_file: {}, key_file: {}, client_ca_file: {client_ca} }}\n",
+            d.join("server.pem").display(),
+            d.join("server.key").display(),
+        ))
+        .run();
+    let tls: SocketAddr = agent
+        .printed("mqtts listening on")
+        .parse()
+        .expect("address");
+    let publish = |who: Option<&str>, login: &[&str], topic: &str| {
+        let mut c = Command::new("mosquitto_pub");
+        c.args(["-h", "127.0.0.1", "-p", &tls.port().to_string(), "-q", "1"])
+            .args(["--cafile", &server_ca, "-t", topic, "-m", topic])
+            .args(login)
+            .stderr(Stdio::null());
+        if let Some(who) = who {
+            let (cert, key) = (d.join(format!("{who}.pem")), d.join(format!("{who}.key")));
+            c.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        c.status().expect("mosquitto_pub").success()
+    };
+    for v in ["mqttv311", "mqttv5"] {
+        let topic = format!("plant/1/telemetry/sensor-7/{v}");
+        assert!(
+            publish(Some("sensor-7"), &["-V", v], &topic),
+            "{v}: the certificate is the login"
+        );
+    }
+    // The certificate's user is the one the ACL sees: another's prefix is denied (stored
+    // nothing), and naming another user in the CONNECT is refused.
+    publish(
+        Some("sensor-7"),
+        &["-V", "mqttv5"],
+        "plant/1/telemetry/sensor-1/denied",
+    );
+    assert!(!publish(
+        Some("sensor-7"),
+        &["-V", "mqttv311", "-u", "sensor-1", "-P", "s3cret-1"],
+        "plant/1/telemetry/sensor-1/other-user",
+    ));
+    // A certificate without a Common Name, or signed by another CA, gets nowhere; without a
+    // certificate, the password still works and anonymous is still refused.
+    assert!(!publish(
+        Some("nameless"),
+        &["-V", "mqttv311"],
+        "plant/1/telemetry/x/nameless"
+    ));
+    assert!(!publish(
+        Some("rogue"),
+        &["-V", "mqttv311"],
+        "plant/1/telemetry/sensor-7/rogue"
+    ));
+    assert!(publish(
+        None,
+        &["-V", "mqttv311", "-u", "sensor-1", "-P", "s3cret-1"],
+        "plant/1/telemetry/sensor-1/password"
+    ));
+    assert!(!publish(
+        None,
+        &["-V", "mqttv311"],
+        "plant/1/telemetry/sensor-7/anonymous"
+    ));
+    let topics = |r: Vec<e2e::LogRecord>| -> Vec<String> {
+        let mut t: Vec<String> = r.into_iter().map(|r| r.mqtt_topic).collect();
+        t.sort();
+        t
+    };
+    let r = eventually(Duration::from_secs(20), "the three records", || {
+        let r = records_of(&cloud, "telemetry");
+        (r.len() >= 3).then_some(r)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let r = if records_of(&cloud, "telemetry").len() > r.len() {
+        records_of(&cloud, "telemetry")
+    } else {
+        r
+    };
+    assert_eq!(
+        topics(r),
+        [
+            "plant/1/telemetry/sensor-1/password",
+            "plant/1/telemetry/sensor-7/mqttv311",
+            "plant/1/telemetry/sensor-7/mqttv5"
+        ]
+    );
+}
+
 #[test]
 fn a_client_silent_past_its_keep_alive_is_closed_and_pings_are_answered() {
     let dir = tempfile::tempdir().expect("tempdir");
