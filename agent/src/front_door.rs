@@ -253,6 +253,7 @@ impl FrontDoor {
                     continue;
                 };
                 let (ctx, closing, tls) = (ctx.clone(), closing.clone(), tls.clone());
+                ctx.metrics.mqtt_connections.inc();
                 tokio::spawn(async move {
                     let ended = match tls {
                         None => connection(client, None, &ctx, &closing).await,
@@ -272,6 +273,7 @@ impl FrontDoor {
                     if let Err(e) = ended {
                         tracing::debug!(error = %e, "MQTT connection closed");
                     }
+                    ctx.metrics.mqtt_connections.dec();
                     drop(permit);
                 });
             }
@@ -536,6 +538,9 @@ where
     let mut owed = Owed::default();
     let mut aliases: HashMap<u16, Bytes> = HashMap::new();
     let mut alias_bytes = 0usize;
+    // The will is kept when the client vanishes: not after its DISCONNECT (but MQTT 5's "with
+    // will message"), nor when the agent itself stops.
+    let mut will_due = connect.will.is_some();
     let result: Result<(), ConnectionError> = loop {
         let frame = tokio::select! {
             f = read_frame(&mut client_rx, &mut inbound, ctx.max_packet) => f,
@@ -554,7 +559,10 @@ where
             }
             _ = taken_over.cancelled() => break Ok(()),
             _ = sleep_until(idle_deadline) => break Err(ConnectionError::Protocol("keep-alive expired")),
-            _ = closing.cancelled() => break Ok(()),
+            _ = closing.cancelled() => {
+                will_due = false;
+                break Ok(());
+            }
         };
         if let Some(limit) = idle_limit {
             idle_deadline = Some(tokio::time::Instant::now() + limit);
@@ -759,12 +767,18 @@ where
             }
             _ => {
                 let disconnect = frame.kind() == kind::DISCONNECT;
+                if disconnect {
+                    will_due = v5 && frame.body().first() == Some(&0x04);
+                }
                 if to_broker.send(frame.raw).await.is_err() || disconnect {
                     break Ok(());
                 }
             }
         }
     };
+    if will_due && let Some(will) = &connect.will {
+        keep_will(ctx, &who, &connect.client_id, will).await;
+    }
     if subscribed {
         ctx.local_subscribers
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -787,6 +801,33 @@ where
     down.abort();
     let _ = writer.await;
     result
+}
+
+/// A vanished client's will message goes into the buffer like a publish (the ACL applies;
+/// nobody waits for its commit). MQTT 5's will delay is not waited out: the will is kept at
+/// once, and the broker's copy reaches local subscribers as rumqttd handles it.
+async fn keep_will(ctx: &Ctx, who: &Client<'_>, client_id: &str, will: &mqtt::Will) {
+    if will.topic.is_empty() || !ctx.access.acl.may_publish(who, &will.topic) {
+        ctx.metrics
+            .mqtt_denied
+            .with_label_values(&["publish"])
+            .inc();
+        tracing::warn!(client_id, topic = %will.topic, "will message denied by mqtt.acl: not stored");
+        return;
+    }
+    let stream = ctx.router.route(&will.topic);
+    ctx.received[stream].inc();
+    ctx.metrics.mqtt_wills.inc();
+    tracing::info!(client_id, topic = %will.topic, "client vanished without DISCONNECT: its will message is kept");
+    let record = NewRecord {
+        stream,
+        topic: will.topic.clone(),
+        payload: will.payload.clone(),
+        received_at_ms: crate::clock::now_ms(),
+        monotonic_ms: crate::clock::monotonic_ms(),
+        receipt: None,
+    };
+    let _ = ctx.queue.send_async(WriterCommand::Append(record)).await;
 }
 
 /// The user a CONNECT authenticates as (`None`: anonymous), or the CONNACK codes refusing it

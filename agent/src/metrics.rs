@@ -69,6 +69,10 @@ pub const MQTT_DENIED: &str = "agent_mqtt_denied_total";
 pub const MQTT_REFUSED: &str = "agent_mqtt_connections_refused_total";
 /// QoS 1/2 resends (DUP) of publishes already kept: acknowledged again, not stored again.
 pub const MQTT_RESENDS: &str = "agent_mqtt_resends_total";
+/// MQTT connections open now (both listeners, from the TCP accept on).
+pub const MQTT_CONNECTIONS: &str = "agent_mqtt_connections";
+/// Will messages of clients that vanished without DISCONNECT, kept in the buffer.
+pub const MQTT_WILLS: &str = "agent_mqtt_wills_total";
 /// QoS 0 copies for local subscribers dropped because the embedded broker lagged.
 pub const LOCAL_COPIES_DROPPED: &str = "agent_mqtt_local_copies_dropped_total";
 /// 1 while the buffer's disk is full (the file may not grow; room is made by eviction).
@@ -138,6 +142,10 @@ pub struct Metrics {
     pub mqtt_denied: IntCounterVec,
     /// See [`MQTT_RESENDS`].
     pub mqtt_resends: IntCounter,
+    /// See [`MQTT_WILLS`].
+    pub mqtt_wills: IntCounter,
+    /// See [`MQTT_CONNECTIONS`].
+    pub mqtt_connections: IntGauge,
     /// See [`LOCAL_COPIES_DROPPED`].
     pub local_copies_dropped: IntCounter,
     /// See [`BUFFER_QUEUE_RECORDS`].
@@ -290,6 +298,11 @@ impl Metrics {
             mqtt_resends: counter(
                 MQTT_RESENDS,
                 "Resends of publishes already kept: acknowledged, not stored again.",
+            ),
+            mqtt_connections: gauge(MQTT_CONNECTIONS, "MQTT connections open now."),
+            mqtt_wills: counter(
+                MQTT_WILLS,
+                "Will messages of clients that vanished without DISCONNECT, kept in the buffer.",
             ),
             local_copies_dropped: counter(
                 LOCAL_COPIES_DROPPED,

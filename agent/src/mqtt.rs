@@ -172,10 +172,23 @@ pub struct Connect {
     pub username: Option<String>,
     /// Password, if given.
     pub password: Option<Vec<u8>>,
+    /// The will message, if any.
+    pub will: Option<Will>,
     /// Where the client id field starts in the frame's body, and where it ends.
     id_span: (usize, usize),
     /// Where the keep-alive sits in the frame's body.
     keep_alive_at: usize,
+}
+
+/// A CONNECT's will message: published by the server when the client vanishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    /// Its topic (UTF-8).
+    pub topic: String,
+    /// Its payload.
+    pub payload: Bytes,
+    /// 0, 1 or 2.
+    pub qos: u8,
 }
 
 impl Connect {
@@ -214,13 +227,23 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
         .map_err(|_| MqttError::Malformed("CONNECT client id (not UTF-8)"))?
         .to_owned();
     let mut next = end;
+    let mut will = None;
     if flags & 0x04 != 0 {
         if level == 5 {
             let (props, n) = get_length(b, next)?;
             next += n + props;
         }
-        next = field(b, next, "CONNECT will topic")?.1;
-        next = field(b, next, "CONNECT will payload")?.1;
+        let (topic, n) = field(b, next, "CONNECT will topic")?;
+        let topic = std::str::from_utf8(topic)
+            .map_err(|_| MqttError::Malformed("CONNECT will topic (not UTF-8)"))?
+            .to_owned();
+        let (payload, n) = field(b, n, "CONNECT will payload")?;
+        will = Some(Will {
+            topic,
+            payload: Bytes::copy_from_slice(payload),
+            qos: (flags >> 3) & 0x03,
+        });
+        next = n;
     }
     let mut username = None;
     if flags & 0x80 != 0 {
@@ -243,6 +266,7 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
         keep_alive,
         username,
         password,
+        will,
         id_span: (at, end),
         keep_alive_at,
     })
@@ -654,6 +678,46 @@ mod tests {
             suback_codes(&frame(&suback(3, &[0x80, 1], true)), true).expect("suback"),
             (3, vec![0x80, 1])
         );
+    }
+
+    #[test]
+    fn wills_are_read_with_their_qos_and_credentials_after_them() {
+        for level in [4u8, 5] {
+            // Will flag, will QoS 1, user name; keep-alive 30; id "c".
+            let mut v = vec![
+                0,
+                4,
+                b'M',
+                b'Q',
+                b'T',
+                b'T',
+                level,
+                0x80 | 0x08 | 0x04 | 0x02,
+            ];
+            v.extend_from_slice(&[0, 30]);
+            if level == 5 {
+                v.push(0); // no properties
+            }
+            v.extend_from_slice(&[0, 1, b'c']);
+            if level == 5 {
+                v.extend_from_slice(&[5, 0x18, 0, 0, 0, 9]); // will delay interval 9 s
+            }
+            v.extend_from_slice(&[0, 3, b'w', b'/', b't', 0, 4, b'g', b'o', b'n', b'e']);
+            v.extend_from_slice(&[0, 1, b'u']);
+            let mut raw = vec![0x10, v.len() as u8];
+            raw.extend(v);
+            let c = connect(&frame(&raw)).expect("connect");
+            assert_eq!(
+                c.will,
+                Some(Will {
+                    topic: "w/t".into(),
+                    payload: Bytes::from_static(b"gone"),
+                    qos: 1
+                }),
+                "level {level}"
+            );
+            assert_eq!(c.username.as_deref(), Some("u"));
+        }
     }
 
     #[test]

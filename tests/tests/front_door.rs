@@ -294,6 +294,79 @@ fn dollar_topics_are_kept() {
 }
 
 #[test]
+fn a_vanished_clients_will_is_kept_and_a_clean_goodbye_keeps_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let port = agent.mqtt.port().to_string();
+    // mosquitto_sub with a will, killed (no DISCONNECT), in MQTT 3.1.1 and 5.
+    for v in ["mqttv311", "mqttv5"] {
+        let mut sub = Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                v,
+                "-i",
+                &format!("willing-{v}"),
+            ])
+            .args(["-t", "plant/9/telemetry/nothing"])
+            .args(["--will-topic", &format!("plant/9/alarm/{v}/gone")])
+            .args(["--will-payload", "offline", "--will-qos", "1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub");
+        eventually(Duration::from_secs(10), "connected", || {
+            (agent.metric("agent_mqtt_connections") == 1.0).then_some(())
+        });
+        sub.kill().expect("kill -9");
+        let _ = sub.wait();
+        eventually(Duration::from_secs(10), "gone", || {
+            (agent.metric("agent_mqtt_connections") == 0.0).then_some(())
+        });
+    }
+    // mosquitto_pub with a will ends with DISCONNECT: its will is not kept.
+    let clean = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-q", "1"])
+        .args(["-t", "plant/9/telemetry/x", "-m", "bye"])
+        .args([
+            "--will-topic",
+            "plant/9/alarm/clean/gone",
+            "--will-payload",
+            "never",
+        ])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(clean.success());
+    // Its connection's end (and any will) is counted before the gauge goes down.
+    eventually(Duration::from_secs(10), "closed", || {
+        (agent.metric("agent_mqtt_connections") == 0.0).then_some(())
+    });
+    assert_eq!(agent.metric("agent_mqtt_wills_total"), 2.0);
+    eventually(Duration::from_secs(20), "the publish and the wills", || {
+        (!records_of(&cloud, "telemetry").is_empty() && records_of(&cloud, "alarms").len() >= 2)
+            .then_some(())
+    });
+    let mut wills: Vec<(String, Vec<u8>)> = records_of(&cloud, "alarms")
+        .into_iter()
+        .map(|r| (r.mqtt_topic, r.payload))
+        .collect();
+    wills.sort();
+    assert_eq!(
+        wills,
+        [
+            (
+                "plant/9/alarm/mqttv311/gone".to_owned(),
+                b"offline".to_vec()
+            ),
+            ("plant/9/alarm/mqttv5/gone".to_owned(), b"offline".to_vec()),
+        ]
+    );
+}
+
+#[test]
 fn client_ids_with_slashes_and_takeovers_do_not_wedge_the_door() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
