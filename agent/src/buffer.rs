@@ -33,7 +33,7 @@ pub use protection::{MAX_SEQ, Protected, Protection, SeqRanges};
 use crate::routing::Priority;
 use ingest_wire::{LOSS_STREAM, LossReason, LossReport};
 pub use recovery::Quarantine;
-pub use writer::{BufferWriter, Queue, STOP_BOUND};
+pub use writer::{BufferWriter, Queue, QueueBytes, STOP_BOUND};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;

@@ -152,6 +152,44 @@ struct RawMqtt {
     acl: Option<Vec<RawRule>>,
     #[serde(default)]
     tls: Option<RawTls>,
+    #[serde(default)]
+    rate_limit: Option<RawRateLimit>,
+    #[serde(default)]
+    retained: RawRetained,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    messages_per_second: u32,
+    #[serde(default)]
+    bytes_per_second: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetained {
+    #[serde(default = "default_retained_messages")]
+    max_messages: usize,
+    #[serde(default = "default_retained_bytes")]
+    max_bytes: String,
+}
+
+impl Default for RawRetained {
+    fn default() -> Self {
+        RawRetained {
+            max_messages: default_retained_messages(),
+            max_bytes: default_retained_bytes(),
+        }
+    }
+}
+
+fn default_retained_messages() -> usize {
+    10_000
+}
+
+fn default_retained_bytes() -> String {
+    "16MiB".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +237,8 @@ struct RawBuffer {
     commit_window: String,
     #[serde(default = "default_queue_records")]
     queue_records: usize,
+    #[serde(default = "default_queue_bytes")]
+    queue_bytes: String,
     #[serde(default)]
     reserve_bytes: Option<String>,
 }
@@ -284,6 +324,9 @@ fn default_commit_window() -> String {
 fn default_queue_records() -> usize {
     20_000
 }
+fn default_queue_bytes() -> String {
+    "32MiB".into()
+}
 fn default_max_records() -> usize {
     1000
 }
@@ -362,6 +405,25 @@ pub struct IngestConfig {
     pub max_in_flight: usize,
 }
 
+/// Per-client publish rate at the front door: a QoS 1/2 publisher over it is slowed (its
+/// packets are read, and so acknowledged, later), QoS 0 publishes over it are shed and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Publishes per second, per connection (a second's worth may come at once).
+    pub messages_per_second: std::num::NonZeroU32,
+    /// Payload bytes per second, per connection, if limited.
+    pub bytes_per_second: Option<std::num::NonZeroU32>,
+}
+
+/// How much the embedded broker may retain for local subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetainedLimits {
+    /// Most retained topics.
+    pub max_messages: usize,
+    /// Most retained payload bytes (topics included).
+    pub max_bytes: usize,
+}
+
 /// The embedded broker.
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
@@ -377,6 +439,10 @@ pub struct MqttConfig {
     pub router_segment_bytes: usize,
     /// Segments kept per filter: how far a local subscriber may lag before it misses copies.
     pub router_segments: usize,
+    /// Per-client publish rate, if limited.
+    pub rate_limit: Option<RateLimit>,
+    /// Bounds on retained messages.
+    pub retained: RetainedLimits,
     /// Who may connect.
     pub auth: AuthConfig,
     /// What each client may publish and subscribe to; `None`: everything.
@@ -423,6 +489,8 @@ pub struct BufferConfig {
     pub commit_window: Duration,
     /// Records queued in memory between the broker and the buffer writer.
     pub queue_records: usize,
+    /// And bytes of them (topic, payload and overhead).
+    pub queue_bytes: u64,
     /// Size of the reserve file kept beside the buffer for a full disk; `None`: sized from the
     /// volume at start ([`crate::buffer::space::auto_reserve`]).
     pub reserve_bytes: Option<u64>,
@@ -649,6 +717,35 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             &raw.mqtt.router_segment_bytes,
         )?,
         router_segments: positive("mqtt.router_segments", raw.mqtt.router_segments)?,
+        rate_limit: raw
+            .mqtt
+            .rate_limit
+            .map(|r| -> Result<RateLimit, Invalid> {
+                let nonzero = |key: &str, n: u64| {
+                    u32::try_from(n)
+                        .ok()
+                        .and_then(std::num::NonZeroU32::new)
+                        .ok_or_else(|| (key.to_owned(), "must be 1 to 4294967295".to_owned()))
+                };
+                Ok(RateLimit {
+                    messages_per_second: nonzero(
+                        "mqtt.rate_limit.messages_per_second",
+                        u64::from(r.messages_per_second),
+                    )?,
+                    bytes_per_second: r
+                        .bytes_per_second
+                        .map(|b| {
+                            let key = "mqtt.rate_limit.bytes_per_second";
+                            nonzero(key, size(key, &b)?)
+                        })
+                        .transpose()?,
+                })
+            })
+            .transpose()?,
+        retained: RetainedLimits {
+            max_messages: raw.mqtt.retained.max_messages,
+            max_bytes: usize_size("mqtt.retained.max_bytes", &raw.mqtt.retained.max_bytes)?,
+        },
         auth: AuthConfig {
             allow_anonymous: raw.mqtt.auth.allow_anonymous,
             users_file: raw.mqtt.auth.users_file,
@@ -691,6 +788,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         quota_bytes: size("buffer.quota_bytes", &raw.buffer.quota_bytes)?,
         commit_window: duration("buffer.commit_window", &raw.buffer.commit_window)?,
         queue_records: positive("buffer.queue_records", raw.buffer.queue_records)?,
+        queue_bytes: size("buffer.queue_bytes", &raw.buffer.queue_bytes)?,
         reserve_bytes: raw
             .buffer
             .reserve_bytes

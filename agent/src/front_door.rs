@@ -25,7 +25,10 @@
 //!   connection goes on without local pub/sub; the door answers PINGREQ and enforces the
 //!   keep-alive itself, and a second connection with a client id takes the session over;
 //! - once closed, no byte from a client is read, so nothing new is taken; acknowledgements of
-//!   what was taken still go out while the buffer commits it.
+//!   what was taken still go out while the buffer commits it;
+//! - what one client may cost (its publish rate, what rumqttd retains): see [`limits`].
+
+mod limits;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -40,7 +43,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, Client};
 use crate::broker::BrokerError;
-use crate::buffer::{NewRecord, Queue, Receipt, Receipts, WriterCommand};
+use crate::buffer::{NewRecord, Queue, QueueBytes, Receipt, Receipts, WriterCommand};
+use crate::config::{MqttConfig, RateLimit, RetainedLimits};
 use crate::metrics::Metrics;
 use crate::mqtt::{self, Frame, kind};
 use crate::routing::Router;
@@ -51,8 +55,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_SESSIONS: usize = 10_000;
 /// Most bytes of topics an MQTT 5 client may park behind topic aliases.
 const MAX_ALIAS_BYTES: usize = 1 << 20;
-/// Frames queued towards one client before its reader waits.
+/// Frames queued towards one client (or towards rumqttd for it) before their sender waits...
 const OUTBOUND_FRAMES: usize = 256;
+/// ...or bytes of them (a frame larger than this takes all of it).
+const OUTBOUND_BYTES: u32 = 1 << 20;
+/// Longest a retained publish's copy waits for room towards rumqttd (it is dropped, and
+/// counted, after).
+const RETAINED_WAIT: Duration = Duration::from_secs(1);
 /// How long a closing connection waits for the commits it still has to acknowledge.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
@@ -87,6 +96,15 @@ struct Ctx {
     /// Connections that subscribed through the door and are still open: copies of publishes
     /// go to rumqttd only while there is one (routing them costs it CPU for nobody).
     local_subscribers: std::sync::atomic::AtomicUsize,
+    /// Bytes of records queued for the writer.
+    queue_bytes: QueueBytes,
+    /// Per-client publish rate, if limited.
+    rate_limit: Option<RateLimit>,
+    /// Largest payload.
+    max_payload: usize,
+    /// What rumqttd retains, and its bounds.
+    retained: Mutex<limits::Retained>,
+    retained_limits: RetainedLimits,
 }
 
 /// What a session remembers of its client's publishes, for exactly-once.
@@ -163,7 +181,8 @@ pub fn upstream_id(client_id: &str) -> String {
 }
 
 impl FrontDoor {
-    /// A front door handing publishes to `queue`, relaying the rest to rumqttd.
+    /// A front door handing publishes to `queue`, relaying the rest to rumqttd, with the
+    /// limits of `mqtt`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         router: Router,
@@ -172,10 +191,11 @@ impl FrontDoor {
         metrics: Metrics,
         upstream_v4: SocketAddr,
         upstream_v5: SocketAddr,
-        max_payload: usize,
-        max_connections: usize,
+        mqtt: &MqttConfig,
+        queue_bytes: QueueBytes,
         access: Access,
     ) -> FrontDoor {
+        let max_payload = mqtt.max_payload_bytes;
         FrontDoor {
             closing: CancellationToken::new(),
             ctx: Arc::new(Ctx {
@@ -191,12 +211,17 @@ impl FrontDoor {
                 // Topic, properties and header around the largest payload.
                 max_packet: max_payload + 65_536 + 1024,
                 sessions: Mutex::new(HashMap::new()),
-                connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+                connections: Arc::new(tokio::sync::Semaphore::new(mqtt.max_connections)),
                 access: Arc::new(access),
                 verifying: Arc::new(tokio::sync::Semaphore::new(2)),
                 local_subscribers: std::sync::atomic::AtomicUsize::new(0),
                 live: Mutex::new(HashMap::new()),
                 connection_numbers: std::sync::atomic::AtomicU64::new(1),
+                queue_bytes,
+                rate_limit: mqtt.rate_limit,
+                max_payload,
+                retained: Mutex::default(),
+                retained_limits: mqtt.retained,
             }),
         }
     }
@@ -317,22 +342,68 @@ enum ConnectionError {
     Protocol(&'static str),
 }
 
+/// The sending side of a [`pump`]: bounded in frames and in bytes, so a slow reader holds at
+/// most [`OUTBOUND_BYTES`] (or one larger frame) of memory per direction.
+#[derive(Clone)]
+struct Outbound {
+    frames: mpsc::Sender<(Bytes, tokio::sync::OwnedSemaphorePermit)>,
+    bytes: Arc<tokio::sync::Semaphore>,
+}
+
+impl Outbound {
+    fn room(frame: &Bytes) -> u32 {
+        u32::try_from(frame.len())
+            .unwrap_or(u32::MAX)
+            .min(OUTBOUND_BYTES)
+    }
+
+    /// Queues `frame`, waiting for room; `Err`: the pump is gone.
+    async fn send(&self, frame: Bytes) -> Result<(), ()> {
+        let room = self
+            .bytes
+            .clone()
+            .acquire_many_owned(Self::room(&frame))
+            .await
+            .map_err(|_| ())?;
+        self.frames.send((frame, room)).await.map_err(|_| ())
+    }
+
+    /// Queues `frame` if there is room now.
+    fn try_send(&self, frame: Bytes) -> Result<(), ()> {
+        let room = self
+            .bytes
+            .clone()
+            .try_acquire_many_owned(Self::room(&frame))
+            .map_err(|_| ())?;
+        self.frames.try_send((frame, room)).map_err(|_| ())
+    }
+}
+
 /// A task writing the frames sent to the returned queue to `sink`, whole and in order, until
 /// the queue closes or a write fails; then it shuts `sink` down.
-fn pump<W>(mut sink: W) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>)
+fn pump<W>(mut sink: W) -> (Outbound, tokio::task::JoinHandle<()>)
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(OUTBOUND_FRAMES);
+    let (tx, mut rx) = mpsc::channel::<(Bytes, tokio::sync::OwnedSemaphorePermit)>(OUTBOUND_FRAMES);
     let task = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if sink.write_all(&frame).await.is_err() {
+        while let Some((frame, room)) = rx.recv().await {
+            let written = sink.write_all(&frame).await;
+            // Its room is free once it is written.
+            drop(room);
+            if written.is_err() {
                 break;
             }
         }
         let _ = sink.shutdown().await;
     });
-    (tx, task)
+    (
+        Outbound {
+            frames: tx,
+            bytes: Arc::new(tokio::sync::Semaphore::new(OUTBOUND_BYTES as usize)),
+        },
+        task,
+    )
 }
 
 /// Reads frames from `reader` into `buf` until a whole one is there.
@@ -541,6 +612,10 @@ where
     // The will is kept when the client vanishes: not after its DISCONNECT (but MQTT 5's "with
     // will message"), nor when the agent itself stops.
     let mut will_due = connect.will.is_some();
+    let rate = ctx
+        .rate_limit
+        .map(|r| limits::PublishRate::new(r, ctx.max_payload));
+    let mut shed = limits::Shed::default();
     let result: Result<(), ConnectionError> = loop {
         let frame = tokio::select! {
             f = read_frame(&mut client_rx, &mut inbound, ctx.max_packet) => f,
@@ -575,6 +650,27 @@ where
         match frame.kind() {
             kind::PUBLISH => {
                 let p = mqtt::publish(&frame, v5)?;
+                if let Some(rate) = &rate {
+                    if p.qos == 0 {
+                        if !rate.admit(p.payload.len()) {
+                            ctx.metrics.mqtt_shed.inc();
+                            if let Some(n) = shed.count(std::time::Instant::now()) {
+                                tracing::warn!(client_id = %connect.client_id, shed = n, total = shed.total, "QoS 0 publishes over mqtt.rate_limit shed (not stored); said at most every 10 s per client");
+                            }
+                            continue;
+                        }
+                    } else {
+                        // Slowed, never refused: the next packet is read once there is room.
+                        tokio::select! {
+                            () = rate.wait(p.payload.len()) => {}
+                            _ = closing.cancelled() => {
+                                will_due = false;
+                                break Ok(());
+                            }
+                            _ = taken_over.cancelled() => break Ok(()),
+                        }
+                    }
+                }
                 let topic = match (p.alias, p.topic.is_empty()) {
                     (Some(a), true) => aliases
                         .get(&a)
@@ -615,16 +711,20 @@ where
                     }
                     continue;
                 }
-                // Local subscribers get a QoS 0 copy; rumqttd is never waited on for it.
-                if ctx
-                    .local_subscribers
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    > 0
-                    && to_broker
-                        .try_send(mqtt::as_qos0(&frame, &p, &topic, v5))
-                        .is_err()
-                {
-                    ctx.metrics.local_copies_dropped.inc();
+                // Local subscribers get a QoS 0 copy; rumqttd is never waited on for it (but
+                // for a retained one, which is state: up to RETAINED_WAIT). Retained
+                // publishes go to it whoever is subscribed, within the bounds.
+                if let Some(copy) = ctx.local_copy(&frame, &p, &text, v5) {
+                    let sent = if p.retain {
+                        tokio::time::timeout(RETAINED_WAIT, to_broker.send(copy))
+                            .await
+                            .is_ok_and(|sent| sent.is_ok())
+                    } else {
+                        to_broker.try_send(copy).is_ok()
+                    };
+                    if !sent {
+                        ctx.metrics.local_copies_dropped.inc();
+                    }
                 }
                 let digest = crate::buffer::checksum(0, 0, &text, &p.payload);
                 let already = {
@@ -676,12 +776,7 @@ where
                         monotonic_ms: crate::clock::monotonic_ms(),
                         receipt,
                     };
-                    if ctx
-                        .queue
-                        .send_async(WriterCommand::Append(record))
-                        .await
-                        .is_err()
-                    {
+                    if ctx.keep(WriterCommand::Append(record)).await.is_err() {
                         break Err(ConnectionError::Protocol("the buffer writer is gone"));
                     }
                 }
@@ -779,6 +874,9 @@ where
     if will_due && let Some(will) = &connect.will {
         keep_will(ctx, &who, &connect.client_id, will).await;
     }
+    if shed.total > 0 {
+        tracing::warn!(client_id = %connect.client_id, total = shed.total, "connection ended; QoS 0 publishes it had shed over mqtt.rate_limit");
+    }
     if subscribed {
         ctx.local_subscribers
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -801,6 +899,48 @@ where
     down.abort();
     let _ = writer.await;
     result
+}
+
+impl Ctx {
+    /// Queues a record for the writer, once its bytes fit the queue's budget.
+    async fn keep(&self, record: WriterCommand) -> Result<(), ()> {
+        self.queue_bytes.take(&record).await;
+        self.queue.send_async(record).await.map_err(|_| ())
+    }
+
+    /// The QoS 0 copy of a publish for rumqttd, if it gets one: while a local subscriber is
+    /// connected, and for a retained publish the bounds admit ([`limits::Retained`]); a
+    /// retained publish over them goes (to live subscribers only) without its retain flag.
+    fn local_copy(&self, frame: &Frame, p: &mqtt::Publish, topic: &str, v5: bool) -> Option<Bytes> {
+        let live = self
+            .local_subscribers
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0;
+        let retain = p.retain && {
+            let mut retained = self
+                .retained
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let admitted = retained.admit(topic, p.payload.len(), self.retained_limits);
+            self.metrics
+                .mqtt_retained_bytes
+                .set(retained.bytes() as i64);
+            if !admitted {
+                self.metrics.mqtt_retained_refused.inc();
+            }
+            admitted
+        };
+        if !live && !retain {
+            return None;
+        }
+        let copy = mqtt::as_qos0(frame, p, topic.as_bytes(), v5);
+        if p.retain && !retain {
+            let mut copy = BytesMut::from(&copy[..]);
+            copy[0] &= !0x01;
+            return Some(copy.freeze());
+        }
+        Some(copy)
+    }
 }
 
 /// A vanished client's will message goes into the buffer like a publish (the ACL applies;
@@ -827,7 +967,7 @@ async fn keep_will(ctx: &Ctx, who: &Client<'_>, client_id: &str, will: &mqtt::Wi
         monotonic_ms: crate::clock::monotonic_ms(),
         receipt: None,
     };
-    let _ = ctx.queue.send_async(WriterCommand::Append(record)).await;
+    let _ = ctx.keep(WriterCommand::Append(record)).await;
 }
 
 /// The user a CONNECT authenticates as (`None`: anonymous), or the CONNACK codes refusing it
@@ -893,7 +1033,7 @@ async fn authenticate(
 
 /// Sends every acknowledgement whose record is settled, in order. `false` when a 3.1.1
 /// client's publish was refused: it cannot be told, so its connection closes.
-async fn flush(owed: &mut Owed, receipts: &Receipts, out: &mpsc::Sender<Bytes>, v5: bool) -> bool {
+async fn flush(owed: &mut Owed, receipts: &Receipts, out: &Outbound, v5: bool) -> bool {
     let (done, refused) = receipts.take();
     while let Some(&ack) = owed.queue.front() {
         if ack.ticket > done {

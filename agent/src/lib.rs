@@ -152,6 +152,7 @@ pub async fn run(
     let (commands, command_rx) = flume::bounded(config.buffer.queue_records);
     let protected = protections(&lanes);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(progress);
+    let queue_bytes = buffer::QueueBytes::new(config.buffer.queue_bytes);
     let writer = BufferWriter::new(
         buffer,
         command_rx,
@@ -161,7 +162,8 @@ pub async fn run(
         metrics.clone(),
         names.clone(),
         protected.clone(),
-    );
+    )
+    .with_budget(queue_bytes.clone());
     let stop_checkpoints = Arc::new(AtomicBool::new(false));
     let checkpointer = buffer::spawn_checkpointer(&config.buffer.path, stop_checkpoints.clone())
         .map_err(|e| AgentError::Broker(BrokerError::Start(e.to_string())))?;
@@ -212,8 +214,8 @@ pub async fn run(
         metrics.clone(),
         broker.internal,
         broker.internal_v5,
-        config.mqtt.max_payload_bytes,
-        config.mqtt.max_connections,
+        &config.mqtt,
+        queue_bytes,
         access::Access {
             users,
             allow_anonymous: config.mqtt.auth.allow_anonymous,

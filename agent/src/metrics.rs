@@ -69,6 +69,12 @@ pub const MQTT_DENIED: &str = "agent_mqtt_denied_total";
 pub const MQTT_REFUSED: &str = "agent_mqtt_connections_refused_total";
 /// QoS 1/2 resends (DUP) of publishes already kept: acknowledged again, not stored again.
 pub const MQTT_RESENDS: &str = "agent_mqtt_resends_total";
+/// QoS 0 publishes shed over `mqtt.rate_limit` (not stored).
+pub const MQTT_SHED: &str = "agent_mqtt_shed_total";
+/// Retained publishes over `mqtt.retained` (passed on without their retain flag).
+pub const MQTT_RETAINED_REFUSED: &str = "agent_mqtt_retained_refused_total";
+/// Bytes (topics and payloads) the embedded broker retains.
+pub const MQTT_RETAINED_BYTES: &str = "agent_mqtt_retained_bytes";
 /// MQTT connections open now (both listeners, from the TCP accept on).
 pub const MQTT_CONNECTIONS: &str = "agent_mqtt_connections";
 /// Will messages of clients that vanished without DISCONNECT, kept in the buffer.
@@ -79,6 +85,8 @@ pub const LOCAL_COPIES_DROPPED: &str = "agent_mqtt_local_copies_dropped_total";
 pub const BUFFER_DISK_FULL: &str = "agent_buffer_disk_full";
 /// Records received and waiting in memory for the buffer writer.
 pub const BUFFER_QUEUE_RECORDS: &str = "agent_buffer_queue_records";
+/// Bytes of records queued in memory for the buffer writer (`buffer.queue_bytes` bounds it).
+pub const BUFFER_QUEUE_BYTES: &str = "agent_buffer_queue_bytes";
 /// Seconds since the buffer last committed (it commits at least once a second while running).
 pub const BUFFER_LAST_COMMIT_AGE: &str = "agent_buffer_last_commit_age_seconds";
 
@@ -146,8 +154,16 @@ pub struct Metrics {
     pub mqtt_wills: IntCounter,
     /// See [`MQTT_CONNECTIONS`].
     pub mqtt_connections: IntGauge,
+    /// See [`MQTT_SHED`].
+    pub mqtt_shed: IntCounter,
+    /// See [`MQTT_RETAINED_REFUSED`].
+    pub mqtt_retained_refused: IntCounter,
+    /// See [`MQTT_RETAINED_BYTES`].
+    pub mqtt_retained_bytes: IntGauge,
     /// See [`LOCAL_COPIES_DROPPED`].
     pub local_copies_dropped: IntCounter,
+    /// See [`BUFFER_QUEUE_BYTES`].
+    pub buffer_queue_bytes: IntGauge,
     /// See [`BUFFER_QUEUE_RECORDS`].
     pub buffer_queue_records: IntGauge,
     /// See [`BUFFER_LAST_COMMIT_AGE`]; set from `last_commit_ms` when rendered.
@@ -300,6 +316,22 @@ impl Metrics {
                 "Resends of publishes already kept: acknowledged, not stored again.",
             ),
             mqtt_connections: gauge(MQTT_CONNECTIONS, "MQTT connections open now."),
+            buffer_queue_bytes: gauge(
+                BUFFER_QUEUE_BYTES,
+                "Bytes of records queued in memory for the buffer writer.",
+            ),
+            mqtt_shed: counter(
+                MQTT_SHED,
+                "QoS 0 publishes shed over the per-client rate limit (not stored).",
+            ),
+            mqtt_retained_refused: counter(
+                MQTT_RETAINED_REFUSED,
+                "Retained publishes over the retained bounds (passed on unretained).",
+            ),
+            mqtt_retained_bytes: gauge(
+                MQTT_RETAINED_BYTES,
+                "Bytes of topics and payloads the embedded broker retains.",
+            ),
             mqtt_wills: counter(
                 MQTT_WILLS,
                 "Will messages of clients that vanished without DISCONNECT, kept in the buffer.",

@@ -367,6 +367,139 @@ fn a_vanished_clients_will_is_kept_and_a_clean_goodbye_keeps_none() {
 }
 
 #[test]
+fn a_publisher_over_its_rate_is_slowed_at_qos1_and_shed_and_counted_at_qos0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url())
+        .mqtt_extra("  rate_limit: { messages_per_second: 100 }\n")
+        .run();
+    // A well-behaved sensor publishes throughout (at 200/s it is slowed to 100/s too).
+    let steady = steady_sensor(agent.mqtt, 300);
+    // A QoS 0 flood at full speed: mosquitto_pub -l, one publish per line.
+    let mut flood = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &agent.mqtt.port().to_string()])
+        .args(["-q", "0", "-i", "flood", "-t", "plant/2/logs/flood", "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    {
+        let mut lines = flood.stdin.take().expect("stdin");
+        for i in 0..5000 {
+            writeln!(lines, "line {i}").expect("line");
+        }
+    }
+    assert!(flood.wait().expect("flood").success());
+    // A QoS 1 publisher over the rate: slowed, every publish acknowledged and kept.
+    let started = Instant::now();
+    let fast = publish(LoadSpec {
+        mqtt: agent.mqtt,
+        clients: 1,
+        messages_per_client: 400,
+        rate_per_client: None,
+        payload_bytes: 64,
+        kind: PayloadKind::Binary,
+        qos: QoS::AtLeastOnce,
+        topic: Arc::new(|_, _| "plant/3/telemetry/fast".to_owned()),
+        client_prefix: "fast-".into(),
+    });
+    let took = started.elapsed();
+    assert_eq!((fast.published, fast.acked), (400, 400));
+    // 100 at once, then 100 a second: at least 3 s (a lower bound; a slow machine only adds).
+    assert!(took >= Duration::from_millis(2900), "slowed: {took:?}");
+    let steady = steady.join().expect("steady");
+    assert_eq!(steady.acked, 300, "the steady sensor lost nothing");
+    let shed = agent.metric("agent_mqtt_shed_total");
+    assert!(shed > 0.0, "the flood was shed");
+    let logs = eventually(Duration::from_secs(30), "everything kept delivered", || {
+        let logs = records_of(&cloud, "logs").len() as f64;
+        (records_of(&cloud, "telemetry").len() == 700 && logs + shed >= 5000.0).then_some(logs)
+    });
+    assert_eq!(
+        logs + shed,
+        5000.0,
+        "every QoS 0 publish kept or shed and counted"
+    );
+    assert!(
+        agent
+            .process
+            .stderr()
+            .contains("QoS 0 publishes over mqtt.rate_limit shed"),
+        "and logged for its client"
+    );
+}
+
+#[test]
+fn a_thousand_retained_200_kb_publishes_stay_within_the_retained_bounds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No ingest: the durable path only buffers (within its quota) meanwhile.
+    let agent = AgentHarness::new(
+        dir.path(),
+        &format!("http://127.0.0.1:{}", e2e::free_port()),
+    )
+    .mqtt_extra("  retained: { max_messages: 10000, max_bytes: 16MiB }\n")
+    .run();
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", agent.process.pid()))
+            .expect("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            << 10
+    };
+    let before = rss();
+    let (mut s, code) = raw_client(agent.mqtt, "retainer", true);
+    assert_eq!(code, 0);
+    let payload = vec![0x5Au8; 200_000];
+    let mut peak = 0;
+    for i in 0..1000 {
+        let topic = format!("retained/{i}");
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&payload);
+        s.write_all(&packet(0x31, &body)).expect("retained publish");
+        if i % 100 == 99 {
+            peak = peak.max(rss());
+        }
+    }
+    drop(s);
+    eventually(Duration::from_secs(60), "all taken", || {
+        (agent.metric("agent_records_received_total{stream=\"default\"}") >= 1000.0
+            && agent.metric("agent_buffer_queue_records") == 0.0)
+            .then_some(())
+    });
+    peak = peak.max(rss());
+    let retained = agent.metric("agent_mqtt_retained_bytes");
+    let refused = agent.metric("agent_mqtt_retained_refused_total");
+    assert!(retained <= 16.0 * 1048576.0, "{retained}");
+    assert!(refused >= 900.0, "{refused}");
+    // What is retained is what a new local subscriber gets.
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &agent.mqtt.port().to_string()])
+        .args(["-t", "retained/#", "-W", "3", "-F", "%t"])
+        .output()
+        .expect("mosquitto_sub");
+    let got = String::from_utf8_lossy(&out.stdout).lines().count() as f64;
+    let dropped = agent.metric("agent_mqtt_local_copies_dropped_total");
+    assert!(
+        got <= 1000.0 - refused && got + dropped >= 1000.0 - refused && got > 0.0,
+        "a new subscriber gets what is retained: {got} ({refused} refused, {dropped} dropped)"
+    );
+    eprintln!(
+        "RSS {} MiB before, {} MiB at most; {retained} B retained, {refused} refused",
+        before >> 20,
+        peak >> 20
+    );
+    // The README's cap for this load with the default bounds (16 MiB retained, 32 MiB queued).
+    assert!(
+        peak < 160 << 20,
+        "RSS grew from {} to {} MiB",
+        before >> 20,
+        peak >> 20
+    );
+}
+
+#[test]
 fn client_ids_with_slashes_and_takeovers_do_not_wedge_the_door() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();

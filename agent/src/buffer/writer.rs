@@ -27,6 +27,54 @@ use crate::metrics::Metrics;
 /// The sending side of the writer's queue (bounded: senders wait while it is full).
 pub type Queue = flume::Sender<WriterCommand>;
 
+/// Bytes of records waiting for the writer (`buffer.queue_bytes`), beside the queue's bound in
+/// records: the front door takes a record's cost before it queues it, waiting while all is
+/// taken (its client waits with it), and the writer gives the cost back once the record's
+/// group is committed or dropped. Every `Append` in the queue holds its cost: the front door
+/// queues all of them in the agent.
+#[derive(Debug, Clone)]
+pub struct QueueBytes {
+    room: Arc<tokio::sync::Semaphore>,
+    max: u64,
+}
+
+impl QueueBytes {
+    /// A budget of `bytes` (at most 4 GiB; a record costing more takes all of it).
+    pub fn new(bytes: u64) -> QueueBytes {
+        let max = bytes.clamp(1, u64::from(u32::MAX));
+        QueueBytes {
+            room: Arc::new(tokio::sync::Semaphore::new(max as usize)),
+            max,
+        }
+    }
+
+    fn share(&self, command: &WriterCommand) -> u32 {
+        cost(command).min(self.max) as u32
+    }
+
+    /// Takes `command`'s cost, waiting for room.
+    pub async fn take(&self, command: &WriterCommand) {
+        if let Ok(room) = self.room.acquire_many(self.share(command)).await {
+            room.forget();
+        }
+    }
+
+    /// What the records of `group` hold.
+    fn held(&self, group: &[WriterCommand]) -> u64 {
+        group.iter().map(|c| u64::from(self.share(c))).sum()
+    }
+
+    /// Gives `held` back.
+    fn give_back(&self, held: u64) {
+        self.room.add_permits(held as usize);
+    }
+
+    /// Bytes queued now.
+    pub fn queued(&self) -> u64 {
+        self.max - self.room.available_permits() as u64
+    }
+}
+
 /// Most commands folded into one transaction.
 pub const MAX_GROUP: usize = 20_000;
 /// How often records past their TTL are looked for and the file is fitted to its volume.
@@ -58,6 +106,7 @@ pub struct BufferWriter {
     protected: Arc<Protected>,
     /// When the writer first saw that the agent is stopping (every sender gone).
     stop_seen: Option<Instant>,
+    budget: Option<QueueBytes>,
 }
 
 impl BufferWriter {
@@ -85,7 +134,14 @@ impl BufferWriter {
             stream_names,
             protected,
             stop_seen: None,
+            budget: None,
         }
+    }
+
+    /// Gives the records' cost back to `budget` as they are committed ([`QueueBytes`]).
+    pub fn with_budget(mut self, budget: QueueBytes) -> BufferWriter {
+        self.budget = Some(budget);
+        self
     }
 
     /// Runs until the command channel closes and what it held is committed.
@@ -123,7 +179,13 @@ impl BufferWriter {
                 last_tick = Instant::now();
                 self.fit();
             }
-            if (!group.is_empty() || tick) && !self.commit_group(&mut group, tick) {
+            // What the group holds of the budget, before committing reshapes it.
+            let held = self.budget.as_ref().map_or(0, |b| b.held(&group));
+            let committed = (group.is_empty() && !tick) || self.commit_group(&mut group, tick);
+            if let Some(budget) = &self.budget {
+                budget.give_back(held);
+            }
+            if !committed {
                 tracing::error!(after = ?GIVE_UP_AFTER, "the buffer refuses every commit: the buffer writer stops, and with it the agent");
                 return;
             }
@@ -131,6 +193,9 @@ impl BufferWriter {
             self.metrics
                 .buffer_queue_records
                 .set(self.commands.len() as i64);
+            if let Some(budget) = &self.budget {
+                self.metrics.buffer_queue_bytes.set(budget.queued() as i64);
+            }
             if closed && self.commands.is_empty() {
                 return;
             }
