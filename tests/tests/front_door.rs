@@ -553,16 +553,27 @@ fn idle_sockets_garbage_and_a_connect_storm_do_not_starve_the_door() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
     let agent = AgentHarness::new(dir.path(), &cloud.url())
-        .mqtt_extra("  max_connections: 4000\n")
+        .mqtt_extra("  max_connections: 7000\n")
         .run();
     let pid = agent.process.pid();
     let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let before = fds();
     let steady = steady_sensor(agent.mqtt, 1000);
-    // 2,000 idle sockets that never send a CONNECT.
-    let idle: Vec<TcpStream> = (0..2000)
-        .filter_map(|_| TcpStream::connect(agent.mqtt).ok())
+    // 5,000 idle sockets that never send a CONNECT (as many as this process may open, with
+    // room for the storm, if its hard limit is lower: the count is printed).
+    let limit = {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let mut limit = getrlimit(Resource::Nofile);
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+        getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+    };
+    let want = 5000.min(limit.saturating_sub(1500) as usize);
+    eprintln!("{want} idle sockets (open files limit {limit})");
+    let idle: Vec<TcpStream> = (0..want)
+        .map(|i| TcpStream::connect(agent.mqtt).unwrap_or_else(|e| panic!("idle socket {i}: {e}")))
         .collect();
+    assert!(idle.len() >= 2000, "{} idle sockets", idle.len());
     // Garbage, and a header announcing 256 MiB.
     for bytes in [
         vec![0xFFu8; 64],
@@ -598,11 +609,12 @@ fn idle_sockets_garbage_and_a_connect_storm_do_not_starve_the_door() {
     );
     let report = steady.join().expect("steady");
     assert_eq!(report.acked, 1000, "the steady sensor lost nothing");
-    drop(idle);
-    // The idle sockets' descriptors go once they closed or their CONNECT timed out.
-    eventually(Duration::from_secs(20), "descriptors released", || {
+    // The idle sockets' descriptors go once their CONNECT timed out (10 s), while this side
+    // still holds them open.
+    eventually(Duration::from_secs(30), "descriptors released", || {
         (fds() <= before + 50).then_some(())
     });
+    drop(idle);
     eventually(Duration::from_secs(30), "steady sensor in the log", || {
         let n = records_of(&cloud, "telemetry").len();
         (n == 1000).then_some(())
