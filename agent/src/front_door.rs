@@ -59,6 +59,8 @@ const MAX_ALIAS_BYTES: usize = 1 << 20;
 const OUTBOUND_FRAMES: usize = 256;
 /// ...or bytes of them (a frame larger than this takes all of it).
 const OUTBOUND_BYTES: u32 = 1 << 20;
+/// Frames smaller than this queued together towards one peer are written at once.
+const COALESCE_BYTES: usize = 64 << 10;
 /// Longest a retained publish's copy waits for room towards rumqttd (it is dropped, and
 /// counted, after).
 const RETAINED_WAIT: Duration = Duration::from_secs(1);
@@ -387,10 +389,30 @@ where
 {
     let (tx, mut rx) = mpsc::channel::<(Bytes, tokio::sync::OwnedSemaphorePermit)>(OUTBOUND_FRAMES);
     let task = tokio::spawn(async move {
+        let mut batch = BytesMut::new();
+        let mut rooms = Vec::new();
         while let Some((frame, room)) = rx.recv().await {
-            let written = sink.write_all(&frame).await;
-            // Its room is free once it is written.
-            drop(room);
+            // Frames queued meanwhile go out in the same write (up to 64 KiB).
+            let written = if frame.len() >= COALESCE_BYTES {
+                sink.write_all(&frame).await
+            } else {
+                batch.extend_from_slice(&frame);
+                rooms.push(room);
+                while batch.len() < COALESCE_BYTES {
+                    match rx.try_recv() {
+                        Ok((next, room)) => {
+                            batch.extend_from_slice(&next);
+                            rooms.push(room);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let written = sink.write_all(&batch).await;
+                batch.clear();
+                written
+            };
+            // Their room is free once they are written.
+            rooms.clear();
             if written.is_err() {
                 break;
             }
@@ -1035,6 +1057,9 @@ async fn authenticate(
 /// client's publish was refused: it cannot be told, so its connection closes.
 async fn flush(owed: &mut Owed, receipts: &Receipts, out: &Outbound, v5: bool) -> bool {
     let (done, refused) = receipts.take();
+    // The acknowledgements a commit settles go out in one write (a commit settles hundreds).
+    let mut acks = BytesMut::new();
+    let mut ok = true;
     while let Some(&ack) = owed.queue.front() {
         if ack.ticket > done {
             break;
@@ -1042,7 +1067,8 @@ async fn flush(owed: &mut Owed, receipts: &Receipts, out: &Outbound, v5: bool) -
         owed.queue.pop_front();
         let reason = if ack.own && refused.contains(&ack.ticket) {
             if !v5 {
-                return false;
+                ok = false;
+                break;
             }
             Some(0x97) // quota exceeded
         } else if v5 {
@@ -1050,15 +1076,12 @@ async fn flush(owed: &mut Owed, receipts: &Receipts, out: &Outbound, v5: bool) -
         } else {
             None
         };
-        if out
-            .send(mqtt::ack(ack.kind, ack.pkid, reason))
-            .await
-            .is_err()
-        {
-            return false;
-        }
+        acks.extend_from_slice(&mqtt::ack(ack.kind, ack.pkid, reason));
     }
-    true
+    if !acks.is_empty() && out.send(acks.freeze()).await.is_err() {
+        return false;
+    }
+    ok
 }
 
 /// Waits until `deadline`, or forever without one.
