@@ -261,3 +261,53 @@ fn the_ingest_refuses_bad_requests_and_writes_nothing_partial() {
     );
     assert_eq!(records[3].payload, b"21.5");
 }
+
+/// A process's resident memory (`VmRSS`) or its peak so far (`VmHWM`), from /proc.
+fn memory(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        << 10
+}
+
+/// The issue's amplification: a few hundred bytes of zstd holding 4,000,000 empty records
+/// (and 1,000,000 in JSON, 22 MB once decompressed) are answered 413, and each time the
+/// ingest's peak memory stays within 64 MiB of its idle (built, the records took about 450 MB).
+#[test]
+fn a_tiny_body_of_millions_of_records_is_refused_without_the_memory() {
+    let mut raw = ingest_wire::encode_batch(&batch(DEVICE, &[1]));
+    raw.extend([0x22u8, 0x00].repeat(4_000_000));
+    let proto = zstd::bulk::compress(&raw, 19).expect("zstd");
+    let mut json = format!(r#"{{"device_id":"{DEVICE}","stream":"telemetry","records":["#);
+    json.push_str(&vec![r#"{"seq":1,"topic":"t"}"#; 1_000_000].join(","));
+    json.push_str("]}");
+    let json = zstd::bulk::compress(json.as_bytes(), 19).expect("zstd");
+    eprintln!("bodies: {} B protobuf, {} B JSON", proto.len(), json.len());
+    for (kind, body) in [(CONTENT_TYPE_BATCH, &proto), (CONTENT_TYPE_JSON, &json)] {
+        // A fresh ingest for each, so each peak is its own.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cloud = CloudHarness::new(dir.path()).run();
+        let pid = cloud.process.pid();
+        let idle = memory(pid, "VmRSS:");
+        for _ in 0..3 {
+            let (status, answer) = cloud.post(DEVICE, TOKEN, kind, Some("zstd"), body.clone());
+            assert_eq!(status, 413, "{kind}: {answer}");
+            assert!(answer.contains("records"), "{answer}");
+        }
+        let peak = memory(pid, "VmHWM:");
+        eprintln!(
+            "{kind}: ingest RSS {} MiB idle, {} MiB at most",
+            idle >> 20,
+            peak >> 20
+        );
+        assert!(
+            peak < idle + (64 << 20),
+            "{kind}: RSS went from {} to {} MiB",
+            idle >> 20,
+            peak >> 20
+        );
+    }
+}

@@ -1,13 +1,17 @@
 //! Encoding and bounded decoding of batch bodies, and the checks every batch must pass.
 //!
 //! Invariant: decoding never allocates more than `max_decompressed_bytes` for the body, whatever
-//! the compression ratio of the input (zstd bombs are cut off, not expanded).
+//! the compression ratio of the input (zstd bombs are cut off, not expanded), plus a zstd window
+//! of at most 2^[`MAX_WINDOW_LOG`] bytes; and a batch of more than `max_records` records is
+//! refused before any record is decoded (a protobuf body's records are counted by walking its
+//! top-level fields; a JSON body's array stops at the limit), so a small body of millions of
+//! empty records costs no more than its bytes.
 
 use std::io::Read;
 
 use prost::Message;
 
-use crate::{Batch, CONTENT_TYPE_JSON, ENCODING_ZSTD, JsonBatch, MAX_TOPIC_BYTES, valid_name};
+use crate::{Batch, CONTENT_TYPE_JSON, ENCODING_ZSTD, MAX_TOPIC_BYTES, valid_name};
 
 /// Limits the receiver applies to one batch body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +98,46 @@ pub fn frame_dictionary_id(body: &[u8]) -> Option<u32> {
     zstd::zstd_safe::get_dict_id_from_frame(body).map(u32::from)
 }
 
+/// Largest zstd window a body may need, as a power of two (16 MiB): the agent's levels and
+/// batch sizes stay well under it; a frame asking for more is refused, not allocated.
+pub const MAX_WINDOW_LOG: u32 = 24;
+
+/// The records of an encoded [`Batch`], counted without decoding them: its top-level fields
+/// walked (field 4, length-delimited, is a record). Errors are left to the decoder.
+fn count_records(raw: &[u8]) -> usize {
+    fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            v |= u64::from(byte & 0x7F) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let (mut at, mut count) = (0usize, 0usize);
+    while at < raw.len() {
+        let Some(key) = varint(raw, &mut at) else {
+            break;
+        };
+        let skipped = match key & 7 {
+            0 => varint(raw, &mut at).map(|_| 0),
+            1 => Some(8),
+            2 => varint(raw, &mut at).and_then(|n| usize::try_from(n).ok()),
+            5 => Some(4),
+            _ => None,
+        };
+        let Some(n) = skipped else { break };
+        if key >> 3 == 4 && key & 7 == 2 {
+            count += 1;
+        }
+        at = at.saturating_add(n);
+    }
+    count
+}
+
 /// Decodes and validates a body given its `Content-Type` and `Content-Encoding` headers.
 pub fn decode_body(
     body: &[u8],
@@ -133,11 +177,16 @@ pub fn decode_body_with(
         .unwrap_or("")
         .trim();
     let batch = if mime.eq_ignore_ascii_case("application/x-protobuf") {
+        let count = count_records(&raw);
+        if count > limits.max_records {
+            return Err(DecodeError::TooManyRecords {
+                count,
+                limit: limits.max_records,
+            });
+        }
         Batch::decode(raw.as_ref()).map_err(DecodeError::Protobuf)?
     } else if mime.eq_ignore_ascii_case(CONTENT_TYPE_JSON) {
-        serde_json::from_slice::<JsonBatch>(&raw)
-            .map_err(DecodeError::Json)?
-            .into_batch()?
+        crate::json::parse_bounded(&raw, limits.max_records)?.into_batch()?
     } else {
         return Err(DecodeError::ContentType(
             content_type.unwrap_or("").to_owned(),
@@ -152,9 +201,19 @@ fn bounded_unzstd(
     limit: usize,
     dictionary: Option<&[u8]>,
 ) -> Result<Vec<u8>, DecodeError> {
-    let decoder = zstd::stream::read::Decoder::with_dictionary(body, dictionary.unwrap_or(&[]))
+    let mut decoder = zstd::stream::read::Decoder::with_dictionary(body, dictionary.unwrap_or(&[]))
         .map_err(DecodeError::Zstd)?;
-    let mut out = Vec::new();
+    decoder
+        .window_log_max(MAX_WINDOW_LOG)
+        .map_err(DecodeError::Zstd)?;
+    // A frame that states its size gets exactly that room (when under the limit): no
+    // doubling of a large buffer while it is read.
+    let stated = zstd::zstd_safe::get_frame_content_size(body)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| *n <= limit);
+    let mut out = Vec::with_capacity(stated.map_or(0, |n| n + 1));
     // Read one byte past the limit: if it arrives, the body is too large.
     decoder
         .take(limit as u64 + 1)
@@ -239,6 +298,78 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// The issue's bomb: 4,000,000 empty records in a few hundred bytes of zstd are refused
+    /// by their count before any is decoded.
+    #[test]
+    fn millions_of_empty_records_are_refused_before_they_are_decoded() {
+        let mut raw = batch(&[1]).encode_to_vec();
+        raw.extend([0x22u8, 0x00].repeat(4_000_000));
+        let body = compress(&raw, 19).expect("zstd");
+        assert!(body.len() < 2048, "{} bytes", body.len());
+        let limits = Limits {
+            max_decompressed_bytes: 64 << 20,
+            max_records: 10_000,
+        };
+        let err = decode_body(&body, Some(CONTENT_TYPE_BATCH), Some("zstd"), limits).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::TooManyRecords {
+                    count: 4_000_001,
+                    limit: 10_000
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(count_records(&batch(&[1, 2, 3]).encode_to_vec()), 3);
+    }
+
+    #[test]
+    fn a_json_batch_stops_at_the_record_past_the_limit() {
+        let json = |n: usize| {
+            let records: Vec<String> = (1..=n)
+                .map(|i| format!(r#"{{"seq":{i},"topic":"t","payload":"x"}}"#))
+                .collect();
+            format!(
+                r#"{{"device_id":"dev-1","stream":"s","records":[{}]}}"#,
+                records.join(",")
+            )
+        };
+        let ok = decode_body(json(100).as_bytes(), Some(CONTENT_TYPE_JSON), None, LIMITS);
+        assert_eq!(ok.expect("at the limit").records.len(), 100);
+        let err =
+            decode_body(json(101).as_bytes(), Some(CONTENT_TYPE_JSON), None, LIMITS).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::TooManyRecords { limit: 100, .. }),
+            "{err}"
+        );
+        // Other JSON errors stay what they are.
+        let err =
+            decode_body(b"{\"records\": 5}", Some(CONTENT_TYPE_JSON), None, LIMITS).unwrap_err();
+        assert!(matches!(err, DecodeError::Json(_)), "{err}");
+    }
+
+    #[test]
+    fn a_zstd_frame_asking_for_a_window_over_the_cap_is_refused() {
+        use std::io::Write;
+        let raw = batch(&[1]).encode_to_vec();
+        let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).expect("encoder");
+        encoder.window_log(MAX_WINDOW_LOG + 2).expect("window");
+        encoder.include_contentsize(false).expect("no size");
+        encoder.write_all(&raw).expect("write");
+        let body = encoder.finish().expect("finish");
+        let err = decode_body(&body, Some(CONTENT_TYPE_BATCH), Some("zstd"), LIMITS).unwrap_err();
+        assert!(matches!(err, DecodeError::Zstd(_)), "{err}");
+        let within = {
+            let mut e = zstd::stream::Encoder::new(Vec::new(), 3).expect("encoder");
+            e.window_log(MAX_WINDOW_LOG).expect("window");
+            e.include_contentsize(false).expect("no size");
+            e.write_all(&raw).expect("write");
+            e.finish().expect("finish")
+        };
+        assert!(decode_body(&within, Some(CONTENT_TYPE_BATCH), Some("zstd"), LIMITS).is_ok());
     }
 
     #[test]

@@ -27,7 +27,62 @@ pub struct JsonBatch {
     #[serde(default)]
     pub epoch: u64,
     /// The records.
+    #[serde(deserialize_with = "bounded_records")]
     pub records: Vec<JsonRecord>,
+}
+
+std::thread_local! {
+    /// The record limit [`parse_bounded`] applies while it parses on this thread.
+    static MAX_RECORDS: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// The error message that tells [`parse_bounded`] the limit was passed.
+const OVER_LIMIT: &str = "more records than the limit per batch";
+
+/// Parses a JSON batch, stopping at the record past `max_records` (before it is built):
+/// [`DecodeError::TooManyRecords`].
+pub fn parse_bounded(raw: &[u8], max_records: usize) -> Result<JsonBatch, DecodeError> {
+    MAX_RECORDS.with(|m| m.set(max_records));
+    let parsed = serde_json::from_slice::<JsonBatch>(raw);
+    MAX_RECORDS.with(|m| m.set(usize::MAX));
+    parsed.map_err(|e| {
+        if e.to_string().starts_with(OVER_LIMIT) {
+            DecodeError::TooManyRecords {
+                count: max_records.saturating_add(1),
+                limit: max_records,
+            }
+        } else {
+            DecodeError::Json(e)
+        }
+    })
+}
+
+fn bounded_records<'de, D>(deserializer: D) -> Result<Vec<JsonRecord>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Bounded(usize);
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<JsonRecord>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of records")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut records =
+                Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.0).min(4096));
+            while let Some(r) = seq.next_element::<JsonRecord>()? {
+                if records.len() == self.0 {
+                    return Err(serde::de::Error::custom(OVER_LIMIT));
+                }
+                records.push(r);
+            }
+            Ok(records)
+        }
+    }
+    deserializer.deserialize_seq(Bounded(MAX_RECORDS.with(|m| m.get())))
 }
 
 /// A record in JSON: the payload is given either as UTF-8 text or as base64, exactly one.
