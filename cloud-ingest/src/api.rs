@@ -82,6 +82,12 @@ pub enum IngestError {
     /// The body could not be read (client went away). 400.
     #[error("request body could not be read")]
     BodyRead,
+    /// The body did not arrive within `limits.body_timeout`. 408.
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(std::time::Duration),
+    /// More requests in flight than `limits.max_concurrent_requests`. 503 with Retry-After.
+    #[error("too many requests in flight on this replica, retry later")]
+    Busy,
     /// The batch's zstd frame names a dictionary this replica does not have. 428; the agent
     /// registers it (`PUT /v1/dictionaries/{id}`) and resends.
     #[error(
@@ -105,7 +111,8 @@ impl IngestError {
             IngestError::BadBatch(_) | IngestError::BodyRead | IngestError::BadDictionary(_) => {
                 StatusCode::BAD_REQUEST
             }
-            IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Unavailable(_) | IngestError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::UnknownDictionary(_) => StatusCode::PRECONDITION_REQUIRED,
         }
     }
@@ -142,19 +149,32 @@ impl IntoResponse for IngestError {
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            IngestError::Busy => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
             _ => {}
         }
         response
     }
 }
 
-/// The router with every endpoint.
+/// The router with every endpoint. Batches and dictionary registrations are bounded by
+/// `limits.max_concurrent_requests` ([`at_most`]); health, readiness and metrics never wait.
 pub fn app(state: Arc<AppState>) -> axum::Router {
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        state.limits.max_concurrent_requests,
+    ));
+    let bounded = axum::middleware::from_fn_with_state(slots, at_most);
     axum::Router::new()
-        .route(ingest_wire::BATCHES_PATH, post(post_batch))
+        .route(
+            ingest_wire::BATCHES_PATH,
+            post(post_batch).layer(bounded.clone()),
+        )
         .route(
             &format!("{}/{{id}}", ingest_wire::DICTIONARIES_PATH),
-            put(put_dictionary),
+            put(put_dictionary).layer(bounded),
         )
         .route("/v1/log", get(list_topics))
         .route("/v1/log/{topic}", get(read_topic))
@@ -165,6 +185,19 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/healthz", get(|| async { "ok" }))
         .route(ingest_wire::READYZ_PATH, get(readyz))
         .with_state(state)
+}
+
+/// Serves the request if one of the replica's request slots is free, else 503 + Retry-After
+/// at once (a queue would hold the client's connection and memory for nothing).
+async fn at_most(
+    State(slots): State<Arc<tokio::sync::Semaphore>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match slots.try_acquire() {
+        Ok(_slot) => next.run(request).await,
+        Err(_) => IngestError::Busy.into_response(),
+    }
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
@@ -261,15 +294,19 @@ async fn accept_batch(
 ) -> Result<BatchAck, IngestError> {
     let device = authenticate(state, headers)?;
     let limit = state.limits.max_body_bytes;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            IngestError::TooLarge { limit }
-        } else {
-            IngestError::BodyRead
-        }
-    })?;
+    let timeout = state.limits.body_timeout;
+    let body = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| IngestError::BodyTimeout(timeout))?
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                IngestError::TooLarge { limit }
+            } else {
+                IngestError::BodyRead
+            }
+        })?;
     let header = |name| {
         headers
             .get(name)
@@ -486,6 +523,9 @@ mod tests {
                 max_body_bytes: 4096,
                 max_decompressed_bytes: 1 << 16,
                 max_records_per_batch: 100,
+                max_concurrent_requests: 8,
+                header_timeout: std::time::Duration::from_secs(10),
+                body_timeout: std::time::Duration::from_secs(10),
             },
             topic_template: "iot.{tenant}.{stream}".into(),
             clock_skew_threshold_ms: 60_000,

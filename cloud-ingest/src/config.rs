@@ -163,6 +163,12 @@ struct RawLimits {
     max_decompressed_bytes: String,
     #[serde(default = "default_max_records")]
     max_records_per_batch: usize,
+    #[serde(default = "default_max_concurrent")]
+    max_concurrent_requests: usize,
+    #[serde(default = "default_header_timeout")]
+    header_timeout: String,
+    #[serde(default = "default_body_timeout")]
+    body_timeout: String,
 }
 
 impl Default for RawLimits {
@@ -171,8 +177,21 @@ impl Default for RawLimits {
             max_body_bytes: default_max_body(),
             max_decompressed_bytes: default_max_decompressed(),
             max_records_per_batch: default_max_records(),
+            max_concurrent_requests: default_max_concurrent(),
+            header_timeout: default_header_timeout(),
+            body_timeout: default_body_timeout(),
         }
     }
+}
+
+fn default_max_concurrent() -> usize {
+    256
+}
+fn default_header_timeout() -> String {
+    "10s".into()
+}
+fn default_body_timeout() -> String {
+    "30s".into()
 }
 
 fn default_topic_template() -> String {
@@ -294,6 +313,12 @@ pub struct RequestLimits {
     pub max_decompressed_bytes: usize,
     /// Most records in one batch.
     pub max_records_per_batch: usize,
+    /// Batch and dictionary requests served at once; beyond, 503 with Retry-After.
+    pub max_concurrent_requests: usize,
+    /// Longest a client may take to send a request's headers (then the connection closes).
+    pub header_timeout: Duration,
+    /// Longest a client may take to send a request's body (then 408).
+    pub body_timeout: Duration,
 }
 
 impl IngestConfig {
@@ -415,6 +440,17 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
             }
             n => n,
         },
+        max_concurrent_requests: match raw.limits.max_concurrent_requests {
+            0 => {
+                return Err((
+                    "limits.max_concurrent_requests".into(),
+                    "must be above 0".into(),
+                ));
+            }
+            n => n,
+        },
+        header_timeout: positive_duration("limits.header_timeout", &raw.limits.header_timeout)?,
+        body_timeout: positive_duration("limits.body_timeout", &raw.limits.body_timeout)?,
     };
     let read_api = match (raw.read_api.enabled, raw.read_api.token_sha256) {
         (false, _) => ReadApi::Disabled,
@@ -447,6 +483,14 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         read_api,
         clock_skew_threshold,
     })
+}
+
+fn positive_duration(key: &str, text: &str) -> Result<Duration, (String, String)> {
+    let d = duration(key, text)?;
+    if d.is_zero() {
+        return Err((key.to_owned(), "must be above 0".to_owned()));
+    }
+    Ok(d)
 }
 
 fn duration(key: &str, text: &str) -> Result<Duration, (String, String)> {

@@ -69,8 +69,55 @@ pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow:
     // The harness and operators read this line to learn the bound port.
     tracing::info!(addr = %local, "cloud-ingest listening");
     println!("listening on {local}");
-    axum::serve(listener, api::app(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    serve_http(listener, api::app(state), config.limits, shutdown).await;
     Ok(())
+}
+
+/// Longest a stop waits for the requests in flight (their appends) to finish.
+pub const STOP_BOUND: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Serves HTTP/1.1 on `listener` until `shutdown`: a client has `header_timeout` to send a
+/// request's headers (a slow one is disconnected), and a stop waits at most [`STOP_BOUND`] for
+/// the requests in flight.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    limits: config::RequestLimits,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, mostly: wait rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(STOP_BOUND, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(bound = ?STOP_BOUND, "requests still in flight at the stop bound; their devices retry");
+    }
 }

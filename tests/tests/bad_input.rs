@@ -311,3 +311,101 @@ fn a_tiny_body_of_millions_of_records_is_refused_without_the_memory() {
         );
     }
 }
+
+/// Slowloris and a flood of slow bodies get bounded answers (the connection closed, 408, 503
+/// with Retry-After), and an agent publishing meanwhile loses nothing.
+#[test]
+fn slow_headers_and_a_thousand_slow_bodies_get_bounded_answers_and_others_get_through() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path())
+        .limits("  max_concurrent_requests: 50\n  header_timeout: 2s\n  body_timeout: 3s")
+        .run();
+    let agent = e2e::AgentHarness::new(dir.path(), &cloud.url()).run();
+    // Slowloris: a header byte every 300 ms; the ingest ends the connection at its header
+    // timeout (2 s here), long before the headers could be whole.
+    let started = Instant::now();
+    let slow = TcpStream::connect(cloud.addr).expect("connect");
+    let mut trickle = slow.try_clone().expect("clone");
+    std::thread::spawn(move || {
+        for b in b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nX-Device-Id: dev-1\r\n".iter() {
+            if trickle.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let mut slow = slow;
+    slow.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let mut answer = Vec::new();
+    let _ = slow.read_to_end(&mut answer);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "slowloris kept its connection for {took:?}"
+    );
+    // 1,000 slow bodies at once: headers whole, then 1 byte of a 100-byte body.
+    let head = format!(
+        "POST /v1/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nX-Device-Id: {DEVICE}\r\nContent-Type: {CONTENT_TYPE_BATCH}\r\nContent-Length: 100\r\n\r\nx"
+    );
+    let flood: Vec<_> = (0..1000)
+        .map(|_| {
+            let (addr, head) = (cloud.addr, head.clone());
+            std::thread::spawn(move || -> Option<u16> {
+                let mut s = TcpStream::connect(addr).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+                s.write_all(head.as_bytes()).ok()?;
+                let mut answer = [0u8; 12];
+                s.read_exact(&mut answer).ok()?;
+                std::str::from_utf8(&answer[9..12]).ok()?.parse().ok()
+            })
+        })
+        .collect();
+    // Meanwhile an agent's records go through (its retries absorb the 503s).
+    let published = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &agent.mqtt.port().to_string(),
+            "-q",
+            "1",
+        ])
+        .args(["-t", "plant/1/telemetry/t", "-m", "during the flood"])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(published.success());
+    let answers: Vec<Option<u16>> = flood
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    let count = |code| answers.iter().filter(|a| **a == Some(code)).count();
+    let (timeouts, busy) = (count(408), count(503));
+    eprintln!(
+        "1,000 slow bodies: {timeouts} × 408, {busy} × 503, {} other",
+        1000 - timeouts - busy
+    );
+    assert_eq!(
+        timeouts + busy,
+        1000,
+        "every slow body answered 408 or 503: {answers:?}"
+    );
+    assert!(
+        timeouts <= 50,
+        "at most max_concurrent_requests were served at once"
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the agent's record in the log",
+        || {
+            cloud
+                .read_topic(&format!("iot.{TENANT}.telemetry"))
+                .iter()
+                .any(|r| r.payload == b"during the flood")
+                .then_some(())
+        },
+    );
+}
