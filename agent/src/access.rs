@@ -300,17 +300,28 @@ fn applies(who: &Who, client: &Client<'_>) -> bool {
 /// shape (it holds `/`, `+` or `#`, or is missing), so the rule does not apply. Pure.
 pub fn substitute(pattern: &str, client: &Client<'_>) -> Option<String> {
     let unsafe_value = |v: &str| v.is_empty() || v.contains(['/', '+', '#']);
-    let mut out = pattern.to_owned();
-    if out.contains("%u") {
-        let user = client.user.filter(|u| !unsafe_value(u))?;
-        out = out.replace("%u", user);
-    }
-    if out.contains("%c") {
-        if unsafe_value(client.client_id) {
-            return None;
+    // One pass over the pattern: a value is never scanned for tokens itself (a user named
+    // "%c" must not become the client id).
+    let mut out = String::with_capacity(pattern.len());
+    let mut rest = pattern;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let token = &rest[at..];
+        if let Some(after) = token.strip_prefix("%u") {
+            out.push_str(client.user.filter(|u| !unsafe_value(u))?);
+            rest = after;
+        } else if let Some(after) = token.strip_prefix("%c") {
+            if unsafe_value(client.client_id) {
+                return None;
+            }
+            out.push_str(client.client_id);
+            rest = after;
+        } else {
+            out.push('%');
+            rest = &token[1..];
         }
-        out = out.replace("%c", client.client_id);
     }
+    out.push_str(rest);
     Some(out)
 }
 
@@ -356,6 +367,35 @@ mod tests {
             ("a/b/c", "a/b", false),
         ] {
             assert_eq!(covers(granted, filter), want, "{granted} covers {filter}");
+        }
+    }
+
+    #[test]
+    fn substitution_is_one_pass_and_refuses_unsafe_values() {
+        let who = |user: Option<&'static str>, id: &'static str| Client {
+            user,
+            groups: &[],
+            client_id: id,
+        };
+        let cases = [
+            ("p/%u/x", who(Some("s1"), "c"), Some("p/s1/x")),
+            ("p/%u/%c", who(Some("s1"), "c9"), Some("p/s1/c9")),
+            // A user (or certificate) named "%c" is not the client id.
+            ("p/%u/#", who(Some("%c"), "victim"), Some("p/%c/#")),
+            ("p/%c/#", who(Some("u"), "%u"), Some("p/%u/#")),
+            ("100%/x", who(None, "c"), Some("100%/x")),
+            ("p/%u", who(None, "c"), None),
+            ("p/%u", who(Some("a/b"), "c"), None),
+            ("p/%c", who(Some("u"), "a+"), None),
+        ];
+        for (pattern, client, want) in cases {
+            assert_eq!(
+                substitute(pattern, &client).as_deref(),
+                want,
+                "{pattern} for {:?}/{}",
+                client.user,
+                client.client_id
+            );
         }
     }
 

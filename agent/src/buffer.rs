@@ -488,6 +488,11 @@ impl Buffer {
         let leftovers = ["", "-wal", "-shm", "-journal"].map(|s| space::side(&salvage, s));
         if !path.exists() && salvage.exists() {
             tracing::warn!(salvaged = %salvage.display(), "a salvage of a corrupt buffer was complete but not yet in place; moving it in");
+            // Side files left under the old name belong to the corrupt file (a stop between
+            // its moves): everything in them was salvaged or reported; never replay them here.
+            for side in ["-wal", "-shm"] {
+                let _ = std::fs::remove_file(space::side(path, side));
+            }
             std::fs::rename(&salvage, path).map_err(io)?;
             sync_dir(path);
         }
@@ -914,10 +919,13 @@ impl Buffer {
         if let Err(e) = self.checkpoint() {
             tracing::warn!(error = %e, "buffer checkpoint on a full disk failed; retried");
         }
-        // The file stays at the size it has now: what the disk could hold when it filled.
+        // The file stays at the size it had when the disk first filled: housekeeping's headroom
+        // above it is not taken as the new ceiling by a later refusal, so repeated refusals
+        // cannot creep into the released reserve.
         if let Ok(pages) = self.pragma("page_count") {
-            self.ceiling = Some(pages);
-            let _ = self.pragma(&format!("max_page_count = {pages}"));
+            let ceiling = self.ceiling.map_or(pages, |c| c.min(pages));
+            self.ceiling = Some(ceiling);
+            let _ = self.pragma(&format!("max_page_count = {}", ceiling.max(pages)));
         }
         let held = self.backlog_bytes();
         self.disk_cap = Some(self.disk_cap.unwrap_or(held).min(held) * 4 / 5);

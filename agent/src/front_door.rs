@@ -243,6 +243,9 @@ impl FrontDoor {
     fn accept(&self, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
         let closing = self.closing.clone();
         let ctx = self.ctx.clone();
+        // Refusals answered at once (each may take a TLS handshake); beyond, a refused client
+        // is just disconnected.
+        let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -261,9 +264,15 @@ impl FrontDoor {
                 let _ = client.set_nodelay(true);
                 let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
                     ctx.metrics.mqtt_refused.inc();
+                    let Ok(turn) = refusing.clone().try_acquire_owned() else {
+                        continue;
+                    };
                     match &tls {
                         None => {
-                            tokio::spawn(refuse(client));
+                            tokio::spawn(async move {
+                                refuse(client).await;
+                                drop(turn);
+                            });
                         }
                         Some(acceptor) => {
                             let acceptor = acceptor.clone();
@@ -274,6 +283,7 @@ impl FrontDoor {
                                 {
                                     refuse(tls).await;
                                 }
+                                drop(turn);
                             });
                         }
                     }
@@ -313,6 +323,9 @@ impl FrontDoor {
         self.closing.cancel();
     }
 }
+
+/// Clients over `mqtt.max_connections` answered at once per listener; more are disconnected.
+const MAX_REFUSING: usize = 64;
 
 /// How long a client refused for `mqtt.max_connections` has to send its CONNECT (and over
 /// TLS, to finish its handshake first).
@@ -464,6 +477,11 @@ struct Owed {
     queue: VecDeque<Ack>,
     /// The last ticket handed out on this connection.
     last: u64,
+    /// Tickets whose record the buffer refused, not yet answered.
+    refused: HashSet<u64>,
+    /// A 3.1.1 client's publish was refused: nothing more is acknowledged on this connection
+    /// (it cannot be told; it resends what was not acknowledged).
+    gave_up: bool,
 }
 
 impl Owed {
@@ -638,11 +656,21 @@ where
         .rate_limit
         .map(|r| limits::PublishRate::new(r, ctx.max_payload));
     let mut shed = limits::Shed::default();
+    // A malformed packet ends the loop like any other end: the will, the takeover entry and
+    // the acknowledgements still owed are seen to below.
+    macro_rules! or_end {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(e) => break Err(e.into()),
+            }
+        };
+    }
     let result: Result<(), ConnectionError> = loop {
         let frame = tokio::select! {
             f = read_frame(&mut client_rx, &mut inbound, ctx.max_packet) => f,
             _ = receipts.changed() => {
-                if !flush(&mut owed, &receipts, &out, v5).await {
+                if !flush(&mut owed, &receipts, &out, v5, &session).await {
                     break Err(ConnectionError::Protocol("a publish was refused: the buffer's disk is full"));
                 }
                 continue;
@@ -671,7 +699,12 @@ where
         };
         match frame.kind() {
             kind::PUBLISH => {
-                let p = mqtt::publish(&frame, v5)?;
+                let p = or_end!(mqtt::publish(&frame, v5));
+                if p.payload.len() > ctx.max_payload {
+                    break Err(ConnectionError::Protocol(
+                        "a payload over mqtt.max_payload_bytes",
+                    ));
+                }
                 if let Some(rate) = &rate {
                     if p.qos == 0 {
                         if !rate.admit(p.payload.len()) {
@@ -694,10 +727,12 @@ where
                     }
                 }
                 let topic = match (p.alias, p.topic.is_empty()) {
-                    (Some(a), true) => aliases
-                        .get(&a)
-                        .cloned()
-                        .ok_or(ConnectionError::Protocol("unknown topic alias"))?,
+                    (Some(a), true) => or_end!(
+                        aliases
+                            .get(&a)
+                            .cloned()
+                            .ok_or(ConnectionError::Protocol("unknown topic alias"))
+                    ),
                     (Some(a), false) => {
                         alias_bytes += p.topic.len();
                         if alias_bytes > MAX_ALIAS_BYTES {
@@ -728,7 +763,7 @@ where
                         2 => owed.after_the_rest(p.pkid, kind::PUBREC, Some(0x87)),
                         _ => {}
                     }
-                    if !flush(&mut owed, &receipts, &out, v5).await {
+                    if !flush(&mut owed, &receipts, &out, v5, &session).await {
                         break Err(ConnectionError::Protocol("the client is gone"));
                     }
                     continue;
@@ -737,7 +772,8 @@ where
                 // for a retained one, which is state: up to RETAINED_WAIT). Retained
                 // publishes go to it whoever is subscribed, within the bounds.
                 if let Some(copy) = ctx.local_copy(&frame, &p, &text, v5) {
-                    let sent = if p.retain {
+                    let retained = copy.first().is_some_and(|b| b & 0x01 != 0);
+                    let sent = if retained {
                         tokio::time::timeout(RETAINED_WAIT, to_broker.send(copy))
                             .await
                             .is_ok_and(|sent| sent.is_ok())
@@ -746,6 +782,8 @@ where
                     };
                     if !sent {
                         ctx.metrics.local_copies_dropped.inc();
+                    } else if retained {
+                        ctx.retained_sent(&text, p.payload.len());
                     }
                 }
                 let digest = crate::buffer::checksum(0, 0, &text, &p.payload);
@@ -802,21 +840,21 @@ where
                         break Err(ConnectionError::Protocol("the buffer writer is gone"));
                     }
                 }
-                if !flush(&mut owed, &receipts, &out, v5).await {
+                if !flush(&mut owed, &receipts, &out, v5, &session).await {
                     break Err(ConnectionError::Protocol(
                         "a publish was refused: the buffer's disk is full",
                     ));
                 }
             }
             kind::PUBREL => {
-                let pkid = mqtt::pubrel(&frame)?;
+                let pkid = or_end!(mqtt::pubrel(&frame));
                 session
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .unreleased
                     .remove(&pkid);
                 owed.after_the_rest(pkid, kind::PUBCOMP, None);
-                if !flush(&mut owed, &receipts, &out, v5).await {
+                if !flush(&mut owed, &receipts, &out, v5, &session).await {
                     break Err(ConnectionError::Protocol(
                         "a publish was refused: the buffer's disk is full",
                     ));
@@ -824,14 +862,14 @@ where
             }
             kind::SUBSCRIBE if !broker_alive => {
                 // No relay to the local broker any more: nothing to subscribe with.
-                let sub = mqtt::subscribe(&frame, v5)?;
+                let sub = or_end!(mqtt::subscribe(&frame, v5));
                 let codes = vec![0x80; sub.filters.len()];
                 if out.send(mqtt::suback(sub.pkid, &codes, v5)).await.is_err() {
                     break Ok(());
                 }
             }
             kind::SUBSCRIBE => {
-                let sub = mqtt::subscribe(&frame, v5)?;
+                let sub = or_end!(mqtt::subscribe(&frame, v5));
                 let keep: Vec<bool> = sub
                     .filters
                     .iter()
@@ -893,8 +931,17 @@ where
             }
         }
     };
-    if will_due && let Some(will) = &connect.will {
-        keep_will(ctx, &who, &connect.client_id, will).await;
+    // Local subscribers get a kept will too (rumqttd never sees a client's will).
+    if will_due
+        && let Some(will) = &connect.will
+        && keep_will(ctx, &who, &connect.client_id, will).await
+        && broker_alive
+        && ctx
+            .local_subscribers
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    {
+        let _ = to_broker.try_send(mqtt::publish_qos0(&will.topic, &will.payload, v5));
     }
     if shed.total > 0 {
         tracing::warn!(client_id = %connect.client_id, total = shed.total, "connection ended; QoS 0 publishes it had shed over mqtt.rate_limit");
@@ -907,7 +954,7 @@ where
     // What was taken is acknowledged as its commits come in, for a little while.
     let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
     while !owed.queue.is_empty() && tokio::time::Instant::now() < deadline {
-        if !flush(&mut owed, &receipts, &out, v5).await {
+        if !flush(&mut owed, &receipts, &out, v5, &session).await {
             break;
         }
         if owed.queue.is_empty() {
@@ -924,6 +971,18 @@ where
 }
 
 impl Ctx {
+    /// A retained copy is on its way to rumqttd: account it ([`limits::Retained::set`]).
+    fn retained_sent(&self, topic: &str, payload: usize) {
+        let mut retained = self
+            .retained
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        retained.set(topic, payload);
+        self.metrics
+            .mqtt_retained_bytes
+            .set(retained.bytes() as i64);
+    }
+
     /// Queues a record for the writer, once its bytes fit the queue's budget.
     async fn keep(&self, record: WriterCommand) -> Result<(), ()> {
         self.queue_bytes.take(&record).await;
@@ -939,18 +998,15 @@ impl Ctx {
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0;
         let retain = p.retain && {
-            let mut retained = self
+            let fits = self
                 .retained
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let admitted = retained.admit(topic, p.payload.len(), self.retained_limits);
-            self.metrics
-                .mqtt_retained_bytes
-                .set(retained.bytes() as i64);
-            if !admitted {
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .fits(topic, p.payload.len(), self.retained_limits);
+            if !fits {
                 self.metrics.mqtt_retained_refused.inc();
             }
-            admitted
+            fits
         };
         if !live && !retain {
             return None;
@@ -968,14 +1024,18 @@ impl Ctx {
 /// A vanished client's will message goes into the buffer like a publish (the ACL applies;
 /// nobody waits for its commit). MQTT 5's will delay is not waited out: the will is kept at
 /// once, and the broker's copy reaches local subscribers as rumqttd handles it.
-async fn keep_will(ctx: &Ctx, who: &Client<'_>, client_id: &str, will: &mqtt::Will) {
+async fn keep_will(ctx: &Ctx, who: &Client<'_>, client_id: &str, will: &mqtt::Will) -> bool {
     if will.topic.is_empty() || !ctx.access.acl.may_publish(who, &will.topic) {
         ctx.metrics
             .mqtt_denied
             .with_label_values(&["publish"])
             .inc();
         tracing::warn!(client_id, topic = %will.topic, "will message denied by mqtt.acl: not stored");
-        return;
+        return false;
+    }
+    if will.payload.len() > ctx.max_payload {
+        tracing::warn!(client_id, topic = %will.topic, bytes = will.payload.len(), "will message over mqtt.max_payload_bytes: not stored");
+        return false;
     }
     let stream = ctx.router.route(&will.topic);
     ctx.received[stream].inc();
@@ -989,7 +1049,7 @@ async fn keep_will(ctx: &Ctx, who: &Client<'_>, client_id: &str, will: &mqtt::Wi
         monotonic_ms: crate::clock::monotonic_ms(),
         receipt: None,
     };
-    let _ = ctx.keep(WriterCommand::Append(record)).await;
+    ctx.keep(WriterCommand::Append(record)).await.is_ok()
 }
 
 /// The user a CONNECT authenticates as (`None`: anonymous), or the CONNACK codes refusing it
@@ -1055,8 +1115,35 @@ async fn authenticate(
 
 /// Sends every acknowledgement whose record is settled, in order. `false` when a 3.1.1
 /// client's publish was refused: it cannot be told, so its connection closes.
-async fn flush(owed: &mut Owed, receipts: &Receipts, out: &Outbound, v5: bool) -> bool {
+async fn flush(
+    owed: &mut Owed,
+    receipts: &Receipts,
+    out: &Outbound,
+    v5: bool,
+    session: &Mutex<Session>,
+) -> bool {
     let (done, refused) = receipts.take();
+    if !refused.is_empty() {
+        // The session took these packet ids for kept: a resend of one must be stored.
+        let mut s = session
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for ack in owed
+            .queue
+            .iter()
+            .filter(|a| a.own && refused.contains(&a.ticket))
+        {
+            if ack.kind == kind::PUBREC {
+                s.unreleased.remove(&ack.pkid);
+            } else {
+                s.kept.remove(&ack.pkid);
+            }
+        }
+        owed.refused.extend(refused);
+    }
+    if owed.gave_up {
+        return false;
+    }
     // The acknowledgements a commit settles go out in one write (a commit settles hundreds).
     let mut acks = BytesMut::new();
     let mut ok = true;
@@ -1064,18 +1151,20 @@ async fn flush(owed: &mut Owed, receipts: &Receipts, out: &Outbound, v5: bool) -
         if ack.ticket > done {
             break;
         }
-        owed.queue.pop_front();
-        let reason = if ack.own && refused.contains(&ack.ticket) {
+        let reason = if ack.own && owed.refused.contains(&ack.ticket) {
             if !v5 {
+                owed.gave_up = true;
                 ok = false;
                 break;
             }
+            owed.refused.remove(&ack.ticket);
             Some(0x97) // quota exceeded
         } else if v5 {
             ack.reason
         } else {
             None
         };
+        owed.queue.pop_front();
         acks.extend_from_slice(&mqtt::ack(ack.kind, ack.pkid, reason));
     }
     if !acks.is_empty() && out.send(acks.freeze()).await.is_err() {
@@ -1153,5 +1242,76 @@ mod tests {
             assert_eq!(up, upstream_id(id));
         }
         assert_ne!(upstream_id("a"), upstream_id("b"));
+    }
+
+    /// Publishes 1 to 3 (packet ids 11 to 13) are settled, the 2nd refused by a full disk.
+    async fn refused_second(v5: bool) -> (Vec<u8>, Session, bool, bool) {
+        let (client, mut peer) = tokio::io::duplex(1 << 16);
+        let (out, pump) = pump(client);
+        let receipts = Arc::new(Receipts::default());
+        let session = Mutex::new(Session::default());
+        let mut owed = Owed::default();
+        let mut commands = Vec::new();
+        for pkid in [11u16, 12, 13] {
+            owed.last += 1;
+            owed.queue.push_back(Ack {
+                ticket: owed.last,
+                pkid,
+                kind: kind::PUBACK,
+                own: true,
+                reason: None,
+            });
+            session.lock().expect("session").kept.insert(pkid, 7);
+            commands.push(WriterCommand::Append(NewRecord {
+                stream: 0,
+                topic: "t".into(),
+                payload: Bytes::new(),
+                received_at_ms: 0,
+                monotonic_ms: 0,
+                receipt: Some(Receipt {
+                    to: receipts.clone(),
+                    ticket: owed.last,
+                }),
+            }));
+        }
+        crate::buffer::settle(&commands[..1], false);
+        crate::buffer::settle(&commands[1..2], true);
+        crate::buffer::settle(&commands[2..], false);
+        let first = flush(&mut owed, &receipts, &out, v5, &session).await;
+        // The close grace flushes again: nothing refused may be acknowledged then.
+        let again = flush(&mut owed, &receipts, &out, v5, &session).await;
+        drop(out);
+        pump.await.expect("pump");
+        let mut written = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut peer, &mut written)
+            .await
+            .expect("read");
+        (
+            written,
+            session.into_inner().expect("session"),
+            first,
+            again,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_refused_publish_is_never_acknowledged_and_its_resend_is_stored() {
+        // 3.1.1: the first PUBACK only; the connection ends and no later flush sends more.
+        let (written, session, first, again) = refused_second(false).await;
+        assert_eq!(written, [0x40, 2, 0, 11]);
+        assert!(!first && !again);
+        assert!(
+            !session.kept.contains_key(&12),
+            "the refused id is forgotten: its DUP resend is stored, not acknowledged as kept"
+        );
+        // MQTT 5: all three answered, the refused one with 0x97.
+        let (written, session, first, again) = refused_second(true).await;
+        assert_eq!(
+            written,
+            [0x40, 2, 0, 11, 0x40, 3, 0, 12, 0x97, 0x40, 2, 0, 13]
+        );
+        assert!(first && again);
+        assert!(!session.kept.contains_key(&12));
+        assert!(session.kept.contains_key(&13));
     }
 }

@@ -174,6 +174,8 @@ pub struct Connect {
     pub password: Option<Vec<u8>>,
     /// The will message, if any.
     pub will: Option<Will>,
+    /// Where the will's fields (properties, topic, payload) start and end in the body.
+    will_span: Option<(usize, usize)>,
     /// Where the client id field starts in the frame's body, and where it ends.
     id_span: (usize, usize),
     /// Where the keep-alive sits in the frame's body.
@@ -228,6 +230,7 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
         .to_owned();
     let mut next = end;
     let mut will = None;
+    let mut will_span = None;
     if flags & 0x04 != 0 {
         if level == 5 {
             let (props, n) = get_length(b, next)?;
@@ -243,6 +246,7 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
             payload: Bytes::copy_from_slice(payload),
             qos: (flags >> 3) & 0x03,
         });
+        will_span = Some((end, n));
         next = n;
     }
     let mut username = None;
@@ -267,13 +271,15 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
         username,
         password,
         will,
+        will_span,
         id_span: (at, end),
         keep_alive_at,
     })
 }
 
-/// The same CONNECT with its client id replaced by `id`, its keep-alive by `keep_alive` and a
-/// clean session (the rest byte for byte).
+/// The same CONNECT with its client id replaced by `id`, its keep-alive by `keep_alive`, a
+/// clean session and no will (the front door keeps wills itself, through the ACL); the rest
+/// byte for byte.
 pub fn rename_client(frame: &Frame, connect: &Connect, id: &str, keep_alive: u16) -> Bytes {
     let body = frame.body();
     let (from, to) = connect.id_span;
@@ -282,19 +288,35 @@ pub fn rename_client(frame: &Frame, connect: &Connect, id: &str, keep_alive: u16
     if let Some(ka) = rest.get_mut(connect.keep_alive_at..connect.keep_alive_at + 2) {
         ka.copy_from_slice(&keep_alive.to_be_bytes());
     }
-    // A clean session: the relay's id is used once.
+    // A clean session: the relay's id is used once. No will flag, QoS or retain.
     if let Some(flags) = connect
         .keep_alive_at
         .checked_sub(1)
         .and_then(|at| rest.get_mut(at))
     {
-        *flags |= 0x02;
+        *flags = (*flags | 0x02) & !0x3C;
     }
     rest.extend_from_slice(&(id.len() as u16).to_be_bytes());
     rest.extend_from_slice(id.as_bytes());
-    rest.extend_from_slice(&body[to..]);
+    rest.extend_from_slice(&body[connect.will_span.map_or(to, |(_, end)| end)..]);
     let mut out = Vec::with_capacity(rest.len() + 5);
     out.push(frame.byte1);
+    put_length(&mut out, rest.len());
+    out.extend_from_slice(&rest);
+    out.into()
+}
+
+/// A QoS 0 PUBLISH of `payload` on `topic` (no properties), e.g. a will for local subscribers.
+pub fn publish_qos0(topic: &str, payload: &[u8], v5: bool) -> Bytes {
+    let mut rest = Vec::with_capacity(topic.len() + payload.len() + 3);
+    rest.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    rest.extend_from_slice(topic.as_bytes());
+    if v5 {
+        rest.push(0);
+    }
+    rest.extend_from_slice(payload);
+    let mut out = Vec::with_capacity(rest.len() + 5);
+    out.push(kind::PUBLISH << 4);
     put_length(&mut out, rest.len());
     out.extend_from_slice(&rest);
     out.into()
@@ -717,6 +739,20 @@ mod tests {
                 "level {level}"
             );
             assert_eq!(c.username.as_deref(), Some("u"));
+            // The relay's CONNECT has no will, the rest intact.
+            let relayed =
+                connect(&frame(&rename_client(&frame(&raw), &c, "gw", 30))).expect("relayed");
+            assert_eq!(relayed.will, None, "level {level}");
+            assert_eq!(
+                (relayed.client_id.as_str(), relayed.username.as_deref()),
+                ("gw", Some("u"))
+            );
+            let copy = frame(&publish_qos0("w/t", b"gone", level == 5));
+            let p = publish(&copy, level == 5).expect("publish");
+            assert_eq!(
+                (&p.topic[..], &p.payload[..], p.qos),
+                (&b"w/t"[..], &b"gone"[..], 0)
+            );
         }
     }
 

@@ -39,9 +39,14 @@ pub struct QueueBytes {
 }
 
 impl QueueBytes {
-    /// A budget of `bytes` (at most 4 GiB; a record costing more takes all of it).
+    /// A budget of `bytes` (at most 4 GiB, 512 MiB on 32-bit targets; a record costing more
+    /// takes all of it).
     pub fn new(bytes: u64) -> QueueBytes {
-        let max = bytes.clamp(1, u64::from(u32::MAX));
+        // tokio's semaphore holds at most usize::MAX >> 3 permits (512 MiB on 32-bit ARM).
+        let max = bytes
+            .min(u64::from(u32::MAX))
+            .min(tokio::sync::Semaphore::MAX_PERMITS as u64)
+            .max(1);
         QueueBytes {
             room: Arc::new(tokio::sync::Semaphore::new(max as usize)),
             max,

@@ -96,25 +96,38 @@ pub struct Retained {
 }
 
 impl Retained {
-    /// Whether a retained publish of `payload` bytes on `topic` may be retained; updates the
-    /// account when so. An empty payload clears the topic and always passes.
-    pub fn admit(&mut self, topic: &str, payload: usize, limits: RetainedLimits) -> bool {
-        let old = self.topics.get(topic).copied();
+    /// Whether a retained publish of `payload` bytes on `topic` may be retained. An empty
+    /// payload clears the topic and always passes.
+    pub fn fits(&self, topic: &str, payload: usize, limits: RetainedLimits) -> bool {
         if payload == 0 {
-            if let Some(old) = old {
-                self.topics.remove(topic);
-                self.bytes -= old;
-            }
             return true;
         }
-        let size = topic.len() + payload;
-        let bytes = self.bytes - old.unwrap_or(0) + size;
-        if (old.is_none() && self.topics.len() >= limits.max_messages) || bytes > limits.max_bytes {
-            return false;
+        let old = self.topics.get(topic).copied();
+        let bytes = self.bytes - old.unwrap_or(0) + topic.len() + payload;
+        !((old.is_none() && self.topics.len() >= limits.max_messages) || bytes > limits.max_bytes)
+    }
+
+    /// Accounts a retained publish rumqttd took (once it is on its way: a copy that was
+    /// dropped changes nothing there, so nothing here).
+    pub fn set(&mut self, topic: &str, payload: usize) {
+        if let Some(old) = self.topics.remove(topic) {
+            self.bytes -= old;
         }
-        self.topics.insert(topic.to_owned(), size);
-        self.bytes = bytes;
-        true
+        if payload > 0 {
+            let size = topic.len() + payload;
+            self.topics.insert(topic.to_owned(), size);
+            self.bytes += size;
+        }
+    }
+
+    /// [`Retained::fits`] then [`Retained::set`], for tests.
+    #[cfg(test)]
+    fn admit(&mut self, topic: &str, payload: usize, limits: RetainedLimits) -> bool {
+        let fits = self.fits(topic, payload, limits);
+        if fits {
+            self.set(topic, payload);
+        }
+        fits
     }
 
     /// Bytes retained now.
