@@ -53,22 +53,15 @@ fn default_clock_skew_threshold() -> String {
     "60s".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawReadApi {
-    #[serde(default = "default_true")]
+    #[serde(default)]
     enabled: bool,
     #[serde(default)]
     token_sha256: Option<String>,
-}
-
-impl Default for RawReadApi {
-    fn default() -> Self {
-        RawReadApi {
-            enabled: true,
-            token_sha256: None,
-        }
-    }
+    #[serde(default)]
+    allow_without_token: bool,
 }
 
 fn default_true() -> bool {
@@ -454,6 +447,12 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
     };
     let read_api = match (raw.read_api.enabled, raw.read_api.token_sha256) {
         (false, _) => ReadApi::Disabled,
+        (true, Some(_)) if raw.read_api.allow_without_token => {
+            return Err((
+                "read_api".into(),
+                "token_sha256 and allow_without_token: true contradict each other: keep one".into(),
+            ));
+        }
         (true, Some(hash)) => {
             let mut token = [0u8; 32];
             hex::decode_to_slice(hash.trim(), &mut token).map_err(|_| {
@@ -461,14 +460,13 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
             })?;
             ReadApi::Token(token)
         }
-        (true, None) if raw.listen.ip().is_loopback() => ReadApi::Open,
+        // Never opened just because the address is loopback: a TLS proxy on the same host
+        // makes every client a loopback one.
+        (true, None) if raw.read_api.allow_without_token => ReadApi::Open,
         (true, None) => {
             return Err((
                 "read_api".into(),
-                format!(
-                    "listen ({}) is not a loopback address, so the log's read API needs read_api.token_sha256, or read_api.enabled: false",
-                    raw.listen
-                ),
+                "the log's read API shows every tenant's data: set read_api.token_sha256 (readers send \"Authorization: Bearer <token>\"), or allow_without_token: true to serve it to anyone who reaches the listener, or enabled: false".into(),
             ));
         }
     };
@@ -625,6 +623,32 @@ sink:
         assert_eq!(c.devices["dev-1"].tenant, "acme");
         assert_eq!(c.limits.max_records_per_batch, 10_000);
         assert_eq!(c.limits.max_body_bytes, 8 << 20);
+    }
+
+    #[test]
+    fn the_read_api_is_off_by_default_and_never_open_for_a_loopback_address_alone() {
+        let c = IngestConfig::parse(Path::new("i.yaml"), GOOD).expect("valid");
+        assert_eq!(c.read_api, ReadApi::Disabled);
+        let on = format!("{GOOD}read_api: {{ enabled: true }}\n");
+        let err = IngestConfig::parse(Path::new("i.yaml"), &on)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("read_api") && err.contains("allow_without_token"),
+            "{err}"
+        );
+        let open = format!("{GOOD}read_api: {{ enabled: true, allow_without_token: true }}\n");
+        assert_eq!(
+            IngestConfig::parse(Path::new("i.yaml"), &open)
+                .expect("valid")
+                .read_api,
+            ReadApi::Open
+        );
+        let both = format!(
+            "{GOOD}read_api: {{ enabled: true, allow_without_token: true, token_sha256: {} }}\n",
+            "ab".repeat(32)
+        );
+        assert!(IngestConfig::parse(Path::new("i.yaml"), &both).is_err());
     }
 
     #[test]

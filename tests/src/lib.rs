@@ -306,7 +306,7 @@ impl CloudHarness {
         std::fs::write(
             &config,
             format!(
-                "version: 1\nlisten: 127.0.0.1:{}\ndevices:\n{devices}sink:\n{sink}{limits}",
+                "version: 1\nlisten: 127.0.0.1:{}\ndevices:\n{devices}sink:\n{sink}{limits}read_api: {{ enabled: true, allow_without_token: true }}\n",
                 self.port,
             ),
         )
