@@ -20,7 +20,7 @@ use crate::auth::{Authenticated, Registry};
 use crate::config::{ReadApi, RequestLimits};
 use crate::dictionaries::Dictionaries;
 use crate::metrics::Metrics;
-use crate::publish::{Delivery, PublishError, Publisher, clock_offset, embedded, topic_name};
+use crate::publish::{Delivery, PublishError, Publisher, clock_offset, embedded};
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -31,7 +31,7 @@ pub struct AppState {
     /// Per-request limits.
     pub limits: RequestLimits,
     /// Log topic template.
-    pub topic_template: String,
+    pub naming: crate::naming::Naming,
     /// Agent clocks further off than this get corrected timestamps (milliseconds).
     pub clock_skew_threshold_ms: i64,
     /// Metrics.
@@ -346,7 +346,10 @@ async fn accept_batch(
         .map(|r| (r.payload.len() + r.topic.len()) as u64)
         .sum();
     state.metrics.raw_bytes.inc_by(raw);
-    let topic = topic_name(&state.topic_template, &device.tenant, &batch.stream);
+    let topic = state
+        .naming
+        .topic(&device.tenant, &batch.stream)
+        .map_err(|e| IngestError::BadBatch(DecodeError::Invalid(e)))?;
     let ingested_at_ms = now_ms();
     let clock_offset_ms = clock_offset(
         batch.sent_at_ms,
@@ -527,7 +530,7 @@ mod tests {
                 header_timeout: std::time::Duration::from_secs(10),
                 body_timeout: std::time::Duration::from_secs(10),
             },
-            topic_template: "iot.{tenant}.{stream}".into(),
+            naming: crate::naming::Naming::parse("iot.{tenant}.{stream}").expect("template"),
             clock_skew_threshold_ms: 60_000,
             metrics: Metrics::new(),
             embedded_log: Some(path),
@@ -687,7 +690,7 @@ mod tests {
                 registry: open.registry.clone(),
                 publisher: open.publisher.clone(),
                 limits: open.limits,
-                topic_template: open.topic_template.clone(),
+                naming: open.naming.clone(),
                 clock_skew_threshold_ms: open.clock_skew_threshold_ms,
                 metrics: Metrics::new(),
                 embedded_log: open.embedded_log.clone(),

@@ -367,14 +367,8 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
             format!("unsupported version {} (expected 1)", raw.version),
         ));
     }
-    for placeholder in ["{tenant}", "{stream}"] {
-        if !raw.topic_template.contains(placeholder) {
-            return Err((
-                "topic_template".into(),
-                format!("must contain {placeholder} so tenants and streams get their own topics"),
-            ));
-        }
-    }
+    let naming = crate::naming::Naming::parse(&raw.topic_template)
+        .map_err(|e| ("topic_template".to_owned(), e))?;
     let mut devices = HashMap::new();
     for (i, d) in raw.devices.into_iter().enumerate() {
         let key = |field: &str| format!("devices[{i}].{field}");
@@ -390,6 +384,9 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
                 "must be 1-256 characters of [A-Za-z0-9_.-]".into(),
             ));
         }
+        naming
+            .check_tenant(&d.tenant)
+            .map_err(|e| (key("tenant"), format!("{:?} {e}", d.tenant)))?;
         let mut token_sha256 = [0u8; 32];
         hex::decode_to_slice(d.token_sha256.trim(), &mut token_sha256).map_err(|_| {
             (

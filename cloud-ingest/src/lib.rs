@@ -14,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod dictionaries;
 pub mod metrics;
+pub mod naming;
 pub mod publish;
 
 use std::sync::Arc;
@@ -54,7 +55,8 @@ pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow:
         registry: Registry::new(config.devices.clone()),
         publisher,
         limits: config.limits,
-        topic_template: config.topic_template.clone(),
+        naming: naming::Naming::parse(&config.topic_template)
+            .map_err(|e| anyhow::anyhow!("topic_template: {e}"))?,
         clock_skew_threshold_ms: i64::try_from(config.clock_skew_threshold.as_millis())
             .unwrap_or(i64::MAX),
         metrics: Metrics::new(),

@@ -99,13 +99,6 @@ pub trait Publisher: Send + Sync {
     fn is_ready(&self) -> bool;
 }
 
-/// The log topic for `tenant` and `stream` from `template` (`{tenant}`, `{stream}`).
-pub fn topic_name(template: &str, tenant: &str, stream: &str) -> String {
-    template
-        .replace("{tenant}", tenant)
-        .replace("{stream}", stream)
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -124,16 +117,6 @@ mod tests {
                 want,
                 "{sent} {ingested}"
             );
-        }
-    }
-
-    #[test]
-    fn topic_names() {
-        for (template, want) in [
-            ("iot.{tenant}.{stream}", "iot.acme.telemetry"),
-            ("{stream}-{tenant}", "telemetry-acme"),
-        ] {
-            assert_eq!(super::topic_name(template, "acme", "telemetry"), want);
         }
     }
 }

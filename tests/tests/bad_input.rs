@@ -409,3 +409,45 @@ fn slow_headers_and_a_thousand_slow_bodies_get_bounded_answers_and_others_get_th
         },
     );
 }
+
+/// The collision: tenant `acme` sending stream `eu.telemetry` would have written into
+/// tenant `acme.eu`'s topic `iot.acme.eu.telemetry`. A tenant `acme.eu` is refused when the
+/// config loads, and the stream `eu.telemetry` with 400; nothing reaches the log.
+#[test]
+fn tenants_and_streams_that_would_share_a_topic_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ingest.yaml");
+    let token = "ab".repeat(32);
+    std::fs::write(
+        &file,
+        format!("version: 1\nlisten: 127.0.0.1:0\ndevices:\n  - id: d1\n    tenant: acme\n    token_sha256: {token}\n  - id: d2\n    tenant: acme.eu\n    token_sha256: {token}\nsink:\n  type: embedded\n  options:\n    path: /tmp/x.db\n"),
+    )
+    .expect("write");
+    let out = Command::new(bin("cloud-ingest"))
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("devices[1].tenant") && stderr.contains("acme.eu"),
+        "{stderr}"
+    );
+
+    let cloud = CloudHarness::new(dir.path()).run();
+    let mut b = batch(DEVICE, &[1, 2]);
+    b.stream = "eu.telemetry".into();
+    let (status, body) = cloud.post(DEVICE, TOKEN, CONTENT_TYPE_BATCH, Some("zstd"), zstd(&b));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("eu.telemetry") && body.contains("'.'"),
+        "{body}"
+    );
+    assert!(
+        cloud
+            .read_topic(&format!("iot.{TENANT}.eu.telemetry"))
+            .is_empty(),
+        "nothing stored"
+    );
+}
