@@ -32,6 +32,8 @@ pub struct AppState {
     pub limits: RequestLimits,
     /// Log topic template.
     pub naming: crate::naming::Naming,
+    /// Per-device rate limits.
+    pub rates: crate::rates::DeviceRates,
     /// Agent clocks further off than this get corrected timestamps (milliseconds).
     pub clock_skew_threshold_ms: i64,
     /// Metrics.
@@ -88,6 +90,9 @@ pub enum IngestError {
     /// More requests in flight than `limits.max_concurrent_requests`. 503 with Retry-After.
     #[error("too many requests in flight on this replica, retry later")]
     Busy,
+    /// The device is over its rate. 429 with Retry-After.
+    #[error("this device is over its rate limit, retry in {0:?}")]
+    RateLimited(std::time::Duration),
     /// The batch's zstd frame names a dictionary this replica does not have. 428; the agent
     /// registers it (`PUT /v1/dictionaries/{id}`) and resends.
     #[error(
@@ -113,6 +118,7 @@ impl IngestError {
             }
             IngestError::Unavailable(_) | IngestError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            IngestError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             IngestError::UnknownDictionary(_) => StatusCode::PRECONDITION_REQUIRED,
         }
     }
@@ -153,6 +159,12 @@ impl IntoResponse for IngestError {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            IngestError::RateLimited(wait) => {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             _ => {}
         }
@@ -333,6 +345,17 @@ async fn accept_batch(
         },
         dictionary.as_deref(),
     )?;
+    if let Err(wait) = state.rates.admit(
+        &device.device_id,
+        batch.records.len(),
+        batch
+            .records
+            .iter()
+            .map(|r| r.topic.len() + r.payload.len())
+            .sum(),
+    ) {
+        return Err(IngestError::RateLimited(wait));
+    }
     if batch.device_id != device.device_id {
         return Err(IngestError::Forbidden {
             authenticated: device.device_id,
@@ -531,6 +554,7 @@ mod tests {
                 body_timeout: std::time::Duration::from_secs(10),
             },
             naming: crate::naming::Naming::parse("iot.{tenant}.{stream}").expect("template"),
+            rates: crate::rates::DeviceRates::new(&HashMap::new(), 100, 1 << 16),
             clock_skew_threshold_ms: 60_000,
             metrics: Metrics::new(),
             embedded_log: Some(path),
@@ -691,6 +715,7 @@ mod tests {
                 publisher: open.publisher.clone(),
                 limits: open.limits,
                 naming: open.naming.clone(),
+                rates: crate::rates::DeviceRates::new(&HashMap::new(), 100, 1 << 16),
                 clock_skew_threshold_ms: open.clock_skew_threshold_ms,
                 metrics: Metrics::new(),
                 embedded_log: open.embedded_log.clone(),

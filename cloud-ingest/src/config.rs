@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -74,6 +75,10 @@ struct RawDevice {
     id: String,
     tenant: String,
     token_sha256: String,
+    #[serde(default)]
+    records_per_second: Option<u32>,
+    #[serde(default)]
+    bytes_per_second: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +167,10 @@ struct RawLimits {
     header_timeout: String,
     #[serde(default = "default_body_timeout")]
     body_timeout: String,
+    #[serde(default)]
+    device_records_per_second: Option<u32>,
+    #[serde(default)]
+    device_bytes_per_second: Option<String>,
 }
 
 impl Default for RawLimits {
@@ -173,6 +182,8 @@ impl Default for RawLimits {
             max_concurrent_requests: default_max_concurrent(),
             header_timeout: default_header_timeout(),
             body_timeout: default_body_timeout(),
+            device_records_per_second: None,
+            device_bytes_per_second: None,
         }
     }
 }
@@ -209,6 +220,8 @@ pub struct IngestConfig {
     pub topic_template: String,
     /// Registered devices by id.
     pub devices: HashMap<String, Device>,
+    /// Each device's rate limits (its own, else `limits.device_*`), where any is set.
+    pub device_rates: HashMap<String, DeviceRate>,
     /// Where records go.
     pub sink: SinkConfig,
     /// Per-request limits.
@@ -230,7 +243,16 @@ pub enum ReadApi {
     Token([u8; 32]),
 }
 
-/// A registered device.
+/// A device's rate limits (`limits.device_*_per_second`, or its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceRate {
+    /// Records per second (a second's worth, or a largest batch, at once).
+    pub records_per_second: Option<NonZeroU32>,
+    /// Decompressed body bytes per second.
+    pub bytes_per_second: Option<NonZeroU32>,
+}
+
+/// A device of the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
     /// Tenant the device belongs to; its records go to that tenant's topics only.
@@ -369,6 +391,41 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
     }
     let naming = crate::naming::Naming::parse(&raw.topic_template)
         .map_err(|e| ("topic_template".to_owned(), e))?;
+    let rate = |key: String, n: Option<u64>| -> Result<Option<NonZeroU32>, (String, String)> {
+        n.map(|n| {
+            u32::try_from(n)
+                .ok()
+                .and_then(NonZeroU32::new)
+                .ok_or((key, "must be 1 to 4294967295".to_owned()))
+        })
+        .transpose()
+    };
+    let bytes_rate = |key: String, text: Option<&String>| {
+        let n = text
+            .map(|t| {
+                t.parse::<bytesize::ByteSize>()
+                    .map(|b| b.as_u64())
+                    .map_err(|e| {
+                        (
+                            key.clone(),
+                            format!("{t:?} is not a size like \"1MiB\": {e}"),
+                        )
+                    })
+            })
+            .transpose()?;
+        rate(key, n)
+    };
+    let default_rate = DeviceRate {
+        records_per_second: rate(
+            "limits.device_records_per_second".into(),
+            raw.limits.device_records_per_second.map(u64::from),
+        )?,
+        bytes_per_second: bytes_rate(
+            "limits.device_bytes_per_second".into(),
+            raw.limits.device_bytes_per_second.as_ref(),
+        )?,
+    };
+    let mut device_rates = HashMap::new();
     let mut devices = HashMap::new();
     for (i, d) in raw.devices.into_iter().enumerate() {
         let key = |field: &str| format!("devices[{i}].{field}");
@@ -395,6 +452,20 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
                     .into(),
             )
         })?;
+        let own = DeviceRate {
+            records_per_second: rate(
+                key("records_per_second"),
+                d.records_per_second.map(u64::from),
+            )?,
+            bytes_per_second: bytes_rate(key("bytes_per_second"), d.bytes_per_second.as_ref())?,
+        };
+        let device_rate = DeviceRate {
+            records_per_second: own.records_per_second.or(default_rate.records_per_second),
+            bytes_per_second: own.bytes_per_second.or(default_rate.bytes_per_second),
+        };
+        if device_rate.records_per_second.is_some() || device_rate.bytes_per_second.is_some() {
+            device_rates.insert(d.id.clone(), device_rate);
+        }
         let device = Device {
             tenant: d.tenant,
             token_sha256,
@@ -473,6 +544,7 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         listen: raw.listen,
         topic_template: raw.topic_template,
         devices,
+        device_rates,
         sink,
         limits,
         read_api,

@@ -16,6 +16,7 @@ pub mod dictionaries;
 pub mod metrics;
 pub mod naming;
 pub mod publish;
+pub mod rates;
 
 use std::sync::Arc;
 
@@ -55,6 +56,11 @@ pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow:
         registry: Registry::new(config.devices.clone()),
         publisher,
         limits: config.limits,
+        rates: rates::DeviceRates::new(
+            &config.device_rates,
+            config.limits.max_records_per_batch,
+            config.limits.max_decompressed_bytes,
+        ),
         naming: naming::Naming::parse(&config.topic_template)
             .map_err(|e| anyhow::anyhow!("topic_template: {e}"))?,
         clock_skew_threshold_ms: i64::try_from(config.clock_skew_threshold.as_millis())

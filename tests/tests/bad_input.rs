@@ -451,3 +451,48 @@ fn tenants_and_streams_that_would_share_a_topic_are_refused() {
         "nothing stored"
     );
 }
+
+/// A device over its rate gets 429 with Retry-After; the agent waits and resends, so all its
+/// records arrive, and another device's own bucket is untouched.
+#[test]
+fn a_device_over_its_rate_gets_429_and_its_agent_delivers_everything_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path())
+        .limits("  device_records_per_second: 50\n  max_records_per_batch: 100")
+        .device("dev-b", TENANT, "token-b-0123456789")
+        .run();
+    let agent = e2e::AgentHarness::new(dir.path(), &cloud.url()).run();
+    let mut publish = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &agent.mqtt.port().to_string()])
+        .args(["-q", "1", "-t", "plant/1/telemetry/fast", "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    {
+        use std::io::Write;
+        let mut lines = publish.stdin.take().expect("stdin");
+        for i in 0..400 {
+            writeln!(lines, "r{i}").expect("line");
+        }
+    }
+    assert!(publish.wait().expect("mosquitto_pub").success());
+    eventually(Duration::from_secs(10), "a 429", || {
+        (cloud.metric("ingest_requests_total{status=\"429\"}") > 0.0).then_some(())
+    });
+    // Another device is not slowed by the first one's rate.
+    let mut b = batch("dev-b", &[1, 2, 3]);
+    b.stream = "other".into();
+    let (status, body) = cloud.post(
+        "dev-b",
+        "token-b-0123456789",
+        CONTENT_TYPE_BATCH,
+        Some("zstd"),
+        zstd(&b),
+    );
+    assert_eq!(status, 200, "{body}");
+    let n = eventually(Duration::from_secs(60), "all 400 delivered", || {
+        let n = cloud.read_topic(&format!("iot.{TENANT}.telemetry")).len();
+        (n >= 400).then_some(n)
+    });
+    assert_eq!(n, 400);
+}
