@@ -122,6 +122,14 @@ struct RawIngest {
     critical_may_exceed_rate: bool,
     #[serde(default = "default_max_in_flight")]
     max_in_flight: usize,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    client_key_file: Option<PathBuf>,
+    #[serde(default)]
+    allow_insecure_http: bool,
 }
 
 fn default_max_in_flight() -> usize {
@@ -403,6 +411,10 @@ pub struct IngestConfig {
     pub critical_may_exceed_rate: bool,
     /// Requests in flight at once, across streams (one per stream; one slot kept for critical).
     pub max_in_flight: usize,
+    /// PEM certificates trusted beside the OS store (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key presented to the ingest (mTLS), if any.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// Per-client publish rate at the front door: a QoS 1/2 publisher over it is slowed (its
@@ -999,6 +1011,25 @@ fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
                 };
                 (at, format!("{text:?} is not an http(s) URL"))
             })?;
+        let loopback = url.host_str().is_some_and(|h| {
+            h.eq_ignore_ascii_case("localhost")
+                || h.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        if url.scheme() == "http" && !loopback && !raw.allow_insecure_http {
+            let at = if key == "ingest.urls" {
+                format!("{key}[{i}]")
+            } else {
+                key.clone()
+            };
+            return Err((
+                at,
+                format!(
+                    "{text:?} would send the device token and the data unencrypted to another host: use https://, or set ingest.allow_insecure_http: true"
+                ),
+            ));
+        }
         urls.push(url);
     }
     if raw.token.is_some() {
@@ -1048,6 +1079,17 @@ fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
         },
         critical_may_exceed_rate: raw.critical_may_exceed_rate,
         max_in_flight: positive("ingest.max_in_flight", raw.max_in_flight)?,
+        ca_file: raw.ca_file,
+        client_identity: match (raw.client_cert_file, raw.client_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((cert, key)),
+            _ => {
+                return Err((
+                    "ingest".into(),
+                    "set both client_cert_file and client_key_file (mTLS), or neither".into(),
+                ));
+            }
+        },
     })
 }
 

@@ -433,17 +433,53 @@ fn open_slots(max: usize, in_flight: usize, probing: bool, critical: bool) -> us
     limit.saturating_sub(in_flight)
 }
 
+/// The HTTP client towards the ingest: its timeouts, and TLS with the OS trust store plus
+/// `ingest.ca_file`'s certificates, presenting `ingest.client_cert_file` (mTLS) if set. Reads
+/// the files now; the error names the key and the file.
+pub fn http_client(ingest: &IngestConfig) -> Result<reqwest::Client, String> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("ingest.{key}: {}: {e}", path.display()))
+    };
+    let mut builder = reqwest::Client::builder()
+        .timeout(ingest.request_timeout)
+        .connect_timeout(ingest.connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_keepalive(Duration::from_secs(30));
+    if let Some(ca) = &ingest.ca_file {
+        let pem = read("ca_file", ca)?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("ingest.ca_file: {}: {e}", ca.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "ingest.ca_file: {}: no PEM certificate in it",
+                ca.display()
+            ));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let Some((cert, key)) = &ingest.client_identity {
+        let mut pem = read("client_cert_file", cert)?;
+        pem.push(b'\n');
+        pem.extend(read("client_key_file", key)?);
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            format!(
+                "ingest.client_cert_file / client_key_file: {} and {}: {e}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        builder = builder.identity(identity);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
 impl Forwarder {
     /// Runs until `shutdown`. Requests in flight at shutdown are abandoned: their records stay
     /// in the buffer and are resent (and deduplicated) after the restart.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let client = match reqwest::Client::builder()
-            .timeout(self.ingest.request_timeout)
-            .connect_timeout(self.ingest.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_keepalive(Duration::from_secs(30))
-            .build()
-        {
+        let client = match http_client(&self.ingest) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot build the HTTP client; nothing will be sent");

@@ -88,6 +88,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { file } => {
             let config = AgentConfig::load(&file)?;
             resolve_token(&file, &config.ingest.token)?;
+            edge_agent::forwarder::http_client(&config.ingest)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             check_buffer_volume(&file, &config)?;
             let users = load_users(&config)?;
             println!(
@@ -150,6 +152,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config: file } => {
             let mut config = AgentConfig::load(&file)?;
             let token = resolve_token(&file, &config.ingest.token)?;
+            edge_agent::forwarder::http_client(&config.ingest)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             config.buffer.reserve_bytes = Some(check_buffer_volume(&file, &config)?);
             let users = load_users(&config)?;
             raise_open_files_limit();

@@ -222,10 +222,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
 
 async fn post_batch(
     State(state): State<Arc<AppState>>,
+    peer: Option<axum::Extension<PeerDevice>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let result = accept_batch(&state, &headers, body).await;
+    let peer = peer.and_then(|axum::Extension(PeerDevice(p))| p);
+    let result = accept_batch(&state, peer.as_deref(), &headers, body).await;
     let response = match result {
         Ok(ack) => (StatusCode::OK, Json(ack)).into_response(),
         Err(e) => {
@@ -252,11 +254,13 @@ async fn post_batch(
 async fn put_dictionary(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    peer: Option<axum::Extension<PeerDevice>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let peer = peer.and_then(|axum::Extension(PeerDevice(p))| p);
     let result = async {
-        let device = authenticate(&state, &headers)?;
+        let device = authenticate(&state, peer.as_deref(), &headers)?;
         let limit = ingest_wire::MAX_DICTIONARY_BYTES;
         let body = axum::body::to_bytes(body, limit)
             .await
@@ -283,7 +287,24 @@ async fn put_dictionary(
     }
 }
 
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Authenticated, IngestError> {
+/// The device a connection's verified client certificate names (its Common Name), if any:
+/// put in each request's extensions by the TLS listener.
+#[derive(Debug, Clone)]
+pub struct PeerDevice(pub Option<String>);
+
+/// Who sent the request: the device of its client certificate (mTLS; then no token is
+/// needed), else the device its `X-Device-Id` names, checked against its bearer token.
+fn authenticate(
+    state: &AppState,
+    peer: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Authenticated, IngestError> {
+    if let Some(device) = peer {
+        return state
+            .registry
+            .by_certificate(device)
+            .ok_or(IngestError::Unauthorized);
+    }
     let device = headers
         .get(HEADER_DEVICE_ID)
         .and_then(|v| v.to_str().ok())
@@ -301,10 +322,11 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Authenticated, 
 
 async fn accept_batch(
     state: &AppState,
+    peer: Option<&str>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<BatchAck, IngestError> {
-    let device = authenticate(state, headers)?;
+    let device = authenticate(state, peer, headers)?;
     let limit = state.limits.max_body_bytes;
     let timeout = state.limits.body_timeout;
     let body = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))

@@ -34,6 +34,15 @@ impl Registry {
         Registry { devices }
     }
 
+    /// The device a verified client certificate names (mTLS), if it is registered.
+    pub fn by_certificate(&self, device_id: &str) -> Option<Authenticated> {
+        let device = self.devices.get(device_id)?;
+        Some(Authenticated {
+            device_id: device_id.to_owned(),
+            tenant: device.tenant.clone(),
+        })
+    }
+
     /// Checks `token` for `device_id`; `None` when the device is unknown or the token is wrong.
     pub fn authenticate(&self, device_id: &str, token: &str) -> Option<Authenticated> {
         let presented = hash_token(token);

@@ -48,6 +48,22 @@ struct RawConfig {
     read_api: RawReadApi,
     #[serde(default = "default_clock_skew_threshold")]
     clock_skew_threshold: String,
+    #[serde(default)]
+    tls: Option<TlsFiles>,
+}
+
+/// HTTPS for the listener: PEM files read at start.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain, the server's first.
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+    /// CAs whose client certificates identify devices (mTLS): a certificate's Common Name is
+    /// the device id, and no token is needed then.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 fn default_clock_skew_threshold() -> String {
@@ -220,6 +236,8 @@ pub struct IngestConfig {
     pub topic_template: String,
     /// Registered devices by id.
     pub devices: HashMap<String, Device>,
+    /// HTTPS, if configured.
+    pub tls: Option<TlsFiles>,
     /// Each device's rate limits (its own, else `limits.device_*`), where any is set.
     pub device_rates: HashMap<String, DeviceRate>,
     /// Where records go.
@@ -545,6 +563,7 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         topic_template: raw.topic_template,
         devices,
         device_rates,
+        tls: raw.tls,
         sink,
         limits,
         read_api,

@@ -213,6 +213,7 @@ pub struct CloudHarness {
     extra_devices: Vec<(String, String, String)>,
     limits: String,
     sink: Option<String>,
+    tls: String,
 }
 
 /// A running ingest.
@@ -224,6 +225,7 @@ pub struct Cloud {
     /// Its config file.
     pub config: PathBuf,
     http: reqwest::blocking::Client,
+    https: bool,
 }
 
 impl CloudHarness {
@@ -235,7 +237,14 @@ impl CloudHarness {
             extra_devices: Vec::new(),
             limits: String::new(),
             sink: None,
+            tls: String::new(),
         }
+    }
+
+    /// Serve HTTPS: the `tls:` section's body, as YAML indented by two spaces.
+    pub fn tls(mut self, yaml: &str) -> Self {
+        self.tls = yaml.to_owned();
+        self
     }
 
     /// Append to Kafka at `brokers` instead of the embedded log; a record not acknowledged
@@ -306,8 +315,13 @@ impl CloudHarness {
         std::fs::write(
             &config,
             format!(
-                "version: 1\nlisten: 127.0.0.1:{}\ndevices:\n{devices}sink:\n{sink}{limits}read_api: {{ enabled: true, allow_without_token: true }}\n",
+                "version: 1\nlisten: 127.0.0.1:{}\ndevices:\n{devices}sink:\n{sink}{limits}read_api: {{ enabled: true, allow_without_token: true }}\n{tls}",
                 self.port,
+                tls = if self.tls.is_empty() {
+                    String::new()
+                } else {
+                    format!("tls:\n{}\n", self.tls)
+                },
             ),
         )
         .expect("write config");
@@ -322,7 +336,12 @@ impl CloudHarness {
             process,
             addr,
             config,
-            http: reqwest::blocking::Client::new(),
+            // The harness reads its own log back; the tests check certificates themselves.
+            http: reqwest::blocking::Client::builder()
+                .danger_accept_invalid_certs(true)
+                .build()
+                .expect("client"),
+            https: !self.tls.is_empty(),
         }
     }
 }
@@ -435,7 +454,8 @@ pub struct LogRecord {
 impl Cloud {
     /// Base URL.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Every record of `topic`, in offset order (paged reads of `GET /v1/log/{topic}`).
@@ -824,4 +844,65 @@ impl Agent {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
+}
+
+/// Runs openssl with `args`; panics on failure.
+pub fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`<name>-ca.pem`/`.key`) in `dir`, and a certificate and key it signs for each
+/// subject (`<file>.pem`, `<file>.key`), with 127.0.0.1 as a name.
+pub fn certificates(dir: &std::path::Path, name: &str, subjects: &[(&str, &str)]) -> String {
+    let at = |f: String| dir.join(f).display().to_string();
+    let (ca, ca_key) = (at(format!("{name}-ca.pem")), at(format!("{name}-ca.key")));
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec!["req", "-x509", "-days", "1", "-subj", "/CN=test CA"];
+    args.extend(ec);
+    args.extend(["-keyout", &ca_key, "-out", &ca]);
+    openssl(&args);
+    for (file, subject) in subjects {
+        let (cert, key, csr) = (
+            at(format!("{file}.pem")),
+            at(format!("{file}.key")),
+            at(format!("{file}.csr")),
+        );
+        let mut args = vec!["req", "-subj", subject, "-keyout", &key, "-out", &csr];
+        args.extend(ec);
+        openssl(&args);
+        let ext = at(format!("{file}.ext"));
+        std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "1",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ]);
+    }
+    ca
 }

@@ -496,3 +496,100 @@ fn a_device_over_its_rate_gets_429_and_its_agent_delivers_everything_later() {
     });
     assert_eq!(n, 400);
 }
+
+/// HTTPS end to end: the agent reaches the ingest with a private CA (`ingest.ca_file`); a
+/// device with a client certificate and no token is accepted (mTLS), a certificate for one
+/// device cannot post as another, and the agent refuses plain HTTP to another host.
+#[test]
+fn the_agent_reaches_the_ingest_over_https_and_certificates_identify_devices() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let ca = e2e::certificates(
+        d,
+        "test",
+        &[
+            ("server", "/CN=localhost"),
+            ("dev-1", &format!("/CN={DEVICE}")),
+            ("dev-b", "/CN=dev-b"),
+        ],
+    );
+    let at = |f: &str| d.join(f).display().to_string();
+    let cloud = CloudHarness::new(d)
+        .device("dev-b", TENANT, "token-b-0123456789")
+        .tls(&format!(
+            "  cert_file: {}\n  key_file: {}\n  client_ca_file: {ca}",
+            at("server.pem"),
+            at("server.key")
+        ))
+        .run();
+    assert!(cloud.url().starts_with("https://"));
+    let agent = e2e::AgentHarness::new(d, &cloud.url())
+        .ingest_extra(&format!("  ca_file: {ca}\n"))
+        .run();
+    let sent = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &agent.mqtt.port().to_string()])
+        .args(["-q", "1", "-t", "plant/1/telemetry/t", "-m", "over https"])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(sent.success());
+    eventually(Duration::from_secs(30), "the record over HTTPS", || {
+        cloud
+            .read_topic(&format!("iot.{TENANT}.telemetry"))
+            .iter()
+            .any(|r| r.payload == b"over https")
+            .then_some(())
+    });
+
+    // mTLS: a client certificate, no token.
+    let with_cert = |who: &str| {
+        let mut pem = std::fs::read(d.join(format!("{who}.pem"))).expect("cert");
+        pem.extend(std::fs::read(d.join(format!("{who}.key"))).expect("key"));
+        reqwest::blocking::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(&std::fs::read(&ca).expect("ca")).expect("ca"),
+            )
+            .identity(reqwest::Identity::from_pem(&pem).expect("identity"))
+            .build()
+            .expect("client")
+    };
+    let post = |client: &reqwest::blocking::Client, device: &str| {
+        let mut b = batch(device, &[1]);
+        b.stream = "certified".into();
+        let r = client
+            .post(format!("{}/v1/batches", cloud.url()))
+            .header("X-Device-Id", device)
+            .header("Content-Type", CONTENT_TYPE_BATCH)
+            .header("Content-Encoding", "zstd")
+            .body(zstd(&b))
+            .send()
+            .expect("post");
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    let (status, body) = post(&with_cert("dev-1"), DEVICE);
+    assert_eq!(status, 200, "a certificate is the login: {body}");
+    let (status, body) = post(&with_cert("dev-b"), DEVICE);
+    assert_eq!(
+        status, 403,
+        "dev-b's certificate cannot post as {DEVICE}: {body}"
+    );
+
+    // Plain HTTP to another host is refused by the agent's config check.
+    let config = d.join("insecure.yaml");
+    std::fs::write(
+        &config,
+        e2e::AgentHarness::new(d, "http://10.1.2.3:8080").config_text(),
+    )
+    .expect("config");
+    std::fs::write(d.join("token"), "t\n").expect("token");
+    let out = Command::new(bin("edge-agent"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .expect("check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("ingest.url") && stderr.contains("allow_insecure_http"),
+        "{stderr}"
+    );
+}

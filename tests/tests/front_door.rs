@@ -1006,79 +1006,18 @@ fn tls_with_a_ca_file_works_plain_tcp_to_the_tls_port_does_not_and_a_full_door_s
     assert_eq!(r.len(), 3, "nothing of the refused publishes is kept");
 }
 
-/// Runs openssl with `args`; panics on failure.
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA (`<name>-ca.pem`/`.key`) in `dir`, and a certificate and key it signs for each
-/// subject (`<file>.pem`, `<file>.key`), with 127.0.0.1 as a name.
-fn certificates(dir: &std::path::Path, name: &str, subjects: &[(&str, &str)]) -> String {
-    let at = |f: String| dir.join(f).display().to_string();
-    let (ca, ca_key) = (at(format!("{name}-ca.pem")), at(format!("{name}-ca.key")));
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut args = vec!["req", "-x509", "-days", "1", "-subj", "/CN=test CA"];
-    args.extend(ec);
-    args.extend(["-keyout", &ca_key, "-out", &ca]);
-    openssl(&args);
-    for (file, subject) in subjects {
-        let (cert, key, csr) = (
-            at(format!("{file}.pem")),
-            at(format!("{file}.key")),
-            at(format!("{file}.csr")),
-        );
-        let mut args = vec!["req", "-subj", subject, "-keyout", &key, "-out", &csr];
-        args.extend(ec);
-        openssl(&args);
-        let ext = at(format!("{file}.ext"));
-        std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("ext");
-        openssl(&[
-            "x509",
-            "-req",
-            "-days",
-            "1",
-            "-in",
-            &csr,
-            "-CA",
-            &ca,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-extfile",
-            &ext,
-            "-out",
-            &cert,
-        ]);
-    }
-    ca
-}
-
 #[test]
 fn a_client_certificate_logs_in_as_its_common_name_and_the_acl_applies() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let server_ca = certificates(d, "server", &[("server", "/CN=localhost")]);
-    let client_ca = certificates(
+    let server_ca = e2e::certificates(d, "server", &[("server", "/CN=localhost")]);
+    let client_ca = e2e::certificates(
         d,
         "client",
         &[("sensor-7", "/CN=sensor-7"), ("nameless", "/O=plant")],
     );
     // Signed by a CA the agent does not know.
-    certificates(d, "rogue", &[("rogue", "/CN=sensor-7")]);
+    e2e::certificates(d, "rogue", &[("rogue", "/CN=sensor-7")]);
     let users = d.join("users");
     std::fs::write(&users, format!("sensor-1:{}\n", hash("s3cret-1"))).expect("users");
     let cloud = CloudHarness::new(d).run();
