@@ -25,7 +25,7 @@ Architecture: $deb_arch
 Maintainer: Edge gateway team <edge-gateway@example.com>
 Section: net
 Priority: optional
-Depends: adduser
+Depends: adduser, ca-certificates
 Installed-Size: $(du -sk "$root/usr" | cut -f1)
 Description: Edge-to-cloud IoT gateway agent
  Embedded MQTT broker, durable SQLite buffer that survives outages and power

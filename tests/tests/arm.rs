@@ -121,6 +121,8 @@ fn the_packages_hold_binary_config_and_unit_and_both_pass_checks() {
             info.contains(&format!("Architecture: {deb_arch}")),
             "{info}"
         );
+        // The agent verifies the ingest's certificate against the OS trust store.
+        assert!(info.contains("ca-certificates"), "{info}");
         let listing = run(Command::new("dpkg-deb").arg("--contents").arg(&deb));
         for path in [
             "./usr/bin/edge-agent",
