@@ -440,7 +440,12 @@ pub fn http_client(ingest: &IngestConfig) -> Result<reqwest::Client, String> {
     let read = |key: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| format!("ingest.{key}: {}: {e}", path.display()))
     };
+    // No proxy from the environment (it would carry an http:// loopback URL's token across
+    // the network) and no redirects (a 3xx is the ingest misconfigured: an alarm, never a
+    // resend elsewhere that would count as delivered).
     let mut builder = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(ingest.request_timeout)
         .connect_timeout(ingest.connect_timeout)
         .pool_idle_timeout(Duration::from_secs(60))

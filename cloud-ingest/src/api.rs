@@ -5,7 +5,7 @@
 //! classification mirrors it. Clients get a short reason; internal details are logged once here.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::body::Body;
@@ -199,15 +199,34 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .with_state(state)
 }
 
+/// A request's slot ([`at_most`]): a batch's append takes it along, so a client that hangs up
+/// does not free the slot while its append still runs.
+#[derive(Clone)]
+pub struct Slot(Arc<Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl Slot {
+    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
 /// Serves the request if one of the replica's request slots is free, else 503 + Retry-After
 /// at once (a queue would hold the client's connection and memory for nothing).
 async fn at_most(
     State(slots): State<Arc<tokio::sync::Semaphore>>,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match slots.try_acquire() {
-        Ok(_slot) => next.run(request).await,
+    match slots.try_acquire_owned() {
+        Ok(slot) => {
+            request
+                .extensions_mut()
+                .insert(Slot(Arc::new(Mutex::new(Some(slot)))));
+            next.run(request).await
+        }
         Err(_) => IngestError::Busy.into_response(),
     }
 }
@@ -223,11 +242,13 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
 async fn post_batch(
     State(state): State<Arc<AppState>>,
     peer: Option<axum::Extension<PeerDevice>>,
+    slot: Option<axum::Extension<Slot>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let peer = peer.and_then(|axum::Extension(PeerDevice(p))| p);
-    let result = accept_batch(&state, peer.as_deref(), &headers, body).await;
+    let slot = slot.and_then(|axum::Extension(s)| s.take());
+    let result = accept_batch(&state, peer.as_deref(), slot, &headers, body).await;
     let response = match result {
         Ok(ack) => (StatusCode::OK, Json(ack)).into_response(),
         Err(e) => {
@@ -262,8 +283,10 @@ async fn put_dictionary(
     let result = async {
         let device = authenticate(&state, peer.as_deref(), &headers)?;
         let limit = ingest_wire::MAX_DICTIONARY_BYTES;
-        let body = axum::body::to_bytes(body, limit)
+        let timeout = state.limits.body_timeout;
+        let body = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
             .await
+            .map_err(|_| IngestError::BodyTimeout(timeout))?
             .map_err(|_| IngestError::TooLarge { limit })?;
         let id: u32 = id.parse().map_err(|_| {
             IngestError::BadDictionary(format!("dictionary id {id:?} is not a number"))
@@ -323,6 +346,7 @@ fn authenticate(
 async fn accept_batch(
     state: &AppState,
     peer: Option<&str>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<BatchAck, IngestError> {
@@ -357,16 +381,34 @@ async fn accept_batch(
         ),
         None => None,
     };
-    let batch = ingest_wire::decode_body_with(
-        &body,
-        header(header::CONTENT_TYPE),
-        encoding,
-        Limits {
-            max_decompressed_bytes: state.limits.max_decompressed_bytes,
-            max_records: state.limits.max_records_per_batch,
-        },
-        dictionary.as_deref(),
-    )?;
+    let wire_bytes = body.len();
+    // Decompressing and decoding are CPU work: off the async workers, so a few large batches
+    // never stall accepts, handshakes and timers.
+    let limits = Limits {
+        max_decompressed_bytes: state.limits.max_decompressed_bytes,
+        max_records: state.limits.max_records_per_batch,
+    };
+    let (content_type, encoding) = (
+        header(header::CONTENT_TYPE).map(str::to_owned),
+        encoding.map(str::to_owned),
+    );
+    let batch = tokio::task::spawn_blocking(move || {
+        ingest_wire::decode_body_with(
+            &body,
+            content_type.as_deref(),
+            encoding.as_deref(),
+            limits,
+            dictionary.as_deref(),
+        )
+    })
+    .await
+    .map_err(|e| IngestError::BadBatch(DecodeError::Invalid(format!("decoding failed: {e}"))))??;
+    if batch.device_id != device.device_id {
+        return Err(IngestError::Forbidden {
+            authenticated: device.device_id,
+            body: batch.device_id,
+        });
+    }
     if let Err(wait) = state.rates.admit(
         &device.device_id,
         batch.records.len(),
@@ -378,13 +420,7 @@ async fn accept_batch(
     ) {
         return Err(IngestError::RateLimited(wait));
     }
-    if batch.device_id != device.device_id {
-        return Err(IngestError::Forbidden {
-            authenticated: device.device_id,
-            body: batch.device_id,
-        });
-    }
-    state.metrics.wire_bytes.inc_by(body.len() as u64);
+    state.metrics.wire_bytes.inc_by(wire_bytes as u64);
     let raw: u64 = batch
         .records
         .iter()
@@ -416,14 +452,17 @@ async fn accept_batch(
     // half-appended to a stateless sink would be forgotten by the dedup state and appended
     // again by the retry, which waits for this one to finish.
     let publisher = state.publisher.clone();
-    let ack = tokio::spawn(async move { publisher.publish(delivery).await })
-        .await
-        .map_err(|e| {
-            IngestError::Unavailable(PublishError::Unavailable {
-                reason: format!("append task failed: {e}"),
-            })
-        })?
-        .map_err(IngestError::Unavailable)?;
+    let ack = tokio::spawn(async move {
+        let _slot = slot;
+        publisher.publish(delivery).await
+    })
+    .await
+    .map_err(|e| {
+        IngestError::Unavailable(PublishError::Unavailable {
+            reason: format!("append task failed: {e}"),
+        })
+    })?
+    .map_err(IngestError::Unavailable)?;
     state.metrics.records_accepted.inc_by(ack.accepted);
     state.metrics.records_duplicate.inc_by(ack.duplicates);
     Ok(ack)

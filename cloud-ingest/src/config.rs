@@ -205,7 +205,7 @@ impl Default for RawLimits {
 }
 
 fn default_max_concurrent() -> usize {
-    256
+    64
 }
 fn default_header_timeout() -> String {
     "10s".into()

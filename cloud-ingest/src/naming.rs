@@ -3,8 +3,9 @@
 //! Invariant: two different (tenant, stream) pairs never map to the same topic, nor to topics
 //! Kafka takes for the same one (it treats `.` and `_` alike), nor to NATS subjects one
 //! tenant's wildcard (`iot.acme.>`) could cover for another. The template is
-//! `<prefix>{first}<separator>{second}<suffix>` (`first` is `{tenant}` or `{stream}`, the
-//! separator not empty); then:
+//! `<prefix>{tenant}<separator>{stream}<suffix>` (the separator not empty; `{tenant}` first,
+//! since a first name may not contain `_` and the reserved stream `_losses` does; the literal
+//! text of `[A-Za-z0-9._-]`, Kafka's topic characters); then:
 //! - the first name may not contain `.`, `_` or any character of the separator: it ends where
 //!   the separator begins, even once Kafka folds `.` into `_`;
 //! - the second name may not contain `.` (it stays one NATS token, and Kafka's folding leaves it
@@ -22,13 +23,12 @@ pub struct Naming {
     prefix: String,
     separator: String,
     suffix: String,
-    tenant_first: bool,
 }
 
 impl Naming {
     /// Parses `template`; the error says what it must look like.
     pub fn parse(template: &str) -> Result<Naming, String> {
-        let shape = "must be <prefix>{tenant}<separator>{stream}<suffix> (or {stream} first), each once, with a separator between them, like \"iot.{tenant}.{stream}\"";
+        let shape = "must be <prefix>{tenant}<separator>{stream}<suffix>, each once, with a separator between them and only [A-Za-z0-9._-] around them, like \"iot.{tenant}.{stream}\"";
         let (t, s) = match (template.find("{tenant}"), template.find("{stream}")) {
             (Some(t), Some(s))
                 if template.matches("{tenant}").count() == 1
@@ -38,17 +38,26 @@ impl Naming {
             }
             _ => return Err(shape.into()),
         };
-        let tenant_first = t < s;
-        let (first_at, second_at) = if tenant_first { (t, s) } else { (s, t) };
+        if t > s {
+            return Err(shape.into());
+        }
+        let (first_at, second_at) = (t, s);
         let separator = &template[first_at + 8..second_at];
-        if separator.is_empty() || separator.contains('{') {
+        let literal = |text: &str| {
+            text.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        };
+        if separator.is_empty()
+            || !literal(separator)
+            || !literal(&template[..first_at])
+            || !literal(&template[second_at + 8..])
+        {
             return Err(shape.into());
         }
         Ok(Naming {
             prefix: template[..first_at].to_owned(),
             separator: separator.to_owned(),
             suffix: template[second_at + 8..].to_owned(),
-            tenant_first,
         })
     }
 
@@ -76,28 +85,16 @@ impl Naming {
 
     /// Whether `tenant` can name topics (checked when the config loads).
     pub fn check_tenant(&self, tenant: &str) -> Result<(), String> {
-        if self.tenant_first {
-            self.first_ok(tenant)
-        } else {
-            Self::second_ok(tenant)
-        }
+        self.first_ok(tenant)
     }
 
     /// The topic of `stream` for `tenant` (a tenant [`Naming::check_tenant`] accepted), or why
     /// the stream's name cannot be used.
     pub fn topic(&self, tenant: &str, stream: &str) -> Result<String, String> {
-        let (first, second) = if self.tenant_first {
-            self.first_ok(tenant)?;
-            Self::second_ok(stream).map_err(|e| format!("stream {stream:?} {e}"))?;
-            (tenant, stream)
-        } else {
-            self.first_ok(stream)
-                .map_err(|e| format!("stream {stream:?} {e}"))?;
-            Self::second_ok(tenant)?;
-            (stream, tenant)
-        };
+        self.first_ok(tenant)?;
+        Self::second_ok(stream).map_err(|e| format!("stream {stream:?} {e}"))?;
         let topic = format!(
-            "{}{first}{}{second}{}",
+            "{}{tenant}{}{stream}{}",
             self.prefix, self.separator, self.suffix
         );
         if topic.chars().count() > MAX_TOPIC_CHARS {
@@ -121,11 +118,13 @@ mod tests {
     #[test]
     fn templates_parse_or_say_why_not() {
         assert!(Naming::parse("iot.{tenant}.{stream}").is_ok());
-        assert!(Naming::parse("{stream}-{tenant}").is_ok());
+        assert!(Naming::parse("{tenant}-x-{stream}.log").is_ok());
         for bad in [
             "iot.{stream}",
             "{tenant}{stream}",
             "{tenant}.{stream}.{tenant}",
+            "{stream}-{tenant}",
+            "a/{tenant}.{stream}",
             "x",
         ] {
             assert!(Naming::parse(bad).is_err(), "{bad}");
@@ -161,8 +160,8 @@ mod tests {
         for template in [
             "iot.{tenant}.{stream}",
             "{tenant}_{stream}",
-            "{stream}-{tenant}",
-            "t/{tenant}-x-{stream}.log",
+            "{tenant}.{stream}",
+            "t-{tenant}-x-{stream}.log",
         ] {
             let n = Naming::parse(template).expect("template");
             let mut seen: std::collections::HashMap<String, (String, String)> =

@@ -103,8 +103,10 @@ pub fn frame_dictionary_id(body: &[u8]) -> Option<u32> {
 pub const MAX_WINDOW_LOG: u32 = 24;
 
 /// The records of an encoded [`Batch`], counted without decoding them: its top-level fields
-/// walked (field 4, length-delimited, is a record). Errors are left to the decoder.
-fn count_records(raw: &[u8]) -> usize {
+/// walked (field 4, length-delimited, is a record). Fails closed: a body it cannot walk to its
+/// end (a group, which the decoder would skip and go on; a truncated field) is refused, so
+/// nothing it did not count is ever decoded.
+fn count_records(raw: &[u8]) -> Result<usize, DecodeError> {
     fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
@@ -117,11 +119,12 @@ fn count_records(raw: &[u8]) -> usize {
         }
         None
     }
+    let malformed = || {
+        DecodeError::Invalid("the protobuf body cannot be walked field by field (groups are not part of the contract)".into())
+    };
     let (mut at, mut count) = (0usize, 0usize);
     while at < raw.len() {
-        let Some(key) = varint(raw, &mut at) else {
-            break;
-        };
+        let key = varint(raw, &mut at).ok_or_else(malformed)?;
         let skipped = match key & 7 {
             0 => varint(raw, &mut at).map(|_| 0),
             1 => Some(8),
@@ -129,13 +132,16 @@ fn count_records(raw: &[u8]) -> usize {
             5 => Some(4),
             _ => None,
         };
-        let Some(n) = skipped else { break };
+        let n = skipped.ok_or_else(malformed)?;
         if key >> 3 == 4 && key & 7 == 2 {
             count += 1;
         }
-        at = at.saturating_add(n);
+        at = at
+            .checked_add(n)
+            .filter(|end| *end <= raw.len())
+            .ok_or_else(malformed)?;
     }
-    count
+    Ok(count)
 }
 
 /// Decodes and validates a body given its `Content-Type` and `Content-Encoding` headers.
@@ -177,7 +183,7 @@ pub fn decode_body_with(
         .unwrap_or("")
         .trim();
     let batch = if mime.eq_ignore_ascii_case("application/x-protobuf") {
-        let count = count_records(&raw);
+        let count = count_records(&raw)?;
         if count > limits.max_records {
             return Err(DecodeError::TooManyRecords {
                 count,
@@ -323,7 +329,20 @@ mod tests {
             ),
             "{err}"
         );
-        assert_eq!(count_records(&batch(&[1, 2, 3]).encode_to_vec()), 3);
+        assert_eq!(
+            count_records(&batch(&[1, 2, 3]).encode_to_vec()).expect("count"),
+            3
+        );
+        // A group (which the decoder would skip) before millions of records: refused, not
+        // under-counted.
+        let mut raw = batch(&[1]).encode_to_vec();
+        raw.extend([0x33u8, 0x34]);
+        raw.extend([0x22u8, 0x00].repeat(1_000_000));
+        let err = decode_body(&raw, Some(CONTENT_TYPE_BATCH), None, limits).unwrap_err();
+        assert!(matches!(err, DecodeError::Invalid(_)), "{err}");
+        let mut cut = batch(&[1, 2]).encode_to_vec();
+        cut.truncate(cut.len() - 3);
+        assert!(count_records(&cut).is_err(), "a truncated field");
     }
 
     #[test]
