@@ -906,3 +906,14 @@ pub fn certificates(dir: &std::path::Path, name: &str, subjects: &[(&str, &str)]
     }
     ca
 }
+
+/// `mosquitto_pub -q 1` of one `message` on `topic` to the agent at `mqtt`; whether it
+/// succeeded (its PUBACK came).
+pub fn mosquitto_pub_qos1(mqtt: SocketAddr, topic: &str, message: &str) -> bool {
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt.port().to_string(), "-q", "1"])
+        .args(["-t", topic, "-m", message])
+        .status()
+        .expect("mosquitto_pub")
+        .success()
+}

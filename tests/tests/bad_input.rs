@@ -365,19 +365,11 @@ fn slow_headers_and_a_thousand_slow_bodies_get_bounded_answers_and_others_get_th
         })
         .collect();
     // Meanwhile an agent's records go through (its retries absorb the 503s).
-    let published = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &agent.mqtt.port().to_string(),
-            "-q",
-            "1",
-        ])
-        .args(["-t", "plant/1/telemetry/t", "-m", "during the flood"])
-        .status()
-        .expect("mosquitto_pub");
-    assert!(published.success());
+    assert!(e2e::mosquitto_pub_qos1(
+        agent.mqtt,
+        "plant/1/telemetry/t",
+        "during the flood"
+    ));
     let answers: Vec<Option<u16>> = flood
         .into_iter()
         .map(|t| t.join().expect("thread"))
@@ -526,12 +518,11 @@ fn the_agent_reaches_the_ingest_over_https_and_certificates_identify_devices() {
     let agent = e2e::AgentHarness::new(d, &cloud.url())
         .ingest_extra(&format!("  ca_file: {ca}\n"))
         .run();
-    let sent = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &agent.mqtt.port().to_string()])
-        .args(["-q", "1", "-t", "plant/1/telemetry/t", "-m", "over https"])
-        .status()
-        .expect("mosquitto_pub");
-    assert!(sent.success());
+    assert!(e2e::mosquitto_pub_qos1(
+        agent.mqtt,
+        "plant/1/telemetry/t",
+        "over https"
+    ));
     eventually(Duration::from_secs(30), "the record over HTTPS", || {
         cloud
             .read_topic(&format!("iot.{TENANT}.telemetry"))

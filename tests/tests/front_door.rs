@@ -272,19 +272,11 @@ fn dollar_topics_are_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
     let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
-    let status = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &agent.mqtt.port().to_string(),
-            "-q",
-            "1",
-        ])
-        .args(["-t", "$plant/1/alarm/x", "-m", "dollar"])
-        .status()
-        .expect("mosquitto_pub");
-    assert!(status.success());
+    assert!(e2e::mosquitto_pub_qos1(
+        agent.mqtt,
+        "$plant/1/alarm/x",
+        "dollar"
+    ));
     let r = eventually(Duration::from_secs(20), "the $ record in the log", || {
         let r = records_of(&cloud, "default");
         (!r.is_empty()).then_some(r)
