@@ -691,8 +691,12 @@ impl Buffer {
 
     /// On a frozen file (the disk filled), before new records are written: applies the group's
     /// other commands (acks first free what they may) and evicts by policy until `appends` fit
-    /// under the disk cap, in a transaction of its own (pages freed by one transaction are
+    /// under the disk cap, in transactions of their own (pages freed by one transaction are
     /// reused by the next). Only classes no higher than the highest incoming one give way.
+    /// Each transaction evicts at most an eighth of the reserve, with a checkpoint between
+    /// them: an eviction rewrites the pages it empties into the WAL, and one large eviction's
+    /// WAL did not fit what a full volume had left (CI: every attempt refused, each lowering
+    /// the cap and so evicting more, for minutes).
     pub fn make_room(
         &mut self,
         others: &[WriterCommand],
@@ -725,22 +729,47 @@ impl Buffer {
             ?droppable,
             "making room"
         );
-        let summary = apply(
-            &mut self.conn,
-            &mut streams,
-            others,
-            Limits {
-                cap: cap.saturating_sub(bytes),
-                reason: LossReason::DiskFull,
-                highest,
-            },
-            &droppable,
-            now_ms,
-            false,
-        )
-        .map_err(|source| self.error(source))?;
-        self.streams = streams;
-        Ok(summary)
+        let target = cap.saturating_sub(bytes);
+        let step = (self.reserve_bytes / 8).max(64 << 10);
+        let mut total: Option<CommitSummary> = None;
+        loop {
+            let held = self.backlog_bytes();
+            let commands = if total.is_none() { others } else { &[] };
+            let applied = apply(
+                &mut self.conn,
+                &mut streams,
+                commands,
+                Limits {
+                    cap: target.max(held.saturating_sub(step)),
+                    reason: LossReason::DiskFull,
+                    highest,
+                },
+                &droppable,
+                now_ms,
+                false,
+            );
+            let summary = match applied {
+                Ok(summary) => summary,
+                // What earlier steps made is in: the caller tries its records with it.
+                Err(_) if total.is_some() => break,
+                Err(source) => return Err(self.error(source)),
+            };
+            self.streams = streams.clone();
+            let evicted = summary.evicted.iter().any(|&n| n > 0);
+            total = Some(match total {
+                None => summary,
+                Some(earlier) => {
+                    let mut summary = summary;
+                    summary.absorb(earlier);
+                    summary
+                }
+            });
+            if !evicted || self.backlog_bytes() <= target {
+                break;
+            }
+            let _ = self.checkpoint();
+        }
+        Ok(total.expect("invariant: the first step either returned or set it"))
     }
 
     fn error(&self, source: rusqlite::Error) -> BufferError {

@@ -1185,7 +1185,7 @@ streams:
             (
                 GOOD.replace(
                     "url: http://127.0.0.1:8080",
-                    "urls: [\"http://a:1\", \"b:2\"]",
+                    "urls: [\"https://a:1\", \"b:2\"]",
                 ),
                 "ingest.urls[1]",
                 "\"b:2\" is not an http(s) URL",
@@ -1197,6 +1197,11 @@ streams:
                 ),
                 "ingest",
                 "exactly one of url",
+            ),
+            (
+                GOOD.replace("url: http://127.0.0.1:8080", "url: http://10.0.0.1:8080"),
+                "ingest.url",
+                "allow_insecure_http",
             ),
             (
                 GOOD.replace("url: http://127.0.0.1:8080", "urls: []"),

@@ -38,10 +38,16 @@ fn load(agent: &Agent, clients: usize, per_client: u64, payload: usize) -> LoadS
     }
 }
 
+/// Publishes `spec`; a publisher that never finishes (its acknowledgements never come) fails
+/// the test instead of hanging it.
 fn publish(spec: LoadSpec) -> load::LoadReport {
     tokio::runtime::Runtime::new()
         .expect("runtime")
-        .block_on(load::publish(spec))
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(180), load::publish(spec))
+                .await
+                .expect("the publishers did not finish within 180 s")
+        })
 }
 
 /// The reserve the agent picks for a volume of `total` bytes (`space::auto_reserve` with the

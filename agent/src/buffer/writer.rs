@@ -253,6 +253,9 @@ impl BufferWriter {
                     tracing::error!(error = %error, "buffer disk full: evicting the lowest priority, oldest records to make room (reported as disk_full)");
                 }
                 full_attempts += 1;
+                if full_attempts % 20 == 0 {
+                    tracing::warn!(error = %error, attempts = full_attempts, held_bytes = self.buffer.backlog_bytes(), "buffer commits still refused for a full disk; making more room");
+                }
                 self.metrics.disk_full.inc();
                 self.metrics.buffer_disk_full.set(1);
                 let appends = group.iter().any(|c| matches!(c, WriterCommand::Append(_)));
