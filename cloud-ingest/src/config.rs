@@ -510,24 +510,14 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
     let limits = RequestLimits {
         max_body_bytes: size("max_body_bytes", &raw.limits.max_body_bytes)?,
         max_decompressed_bytes: size("max_decompressed_bytes", &raw.limits.max_decompressed_bytes)?,
-        max_records_per_batch: match raw.limits.max_records_per_batch {
-            0 => {
-                return Err((
-                    "limits.max_records_per_batch".into(),
-                    "must be above 0".into(),
-                ));
-            }
-            n => n,
-        },
-        max_concurrent_requests: match raw.limits.max_concurrent_requests {
-            0 => {
-                return Err((
-                    "limits.max_concurrent_requests".into(),
-                    "must be above 0".into(),
-                ));
-            }
-            n => n,
-        },
+        max_records_per_batch: positive(
+            "limits.max_records_per_batch",
+            raw.limits.max_records_per_batch,
+        )?,
+        max_concurrent_requests: positive(
+            "limits.max_concurrent_requests",
+            raw.limits.max_concurrent_requests,
+        )?,
         header_timeout: positive_duration("limits.header_timeout", &raw.limits.header_timeout)?,
         body_timeout: positive_duration("limits.body_timeout", &raw.limits.body_timeout)?,
     };
@@ -569,6 +559,13 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         read_api,
         clock_skew_threshold,
     })
+}
+
+fn positive(key: &str, n: usize) -> Result<usize, (String, String)> {
+    if n == 0 {
+        return Err((key.to_owned(), "must be above 0".to_owned()));
+    }
+    Ok(n)
 }
 
 fn positive_duration(key: &str, text: &str) -> Result<Duration, (String, String)> {

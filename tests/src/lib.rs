@@ -917,3 +917,27 @@ pub fn mosquitto_pub_qos1(mqtt: SocketAddr, topic: &str, message: &str) -> bool 
         .expect("mosquitto_pub")
         .success()
 }
+
+/// `mosquitto_pub -l` at `qos` on `topic`: one publish per line of `lines`, as fast as it
+/// goes; whether it succeeded.
+pub fn mosquitto_pub_lines(
+    mqtt: SocketAddr,
+    qos: u8,
+    topic: &str,
+    lines: impl IntoIterator<Item = String>,
+) -> bool {
+    use std::io::Write;
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt.port().to_string()])
+        .args(["-q", &qos.to_string(), "-t", topic, "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    {
+        let mut stdin = publisher.stdin.take().expect("stdin");
+        for line in lines {
+            writeln!(stdin, "{line}").expect("line");
+        }
+    }
+    publisher.wait().expect("mosquitto_pub").success()
+}

@@ -454,20 +454,12 @@ fn a_device_over_its_rate_gets_429_and_its_agent_delivers_everything_later() {
         .device("dev-b", TENANT, "token-b-0123456789")
         .run();
     let agent = e2e::AgentHarness::new(dir.path(), &cloud.url()).run();
-    let mut publish = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &agent.mqtt.port().to_string()])
-        .args(["-q", "1", "-t", "plant/1/telemetry/fast", "-l"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    {
-        use std::io::Write;
-        let mut lines = publish.stdin.take().expect("stdin");
-        for i in 0..400 {
-            writeln!(lines, "r{i}").expect("line");
-        }
-    }
-    assert!(publish.wait().expect("mosquitto_pub").success());
+    assert!(e2e::mosquitto_pub_lines(
+        agent.mqtt,
+        1,
+        "plant/1/telemetry/fast",
+        (0..400).map(|i| format!("r{i}"))
+    ));
     eventually(Duration::from_secs(10), "a 429", || {
         (cloud.metric("ingest_requests_total{status=\"429\"}") > 0.0).then_some(())
     });
@@ -572,13 +564,8 @@ fn the_agent_reaches_the_ingest_over_https_and_certificates_identify_devices() {
     )
     .expect("config");
     std::fs::write(d.join("token"), "t\n").expect("token");
-    let out = Command::new(bin("edge-agent"))
-        .arg("check-config")
-        .arg(&config)
-        .output()
-        .expect("check-config");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (ok, stderr) = self::agent(&["check-config", &config.display().to_string()]);
+    assert!(!ok);
     assert!(
         stderr.contains("ingest.url") && stderr.contains("allow_insecure_http"),
         "{stderr}"

@@ -239,7 +239,8 @@ fn one_port_serves_mqtt_3_and_5_and_local_subscribers_still_get_live_data() {
                 .expect("mosquitto_sub")
         })
         .collect();
-    // Both subscriptions are in place once their SUBACKs went out; publish until they are.
+    // Give both subscribers time to subscribe. (Waiting for their SUBACKs instead, read from
+    // `mosquitto_sub -d`, made both miss the publishes even 300 ms later: not yet explained.)
     std::thread::sleep(Duration::from_millis(500));
     for version in ["mqttv311", "mqttv5"] {
         let status = Command::new("mosquitto_pub")
@@ -395,19 +396,12 @@ fn a_publisher_over_its_rate_is_slowed_at_qos1_and_shed_and_counted_at_qos0() {
     // A well-behaved sensor publishes throughout (at 200/s it is slowed to 100/s too).
     let steady = steady_sensor(agent.mqtt, 300);
     // A QoS 0 flood at full speed: mosquitto_pub -l, one publish per line.
-    let mut flood = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &agent.mqtt.port().to_string()])
-        .args(["-q", "0", "-i", "flood", "-t", "plant/2/logs/flood", "-l"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    {
-        let mut lines = flood.stdin.take().expect("stdin");
-        for i in 0..5000 {
-            writeln!(lines, "line {i}").expect("line");
-        }
-    }
-    assert!(flood.wait().expect("flood").success());
+    assert!(e2e::mosquitto_pub_lines(
+        agent.mqtt,
+        0,
+        "plant/2/logs/flood",
+        (0..5000).map(|i| format!("line {i}"))
+    ));
     // A QoS 1 publisher over the rate: slowed, every publish acknowledged and kept.
     let started = Instant::now();
     let fast = publish(LoadSpec {
@@ -829,13 +823,17 @@ fn only_known_users_get_in_and_the_acl_keeps_them_to_their_topics() {
         2.0
     );
 
+    // Every publish above was acknowledged, so anything kept of it was counted already.
+    assert_eq!(
+        agent.metric("agent_records_received_total{stream=\"telemetry\"}"),
+        2.0,
+        "denied publishes are not stored"
+    );
     let records = eventually(Duration::from_secs(20), "the two allowed records", || {
         let r = records_of(&cloud, "telemetry");
         (r.len() >= 2).then_some(r)
     });
-    std::thread::sleep(Duration::from_millis(500));
-    let records = records_of(&cloud, "telemetry").len().max(records.len());
-    assert_eq!(records, 2, "denied publishes are not stored");
+    assert_eq!(records.len(), 2);
 }
 
 #[test]
@@ -1090,16 +1088,15 @@ fn a_client_certificate_logs_in_as_its_common_name_and_the_acl_applies() {
         t.sort();
         t
     };
-    let r = eventually(Duration::from_secs(20), "the three records", || {
+    // The last publish that may be kept came after all the others, each acknowledged (so
+    // committed, in order) before the next began: once it is in the log, so is anything
+    // wrongly kept before it.
+    let r = eventually(Duration::from_secs(20), "the last allowed record", || {
         let r = records_of(&cloud, "telemetry");
-        (r.len() >= 3).then_some(r)
+        r.iter()
+            .any(|r| r.mqtt_topic == "plant/1/telemetry/sensor-1/password")
+            .then_some(r)
     });
-    std::thread::sleep(Duration::from_millis(500));
-    let r = if records_of(&cloud, "telemetry").len() > r.len() {
-        records_of(&cloud, "telemetry")
-    } else {
-        r
-    };
     assert_eq!(
         topics(r),
         [
