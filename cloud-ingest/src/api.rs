@@ -20,7 +20,9 @@ use crate::auth::{Authenticated, Registry};
 use crate::config::{ReadApi, RequestLimits};
 use crate::dictionaries::Dictionaries;
 use crate::metrics::Metrics;
-use crate::publish::{Delivery, PublishError, Publisher, clock_offset, embedded};
+use crate::publish::{
+    DEAD_LETTER_STREAM, Delivery, PublishError, Publisher, clock_offset, embedded,
+};
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -431,6 +433,10 @@ async fn accept_batch(
         .naming
         .topic(&device.tenant, &batch.stream)
         .map_err(|e| IngestError::BadBatch(DecodeError::Invalid(e)))?;
+    let dead_letter_topic = state
+        .naming
+        .topic(&device.tenant, DEAD_LETTER_STREAM)
+        .map_err(|e| IngestError::BadBatch(DecodeError::Invalid(e)))?;
     let ingested_at_ms = now_ms();
     let clock_offset_ms = clock_offset(
         batch.sent_at_ms,
@@ -444,6 +450,7 @@ async fn accept_batch(
     let delivery = Delivery {
         tenant: device.tenant,
         topic,
+        dead_letter_topic,
         batch,
         ingested_at_ms,
         clock_offset_ms,
@@ -465,6 +472,10 @@ async fn accept_batch(
     .map_err(IngestError::Unavailable)?;
     state.metrics.records_accepted.inc_by(ack.accepted);
     state.metrics.records_duplicate.inc_by(ack.duplicates);
+    state
+        .metrics
+        .records_dead_lettered
+        .inc_by(ack.dead_lettered);
     Ok(ack)
 }
 

@@ -8,6 +8,8 @@ pub const REQUESTS: &str = "ingest_requests_total";
 pub const RECORDS_ACCEPTED: &str = "ingest_records_accepted_total";
 /// Records already in the log (retries), not appended again.
 pub const RECORDS_DUPLICATE: &str = "ingest_records_duplicate_total";
+/// Poison records the log refused for good, replaced by dead letters.
+pub const RECORDS_DEAD_LETTERED: &str = "ingest_records_dead_lettered_total";
 /// Request body bytes as received (compressed).
 pub const WIRE_BYTES: &str = "ingest_wire_bytes_total";
 /// Body bytes once decompressed.
@@ -25,6 +27,8 @@ pub struct Metrics {
     pub records_accepted: IntCounter,
     /// See [`RECORDS_DUPLICATE`].
     pub records_duplicate: IntCounter,
+    /// See [`RECORDS_DEAD_LETTERED`].
+    pub records_dead_lettered: IntCounter,
     /// See [`WIRE_BYTES`].
     pub wire_bytes: IntCounter,
     /// See [`RAW_BYTES`].
@@ -49,6 +53,10 @@ impl Metrics {
             RECORDS_DUPLICATE,
             "Records already in the log, not appended again.",
         );
+        let records_dead_lettered = counter(
+            RECORDS_DEAD_LETTERED,
+            "Poison records the log refused for good, replaced by dead letters.",
+        );
         let wire_bytes = counter(WIRE_BYTES, "Request body bytes as received.");
         let raw_bytes = counter(RAW_BYTES, "Batch bytes once decompressed.");
         let clock_corrected = counter(
@@ -68,6 +76,7 @@ impl Metrics {
             requests,
             records_accepted,
             records_duplicate,
+            records_dead_lettered,
             wire_bytes,
             raw_bytes,
             clock_corrected,

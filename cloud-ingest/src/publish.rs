@@ -1,12 +1,29 @@
 //! Where accepted batches go: the central stream log. One trait, one implementation per log.
 //!
 //! Invariant: `publish` resolves `Ok` only once every record of the batch is durably in the log
-//! (or was already there: a duplicate). The HTTP layer answers 2xx on that and nothing else.
+//! (or was already there: a duplicate), or, for a record the log refuses for a reason no retry
+//! can fix (a *poison* record: bigger than the log takes), once its dead letter is. The HTTP
+//! layer answers 2xx on that and nothing else.
+//!
+//! Dead letters: a poison record would otherwise be answered 503 for ever, and its FIFO stream
+//! would never move again. Instead it is replaced by a dead letter in the tenant's reserved
+//! stream [`DEAD_LETTER_STREAM`] (topic `iot.{tenant}._dead_letters` by default): the record's
+//! metadata headers, `dead_letter_reason`, `dead_letter_topic` (where it was going),
+//! `dead_letter_payload_bytes` and `dead_letter_payload_sha256` (of the whole payload), and the
+//! first [`DEAD_LETTER_SAMPLE_BYTES`] of its payload. A per-record refusal is not an outage:
+//! it neither marks the replica unready nor replaces a shared producer.
+//!
+//! Header values (Kafka and NATS) are encoded by [`header_value`], so no byte of a topic or boot
+//! id can break a header.
 
 use std::future::Future;
 use std::pin::Pin;
 
+use std::borrow::Cow;
+
+use bytes::Bytes;
 use ingest_wire::{Batch, BatchAck, Record};
+use sha2::Digest;
 
 pub mod dedup;
 pub mod embedded;
@@ -16,6 +33,12 @@ pub mod nats;
 /// Idempotency scopes a stateless sink's replica remembers (about 100 bytes each).
 pub const DEDUP_CACHE_SCOPES: usize = 100_000;
 
+/// The reserved stream of each tenant that takes the dead letters of poison records.
+pub const DEAD_LETTER_STREAM: &str = "_dead_letters";
+
+/// How much of a poison record's payload its dead letter keeps.
+pub const DEAD_LETTER_SAMPLE_BYTES: usize = 4096;
+
 /// A validated batch from an authenticated device, with the log topic it goes to.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -23,6 +46,8 @@ pub struct Delivery {
     pub tenant: String,
     /// Log topic, from the topic template.
     pub topic: String,
+    /// The tenant's dead-letter topic (stream [`DEAD_LETTER_STREAM`]).
+    pub dead_letter_topic: String,
     /// The batch; `batch.device_id` is the authenticated device.
     pub batch: Batch,
     /// Ingest wall-clock time at receipt, Unix milliseconds.
@@ -67,6 +92,78 @@ impl Delivery {
     }
 }
 
+impl Delivery {
+    /// `record`'s metadata as header name and value (names and meaning in `wire/SPEC.md`),
+    /// each value encoded by [`header_value`].
+    pub fn headers(&self, r: &Record, batch_id: &str) -> Vec<(&'static str, String)> {
+        let b = &self.batch;
+        let mut fields = vec![
+            ("device", header_value(&b.device_id).into_owned()),
+            ("tenant", header_value(&self.tenant).into_owned()),
+            ("stream", header_value(&b.stream).into_owned()),
+            ("epoch", b.epoch.to_string()),
+            ("seq", r.seq.to_string()),
+            ("mqtt_topic", header_value(&r.topic).into_owned()),
+            ("received_at_ms", r.received_at_ms.to_string()),
+            ("sent_at_ms", b.sent_at_ms.to_string()),
+            ("ingested_at_ms", self.ingested_at_ms.to_string()),
+            ("batch_id", header_value(batch_id).into_owned()),
+        ];
+        if let Some(qos) = r.qos {
+            fields.push(("qos", qos.to_string()));
+        }
+        if !r.boot_id.is_empty() {
+            fields.push(("boot_id", header_value(&r.boot_id).into_owned()));
+            fields.push(("monotonic_ms", r.monotonic_ms.to_string()));
+        }
+        if let Some(corrected) = self.corrected_at_ms(r) {
+            fields.push(("corrected_at_ms", corrected.to_string()));
+            fields.push(("clock_corrected", "true".into()));
+        }
+        fields
+    }
+
+    /// The dead letter standing for `record`, which the log refused for good with `reason`:
+    /// its headers (the record's, plus where it was going and why it is here) and payload (the
+    /// first [`DEAD_LETTER_SAMPLE_BYTES`] of the record's).
+    pub fn dead_letter(
+        &self,
+        r: &Record,
+        batch_id: &str,
+        reason: &str,
+    ) -> (Vec<(&'static str, String)>, Bytes) {
+        let mut headers = self.headers(r, batch_id);
+        headers.push(("dead_letter_reason", header_value(reason).into_owned()));
+        headers.push(("dead_letter_topic", header_value(&self.topic).into_owned()));
+        headers.push(("dead_letter_payload_bytes", r.payload.len().to_string()));
+        headers.push((
+            "dead_letter_payload_sha256",
+            hex::encode(sha2::Sha256::digest(&r.payload)),
+        ));
+        let sample = r
+            .payload
+            .slice(..r.payload.len().min(DEAD_LETTER_SAMPLE_BYTES));
+        (headers, sample)
+    }
+}
+
+/// `value` made safe for any header: each byte below 0x20, 0x7F and `%` becomes `%XX`
+/// (upper-case hex), everything else is kept. Undo with percent-decoding.
+pub fn header_value(value: &str) -> Cow<'_, str> {
+    let unsafe_byte = |b: u8| b < 0x20 || b == 0x7f || b == b'%';
+    if !value.bytes().any(unsafe_byte) {
+        return Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        match u8::try_from(c) {
+            Ok(b) if unsafe_byte(b) => out.push_str(&format!("%{b:02X}")),
+            _ => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// The correction for a batch sent at `sent_at_ms` (agent clock) and received at
 /// `ingested_at_ms` (ingest clock): `Some(offset)` when they differ by more than
 /// `threshold_ms`, `None` when the agent's clock is fine or the batch has no send time.
@@ -101,6 +198,38 @@ pub trait Publisher: Send + Sync {
 
 #[cfg(test)]
 mod tests {
+    use super::header_value;
+
+    #[test]
+    fn header_values_keep_no_control_byte() {
+        assert_eq!(header_value("plant/1/temp"), "plant/1/temp");
+        assert_eq!(header_value("a\r\nb"), "a%0D%0Ab");
+        assert_eq!(header_value("100%\u{7f}"), "100%25%7F");
+        assert_eq!(header_value("température/ü"), "température/ü");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn header_values_round_trip_and_are_safe(s in ".*") {
+            let encoded = header_value(&s);
+            proptest::prop_assert!(!encoded.bytes().any(|b| b < 0x20 || b == 0x7f));
+            let mut decoded = Vec::new();
+            let bytes = encoded.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() {
+                if bytes[i] == b'%' {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).expect("ascii");
+                    decoded.push(u8::from_str_radix(hex, 16).expect("hex"));
+                    i += 3;
+                } else {
+                    decoded.push(bytes[i]);
+                    i += 1;
+                }
+            }
+            proptest::prop_assert_eq!(decoded, s.as_bytes());
+        }
+    }
+
     #[test]
     fn clock_offsets() {
         let hour = 3_600_000;

@@ -198,6 +198,12 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts `nats-server -js` on a free port, storing under `dir`.
     pub fn start(dir: &Path) -> NatsServer {
+        NatsServer::start_with(dir, "")
+    }
+
+    /// As [`NatsServer::start`], with `config` (nats-server's config file syntax, such as
+    /// `max_payload: 65536`).
+    pub fn start_with(dir: &Path, config: &str) -> NatsServer {
         let port = free_port();
         let store = dir.join(format!("jetstream-{port}"));
         std::fs::create_dir_all(&store).expect("jetstream dir");
@@ -212,6 +218,11 @@ impl NatsServer {
             .arg(port.to_string())
             .arg("-sd")
             .arg(&store);
+        if !config.is_empty() {
+            let file = dir.join(format!("nats-{port}.conf"));
+            std::fs::write(&file, config).expect("nats config");
+            cmd.arg("-c").arg(file);
+        }
         let process = Process::spawn(cmd, dir.join(format!("nats-{}.stderr", unique())));
         wait_for_port(
             SocketAddr::from(([127, 0, 0, 1], port)),

@@ -410,3 +410,153 @@ fn the_agent_fails_over_to_a_second_ingest_replica_and_loses_nothing() {
         dups.len()
     );
 }
+
+/// What the poison tests publish, in order, on one QoS 1 connection: (MQTT topic, payload).
+/// The second record is bigger than the log takes (64 KiB in these tests); the fourth's topic
+/// has a line feed, which no header may carry as it is.
+fn poison_sequence() -> Vec<(String, Vec<u8>)> {
+    vec![
+        ("plant/1/alarm/a".into(), b"first".to_vec()),
+        ("plant/1/alarm/a".into(), vec![b'x'; 100_000]),
+        ("plant/1/alarm/a".into(), b"third".to_vec()),
+        ("plant/1/alarm/x\ny".into(), b"fourth".to_vec()),
+        ("plant/1/alarm/a".into(), b"fifth".to_vec()),
+    ]
+}
+
+/// Publishes `messages` in order with rumqttc at QoS 1 and waits for every PUBACK
+/// (mosquitto_pub refuses a topic with a control character; rumqttc sends it).
+fn publish_in_order(mqtt: std::net::SocketAddr, messages: &[(String, Vec<u8>)]) {
+    let mut options = rumqttc::MqttOptions::new("poison-sensor", "127.0.0.1", mqtt.port());
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = rumqttc::Client::new(options, 16);
+    for (topic, payload) in messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+            .expect("queue publish");
+    }
+    let mut acked = 0;
+    for event in connection.iter() {
+        match event.expect("MQTT connection") {
+            rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => acked += 1,
+            _ => continue,
+        }
+        if acked == messages.len() {
+            break;
+        }
+    }
+    client.disconnect().ok();
+}
+
+/// Checks what a poison test read back: the stream's records in order with the line feed
+/// encoded in its header, and one dead letter for the oversized record.
+fn check_poison_outcome(
+    stream: &[(BTreeMap<String, String>, Vec<u8>)],
+    dead: &[(BTreeMap<String, String>, Vec<u8>)],
+) {
+    let payloads: Vec<&[u8]> = stream.iter().map(|(_, p)| p.as_slice()).collect();
+    assert_eq!(
+        payloads,
+        [&b"first"[..], b"third", b"fourth", b"fifth"],
+        "the stream went on past the poison, in order, nothing else lost"
+    );
+    assert_eq!(
+        stream[2].0["mqtt_topic"], "plant/1/alarm/x%0Ay",
+        "a line feed in a topic is percent-encoded in its header"
+    );
+    assert_eq!(dead.len(), 1, "one dead letter: {dead:?}");
+    let (headers, sample) = &dead[0];
+    assert_eq!(headers["dead_letter_topic"], format!("iot.{TENANT}.alarms"));
+    assert_eq!(headers["dead_letter_payload_bytes"], "100000");
+    assert_eq!(headers["mqtt_topic"], "plant/1/alarm/a");
+    assert!(!headers["dead_letter_reason"].is_empty());
+    assert_eq!(sample, &vec![b'x'; 4096], "the first 4 KiB of the payload");
+    let seqs: Vec<u64> = stream
+        .iter()
+        .chain(dead)
+        .map(|(h, _)| h["seq"].parse().expect("seq"))
+        .collect();
+    let mut sorted = seqs.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 5, "five distinct sequence numbers: {seqs:?}");
+}
+
+#[test]
+fn a_poison_record_into_kafka_is_dead_lettered_and_its_stream_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tansu = Tansu::start(dir.path());
+    let cloud = CloudHarness::new(dir.path())
+        .sink(&format!(
+            "  type: kafka\n  options:\n    brokers: {}\n    delivery_timeout: 2s\n    properties:\n      message.max.bytes: \"65536\"\n",
+            tansu.brokers
+        ))
+        .run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    publish_in_order(agent.mqtt, &poison_sequence());
+    let topics = [
+        format!("iot.{TENANT}.alarms"),
+        format!("iot.{TENANT}._dead_letters"),
+    ];
+    let records = kafka_read(
+        &tansu.brokers,
+        &topics,
+        5,
+        Duration::from_secs(2),
+        Duration::from_secs(120),
+    );
+    let split = |topic: &str| -> Vec<_> {
+        records
+            .iter()
+            .filter(|r| r.topic == topic)
+            .map(|r| (r.headers.clone(), r.value()))
+            .collect()
+    };
+    check_poison_outcome(&split(&topics[0]), &split(&topics[1]));
+    assert_eq!(cloud.metric("ingest_records_dead_lettered_total"), 1.0);
+    assert_eq!(cloud.readyz(), 200, "a poison record is not an outage");
+    eventually(
+        Duration::from_secs(30),
+        "the agent's backlog drained",
+        || (agent.backlog() == 0.0).then_some(()),
+    );
+}
+
+#[test]
+fn a_poison_record_into_jetstream_is_dead_lettered_and_its_stream_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsServer::start_with(dir.path(), "max_payload: 65536\n");
+    let cloud = CloudHarness::new(dir.path()).nats(&nats.url, "IOT").run();
+    eventually(Duration::from_secs(20), "ingest ready", || {
+        (cloud.readyz() == 200).then_some(())
+    });
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    publish_in_order(agent.mqtt, &poison_sequence());
+    eventually(
+        Duration::from_secs(60),
+        "four records and a dead letter",
+        || {
+            (cloud.metric("ingest_records_accepted_total") >= 4.0
+                && cloud.metric("ingest_records_dead_lettered_total") >= 1.0)
+                .then_some(())
+        },
+    );
+    let messages = jetstream_read(&nats.url, "IOT");
+    let split = |subject: String| -> Vec<_> {
+        messages
+            .iter()
+            .filter(|m| m.subject == subject)
+            .map(|m| (m.headers.clone(), m.payload.clone()))
+            .collect()
+    };
+    check_poison_outcome(
+        &split(format!("iot.{TENANT}.alarms")),
+        &split(format!("iot.{TENANT}._dead_letters")),
+    );
+    assert_eq!(cloud.readyz(), 200, "a poison record is not an outage");
+    eventually(
+        Duration::from_secs(30),
+        "the agent's backlog drained",
+        || (agent.backlog() == 0.0).then_some(()),
+    );
+}

@@ -198,6 +198,7 @@ impl Writer {
                 let mut ack = BatchAck {
                     accepted: 0,
                     duplicates: 0,
+                    dead_lettered: 0,
                 };
                 for r in &d.batch.records {
                     if seen.contains(r.seq) {
@@ -443,6 +444,7 @@ mod tests {
         Delivery {
             tenant: "acme".into(),
             topic: "iot.acme.t".into(),
+            dead_letter_topic: "iot.acme._dead_letters".into(),
             ingested_at_ms: 3,
             clock_offset_ms: None,
             batch: Batch {

@@ -14,6 +14,8 @@
 //!   rest, in order. The producer is then replaced (see [`KafkaLog::replace_producer`]). A record
 //!   that timed out may still have been written (librdkafka: "possibly persisted"); its retry
 //!   then appends it twice: the one duplicate path, and the headers identify it.
+//! - Poison: a record Kafka refuses for good (too large, invalid: see [`poison`]) is replaced
+//!   by its dead letter (see [`super`]); the replica stays ready and the producer is kept.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,8 +91,8 @@ impl KafkaLog {
         let producer = self.producer();
         let batch_id = d.batch_id();
         let mut duplicates = 0;
-        let mut pending: VecDeque<(u64, DeliveryFuture)> = VecDeque::new();
-        let mut settled: Vec<(u64, Result<(), String>)> = Vec::new();
+        let mut pending: VecDeque<(&Record, Pending)> = VecDeque::new();
+        let mut settled: Vec<(&Record, Settled)> = Vec::new();
         let mut enqueue_error = None;
         'records: for r in &d.batch.records {
             if seen.contains(r.seq) {
@@ -101,20 +103,24 @@ impl KafkaLog {
                 .key(d.batch.device_id.as_str())
                 .payload(r.payload.as_ref())
                 .timestamp(d.corrected_at_ms(r).unwrap_or(r.received_at_ms))
-                .headers(headers(&d, r, &batch_id));
+                .headers(owned_headers(&d.headers(r, &batch_id)));
             loop {
                 match producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push_back((r.seq, delivery));
+                        pending.push_back((r, Pending::Sent(delivery)));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         // librdkafka's queue is full: wait for our oldest record to settle.
                         record = back;
                         match pending.pop_front() {
-                            Some((seq, delivery)) => settled.push((seq, settle(delivery).await)),
+                            Some((r, p)) => settled.push((r, p.settle().await)),
                             None => tokio::time::sleep(Duration::from_millis(5)).await,
                         }
+                    }
+                    Err((KafkaError::MessageProduction(code), _)) if poison(code) => {
+                        pending.push_back((r, Pending::Refused(code.to_string())));
+                        break;
                     }
                     Err((e, _)) => {
                         enqueue_error = Some(e.to_string());
@@ -123,31 +129,42 @@ impl KafkaLog {
                 }
             }
         }
-        for (seq, delivery) in pending {
-            settled.push((seq, settle(delivery).await));
+        for (r, p) in pending {
+            settled.push((r, p.settle().await));
         }
-        // Remember the acknowledged prefix only: a retry then resends the rest in order.
-        let mut accepted = 0;
+        // Remember the acknowledged prefix only: a retry then resends the rest in order. A
+        // poison record counts as acknowledged once its dead letter is.
+        let mut ack = BatchAck {
+            accepted: 0,
+            duplicates,
+            dead_lettered: 0,
+        };
         let mut failure = None;
-        for (seq, result) in settled {
+        for (r, result) in settled {
+            if failure.is_some() {
+                break;
+            }
             match result {
-                Ok(()) if failure.is_none() => {
-                    seen.insert(seq);
-                    accepted += 1;
+                Settled::Appended => {
+                    seen.insert(r.seq);
+                    ack.accepted += 1;
                 }
-                Ok(()) => {}
-                Err(e) => {
-                    failure.get_or_insert(e);
+                Settled::Poison(reason) => {
+                    match self.dead_letter(&producer, &d, r, &batch_id, &reason).await {
+                        Ok(()) => {
+                            seen.insert(r.seq);
+                            ack.dead_lettered += 1;
+                        }
+                        Err(e) => failure = Some(e),
+                    }
                 }
+                Settled::Failed(e) => failure = Some(e),
             }
         }
         match failure.or(enqueue_error) {
             None => {
                 self.healthy.store(true, Ordering::Relaxed);
-                Ok(BatchAck {
-                    accepted,
-                    duplicates,
-                })
+                Ok(ack)
             }
             Some(reason) => {
                 self.healthy.store(false, Ordering::Relaxed);
@@ -156,6 +173,72 @@ impl KafkaLog {
                     reason: format!("Kafka did not acknowledge batch {batch_id}: {reason}"),
                 })
             }
+        }
+    }
+
+    /// Appends the dead letter of `r`, which Kafka refused for good with `reason`.
+    async fn dead_letter(
+        &self,
+        producer: &FutureProducer,
+        d: &Delivery,
+        r: &Record,
+        batch_id: &str,
+        reason: &str,
+    ) -> Result<(), String> {
+        tracing::warn!(batch = %batch_id, seq = r.seq, topic = %d.topic, reason, "Kafka refused a record for good: dead-lettered to {}", d.dead_letter_topic);
+        let (headers, sample) = d.dead_letter(r, batch_id, reason);
+        let record = FutureRecord::to(&d.dead_letter_topic)
+            .key(d.batch.device_id.as_str())
+            .payload(sample.as_ref())
+            .timestamp(d.corrected_at_ms(r).unwrap_or(r.received_at_ms))
+            .headers(owned_headers(&headers));
+        let delivery = producer
+            .send_result(record)
+            .map_err(|(e, _)| format!("dead letter not enqueued: {e}"))?;
+        match Pending::Sent(delivery).settle().await {
+            Settled::Appended => Ok(()),
+            Settled::Poison(e) | Settled::Failed(e) => Err(format!("dead letter refused: {e}")),
+        }
+    }
+}
+
+/// Errors with which Kafka refuses one record for good: a retry would be refused the same way.
+fn poison(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::InvalidRecord
+    )
+}
+
+/// A record handed to the producer, or refused by it before it was sent.
+enum Pending {
+    Sent(DeliveryFuture),
+    Refused(String),
+}
+
+/// What became of a record.
+enum Settled {
+    Appended,
+    /// Refused for good (see [`poison`]).
+    Poison(String),
+    Failed(String),
+}
+
+impl Pending {
+    async fn settle(self) -> Settled {
+        match self {
+            Pending::Refused(reason) => Settled::Poison(reason),
+            Pending::Sent(delivery) => match delivery.await {
+                Ok(Ok(_)) => Settled::Appended,
+                Ok(Err((KafkaError::MessageProduction(code), _))) if poison(code) => {
+                    Settled::Poison(code.to_string())
+                }
+                Ok(Err((e, _))) => Settled::Failed(e.to_string()),
+                Err(_) => Settled::Failed("producer dropped the record".into()),
+            },
         }
     }
 }
@@ -188,39 +271,8 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
-async fn settle(delivery: DeliveryFuture) -> Result<(), String> {
-    match delivery.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => Err(e.to_string()),
-        Err(_) => Err("producer dropped the record".into()),
-    }
-}
-
-/// The record's headers (names and meaning in `wire/SPEC.md`).
-fn headers(d: &Delivery, r: &Record, batch_id: &str) -> OwnedHeaders {
-    let mut fields = vec![
-        ("device", d.batch.device_id.clone()),
-        ("tenant", d.tenant.clone()),
-        ("stream", d.batch.stream.clone()),
-        ("epoch", d.batch.epoch.to_string()),
-        ("seq", r.seq.to_string()),
-        ("mqtt_topic", r.topic.clone()),
-        ("received_at_ms", r.received_at_ms.to_string()),
-        ("sent_at_ms", d.batch.sent_at_ms.to_string()),
-        ("ingested_at_ms", d.ingested_at_ms.to_string()),
-        ("batch_id", batch_id.to_owned()),
-    ];
-    if let Some(qos) = r.qos {
-        fields.push(("qos", qos.to_string()));
-    }
-    if !r.boot_id.is_empty() {
-        fields.push(("boot_id", r.boot_id.clone()));
-        fields.push(("monotonic_ms", r.monotonic_ms.to_string()));
-    }
-    if let Some(corrected) = d.corrected_at_ms(r) {
-        fields.push(("corrected_at_ms", corrected.to_string()));
-        fields.push(("clock_corrected", "true".into()));
-    }
+/// Kafka headers from (name, value) pairs.
+fn owned_headers(fields: &[(&'static str, String)]) -> OwnedHeaders {
     fields.iter().fold(
         OwnedHeaders::new_with_capacity(fields.len()),
         |h, (k, v)| {

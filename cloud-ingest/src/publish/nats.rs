@@ -8,6 +8,9 @@
 //!   whichever replica sends it: exactly-once across ingest replicas within the window. Each
 //!   replica also remembers what it appended ([`SeenCache`]), which covers its own retries
 //!   beyond the window.
+//! - Poison: a record JetStream refuses for good (over the server's `max_payload` or the
+//!   stream's maximum message size: see [`poison`]) is replaced by its dead letter (see
+//!   [`super`]), and the batch goes on.
 //! - Start-up and outages: the ingest starts without the server, reconnects by itself, and is
 //!   ready once connected and the stream checked.
 
@@ -15,12 +18,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, connection::State};
 use ingest_wire::{BatchAck, Record};
 
 use super::dedup::SeenCache;
-use super::{DEDUP_CACHE_SCOPES, Delivery, PublishError, PublishFuture, Publisher};
+use super::{DEDUP_CACHE_SCOPES, Delivery, PublishError, PublishFuture, Publisher, header_value};
 use crate::config::NatsConfig;
 
 /// Delay between attempts to check or create the stream while it fails.
@@ -69,6 +73,7 @@ impl NatsLog {
         let mut ack = BatchAck {
             accepted: 0,
             duplicates: 0,
+            dead_lettered: 0,
         };
         // Publish everything, then await the PubAcks in order: one round trip per batch.
         let mut pending = Vec::with_capacity(d.batch.records.len());
@@ -78,16 +83,16 @@ impl NatsLog {
                 ack.duplicates += 1;
                 continue;
             }
+            let headers = nats_headers(&d, r, &d.headers(r, &batch_id));
             match self
                 .jetstream
-                .publish_with_headers(
-                    d.topic.clone(),
-                    headers(&d, r, &batch_id),
-                    r.payload.clone(),
-                )
+                .publish_with_headers(d.topic.clone(), headers, r.payload.clone())
                 .await
             {
-                Ok(puback) => pending.push((r.seq, puback)),
+                Ok(puback) => pending.push((r, Ok(puback))),
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    pending.push((r, Err(e.to_string())));
+                }
                 Err(e) => {
                     failure = Some(e.to_string());
                     break;
@@ -95,22 +100,38 @@ impl NatsLog {
             }
         }
         let mut broken = failure.is_some();
-        for (seq, puback) in pending {
-            match puback.await {
-                // Remember the acknowledged prefix only, so a retry resends the rest in order
-                // (the server drops any of them it already has).
-                Ok(a) if !broken => {
-                    seen.insert(seq);
+        for (r, puback) in pending {
+            let result = match puback {
+                Ok(puback) => puback.await.map_err(|e| (poison(&e), e.to_string())),
+                Err(refused) => Err((true, refused)),
+            };
+            if broken {
+                continue;
+            }
+            // Remember the acknowledged prefix only, so a retry resends the rest in order
+            // (the server drops any of them it already has).
+            match result {
+                Ok(a) => {
+                    seen.insert(r.seq);
                     if a.duplicate {
                         ack.duplicates += 1;
                     } else {
                         ack.accepted += 1;
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Err((true, reason)) => match self.dead_letter(&d, r, &batch_id, &reason).await {
+                    Ok(()) => {
+                        seen.insert(r.seq);
+                        ack.dead_lettered += 1;
+                    }
+                    Err(e) => {
+                        broken = true;
+                        failure = Some(e);
+                    }
+                },
+                Err((false, reason)) => {
                     broken = true;
-                    failure.get_or_insert(e.to_string());
+                    failure.get_or_insert(reason);
                 }
             }
         }
@@ -119,6 +140,45 @@ impl NatsLog {
             Some(reason) => Err(unavailable(reason)),
         }
     }
+
+    /// Appends the dead letter of `r`, which JetStream refused for good with `reason`. It has
+    /// `r`'s `Nats-Msg-Id`, so a retry through another replica does not append it twice.
+    async fn dead_letter(
+        &self,
+        d: &Delivery,
+        r: &Record,
+        batch_id: &str,
+        reason: &str,
+    ) -> Result<(), String> {
+        tracing::warn!(batch = %batch_id, seq = r.seq, subject = %d.topic, reason, "JetStream refused a record for good: dead-lettered to {}", d.dead_letter_topic);
+        let (headers, sample) = d.dead_letter(r, batch_id, reason);
+        self.jetstream
+            .publish_with_headers(
+                d.dead_letter_topic.clone(),
+                nats_headers(d, r, &headers),
+                sample,
+            )
+            .await
+            .map_err(|e| format!("dead letter refused: {e}"))?
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("dead letter refused: {e}"))
+    }
+}
+
+/// Whether JetStream refused a record for good (a retry would be refused the same way).
+fn poison(e: &jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    e.kind() == PublishErrorKind::MaxPayloadExceeded
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<jetstream::Error>())
+            .is_some_and(|j| {
+                matches!(
+                    j.error_code(),
+                    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                        | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+                )
+            })
 }
 
 impl Publisher for NatsLog {
@@ -131,30 +191,12 @@ impl Publisher for NatsLog {
     }
 }
 
-/// The record's headers: `Nats-Msg-Id` plus the same metadata as the Kafka headers.
-fn headers(d: &Delivery, r: &Record, batch_id: &str) -> HeaderMap {
+/// NATS headers: `Nats-Msg-Id` (the record's idempotency key) and `fields` (already encoded).
+fn nats_headers(d: &Delivery, r: &Record, fields: &[(&'static str, String)]) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert("Nats-Msg-Id", d.record_key(r).as_str());
-    h.insert("device", d.batch.device_id.as_str());
-    h.insert("tenant", d.tenant.as_str());
-    h.insert("stream", d.batch.stream.as_str());
-    h.insert("epoch", d.batch.epoch.to_string().as_str());
-    h.insert("seq", r.seq.to_string().as_str());
-    h.insert("mqtt_topic", r.topic.as_str());
-    h.insert("received_at_ms", r.received_at_ms.to_string().as_str());
-    h.insert("sent_at_ms", d.batch.sent_at_ms.to_string().as_str());
-    h.insert("ingested_at_ms", d.ingested_at_ms.to_string().as_str());
-    h.insert("batch_id", batch_id);
-    if let Some(qos) = r.qos {
-        h.insert("qos", qos.to_string().as_str());
-    }
-    if !r.boot_id.is_empty() {
-        h.insert("boot_id", r.boot_id.as_str());
-        h.insert("monotonic_ms", r.monotonic_ms.to_string().as_str());
-    }
-    if let Some(corrected) = d.corrected_at_ms(r) {
-        h.insert("corrected_at_ms", corrected.to_string().as_str());
-        h.insert("clock_corrected", "true");
+    h.insert("Nats-Msg-Id", header_value(&d.record_key(r)).as_ref());
+    for (name, value) in fields {
+        h.insert(*name, value.as_str());
     }
     h
 }

@@ -162,14 +162,19 @@ impl JsonBatch {
     }
 }
 
-/// The ingest's 2xx answer: how many records were newly appended and how many were
-/// duplicates of records the log already had (both are safe to delete at the sender).
+/// The ingest's 2xx answer: how many records were newly appended, how many were duplicates of
+/// records the log already had, and how many the log refused for good and the ingest
+/// dead-lettered (all are safe to delete at the sender).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchAck {
     /// Records appended to the log by this request.
     pub accepted: u64,
     /// Records the log already had (a retry); not appended again.
     pub duplicates: u64,
+    /// Poison records (the log refuses them for good, e.g. too large): each is replaced by a
+    /// dead letter in the tenant's `_dead_letters` stream. Absent when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dead_lettered: u64,
 }
 
 #[cfg(test)]
