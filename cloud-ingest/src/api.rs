@@ -501,46 +501,95 @@ fn default_read_limit() -> usize {
 /// Most records one read returns.
 const MAX_READ_LIMIT: usize = 10_000;
 
-/// The embedded log's file, if this request may read it; otherwise the response to give.
-fn readable_log(state: &AppState, headers: &HeaderMap) -> Result<PathBuf, Box<Response>> {
+/// Which tenants' topics a read request may see.
+enum Readable {
+    /// Every tenant's.
+    All,
+    /// These tenants' only.
+    Tenants(Vec<String>),
+}
+
+impl Readable {
+    fn covers(&self, naming: &crate::naming::Naming, topic: &str) -> bool {
+        match self {
+            Readable::All => true,
+            Readable::Tenants(tenants) => naming
+                .tenant_of(topic)
+                .is_some_and(|t| tenants.iter().any(|mine| mine == t)),
+        }
+    }
+}
+
+/// The embedded log's file and what this request may read of it; otherwise the response to
+/// give.
+fn readable_log(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(PathBuf, Readable), Box<Response>> {
     let refuse = |status: StatusCode, error: &str| {
         Box::new((status, Json(serde_json::json!({ "error": error }))).into_response())
     };
     let Some(path) = state.embedded_log.clone() else {
         return Err(Box::new(not_embedded()));
     };
-    match state.read_api {
-        ReadApi::Open => Ok(path),
+    match &state.read_api {
+        ReadApi::Open => Ok((path, Readable::All)),
         ReadApi::Disabled => Err(refuse(
             StatusCode::NOT_FOUND,
             "the log's read API is disabled (read_api.enabled)",
         )),
-        ReadApi::Token(expected) => {
+        ReadApi::Tokens(tokens) => {
             let presented = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(|t| crate::auth::hash_token(t.trim()));
-            let ok = presented
-                .is_some_and(|p| bool::from(subtle::ConstantTimeEq::ct_eq(&p[..], &expected[..])));
-            if ok {
-                Ok(path)
-            } else {
-                Err(refuse(
+            let Some(presented) = presented else {
+                return Err(refuse(
                     StatusCode::UNAUTHORIZED,
                     "a valid read token is required",
-                ))
+                ));
+            };
+            // Every token is compared, in constant time, whichever matches.
+            let mut all = false;
+            let mut tenants = Vec::new();
+            for token in tokens {
+                if bool::from(subtle::ConstantTimeEq::ct_eq(
+                    &presented[..],
+                    &token.sha256[..],
+                )) {
+                    match &token.tenant {
+                        None => all = true,
+                        Some(t) => tenants.push(t.clone()),
+                    }
+                }
+            }
+            match (all, tenants.is_empty()) {
+                (true, _) => Ok((path, Readable::All)),
+                (false, false) => Ok((path, Readable::Tenants(tenants))),
+                (false, true) => Err(refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "a valid read token is required",
+                )),
             }
         }
     }
 }
 
 async fn list_topics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let path = match readable_log(&state, &headers) {
+    let (path, readable) = match readable_log(&state, &headers) {
         Ok(p) => p,
         Err(response) => return *response,
     };
-    blocking_json(move || embedded::topics(&path)).await
+    blocking_json(move || {
+        embedded::topics(&path).map(|topics| {
+            topics
+                .into_iter()
+                .filter(|t| readable.covers(&state.naming, &t.topic))
+                .collect::<Vec<_>>()
+        })
+    })
+    .await
 }
 
 async fn read_topic(
@@ -549,10 +598,17 @@ async fn read_topic(
     Path(topic): Path<String>,
     Query(q): Query<ReadQuery>,
 ) -> Response {
-    let path = match readable_log(&state, &headers) {
+    let (path, readable) = match readable_log(&state, &headers) {
         Ok(p) => p,
         Err(response) => return *response,
     };
+    if !readable.covers(&state.naming, &topic) {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(serde_json::json!({ "error": "this read token does not cover that topic's tenant" })),
+        )
+            .into_response();
+    }
     let limit = q.limit.min(MAX_READ_LIMIT);
     blocking_json(move || {
         embedded::read(&path, &topic, q.from, limit).map(|records| {
@@ -603,6 +659,7 @@ mod tests {
     use super::*;
     use crate::auth::hash_token;
     use crate::config::Device;
+    use crate::config::ReadToken;
     use crate::publish::embedded::EmbeddedLog;
 
     fn state(dir: &std::path::Path) -> Arc<AppState> {
@@ -801,27 +858,21 @@ mod tests {
             }
             r.body(Body::empty()).expect("request")
         };
+        let operator = |t: &str| {
+            ReadApi::Tokens(vec![ReadToken {
+                sha256: hash_token(t),
+                tenant: None,
+            }])
+        };
         for (api, token, want) in [
             (ReadApi::Open, None, StatusCode::OK),
-            (
-                ReadApi::Token(hash_token("reader")),
-                Some("reader"),
-                StatusCode::OK,
-            ),
-            (
-                ReadApi::Token(hash_token("reader")),
-                Some("tok"),
-                StatusCode::UNAUTHORIZED,
-            ),
-            (
-                ReadApi::Token(hash_token("reader")),
-                None,
-                StatusCode::UNAUTHORIZED,
-            ),
+            (operator("reader"), Some("reader"), StatusCode::OK),
+            (operator("reader"), Some("tok"), StatusCode::UNAUTHORIZED),
+            (operator("reader"), None, StatusCode::UNAUTHORIZED),
             (ReadApi::Disabled, Some("reader"), StatusCode::NOT_FOUND),
         ] {
             let response = app(with(api)).oneshot(get(token)).await.expect("response");
-            assert_eq!(response.status(), want, "{api:?} {token:?}");
+            assert_eq!(response.status(), want, "{token:?}");
         }
     }
 

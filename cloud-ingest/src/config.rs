@@ -78,7 +78,72 @@ struct RawReadApi {
     #[serde(default)]
     token_sha256: Option<String>,
     #[serde(default)]
+    tenant_tokens: Vec<RawTenantToken>,
+    #[serde(default)]
     allow_without_token: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenantToken {
+    tenant: String,
+    token_sha256: String,
+}
+
+/// The read API's access from its config section; `devices` name the tenants that exist.
+fn read_api(
+    raw: RawReadApi,
+    devices: &HashMap<String, Device>,
+) -> Result<ReadApi, (String, String)> {
+    let hash = |key: String, hex_text: &str| {
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(hex_text.trim(), &mut sha256).map_err(|_| {
+            (
+                key,
+                "must be 64 hex characters: the SHA-256 of the token (`cloud-ingest hash-token`)"
+                    .to_owned(),
+            )
+        })?;
+        Ok::<_, (String, String)>(sha256)
+    };
+    let mut tokens = Vec::new();
+    if let Some(hex_text) = &raw.token_sha256 {
+        tokens.push(ReadToken {
+            sha256: hash("read_api.token_sha256".into(), hex_text)?,
+            tenant: None,
+        });
+    }
+    for (i, t) in raw.tenant_tokens.iter().enumerate() {
+        let key = |field: &str| format!("read_api.tenant_tokens[{i}].{field}");
+        if !devices.values().any(|d| d.tenant == t.tenant) {
+            return Err((
+                key("tenant"),
+                format!(
+                    "no device of the registry has tenant {:?}: a typo?",
+                    t.tenant
+                ),
+            ));
+        }
+        tokens.push(ReadToken {
+            sha256: hash(key("token_sha256"), &t.token_sha256)?,
+            tenant: Some(t.tenant.clone()),
+        });
+    }
+    match (raw.enabled, tokens.is_empty(), raw.allow_without_token) {
+        (false, _, _) => Ok(ReadApi::Disabled),
+        (true, false, true) => Err((
+            "read_api".into(),
+            "tokens and allow_without_token: true contradict each other: keep one".into(),
+        )),
+        (true, false, false) => Ok(ReadApi::Tokens(tokens)),
+        // Never opened just because the address is loopback: a TLS proxy on the same host
+        // makes every client a loopback one.
+        (true, true, true) => Ok(ReadApi::Open),
+        (true, true, false) => Err((
+            "read_api".into(),
+            "the log's read API shows the tenants' data: set read_api.tenant_tokens (a tenant's readers, its topics only) or read_api.token_sha256 (every tenant's); readers send \"Authorization: Bearer <token>\"; or allow_without_token: true to serve it to anyone who reaches the listener, or enabled: false".into(),
+        )),
+    }
 }
 
 fn default_true() -> bool {
@@ -251,14 +316,24 @@ pub struct IngestConfig {
 }
 
 /// Access to `GET /v1/log…` (the embedded log's read endpoints).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadApi {
     /// Not served (404).
     Disabled,
-    /// Served to anyone who can reach the listener (only allowed on a loopback address).
+    /// Served to anyone who can reach the listener (`allow_without_token: true`).
     Open,
-    /// Served to requests bearing the token with this SHA-256.
-    Token([u8; 32]),
+    /// Served to requests bearing one of these tokens, each for what it covers.
+    Tokens(Vec<ReadToken>),
+}
+
+/// A read token: the SHA-256 of the token, and the tenant whose topics it reads (every
+/// tenant's for `read_api.token_sha256`, an operator's token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadToken {
+    /// SHA-256 of the token.
+    pub sha256: [u8; 32],
+    /// `None`: every tenant.
+    pub tenant: Option<String>,
 }
 
 /// A device's rate limits (`limits.device_*_per_second`, or its own).
@@ -521,31 +596,7 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         header_timeout: positive_duration("limits.header_timeout", &raw.limits.header_timeout)?,
         body_timeout: positive_duration("limits.body_timeout", &raw.limits.body_timeout)?,
     };
-    let read_api = match (raw.read_api.enabled, raw.read_api.token_sha256) {
-        (false, _) => ReadApi::Disabled,
-        (true, Some(_)) if raw.read_api.allow_without_token => {
-            return Err((
-                "read_api".into(),
-                "token_sha256 and allow_without_token: true contradict each other: keep one".into(),
-            ));
-        }
-        (true, Some(hash)) => {
-            let mut token = [0u8; 32];
-            hex::decode_to_slice(hash.trim(), &mut token).map_err(|_| {
-                ("read_api.token_sha256".to_owned(), "must be 64 hex characters: the SHA-256 of the token (`cloud-ingest hash-token`)".to_owned())
-            })?;
-            ReadApi::Token(token)
-        }
-        // Never opened just because the address is loopback: a TLS proxy on the same host
-        // makes every client a loopback one.
-        (true, None) if raw.read_api.allow_without_token => ReadApi::Open,
-        (true, None) => {
-            return Err((
-                "read_api".into(),
-                "the log's read API shows every tenant's data: set read_api.token_sha256 (readers send \"Authorization: Bearer <token>\"), or allow_without_token: true to serve it to anyone who reaches the listener, or enabled: false".into(),
-            ));
-        }
-    };
+    let read_api = read_api(raw.read_api, &devices)?;
     let sink = validate_sink(raw.sink, &raw.topic_template)?;
     let clock_skew_threshold = duration("clock_skew_threshold", &raw.clock_skew_threshold)?;
     Ok(IngestConfig {
@@ -722,6 +773,24 @@ sink:
             err.contains("read_api") && err.contains("allow_without_token"),
             "{err}"
         );
+        let tenant = format!(
+            "{GOOD}read_api: {{ enabled: true, tenant_tokens: [{{ tenant: acme, token_sha256: {} }}] }}\n",
+            "ab".repeat(32)
+        );
+        assert_eq!(
+            IngestConfig::parse(Path::new("i.yaml"), &tenant)
+                .expect("valid")
+                .read_api,
+            ReadApi::Tokens(vec![ReadToken {
+                sha256: [0xab; 32],
+                tenant: Some("acme".into())
+            }])
+        );
+        let typo = tenant.replace("[{ tenant: acme", "[{ tenant: acne");
+        let err = IngestConfig::parse(Path::new("i.yaml"), &typo)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("read_api.tenant_tokens[0].tenant"), "{err}");
         let open = format!("{GOOD}read_api: {{ enabled: true, allow_without_token: true }}\n");
         assert_eq!(
             IngestConfig::parse(Path::new("i.yaml"), &open)

@@ -104,6 +104,16 @@ impl Naming {
         }
         Ok(topic)
     }
+
+    /// The tenant whose topic `topic` is, if it is one this template makes.
+    pub fn tenant_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let inner = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_suffix(self.suffix.as_str())?;
+        let (tenant, stream) = inner.split_once(self.separator.as_str())?;
+        (!tenant.is_empty() && !stream.is_empty() && self.first_ok(tenant).is_ok())
+            .then_some(tenant)
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +138,21 @@ mod tests {
             "x",
         ] {
             assert!(Naming::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn topics_name_their_tenant() {
+        let n = Naming::parse("t-{tenant}-x-{stream}.log").expect("template");
+        let topic = n.topic("acme", "alarms").expect("topic");
+        assert_eq!(n.tenant_of(&topic), Some("acme"));
+        for other in [
+            "t-acme-x-.log",
+            "acme-x-alarms.log",
+            "t--x-a.log",
+            "t-acme-alarms.log",
+        ] {
+            assert_eq!(n.tenant_of(other), None, "{other}");
         }
     }
 

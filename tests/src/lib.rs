@@ -214,6 +214,7 @@ pub struct CloudHarness {
     limits: String,
     sink: Option<String>,
     tls: String,
+    read_api: String,
 }
 
 /// A running ingest.
@@ -238,7 +239,14 @@ impl CloudHarness {
             limits: String::new(),
             sink: None,
             tls: String::new(),
+            read_api: "{ enabled: true, allow_without_token: true }".into(),
         }
+    }
+
+    /// The `read_api:` section as flow YAML (open to anyone by default, for the harness's reads).
+    pub fn read_api(mut self, yaml: &str) -> Self {
+        self.read_api = yaml.to_owned();
+        self
     }
 
     /// Serve HTTPS: the `tls:` section's body, as YAML indented by two spaces.
@@ -315,8 +323,9 @@ impl CloudHarness {
         std::fs::write(
             &config,
             format!(
-                "version: 1\nlisten: 127.0.0.1:{}\ndevices:\n{devices}sink:\n{sink}{limits}read_api: {{ enabled: true, allow_without_token: true }}\n{tls}",
+                "version: 1\nlisten: 127.0.0.1:{}\ndevices:\n{devices}sink:\n{sink}{limits}read_api: {}\n{tls}",
                 self.port,
+                self.read_api,
                 tls = if self.tls.is_empty() {
                     String::new()
                 } else {
@@ -413,7 +422,7 @@ fn unique() -> u128 {
 }
 
 /// SHA-256 hex of a token, computed by the ingest binary itself (`cloud-ingest hash-token`).
-fn token_hash(token: &str) -> String {
+pub fn token_hash(token: &str) -> String {
     use std::io::Write;
     let mut child = Command::new(bin("cloud-ingest"))
         .arg("hash-token")
@@ -540,6 +549,17 @@ impl Cloud {
             .get(format!("{}/readyz", self.url()))
             .send()
             .map_or(0, |r| r.status().as_u16())
+    }
+
+    /// GETs `path` (with `Authorization: Bearer token` if given); returns (status, body).
+    pub fn get(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let mut req = self.http.get(format!("{}{path}", self.url()));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        let response = req.send().expect("GET");
+        let status = response.status().as_u16();
+        (status, response.text().unwrap_or_default())
     }
 
     /// POSTs a raw body to the batches endpoint; returns (status, body).

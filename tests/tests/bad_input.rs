@@ -444,6 +444,59 @@ fn tenants_and_streams_that_would_share_a_topic_are_refused() {
     );
 }
 
+/// The read API is never open for want of a token, not even on a loopback listener, and a
+/// tenant's read token reads its own topics only.
+#[test]
+fn a_tenants_read_token_reads_its_own_topics_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (globex_device, globex_token) = ("dev-g", "token-g-0123456789");
+    let cloud = CloudHarness::new(dir.path())
+        .device(globex_device, "globex", globex_token)
+        .read_api(&format!(
+            "{{ enabled: true, tenant_tokens: [{{ tenant: {TENANT}, token_sha256: {} }}, {{ tenant: globex, token_sha256: {} }}] }}",
+            e2e::token_hash("reader-a"),
+            e2e::token_hash("reader-g"),
+        ))
+        .run();
+    for (device, token) in [(DEVICE, TOKEN), (globex_device, globex_token)] {
+        let (status, body) = cloud.post(
+            device,
+            token,
+            CONTENT_TYPE_BATCH,
+            Some("zstd"),
+            zstd(&batch(device, &[1, 2])),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    let (acme_topic, globex_topic) = ("iot.acme.telemetry", "iot.globex.telemetry");
+    assert_eq!(TENANT, "acme");
+
+    for path in ["/v1/log".to_owned(), format!("/v1/log/{acme_topic}")] {
+        let (status, body) = cloud.get(&path, None);
+        assert_eq!(
+            status, 401,
+            "no token on a loopback listener: {path} {body}"
+        );
+        let (status, _) = cloud.get(&path, Some("wrong"));
+        assert_eq!(status, 401, "a wrong token: {path}");
+    }
+    let (status, body) = cloud.get("/v1/log", Some("reader-a"));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(acme_topic) && !body.contains("globex"),
+        "acme's token lists acme's topics only: {body}"
+    );
+    let (status, body) = cloud.get(&format!("/v1/log/{globex_topic}"), Some("reader-a"));
+    assert_eq!(status, 403, "acme's token cannot read globex: {body}");
+    assert!(!body.contains("payload"), "{body}");
+    let (status, body) = cloud.get(&format!("/v1/log/{acme_topic}"), Some("reader-a"));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = cloud.get(&format!("/v1/log/{globex_topic}"), Some("reader-g"));
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(page["records"].as_array().map(Vec::len), Some(2), "{body}");
+}
+
 /// A device over its rate gets 429 with Retry-After; the agent waits and resends, so all its
 /// records arrive, and another device's own bucket is untouched.
 #[test]
