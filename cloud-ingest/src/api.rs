@@ -673,7 +673,7 @@ mod tests {
                     token_sha256: hash_token("tok"),
                 },
             )])),
-            publisher: Arc::new(EmbeddedLog::open(&path).expect("open")),
+            publisher: Arc::new(EmbeddedLog::open(&path, Default::default()).expect("open")),
             limits: RequestLimits {
                 max_body_bytes: 4096,
                 max_decompressed_bytes: 1 << 16,

@@ -179,6 +179,14 @@ enum RawSink {
 #[serde(deny_unknown_fields)]
 struct RawEmbedded {
     path: PathBuf,
+    #[serde(default = "default_retention_max_age")]
+    max_age: String,
+    #[serde(default)]
+    max_bytes_per_topic: Option<String>,
+}
+
+fn default_retention_max_age() -> String {
+    "7d".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -354,6 +362,17 @@ pub struct Device {
     pub token_sha256: [u8; 32],
 }
 
+/// How long and how much the embedded log keeps, per topic: older records go first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    /// Records ingested longer ago than this are deleted (`max_age`, 7 days by default, like
+    /// Kafka; `forever` keeps them).
+    pub max_age: Option<Duration>,
+    /// A topic's payload bytes past this are deleted, oldest first (`max_bytes_per_topic`; no
+    /// limit by default).
+    pub max_bytes_per_topic: Option<u64>,
+}
+
 /// The stream log records are appended to.
 #[derive(Debug, Clone)]
 pub enum SinkConfig {
@@ -361,6 +380,8 @@ pub enum SinkConfig {
     Embedded {
         /// Path of the log file.
         path: PathBuf,
+        /// What the log keeps.
+        retention: Retention,
     },
     /// Apache Kafka (or a Kafka-protocol broker).
     Kafka(KafkaConfig),
@@ -638,7 +659,36 @@ fn duration(key: &str, text: &str) -> Result<Duration, (String, String)> {
 
 fn validate_sink(raw: RawSink, topic_template: &str) -> Result<SinkConfig, (String, String)> {
     Ok(match raw {
-        RawSink::Embedded(e) => SinkConfig::Embedded { path: e.path },
+        RawSink::Embedded(e) => {
+            let max_age = match e.max_age.trim() {
+                "forever" => None,
+                text => Some(
+                    positive_duration("sink.options.max_age", text)
+                        .map_err(|(key, reason)| (key, format!("{reason} (or \"forever\")")))?,
+                ),
+            };
+            let max_bytes_per_topic = match &e.max_bytes_per_topic {
+                None => None,
+                Some(text) => Some(
+                    text.parse::<bytesize::ByteSize>()
+                        .map_err(|err| {
+                            (
+                                "sink.options.max_bytes_per_topic".to_owned(),
+                                format!("{text:?} is not a size like \"10GiB\": {err}"),
+                            )
+                        })?
+                        .as_u64()
+                        .max(1),
+                ),
+            };
+            SinkConfig::Embedded {
+                path: e.path,
+                retention: Retention {
+                    max_age,
+                    max_bytes_per_topic,
+                },
+            }
+        }
         RawSink::Kafka(k) => {
             if k.brokers.trim().is_empty() {
                 return Err((
@@ -803,6 +853,40 @@ sink:
             "ab".repeat(32)
         );
         assert!(IngestConfig::parse(Path::new("i.yaml"), &both).is_err());
+    }
+
+    #[test]
+    fn embedded_retention() {
+        let parse = |options: &str| {
+            IngestConfig::parse(
+                Path::new("i.yaml"),
+                &GOOD.replace(
+                    "    path: /tmp/log.db",
+                    &format!("    path: /tmp/log.db\n{options}"),
+                ),
+            )
+        };
+        let retention = |c: IngestConfig| match c.sink {
+            SinkConfig::Embedded { retention, .. } => retention,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            retention(parse("").expect("valid")).max_age,
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        let r =
+            retention(parse("    max_age: forever\n    max_bytes_per_topic: 1GiB").expect("valid"));
+        assert_eq!((r.max_age, r.max_bytes_per_topic), (None, Some(1 << 30)));
+        for (bad, key) in [
+            ("    max_age: soon", "sink.options.max_age"),
+            (
+                "    max_bytes_per_topic: lots",
+                "sink.options.max_bytes_per_topic",
+            ),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

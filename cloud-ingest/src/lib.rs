@@ -37,7 +37,10 @@ const DICTIONARY_CACHE_BYTES: usize = 64 << 20;
 /// Requests in flight are finished before it returns.
 pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (publisher, embedded_log): (Arc<dyn publish::Publisher>, _) = match &config.sink {
-        SinkConfig::Embedded { path } => (Arc::new(EmbeddedLog::open(path)?), Some(path.clone())),
+        SinkConfig::Embedded { path, retention } => (
+            Arc::new(EmbeddedLog::open(path, *retention)?),
+            Some(path.clone()),
+        ),
         SinkConfig::Kafka(kafka) => (
             KafkaLog::start(kafka)
                 .map_err(|e| anyhow::anyhow!("cannot create the Kafka producer: {e}"))?,

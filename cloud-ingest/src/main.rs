@@ -85,7 +85,7 @@ fn main() -> ExitCode {
 
 fn embedded_path(config: &std::path::Path) -> anyhow::Result<PathBuf> {
     match IngestConfig::load(config)?.sink {
-        SinkConfig::Embedded { path } => Ok(path),
+        SinkConfig::Embedded { path, .. } => Ok(path),
         _ => anyhow::bail!(
             "{}: the sink is not the embedded log; read Kafka or NATS with their own clients",
             config.display()

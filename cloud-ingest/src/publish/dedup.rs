@@ -32,10 +32,11 @@ impl RangeSet {
             .is_some_and(|(_, &last)| v <= last)
     }
 
-    /// Adds `v`, merging with neighbouring ranges.
-    pub fn insert(&mut self, v: u64) {
+    /// Adds `v`, merging with neighbouring ranges. Returns the first of the range that merging
+    /// removed (the one that began at `v + 1`), if any: a stored copy of it must go.
+    pub fn insert(&mut self, v: u64) -> Option<u64> {
         if self.contains(v) {
-            return;
+            return None;
         }
         let before = self
             .ranges
@@ -50,18 +51,31 @@ impl RangeSet {
             (Some((f, _)), Some((n, l))) => {
                 self.ranges.remove(&n);
                 self.ranges.insert(f, l);
+                Some(n)
             }
             (Some((f, _)), None) => {
                 self.ranges.insert(f, v);
+                None
             }
             (None, Some((n, l))) => {
                 self.ranges.remove(&n);
                 self.ranges.insert(v, l);
+                Some(n)
             }
             (None, None) => {
                 self.ranges.insert(v, v);
+                None
             }
         }
+    }
+
+    /// The range holding `v`, if any.
+    pub fn range_of(&self, v: u64) -> Option<(u64, u64)> {
+        self.ranges
+            .range(..=v)
+            .next_back()
+            .filter(|&(_, &last)| v <= last)
+            .map(|(&f, &l)| (f, l))
     }
 
     /// Adds the inclusive range `first..=last`, which must not overlap the set (loading).

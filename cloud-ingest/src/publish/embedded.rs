@@ -7,7 +7,14 @@
 //!   order, so order per (device, stream) holds as long as the sender sends in order.
 //!
 //! Concurrent requests are group-committed: the writer takes every queued batch into one
-//! transaction, so many small batches share one fsync.
+//! transaction, so many small batches share one fsync. A commit writes only the dedup ranges
+//! it changed, so a scope with many ranges (sparse sequence numbers) does not slow it down.
+//!
+//! Retention ([`Retention`]: `max_age`, 7 days by default, and `max_bytes_per_topic`): every
+//! 10 s the writer deletes, per topic and oldest first, the records ingested before the age
+//! limit and those past the topic's byte limit, in small transactions. Offsets are never
+//! reused: a topic's first offset grows (`GET /v1/log` shows `start_offset`). The dedup ranges
+//! stay, so a late retry of a deleted record is still recognised and not appended again.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,15 +23,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine;
 use ingest_wire::BatchAck;
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::dedup::{DedupScope, RangeSet};
-use super::{Delivery, PublishError, PublishFuture, Publisher};
+use super::{DEDUP_CACHE_SCOPES, Delivery, PublishError, PublishFuture, Publisher};
+use crate::config::Retention;
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, next_offset INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, next_offset INTEGER NOT NULL, bytes INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
@@ -54,6 +62,15 @@ CREATE TABLE IF NOT EXISTS dedup (
 /// Most batches group-committed in one transaction.
 const MAX_GROUP: usize = 256;
 
+/// How often the retention is applied.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most records one retention transaction deletes.
+const SWEEP_CHUNK: u64 = 10_000;
+
+/// Most records one sweep deletes (appends wait while it runs).
+const SWEEP_BUDGET: u64 = 100_000;
+
 /// The log file cannot be opened or read.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -70,8 +87,16 @@ pub enum LogError {
 
 /// A handle to the embedded log's writer thread.
 pub struct EmbeddedLog {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Work>,
     healthy: Arc<AtomicBool>,
+}
+
+/// What the writer thread does next.
+enum Work {
+    /// Append a batch and answer.
+    Append(Job),
+    /// Apply the retention (sent by a ticker every [`SWEEP_INTERVAL`]).
+    Sweep,
 }
 
 struct Job {
@@ -80,8 +105,9 @@ struct Job {
 }
 
 impl EmbeddedLog {
-    /// Opens (creating if needed) the log at `path` and starts its writer thread.
-    pub fn open(path: &Path) -> Result<EmbeddedLog, LogError> {
+    /// Opens (creating if needed) the log at `path` and starts its writer thread, which also
+    /// applies `retention`.
+    pub fn open(path: &Path, retention: Retention) -> Result<EmbeddedLog, LogError> {
         let sqlite = |source| LogError::Sqlite {
             path: path.to_owned(),
             source,
@@ -95,19 +121,37 @@ impl EmbeddedLog {
             .and_then(|()| conn.execute_batch(SCHEMA))
             .map_err(sqlite)?;
         migrate(&conn).map_err(sqlite)?;
-        let offsets = load_offsets(&conn).map_err(sqlite)?;
+        let topics = load_topics(&conn).map_err(sqlite)?;
         let (jobs, rx) = mpsc::channel(MAX_GROUP);
         let healthy = Arc::new(AtomicBool::new(true));
         let mut writer = Writer {
             conn,
-            offsets,
+            topics,
             dedup: HashMap::new(),
+            tick: 0,
+            retention,
             healthy: healthy.clone(),
         };
         std::thread::Builder::new()
             .name("embedded-log".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        if retention != Retention::default() {
+            let ticker = jobs.downgrade();
+            std::thread::Builder::new()
+                .name("embedded-log-retention".into())
+                .spawn(move || {
+                    // Ends once the log is dropped (no strong sender left).
+                    loop {
+                        std::thread::sleep(SWEEP_INTERVAL);
+                        match ticker.upgrade() {
+                            Some(jobs) if jobs.blocking_send(Work::Sweep).is_ok() => {}
+                            _ => return,
+                        }
+                    }
+                })
+                .map_err(|e| sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        }
         Ok(EmbeddedLog { jobs, healthy })
     }
 }
@@ -120,7 +164,7 @@ impl Publisher for EmbeddedLog {
                 reason: "embedded log writer stopped".into(),
             };
             self.jobs
-                .send(Job { delivery, reply })
+                .send(Work::Append(Job { delivery, reply }))
                 .await
                 .map_err(|_| gone())?;
             answer.await.map_err(|_| gone())?
@@ -132,55 +176,106 @@ impl Publisher for EmbeddedLog {
     }
 }
 
+/// A topic's state as committed.
+#[derive(Debug, Clone, Copy, Default)]
+struct TopicState {
+    /// The offset the next record gets.
+    next_offset: u64,
+    /// Payload bytes the topic holds (for `max_bytes_per_topic`).
+    bytes: u64,
+}
+
+/// A scope's ranges in memory, and when a commit last used them.
+struct CachedScope {
+    set: RangeSet,
+    last_used: u64,
+}
+
+/// What one commit changed in a scope's ranges: the rows to delete and the sequence numbers
+/// whose ranges to write.
+#[derive(Default)]
+struct ScopeChanges {
+    removed_firsts: Vec<u64>,
+    inserted: Vec<u64>,
+}
+
 struct Writer {
     conn: Connection,
-    /// Next offset per topic, as committed.
-    offsets: HashMap<String, u64>,
-    /// Sequence ranges already in the log per idempotency scope; loaded on first use.
-    dedup: HashMap<DedupScope, RangeSet>,
+    /// Per topic, as committed.
+    topics: HashMap<String, TopicState>,
+    /// Sequence ranges already in the log per idempotency scope; loaded on first use, at most
+    /// [`DEDUP_CACHE_SCOPES`] kept (the least recently used are reloaded when needed).
+    dedup: HashMap<DedupScope, CachedScope>,
+    /// Commits so far (for `last_used`).
+    tick: u64,
+    retention: Retention,
     healthy: Arc<AtomicBool>,
 }
 
 impl Writer {
-    fn run(&mut self, mut rx: mpsc::Receiver<Job>) {
+    fn run(&mut self, mut rx: mpsc::Receiver<Work>) {
+        let mut sweep = false;
         while let Some(first) = rx.blocking_recv() {
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(job) => group.push(job),
-                    Err(_) => break,
+            let mut group = Vec::new();
+            let mut next = Some(first);
+            while let Some(work) = next.take() {
+                match work {
+                    Work::Append(job) => group.push(job),
+                    Work::Sweep => sweep = true,
+                }
+                if group.len() < MAX_GROUP {
+                    next = rx.try_recv().ok();
                 }
             }
-            match self.commit(&group) {
-                Ok(acks) => {
-                    self.healthy.store(true, Ordering::Relaxed);
-                    for (job, ack) in group.into_iter().zip(acks) {
-                        let _ = job.reply.send(Ok(ack));
-                    }
+            if !group.is_empty() {
+                self.append(group);
+            }
+            if std::mem::take(&mut sweep)
+                && let Err(e) = self.sweep()
+            {
+                tracing::error!(error = %e, "embedded log retention failed; retried at the next sweep");
+                self.reload();
+            }
+        }
+    }
+
+    fn append(&mut self, group: Vec<Job>) {
+        match self.commit(&group) {
+            Ok(acks) => {
+                self.healthy.store(true, Ordering::Relaxed);
+                for (job, ack) in group.into_iter().zip(acks) {
+                    let _ = job.reply.send(Ok(ack));
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, batches = group.len(), "embedded log commit failed; batches refused with 503");
-                    self.healthy.store(false, Ordering::Relaxed);
-                    // The caches may hold uncommitted state: rebuild them from the file.
-                    self.dedup.clear();
-                    if let Ok(offsets) = load_offsets(&self.conn) {
-                        self.offsets = offsets;
-                    }
-                    for job in group {
-                        let _ = job.reply.send(Err(PublishError::Unavailable {
-                            reason: e.to_string(),
-                        }));
-                    }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batches = group.len(), "embedded log commit failed; batches refused with 503");
+                self.healthy.store(false, Ordering::Relaxed);
+                self.reload();
+                for job in group {
+                    let _ = job.reply.send(Err(PublishError::Unavailable {
+                        reason: e.to_string(),
+                    }));
                 }
             }
         }
     }
 
+    /// After a failed transaction the caches may hold uncommitted state: rebuild them from the
+    /// file.
+    fn reload(&mut self) {
+        self.dedup.clear();
+        if let Ok(topics) = load_topics(&self.conn) {
+            self.topics = topics;
+        }
+    }
+
     fn commit(&mut self, group: &[Job]) -> rusqlite::Result<Vec<BatchAck>> {
+        self.tick += 1;
+        let tick = self.tick;
         let tx = self.conn.transaction()?;
         let mut acks = Vec::with_capacity(group.len());
         let mut touched_topics = Vec::new();
-        let mut touched_keys = Vec::new();
+        let mut changes: HashMap<DedupScope, ScopeChanges> = HashMap::new();
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, corrected_at_ms, boot_id, monotonic_ms)
@@ -190,11 +285,14 @@ impl Writer {
                 let d = &job.delivery;
                 let key = d.scope();
                 if !self.dedup.contains_key(&key) {
-                    let ranges = load_ranges(&tx, &key)?;
-                    self.dedup.insert(key.clone(), ranges);
+                    let set = load_ranges(&tx, &key)?;
+                    self.dedup
+                        .insert(key.clone(), CachedScope { set, last_used: 0 });
                 }
-                let seen = self.dedup.get_mut(&key).expect("invariant: loaded above");
-                let next = self.offsets.entry(d.topic.clone()).or_insert(0);
+                let cached = self.dedup.get_mut(&key).expect("invariant: loaded above");
+                cached.last_used = tick;
+                let seen = &mut cached.set;
+                let topic = self.topics.entry(d.topic.clone()).or_default();
                 let mut ack = BatchAck {
                     accepted: 0,
                     duplicates: 0,
@@ -207,7 +305,7 @@ impl Writer {
                     }
                     insert.execute(params![
                         d.topic,
-                        *next as i64,
+                        topic.next_offset as i64,
                         d.batch.device_id,
                         d.batch.stream,
                         d.batch.epoch as i64,
@@ -222,47 +320,170 @@ impl Writer {
                         Some(r.boot_id.as_str()).filter(|b| !b.is_empty()),
                         Some(r.monotonic_ms as i64).filter(|&m| m > 0),
                     ])?;
-                    seen.insert(r.seq);
-                    *next += 1;
+                    let change = changes.entry(key.clone()).or_default();
+                    change.removed_firsts.extend(seen.insert(r.seq));
+                    change.inserted.push(r.seq);
+                    topic.next_offset += 1;
+                    topic.bytes += r.payload.len() as u64;
                     ack.accepted += 1;
                 }
                 if ack.accepted > 0 {
                     touched_topics.push(d.topic.clone());
-                    touched_keys.push(key);
                 }
                 acks.push(ack);
             }
         }
         touched_topics.sort();
         touched_topics.dedup();
-        for topic in &touched_topics {
+        for name in &touched_topics {
+            let t = self.topics[name];
             tx.execute(
-                "INSERT INTO topics (name, next_offset) VALUES (?1, ?2)
-                 ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset",
-                params![topic, self.offsets[topic] as i64],
+                "INSERT INTO topics (name, next_offset, bytes) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset, bytes = excluded.bytes",
+                params![name, t.next_offset as i64, t.bytes as i64],
             )?;
         }
-        touched_keys.sort();
-        touched_keys.dedup();
-        for key in &touched_keys {
-            tx.execute(
-                "DELETE FROM dedup WHERE device = ?1 AND stream = ?2 AND epoch = ?3",
-                params![key.0, key.1, key.2 as i64],
-            )?;
-            for (first, last) in self.dedup[key].iter() {
+        // Only the ranges this commit changed are written: a scope with many ranges (sparse
+        // sequence numbers) costs each commit what the commit added, not what the scope holds.
+        for (key, change) in &changes {
+            let set = &self.dedup[key].set;
+            let current: std::collections::BTreeMap<u64, u64> = change
+                .inserted
+                .iter()
+                .filter_map(|&seq| set.range_of(seq))
+                .collect();
+            for first in &change.removed_firsts {
+                if !current.contains_key(first) {
+                    tx.execute(
+                        "DELETE FROM dedup WHERE device = ?1 AND stream = ?2 AND epoch = ?3 AND first_seq = ?4",
+                        params![key.0, key.1, key.2 as i64, *first as i64],
+                    )?;
+                }
+            }
+            for (first, last) in current {
                 tx.execute(
-                    "INSERT INTO dedup (device, stream, epoch, first_seq, last_seq) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO dedup (device, stream, epoch, first_seq, last_seq) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (device, stream, epoch, first_seq) DO UPDATE SET last_seq = excluded.last_seq",
                     params![key.0, key.1, key.2 as i64, first as i64, last as i64],
                 )?;
             }
         }
         tx.commit()?;
+        if self.dedup.len() > DEDUP_CACHE_SCOPES {
+            let mut by_age: Vec<(u64, DedupScope)> = self
+                .dedup
+                .iter()
+                .map(|(k, c)| (c.last_used, k.clone()))
+                .collect();
+            by_age.sort_unstable();
+            for (_, key) in by_age.into_iter().take(DEDUP_CACHE_SCOPES / 4) {
+                self.dedup.remove(&key);
+            }
+        }
         Ok(acks)
+    }
+
+    /// Deletes what the retention no longer keeps, oldest first, in transactions of at most
+    /// [`SWEEP_CHUNK`] records and at most [`SWEEP_BUDGET`] records per sweep (appends wait
+    /// meanwhile; what is left waits for the next sweep). Returns the records deleted.
+    fn sweep(&mut self) -> rusqlite::Result<u64> {
+        let mut budget = SWEEP_BUDGET;
+        let mut deleted = 0;
+        let names: Vec<String> = self.topics.keys().cloned().collect();
+        for name in names {
+            let Some(start) = self.first_offset(&name)? else {
+                continue;
+            };
+            let mut cut = start;
+            if let Some(max_age) = self.retention.max_age {
+                let cutoff = crate::api::now_ms().saturating_sub(max_age.as_millis() as i64);
+                let first_young: Option<i64> = self
+                    .conn
+                    .query_row(
+                        "SELECT offset FROM records WHERE topic = ?1 AND ingested_at_ms >= ?2 ORDER BY offset LIMIT 1",
+                        params![name, cutoff],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                cut = first_young.map_or(self.topics[&name].next_offset, |o| o as u64);
+            }
+            if let Some(max_bytes) = self.retention.max_bytes_per_topic {
+                let held = self.topics[&name].bytes;
+                if held > max_bytes {
+                    let mut excess = held - max_bytes;
+                    let mut stmt = self.conn.prepare_cached(
+                        "SELECT offset, length(payload) FROM records WHERE topic = ?1 ORDER BY offset",
+                    )?;
+                    let mut rows = stmt.query(params![name])?;
+                    while let Some(row) = rows.next()? {
+                        let (offset, len): (i64, i64) = (row.get(0)?, row.get(1)?);
+                        cut = cut.max(offset as u64 + 1);
+                        excess = excess.saturating_sub(len as u64);
+                        if excess == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+            let mut from = start;
+            while from < cut && budget > 0 {
+                let to = cut.min(from + SWEEP_CHUNK.min(budget));
+                let tx = self.conn.transaction()?;
+                let (rows, bytes): (i64, i64) = tx.query_row(
+                    "SELECT count(*), coalesce(sum(length(payload)), 0) FROM records WHERE topic = ?1 AND offset >= ?2 AND offset < ?3",
+                    params![name, from as i64, to as i64],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )?;
+                tx.execute(
+                    "DELETE FROM records WHERE topic = ?1 AND offset >= ?2 AND offset < ?3",
+                    params![name, from as i64, to as i64],
+                )?;
+                let t = self.topics.get_mut(&name).expect("invariant: listed above");
+                let left = t.bytes.saturating_sub(bytes as u64);
+                tx.execute(
+                    "UPDATE topics SET bytes = ?2 WHERE name = ?1",
+                    params![name, left as i64],
+                )?;
+                tx.commit()?;
+                t.bytes = left;
+                deleted += rows as u64;
+                budget = budget.saturating_sub(to - from);
+                from = to;
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "embedded log retention deleted old records");
+        }
+        Ok(deleted)
+    }
+
+    /// The smallest offset `topic` still holds, if it holds any record.
+    fn first_offset(&self, topic: &str) -> rusqlite::Result<Option<u64>> {
+        self.conn
+            .query_row(
+                "SELECT min(offset) FROM records WHERE topic = ?1",
+                [topic],
+                |row| row.get::<_, Option<i64>>(0),
+            )
+            .map(|o| o.map(|o| o as u64))
     }
 }
 
 /// Brings a log file written by an older version up to the current schema.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_bytes: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('topics') WHERE name = 'bytes'",
+        [],
+        |row| row.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_bytes {
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE topics ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+             UPDATE topics SET bytes = (SELECT coalesce(sum(length(payload)), 0) FROM records WHERE topic = topics.name);
+             COMMIT;",
+        )?;
+    }
     for (column, kind) in [
         ("corrected_at_ms", "INTEGER"),
         ("boot_id", "TEXT"),
@@ -280,10 +501,16 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn load_offsets(conn: &Connection) -> rusqlite::Result<HashMap<String, u64>> {
-    let mut stmt = conn.prepare("SELECT name, next_offset FROM topics")?;
+fn load_topics(conn: &Connection) -> rusqlite::Result<HashMap<String, TopicState>> {
+    let mut stmt = conn.prepare("SELECT name, next_offset, bytes FROM topics")?;
     let rows = stmt.query_map([], |row| {
-        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+        Ok((
+            row.get::<_, String>(0)?,
+            TopicState {
+                next_offset: row.get::<_, i64>(1)? as u64,
+                bytes: row.get::<_, i64>(2)? as u64,
+            },
+        ))
     })?;
     rows.collect()
 }
@@ -351,8 +578,13 @@ pub struct LogRecord {
 pub struct TopicInfo {
     /// Topic name.
     pub topic: String,
-    /// Next offset; also the number of records in the topic.
+    /// The offset the next record will get; also the number of records ever appended.
     pub end_offset: u64,
+    /// The oldest offset still held (retention deletes from the front); `end_offset` when
+    /// the topic holds nothing.
+    pub start_offset: u64,
+    /// Payload bytes held.
+    pub bytes: u64,
 }
 
 fn open_reader(path: &Path) -> Result<Connection, LogError> {
@@ -420,13 +652,21 @@ pub fn topics(path: &Path) -> Result<Vec<TopicInfo>, LogError> {
         source,
     };
     let mut stmt = conn
-        .prepare("SELECT name, next_offset FROM topics ORDER BY name")
+        .prepare(
+            "SELECT name, next_offset, (SELECT min(offset) FROM records WHERE topic = name), bytes
+             FROM topics ORDER BY name",
+        )
         .map_err(sqlite)?;
     let rows = stmt
         .query_map([], |row| {
+            let end_offset = row.get::<_, i64>(1)? as u64;
             Ok(TopicInfo {
                 topic: row.get(0)?,
-                end_offset: row.get::<_, i64>(1)? as u64,
+                end_offset,
+                start_offset: row
+                    .get::<_, Option<i64>>(2)?
+                    .map_or(end_offset, |o| o as u64),
+                bytes: row.get::<_, i64>(3)? as u64,
             })
         })
         .map_err(sqlite)?;
@@ -471,13 +711,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("log.db");
         {
-            let log = EmbeddedLog::open(&path).expect("open");
+            let log = EmbeddedLog::open(&path, Retention::default()).expect("open");
             let ack = log.publish(delivery(1..4)).await.expect("publish");
             assert_eq!((ack.accepted, ack.duplicates), (3, 0));
             let ack = log.publish(delivery(2..6)).await.expect("publish");
             assert_eq!((ack.accepted, ack.duplicates), (2, 2));
         }
-        let log = EmbeddedLog::open(&path).expect("reopen");
+        let log = EmbeddedLog::open(&path, Retention::default()).expect("reopen");
         let ack = log.publish(delivery(1..7)).await.expect("publish");
         assert_eq!((ack.accepted, ack.duplicates), (1, 5));
         let mut next_epoch = delivery(1..3);
@@ -498,5 +738,122 @@ mod tests {
         );
         assert_eq!(records[0].payload_base64.as_deref(), Some("Af8="));
         assert_eq!(topics(&path).expect("topics")[0].end_offset, 8);
+    }
+
+    /// A writer on a fresh file, driven directly (no thread), and a job for it.
+    fn writer(path: &Path, retention: Retention) -> Writer {
+        let conn = Connection::open(path).expect("open");
+        conn.execute_batch(SCHEMA).expect("schema");
+        Writer {
+            topics: load_topics(&conn).expect("topics"),
+            conn,
+            dedup: HashMap::new(),
+            tick: 0,
+            retention,
+            healthy: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    fn job(delivery: Delivery) -> Job {
+        Job {
+            delivery,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn with_seqs(seqs: &[u64]) -> Delivery {
+        let mut d = delivery(0..0);
+        let template = delivery(0..1).batch.records[0].clone();
+        d.batch.records = seqs
+            .iter()
+            .map(|&seq| Record {
+                seq,
+                ..template.clone()
+            })
+            .collect();
+        d
+    }
+
+    fn stored_ranges(w: &Writer) -> Vec<(u64, u64)> {
+        let mut stmt = w
+            .conn
+            .prepare("SELECT first_seq, last_seq FROM dedup ORDER BY first_seq")
+            .expect("prepare");
+        stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })
+        .expect("query")
+        .collect::<rusqlite::Result<_>>()
+        .expect("rows")
+    }
+
+    /// A scope of 5,000 ranges (every other sequence number): a commit of one record writes
+    /// the ranges it changed, not the 5,000 (the old code deleted and rewrote them all).
+    #[test]
+    fn a_commit_writes_only_the_dedup_ranges_it_changed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = writer(&dir.path().join("log.db"), Retention::default());
+        let evens: Vec<u64> = (0..5_000).map(|i| i * 2).collect();
+        w.commit(&[job(with_seqs(&evens))]).expect("commit");
+        assert_eq!(stored_ranges(&w).len(), 5_000);
+        for (seqs, want_ranges) in [
+            (vec![1], 4_999),
+            (vec![9_999], 4_999),
+            (vec![20_001], 5_000),
+        ] {
+            let before = w.conn.total_changes();
+            let acks = w.commit(&[job(with_seqs(&seqs))]).expect("commit");
+            assert_eq!(acks[0].accepted, 1);
+            let writes = w.conn.total_changes() - before;
+            assert!(writes <= 4, "{seqs:?}: {writes} rows written");
+            let stored = stored_ranges(&w);
+            assert_eq!(stored.len(), want_ranges, "{seqs:?}");
+            let key = with_seqs(&[]).scope();
+            let memory: Vec<_> = w.dedup[&key].set.iter().collect();
+            assert_eq!(stored, memory, "the file holds what memory holds");
+        }
+        assert_eq!(stored_ranges(&w)[0], (0, 2));
+    }
+
+    #[test]
+    fn retention_deletes_old_and_excess_records_oldest_first_and_keeps_dedup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        let mut w = writer(
+            &path,
+            Retention {
+                max_age: Some(std::time::Duration::from_secs(3600)),
+                max_bytes_per_topic: Some(10),
+            },
+        );
+        // Ten records ingested long ago (ms 3), then twenty of 2 bytes each now.
+        w.commit(&[job(with_seqs(&(1..11).collect::<Vec<_>>()))])
+            .expect("commit");
+        let mut fresh = with_seqs(&(11..31).collect::<Vec<_>>());
+        fresh.ingested_at_ms = crate::api::now_ms();
+        w.commit(&[job(fresh)]).expect("commit");
+        assert_eq!(
+            w.sweep().expect("sweep"),
+            25,
+            "10 too old, 15 past 10 bytes"
+        );
+        let t = &topics(&path).expect("topics")[0];
+        assert_eq!((t.start_offset, t.end_offset, t.bytes), (25, 30, 10));
+        let left: Vec<u64> = read(&path, "iot.acme.t", 0, 100)
+            .expect("read")
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(left, (26..31).collect::<Vec<_>>(), "the newest five");
+        let acks = w.commit(&[job(with_seqs(&[1, 2, 31]))]).expect("commit");
+        assert_eq!(
+            (acks[0].accepted, acks[0].duplicates),
+            (1, 2),
+            "deleted records are still known: a late retry is not appended again"
+        );
+        assert_eq!(w.sweep().expect("sweep"), 1, "one more over the byte limit");
+        let reopened = load_topics(&w.conn).expect("topics");
+        assert_eq!(reopened["iot.acme.t"].bytes, 10);
+        assert_eq!(reopened["iot.acme.t"].next_offset, 31);
     }
 }
