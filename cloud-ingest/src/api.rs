@@ -284,6 +284,10 @@ async fn put_dictionary(
     let peer = peer.and_then(|axum::Extension(PeerDevice(p))| p);
     let result = async {
         let device = authenticate(&state, peer.as_deref(), &headers)?;
+        state
+            .rates
+            .admit_registration(&device.device_id)
+            .map_err(IngestError::RateLimited)?;
         let limit = ingest_wire::MAX_DICTIONARY_BYTES;
         let timeout = state.limits.body_timeout;
         let body = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))

@@ -1,5 +1,7 @@
 //! Per-device rate limits: records and decompressed bytes per second, answered 429 with
-//! Retry-After (the agent waits that long, then resends the same batch).
+//! Retry-After (the agent waits that long, then resends the same batch); and zstd dictionary
+//! registrations, at most [`REGISTRATIONS_BURST`] at once and one per
+//! [`REGISTRATION_INTERVAL`] after that, for every device.
 //!
 //! Invariant: one device over its rate never slows another (each has its own buckets, made
 //! when the config loads: no state grows with requests); a bucket holds a second's worth or
@@ -15,6 +17,13 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::config::DeviceRate;
 
+/// Dictionary registrations a device may make at once (the agent makes one per stream that
+/// uses a dictionary, and again after a 428).
+pub const REGISTRATIONS_BURST: u32 = 16;
+
+/// The steady pace of a device's dictionary registrations past the burst.
+pub const REGISTRATION_INTERVAL: Duration = Duration::from_secs(4);
+
 /// One device's buckets.
 struct Buckets {
     records: Option<DefaultDirectRateLimiter>,
@@ -24,6 +33,8 @@ struct Buckets {
 /// Every limited device's buckets.
 pub struct DeviceRates {
     devices: HashMap<String, Buckets>,
+    /// Keyed by authenticated device id: at most one bucket per registered device.
+    registrations: governor::DefaultKeyedRateLimiter<String>,
     clock: DefaultClock,
 }
 
@@ -49,8 +60,21 @@ impl DeviceRates {
                     )
                 })
                 .collect(),
+            registrations: RateLimiter::keyed(
+                Quota::with_period(REGISTRATION_INTERVAL)
+                    .expect("invariant: non-zero period")
+                    .allow_burst(NonZeroU32::new(REGISTRATIONS_BURST).expect("invariant: > 0")),
+            ),
             clock: DefaultClock::default(),
         }
+    }
+
+    /// Takes one dictionary registration from `device`'s (authenticated) bucket, or says how
+    /// long until one would fit.
+    pub fn admit_registration(&self, device: &str) -> Result<(), Duration> {
+        self.registrations
+            .check_key(&device.to_owned())
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
     /// Takes `records` records and `bytes` bytes from `device`'s buckets, or says how long
@@ -88,6 +112,23 @@ impl DeviceRates {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dictionary_registrations_are_limited_per_device() {
+        let rates = DeviceRates::new(&HashMap::new(), 10, 10);
+        for _ in 0..REGISTRATIONS_BURST {
+            assert!(rates.admit_registration("a").is_ok());
+        }
+        let wait = rates.admit_registration("a").expect_err("over the burst");
+        assert!(
+            wait > Duration::ZERO && wait <= REGISTRATION_INTERVAL,
+            "{wait:?}"
+        );
+        assert!(
+            rates.admit_registration("b").is_ok(),
+            "another device's own bucket"
+        );
+    }
 
     #[test]
     fn a_device_over_its_rate_waits_and_others_do_not() {
