@@ -12,4 +12,5 @@ cargo build --workspace --bins --locked
 # The ARM agents and packages, as shipped (`gateway` profile), that tests/tests/arm.rs runs
 # under qemu and inspects.
 bash cross/build.sh
-cargo test --workspace --locked
+# Each fuzz target (fuzz/tests/targets.rs) runs for 30 s of generated and mutated inputs.
+FUZZ_SECONDS="${FUZZ_SECONDS:-30}" cargo test --workspace --locked
