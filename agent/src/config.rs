@@ -385,6 +385,9 @@ pub enum TokenSource {
     File(PathBuf),
     /// An environment variable holding the token.
     Env(String),
+    /// No token: the agent logs in with its client certificate only (mTLS; the ingest
+    /// registers the device without a token).
+    CertificateOnly,
 }
 
 /// The uplink to the ingest.
@@ -589,7 +592,8 @@ impl AgentConfig {
     }
 }
 
-/// Reads the ingest token from its file or environment variable (start-up I/O).
+/// Reads the ingest token from its file or environment variable (start-up I/O); empty when
+/// the agent logs in with its certificate only.
 pub fn resolve_token(file: &Path, source: &TokenSource) -> Result<String, ConfigError> {
     let err = |key: &str, reason: String| ConfigError {
         file: file.to_owned(),
@@ -597,6 +601,7 @@ pub fn resolve_token(file: &Path, source: &TokenSource) -> Result<String, Config
         reason,
     };
     let token = match source {
+        TokenSource::CertificateOnly => return Ok(String::new()),
         TokenSource::File(path) => std::fs::read_to_string(path).map_err(|e| {
             err(
                 "ingest.token_file",
@@ -614,9 +619,19 @@ pub fn resolve_token(file: &Path, source: &TokenSource) -> Result<String, Config
     if token.is_empty() {
         let key = match source {
             TokenSource::File(_) => "ingest.token_file",
-            TokenSource::Env(_) => "ingest.token_env",
+            _ => "ingest.token_env",
         };
         return Err(err(key, "the token is empty".into()));
+    }
+    if token.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        let key = match source {
+            TokenSource::File(_) => "ingest.token_file",
+            _ => "ingest.token_env",
+        };
+        return Err(err(
+            key,
+            "the token holds a space or a character an HTTP header cannot carry".into(),
+        ));
     }
     Ok(token)
 }
@@ -1041,10 +1056,11 @@ fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
     let token = match (raw.token_file, raw.token_env) {
         (Some(file), None) => TokenSource::File(file),
         (None, Some(var)) => TokenSource::Env(var),
+        (None, None) if raw.client_cert_file.is_some() => TokenSource::CertificateOnly,
         _ => {
             return Err((
                 "ingest".into(),
-                "set exactly one of token_file or token_env".into(),
+                "set exactly one of token_file or token_env (or neither with client_cert_file and client_key_file: the certificate is then the only login)".into(),
             ));
         }
     };

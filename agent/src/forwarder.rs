@@ -173,7 +173,7 @@ impl Uplink {
             .client
             .put(url)
             .header(ingest_wire::HEADER_DEVICE_ID, &self.device_id)
-            .header(AUTHORIZATION, format!("Bearer {}", self.token))
+            .headers(bearer(&self.token))
             .body(trained.bytes.clone())
             .send()
             .await;
@@ -895,6 +895,18 @@ impl Replicas {
     }
 }
 
+/// `Authorization: Bearer <token>`, or nothing when the agent logs in with its certificate
+/// only (empty token).
+fn bearer(token: &str) -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if !token.is_empty()
+        && let Ok(value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+    {
+        headers.insert(AUTHORIZATION, value);
+    }
+    headers
+}
+
 /// POSTs one batch and classifies the answer.
 async fn send(
     client: &reqwest::Client,
@@ -908,7 +920,7 @@ async fn send(
         .header(CONTENT_TYPE, ingest_wire::CONTENT_TYPE_BATCH)
         .header(CONTENT_ENCODING, ingest_wire::ENCODING_ZSTD)
         .header(ingest_wire::HEADER_DEVICE_ID, device_id)
-        .header(AUTHORIZATION, format!("Bearer {token}"))
+        .headers(bearer(token))
         .body(batch.body.clone())
         .send()
         .await?;

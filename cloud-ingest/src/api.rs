@@ -674,7 +674,7 @@ mod tests {
                 "d1".to_owned(),
                 Device {
                     tenant: "acme".into(),
-                    token_sha256: hash_token("tok"),
+                    token_sha256: Some(hash_token("tok")),
                 },
             )])),
             publisher: Arc::new(EmbeddedLog::open(&path, Default::default()).expect("open")),

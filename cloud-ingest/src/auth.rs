@@ -1,5 +1,7 @@
 //! Device authentication: a bearer token per device, stored as its SHA-256, compared in
-//! constant time. Unknown device and wrong token get the same answer, so neither is revealed.
+//! constant time, or its verified client certificate (mTLS; a device may have no token and
+//! log in that way only). Unknown device and wrong token get the same answer, so neither is
+//! revealed.
 
 use std::collections::HashMap;
 
@@ -47,7 +49,9 @@ impl Registry {
     pub fn authenticate(&self, device_id: &str, token: &str) -> Option<Authenticated> {
         let presented = hash_token(token);
         let device = self.devices.get(device_id)?;
-        bool::from(device.token_sha256.ct_eq(&presented)).then(|| Authenticated {
+        // A device without a token logs in with its certificate only: no token matches.
+        let expected = device.token_sha256?;
+        bool::from(expected.ct_eq(&presented)).then(|| Authenticated {
             device_id: device_id.to_owned(),
             tenant: device.tenant.clone(),
         })
@@ -60,13 +64,22 @@ mod tests {
 
     #[test]
     fn table() {
-        let registry = Registry::new(HashMap::from([(
-            "dev-1".to_owned(),
-            Device {
-                tenant: "acme".into(),
-                token_sha256: hash_token("s3cret"),
-            },
-        )]));
+        let registry = Registry::new(HashMap::from([
+            (
+                "dev-1".to_owned(),
+                Device {
+                    tenant: "acme".into(),
+                    token_sha256: Some(hash_token("s3cret")),
+                },
+            ),
+            (
+                "cert-only".to_owned(),
+                Device {
+                    tenant: "acme".into(),
+                    token_sha256: None,
+                },
+            ),
+        ]));
         let ok = Some(Authenticated {
             device_id: "dev-1".into(),
             tenant: "acme".into(),
@@ -76,6 +89,8 @@ mod tests {
             ("dev-1", "s3cret ", None),
             ("dev-1", "", None),
             ("dev-2", "s3cret", None),
+            ("cert-only", "", None),
+            ("cert-only", "s3cret", None),
         ] {
             assert_eq!(
                 registry.authenticate(device, token),
@@ -83,5 +98,6 @@ mod tests {
                 "{device} {token:?}"
             );
         }
+        assert!(registry.by_certificate("cert-only").is_some());
     }
 }

@@ -155,7 +155,8 @@ fn default_true() -> bool {
 struct RawDevice {
     id: String,
     tenant: String,
-    token_sha256: String,
+    #[serde(default)]
+    token_sha256: Option<String>,
     #[serde(default)]
     records_per_second: Option<u32>,
     #[serde(default)]
@@ -358,8 +359,9 @@ pub struct DeviceRate {
 pub struct Device {
     /// Tenant the device belongs to; its records go to that tenant's topics only.
     pub tenant: String,
-    /// SHA-256 of the device's bearer token.
-    pub token_sha256: [u8; 32],
+    /// SHA-256 of the device's bearer token; `None`: it logs in with its client certificate
+    /// only (mTLS).
+    pub token_sha256: Option<[u8; 32]>,
 }
 
 /// How long and how much the embedded log keeps, per topic: older records go first.
@@ -558,14 +560,26 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         naming
             .check_tenant(&d.tenant)
             .map_err(|e| (key("tenant"), format!("{:?} {e}", d.tenant)))?;
-        let mut token_sha256 = [0u8; 32];
-        hex::decode_to_slice(d.token_sha256.trim(), &mut token_sha256).map_err(|_| {
-            (
-                key("token_sha256"),
-                "must be 64 hex characters: the SHA-256 of the token (`cloud-ingest hash-token`)"
-                    .into(),
-            )
-        })?;
+        let token_sha256 = match &d.token_sha256 {
+            Some(text) => {
+                let mut hash = [0u8; 32];
+                hex::decode_to_slice(text.trim(), &mut hash).map_err(|_| {
+                    (
+                        key("token_sha256"),
+                        "must be 64 hex characters: the SHA-256 of the token (`cloud-ingest hash-token`)"
+                            .into(),
+                    )
+                })?;
+                Some(hash)
+            }
+            None if raw.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) => None,
+            None => {
+                return Err((
+                    key("token_sha256"),
+                    "is required: the SHA-256 of the device's token (`cloud-ingest hash-token`); a device may go without one only when tls.client_ca_file is set, and then logs in with its certificate".into(),
+                ));
+            }
+        };
         let own = DeviceRate {
             records_per_second: rate(
                 key("records_per_second"),
@@ -932,7 +946,7 @@ sink:
         .expect("config/cloud-ingest.yaml is valid");
         assert_eq!(
             c.devices["demo-device"].token_sha256,
-            crate::auth::hash_token("demo-token-change-me")
+            Some(crate::auth::hash_token("demo-token-change-me"))
         );
     }
 

@@ -289,6 +289,14 @@ impl CloudHarness {
         self
     }
 
+    /// Register a device that logs in with its client certificate only (no token; needs
+    /// `tls` with a `client_ca_file`).
+    pub fn certificate_device(mut self, id: &str, tenant: &str) -> Self {
+        self.extra_devices
+            .push((id.into(), tenant.into(), String::new()));
+        self
+    }
+
     /// Extra `limits:` YAML lines (indented by two spaces).
     pub fn limits(mut self, yaml: &str) -> Self {
         self.limits = yaml.to_owned();
@@ -303,10 +311,10 @@ impl CloudHarness {
             hash(TOKEN)
         );
         for (id, tenant, token) in &self.extra_devices {
-            devices.push_str(&format!(
-                "  - id: {id}\n    tenant: {tenant}\n    token_sha256: {}\n",
-                hash(token)
-            ));
+            devices.push_str(&format!("  - id: {id}\n    tenant: {tenant}\n"));
+            if !token.is_empty() {
+                devices.push_str(&format!("    token_sha256: {}\n", hash(token)));
+            }
         }
         let limits = if self.limits.is_empty() {
             String::new()

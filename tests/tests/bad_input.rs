@@ -548,11 +548,13 @@ fn the_agent_reaches_the_ingest_over_https_and_certificates_identify_devices() {
             ("server", "/CN=localhost"),
             ("dev-1", &format!("/CN={DEVICE}")),
             ("dev-b", "/CN=dev-b"),
+            ("dev-c", "/CN=dev-c"),
         ],
     );
     let at = |f: &str| d.join(f).display().to_string();
     let cloud = CloudHarness::new(d)
         .device("dev-b", TENANT, "token-b-0123456789")
+        .certificate_device("dev-c", TENANT)
         .tls(&format!(
             "  cert_file: {}\n  key_file: {}\n  client_ca_file: {ca}",
             at("server.pem"),
@@ -607,6 +609,55 @@ fn the_agent_reaches_the_ingest_over_https_and_certificates_identify_devices() {
     assert_eq!(
         status, 403,
         "dev-b's certificate cannot post as {DEVICE}: {body}"
+    );
+
+    // A device registered without a token, and its agent configured without one: the
+    // certificate is the only login, end to end.
+    let c_dir = d.join("dev-c");
+    std::fs::create_dir_all(&c_dir).expect("dir");
+    let c_config = c_dir.join("agent.yaml");
+    let text = e2e::AgentHarness::new(&c_dir, &cloud.url())
+        .device("dev-c", "unused")
+        .ingest_extra(&format!(
+            "  ca_file: {ca}\n  client_cert_file: {}\n  client_key_file: {}\n",
+            at("dev-c.pem"),
+            at("dev-c.key")
+        ))
+        .config_text();
+    let without_token: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("token_file:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(text.len(), without_token.len(), "the token line is gone");
+    std::fs::write(&c_config, without_token).expect("config");
+    let agent_c = e2e::start_agent(&c_dir, &c_config);
+    assert!(e2e::mosquitto_pub_qos1(
+        agent_c.mqtt,
+        "plant/3/telemetry/t",
+        "certificate only"
+    ));
+    eventually(
+        Duration::from_secs(30),
+        "the certificate-only record",
+        || {
+            cloud
+                .read_topic(&format!("iot.{TENANT}.telemetry"))
+                .iter()
+                .any(|r| r.payload == b"certificate only" && r.key == "dev-c")
+                .then_some(())
+        },
+    );
+    let (status, body) = cloud.post(
+        "dev-c",
+        "",
+        CONTENT_TYPE_BATCH,
+        Some("zstd"),
+        zstd(&batch("dev-c", &[9])),
+    );
+    assert_eq!(
+        status, 401,
+        "without its certificate, dev-c cannot log in: {body}"
     );
 
     // Plain HTTP to another host is refused by the agent's config check.
