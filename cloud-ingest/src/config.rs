@@ -52,7 +52,8 @@ struct RawConfig {
     tls: Option<TlsFiles>,
 }
 
-/// HTTPS for the listener: PEM files read at start.
+/// HTTPS for the listener: PEM files read at start, on SIGHUP and when they change
+/// ([`crate::tls`]).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {

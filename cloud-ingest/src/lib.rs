@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod naming;
 pub mod publish;
 pub mod rates;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -80,64 +81,16 @@ pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow:
     // The harness and operators read this line to learn the bound port.
     tracing::info!(addr = %local, "cloud-ingest listening");
     println!("listening on {local}");
-    let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(tls::Reloadable::load(files.clone())?)),
+        None => None,
+    };
+    tokio::spawn(tls::reload_on_signal_or_change(
+        tls.clone(),
+        shutdown.clone(),
+    ));
     serve_http(listener, api::app(state), config.limits, tls, shutdown).await;
     Ok(())
-}
-
-/// The TLS acceptor for `tls`: certificate and key (and the device CAs, for mTLS) read now.
-fn tls_acceptor(tls: &config::TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls;
-    let certs = CertificateDer::pem_file_iter(&tls.cert_file)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("tls.cert_file: {}: {e}", tls.cert_file.display()))?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "tls.cert_file: {}: no PEM certificate in it",
-        tls.cert_file.display()
-    );
-    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
-        .map_err(|e| anyhow::anyhow!("tls.key_file: {}: {e}", tls.key_file.display()))?;
-    let builder = rustls::ServerConfig::builder();
-    let builder = match &tls.client_ca_file {
-        None => builder.with_no_client_auth(),
-        Some(ca_file) => {
-            let named = |e: &dyn std::fmt::Display| {
-                anyhow::anyhow!("tls.client_ca_file: {}: {e}", ca_file.display())
-            };
-            let mut roots = rustls::RootCertStore::empty();
-            for ca in CertificateDer::pem_file_iter(ca_file).map_err(|e| named(&e))? {
-                roots
-                    .add(ca.map_err(|e| named(&e))?)
-                    .map_err(|e| named(&e))?;
-            }
-            // Devices without a certificate still log in with their token.
-            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| named(&e))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| anyhow::anyhow!("tls: the certificate and key do not go together: {e}"))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
-/// The device id a verified client certificate names: its subject's Common Name.
-fn certificate_device(
-    tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-) -> Option<String> {
-    let cert = tls.get_ref().1.peer_certificates()?.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
-    cert.subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned)
 }
 
 /// Longest a stop waits for the requests in flight (their appends) to finish.
@@ -150,7 +103,7 @@ async fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     limits: config::RequestLimits,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<tls::Reloadable>>,
     shutdown: CancellationToken,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -173,7 +126,7 @@ async fn serve_http(
             }
         };
         let _ = stream.set_nodelay(true);
-        let Some(acceptor) = tls.clone() else {
+        let Some(acceptor) = tls.as_ref().map(|t| t.current()) else {
             let service = hyper_util::service::TowerToHyperService::new(app.clone());
             let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
             tokio::spawn(async move {
@@ -196,7 +149,7 @@ async fn serve_http(
                 }
                 Err(_) => return,
             };
-            let peer = api::PeerDevice(certificate_device(&stream));
+            let peer = api::PeerDevice(tls::certificate_device(&stream));
             let app = app.layer(axum::Extension(peer));
             let service = hyper_util::service::TowerToHyperService::new(app);
             let connection = watcher.watch(http.serve_connection(TokioIo::new(stream), service));

@@ -206,6 +206,9 @@ impl Drop for Process {
     }
 }
 
+/// How often the ingest checks its TLS files for changes (`cloud_ingest::tls::CHECK_INTERVAL`).
+pub const TLS_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Builder and handle of a running `cloud-ingest` with the embedded log.
 pub struct CloudHarness {
     dir: PathBuf,

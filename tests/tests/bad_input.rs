@@ -444,6 +444,94 @@ fn tenants_and_streams_that_would_share_a_topic_are_refused() {
     );
 }
 
+/// The ingest's certificate is renewed without a restart: on SIGHUP, and when its files
+/// change; a broken file keeps the previous certificate; SIGHUP never stops the ingest.
+#[test]
+fn tls_certificates_reload_on_sighup_and_on_change_and_a_bad_one_is_not_taken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (one, two) = (d.join("one"), d.join("two"));
+    std::fs::create_dir_all(&one).expect("dir");
+    std::fs::create_dir_all(&two).expect("dir");
+    let ca_one = e2e::certificates(&one, "one", &[("server", "/CN=localhost")]);
+    let ca_two = e2e::certificates(&two, "two", &[("server", "/CN=localhost")]);
+    let (live_cert, live_key) = (d.join("live.pem"), d.join("live.key"));
+    let install = |from: &std::path::Path| {
+        std::fs::copy(from.join("server.key"), &live_key).expect("key");
+        std::fs::copy(from.join("server.pem"), &live_cert).expect("cert");
+    };
+    install(&one);
+    let cloud = CloudHarness::new(d)
+        .tls(&format!(
+            "  cert_file: {}\n  key_file: {}",
+            live_cert.display(),
+            live_key.display()
+        ))
+        .run();
+    let trusting = |ca: &str| {
+        reqwest::blocking::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(&std::fs::read(ca).expect("ca")).expect("ca"),
+            )
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("client")
+    };
+    let serves = |ca: &str| {
+        trusting(ca)
+            .get(format!("{}/healthz", cloud.url()))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+    };
+    assert!(
+        serves(&ca_one) && !serves(&ca_two),
+        "certificate one at start"
+    );
+
+    install(&two);
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &cloud.process.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    hup();
+    eventually(
+        Duration::from_secs(10),
+        "certificate two after SIGHUP",
+        || (serves(&ca_two) && !serves(&ca_one)).then_some(()),
+    );
+
+    install(&one);
+    eventually(
+        Duration::from_secs(20),
+        "certificate one, files changed, no signal",
+        || (serves(&ca_one) && !serves(&ca_two)).then_some(()),
+    );
+
+    std::fs::write(&live_cert, "-----BEGIN CERTIFICATE-----\ngarbage\n").expect("garbage");
+    hup();
+    std::thread::sleep(e2e::TLS_CHECK_INTERVAL * 2);
+    assert!(
+        serves(&ca_one),
+        "a broken file keeps the previous certificate"
+    );
+    assert!(
+        cloud.process.stderr().contains("TLS reload failed"),
+        "and says why"
+    );
+
+    let plain = CloudHarness::new(&two).run();
+    let status = Command::new("kill")
+        .args(["-HUP", &plain.process.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(plain.readyz(), 200, "SIGHUP does not stop the ingest");
+}
+
 /// The read API is never open for want of a token, not even on a loopback listener, and a
 /// tenant's read token reads its own topics only.
 #[test]
