@@ -505,6 +505,12 @@ fn default_read_limit() -> usize {
 /// Most records one read returns.
 const MAX_READ_LIMIT: usize = 10_000;
 
+/// Most payload bytes one read returns (at least one record, whatever its size).
+const MAX_READ_BYTES: u64 = 16 << 20;
+
+/// Size of the chunks a read response is streamed in.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
 /// Which tenants' topics a read request may see.
 enum Readable {
     /// Every tenant's.
@@ -614,13 +620,56 @@ async fn read_topic(
             .into_response();
     }
     let limit = q.limit.min(MAX_READ_LIMIT);
-    blocking_json(move || {
-        embedded::read(&path, &topic, q.from, limit).map(|records| {
-            let next = records.last().map_or(q.from, |r| r.offset + 1);
-            serde_json::json!({ "topic": topic, "records": records, "next_offset": next })
-        })
-    })
-    .await
+    let reader = match tokio::task::spawn_blocking(move || embedded::Reader::open(&path)).await {
+        Ok(Ok(reader)) => reader,
+        Ok(Err(e)) => return read_failed(&e),
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    // Streamed: the records are serialised one at a time on a blocking thread and sent in
+    // chunks through a small channel, so a response costs a few chunks of memory, whatever
+    // its size; the client pages on with `next_offset`.
+    let (chunks, body) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut chunk = format!(
+            "{{\"topic\":{},\"records\":[",
+            serde_json::to_string(&topic).unwrap_or_default()
+        )
+        .into_bytes();
+        let (mut next, mut first, mut open) = (q.from, true, true);
+        let result = reader.each(&topic, q.from, limit, MAX_READ_BYTES, |record| {
+            if !std::mem::take(&mut first) {
+                chunk.push(b',');
+            }
+            next = record.offset + 1;
+            if serde_json::to_writer(&mut chunk, &record).is_err() {
+                return false;
+            }
+            if chunk.len() >= READ_CHUNK_BYTES {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(READ_CHUNK_BYTES));
+                open = chunks.blocking_send(Ok(full.into())).is_ok();
+            }
+            open
+        });
+        let last = match result {
+            Ok(()) => {
+                chunk.extend_from_slice(format!("],\"next_offset\":{next}}}").as_bytes());
+                Ok(chunk.into())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "log read failed while streaming");
+                Err(std::io::Error::other(e))
+            }
+        };
+        let _ = chunks.blocking_send(last);
+    });
+    let stream = futures_util::stream::unfold(body, |mut body| async move {
+        body.recv().await.map(|chunk| (chunk, body))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 fn not_embedded() -> Response {
@@ -638,16 +687,18 @@ where
 {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(value)) => Json(value).into_response(),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "log read failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({ "error": "log read failed" })),
-            )
-                .into_response()
-        }
+        Ok(Err(e)) => read_failed(&e),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
+}
+
+fn read_failed(e: &embedded::LogError) -> Response {
+    tracing::warn!(error = %e, "log read failed");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({ "error": "log read failed" })),
+    )
+        .into_response()
 }
 
 /// Builds the state's body type for tests.

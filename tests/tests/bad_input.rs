@@ -532,6 +532,39 @@ fn tls_certificates_reload_on_sighup_and_on_change_and_a_bad_one_is_not_taken() 
     assert_eq!(plain.readyz(), 200, "SIGHUP does not stop the ingest");
 }
 
+/// A read of large records is streamed and paged: 40 records of 1 MiB come back 16 MiB per
+/// response, and a response costs the ingest a few chunks of memory, not its size.
+#[test]
+fn a_large_read_is_streamed_in_pages_of_bounded_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    for first in (1..=40).step_by(8) {
+        let mut b = batch(DEVICE, &(first..first + 8).collect::<Vec<_>>());
+        for r in &mut b.records {
+            r.payload = Bytes::from(vec![b'x'; 1 << 20]);
+        }
+        let (status, body) = cloud.post(DEVICE, TOKEN, CONTENT_TYPE_BATCH, Some("zstd"), zstd(&b));
+        assert_eq!(status, 200, "{body}");
+    }
+    let pid = cloud.process.pid();
+    // Reset the peak (VmHWM) to what the ingest holds now, then read.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("clear_refs (root)");
+    let before = memory(pid, "VmRSS:");
+    let (status, body) = cloud.get(&format!("/v1/log/iot.{TENANT}.telemetry?limit=10000"), None);
+    let peak = memory(pid, "VmHWM:");
+    assert_eq!(status, 200);
+    let page: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let records = page["records"].as_array().expect("records");
+    assert_eq!(records.len(), 16, "16 MiB of payload per response");
+    assert_eq!(page["next_offset"], 16);
+    assert_eq!(records[0]["payload"].as_str().map(str::len), Some(1 << 20));
+    let grew = peak.saturating_sub(before) >> 20;
+    println!("a 16 MiB read response raised the ingest's peak RSS by {grew} MiB");
+    assert!(grew < 12, "the response is streamed, not built: {grew} MiB");
+    let all = cloud.read_topic(&format!("iot.{TENANT}.telemetry"));
+    assert_eq!(all.len(), 40, "paging with next_offset reads everything");
+}
+
 /// The read API is never open for want of a token, not even on a loopback listener, and a
 /// tenant's read token reads its own topics only.
 #[test]

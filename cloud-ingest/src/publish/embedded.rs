@@ -600,48 +600,99 @@ fn open_reader(path: &Path) -> Result<Connection, LogError> {
 
 /// Reads up to `limit` records of `topic` from offset `from` on; blocking.
 pub fn read(path: &Path, topic: &str, from: u64, limit: usize) -> Result<Vec<LogRecord>, LogError> {
-    let conn = open_reader(path)?;
-    let sqlite = |source| LogError::Sqlite {
-        path: path.to_owned(),
-        source,
-    };
-    let mut stmt = conn
-        .prepare(
-            "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch, corrected_at_ms, boot_id, monotonic_ms
-             FROM records WHERE topic = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
-        )
-        .map_err(sqlite)?;
-    let rows = stmt
-        .query_map(params![topic, from as i64, limit as i64], |row| {
-            let payload: Vec<u8> = row.get(9)?;
-            let (text, b64) = match String::from_utf8(payload) {
-                Ok(text) => (Some(text), None),
-                Err(e) => (
-                    None,
-                    Some(base64::engine::general_purpose::STANDARD.encode(e.as_bytes())),
-                ),
-            };
-            Ok(LogRecord {
-                offset: row.get::<_, i64>(0)? as u64,
-                key: row.get(1)?,
-                stream: row.get(2)?,
-                epoch: row.get::<_, i64>(10)? as u64,
-                seq: row.get::<_, i64>(3)? as u64,
-                mqtt_topic: row.get(4)?,
-                qos: row.get(5)?,
-                received_at_ms: row.get(6)?,
-                sent_at_ms: row.get(7)?,
-                ingested_at_ms: row.get(8)?,
-                corrected_at_ms: row.get(11)?,
-                clock_corrected: row.get::<_, Option<i64>>(11)?.is_some(),
-                boot_id: row.get(12)?,
-                monotonic_ms: row.get::<_, Option<i64>>(13)?.map(|m| m as u64),
-                payload: text,
-                payload_base64: b64,
-            })
+    let mut out = Vec::new();
+    Reader::open(path)?.each(topic, from, limit, u64::MAX, |r| {
+        out.push(r);
+        true
+    })?;
+    Ok(out)
+}
+
+/// A read-only connection to the log file, for the read API and the CLI.
+pub struct Reader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Reader {
+    /// Opens the log at `path` read-only; blocking.
+    pub fn open(path: &Path) -> Result<Reader, LogError> {
+        Ok(Reader {
+            conn: open_reader(path)?,
+            path: path.to_owned(),
         })
-        .map_err(sqlite)?;
-    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sqlite)
+    }
+
+    /// Hands `f` the records of `topic` from offset `from` on, one at a time, in offset order:
+    /// at most `limit`, and no more once their payloads reach `max_bytes` (the first record
+    /// always comes, whatever its size), or until `f` answers false. Memory: one record at a
+    /// time. Blocking.
+    pub fn each(
+        &self,
+        topic: &str,
+        from: u64,
+        limit: usize,
+        max_bytes: u64,
+        mut f: impl FnMut(LogRecord) -> bool,
+    ) -> Result<(), LogError> {
+        let sqlite = |source| LogError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch, corrected_at_ms, boot_id, monotonic_ms
+                 FROM records WHERE topic = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
+            )
+            .map_err(sqlite)?;
+        let mut rows = stmt
+            .query(params![topic, from as i64, limit as i64])
+            .map_err(sqlite)?;
+        let mut bytes = 0u64;
+        while let Some(row) = rows.next().map_err(sqlite)? {
+            let record = log_record(row).map_err(sqlite)?;
+            let size = record.payload.as_ref().map_or(0, String::len)
+                + record.payload_base64.as_ref().map_or(0, String::len);
+            if bytes > 0 && bytes + size as u64 > max_bytes {
+                break;
+            }
+            bytes += size as u64;
+            if !f(record) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn log_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<LogRecord> {
+    let payload: Vec<u8> = row.get(9)?;
+    let (text, b64) = match String::from_utf8(payload) {
+        Ok(text) => (Some(text), None),
+        Err(e) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(e.as_bytes())),
+        ),
+    };
+    Ok(LogRecord {
+        offset: row.get::<_, i64>(0)? as u64,
+        key: row.get(1)?,
+        stream: row.get(2)?,
+        epoch: row.get::<_, i64>(10)? as u64,
+        seq: row.get::<_, i64>(3)? as u64,
+        mqtt_topic: row.get(4)?,
+        qos: row.get(5)?,
+        received_at_ms: row.get(6)?,
+        sent_at_ms: row.get(7)?,
+        ingested_at_ms: row.get(8)?,
+        corrected_at_ms: row.get(11)?,
+        clock_corrected: row.get::<_, Option<i64>>(11)?.is_some(),
+        boot_id: row.get(12)?,
+        monotonic_ms: row.get::<_, Option<i64>>(13)?.map(|m| m as u64),
+        payload: text,
+        payload_base64: b64,
+    })
 }
 
 /// Lists the topics with their end offsets; blocking.
@@ -855,5 +906,29 @@ mod tests {
         let reopened = load_topics(&w.conn).expect("topics");
         assert_eq!(reopened["iot.acme.t"].bytes, 10);
         assert_eq!(reopened["iot.acme.t"].next_offset, 31);
+    }
+
+    #[test]
+    fn a_read_stops_at_its_byte_budget_but_always_gives_one_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        let mut w = writer(&path, Retention::default());
+        w.commit(&[job(with_seqs(&(1..11).collect::<Vec<_>>()))])
+            .expect("commit");
+        let reader = Reader::open(&path).expect("reader");
+        let offsets = |from, max_bytes| {
+            let mut seen = Vec::new();
+            reader
+                .each("iot.acme.t", from, 100, max_bytes, |r| {
+                    seen.push(r.offset);
+                    true
+                })
+                .expect("read");
+            seen
+        };
+        // Each payload is 2 bytes, 4 as base64.
+        assert_eq!(offsets(0, 12), vec![0, 1, 2]);
+        assert_eq!(offsets(3, 1), vec![3], "one record even over the budget");
+        assert_eq!(offsets(8, u64::MAX), vec![8, 9]);
     }
 }
