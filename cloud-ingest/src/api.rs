@@ -174,9 +174,10 @@ impl IntoResponse for IngestError {
     }
 }
 
-/// The router with every endpoint. Batches and dictionary registrations are bounded by
-/// `limits.max_concurrent_requests` ([`at_most`]); health, readiness and metrics never wait.
-pub fn app(state: Arc<AppState>) -> axum::Router {
+/// The router of the public listener (`/metrics` only `with_metrics`). Batches and dictionary
+/// registrations are bounded by `limits.max_concurrent_requests` ([`at_most`]); health,
+/// readiness and metrics never wait.
+pub fn app(state: Arc<AppState>, with_metrics: bool) -> axum::Router {
     let slots = Arc::new(tokio::sync::Semaphore::new(
         state.limits.max_concurrent_requests,
     ));
@@ -192,13 +193,25 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         )
         .route("/v1/log", get(list_topics))
         .route("/v1/log/{topic}", get(read_topic))
-        .route(
+        .with_state(state.clone())
+        .merge(operations(state, with_metrics))
+}
+
+/// `/healthz`, `/readyz`, and `/metrics` if `with_metrics`: on the public listener, or all
+/// three on `metrics_listen`.
+pub fn operations(state: Arc<AppState>, with_metrics: bool) -> axum::Router {
+    let router = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(ingest_wire::READYZ_PATH, get(readyz));
+    let router = if with_metrics {
+        router.route(
             "/metrics",
             get(|State(s): State<Arc<AppState>>| async move { s.metrics.render() }),
         )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(ingest_wire::READYZ_PATH, get(readyz))
-        .with_state(state)
+    } else {
+        router
+    };
+    router.with_state(state)
 }
 
 /// A request's slot ([`at_most`]): a batch's append takes it along, so a client that hangs up
@@ -797,7 +810,10 @@ mod tests {
             ),
         ];
         for (i, (req, want)) in cases.into_iter().enumerate() {
-            let response = app(state.clone()).oneshot(req).await.expect("response");
+            let response = app(state.clone(), true)
+                .oneshot(req)
+                .await
+                .expect("response");
             assert_eq!(response.status(), want, "case {i}");
         }
         let topics =
@@ -877,7 +893,10 @@ mod tests {
             (with_dict(1..4), StatusCode::OK),
         ];
         for (i, (req, want)) in cases.into_iter().enumerate() {
-            let response = app(state.clone()).oneshot(req).await.expect("response");
+            let response = app(state.clone(), true)
+                .oneshot(req)
+                .await
+                .expect("response");
             assert_eq!(response.status(), want, "case {i}");
         }
         let topics =
@@ -926,7 +945,10 @@ mod tests {
             (operator("reader"), None, StatusCode::UNAUTHORIZED),
             (ReadApi::Disabled, Some("reader"), StatusCode::NOT_FOUND),
         ] {
-            let response = app(with(api)).oneshot(get(token)).await.expect("response");
+            let response = app(with(api), true)
+                .oneshot(get(token))
+                .await
+                .expect("response");
             assert_eq!(response.status(), want, "{token:?}");
         }
     }
@@ -939,7 +961,7 @@ mod tests {
             r#"{"accepted":5,"duplicates":0}"#,
             r#"{"accepted":0,"duplicates":5}"#,
         ] {
-            let response = app(state.clone())
+            let response = app(state.clone(), true)
                 .oneshot(request("tok", body("d1", 1..6)))
                 .await
                 .expect("response");

@@ -50,6 +50,8 @@ struct RawConfig {
     clock_skew_threshold: String,
     #[serde(default)]
     tls: Option<TlsFiles>,
+    #[serde(default)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// HTTPS for the listener: PEM files read at start, on SIGHUP and when they change
@@ -307,6 +309,9 @@ fn default_max_records() -> usize {
 pub struct IngestConfig {
     /// Address the HTTP server binds.
     pub listen: SocketAddr,
+    /// Where `/metrics` is served instead of `listen` (plain HTTP, with `/healthz` and
+    /// `/readyz`), if set: the public port then has no `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
     /// Log topic name template with `{tenant}` and `{stream}`.
     pub topic_template: String,
     /// Registered devices by id.
@@ -635,8 +640,18 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
     let read_api = read_api(raw.read_api, &devices)?;
     let sink = validate_sink(raw.sink, &raw.topic_template)?;
     let clock_skew_threshold = duration("clock_skew_threshold", &raw.clock_skew_threshold)?;
+    if raw
+        .metrics_listen
+        .is_some_and(|m| m == raw.listen && m.port() != 0)
+    {
+        return Err((
+            "metrics_listen".into(),
+            "must be another address than listen (it takes /metrics off the public port)".into(),
+        ));
+    }
     Ok(IngestConfig {
         listen: raw.listen,
+        metrics_listen: raw.metrics_listen,
         topic_template: raw.topic_template,
         devices,
         device_rates,

@@ -89,7 +89,22 @@ pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow:
         tls.clone(),
         shutdown.clone(),
     ));
-    serve_http(listener, api::app(state), config.limits, tls, shutdown).await;
+    if let Some(addr) = config.metrics_listen {
+        let metrics = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"))?;
+        let local = metrics.local_addr()?;
+        tracing::info!(addr = %local, "metrics, health and readiness listening");
+        println!("metrics on {local}");
+        let (router, stop) = (api::operations(state.clone(), true), shutdown.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(metrics, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
+    }
+    let public = api::app(state, config.metrics_listen.is_none());
+    serve_http(listener, public, config.limits, tls, shutdown).await;
     Ok(())
 }
 

@@ -218,6 +218,7 @@ pub struct CloudHarness {
     sink: Option<String>,
     tls: String,
     read_api: String,
+    extra: String,
 }
 
 /// A running ingest.
@@ -243,7 +244,14 @@ impl CloudHarness {
             sink: None,
             tls: String::new(),
             read_api: "{ enabled: true, allow_without_token: true }".into(),
+            extra: String::new(),
         }
+    }
+
+    /// Extra top-level config lines.
+    pub fn extra(mut self, yaml: &str) -> Self {
+        self.extra = yaml.to_owned();
+        self
     }
 
     /// The `read_api:` section as flow YAML (open to anyone by default, for the harness's reads).
@@ -334,9 +342,10 @@ impl CloudHarness {
         std::fs::write(
             &config,
             format!(
-                "version: 1\nlisten: 127.0.0.1:{}\ndevices:\n{devices}sink:\n{sink}{limits}read_api: {}\n{tls}",
+                "version: 1\nlisten: 127.0.0.1:{}\ndevices:\n{devices}sink:\n{sink}{limits}read_api: {}\n{tls}{}",
                 self.port,
                 self.read_api,
+                self.extra,
                 tls = if self.tls.is_empty() {
                     String::new()
                 } else {

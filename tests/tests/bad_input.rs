@@ -565,6 +565,24 @@ fn a_large_read_is_streamed_in_pages_of_bounded_size() {
     assert_eq!(all.len(), 40, "paging with next_offset reads everything");
 }
 
+/// `/metrics` can leave the public port for a listener of its own.
+#[test]
+fn metrics_can_sit_on_their_own_listener() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cloud = CloudHarness::new(dir.path())
+        .extra("metrics_listen: 127.0.0.1:0\n")
+        .run();
+    let metrics = cloud.process.wait_line("metrics on");
+    let (status, _) = cloud.get("/metrics", None);
+    assert_eq!(status, 404, "no metrics on the public port");
+    assert_eq!(cloud.readyz(), 200, "readiness stays on the public port");
+    let text = reqwest::blocking::get(format!("http://{metrics}/metrics"))
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.text())
+        .expect("metrics on their own listener");
+    assert!(text.contains("ingest_records_accepted_total"), "{text}");
+}
+
 /// The read API is never open for want of a token, not even on a loopback listener, and a
 /// tenant's read token reads its own topics only.
 #[test]
