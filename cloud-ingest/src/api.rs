@@ -46,6 +46,16 @@ pub struct AppState {
     pub read_api: ReadApi,
     /// zstd dictionaries registered by devices.
     pub dictionaries: Dictionaries,
+    /// `limits.max_decoding_bytes`, in KiB permits: what the requests being decoded and
+    /// appended may cost together ([`RequestLimits::decoding_cost`]).
+    pub decoding: Arc<tokio::sync::Semaphore>,
+}
+
+/// The decoding budget of `limits`, in KiB permits.
+pub fn decoding_budget(limits: &RequestLimits) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(
+        (limits.max_decoding_bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS),
+    ))
 }
 
 /// Why a batch request failed.
@@ -92,6 +102,10 @@ pub enum IngestError {
     /// More requests in flight than `limits.max_concurrent_requests`. 503 with Retry-After.
     #[error("too many requests in flight on this replica, retry later")]
     Busy,
+    /// The requests being decoded already cost `limits.max_decoding_bytes`. 503 with
+    /// Retry-After.
+    #[error("this replica is decoding as much as its memory budget allows, retry later")]
+    Overloaded,
     /// The device is over its rate. 429 with Retry-After.
     #[error("this device is over its rate limit, retry in {0:?}")]
     RateLimited(std::time::Duration),
@@ -118,7 +132,9 @@ impl IngestError {
             IngestError::BadBatch(_) | IngestError::BodyRead | IngestError::BadDictionary(_) => {
                 StatusCode::BAD_REQUEST
             }
-            IngestError::Unavailable(_) | IngestError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Unavailable(_) | IngestError::Busy | IngestError::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             IngestError::UnknownDictionary(_) => StatusCode::PRECONDITION_REQUIRED,
@@ -157,7 +173,7 @@ impl IntoResponse for IngestError {
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            IngestError::Busy => {
+            IngestError::Busy | IngestError::Overloaded => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -401,10 +417,20 @@ async fn accept_batch(
         None => None,
     };
     let wire_bytes = body.len();
+    // What decoding and holding this batch may cost, taken from the replica's budget before
+    // any of it is spent; the decoder is held to the bound it was charged for.
+    let bound =
+        ingest_wire::decoded_size_bound(&body, encoding, state.limits.max_decompressed_bytes);
+    let cost_kib = state.limits.decoding_cost(body.len(), bound).div_ceil(1024);
+    let budget = state
+        .decoding
+        .clone()
+        .try_acquire_many_owned(u32::try_from(cost_kib).unwrap_or(u32::MAX))
+        .map_err(|_| IngestError::Overloaded)?;
     // Decompressing and decoding are CPU work: off the async workers, so a few large batches
     // never stall accepts, handshakes and timers.
     let limits = Limits {
-        max_decompressed_bytes: state.limits.max_decompressed_bytes,
+        max_decompressed_bytes: bound,
         max_records: state.limits.max_records_per_batch,
     };
     let (content_type, encoding) = (
@@ -477,7 +503,7 @@ async fn accept_batch(
     // again by the retry, which waits for this one to finish.
     let publisher = state.publisher.clone();
     let ack = tokio::spawn(async move {
-        let _slot = slot;
+        let (_slot, _budget) = (slot, budget);
         publisher.publish(delivery).await
     })
     .await
@@ -749,6 +775,7 @@ mod tests {
                 max_concurrent_requests: 8,
                 header_timeout: std::time::Duration::from_secs(10),
                 body_timeout: std::time::Duration::from_secs(10),
+                max_decoding_bytes: 1 << 20,
             },
             naming: crate::naming::Naming::parse("iot.{tenant}.{stream}").expect("template"),
             rates: crate::rates::DeviceRates::new(&HashMap::new(), 100, 1 << 16),
@@ -756,6 +783,7 @@ mod tests {
             metrics: Metrics::new(),
             embedded_log: Some(path),
             read_api: ReadApi::Open,
+            decoding: Arc::new(tokio::sync::Semaphore::new(1 << 10)),
         })
     }
 
@@ -923,6 +951,7 @@ mod tests {
                 metrics: Metrics::new(),
                 embedded_log: open.embedded_log.clone(),
                 read_api,
+                decoding: open.decoding.clone(),
             })
         };
         let get = |token: Option<&str>| {

@@ -260,6 +260,8 @@ struct RawLimits {
     header_timeout: String,
     #[serde(default = "default_body_timeout")]
     body_timeout: String,
+    #[serde(default = "default_max_decoding")]
+    max_decoding_bytes: String,
     #[serde(default)]
     device_records_per_second: Option<u32>,
     #[serde(default)]
@@ -275,6 +277,7 @@ impl Default for RawLimits {
             max_concurrent_requests: default_max_concurrent(),
             header_timeout: default_header_timeout(),
             body_timeout: default_body_timeout(),
+            max_decoding_bytes: default_max_decoding(),
             device_records_per_second: None,
             device_bytes_per_second: None,
         }
@@ -283,6 +286,9 @@ impl Default for RawLimits {
 
 fn default_max_concurrent() -> usize {
     64
+}
+fn default_max_decoding() -> String {
+    "512MiB".into()
 }
 fn default_header_timeout() -> String {
     "10s".into()
@@ -456,6 +462,20 @@ pub struct RequestLimits {
     pub header_timeout: Duration,
     /// Longest a client may take to send a request's body (then 408).
     pub body_timeout: Duration,
+    /// Memory all requests decoding at once may cost together, by
+    /// [`RequestLimits::decoding_cost`]; a request that does not fit gets 503 with Retry-After.
+    pub max_decoding_bytes: usize,
+}
+
+impl RequestLimits {
+    /// What decoding a body may cost at most: the body, its decompressed bytes (`raw_bound`,
+    /// at most `max_decompressed_bytes`) twice (the buffer, and the payloads and topics copied
+    /// out of it), and about 112 bytes per decoded record.
+    pub fn decoding_cost(&self, body_bytes: usize, raw_bound: usize) -> usize {
+        body_bytes
+            .saturating_add(raw_bound.saturating_mul(2))
+            .saturating_add(self.max_records_per_batch.saturating_mul(112))
+    }
 }
 
 impl IngestConfig {
@@ -636,7 +656,18 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         )?,
         header_timeout: positive_duration("limits.header_timeout", &raw.limits.header_timeout)?,
         body_timeout: positive_duration("limits.body_timeout", &raw.limits.body_timeout)?,
+        max_decoding_bytes: size("max_decoding_bytes", &raw.limits.max_decoding_bytes)?,
     };
+    let largest = limits.decoding_cost(limits.max_body_bytes, limits.max_decompressed_bytes);
+    if limits.max_decoding_bytes < largest {
+        return Err((
+            "limits.max_decoding_bytes".into(),
+            format!(
+                "must be at least what the largest request may cost ({} MiB with these limits: the body, twice its decompressed size, and 112 bytes per record), or such a request could never be decoded",
+                largest.div_ceil(1 << 20)
+            ),
+        ));
+    }
     let read_api = read_api(raw.read_api, &devices)?;
     let sink = validate_sink(raw.sink, &raw.topic_template)?;
     let clock_skew_threshold = duration("clock_skew_threshold", &raw.clock_skew_threshold)?;

@@ -73,6 +73,7 @@ pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow:
         embedded_log,
         read_api: config.read_api,
         dictionaries: dictionaries::Dictionaries::new(DICTIONARY_CACHE_BYTES),
+        decoding: api::decoding_budget(&config.limits),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

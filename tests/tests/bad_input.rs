@@ -583,6 +583,70 @@ fn metrics_can_sit_on_their_own_listener() {
     assert!(text.contains("ingest_records_accepted_total"), "{text}");
 }
 
+/// Many costly requests at once share one memory budget (`limits.max_decoding_bytes`): 16
+/// bodies of a few KB, each expanding to 60 MiB (zstd frames that do not declare their size,
+/// so each is charged the most a request may cost), sent together. Those over the budget get
+/// 503 with Retry-After at once; the ingest's peak stays near the budget, not 16 × 60 MiB.
+#[test]
+fn concurrent_costly_requests_share_one_memory_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path())
+        .limits("  max_decoding_bytes: 200MiB")
+        .run();
+    let bomb = zstd::stream::encode_all(&vec![0u8; 60 << 20][..], 3).expect("zstd");
+    assert!(bomb.len() < 64 << 10, "{} B", bomb.len());
+    let pid = cloud.process.pid();
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("clear_refs (root)");
+    let before = memory(pid, "VmRSS:");
+    let url = format!("{}/v1/batches", cloud.url());
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let senders: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = reqwest::blocking::Client::new()
+                        .post(&url)
+                        .header("X-Device-Id", DEVICE)
+                        .bearer_auth(TOKEN)
+                        .header("Content-Type", CONTENT_TYPE_BATCH)
+                        .header("Content-Encoding", "zstd")
+                        .body(bomb.clone())
+                        .send()
+                        .expect("post");
+                    (r.status().as_u16(), r.text().unwrap_or_default())
+                })
+            })
+            .collect();
+        senders
+            .into_iter()
+            .map(|t| t.join().expect("sender"))
+            .collect()
+    });
+    let peak = memory(pid, "VmHWM:");
+    let busy = answers.iter().filter(|(status, _)| *status == 503).count();
+    println!(
+        "16 requests of 60 MiB each: {busy} answered 503; peak RSS {} MiB above {} MiB",
+        (peak - before) >> 20,
+        before >> 20
+    );
+    for (status, body) in &answers {
+        assert!(matches!(status, 400 | 503), "{status}: {body}");
+    }
+    assert!(busy > 0, "some are over the budget: {answers:?}");
+    assert!(
+        peak < before + (260 << 20),
+        "the budget bounds them together: {} MiB above before",
+        (peak - before) >> 20
+    );
+    let (status, body) = cloud.post(
+        DEVICE,
+        TOKEN,
+        CONTENT_TYPE_BATCH,
+        Some("zstd"),
+        zstd(&batch(DEVICE, &[1, 2])),
+    );
+    assert_eq!(status, 200, "the budget is given back: {body}");
+}
+
 /// The read API is never open for want of a token, not even on a loopback listener, and a
 /// tenant's read token reads its own topics only.
 #[test]

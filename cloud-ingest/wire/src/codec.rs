@@ -98,6 +98,28 @@ pub fn frame_dictionary_id(body: &[u8]) -> Option<u32> {
     zstd::zstd_safe::get_dict_id_from_frame(body).map(u32::from)
 }
 
+/// The most bytes `body` can decompress to under `max_decompressed_bytes`: its own length
+/// without encoding; for zstd, the size a single frame declares, else the limit. Decoding with
+/// this as the limit is what makes it true (a frame that decompresses past its declared size
+/// is refused), so a receiver can budget memory by it before decoding.
+pub fn decoded_size_bound(
+    body: &[u8],
+    content_encoding: Option<&str>,
+    max_decompressed_bytes: usize,
+) -> usize {
+    let zstd = content_encoding.is_some_and(|e| e.trim().eq_ignore_ascii_case(ENCODING_ZSTD));
+    if !zstd {
+        return body.len().min(max_decompressed_bytes);
+    }
+    let single_frame = zstd::zstd_safe::find_frame_compressed_size(body) == Ok(body.len());
+    zstd::zstd_safe::get_frame_content_size(body)
+        .ok()
+        .flatten()
+        .filter(|_| single_frame)
+        .and_then(|n| usize::try_from(n).ok())
+        .map_or(max_decompressed_bytes, |n| n.min(max_decompressed_bytes))
+}
+
 /// Largest zstd window a body may need, as a power of two (16 MiB): the agent's levels and
 /// batch sizes stay well under it; a frame asking for more is refused, not allocated.
 pub const MAX_WINDOW_LOG: u32 = 24;
@@ -279,6 +301,43 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+
+    #[test]
+    fn decoded_size_bounds() {
+        let raw = vec![7u8; 10_000];
+        let single = zstd::bulk::compress(&raw, 1).expect("compress");
+        assert_eq!(
+            super::decoded_size_bound(&single, Some("zstd"), 1 << 20),
+            10_000
+        );
+        assert_eq!(
+            super::decoded_size_bound(&single, Some("zstd"), 5_000),
+            5_000
+        );
+        let mut two = single.clone();
+        two.extend_from_slice(&single);
+        assert_eq!(
+            super::decoded_size_bound(&two, Some("zstd"), 1 << 20),
+            1 << 20,
+            "a second frame is not covered by the first's size"
+        );
+        let undeclared = zstd::stream::encode_all(&raw[..], 1).expect("compress");
+        assert_eq!(
+            super::decoded_size_bound(&undeclared, Some("zstd"), 1 << 20),
+            1 << 20
+        );
+        assert_eq!(super::decoded_size_bound(&raw, None, 1 << 20), 10_000);
+        assert_eq!(super::decoded_size_bound(&raw, None, 100), 100);
+        // Held to its bound, a frame cannot decompress past what it declared.
+        let limits = Limits {
+            max_decompressed_bytes: 5_000,
+            max_records: 10,
+        };
+        assert!(matches!(
+            super::bounded_unzstd(&single, limits.max_decompressed_bytes, None),
+            Err(DecodeError::TooLarge { .. })
+        ));
+    }
     use crate::{CONTENT_TYPE_BATCH, Record};
 
     const LIMITS: Limits = Limits {

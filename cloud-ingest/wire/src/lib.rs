@@ -21,7 +21,7 @@ mod loss;
 pub use batch::{Batch, Record};
 pub use codec::{
     DecodeError, Limits, compress, compress_with_dictionary, decode_body, decode_body_with,
-    dictionary_id, encode_batch, frame_dictionary_id, train_dictionary,
+    decoded_size_bound, dictionary_id, encode_batch, frame_dictionary_id, train_dictionary,
 };
 pub use json::{BatchAck, JsonBatch, JsonRecord};
 pub use loss::{LOSS_STREAM, LossReason, LossReport};
