@@ -154,12 +154,27 @@ impl From<DecodeError> for IngestError {
     }
 }
 
+/// Longest reason a refusal carries: a parser's message may quote the input (serde quotes a
+/// string of the wrong type whole), which is never echoed back or logged in full.
+const MAX_REASON_CHARS: usize = 512;
+
+impl IngestError {
+    /// The reason, cut to [`MAX_REASON_CHARS`].
+    pub fn short_reason(&self) -> String {
+        let reason = self.to_string();
+        match reason.char_indices().nth(MAX_REASON_CHARS) {
+            None => reason,
+            Some((cut, _)) => format!("{}… (cut)", &reason[..cut]),
+        }
+    }
+}
+
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut response = (
             status,
-            Json(serde_json::json!({ "error": self.to_string() })),
+            Json(serde_json::json!({ "error": self.short_reason() })),
         )
             .into_response();
         match self {
@@ -288,7 +303,7 @@ async fn post_batch(
                     tracing::warn!(error = %source, "batch refused: stream log unavailable")
                 }
                 other => {
-                    tracing::info!(status = other.status().as_u16(), error = %other, "batch rejected")
+                    tracing::info!(status = other.status().as_u16(), error = %other.short_reason(), "batch rejected")
                 }
             }
             e.into_response()
@@ -339,7 +354,7 @@ async fn put_dictionary(
     match result {
         Ok(status) => status.into_response(),
         Err(e) => {
-            tracing::info!(status = e.status().as_u16(), error = %e, "dictionary refused");
+            tracing::info!(status = e.status().as_u16(), error = %e.short_reason(), "dictionary refused");
             e.into_response()
         }
     }
@@ -815,6 +830,47 @@ mod tests {
             .header(header::CONTENT_ENCODING, "zstd")
             .body(Body::from(body))
             .expect("request")
+    }
+
+    /// A refusal never echoes the input whole: serde quotes a string of the wrong type, and a
+    /// name that breaks the rules may be megabytes long.
+    #[tokio::test]
+    async fn refusals_quote_at_most_a_little_of_the_input() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state(dir.path());
+        let long = "y".repeat(30_000);
+        for json in [
+            format!(
+                r#"{{"device_id":"d1","stream":"t","records":[{{"seq":"{long}","topic":"t","payload":"p"}}]}}"#
+            ),
+            format!(
+                r#"{{"device_id":"d1","stream":"{long}!","records":[{{"seq":1,"topic":"t","payload":"p"}}]}}"#
+            ),
+        ] {
+            let body = ingest_wire::compress(json.as_bytes(), 1).expect("compress");
+            let mut req = request("tok", body);
+            req.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(ingest_wire::CONTENT_TYPE_JSON),
+            );
+            let response = app(state.clone(), true)
+                .oneshot(req)
+                .await
+                .expect("response");
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+            let text = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            assert!(
+                text.len() < 1_000,
+                "{} bytes: {:?}",
+                text.len(),
+                &text[..200]
+            );
+        }
     }
 
     #[tokio::test]

@@ -253,19 +253,28 @@ fn bounded_unzstd(
     Ok(out)
 }
 
+/// `name` quoted for an error message, cut to its first 64 characters (with its length) when
+/// longer: a refused name is never echoed back or logged in full.
+pub fn shown(name: &str) -> String {
+    match name.char_indices().nth(64) {
+        None => format!("{name:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &name[..cut], name.len()),
+    }
+}
+
 /// The rules of the contract that a decoded batch must follow.
 fn validate(batch: &Batch, limits: Limits) -> Result<(), DecodeError> {
     let invalid = |reason: String| Err(DecodeError::Invalid(reason));
     if !valid_name(&batch.device_id) {
         return invalid(format!(
-            "device_id {:?} must be 1-256 characters of [A-Za-z0-9_.-]",
-            batch.device_id
+            "device_id {} must be 1-256 characters of [A-Za-z0-9_.-]",
+            shown(&batch.device_id)
         ));
     }
     if !valid_name(&batch.stream) {
         return invalid(format!(
-            "stream {:?} must be 1-256 characters of [A-Za-z0-9_.-]",
-            batch.stream
+            "stream {} must be 1-256 characters of [A-Za-z0-9_.-]",
+            shown(&batch.stream)
         ));
     }
     if batch.records.is_empty() {
@@ -301,6 +310,18 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+
+    #[test]
+    fn refused_names_are_cut_short() {
+        assert_eq!(shown("dev-1"), "\"dev-1\"");
+        let long = "x".repeat(1 << 20);
+        let message = shown(&long);
+        assert!(
+            message.len() < 100 && message.contains("1048576 bytes"),
+            "{message}"
+        );
+        assert!(shown(&"é".repeat(100)).ends_with("(200 bytes)"));
+    }
 
     #[test]
     fn decoded_size_bounds() {
