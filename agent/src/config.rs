@@ -1056,7 +1056,17 @@ fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
     let token = match (raw.token_file, raw.token_env) {
         (Some(file), None) => TokenSource::File(file),
         (None, Some(var)) => TokenSource::Env(var),
-        (None, None) if raw.client_cert_file.is_some() => TokenSource::CertificateOnly,
+        (None, None) if raw.client_cert_file.is_some() => {
+            if let Some(plain) = urls.iter().find(|u| u.scheme() != "https") {
+                return Err((
+                    "ingest".into(),
+                    format!(
+                        "without a token the client certificate is the only login, and {plain} is not https://: set token_file or token_env, or use https://"
+                    ),
+                ));
+            }
+            TokenSource::CertificateOnly
+        }
         _ => {
             return Err((
                 "ingest".into(),
@@ -1134,6 +1144,27 @@ streams:
     topics: [\"plant/+/telemetry/#\", \"legacy/#\"]
     priority: normal
 ";
+
+    #[test]
+    fn a_client_certificate_may_replace_the_token_over_https_only() {
+        let cert_only = GOOD.replace(
+            "  token_env: EDGE_AGENT_TOKEN\n",
+            "  client_cert_file: /c.pem\n  client_key_file: /c.key\n",
+        );
+        let err = AgentConfig::parse(Path::new("a.yaml"), &cert_only)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("https://"), "{err}");
+        let https = cert_only.replace("http://127.0.0.1:8080", "https://ingest.example.com");
+        let c = AgentConfig::parse(Path::new("a.yaml"), &https).expect("valid");
+        assert_eq!(c.ingest.token, TokenSource::CertificateOnly);
+        assert_eq!(
+            resolve_token(Path::new("a.yaml"), &c.ingest.token).expect("no token"),
+            ""
+        );
+        let neither = GOOD.replace("  token_env: EDGE_AGENT_TOKEN\n", "");
+        assert!(AgentConfig::parse(Path::new("a.yaml"), &neither).is_err());
+    }
 
     #[test]
     fn good_config_gets_an_implicit_default_stream() {

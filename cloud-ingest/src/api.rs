@@ -46,6 +46,8 @@ pub struct AppState {
     pub read_api: ReadApi,
     /// zstd dictionaries registered by devices.
     pub dictionaries: Dictionaries,
+    /// Read responses being streamed ([`MAX_CONCURRENT_READS`]).
+    pub reads: Arc<tokio::sync::Semaphore>,
     /// `limits.max_decoding_bytes`, in KiB permits: what the requests being decoded and
     /// appended may cost together ([`RequestLimits::decoding_cost`]).
     pub decoding: Arc<tokio::sync::Semaphore>,
@@ -452,17 +454,21 @@ async fn accept_batch(
         header(header::CONTENT_TYPE).map(str::to_owned),
         encoding.map(str::to_owned),
     );
-    let batch = tokio::task::spawn_blocking(move || {
-        ingest_wire::decode_body_with(
+    // The permits go with the work: if the client hangs up and this handler is dropped, the
+    // decode still holds its charge until it ends.
+    let (decoded, slot, budget) = tokio::task::spawn_blocking(move || {
+        let decoded = ingest_wire::decode_body_with(
             &body,
             content_type.as_deref(),
             encoding.as_deref(),
             limits,
             dictionary.as_deref(),
-        )
+        );
+        (decoded, slot, budget)
     })
     .await
-    .map_err(|e| IngestError::BadBatch(DecodeError::Invalid(format!("decoding failed: {e}"))))??;
+    .map_err(|e| IngestError::BadBatch(DecodeError::Invalid(format!("decoding failed: {e}"))))?;
+    let batch = decoded?;
     if batch.device_id != device.device_id {
         return Err(IngestError::Forbidden {
             authenticated: device.device_id,
@@ -564,6 +570,12 @@ const MAX_READ_BYTES: u64 = 16 << 20;
 
 /// Size of the chunks a read response is streamed in.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Longest a read response may take to be sent; a client that reads slower is cut off.
+const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Read responses served at once per replica; beyond, 503 with Retry-After.
+pub const MAX_CONCURRENT_READS: usize = 8;
 
 /// Which tenants' topics a read request may see.
 enum Readable {
@@ -682,8 +694,21 @@ async fn read_topic(
     // Streamed: the records are serialised one at a time on a blocking thread and sent in
     // chunks through a small channel, so a response costs a few chunks of memory, whatever
     // its size; the client pages on with `next_offset`.
+    let Ok(permit) = state.reads.clone().try_acquire_owned() else {
+        return IngestError::Busy.into_response();
+    };
     let (chunks, body) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let runtime = tokio::runtime::Handle::current();
+    let deadline = tokio::time::Instant::now() + READ_DEADLINE;
+    // A chunk waits for the client at most until the deadline: a reader that stops reading
+    // cannot hold this thread and the log's read snapshot for ever.
+    let send = move |chunk: Result<bytes::Bytes, std::io::Error>| {
+        runtime
+            .block_on(tokio::time::timeout_at(deadline, chunks.send(chunk)))
+            .is_ok_and(|sent| sent.is_ok())
+    };
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let mut chunk = format!(
             "{{\"topic\":{},\"records\":[",
             serde_json::to_string(&topic).unwrap_or_default()
@@ -700,7 +725,7 @@ async fn read_topic(
             }
             if chunk.len() >= READ_CHUNK_BYTES {
                 let full = std::mem::replace(&mut chunk, Vec::with_capacity(READ_CHUNK_BYTES));
-                open = chunks.blocking_send(Ok(full.into())).is_ok();
+                open = send(Ok(full.into()));
             }
             open
         });
@@ -714,7 +739,9 @@ async fn read_topic(
                 Err(std::io::Error::other(e))
             }
         };
-        let _ = chunks.blocking_send(last);
+        if !send(last) {
+            tracing::debug!("a log reader did not read its response in time; cut off");
+        }
     });
     let stream = futures_util::stream::unfold(body, |mut body| async move {
         body.recv().await.map(|chunk| (chunk, body))
@@ -799,6 +826,7 @@ mod tests {
             embedded_log: Some(path),
             read_api: ReadApi::Open,
             decoding: Arc::new(tokio::sync::Semaphore::new(1 << 10)),
+            reads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS)),
         })
     }
 
@@ -1008,6 +1036,7 @@ mod tests {
                 embedded_log: open.embedded_log.clone(),
                 read_api,
                 decoding: open.decoding.clone(),
+                reads: open.reads.clone(),
             })
         };
         let get = |token: Option<&str>| {

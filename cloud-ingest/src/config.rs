@@ -190,7 +190,7 @@ struct RawEmbedded {
 }
 
 fn default_retention_max_age() -> String {
-    "7d".into()
+    "forever".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -379,8 +379,8 @@ pub struct Device {
 /// How long and how much the embedded log keeps, per topic: older records go first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Retention {
-    /// Records ingested longer ago than this are deleted (`max_age`, 7 days by default, like
-    /// Kafka; `forever` keeps them).
+    /// Records ingested longer ago than this are deleted (`max_age`; `forever`, the default,
+    /// keeps them: an upgrade never starts deleting; the shipped config sets 7 days).
     pub max_age: Option<Duration>,
     /// A topic's payload bytes past this are deleted, oldest first (`max_bytes_per_topic`; no
     /// limit by default).
@@ -469,11 +469,14 @@ pub struct RequestLimits {
 
 impl RequestLimits {
     /// What decoding a body may cost at most: the body, its decompressed bytes (`raw_bound`,
-    /// at most `max_decompressed_bytes`) twice (the buffer, and the payloads and topics copied
-    /// out of it), and about 112 bytes per decoded record.
+    /// at most `max_decompressed_bytes`) two and a half times (the buffer, the payloads and
+    /// topics copied out of it, the decoder's buffers), the zstd window (at most 16 MiB, and
+    /// never more than the output), and about 112 bytes per decoded record.
     pub fn decoding_cost(&self, body_bytes: usize, raw_bound: usize) -> usize {
+        let window = raw_bound.min(1 << ingest_wire::MAX_WINDOW_LOG);
         body_bytes
-            .saturating_add(raw_bound.saturating_mul(2))
+            .saturating_add(raw_bound.saturating_mul(5) / 2)
+            .saturating_add(window)
             .saturating_add(self.max_records_per_batch.saturating_mul(112))
     }
 }
@@ -659,11 +662,12 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         max_decoding_bytes: size("max_decoding_bytes", &raw.limits.max_decoding_bytes)?,
     };
     let largest = limits.decoding_cost(limits.max_body_bytes, limits.max_decompressed_bytes);
-    if limits.max_decoding_bytes < largest {
+    // Compared in the KiB the budget is counted in.
+    if limits.max_decoding_bytes / 1024 < largest.div_ceil(1024) {
         return Err((
             "limits.max_decoding_bytes".into(),
             format!(
-                "must be at least what the largest request may cost ({} MiB with these limits: the body, twice its decompressed size, and 112 bytes per record), or such a request could never be decoded",
+                "must be at least what the largest request may cost ({} MiB with these limits: the body, 2.5 times its decompressed size, the zstd window and 112 bytes per record), or such a request could never be decoded",
                 largest.div_ceil(1 << 20)
             ),
         ));
@@ -931,8 +935,9 @@ sink:
             SinkConfig::Embedded { retention, .. } => retention,
             other => panic!("{other:?}"),
         };
+        assert_eq!(retention(parse("").expect("valid")).max_age, None);
         assert_eq!(
-            retention(parse("").expect("valid")).max_age,
+            retention(parse("    max_age: 7d").expect("valid")).max_age,
             Some(Duration::from_secs(7 * 86_400))
         );
         let r =

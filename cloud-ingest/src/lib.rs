@@ -74,6 +74,7 @@ pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow:
         read_api: config.read_api,
         dictionaries: dictionaries::Dictionaries::new(DICTIONARY_CACHE_BYTES),
         decoding: api::decoding_budget(&config.limits),
+        reads: Arc::new(tokio::sync::Semaphore::new(api::MAX_CONCURRENT_READS)),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

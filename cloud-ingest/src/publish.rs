@@ -39,6 +39,9 @@ pub const DEAD_LETTER_STREAM: &str = "_dead_letters";
 /// How much of a poison record's payload its dead letter keeps.
 pub const DEAD_LETTER_SAMPLE_BYTES: usize = 4096;
 
+/// How much of each header value a dead letter keeps.
+pub const DEAD_LETTER_HEADER_BYTES: usize = 1024;
+
 /// A validated batch from an authenticated device, with the log topic it goes to.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -133,6 +136,22 @@ impl Delivery {
         reason: &str,
     ) -> (Vec<(&'static str, String)>, Bytes) {
         let mut headers = self.headers(r, batch_id);
+        // A record may be refused for its headers (a topic near 64 KiB): its dead letter keeps
+        // the first KiB of each long one, and names them.
+        let mut cut = Vec::new();
+        for (name, value) in &mut headers {
+            if value.len() > DEAD_LETTER_HEADER_BYTES {
+                let mut end = DEAD_LETTER_HEADER_BYTES;
+                while !value.is_char_boundary(end) {
+                    end -= 1;
+                }
+                value.truncate(end);
+                cut.push(*name);
+            }
+        }
+        if !cut.is_empty() {
+            headers.push(("dead_letter_cut_headers", cut.join(",")));
+        }
         headers.push(("dead_letter_reason", header_value(reason).into_owned()));
         headers.push(("dead_letter_topic", header_value(&self.topic).into_owned()));
         headers.push(("dead_letter_payload_bytes", r.payload.len().to_string()));
@@ -148,17 +167,26 @@ impl Delivery {
 }
 
 /// `value` made safe for any header: each byte below 0x20, 0x7F and `%` becomes `%XX`
-/// (upper-case hex), everything else is kept. Undo with percent-decoding.
+/// (upper-case hex), and so does each byte of whitespace at either end (NATS trims header
+/// values); everything else is kept. Undo with percent-decoding.
 pub fn header_value(value: &str) -> Cow<'_, str> {
     let unsafe_byte = |b: u8| b < 0x20 || b == 0x7f || b == b'%';
-    if !value.bytes().any(unsafe_byte) {
+    let edge_space = value.starts_with(char::is_whitespace) || value.ends_with(char::is_whitespace);
+    if !edge_space && !value.bytes().any(unsafe_byte) {
         return Cow::Borrowed(value);
     }
+    let lead = value.len() - value.trim_start().len();
+    let trail = value.trim_end().len();
     let mut out = String::with_capacity(value.len() + 8);
-    for c in value.chars() {
-        match u8::try_from(c) {
-            Ok(b) if unsafe_byte(b) => out.push_str(&format!("%{b:02X}")),
-            _ => out.push(c),
+    for (i, c) in value.char_indices() {
+        let at_edge = (i < lead || i >= trail) && c.is_whitespace();
+        if at_edge || u8::try_from(c).is_ok_and(unsafe_byte) {
+            let mut utf8 = [0u8; 4];
+            for b in c.encode_utf8(&mut utf8).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(c);
         }
     }
     Cow::Owned(out)
@@ -201,11 +229,35 @@ mod tests {
     use super::header_value;
 
     #[test]
+    fn a_dead_letter_cuts_long_headers() {
+        let mut d = super::Delivery {
+            tenant: "acme".into(),
+            topic: "iot.acme.t".into(),
+            dead_letter_topic: "iot.acme._dead_letters".into(),
+            batch: ingest_wire::Batch::default(),
+            ingested_at_ms: 1,
+            clock_offset_ms: None,
+        };
+        d.batch.device_id = "d".into();
+        let r = ingest_wire::Record {
+            topic: "é".repeat(40_000),
+            payload: bytes::Bytes::from(vec![1u8; 10]),
+            ..Default::default()
+        };
+        let (headers, sample) = d.dead_letter(&r, "b", "too big");
+        let get = |n: &str| &headers.iter().find(|(k, _)| *k == n).expect(n).1;
+        assert!(get("mqtt_topic").len() <= super::DEAD_LETTER_HEADER_BYTES);
+        assert_eq!(get("dead_letter_cut_headers"), "mqtt_topic");
+        assert_eq!(sample.len(), 10);
+    }
+
+    #[test]
     fn header_values_keep_no_control_byte() {
         assert_eq!(header_value("plant/1/temp"), "plant/1/temp");
         assert_eq!(header_value("a\r\nb"), "a%0D%0Ab");
         assert_eq!(header_value("100%\u{7f}"), "100%25%7F");
         assert_eq!(header_value("température/ü"), "température/ü");
+        assert_eq!(header_value(" a b\u{a0}"), "%20a b%C2%A0");
     }
 
     proptest::proptest! {
@@ -213,6 +265,7 @@ mod tests {
         fn header_values_round_trip_and_are_safe(s in ".*") {
             let encoded = header_value(&s);
             proptest::prop_assert!(!encoded.bytes().any(|b| b < 0x20 || b == 0x7f));
+            proptest::prop_assert_eq!(encoded.trim(), encoded.as_ref(), "nothing to trim");
             let mut decoded = Vec::new();
             let bytes = encoded.as_bytes();
             let mut i = 0;

@@ -9,7 +9,9 @@
 //!    boundary bytes) of valid seeds, until its time budget runs out: `FUZZ_SECONDS`
 //!    (2 s by default, so `cargo test` stays quick; the README's test command sets 30);
 //! 3. on a failure, writes the input to `target/fuzz-crashes/<target>-<seed>-<n>.bin` and
-//!    fails, naming the file and the seed (`FUZZ_SEED` replays the same sequence).
+//!    fails, naming the file and the seed (`FUZZ_SEED` replays the same sequence); an input
+//!    that runs over 10 s is saved as `…-hang.bin` and the process aborts. (An abort or a
+//!    stack overflow inside a target ends the process without saving: rerun with the seed.)
 //!
 //! What this is not: coverage-guided. The mutations start from valid seeds, which reach deep
 //! into each parser, but nothing steers them towards new branches the way libFuzzer or AFL
@@ -18,6 +20,8 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proptest::collection::vec;
@@ -27,6 +31,9 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 /// Largest input a mutation makes.
 const MAX_INPUT: usize = 1 << 20;
+
+/// Longest one input may run before it counts as a hang.
+const MAX_INPUT_TIME: Duration = Duration::from_secs(10);
 
 /// How long each target runs: `FUZZ_SECONDS`, 2 s by default.
 pub fn budget() -> Duration {
@@ -79,16 +86,36 @@ pub fn run(
     let budget = budget();
     let started = Instant::now();
     let mut n = 0u64;
+    // A hang is a failure too: a watchdog saves the input that has run too long and aborts.
+    let current: Arc<Mutex<(Instant, Vec<u8>)>> =
+        Arc::new(Mutex::new((Instant::now(), Vec::new())));
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (current, done, target) = (current.clone(), done.clone(), target.to_owned());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let now = current.lock().unwrap_or_else(|p| p.into_inner());
+                if now.0.elapsed() > MAX_INPUT_TIME && !done.load(Ordering::Relaxed) {
+                    let file = save(&format!("{target}-{seed}-hang"), &now.1);
+                    eprintln!(
+                        "fuzz {target}: an input of seed {seed} ran over {MAX_INPUT_TIME:?}; saved to {}",
+                        file.display()
+                    );
+                    std::process::abort();
+                }
+            }
+        })
+    };
     while started.elapsed() < budget {
         let input = inputs
             .new_tree(&mut runner)
             .expect("invariant: the strategies here never reject")
             .current();
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = (Instant::now(), input.clone());
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| check(&input))) {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fuzz-crashes");
-            let _ = std::fs::create_dir_all(&dir);
-            let file = dir.join(format!("{target}-{seed}-{n}.bin"));
-            let _ = std::fs::write(&file, &input);
+            done.store(true, Ordering::Relaxed);
+            let file = save(&format!("{target}-{seed}-{n}"), &input);
             panic!(
                 "fuzz {target}: input {n} of seed {seed} failed: {}; saved to {}: once fixed, copy it into fuzz/regressions/{target}/",
                 message(&*panic),
@@ -97,12 +124,23 @@ pub fn run(
         }
         n += 1;
     }
+    done.store(true, Ordering::Relaxed);
+    let _ = watchdog.join();
     println!(
         "fuzz {target}: {} regressions and {n} inputs in {:.1} s (seed {seed}): none failed",
         files.len(),
         started.elapsed().as_secs_f64()
     );
     n
+}
+
+/// Writes a failing input to `target/fuzz-crashes/<name>.bin`; returns the path.
+fn save(name: &str, input: &[u8]) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fuzz-crashes");
+    let _ = std::fs::create_dir_all(&dir);
+    let file = dir.join(format!("{name}.bin"));
+    let _ = std::fs::write(&file, input);
+    file
 }
 
 fn message(panic: &(dyn std::any::Any + Send)) -> String {

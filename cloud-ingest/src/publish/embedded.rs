@@ -10,7 +10,8 @@
 //! transaction, so many small batches share one fsync. A commit writes only the dedup ranges
 //! it changed, so a scope with many ranges (sparse sequence numbers) does not slow it down.
 //!
-//! Retention ([`Retention`]: `max_age`, 7 days by default, and `max_bytes_per_topic`): every
+//! Retention ([`Retention`]: `max_age` and `max_bytes_per_topic`, both off by default, so an
+//! upgrade deletes nothing it was not asked to; the shipped config keeps 7 days): every
 //! 10 s the writer deletes, per topic and oldest first, the records ingested before the age
 //! limit and those past the topic's byte limit, in small transactions. Offsets are never
 //! reused: a topic's first offset grows (`GET /v1/log` shows `start_offset`). The dedup ranges
@@ -391,30 +392,35 @@ impl Writer {
         let mut deleted = 0;
         let names: Vec<String> = self.topics.keys().cloned().collect();
         for name in names {
+            if budget == 0 {
+                break;
+            }
             let Some(start) = self.first_offset(&name)? else {
                 continue;
             };
+            // Every scan below stops at the budget: what lies beyond waits for the next sweep.
+            let horizon = (start + budget).min(self.topics[&name].next_offset);
             let mut cut = start;
             if let Some(max_age) = self.retention.max_age {
                 let cutoff = crate::api::now_ms().saturating_sub(max_age.as_millis() as i64);
                 let first_young: Option<i64> = self
                     .conn
                     .query_row(
-                        "SELECT offset FROM records WHERE topic = ?1 AND ingested_at_ms >= ?2 ORDER BY offset LIMIT 1",
-                        params![name, cutoff],
+                        "SELECT offset FROM records WHERE topic = ?1 AND offset < ?3 AND ingested_at_ms >= ?2 ORDER BY offset LIMIT 1",
+                        params![name, cutoff, horizon as i64],
                         |row| row.get(0),
                     )
                     .optional()?;
-                cut = first_young.map_or(self.topics[&name].next_offset, |o| o as u64);
+                cut = first_young.map_or(horizon, |o| o as u64);
             }
             if let Some(max_bytes) = self.retention.max_bytes_per_topic {
                 let held = self.topics[&name].bytes;
                 if held > max_bytes {
                     let mut excess = held - max_bytes;
                     let mut stmt = self.conn.prepare_cached(
-                        "SELECT offset, length(payload) FROM records WHERE topic = ?1 ORDER BY offset",
+                        "SELECT offset, length(payload) FROM records WHERE topic = ?1 AND offset < ?2 ORDER BY offset",
                     )?;
-                    let mut rows = stmt.query(params![name])?;
+                    let mut rows = stmt.query(params![name, horizon as i64])?;
                     while let Some(row) = rows.next()? {
                         let (offset, len): (i64, i64) = (row.get(0)?, row.get(1)?);
                         cut = cut.max(offset as u64 + 1);

@@ -14,8 +14,10 @@
 //!   rest, in order. The producer is then replaced (see [`KafkaLog::replace_producer`]). A record
 //!   that timed out may still have been written (librdkafka: "possibly persisted"); its retry
 //!   then appends it twice: the one duplicate path, and the headers identify it.
-//! - Poison: a record Kafka refuses for good (too large, invalid: see [`poison`]) is replaced
-//!   by its dead letter (see [`super`]); the replica stays ready and the producer is kept.
+//! - Poison: a record the producer refuses for good when handed over (over the client's
+//!   `message.max.bytes`: see [`poison`]) is replaced by its dead letter (see [`super`]); the
+//!   replica stays ready and the producer is kept. Keep the client's `message.max.bytes` at
+//!   most the topics' `max.message.bytes`, so the broker never refuses a batch for its size.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -202,14 +204,15 @@ impl KafkaLog {
     }
 }
 
-/// Errors with which Kafka refuses one record for good: a retry would be refused the same way.
+/// Errors with which the producer refuses one record for good when it is handed over (the
+/// record alone is over `message.max.bytes`): a retry would be refused the same way. Only
+/// these: the same codes in a delivery report may concern a whole produce batch, records of
+/// other requests with it, each of which would fit alone, so they are answered 503 like any
+/// failure (and logged with what to configure), never dead-lettered.
 fn poison(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
-        RDKafkaErrorCode::MessageSizeTooLarge
-            | RDKafkaErrorCode::InvalidMessageSize
-            | RDKafkaErrorCode::MessageBatchTooLarge
-            | RDKafkaErrorCode::InvalidRecord
+        RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize
     )
 }
 
@@ -222,7 +225,7 @@ enum Pending {
 /// What became of a record.
 enum Settled {
     Appended,
-    /// Refused for good (see [`poison`]).
+    /// Refused for good when handed over (see [`poison`]).
     Poison(String),
     Failed(String),
 }
@@ -234,7 +237,8 @@ impl Pending {
             Pending::Sent(delivery) => match delivery.await {
                 Ok(Ok(_)) => Settled::Appended,
                 Ok(Err((KafkaError::MessageProduction(code), _))) if poison(code) => {
-                    Settled::Poison(code.to_string())
+                    tracing::error!(%code, "the broker refused a produce batch for its size: set sink.options.properties.message.max.bytes to at most the topics' max.message.bytes, so that an oversized record is refused alone (and dead-lettered) before it is sent");
+                    Settled::Failed(code.to_string())
                 }
                 Ok(Err((e, _))) => Settled::Failed(e.to_string()),
                 Err(_) => Settled::Failed("producer dropped the record".into()),

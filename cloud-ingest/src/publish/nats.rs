@@ -90,7 +90,12 @@ impl NatsLog {
                 .await
             {
                 Ok(puback) => pending.push((r, Ok(puback))),
-                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                // Only once connected: before, the client checks against a 1 MiB default,
+                // not the server's max_payload.
+                Err(e)
+                    if e.kind() == PublishErrorKind::MaxPayloadExceeded
+                        && self.client.connection_state() == State::Connected =>
+                {
                     pending.push((r, Err(e.to_string())));
                 }
                 Err(e) => {

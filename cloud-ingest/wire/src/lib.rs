@@ -20,8 +20,9 @@ mod loss;
 
 pub use batch::{Batch, Record};
 pub use codec::{
-    DecodeError, Limits, compress, compress_with_dictionary, decode_body, decode_body_with,
-    decoded_size_bound, dictionary_id, encode_batch, frame_dictionary_id, train_dictionary,
+    DecodeError, Limits, MAX_WINDOW_LOG, compress, compress_with_dictionary, decode_body,
+    decode_body_with, decoded_size_bound, dictionary_id, encode_batch, frame_dictionary_id,
+    train_dictionary,
 };
 pub use json::{BatchAck, JsonBatch, JsonRecord};
 pub use loss::{LOSS_STREAM, LossReason, LossReport};
