@@ -24,26 +24,48 @@ use crate::publish::{
     DEAD_LETTER_STREAM, Delivery, PublishError, Publisher, clock_offset, embedded,
 };
 
-/// Everything the handlers share.
-pub struct AppState {
+/// What a config reload changes without a restart: who may send, at what rate, and who may
+/// read. Swapped whole, so a request sees one version of it.
+pub struct Access {
     /// Device registry.
     pub registry: Registry,
+    /// Per-device rate limits (their buckets start full again after a reload).
+    pub rates: crate::rates::DeviceRates,
+    /// Who may use the read endpoints.
+    pub read_api: ReadApi,
+}
+
+impl Access {
+    /// The access a validated config describes.
+    pub fn from_config(config: &crate::config::IngestConfig) -> Access {
+        Access {
+            registry: Registry::new(config.devices.clone()),
+            rates: crate::rates::DeviceRates::new(
+                &config.device_rates,
+                config.limits.max_records_per_batch,
+                config.limits.max_decompressed_bytes,
+            ),
+            read_api: config.read_api.clone(),
+        }
+    }
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// Registry, rates and read tokens: replaced by a reload ([`AppState::set_access`]).
+    pub access: std::sync::RwLock<Arc<Access>>,
     /// The stream log.
     pub publisher: Arc<dyn Publisher>,
     /// Per-request limits.
     pub limits: RequestLimits,
     /// Log topic template.
     pub naming: crate::naming::Naming,
-    /// Per-device rate limits.
-    pub rates: crate::rates::DeviceRates,
     /// Agent clocks further off than this get corrected timestamps (milliseconds).
     pub clock_skew_threshold_ms: i64,
     /// Metrics.
     pub metrics: Metrics,
     /// The embedded log's file, when that is the sink (enables the read endpoints).
     pub embedded_log: Option<PathBuf>,
-    /// Who may use the read endpoints.
-    pub read_api: ReadApi,
     /// zstd dictionaries registered by devices.
     pub dictionaries: Dictionaries,
     /// Read responses being streamed ([`MAX_CONCURRENT_READS`]).
@@ -51,6 +73,24 @@ pub struct AppState {
     /// `limits.max_decoding_bytes`, in KiB permits: what the requests being decoded and
     /// appended may cost together ([`RequestLimits::decoding_cost`]).
     pub decoding: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// The access in force now.
+    pub fn access(&self) -> Arc<Access> {
+        self.access
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `access` in force for every request from now on (requests in flight keep theirs).
+    pub fn set_access(&self, access: Access) {
+        *self
+            .access
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(access);
+    }
 }
 
 /// The decoding budget of `limits`, in KiB permits.
@@ -331,6 +371,7 @@ async fn put_dictionary(
     let result = async {
         let device = authenticate(&state, peer.as_deref(), &headers)?;
         state
+            .access()
             .rates
             .admit_registration(&device.device_id)
             .map_err(IngestError::RateLimited)?;
@@ -374,8 +415,9 @@ fn authenticate(
     peer: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Authenticated, IngestError> {
+    let access = state.access();
     if let Some(device) = peer {
-        return state
+        return access
             .registry
             .by_certificate(device)
             .ok_or(IngestError::Unauthorized);
@@ -389,7 +431,7 @@ fn authenticate(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(IngestError::Unauthorized)?;
-    state
+    access
         .registry
         .authenticate(device, token.trim())
         .ok_or(IngestError::Unauthorized)
@@ -475,7 +517,7 @@ async fn accept_batch(
             body: batch.device_id,
         });
     }
-    if let Err(wait) = state.rates.admit(
+    if let Err(wait) = state.access().rates.admit(
         &device.device_id,
         batch.records.len(),
         batch
@@ -608,7 +650,7 @@ fn readable_log(
     let Some(path) = state.embedded_log.clone() else {
         return Err(Box::new(not_embedded()));
     };
-    match &state.read_api {
+    match &state.access().read_api {
         ReadApi::Open => Ok((path, Readable::All)),
         ReadApi::Disabled => Err(refuse(
             StatusCode::NOT_FOUND,
@@ -802,13 +844,17 @@ mod tests {
         let path = dir.join("log.db");
         Arc::new(AppState {
             dictionaries: Dictionaries::new(1 << 20),
-            registry: Registry::new(HashMap::from([(
-                "d1".to_owned(),
-                Device {
-                    tenant: "acme".into(),
-                    token_sha256: Some(hash_token("tok")),
-                },
-            )])),
+            access: std::sync::RwLock::new(Arc::new(Access {
+                registry: Registry::new(HashMap::from([(
+                    "d1".to_owned(),
+                    Device {
+                        tenant: "acme".into(),
+                        token_sha256: Some(hash_token("tok")),
+                    },
+                )])),
+                rates: crate::rates::DeviceRates::new(&HashMap::new(), 100, 1 << 16),
+                read_api: ReadApi::Open,
+            })),
             publisher: Arc::new(EmbeddedLog::open(&path, Default::default()).expect("open")),
             limits: RequestLimits {
                 max_body_bytes: 4096,
@@ -820,11 +866,9 @@ mod tests {
                 max_decoding_bytes: 1 << 20,
             },
             naming: crate::naming::Naming::parse("iot.{tenant}.{stream}").expect("template"),
-            rates: crate::rates::DeviceRates::new(&HashMap::new(), 100, 1 << 16),
             clock_skew_threshold_ms: 60_000,
             metrics: Metrics::new(),
             embedded_log: Some(path),
-            read_api: ReadApi::Open,
             decoding: Arc::new(tokio::sync::Semaphore::new(1 << 10)),
             reads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS)),
         })
@@ -1026,15 +1070,17 @@ mod tests {
         let with = |read_api| {
             Arc::new(AppState {
                 dictionaries: Dictionaries::new(1 << 20),
-                registry: open.registry.clone(),
+                access: std::sync::RwLock::new(Arc::new(Access {
+                    registry: open.access().registry.clone(),
+                    rates: crate::rates::DeviceRates::new(&HashMap::new(), 100, 1 << 16),
+                    read_api,
+                })),
                 publisher: open.publisher.clone(),
                 limits: open.limits,
                 naming: open.naming.clone(),
-                rates: crate::rates::DeviceRates::new(&HashMap::new(), 100, 1 << 16),
                 clock_skew_threshold_ms: open.clock_skew_threshold_ms,
                 metrics: Metrics::new(),
                 embedded_log: open.embedded_log.clone(),
-                read_api,
                 decoding: open.decoding.clone(),
                 reads: open.reads.clone(),
             })

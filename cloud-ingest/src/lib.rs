@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod naming;
 pub mod publish;
 pub mod rates;
+pub mod reload;
 pub mod tls;
 
 use std::sync::Arc;
@@ -24,7 +25,6 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
-use crate::auth::Registry;
 use crate::config::{IngestConfig, SinkConfig};
 use crate::metrics::Metrics;
 use crate::publish::embedded::EmbeddedLog;
@@ -34,9 +34,13 @@ use crate::publish::nats::NatsLog;
 /// Bytes of registered zstd dictionaries a replica keeps (about 16,000 of 4 KiB).
 const DICTIONARY_CACHE_BYTES: usize = 64 << 20;
 
-/// Starts the ingest on `config.listen` and serves until `shutdown` is cancelled.
-/// Requests in flight are finished before it returns.
-pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Starts the ingest on `config.listen` and serves until `shutdown` is cancelled; SIGHUP
+/// reloads `config_file` ([`reload`]). Requests in flight are finished before it returns.
+pub async fn serve(
+    config: IngestConfig,
+    config_file: Option<std::path::PathBuf>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (publisher, embedded_log): (Arc<dyn publish::Publisher>, _) = match &config.sink {
         SinkConfig::Embedded { path, retention } => (
             Arc::new(EmbeddedLog::open(path, *retention)?),
@@ -57,21 +61,15 @@ pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow:
         ),
     };
     let state = Arc::new(AppState {
-        registry: Registry::new(config.devices.clone()),
+        access: std::sync::RwLock::new(Arc::new(api::Access::from_config(&config))),
         publisher,
         limits: config.limits,
-        rates: rates::DeviceRates::new(
-            &config.device_rates,
-            config.limits.max_records_per_batch,
-            config.limits.max_decompressed_bytes,
-        ),
         naming: naming::Naming::parse(&config.topic_template)
             .map_err(|e| anyhow::anyhow!("topic_template: {e}"))?,
         clock_skew_threshold_ms: i64::try_from(config.clock_skew_threshold.as_millis())
             .unwrap_or(i64::MAX),
         metrics: Metrics::new(),
         embedded_log,
-        read_api: config.read_api,
         dictionaries: dictionaries::Dictionaries::new(DICTIONARY_CACHE_BYTES),
         decoding: api::decoding_budget(&config.limits),
         reads: Arc::new(tokio::sync::Semaphore::new(api::MAX_CONCURRENT_READS)),
@@ -87,7 +85,10 @@ pub async fn serve(config: IngestConfig, shutdown: CancellationToken) -> anyhow:
         Some(files) => Some(Arc::new(tls::Reloadable::load(files.clone())?)),
         None => None,
     };
-    tokio::spawn(tls::reload_on_signal_or_change(
+    tokio::spawn(reload::run(
+        config_file,
+        config.clone(),
+        state.clone(),
         tls.clone(),
         shutdown.clone(),
     ));

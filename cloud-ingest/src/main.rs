@@ -96,7 +96,8 @@ fn embedded_path(config: &std::path::Path) -> anyhow::Result<PathBuf> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
-            let config = IngestConfig::load(&config)?;
+            let file = config;
+            let config = IngestConfig::load(&file)?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
@@ -106,7 +107,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tracing::info!("shutting down: finishing requests in flight");
                     on_signal.cancel();
                 });
-                cloud_ingest::serve(config, shutdown).await
+                cloud_ingest::serve(config, Some(file), shutdown).await
             })
         }
         Command::CheckConfig { file } => {

@@ -12,7 +12,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::TlsFiles;
 
@@ -90,42 +89,6 @@ fn stamp(files: &TlsFiles) -> Stamp {
             .and_then(|m| Some((m.modified().ok()?, m.len())))
     })
     .collect()
-}
-
-/// Reloads `tls` on SIGHUP and when its files change, until `shutdown`. Without TLS, a SIGHUP
-/// is logged and changes nothing (it no longer stops the ingest: `systemctl reload` is safe).
-pub async fn reload_on_signal_or_change(tls: Option<Arc<Reloadable>>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP; TLS files are still checked for changes");
-            None
-        }
-    };
-    let mut tick = tokio::time::interval(CHECK_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let forced = tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => false,
-            Some(()) = async {
-                match hangup.as_mut() {
-                    Some(h) => h.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => true,
-        };
-        if forced {
-            tracing::info!(
-                "SIGHUP: reloading the TLS files (other settings take effect at the next start)"
-            );
-        }
-        if let Some(tls) = &tls {
-            let tls = tls.clone();
-            let _ = tokio::task::spawn_blocking(move || tls.reload(forced)).await;
-        }
-    }
 }
 
 /// The TLS acceptor for `tls`: certificate and key (and the device CAs, for mTLS) read now.

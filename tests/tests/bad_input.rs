@@ -565,6 +565,76 @@ fn a_large_read_is_streamed_in_pages_of_bounded_size() {
     assert_eq!(all.len(), 40, "paging with next_offset reads everything");
 }
 
+/// SIGHUP reloads the device registry: a device added to the file can send without a restart;
+/// a file that fails validation is refused whole and the running config stays.
+#[test]
+fn sighup_adds_a_device_without_a_restart_and_refuses_a_broken_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cloud = CloudHarness::new(dir.path()).run();
+    let pid = cloud.process.pid();
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    let post = |device: &str, token: &str, seq: u64| {
+        cloud.post(
+            device,
+            token,
+            CONTENT_TYPE_BATCH,
+            Some("zstd"),
+            zstd(&batch(device, &[seq])),
+        )
+    };
+    let (status, _) = post("dev-new", "token-new-0123456789", 1);
+    assert_eq!(status, 401, "not registered yet");
+
+    let text = std::fs::read_to_string(&cloud.config).expect("config");
+    let added = text.replacen(
+        "devices:\n",
+        &format!(
+            "devices:\n  - id: dev-new\n    tenant: {TENANT}\n    token_sha256: {}\n",
+            e2e::token_hash("token-new-0123456789")
+        ),
+        1,
+    );
+    std::fs::write(&cloud.config, &added).expect("config");
+    hup();
+    eventually(Duration::from_secs(10), "the new device accepted", || {
+        (post("dev-new", "token-new-0123456789", 2).0 == 200).then_some(())
+    });
+
+    std::fs::write(
+        &cloud.config,
+        added.replace("tenant: acme", "tenant: acme.eu"),
+    )
+    .expect("config");
+    hup();
+    eventually(Duration::from_secs(10), "the refusal logged", || {
+        cloud
+            .process
+            .stderr()
+            .contains("config refused")
+            .then_some(())
+    });
+    assert!(
+        cloud.process.stderr().contains("devices[0].tenant"),
+        "the error names the key"
+    );
+    assert_eq!(
+        post("dev-new", "token-new-0123456789", 3).0,
+        200,
+        "the running config stays"
+    );
+    assert_eq!(post(DEVICE, TOKEN, 4).0, 200);
+    assert!(
+        cloud.process.try_status().is_none(),
+        "still the same process"
+    );
+}
+
 /// `/metrics` can leave the public port for a listener of its own.
 #[test]
 fn metrics_can_sit_on_their_own_listener() {
