@@ -59,7 +59,13 @@ pub struct Forwarder {
     pub progress: watch::Receiver<Vec<StreamProgress>>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Beaten on every turn of the loop, at least every [`BEAT_INTERVAL`] (the watchdog's
+    /// proof of progress).
+    pub beat: crate::systemd::Beat,
 }
+
+/// Longest the forwarder's loop waits before it goes round again, idle or not.
+const BEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The request got no usable answer.
 #[derive(Debug, thiserror::Error)]
@@ -550,6 +556,7 @@ impl Forwarder {
             if shutdown.is_cancelled() {
                 return;
             }
+            self.beat.beat();
             let progress = self.progress.borrow_and_update().clone();
             let now = Instant::now();
             let candidates: Vec<Candidate> = self
@@ -599,8 +606,9 @@ impl Forwarder {
                 Decision::WaitUntil(_) | Decision::Idle => {
                     let deadline = match decision {
                         Decision::WaitUntil(at) => at,
-                        _ => now + Duration::from_secs(3600),
-                    };
+                        _ => now + BEAT_INTERVAL,
+                    }
+                    .min(now + BEAT_INTERVAL);
                     tokio::select! {
                         Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                             let ended = match done {

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod retry;
 pub mod routing;
+pub mod systemd;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -153,6 +154,10 @@ pub async fn run(
     let protected = protections(&lanes);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(progress);
     let queue_bytes = buffer::QueueBytes::new(config.buffer.queue_bytes);
+    let (writer_beat, forwarder_beat) = (
+        systemd::Beat::new("buffer writer"),
+        systemd::Beat::new("forwarder"),
+    );
     let writer = BufferWriter::new(
         buffer,
         command_rx,
@@ -163,7 +168,8 @@ pub async fn run(
         names.clone(),
         protected.clone(),
     )
-    .with_budget(queue_bytes.clone());
+    .with_budget(queue_bytes.clone())
+    .with_beat(writer_beat.clone());
     let stop_checkpoints = Arc::new(AtomicBool::new(false));
     let checkpointer = buffer::spawn_checkpointer(&config.buffer.path, stop_checkpoints.clone())
         .map_err(|e| AgentError::Broker(BrokerError::Start(e.to_string())))?;
@@ -258,11 +264,18 @@ pub async fn run(
         protected,
         progress: progress_rx,
         metrics,
+        beat: forwarder_beat.clone(),
     };
     let stop_forwarding = CancellationToken::new();
     let forwarder = tokio::spawn(forwarder.run(stop_forwarding.clone()));
 
     ready.store(true, Ordering::Relaxed);
+    systemd::notify("READY=1");
+    let stop_watchdog = CancellationToken::new();
+    tokio::spawn(systemd::watchdog(
+        vec![writer_beat, forwarder_beat],
+        stop_watchdog.clone(),
+    ));
     // Supervision: a stage that stops on its own (the buffer writer, the forwarder, rumqttd)
     // stops the agent, which exits non-zero so systemd restarts it; it never runs half alive.
     let died = tokio::select! {
@@ -270,6 +283,8 @@ pub async fn run(
         stage = stopped_stage(&writer, &forwarder, &broker.thread) => Some(stage),
     };
     ready.store(false, Ordering::Relaxed);
+    stop_watchdog.cancel();
+    systemd::notify("STOPPING=1");
     match died {
         None => tracing::info!("shutting down: no more MQTT input"),
         Some(stage) => tracing::error!(

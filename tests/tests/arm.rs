@@ -181,6 +181,15 @@ fn the_packages_hold_binary_config_and_unit_and_both_pass_checks() {
                 .expect("unit")
                 .replace("/usr/bin/edge-agent", &packaged.display().to_string());
         assert!(unit.contains("Restart=always") && unit.contains("User=edge-agent"));
+        for line in [
+            "Type=notify",
+            "WatchdogSec=60",
+            "StartLimitIntervalSec=0",
+            "MemoryMax=256M",
+            "TasksMax=256",
+        ] {
+            assert!(unit.lines().any(|l| l == line), "{line} in the unit");
+        }
         assert!(unit.contains("StateDirectory=edge-agent"));
         let unit_path = unit_dir.path().join("edge-agent.service");
         std::fs::write(&unit_path, unit).expect("unit");

@@ -112,6 +112,8 @@ pub struct BufferWriter {
     /// When the writer first saw that the agent is stopping (every sender gone).
     stop_seen: Option<Instant>,
     budget: Option<QueueBytes>,
+    /// Beaten on every turn of the loop (the watchdog's proof of progress).
+    beat: Option<crate::systemd::Beat>,
 }
 
 impl BufferWriter {
@@ -140,12 +142,19 @@ impl BufferWriter {
             protected,
             stop_seen: None,
             budget: None,
+            beat: None,
         }
     }
 
     /// Gives the records' cost back to `budget` as they are committed ([`QueueBytes`]).
     pub fn with_budget(mut self, budget: QueueBytes) -> BufferWriter {
         self.budget = Some(budget);
+        self
+    }
+
+    /// Beats `beat` on every turn of the loop (at least every second, idle or not).
+    pub fn with_beat(mut self, beat: crate::systemd::Beat) -> BufferWriter {
+        self.beat = Some(beat);
         self
     }
 
@@ -156,6 +165,9 @@ impl BufferWriter {
         self.fit();
         self.publish_backlog();
         loop {
+            if let Some(beat) = &self.beat {
+                beat.beat();
+            }
             let mut closed = false;
             match self.commands.recv_timeout(TICK) {
                 Ok(first) => group.push(first),
