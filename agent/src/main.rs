@@ -157,6 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.buffer.reserve_bytes = Some(check_buffer_volume(&file, &config)?);
             let users = load_users(&config)?;
             raise_open_files_limit();
+            let buffer_path = config.buffer.path.clone();
             let runtime = tokio::runtime::Runtime::new()?;
             let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
@@ -171,6 +172,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // process (dropping a runtime waits for them forever).
             runtime.shutdown_timeout(std::time::Duration::from_millis(500));
             result?;
+            // Every connection is closed now: the next start may skip the full check.
+            edge_agent::buffer::recovery::mark_clean(&buffer_path);
             Ok(())
         }
     }

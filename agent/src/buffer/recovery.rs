@@ -63,16 +63,81 @@ pub fn clear_suspect(path: &Path) {
     let _ = std::fs::remove_file(suspect(path));
 }
 
+/// The marker beside a buffer that the agent stopped cleanly.
+fn clean_marker(path: &Path) -> PathBuf {
+    side(path, ".clean")
+}
+
+/// What the buffer file looks like on disk: its size and modification time, and its WAL's.
+fn file_stamp(path: &Path) -> Option<String> {
+    let stamp = |p: &Path| {
+        std::fs::metadata(p).ok().map(|m| {
+            let modified = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{} {modified}", m.len())
+        })
+    };
+    let wal = stamp(&side(path, "-wal")).unwrap_or_else(|| "none".into());
+    Some(format!("{} / wal {wal}", stamp(path)?))
+}
+
+/// After a clean stop (everything committed, every connection closed): marks the buffer at
+/// `path` so that the next start can skip the full check. The marker holds the file's
+/// [`file_stamp`]: a file changed since (restored, copied over, written by anything) is
+/// checked anyway.
+pub fn mark_clean(path: &Path) {
+    use std::io::Write;
+    let Some(stamp) = file_stamp(path) else {
+        return;
+    };
+    let marked = std::fs::File::create(clean_marker(path))
+        .and_then(|mut f| f.write_all(stamp.as_bytes()).and_then(|()| f.sync_all()));
+    if let Err(e) = marked {
+        tracing::warn!(error = %e, "cannot mark the clean stop; the next start checks the whole buffer");
+    }
+}
+
+/// Takes the clean-stop marker away (durably: a power cut later must not bring it back) and
+/// says whether it vouches for the file as it is now.
+fn take_clean_marker(path: &Path) -> bool {
+    let marker = clean_marker(path);
+    let Ok(stamp) = std::fs::read_to_string(&marker) else {
+        return false;
+    };
+    if std::fs::remove_file(&marker).is_err() {
+        return false;
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if std::fs::File::open(dir).and_then(|d| d.sync_all()).is_err() {
+        return false;
+    }
+    file_stamp(path).is_some_and(|now| now == stamp)
+}
+
 /// Checks the buffer at `path` (absent is fine). `Ok(Some(reason))` when it is corrupt, or
 /// was marked damaged while running; `Err` for errors that are not about the file's content
-/// (permissions, missing directory).
+/// (permissions, missing directory). After a clean stop that left the file as it was, the full
+/// read (`PRAGMA quick_check`, seconds on a large buffer on an SD card) is skipped: the file
+/// was consistent when the agent closed it, every record's checksum is still verified on every
+/// read, and damage met while running is marked and salvaged at the next start.
 pub fn check(path: &Path) -> rusqlite::Result<Option<String>> {
+    let clean = take_clean_marker(path);
     if !path.exists() {
         clear_suspect(path);
         return Ok(None);
     }
     if let Ok(why) = std::fs::read_to_string(suspect(path)) {
         return Ok(Some(format!("damage found while running: {why}")));
+    }
+    if clean {
+        tracing::info!("the buffer was stopped cleanly and is unchanged since: full check skipped");
+        return Ok(None);
     }
     let result = Connection::open(path)
         .and_then(|conn| conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)));
@@ -750,6 +815,45 @@ mod tests {
     use super::*;
     use crate::buffer::{Buffer, BufferStream, NewRecord, WriterCommand};
     use crate::routing::Priority;
+
+    /// After a clean stop the full check is skipped once (the marker is taken away); a file
+    /// written after the marker, or a start without one, gets the full check.
+    #[test]
+    fn a_clean_stop_skips_the_full_check_only_for_an_unchanged_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("buffer.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE t (v BLOB); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) INSERT INTO t SELECT randomblob(200) FROM n;",
+            )
+            .expect("fill");
+        }
+        let corrupt = || {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("file");
+            f.seek(SeekFrom::Start(4096 * 3)).expect("seek");
+            f.write_all(&[0xA5; 4096 * 4]).expect("garbage");
+        };
+        mark_clean(&path);
+        assert!(clean_marker(&path).exists());
+        assert_eq!(check(&path).expect("check"), None);
+        assert!(!clean_marker(&path).exists(), "used once");
+
+        mark_clean(&path);
+        corrupt();
+        assert!(
+            check(&path).expect("check").is_some(),
+            "written after the clean stop: fully checked, and found corrupt"
+        );
+        assert!(
+            check(&path).expect("check").is_some(),
+            "no marker: fully checked"
+        );
+    }
 
     fn streams() -> Vec<BufferStream> {
         [

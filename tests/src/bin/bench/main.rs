@@ -9,6 +9,7 @@
 //! producer with the same settings, both on one tansu broker on this machine.
 
 mod at_rest;
+mod boot;
 mod front_door;
 mod network;
 
@@ -355,7 +356,7 @@ fn main() {
             ingest_extra: BOARD_512MB_INGEST,
         },
     ];
-    // BENCH_ONLY=pipeline|kafka|network|frontdoor runs one group of tables.
+    // BENCH_ONLY=pipeline|kafka|network|frontdoor|boot runs one group of tables.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let runs = |table: &str| only.is_empty() || only == table;
     let scenarios = if runs("pipeline") {
@@ -403,6 +404,9 @@ fn main() {
     }
     if runs("frontdoor") {
         front_door::table(scale);
+    }
+    if runs("boot") {
+        boot::table(scale);
     }
 }
 
