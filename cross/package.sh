@@ -14,8 +14,17 @@ install -D -m 0644 cross/edge-agent.service "$root/lib/systemd/system/edge-agent
 install -D -m 0644 cross/INSTALL.md "$root/usr/share/doc/edge-agent/INSTALL.md"
 install -D -m 0644 config/agent.yaml "$root/usr/share/doc/edge-agent/agent.example.yaml"
 
-# Tarball: the same tree, without the Debian control files.
-tar --owner=0 --group=0 -czf "$out/edge-agent-$version-$arch.tar.gz" -C "$root" .
+# Tarball: the same tree, without the Debian control files. Extracted over / (INSTALL.md), every
+# directory entry must be what a system has there: root-owned 0755 (mktemp -d makes the tree's
+# top 0700, which would make / unusable). Its config is 0644: the service user must read it,
+# and a tarball cannot know that user's group (the token, the secret, is a file of its own,
+# which INSTALL.md has the operator create 0640 with the group). The .deb keeps 0640 and sets
+# the group in postinst.
+chmod 0755 "$root"
+find "$root" -type d -exec chmod 0755 {} +
+chmod 0644 "$root/etc/edge-agent/agent.yaml"
+tar --owner=0 --group=0 --numeric-owner -czf "$out/edge-agent-$version-$arch.tar.gz" -C "$root" .
+chmod 0640 "$root/etc/edge-agent/agent.yaml"
 
 mkdir -p "$root/DEBIAN"
 cat > "$root/DEBIAN/control" <<CONTROL

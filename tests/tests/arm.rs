@@ -227,5 +227,35 @@ fn the_packages_hold_binary_config_and_unit_and_both_pass_checks() {
         ] {
             assert!(listing.contains(path), "tarball lacks {path}");
         }
+        // Extracted over a root as INSTALL.md says (`tar -xzf … -C /`): the root keeps its
+        // mode, and the service user (not root, not in root's group) can read the config.
+        let scratch = tempfile::tempdir().expect("tempdir");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            run(Command::new("tar")
+                .arg("-xzf")
+                .arg(&tarball)
+                .arg("-C")
+                .arg(scratch.path()));
+            let mode = |p: &Path| {
+                std::fs::metadata(p)
+                    .expect("extracted")
+                    .permissions()
+                    .mode()
+                    & 0o7777
+            };
+            assert_eq!(mode(scratch.path()), 0o755, "the root keeps 0755");
+            for dir in ["etc", "etc/edge-agent", "usr/bin", "lib/systemd/system"] {
+                assert_eq!(mode(&scratch.path().join(dir)), 0o755, "{dir}");
+            }
+            let config = mode(&scratch.path().join("etc/edge-agent/agent.yaml"));
+            assert_eq!(
+                config & 0o004,
+                0o004,
+                "others can read the config: {config:o}"
+            );
+        }
     }
 }
