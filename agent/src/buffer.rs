@@ -642,6 +642,17 @@ impl Buffer {
         self.streams.iter().map(|s| s.progress).collect()
     }
 
+    /// Per stream, when its oldest record still held was received (Unix ms), if it holds any.
+    pub fn oldest_received_ms(&self) -> rusqlite::Result<Vec<Option<i64>>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT received_at_ms FROM records WHERE stream_id = ?1 ORDER BY seq LIMIT 1",
+        )?;
+        self.streams
+            .iter()
+            .map(|s| stmt.query_row([s.id], |r| r.get::<_, i64>(0)).optional())
+            .collect()
+    }
+
     /// Total cost of the records held, against the quota.
     pub fn backlog_bytes(&self) -> u64 {
         self.streams.iter().map(|s| s.progress.backlog_bytes).sum()

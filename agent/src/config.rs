@@ -130,6 +130,8 @@ struct RawIngest {
     client_key_file: Option<PathBuf>,
     #[serde(default)]
     allow_insecure_http: bool,
+    #[serde(default = "default_degraded_after")]
+    degraded_after: String,
 }
 
 fn default_max_in_flight() -> usize {
@@ -314,6 +316,10 @@ fn default_retry_max() -> String {
 fn default_zstd_level() -> i32 {
     1
 }
+fn default_degraded_after() -> String {
+    "5m".into()
+}
+
 fn default_max_payload() -> String {
     "256KiB".into()
 }
@@ -414,6 +420,9 @@ pub struct IngestConfig {
     pub critical_may_exceed_rate: bool,
     /// Requests in flight at once, across streams (one per stream; one slot kept for critical).
     pub max_in_flight: usize,
+    /// Records waiting longer than this with the link up and nothing delivered for as long:
+    /// the agent reports itself degraded (`agent_degraded`, `status`).
+    pub degraded_after: Duration,
     /// PEM certificates trusted beside the OS store (a private CA).
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate and key presented to the ingest (mTLS), if any.
@@ -1105,6 +1114,7 @@ fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, Invalid> {
         },
         critical_may_exceed_rate: raw.critical_may_exceed_rate,
         max_in_flight: positive("ingest.max_in_flight", raw.max_in_flight)?,
+        degraded_after: duration("ingest.degraded_after", &raw.degraded_after)?,
         ca_file: raw.ca_file,
         client_identity: match (raw.client_cert_file, raw.client_key_file) {
             (None, None) => None,

@@ -795,6 +795,7 @@ impl Forwarder {
         match outcome {
             Outcome::Delivered => {
                 self.metrics.link_up.set(1);
+                self.metrics.delivered_now();
                 self.metrics.auth_alarm.set(0);
                 self.metrics.wire_bytes.inc_by(batch.body.len() as u64);
                 self.metrics.raw_bytes.inc_by(batch.raw_bytes);
@@ -829,6 +830,8 @@ impl Forwarder {
             }
             Outcome::Reject | Outcome::TooLarge => {
                 self.metrics.link_up.set(1);
+                self.metrics
+                    .set_last_error(format!("{stream_name}: batch rejected: {reason}"));
                 count("dead_lettered");
                 tracing::error!(stream = %stream_name, first_seq = batch.first_seq, last_seq = batch.last_seq, %reason, "ingest rejected the batch; kept in the dead-letter table, the queue goes on");
                 self.lanes[stream].size_cap = None;
@@ -836,6 +839,8 @@ impl Forwarder {
             }
             Outcome::Alarm => {
                 self.metrics.link_up.set(1);
+                self.metrics
+                    .set_last_error(format!("{stream_name}: credentials refused: {reason}"));
                 self.metrics.auth_alarm.set(1);
                 count("refused");
                 let delay = backoff.next().unwrap_or(self.ingest.retry_max);
@@ -844,6 +849,8 @@ impl Forwarder {
             }
             Outcome::Retry { after } => {
                 self.metrics.link_up.set(0);
+                self.metrics
+                    .set_last_error(format!("{stream_name}: {reason}"));
                 count("retried");
                 if replica != replicas.current {
                     // Another request already moved away from that replica.

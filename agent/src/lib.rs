@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod retry;
 pub mod routing;
+pub mod status;
 pub mod systemd;
 
 use std::sync::Arc;
@@ -83,6 +84,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let metrics = Metrics::new();
+    metrics.set_degraded_after(config.ingest.degraded_after);
     let configured: Vec<BufferStream> = config
         .streams
         .iter()
@@ -188,8 +190,9 @@ pub async fn run(
         println!("metrics listening on {local}");
         drop(listener);
         let (m, stop, r) = (metrics.clone(), stop_serving.clone(), ready.clone());
+        let buffer = config.buffer.path.clone();
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(local, m, r, stop).await {
+            if let Err(e) = metrics::serve(local, m, r, buffer, stop).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });

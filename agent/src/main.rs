@@ -8,6 +8,7 @@ use std::io::Write;
 
 use edge_agent::buffer::recovery;
 use edge_agent::config::{AgentConfig, check_buffer_volume, resolve_token};
+use edge_agent::status::Status;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -37,6 +38,20 @@ enum Command {
     /// Print the hash of a password read from standard input, for a line `name:HASH` of the
     /// users file (mqtt.auth.users_file). Argon2id, random salt.
     HashPassword,
+    /// How far behind the gateway is: per stream the records waiting, the oldest one's age,
+    /// the drain rate and an ETA; the link, the last error, losses; the buffer and the disk.
+    /// Asks the running agent (its metrics_listen), else reads the buffer file.
+    Status {
+        /// The device's YAML config (finds the agent and its buffer).
+        #[arg(long, required_unless_present = "buffer")]
+        config: Option<PathBuf>,
+        /// Read this buffer file instead (a stopped agent's; read-only).
+        #[arg(long, conflicts_with = "config")]
+        buffer: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect a buffer file offline (read-only; safe while the agent runs).
     Buffer {
         #[command(subcommand)]
@@ -149,6 +164,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             failed.map_or(Ok(()), |e| Err(e.into()))
         }
+        Command::Status {
+            config,
+            buffer,
+            json,
+        } => {
+            let status = match (config, buffer) {
+                (_, Some(file)) => Status::from_buffer(&file)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
+                (Some(file), None) => {
+                    let config = AgentConfig::load(&file)?;
+                    let live = match config.metrics_listen {
+                        Some(addr) => ask_running_agent(addr),
+                        None => Err("metrics_listen is not set in the config".to_owned()),
+                    };
+                    match live {
+                        Ok(status) => status,
+                        Err(why) => {
+                            eprintln!(
+                                "the agent does not answer ({why}): reading its buffer file {}",
+                                config.buffer.path.display()
+                            );
+                            Status::from_buffer(&config.buffer.path).map_err(|e| {
+                                anyhow::anyhow!("{}: {e}", config.buffer.path.display())
+                            })?
+                        }
+                    }
+                }
+                (None, None) => anyhow::bail!("give --config or --buffer"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.table());
+            }
+            Ok(())
+        }
         Command::Run { config: file } => {
             let mut config = AgentConfig::load(&file)?;
             let token = resolve_token(&file, &config.ingest.token)?;
@@ -177,6 +228,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The running agent's `/status`, asked on its `metrics_listen` (a wildcard address is asked
+/// on loopback).
+fn ask_running_agent(addr: std::net::SocketAddr) -> Result<Status, String> {
+    if addr.port() == 0 {
+        return Err("metrics_listen has port 0, so its port is not known".into());
+    }
+    let ip = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let url = format!(
+        "http://{}/status",
+        std::net::SocketAddr::new(ip, addr.port())
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(3))
+            .no_proxy()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let response = client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("{url}: {}", response.status()));
+        }
+        let text = response.text().await.map_err(|e| e.to_string())?;
+        serde_json::from_str(&text).map_err(|e| format!("{url}: {e}"))
+    })
 }
 
 /// The users file the config names (none: no users).

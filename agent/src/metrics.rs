@@ -89,6 +89,17 @@ pub const BUFFER_QUEUE_RECORDS: &str = "agent_buffer_queue_records";
 pub const BUFFER_QUEUE_BYTES: &str = "agent_buffer_queue_bytes";
 /// Seconds since the buffer last committed (it commits at least once a second while running).
 pub const BUFFER_LAST_COMMIT_AGE: &str = "agent_buffer_last_commit_age_seconds";
+/// Per stream, seconds since its oldest record still held was received (0: none held).
+pub const OLDEST_UNDELIVERED_AGE: &str = "agent_oldest_undelivered_age_seconds";
+/// Bytes the agent process wrote to disk (`/proc/self/io` `write_bytes`: WAL, checkpoints,
+/// database), since it started.
+pub const DISK_WRITTEN: &str = "agent_disk_written_bytes_total";
+/// 1 while delivery is stuck with the link up: records have waited longer than
+/// `ingest.degraded_after`, the ingest answers, and nothing was delivered for that long.
+pub const DEGRADED: &str = "agent_degraded";
+
+/// Per stream, when its oldest record still held was received (Unix ms).
+type OldestReceived = Vec<(String, Option<i64>)>;
 
 /// Handles to every metric of the agent.
 #[derive(Clone)]
@@ -171,6 +182,17 @@ pub struct Metrics {
     last_commit_ms: Arc<std::sync::atomic::AtomicI64>,
     /// Whether the buffer's last commit succeeded: `/readyz` is 503 while commits fail.
     buffer_ok: Arc<AtomicBool>,
+    /// See [`OLDEST_UNDELIVERED_AGE`]; set from `oldest_received` when rendered.
+    oldest_undelivered_age: prometheus::GaugeVec,
+    oldest_received: Arc<std::sync::Mutex<OldestReceived>>,
+    /// See [`DISK_WRITTEN`]; brought up to `/proc/self/io` when rendered.
+    disk_written: IntCounter,
+    /// See [`DEGRADED`]; computed when rendered.
+    degraded: IntGauge,
+    degraded_after_ms: Arc<std::sync::atomic::AtomicI64>,
+    last_delivered_ms: Arc<std::sync::atomic::AtomicI64>,
+    /// The last failure the forwarder met: when (Unix ms) and why.
+    last_error: Arc<std::sync::Mutex<Option<(i64, String)>>>,
 }
 
 impl Metrics {
@@ -354,6 +376,29 @@ impl Metrics {
             ),
             last_commit_ms: Arc::new(std::sync::atomic::AtomicI64::new(crate::clock::now_ms())),
             buffer_ok: Arc::new(AtomicBool::new(true)),
+            oldest_undelivered_age: reg(
+                &registry,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        OLDEST_UNDELIVERED_AGE,
+                        "Seconds since the stream's oldest record still held was received.",
+                    ),
+                    &["stream"],
+                )
+                .expect("invariant: valid metric"),
+            ),
+            oldest_received: Arc::default(),
+            disk_written: counter(
+                DISK_WRITTEN,
+                "Bytes the agent wrote to disk (WAL, checkpoints, database) since it started.",
+            ),
+            degraded: gauge(
+                DEGRADED,
+                "1 while records wait longer than ingest.degraded_after with the link up and nothing delivered.",
+            ),
+            degraded_after_ms: Arc::new(std::sync::atomic::AtomicI64::new(300_000)),
+            last_delivered_ms: Arc::new(std::sync::atomic::AtomicI64::new(crate::clock::now_ms())),
+            last_error: Arc::default(),
             registry,
         }
     }
@@ -371,11 +416,98 @@ impl Metrics {
         self.buffer_ok.store(false, Ordering::Relaxed);
     }
 
+    /// Per stream, when its oldest record still held was received (from the buffer writer).
+    pub fn set_oldest_received(&self, oldest: OldestReceived) {
+        *self
+            .oldest_received
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = oldest;
+    }
+
+    /// Per stream, seconds since its oldest record still held was received (`None`: none held).
+    pub fn oldest_ages(&self) -> Vec<(String, Option<f64>)> {
+        let now = crate::clock::now_ms();
+        self.oldest_received
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(name, at)| (name.clone(), at.map(|t| (now - t).max(0) as f64 / 1000.0)))
+            .collect()
+    }
+
+    /// How long records may wait with the link up and nothing delivered before the agent is
+    /// degraded (`ingest.degraded_after`).
+    pub fn set_degraded_after(&self, after: std::time::Duration) {
+        self.degraded_after_ms
+            .store(after.as_millis() as i64, Ordering::Relaxed);
+    }
+
+    /// A batch was delivered just now.
+    pub fn delivered_now(&self) {
+        self.last_delivered_ms
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+
+    /// The forwarder met `error` just now.
+    pub fn set_last_error(&self, error: String) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((crate::clock::now_ms(), error));
+    }
+
+    /// The last failure the forwarder met: when (Unix ms) and why.
+    pub fn last_error(&self) -> Option<(i64, String)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether delivery is stuck with the link up (see [`DEGRADED`]).
+    pub fn is_degraded(&self) -> bool {
+        let now = crate::clock::now_ms();
+        let after = self.degraded_after_ms.load(Ordering::Relaxed);
+        let waited = self
+            .oldest_ages()
+            .iter()
+            .filter_map(|(_, age)| *age)
+            .any(|age| age * 1000.0 > after as f64);
+        waited
+            && self.link_up.get() == 1
+            && now - self.last_delivered_ms.load(Ordering::Relaxed) > after
+    }
+
+    /// Bytes this process wrote to disk since it started (`/proc/self/io`), if readable.
+    pub fn disk_written_bytes() -> Option<u64> {
+        std::fs::read_to_string("/proc/self/io")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Every metric's current values (for `status`).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let since = crate::clock::now_ms() - self.last_commit_ms.load(Ordering::Relaxed);
         self.buffer_last_commit_age
             .set(since.max(0) as f64 / 1000.0);
+        for (stream, age) in self.oldest_ages() {
+            self.oldest_undelivered_age
+                .with_label_values(&[&stream])
+                .set(age.unwrap_or(0.0));
+        }
+        if let Some(written) = Metrics::disk_written_bytes() {
+            let counted = self.disk_written.get();
+            self.disk_written.inc_by(written.saturating_sub(counted));
+        }
+        self.degraded.set(i64::from(self.is_degraded()));
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -396,11 +528,39 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     ready: Arc<AtomicBool>,
+    buffer: std::path::PathBuf,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::routing::get;
     let buffer_ok = metrics.buffer_ok.clone();
+    let drain = Arc::new(crate::status::Drain::default());
+    {
+        let (drain, metrics, stop) = (drain.clone(), metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::status::SAMPLE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => drain.sample(&metrics),
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+    let status = {
+        let metrics = metrics.clone();
+        move || {
+            let (metrics, drain, buffer) = (metrics.clone(), drain.clone(), buffer.clone());
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    axum::Json(crate::status::Status::live(&metrics, &drain, &buffer))
+                })
+                .await
+                .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
+            }
+        }
+    };
     let app = axum::Router::new()
+        .route("/status", get(status))
         .route(
             "/metrics",
             get(move || std::future::ready(metrics.render())),

@@ -101,3 +101,148 @@ fn systemd_hears_ready_once_mqtt_is_open_and_no_watchdog_ping_while_a_stage_is_s
         );
     }
 }
+
+/// `edge-agent status ARGS --json`, parsed.
+fn status(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(bin("edge-agent"))
+        .arg("status")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("edge-agent status");
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+/// The `telemetry` stream's entry of a status.
+fn telemetry(s: &serde_json::Value) -> serde_json::Value {
+    s["streams"]
+        .as_array()
+        .expect("streams")
+        .iter()
+        .find(|x| x["name"] == "telemetry")
+        .cloned()
+        .expect("telemetry stream")
+}
+
+#[test]
+fn status_shows_the_backlog_grow_during_an_outage_and_drain_after_and_reads_a_stopped_buffer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ingest_port = e2e::free_port();
+    let metrics_port = e2e::free_port();
+    let config = dir.path().join("agent.yaml");
+    let harness = AgentHarness::new(dir.path(), &format!("http://127.0.0.1:{ingest_port}"));
+    std::fs::write(dir.path().join("token"), format!("{}\n", e2e::TOKEN)).expect("token");
+    std::fs::write(
+        &config,
+        harness.config_text().replace(
+            "metrics_listen: 127.0.0.1:0",
+            &format!("metrics_listen: 127.0.0.1:{metrics_port}"),
+        ),
+    )
+    .expect("config");
+    let config_arg = config.display().to_string();
+    let mut agent = e2e::start_agent(dir.path(), &config);
+
+    // The ingest is down: the backlog and its age grow.
+    assert!(e2e::mosquitto_pub_lines(
+        agent.mqtt,
+        1,
+        "plant/1/telemetry/t",
+        (0..50).map(|i| format!("r{i}"))
+    ));
+    // The oldest record's age is refreshed by the buffer writer every second.
+    let first = e2e::eventually(Duration::from_secs(10), "an age", || {
+        let s = status(&["--config", &config_arg]);
+        telemetry(&s)["oldest_age_seconds"].as_f64().map(|_| s)
+    });
+    assert_eq!(first["source"], "running agent");
+    let t = telemetry(&first);
+    assert_eq!(t["records_waiting"], 50, "{first}");
+    let age = t["oldest_age_seconds"].as_f64().expect("an age");
+    std::thread::sleep(Duration::from_millis(2_500));
+    let later = status(&["--config", &config_arg]);
+    let later_age = telemetry(&later)["oldest_age_seconds"]
+        .as_f64()
+        .expect("an age");
+    assert!(
+        later_age >= age + 2.0,
+        "the age grows: {age} then {later_age}"
+    );
+    assert_eq!(later["link_up"], false, "{later}");
+    assert!(
+        later["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{later}"
+    );
+    assert!(later["buffer_file_bytes"].as_u64() > Some(0));
+    let table = std::process::Command::new(bin("edge-agent"))
+        .args(["status", "--config", &config_arg])
+        .output()
+        .expect("status");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("telemetry") && table.contains("link: down"),
+        "{table}"
+    );
+
+    // Stopped: the buffer file tells the same backlog.
+    assert!(agent.process.terminate().success());
+    let offline = status(&[
+        "--buffer",
+        &dir.path().join("buffer.db").display().to_string(),
+    ]);
+    assert_eq!(offline["source"], "buffer file (agent not running)");
+    assert_eq!(telemetry(&offline)["records_waiting"], 50, "{offline}");
+    let fallback = status(&["--config", &config_arg]);
+    assert_eq!(
+        fallback["source"], "buffer file (agent not running)",
+        "no agent: the file"
+    );
+
+    // Back, and the ingest too: the backlog drains to zero.
+    let agent = e2e::start_agent(dir.path(), &config);
+    let cloud = CloudHarness::new(dir.path()).port(ingest_port).run();
+    e2e::eventually(Duration::from_secs(60), "the backlog drained", || {
+        let s = status(&["--config", &config_arg]);
+        let t = telemetry(&s);
+        (t["records_waiting"] == 0 && t["oldest_age_seconds"].is_null() && s["link_up"] == true)
+            .then_some(())
+    });
+    assert!(cloud.total_records() >= 50);
+    drop(agent);
+}
+
+/// Degraded: records wait, the ingest answers (here: it refuses the token), and nothing has
+/// been delivered for `ingest.degraded_after`: `agent_degraded` is 1 and `status` says so.
+#[test]
+fn a_reachable_ingest_that_takes_nothing_makes_the_agent_degraded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url())
+        .device(e2e::DEVICE, "a-token-the-ingest-does-not-know")
+        .ingest_extra("  degraded_after: 2s\n")
+        .run();
+    assert_eq!(agent.metric("agent_degraded"), 0.0, "nothing waits yet");
+    assert!(e2e::mosquitto_pub_qos1(
+        agent.mqtt,
+        "plant/1/telemetry/t",
+        "waits"
+    ));
+    e2e::eventually(Duration::from_secs(20), "degraded", || {
+        (agent.metric("agent_degraded") == 1.0).then_some(())
+    });
+    assert_eq!(agent.metric("agent_link_up"), 1.0, "the ingest answers");
+    assert_eq!(agent.metric("agent_auth_alarm"), 1.0);
+    assert!(
+        agent.metric("agent_oldest_undelivered_age_seconds{stream=\"telemetry\"}") >= 2.0,
+        "the waiting record's age"
+    );
+    assert!(
+        agent.metric("agent_disk_written_bytes_total") > 0.0,
+        "the agent's disk writes are counted"
+    );
+}

@@ -195,6 +195,11 @@ impl BufferWriter {
             if tick {
                 last_tick = Instant::now();
                 self.fit();
+                if let Ok(oldest) = self.buffer.oldest_received_ms() {
+                    self.metrics.set_oldest_received(
+                        self.stream_names.iter().cloned().zip(oldest).collect(),
+                    );
+                }
             }
             // What the group holds of the budget, before committing reshapes it.
             let held = self.budget.as_ref().map_or(0, |b| b.held(&group));
