@@ -147,6 +147,12 @@ impl Users {
         self.users.is_empty()
     }
 
+    /// The stored hash of `user`, if the file lists it: a connection that logged in as a user
+    /// whose hash is gone or changed since has had its credentials revoked.
+    pub fn credential(&self, user: &str) -> Option<&str> {
+        self.users.get(user).map(|u| u.hash.as_str())
+    }
+
     /// The groups of `user`.
     pub fn groups(&self, user: &str) -> &[String] {
         self.users.get(user).map_or(&[], |u| u.groups.as_slice())

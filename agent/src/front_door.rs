@@ -88,8 +88,10 @@ struct Ctx {
     sessions: Mutex<HashMap<String, Arc<Mutex<Session>>>>,
     /// Open connections, against `mqtt.max_connections`.
     connections: Arc<tokio::sync::Semaphore>,
-    /// Who may connect, publish and subscribe.
-    access: Arc<Access>,
+    /// Who may connect, publish and subscribe: replaced whole by a reload
+    /// ([`FrontDoor::set_access`]), which `access_changed` announces to the open connections.
+    access: std::sync::RwLock<Arc<Access>>,
+    access_changed: tokio::sync::watch::Sender<u64>,
     /// Password checks (Argon2: CPU and memory) running at once.
     verifying: Arc<tokio::sync::Semaphore>,
     /// The open connection of each client id (its number and how to end it), for takeovers.
@@ -214,7 +216,8 @@ impl FrontDoor {
                 max_packet: max_payload + 65_536 + 1024,
                 sessions: Mutex::new(HashMap::new()),
                 connections: Arc::new(tokio::sync::Semaphore::new(mqtt.max_connections)),
-                access: Arc::new(access),
+                access: std::sync::RwLock::new(Arc::new(access)),
+                access_changed: tokio::sync::watch::Sender::new(0),
                 verifying: Arc::new(tokio::sync::Semaphore::new(2)),
                 local_subscribers: std::sync::atomic::AtomicUsize::new(0),
                 live: Mutex::new(HashMap::new()),
@@ -226,6 +229,20 @@ impl FrontDoor {
                 retained_limits: mqtt.retained,
             }),
         }
+    }
+
+    /// Puts `access` in force (a reload): new connections, publishes and subscriptions are
+    /// checked against it from now on, and an open connection whose credentials it revokes
+    /// (its user gone or given another password, or anonymous access turned off) is closed.
+    pub fn set_access(&self, access: Access) {
+        *self
+            .ctx
+            .access
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(access);
+        self.ctx
+            .access_changed
+            .send_modify(|generation| *generation += 1);
     }
 
     /// Serves every connection accepted on `listener` (MQTT 3.1.1 and 5 alike).
@@ -538,6 +555,8 @@ where
     let Some(first) = first else { return Ok(()) };
     let connect = mqtt::connect(&first)?;
     let v5 = connect.is_v5();
+    let by_certificate = matches!(identity, Some(Ok(_)));
+    let mut access_changed = ctx.access_changed.subscribe();
     let user = match authenticate(ctx, &connect, identity).await {
         Ok(user) => user,
         Err((v4_code, v5_reason, why)) => {
@@ -551,8 +570,14 @@ where
     };
     let groups = user
         .as_deref()
-        .map(|u| ctx.access.users.groups(u).to_vec())
+        .map(|u| ctx.access().users.groups(u).to_vec())
         .unwrap_or_default();
+    // What a reload must keep for this connection to stay: the password entry it logged in
+    // with (a certificate login answers to its CA, not to the users file).
+    let credential = user
+        .as_deref()
+        .filter(|_| !by_certificate)
+        .map(|u| ctx.access().users.credential(u).map(str::to_owned));
     let who = Client {
         user: user.as_deref(),
         groups: &groups,
@@ -683,6 +708,20 @@ where
                 continue;
             }
             _ = taken_over.cancelled() => break Ok(()),
+            Ok(()) = access_changed.changed() => {
+                let access = ctx.access();
+                let revoked = match (&user, &credential) {
+                    (None, _) => !access.allow_anonymous,
+                    (Some(u), Some(login)) => access.users.credential(u) != login.as_deref(),
+                    (Some(_), None) => false,
+                };
+                if revoked {
+                    tracing::info!(client_id = %connect.client_id, user = user.as_deref().unwrap_or(""), "credentials revoked by a reload: connection closed");
+                    will_due = false;
+                    break Ok(());
+                }
+                continue;
+            }
             _ = sleep_until(idle_deadline) => break Err(ConnectionError::Protocol("keep-alive expired")),
             _ = closing.cancelled() => {
                 will_due = false;
@@ -747,7 +786,7 @@ where
                     break Err(ConnectionError::Protocol("empty topic"));
                 }
                 let text = String::from_utf8_lossy(&topic).into_owned();
-                if !ctx.access.acl.may_publish(&who, &text) {
+                if !ctx.access().acl.may_publish(&who, &text) {
                     ctx.metrics
                         .mqtt_denied
                         .with_label_values(&["publish"])
@@ -873,7 +912,7 @@ where
                 let keep: Vec<bool> = sub
                     .filters
                     .iter()
-                    .map(|f| ctx.access.acl.may_subscribe(&who, f))
+                    .map(|f| ctx.access().acl.may_subscribe(&who, f))
                     .collect();
                 let denied = keep.iter().filter(|k| !**k).count();
                 if denied > 0 {
@@ -971,6 +1010,14 @@ where
 }
 
 impl Ctx {
+    /// The access in force now.
+    fn access(&self) -> Arc<Access> {
+        self.access
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// A retained copy is on its way to rumqttd: account it ([`limits::Retained::set`]).
     fn retained_sent(&self, topic: &str, payload: usize) {
         let mut retained = self
@@ -1025,7 +1072,7 @@ impl Ctx {
 /// nobody waits for its commit). MQTT 5's will delay is not waited out: the will is kept at
 /// once, and the broker's copy reaches local subscribers as rumqttd handles it.
 async fn keep_will(ctx: &Ctx, who: &Client<'_>, client_id: &str, will: &mqtt::Will) -> bool {
-    if will.topic.is_empty() || !ctx.access.acl.may_publish(who, &will.topic) {
+    if will.topic.is_empty() || !ctx.access().acl.may_publish(who, &will.topic) {
         ctx.metrics
             .mqtt_denied
             .with_label_values(&["publish"])
@@ -1085,7 +1132,7 @@ async fn authenticate(
     match (&connect.username, &connect.password) {
         (Some(user), Some(password)) => {
             let _turn = ctx.verifying.acquire().await;
-            let (access, u, p) = (ctx.access.clone(), user.clone(), password.clone());
+            let (access, u, p) = (ctx.access(), user.clone(), password.clone());
             let ok = tokio::task::spawn_blocking(move || access.users.verify(&u, &p))
                 .await
                 .unwrap_or(false);
@@ -1104,7 +1151,7 @@ async fn authenticate(
             BAD_CREDENTIALS.1,
             "a user name without a password",
         )),
-        (None, _) if ctx.access.allow_anonymous => Ok(None),
+        (None, _) if ctx.access().allow_anonymous => Ok(None),
         (None, _) => Err((
             NOT_AUTHORIZED.0,
             NOT_AUTHORIZED.1,

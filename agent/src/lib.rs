@@ -79,6 +79,7 @@ fn protections(lanes: &[Lane]) -> Arc<buffer::Protected> {
 /// committed.
 pub async fn run(
     config: AgentConfig,
+    config_file: Option<std::path::PathBuf>,
     token: String,
     users: access::Users,
     shutdown: CancellationToken,
@@ -281,9 +282,23 @@ pub async fn run(
     ));
     // Supervision: a stage that stops on its own (the buffer writer, the forwarder, rumqttd)
     // stops the agent, which exits non-zero so systemd restarts it; it never runs half alive.
-    let died = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        stage = stopped_stage(&writer, &forwarder, &broker.thread) => Some(stage),
+    // SIGHUP (`systemctl reload`) reloads the MQTT users and ACL from `config_file`.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let died = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break None,
+            stage = stopped_stage(&writer, &forwarder, &broker.thread) => break Some(stage),
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(file) = &config_file {
+                    reload(file, &config, &front_door).await;
+                }
+            }
+        }
     };
     ready.store(false, Ordering::Relaxed);
     stop_watchdog.cancel();
@@ -328,6 +343,65 @@ pub async fn run(
     }
     tracing::info!("stopped; everything received is in the buffer");
     Ok(())
+}
+
+/// Reloads what can change under running connections from `file`: the MQTT users file, the
+/// ACL and anonymous access ([`FrontDoor::set_access`]; open connections stay unless their
+/// credentials are revoked). A file that fails validation is refused whole and the running
+/// config stays; other changed settings are named and take effect at the next start.
+async fn reload(file: &std::path::Path, running: &AgentConfig, front_door: &FrontDoor) {
+    let path = file.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let config = AgentConfig::load(&path).map_err(|e| e.to_string())?;
+        let users = match &config.mqtt.auth.users_file {
+            Some(users) => access::Users::load(users).map_err(|e| e.to_string())?,
+            None => access::Users::default(),
+        };
+        Ok::<_, String>((config, users))
+    })
+    .await;
+    let (mut new, users) = match loaded {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "SIGHUP: config refused, the running config stays");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: reload failed");
+            return;
+        }
+    };
+    front_door.set_access(access::Access {
+        users,
+        allow_anonymous: new.mqtt.auth.allow_anonymous,
+        acl: access::Acl::new(new.mqtt.acl.clone()),
+    });
+    // Worked out at start from the volume, not read from the file.
+    new.buffer.reserve_bytes = running.buffer.reserve_bytes;
+    let mut later = Vec::new();
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    let mut mqtt = new.mqtt.clone();
+    (mqtt.auth, mqtt.acl) = (running.mqtt.auth.clone(), running.mqtt.acl.clone());
+    for (name, unchanged) in [
+        ("device_id", new.device_id == running.device_id),
+        ("ingest", same(&new.ingest, &running.ingest)),
+        ("mqtt (other than auth and acl)", same(&mqtt, &running.mqtt)),
+        ("buffer", same(&new.buffer, &running.buffer)),
+        ("streams", same(&new.streams, &running.streams)),
+        (
+            "metrics_listen",
+            new.metrics_listen == running.metrics_listen,
+        ),
+    ] {
+        if !unchanged {
+            later.push(name);
+        }
+    }
+    tracing::info!("SIGHUP: MQTT users, ACL and anonymous access reloaded");
+    if !later.is_empty() {
+        tracing::warn!(settings = ?later, "SIGHUP: these changed in the file but take effect only at the next start");
+    }
 }
 
 /// Which stage stopped on its own, once one does.

@@ -52,6 +52,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a config, then have the running agent reload it (SIGHUP): MQTT users, ACL and
+    /// anonymous access, without dropping connections. Exit 1, signalling nothing, when the
+    /// config does not validate.
+    Reload {
+        /// The config the agent runs with.
+        #[arg(long)]
+        config: PathBuf,
+        /// The agent's process id (systemd's $MAINPID); default: every `edge-agent run` of
+        /// this config.
+        #[arg(long)]
+        pid: Option<i32>,
+    },
     /// Inspect a buffer file offline (read-only; safe while the agent runs).
     Buffer {
         #[command(subcommand)]
@@ -164,6 +176,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             failed.map_or(Ok(()), |e| Err(e.into()))
         }
+        Command::Reload { config: file, pid } => {
+            let config = AgentConfig::load(&file)?;
+            load_users(&config)?;
+            let pids = match pid {
+                Some(pid) => vec![pid],
+                None => agents_running(&file),
+            };
+            anyhow::ensure!(
+                !pids.is_empty(),
+                "no `edge-agent run --config {}` is running",
+                file.display()
+            );
+            for pid in pids {
+                let target = rustix::process::Pid::from_raw(pid)
+                    .ok_or_else(|| anyhow::anyhow!("{pid} is not a process id"))?;
+                rustix::process::kill_process(target, rustix::process::Signal::HUP)
+                    .map_err(|e| anyhow::anyhow!("cannot signal process {pid}: {e}"))?;
+                println!("{}: valid; agent {pid} reloads it", file.display());
+            }
+            Ok(())
+        }
         Command::Status {
             config,
             buffer,
@@ -217,7 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     wait_for_signal().await;
                     on_signal.cancel();
                 });
-                edge_agent::run(config, token, users, shutdown).await
+                edge_agent::run(config, Some(file), token, users, shutdown).await
             });
             // The stop is already bounded; a blocking task it gave up on must not hold the
             // process (dropping a runtime waits for them forever).
@@ -266,6 +299,37 @@ fn ask_running_agent(addr: std::net::SocketAddr) -> Result<Status, String> {
         let text = response.text().await.map_err(|e| e.to_string())?;
         serde_json::from_str(&text).map_err(|e| format!("{url}: {e}"))
     })
+}
+
+/// The process ids of every `edge-agent run --config FILE` (the same file) on this machine.
+fn agents_running(file: &std::path::Path) -> Vec<i32> {
+    let wanted = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_owned());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_run = args.iter().any(|a| *a == b"run");
+            let config = args
+                .windows(2)
+                .find(|w| w[0] == b"--config")
+                .map(|w| std::path::PathBuf::from(String::from_utf8_lossy(w[1]).into_owned()));
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+            is_run
+                && config.is_some_and(|c| {
+                    let c = if c.is_relative() { cwd.join(c) } else { c };
+                    std::fs::canonicalize(&c).unwrap_or(c) == wanted
+                })
+                && args
+                    .first()
+                    .is_some_and(|a| String::from_utf8_lossy(a).ends_with("edge-agent"))
+        })
+        .collect()
 }
 
 /// The users file the config names (none: no users).

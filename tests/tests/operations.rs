@@ -246,3 +246,226 @@ fn a_reachable_ingest_that_takes_nothing_makes_the_agent_degraded() {
         "the agent's disk writes are counted"
     );
 }
+
+/// `edge-agent hash-password` for `password`.
+fn hash(password: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new(bin("edge-agent"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hash-password");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(password.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("output");
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
+}
+
+/// What one rumqttc session saw.
+#[derive(Debug)]
+struct Session {
+    acked: u64,
+    connacks: u64,
+    ended: bool,
+}
+
+/// A sensor logged in as `user` publishing `messages` at QoS 1, one every `pause`, on one
+/// connection; it stops once they are acknowledged (with none to send: only when the
+/// connection ends), at the first connection error (no reconnect), or after `limit`.
+fn sensor(
+    mqtt: std::net::SocketAddr,
+    user: &str,
+    password: &str,
+    messages: u64,
+    pause: Duration,
+    limit: Duration,
+) -> std::thread::JoinHandle<Session> {
+    let mut options = rumqttc::MqttOptions::new(format!("reload-{user}"), "127.0.0.1", mqtt.port());
+    options.set_credentials(user, password);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut connection) = rumqttc::Client::new(options, 64);
+    std::thread::spawn(move || {
+        // Held here until the session ends: without a handle left, rumqttc would end it.
+        let _keep = client.clone();
+        let publisher = std::thread::spawn(move || {
+            for i in 0..messages {
+                if client
+                    .publish(
+                        "plant/7/telemetry/t",
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        format!("m{i}"),
+                    )
+                    .is_err()
+                {
+                    return;
+                }
+                std::thread::sleep(pause);
+            }
+        });
+        let started = Instant::now();
+        let mut session = Session {
+            acked: 0,
+            connacks: 0,
+            ended: false,
+        };
+        for event in connection.iter() {
+            match event {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => session.connacks += 1,
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => session.acked += 1,
+                Ok(_) => {}
+                Err(_) => {
+                    session.ended = true;
+                    break;
+                }
+            }
+            if (messages > 0 && session.acked == messages) || started.elapsed() > limit {
+                break;
+            }
+        }
+        drop(connection);
+        let _ = publisher.join();
+        session
+    })
+}
+
+/// `mosquitto_pub` as `user`; whether the broker took it.
+fn pub_as(mqtt: std::net::SocketAddr, user: &str, password: &str) -> bool {
+    std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt.port().to_string(), "-q", "1"])
+        .args([
+            "-u",
+            user,
+            "-P",
+            password,
+            "-t",
+            "plant/8/telemetry/t",
+            "-m",
+            "hello",
+        ])
+        .status()
+        .expect("mosquitto_pub")
+        .success()
+}
+
+/// SIGHUP reloads the MQTT users: under QoS 1 load nothing is lost and the loaded sensor keeps
+/// its connection, a new user can connect, a removed user's connection is closed; a broken
+/// config is refused and the running one stays.
+#[test]
+fn sighup_reloads_mqtt_users_keeps_connections_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("users");
+    let (old, gone) = (
+        format!("old:{}\n", hash("pw-old")),
+        format!("gone:{}\n", hash("pw-gone")),
+    );
+    std::fs::write(&users, format!("{old}{gone}")).expect("users");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url())
+        .mqtt_auth(&format!(
+            "  auth: {{ allow_anonymous: false, users_file: {} }}\n",
+            users.display()
+        ))
+        .run();
+    assert!(!pub_as(agent.mqtt, "new", "pw-new"), "not a user yet");
+    let messages = 400;
+    let loaded = sensor(
+        agent.mqtt,
+        "old",
+        "pw-old",
+        messages,
+        Duration::from_millis(10),
+        Duration::from_secs(60),
+    );
+    let leaving = sensor(
+        agent.mqtt,
+        "gone",
+        "pw-gone",
+        0,
+        Duration::ZERO,
+        Duration::from_secs(30),
+    );
+    std::thread::sleep(Duration::from_millis(1_000));
+    let hup = || {
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &agent.process.pid().to_string()])
+                .status()
+                .expect("kill")
+                .success()
+        );
+    };
+    std::fs::write(&users, format!("{old}new:{}\n", hash("pw-new"))).expect("users");
+    // `edge-agent reload` checks the config and signals the agent running it.
+    let reload = std::process::Command::new(bin("edge-agent"))
+        .args(["reload", "--config"])
+        .arg(&agent.config)
+        .output()
+        .expect("edge-agent reload");
+    assert!(
+        reload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&reload.stdout)
+            .contains(&format!("agent {} reloads it", agent.process.pid()))
+    );
+    e2e::eventually(Duration::from_secs(10), "the new user is in", || {
+        pub_as(agent.mqtt, "new", "pw-new").then_some(())
+    });
+    let leaving = leaving.join().expect("gone's session");
+    assert!(
+        leaving.ended,
+        "a removed user's connection is closed: {leaving:?}"
+    );
+
+    // A config that does not validate: refused, the running one stays.
+    let config = std::fs::read_to_string(&agent.config).expect("config");
+    std::fs::write(&agent.config, config.replace("streams:", "streams: 5\nx:")).expect("broken");
+    let reload = std::process::Command::new(bin("edge-agent"))
+        .args(["reload", "--config"])
+        .arg(&agent.config)
+        .output()
+        .expect("edge-agent reload");
+    assert!(
+        !reload.status.success(),
+        "a broken config: nothing signalled"
+    );
+    // Signalled anyway (a bare SIGHUP): the agent refuses it itself.
+    hup();
+    e2e::eventually(Duration::from_secs(10), "the refusal logged", || {
+        agent
+            .process
+            .stderr()
+            .contains("config refused")
+            .then_some(())
+    });
+    assert!(
+        pub_as(agent.mqtt, "new", "pw-new"),
+        "the running config stays"
+    );
+
+    let loaded = loaded.join().expect("old's session");
+    assert_eq!(
+        (loaded.acked, loaded.connacks, loaded.ended),
+        (messages, 1, false),
+        "every publish acknowledged on the one connection"
+    );
+    e2e::eventually(Duration::from_secs(30), "every record delivered", || {
+        let n = cloud
+            .read_topic(&format!("iot.{}.telemetry", e2e::TENANT))
+            .iter()
+            .filter(|r| r.payload.starts_with(b"m"))
+            .count();
+        (n as u64 == messages).then_some(())
+    });
+}
