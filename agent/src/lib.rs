@@ -22,6 +22,7 @@ pub mod config;
 pub mod dictionary;
 pub mod forwarder;
 pub mod front_door;
+pub mod logging;
 pub mod metrics;
 pub mod mqtt;
 pub mod retry;

@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
     about = "Edge agent of the IoT gateway: MQTT in, durable buffer, batches to the cloud ingest"
 )]
 struct Cli {
+    /// Log lines as text, or one JSON object per line for log collectors.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: edge_agent::logging::Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,14 +97,9 @@ enum BufferCommand {
 const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn,rumqttd::router::routing=off";
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    edge_agent::logging::init(cli.log_format, DEFAULT_LOG_FILTER);
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

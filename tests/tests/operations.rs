@@ -469,3 +469,41 @@ fn sighup_reloads_mqtt_users_keeps_connections_and_loses_nothing() {
         (n as u64 == messages).then_some(())
     });
 }
+
+/// `--log-format json`: every log line is one JSON object; and the same message repeated
+/// (20 refused logins of one client) is written once per quiet period.
+#[test]
+fn json_logs_parse_and_repeated_messages_are_written_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("users");
+    std::fs::write(&users, format!("u:{}\n", hash("right"))).expect("users");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url())
+        .launcher(&[bin("edge-agent"), "--log-format".into(), "json".into()])
+        .mqtt_auth(&format!(
+            "  auth: {{ allow_anonymous: false, users_file: {} }}\n",
+            users.display()
+        ))
+        .run();
+    for _ in 0..20 {
+        assert!(!pub_as(agent.mqtt, "u", "wrong"), "refused");
+    }
+    assert!(pub_as(agent.mqtt, "u", "right"));
+    let log = agent.process.stderr();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "edge-agent running"),
+        "{log}"
+    );
+    let refusals = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "MQTT connection refused")
+        .count();
+    assert_eq!(refusals, 1, "20 identical refusals, written once: {log}");
+}
