@@ -41,8 +41,8 @@ pub struct Forwarder {
     pub epoch: u64,
     /// Uplink settings.
     pub ingest: IngestConfig,
-    /// Bearer token.
-    pub token: String,
+    /// Bearer token (replaced by a reload).
+    pub token: SharedToken,
     /// Streams, by index (orphans included).
     pub streams: Vec<StreamConfig>,
     /// Per-stream sending state, by index.
@@ -123,12 +123,23 @@ impl From<&str> for PrepareError {
     }
 }
 
+/// The bearer token, shared with the reload that may replace it (empty: certificate only).
+pub type SharedToken = Arc<std::sync::RwLock<String>>;
+
+/// The token in force now.
+fn current(token: &SharedToken) -> String {
+    token
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
 /// What every request task shares.
 struct Uplink {
     client: reqwest::Client,
     urls: Vec<reqwest::Url>,
     device_id: String,
-    token: String,
+    token: SharedToken,
     /// Idle read connections.
     readers: std::sync::Mutex<Vec<BufferReader>>,
     protected: Arc<Protected>,
@@ -175,11 +186,12 @@ impl Uplink {
                 trained.id
             ))
             .ok()?;
+        let auth = bearer(&current(&self.token));
         let answer = self
             .client
             .put(url)
             .header(ingest_wire::HEADER_DEVICE_ID, &self.device_id)
-            .headers(bearer(&self.token))
+            .headers(auth)
             .body(trained.bytes.clone())
             .send()
             .await;
@@ -289,11 +301,12 @@ impl Request {
         {
             Some(instead) => instead,
             None => {
+                let token = current(token);
                 send(
                     client,
                     &urls[batch.replica],
                     device_id,
-                    token,
+                    &token,
                     &batch.prepared,
                 )
                 .await

@@ -92,6 +92,8 @@ struct Ctx {
     /// ([`FrontDoor::set_access`]), which `access_changed` announces to the open connections.
     access: std::sync::RwLock<Arc<Access>>,
     access_changed: tokio::sync::watch::Sender<u64>,
+    /// The TLS listener's acceptor: replaced by a reload ([`FrontDoor::set_tls`]).
+    tls: std::sync::RwLock<Option<tokio_rustls::TlsAcceptor>>,
     /// Password checks (Argon2: CPU and memory) running at once.
     verifying: Arc<tokio::sync::Semaphore>,
     /// The open connection of each client id (its number and how to end it), for takeovers.
@@ -218,6 +220,7 @@ impl FrontDoor {
                 connections: Arc::new(tokio::sync::Semaphore::new(mqtt.max_connections)),
                 access: std::sync::RwLock::new(Arc::new(access)),
                 access_changed: tokio::sync::watch::Sender::new(0),
+                tls: std::sync::RwLock::new(None),
                 verifying: Arc::new(tokio::sync::Semaphore::new(2)),
                 local_subscribers: std::sync::atomic::AtomicUsize::new(0),
                 live: Mutex::new(HashMap::new()),
@@ -247,17 +250,28 @@ impl FrontDoor {
 
     /// Serves every connection accepted on `listener` (MQTT 3.1.1 and 5 alike).
     pub fn serve(&self, listener: TcpListener) {
-        self.accept(listener, None);
+        self.accept(listener, false);
     }
 
     /// Serves MQTT over TLS on `listener`: the handshake, then the same as [`FrontDoor::serve`].
     pub fn serve_tls(&self, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
-        self.accept(listener, Some(acceptor));
+        self.set_tls(acceptor);
+        self.accept(listener, true);
+    }
+
+    /// Serves new TLS connections with `acceptor` from now on (a reload of the certificate
+    /// files); open connections keep theirs.
+    pub fn set_tls(&self, acceptor: tokio_rustls::TlsAcceptor) {
+        *self
+            .ctx
+            .tls
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(acceptor);
     }
 
     /// The accept loop of a listener: over `mqtt.max_connections` a client is answered "server
     /// unavailable"; with `tls`, the handshake counts against the CONNECT timeout.
-    fn accept(&self, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+    fn accept(&self, listener: TcpListener, with_tls: bool) {
         let closing = self.closing.clone();
         let ctx = self.ctx.clone();
         // Refusals answered at once (each may take a TLS handshake); beyond, a refused client
@@ -279,6 +293,14 @@ impl FrontDoor {
                     }
                 };
                 let _ = client.set_nodelay(true);
+                let tls = if with_tls {
+                    ctx.tls
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone()
+                } else {
+                    None
+                };
                 let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
                     ctx.metrics.mqtt_refused.inc();
                     let Ok(turn) = refusing.clone().try_acquire_owned() else {

@@ -256,11 +256,12 @@ pub async fn run(
     }
     tracing::info!(device = %config.device_id, streams = streams.len(), buffer = %config.buffer.path.display(), "edge-agent running");
 
+    let token: forwarder::SharedToken = Arc::new(std::sync::RwLock::new(token));
     let forwarder = Forwarder {
         device_id: config.device_id.clone(),
         epoch,
         ingest: config.ingest.clone(),
-        token,
+        token: token.clone(),
         streams,
         lanes,
         schedule: config.schedule,
@@ -296,7 +297,7 @@ pub async fn run(
                 }
             } => {
                 if let Some(file) = &config_file {
-                    reload(file, &config, &front_door).await;
+                    reload(file, &config, &front_door, &token).await;
                 }
             }
         }
@@ -348,9 +349,16 @@ pub async fn run(
 
 /// Reloads what can change under running connections from `file`: the MQTT users file, the
 /// ACL and anonymous access ([`FrontDoor::set_access`]; open connections stay unless their
-/// credentials are revoked). A file that fails validation is refused whole and the running
-/// config stays; other changed settings are named and take effect at the next start.
-async fn reload(file: &std::path::Path, running: &AgentConfig, front_door: &FrontDoor) {
+/// credentials are revoked), the MQTT TLS certificate files (new connections), and the ingest
+/// token. Everything is read and checked before anything changes: a file that fails is
+/// refused whole and the running config stays. Other changed settings are named and take
+/// effect at the next start.
+async fn reload(
+    file: &std::path::Path,
+    running: &AgentConfig,
+    front_door: &FrontDoor,
+    token: &forwarder::SharedToken,
+) {
     let path = file.to_owned();
     let loaded = tokio::task::spawn_blocking(move || {
         let config = AgentConfig::load(&path).map_err(|e| e.to_string())?;
@@ -358,10 +366,18 @@ async fn reload(file: &std::path::Path, running: &AgentConfig, front_door: &Fron
             Some(users) => access::Users::load(users).map_err(|e| e.to_string())?,
             None => access::Users::default(),
         };
-        Ok::<_, String>((config, users))
+        let token =
+            config::resolve_token(&path, &config.ingest.token).map_err(|e| e.to_string())?;
+        let tls = config
+            .mqtt
+            .tls
+            .as_ref()
+            .map(front_door::tls_acceptor)
+            .transpose()?;
+        Ok::<_, String>((config, users, token, tls))
     })
     .await;
-    let (mut new, users) = match loaded {
+    let (mut new, users, new_token, tls) = match loaded {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "SIGHUP: config refused, the running config stays");
@@ -377,6 +393,12 @@ async fn reload(file: &std::path::Path, running: &AgentConfig, front_door: &Fron
         allow_anonymous: new.mqtt.auth.allow_anonymous,
         acl: access::Acl::new(new.mqtt.acl.clone()),
     });
+    if let (Some(acceptor), Some(_)) = (tls, &running.mqtt.tls) {
+        front_door.set_tls(acceptor);
+    }
+    *token
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = new_token;
     // Worked out at start from the volume, not read from the file.
     new.buffer.reserve_bytes = running.buffer.reserve_bytes;
     let mut later = Vec::new();
@@ -399,7 +421,9 @@ async fn reload(file: &std::path::Path, running: &AgentConfig, front_door: &Fron
             later.push(name);
         }
     }
-    tracing::info!("SIGHUP: MQTT users, ACL and anonymous access reloaded");
+    tracing::info!(
+        "SIGHUP: MQTT users, ACL, anonymous access, TLS certificates and ingest token reloaded"
+    );
     if !later.is_empty() {
         tracing::warn!(settings = ?later, "SIGHUP: these changed in the file but take effect only at the next start");
     }

@@ -507,3 +507,94 @@ fn json_logs_parse_and_repeated_messages_are_written_once() {
         .count();
     assert_eq!(refusals, 1, "20 identical refusals, written once: {log}");
 }
+
+/// A wrong ingest token is fixed without a restart: the token file is rewritten, `edge-agent
+/// reload`, and what waited is delivered.
+#[test]
+fn a_reload_takes_a_new_ingest_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url())
+        .device(e2e::DEVICE, "the-wrong-token-0123")
+        .run();
+    assert!(e2e::mosquitto_pub_qos1(
+        agent.mqtt,
+        "plant/1/telemetry/t",
+        "kept"
+    ));
+    e2e::eventually(Duration::from_secs(20), "the token refused", || {
+        (agent.metric("agent_auth_alarm") == 1.0).then_some(())
+    });
+    std::fs::write(dir.path().join("token"), format!("{}\n", e2e::TOKEN)).expect("token");
+    let reload = std::process::Command::new(bin("edge-agent"))
+        .args(["reload", "--config"])
+        .arg(&agent.config)
+        .arg("--pid")
+        .arg(agent.process.pid().to_string())
+        .status()
+        .expect("edge-agent reload");
+    assert!(reload.success());
+    e2e::eventually(
+        Duration::from_secs(30),
+        "delivered with the new token",
+        || (cloud.total_records() >= 1).then_some(()),
+    );
+    assert_eq!(agent.metric("agent_auth_alarm"), 0.0);
+}
+
+/// The MQTT listener's certificate is renewed by a reload: new TLS connections get the new
+/// one (checked against its CA with mosquitto_pub), no restart.
+#[test]
+fn a_reload_takes_a_renewed_mqtt_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    std::fs::create_dir_all(&one).expect("dir");
+    std::fs::create_dir_all(&two).expect("dir");
+    let ca_one = e2e::certificates(&one, "one", &[("server", "/CN=localhost")]);
+    let ca_two = e2e::certificates(&two, "two", &[("server", "/CN=localhost")]);
+    let (cert, key) = (dir.path().join("mqtt.pem"), dir.path().join("mqtt.key"));
+    let install = |from: &std::path::Path| {
+        std::fs::copy(from.join("server.key"), &key).expect("key");
+        std::fs::copy(from.join("server.pem"), &cert).expect("cert");
+    };
+    install(&one);
+    let cloud = CloudHarness::new(dir.path()).run();
+    let mut agent = AgentHarness::new(dir.path(), &cloud.url())
+        .mqtt_extra(&format!(
+            "  tls: {{ listen: 127.0.0.1:0, cert_file: {}, key_file: {} }}\n",
+            cert.display(),
+            key.display()
+        ))
+        .run();
+    let tls: std::net::SocketAddr = agent
+        .printed("mqtts listening on")
+        .parse()
+        .expect("address");
+    let publish = |ca: &str| {
+        std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &tls.port().to_string(), "-q", "1"])
+            .args(["-t", "plant/5/telemetry/tls", "-m", "m", "--cafile", ca])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("mosquitto_pub")
+            .success()
+    };
+    assert!(
+        publish(&ca_one) && !publish(&ca_two),
+        "certificate one at start"
+    );
+    install(&two);
+    let reload = std::process::Command::new(bin("edge-agent"))
+        .args(["reload", "--config"])
+        .arg(&agent.config)
+        .arg("--pid")
+        .arg(agent.process.pid().to_string())
+        .status()
+        .expect("edge-agent reload");
+    assert!(reload.success());
+    e2e::eventually(
+        Duration::from_secs(10),
+        "certificate two after the reload",
+        || (publish(&ca_two) && !publish(&ca_one)).then_some(()),
+    );
+}
