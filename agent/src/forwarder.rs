@@ -765,7 +765,10 @@ impl Forwarder {
         };
         let (outcome, reason) = match outcome {
             Ok(answer) => answer,
-            Err(e) => (Outcome::Retry { after: None }, e.to_string()),
+            // Without the URL: the reason is logged and shown by `/status`.
+            Err(SendError::Transport(e)) => {
+                (Outcome::Retry { after: None }, e.without_url().to_string())
+            }
         };
         let latest = self
             .progress

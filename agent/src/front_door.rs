@@ -92,6 +92,8 @@ struct Ctx {
     /// ([`FrontDoor::set_access`]), which `access_changed` announces to the open connections.
     access: std::sync::RwLock<Arc<Access>>,
     access_changed: tokio::sync::watch::Sender<u64>,
+    /// Counts the reloads that changed the ACL.
+    acl_generation: std::sync::atomic::AtomicU64,
     /// The TLS listener's acceptor: replaced by a reload ([`FrontDoor::set_tls`]).
     tls: std::sync::RwLock<Option<tokio_rustls::TlsAcceptor>>,
     /// Password checks (Argon2: CPU and memory) running at once.
@@ -221,6 +223,7 @@ impl FrontDoor {
                 access: std::sync::RwLock::new(Arc::new(access)),
                 access_changed: tokio::sync::watch::Sender::new(0),
                 tls: std::sync::RwLock::new(None),
+                acl_generation: std::sync::atomic::AtomicU64::new(0),
                 verifying: Arc::new(tokio::sync::Semaphore::new(2)),
                 local_subscribers: std::sync::atomic::AtomicUsize::new(0),
                 live: Mutex::new(HashMap::new()),
@@ -235,14 +238,26 @@ impl FrontDoor {
     }
 
     /// Puts `access` in force (a reload): new connections, publishes and subscriptions are
-    /// checked against it from now on, and an open connection whose credentials it revokes
-    /// (its user gone or given another password, or anonymous access turned off) is closed.
+    /// checked against it from now on; an open connection is closed when its credentials are
+    /// revoked (its user gone or given another password, or anonymous access turned off), its
+    /// groups changed, or it holds a subscription made under an ACL that changed (the client
+    /// subscribes again, under the new rules).
     pub fn set_access(&self, access: Access) {
-        *self
-            .ctx
-            .access
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(access);
+        {
+            let mut current = self
+                .ctx
+                .access
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // The generation moves before the new rules are seen, so a SUBSCRIBE checked
+            // against the old rules is never taken for one under the new.
+            if format!("{:?}", current.acl) != format!("{:?}", access.acl) {
+                self.ctx
+                    .acl_generation
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            *current = Arc::new(access);
+        }
         self.ctx
             .access_changed
             .send_modify(|generation| *generation += 1);
@@ -578,8 +593,11 @@ where
     let connect = mqtt::connect(&first)?;
     let v5 = connect.is_v5();
     let by_certificate = matches!(identity, Some(Ok(_)));
+    // One snapshot of the rules for the login, its groups and what a reload compares against;
+    // a reload from here on is seen by `access_changed`.
     let mut access_changed = ctx.access_changed.subscribe();
-    let user = match authenticate(ctx, &connect, identity).await {
+    let login_access = ctx.access();
+    let user = match authenticate(ctx, &login_access, &connect, identity).await {
         Ok(user) => user,
         Err((v4_code, v5_reason, why)) => {
             ctx.metrics.mqtt_auth_failures.inc();
@@ -592,14 +610,19 @@ where
     };
     let groups = user
         .as_deref()
-        .map(|u| ctx.access().users.groups(u).to_vec())
+        .map(|u| login_access.users.groups(u).to_vec())
         .unwrap_or_default();
     // What a reload must keep for this connection to stay: the password entry it logged in
-    // with (a certificate login answers to its CA, not to the users file).
+    // with (a certificate login answers to its CA, not to the users file), and its groups.
     let credential = user
         .as_deref()
         .filter(|_| !by_certificate)
-        .map(|u| ctx.access().users.credential(u).map(str::to_owned));
+        .map(|u| login_access.users.credential(u).map(str::to_owned));
+    drop(login_access);
+    // The ACL generation of this connection's oldest subscription: rumqttd keeps a
+    // subscription once made, so a reload that changes the ACL closes the connection (the
+    // client subscribes again, under the new rules).
+    let mut subscribed_under: Option<u64> = None;
     let who = Client {
         user: user.as_deref(),
         groups: &groups,
@@ -736,7 +759,12 @@ where
                     (None, _) => !access.allow_anonymous,
                     (Some(u), Some(login)) => access.users.credential(u) != login.as_deref(),
                     (Some(_), None) => false,
-                };
+                } || user
+                    .as_deref()
+                    .is_some_and(|u| access.users.groups(u) != groups.as_slice())
+                    || subscribed_under.is_some_and(|generation| {
+                        generation < ctx.acl_generation.load(std::sync::atomic::Ordering::Relaxed)
+                    });
                 if revoked {
                     tracing::info!(client_id = %connect.client_id, user = user.as_deref().unwrap_or(""), "credentials revoked by a reload: connection closed");
                     will_due = false;
@@ -931,11 +959,15 @@ where
             }
             kind::SUBSCRIBE => {
                 let sub = or_end!(mqtt::subscribe(&frame, v5));
+                let generation = ctx
+                    .acl_generation
+                    .load(std::sync::atomic::Ordering::Relaxed);
                 let keep: Vec<bool> = sub
                     .filters
                     .iter()
                     .map(|f| ctx.access().acl.may_subscribe(&who, f))
                     .collect();
+                subscribed_under.get_or_insert(generation);
                 let denied = keep.iter().filter(|k| !**k).count();
                 if denied > 0 {
                     ctx.metrics
@@ -1126,6 +1158,7 @@ async fn keep_will(ctx: &Ctx, who: &Client<'_>, client_id: &str, will: &mqtt::Wi
 /// Common Name names, whatever the password; a CONNECT naming another user is refused.
 async fn authenticate(
     ctx: &Ctx,
+    access: &Arc<Access>,
     connect: &mqtt::Connect,
     identity: Option<Result<String, ()>>,
 ) -> Result<Option<String>, (u8, u8, &'static str)> {
@@ -1154,7 +1187,7 @@ async fn authenticate(
     match (&connect.username, &connect.password) {
         (Some(user), Some(password)) => {
             let _turn = ctx.verifying.acquire().await;
-            let (access, u, p) = (ctx.access(), user.clone(), password.clone());
+            let (access, u, p) = (access.clone(), user.clone(), password.clone());
             let ok = tokio::task::spawn_blocking(move || access.users.verify(&u, &p))
                 .await
                 .unwrap_or(false);
@@ -1173,7 +1206,7 @@ async fn authenticate(
             BAD_CREDENTIALS.1,
             "a user name without a password",
         )),
-        (None, _) if ctx.access().allow_anonymous => Ok(None),
+        (None, _) if access.allow_anonymous => Ok(None),
         (None, _) => Err((
             NOT_AUTHORIZED.0,
             NOT_AUTHORIZED.1,

@@ -97,12 +97,22 @@ pub async fn run(
         })
         .collect();
     let reserve = config.buffer.reserve_bytes.unwrap_or(buffer::RESERVE_BYTES);
-    let opened = Buffer::open_with(
-        &config.buffer.path,
-        &configured,
-        config.buffer.quota_bytes,
-        reserve,
-    )?;
+    // SIGHUP is taken from here on (a reload asked while the buffer opens waits for the loop
+    // below): its default action would end the agent in the middle of a check or salvage.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    // Opening may read the whole file (after a crash) or salvage it: systemd is told the start
+    // goes on, so its start timeout never kills a check that makes progress.
+    let opened = {
+        let opening = systemd::Extending::start();
+        let opened = Buffer::open_with(
+            &config.buffer.path,
+            &configured,
+            config.buffer.quota_bytes,
+            reserve,
+        );
+        drop(opening);
+        opened?
+    };
     if let Some(q) = &opened.quarantine {
         let lost: u64 = q.losses.iter().map(|l| l.count).sum();
         tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, salvaged = q.salvaged, lost, "buffer file was corrupt: quarantined, intact records salvaged, the rest reported lost (corrupt_buffer)");
@@ -285,7 +295,6 @@ pub async fn run(
     // Supervision: a stage that stops on its own (the buffer writer, the forwarder, rumqttd)
     // stops the agent, which exits non-zero so systemd restarts it; it never runs half alive.
     // SIGHUP (`systemctl reload`) reloads the MQTT users and ACL from `config_file`.
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let died = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break None,
@@ -327,7 +336,7 @@ pub async fn run(
     )
     .await;
     stop_checkpoints.store(true, Ordering::Relaxed);
-    let _ = bounded(
+    let checkpointed = bounded(
         Duration::from_secs(1),
         tokio::task::spawn_blocking(move || checkpointer.join()),
     )
@@ -340,11 +349,44 @@ pub async fn run(
         );
         return Err(AgentError::Stop);
     }
+    if !checkpointed {
+        // Everything is committed, but the file may still be written: not a clean stop (the
+        // next start checks the whole buffer).
+        tracing::warn!("the checkpointer did not stop in time");
+        return Err(AgentError::Stop);
+    }
     if let Some(stage) = died {
         return Err(AgentError::StageStopped(stage));
     }
     tracing::info!("stopped; everything received is in the buffer");
     Ok(())
+}
+
+/// What a reload puts in force, read and checked: the config, its users, its token, and its
+/// MQTT TLS acceptor (if it has TLS).
+pub type Reloaded = (
+    AgentConfig,
+    access::Users,
+    String,
+    Option<tokio_rustls::TlsAcceptor>,
+);
+
+/// Reads and checks everything a reload of `file` takes, changing nothing (also what
+/// `edge-agent reload` checks before it signals the agent); the error names the key.
+pub fn check_reload(file: &std::path::Path) -> Result<Reloaded, String> {
+    let config = AgentConfig::load(file).map_err(|e| e.to_string())?;
+    let users = match &config.mqtt.auth.users_file {
+        Some(users) => access::Users::load(users).map_err(|e| e.to_string())?,
+        None => access::Users::default(),
+    };
+    let token = config::resolve_token(file, &config.ingest.token).map_err(|e| e.to_string())?;
+    let tls = config
+        .mqtt
+        .tls
+        .as_ref()
+        .map(front_door::tls_acceptor)
+        .transpose()?;
+    Ok((config, users, token, tls))
 }
 
 /// Reloads what can change under running connections from `file`: the MQTT users file, the
@@ -360,23 +402,7 @@ async fn reload(
     token: &forwarder::SharedToken,
 ) {
     let path = file.to_owned();
-    let loaded = tokio::task::spawn_blocking(move || {
-        let config = AgentConfig::load(&path).map_err(|e| e.to_string())?;
-        let users = match &config.mqtt.auth.users_file {
-            Some(users) => access::Users::load(users).map_err(|e| e.to_string())?,
-            None => access::Users::default(),
-        };
-        let token =
-            config::resolve_token(&path, &config.ingest.token).map_err(|e| e.to_string())?;
-        let tls = config
-            .mqtt
-            .tls
-            .as_ref()
-            .map(front_door::tls_acceptor)
-            .transpose()?;
-        Ok::<_, String>((config, users, token, tls))
-    })
-    .await;
+    let loaded = tokio::task::spawn_blocking(move || check_reload(&path)).await;
     let (mut new, users, new_token, tls) = match loaded {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(e)) => {

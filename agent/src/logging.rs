@@ -2,10 +2,12 @@
 //! (`--log-format json`), on stderr (journald takes it from there).
 //!
 //! Levels: ERROR is kept for "data lost" and "an operator must act"; WARN for what the agent
-//! copes with by itself; INFO for what changed. The same message repeated within
-//! [`QUIET_FOR`] (same place in the code, same fields) is written once: the next one after
-//! the quiet period carries `repeated=<n>`, how many were left out. A flood of bad clients
-//! or a link down for hours then costs a few lines, not the SD card.
+//! copes with by itself; INFO for what changed. Below ERROR, the same message repeated within
+//! [`QUIET_FOR`] (same place in the code, same fields) is written once, and one place in the
+//! code writes at most [`PER_PLACE`] lines per [`QUIET_FOR`] whatever its fields (a flood of
+//! clients with random ids); the next line written after left-out ones is preceded by a note
+//! of how many were left out. ERROR lines are never left out. A flood of bad clients or a
+//! link down for hours then costs a few lines, not the SD card.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,8 +21,12 @@ use tracing_subscriber::prelude::*;
 /// How long identical messages after the first are left out.
 pub const QUIET_FOR: Duration = Duration::from_secs(10);
 
-/// Most distinct messages remembered (the oldest are forgotten past it).
+/// Most distinct messages remembered (past it, those older than [`QUIET_FOR`] are forgotten,
+/// or all of them if none is).
 const REMEMBERED: usize = 4096;
+
+/// Most lines one place in the code writes per [`QUIET_FOR`], whatever their fields.
+pub const PER_PLACE: u64 = 20;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -58,7 +64,10 @@ pub fn init(format: Format, filter: &str) {
 
 /// Leaves out an event identical to one written less than [`QUIET_FOR`] ago.
 pub struct Repeats {
+    /// Per message (place and fields): when it was last written, and how many were left out.
     seen: Mutex<HashMap<u64, (Instant, u64)>>,
+    /// Per place: when its window began, lines written in it, lines left out.
+    places: Mutex<HashMap<u64, (Instant, u64, u64)>>,
     format: Format,
 }
 
@@ -78,8 +87,28 @@ impl Repeats {
     pub fn new(format: Format) -> Repeats {
         Repeats {
             seen: Mutex::default(),
+            places: Mutex::default(),
             format,
         }
+    }
+
+    /// Whether a line of `place` fits its budget now, and how many of its lines were left out
+    /// since it last wrote one.
+    fn admit_place(&self, place: u64, now: Instant) -> (bool, u64) {
+        let mut places = self.places.lock().unwrap_or_else(|p| p.into_inner());
+        if places.len() >= REMEMBERED && !places.contains_key(&place) {
+            places.clear();
+        }
+        let (start, written, left_out) = places.entry(place).or_insert((now, 0, 0));
+        if now.duration_since(*start) >= QUIET_FOR {
+            (*start, *written) = (now, 0);
+        }
+        if *written >= PER_PLACE {
+            *left_out += 1;
+            return (false, 0);
+        }
+        *written += 1;
+        (true, std::mem::take(left_out))
     }
 
     /// Whether to write an event with this `key` now, and how many identical ones were left
@@ -87,9 +116,9 @@ impl Repeats {
     fn admit(&self, key: u64, now: Instant) -> (bool, u64) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.len() >= REMEMBERED && !seen.contains_key(&key) {
-            let oldest = seen.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| *k);
-            if let Some(oldest) = oldest {
-                seen.remove(&oldest);
+            seen.retain(|_, (at, _)| now.duration_since(*at) < QUIET_FOR);
+            if seen.len() >= REMEMBERED {
+                seen.clear();
             }
         }
         match seen.get_mut(&key) {
@@ -117,18 +146,33 @@ impl<S: Subscriber> Filter<S> for Repeats {
 
     fn event_enabled(&self, event: &Event<'_>, _: &Context<'_, S>) -> bool {
         use std::hash::{Hash, Hasher};
+        if *event.metadata().level() == tracing::Level::ERROR {
+            return true;
+        }
+        let now = Instant::now();
+        let mut place = std::collections::hash_map::DefaultHasher::new();
+        event.metadata().callsite().hash(&mut place);
+        let place = place.finish();
         let mut fields = Fields::default();
         event.record(&mut fields);
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        event.metadata().callsite().hash(&mut h);
+        place.hash(&mut h);
         fields.0.hash(&mut h);
-        let (write, left_out) = self.admit(h.finish(), Instant::now());
+        let (write, mut left_out) = self.admit(h.finish(), now);
+        if !write {
+            return false;
+        }
+        let (write, place_left_out) = self.admit_place(place, now);
+        if !write {
+            return false;
+        }
+        left_out += place_left_out;
         if write && left_out > 0 {
             // Said once, just before the message it is about (an event cannot be emitted from
             // inside the subscriber: it would be dropped).
             let at = humantime::format_rfc3339_micros(std::time::SystemTime::now());
             let what = format!(
-                "the next message was repeated {left_out} more times in the last {} s and left out",
+                "{left_out} lines like the next were left out (repeated within {} s, or more than {PER_PLACE} from one place)",
                 QUIET_FOR.as_secs()
             );
             match self.format {
@@ -171,6 +215,23 @@ mod tests {
         assert_eq!(
             r.admit(1, t0 + QUIET_FOR + Duration::from_secs(2)),
             (false, 1)
+        );
+    }
+
+    #[test]
+    fn one_place_writes_at_most_its_budget_per_quiet_period() {
+        let r = Repeats::new(Format::Text);
+        let t0 = Instant::now();
+        for _ in 0..PER_PLACE {
+            assert!(r.admit_place(7, t0).0);
+        }
+        assert_eq!(r.admit_place(7, t0), (false, 0));
+        assert_eq!(r.admit_place(7, t0), (false, 0));
+        assert!(r.admit_place(8, t0).0, "another place");
+        assert_eq!(
+            r.admit_place(7, t0 + QUIET_FOR),
+            (true, 2),
+            "a new window, with the count left out"
         );
     }
 }

@@ -175,11 +175,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             failed.map_or(Ok(()), |e| Err(e.into()))
         }
         Command::Reload { config: file, pid } => {
-            let config = AgentConfig::load(&file)?;
-            load_users(&config)?;
+            edge_agent::check_reload(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let running = agents_running(&file);
             let pids = match pid {
-                Some(pid) => vec![pid],
-                None => agents_running(&file),
+                Some(pid) if running.contains(&pid) => vec![pid],
+                Some(pid) => anyhow::bail!(
+                    "process {pid} is not an `edge-agent run --config {}`: nothing signalled",
+                    file.display()
+                ),
+                None => running,
             };
             anyhow::ensure!(
                 !pids.is_empty(),
@@ -211,6 +215,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     };
                     match live {
                         Ok(status) => status,
+                        Err(why) if !agents_running(&file).is_empty() => anyhow::bail!(
+                            "the agent runs but does not answer ({why}); its buffer file is not read under it (`--buffer {}` reads it anyway, read-only)",
+                            config.buffer.path.display()
+                        ),
                         Err(why) => {
                             eprintln!(
                                 "the agent does not answer ({why}): reading its buffer file {}",
@@ -307,6 +315,7 @@ fn agents_running(file: &std::path::Path) -> Vec<i32> {
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid > 0 && *pid != std::process::id() as i32)
         .filter(|pid| {
             let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
                 return false;

@@ -187,6 +187,7 @@ pub struct Metrics {
     oldest_received: Arc<std::sync::Mutex<OldestReceived>>,
     /// See [`DISK_WRITTEN`]; brought up to `/proc/self/io` when rendered.
     disk_written: IntCounter,
+    disk_written_seen: Arc<std::sync::atomic::AtomicU64>,
     /// See [`DEGRADED`]; computed when rendered.
     degraded: IntGauge,
     degraded_after_ms: Arc<std::sync::atomic::AtomicI64>,
@@ -392,6 +393,7 @@ impl Metrics {
                 DISK_WRITTEN,
                 "Bytes the agent wrote to disk (WAL, checkpoints, database) since it started.",
             ),
+            disk_written_seen: Arc::default(),
             degraded: gauge(
                 DEGRADED,
                 "1 while records wait longer than ingest.degraded_after with the link up and nothing delivered.",
@@ -448,8 +450,13 @@ impl Metrics {
             .store(crate::clock::now_ms(), Ordering::Relaxed);
     }
 
-    /// The forwarder met `error` just now.
-    pub fn set_last_error(&self, error: String) {
+    /// The forwarder met `error` just now (kept to its first 200 characters: it is shown by
+    /// `/status`).
+    pub fn set_last_error(&self, mut error: String) {
+        if let Some((cut, _)) = error.char_indices().nth(200) {
+            error.truncate(cut);
+            error.push('…');
+        }
         *self
             .last_error
             .lock()
@@ -504,8 +511,9 @@ impl Metrics {
                 .set(age.unwrap_or(0.0));
         }
         if let Some(written) = Metrics::disk_written_bytes() {
-            let counted = self.disk_written.get();
-            self.disk_written.inc_by(written.saturating_sub(counted));
+            // Two scrapes at once: only the one that moves the high mark adds the difference.
+            let before = self.disk_written_seen.fetch_max(written, Ordering::Relaxed);
+            self.disk_written.inc_by(written.saturating_sub(before));
         }
         self.degraded.set(i64::from(self.is_degraded()));
         let mut out = Vec::new();
@@ -546,11 +554,15 @@ pub async fn serve(
             }
         });
     }
+    // One status at a time: each takes a few milliseconds of gathering; a flood gets 503.
+    let one_at_a_time = Arc::new(tokio::sync::Semaphore::new(1));
     let status = {
         let metrics = metrics.clone();
         move || {
             let (metrics, drain, buffer) = (metrics.clone(), drain.clone(), buffer.clone());
+            let turn = one_at_a_time.clone().try_acquire_owned();
             async move {
+                let _turn = turn.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
                 tokio::task::spawn_blocking(move || {
                     axum::Json(crate::status::Status::live(&metrics, &drain, &buffer))
                 })

@@ -60,7 +60,8 @@ pub struct StreamStatus {
     pub oldest_age_seconds: Option<f64>,
     /// Records delivered per second over the last minute (running agent only).
     pub drain_records_per_second: Option<f64>,
-    /// `records_waiting` over the drain rate, while it drains.
+    /// `records_waiting` over how fast the backlog shrinks (delivered minus arriving), while
+    /// it shrinks.
     pub eta_seconds: Option<f64>,
 }
 
@@ -79,8 +80,12 @@ pub struct Loss {
 /// [`SAMPLE_EVERY`], the last minute of them.
 #[derive(Debug, Default)]
 pub struct Drain {
-    samples: Mutex<VecDeque<(Instant, BTreeMap<String, u64>)>>,
+    /// When, and per stream (records delivered, records buffered) since the start.
+    samples: Mutex<VecDeque<(Instant, Counts)>>,
 }
+
+/// Per stream: (records delivered, records buffered) since the start.
+type Counts = BTreeMap<String, (u64, u64)>;
 
 /// How often [`Drain`] samples.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -89,11 +94,19 @@ impl Drain {
     /// Takes a sample of `metrics` now, keeping a minute of them.
     pub fn sample(&self, metrics: &Metrics) {
         let now = Instant::now();
-        let delivered = counter_values(metrics, crate::metrics::RECORDS_DELIVERED, "stream")
+        let buffered: BTreeMap<String, u64> =
+            counter_values(metrics, crate::metrics::RECORDS_BUFFERED, "stream")
+                .into_iter()
+                .collect();
+        let counts = counter_values(metrics, crate::metrics::RECORDS_DELIVERED, "stream")
             .into_iter()
+            .map(|(stream, delivered)| {
+                let b = buffered.get(&stream).copied().unwrap_or(0);
+                (stream, (delivered, b))
+            })
             .collect();
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        samples.push_back((now, delivered));
+        samples.push_back((now, counts));
         while samples
             .front()
             .is_some_and(|(at, _)| now.duration_since(*at) > Duration::from_secs(60))
@@ -102,14 +115,18 @@ impl Drain {
         }
     }
 
-    /// Records per second delivered for `stream` between the oldest and newest sample.
-    fn rate(&self, stream: &str) -> Option<f64> {
+    /// For `stream`, between the oldest and newest sample: records delivered per second, and
+    /// how fast its backlog shrinks (delivered minus newly buffered, per second).
+    fn rates(&self, stream: &str) -> Option<(f64, f64)> {
         let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         let ((t0, first), (t1, last)) = (samples.front()?, samples.back()?);
         let seconds = t1.duration_since(*t0).as_secs_f64();
         (seconds > 0.0).then(|| {
-            let get = |m: &BTreeMap<String, u64>| m.get(stream).copied().unwrap_or(0);
-            get(last).saturating_sub(get(first)) as f64 / seconds
+            let get = |m: &Counts| m.get(stream).copied().unwrap_or((0, 0));
+            let ((d0, b0), (d1, b1)) = (get(first), get(last));
+            let delivered = d1.saturating_sub(d0) as f64;
+            let buffered = b1.saturating_sub(b0) as f64;
+            (delivered / seconds, (delivered - buffered) / seconds)
         })
     }
 }
@@ -172,14 +189,16 @@ impl Status {
         let streams = records
             .iter()
             .map(|(name, &waiting)| {
-                let rate = drain.rate(name);
+                let rates = drain.rates(name);
                 StreamStatus {
                     name: name.clone(),
                     records_waiting: waiting,
                     bytes_waiting: bytes.get(name).copied().unwrap_or(0),
                     oldest_age_seconds: ages.get(name).copied().flatten(),
-                    drain_records_per_second: rate,
-                    eta_seconds: rate
+                    drain_records_per_second: rates.map(|(delivered, _)| delivered),
+                    // Only while the backlog shrinks: records still arriving count against it.
+                    eta_seconds: rates
+                        .map(|(_, shrinking)| shrinking)
                         .filter(|r| *r > 0.0 && waiting > 0)
                         .map(|r| waiting as f64 / r),
                 }

@@ -44,6 +44,42 @@ pub fn notify(state: &str) {
     }
 }
 
+/// While alive, tells systemd every 20 s that the start goes on (`EXTEND_TIMEOUT_USEC`, a
+/// minute each time): a buffer check or salvage of a large file on an SD card outlasts the
+/// start timeout, and being killed in the middle would only start it over.
+pub struct Extending {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Extending {
+    /// Starts telling systemd (nothing happens outside systemd).
+    pub fn start() -> Extending {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return Extending { stop: None };
+        }
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let _ = std::thread::Builder::new()
+            .name("start-extender".into())
+            .spawn(move || {
+                notify("EXTEND_TIMEOUT_USEC=60000000");
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(Duration::from_secs(20))
+                {
+                    notify("EXTEND_TIMEOUT_USEC=60000000");
+                }
+            });
+        Extending { stop: Some(stop) }
+    }
+}
+
+impl Drop for Extending {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)

@@ -185,7 +185,7 @@ fn the_packages_hold_binary_config_and_unit_and_both_pass_checks() {
             "Type=notify",
             "WatchdogSec=60",
             "StartLimitIntervalSec=0",
-            "MemoryMax=256M",
+            "MemoryMax=384M",
             "TasksMax=256",
         ] {
             assert!(unit.lines().any(|l| l == line), "{line} in the unit");

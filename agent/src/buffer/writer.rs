@@ -307,6 +307,11 @@ impl BufferWriter {
                     return false;
                 }
             }
+            // Retrying is progress (room is being made, or the writer gives up in time): the
+            // watchdog must not restart the agent for it.
+            if let Some(beat) = &self.beat {
+                beat.beat();
+            }
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(2));
         }
