@@ -517,6 +517,15 @@ async fn accept_batch(
             body: batch.device_id,
         });
     }
+    // A batch refused for its stream's name costs the device none of its rate.
+    let topic = state
+        .naming
+        .topic(&device.tenant, &batch.stream)
+        .map_err(|e| IngestError::BadBatch(DecodeError::Invalid(e)))?;
+    let dead_letter_topic = state
+        .naming
+        .topic(&device.tenant, DEAD_LETTER_STREAM)
+        .map_err(|e| IngestError::BadBatch(DecodeError::Invalid(e)))?;
     if let Err(wait) = state.access().rates.admit(
         &device.device_id,
         batch.records.len(),
@@ -535,14 +544,6 @@ async fn accept_batch(
         .map(|r| (r.payload.len() + r.topic.len()) as u64)
         .sum();
     state.metrics.raw_bytes.inc_by(raw);
-    let topic = state
-        .naming
-        .topic(&device.tenant, &batch.stream)
-        .map_err(|e| IngestError::BadBatch(DecodeError::Invalid(e)))?;
-    let dead_letter_topic = state
-        .naming
-        .topic(&device.tenant, DEAD_LETTER_STREAM)
-        .map_err(|e| IngestError::BadBatch(DecodeError::Invalid(e)))?;
     let ingested_at_ms = now_ms();
     let clock_offset_ms = clock_offset(
         batch.sent_at_ms,
