@@ -6,7 +6,8 @@
 //! [`QUIET_FOR`] (same place in the code, same fields) is written once, and one place in the
 //! code writes at most [`PER_PLACE`] lines per [`QUIET_FOR`] whatever its fields (a flood of
 //! clients with random ids); the next line written after left-out ones is preceded by a note
-//! of how many were left out. ERROR lines are never left out. A flood of bad clients or a
+//! of how many were left out, and a burst that simply stops gets its note when its quiet
+//! period ends. ERROR lines are never left out. A flood of bad clients or a
 //! link down for hours then costs a few lines, not the SD card.
 
 use std::collections::HashMap;
@@ -43,12 +44,26 @@ pub fn init(format: Format, filter: &str) {
     let env =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into());
     let registry = tracing_subscriber::registry().with(env);
+    let repeats = Repeats::new(format);
+    let state = repeats.0.clone();
+    // Counts of left-out lines whose message did not come back are written when their quiet
+    // period ends, so a burst that simply stops is still counted.
+    let _ = std::thread::Builder::new()
+        .name("log-repeats".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(QUIET_FOR);
+                for (message, n) in state.quiet(Instant::now()) {
+                    state.note(n, Some(&message));
+                }
+            }
+        });
     match format {
         Format::Text => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
-                    .with_filter(Repeats::new(Format::Text)),
+                    .with_filter(repeats),
             )
             .init(),
         Format::Json => registry
@@ -56,39 +71,122 @@ pub fn init(format: Format, filter: &str) {
                 tracing_subscriber::fmt::layer()
                     .json()
                     .with_writer(std::io::stderr)
-                    .with_filter(Repeats::new(Format::Json)),
+                    .with_filter(repeats),
             )
             .init(),
     }
 }
 
-/// Leaves out an event identical to one written less than [`QUIET_FOR`] ago.
-pub struct Repeats {
+/// Leaves out an event identical to one written less than [`QUIET_FOR`] ago, and lines of a
+/// place past its budget.
+pub struct Repeats(std::sync::Arc<State>);
+
+/// What [`Repeats`] remembers; shared with the thread that writes the counts of bursts that
+/// stopped.
+pub struct State {
     /// Per message (place and fields): when it was last written, and how many were left out.
     seen: Mutex<HashMap<u64, (Instant, u64)>>,
     /// Per place: when its window began, lines written in it, lines left out.
     places: Mutex<HashMap<u64, (Instant, u64, u64)>>,
+    /// The message text of what was left out, by message and by place key.
+    messages: Mutex<HashMap<u64, String>>,
     format: Format,
 }
 
-/// The fields of an event, as one string, to tell identical events apart.
+impl std::ops::Deref for Repeats {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+/// The fields of an event, as one string, to tell identical events apart; and its message.
 #[derive(Default)]
-struct Fields(String);
+struct Fields {
+    all: String,
+    message: String,
+}
 
 impl Visit for Fields {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         use std::fmt::Write;
-        let _ = write!(self.0, "{}={value:?};", field.name());
+        let _ = write!(self.all, "{}={value:?};", field.name());
+        if field.name() == "message" {
+            self.message = format!("{value:?}").chars().take(120).collect();
+        }
     }
 }
 
 impl Repeats {
     /// A filter whose notes of left-out messages are written in `format`.
     pub fn new(format: Format) -> Repeats {
-        Repeats {
+        Repeats(std::sync::Arc::new(State {
             seen: Mutex::default(),
             places: Mutex::default(),
+            messages: Mutex::default(),
             format,
+        }))
+    }
+}
+
+impl State {
+    /// Remembers the text of a message left out under `key`.
+    fn left_out(&self, key: u64, message: &str) {
+        let mut messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
+        if messages.len() >= REMEMBERED && !messages.contains_key(&key) {
+            messages.clear();
+        }
+        messages.entry(key).or_insert_with(|| message.to_owned());
+    }
+
+    /// The counts of left-out lines whose quiet period has ended without the message coming
+    /// back (taken: each is reported once), with their message.
+    pub fn quiet(&self, now: Instant) -> Vec<(String, u64)> {
+        let messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
+        let text = |key: &u64| messages.get(key).cloned().unwrap_or_default();
+        let mut out = Vec::new();
+        for (key, (written, left_out)) in self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+        {
+            if *left_out > 0 && now.duration_since(*written) >= QUIET_FOR {
+                out.push((text(key), std::mem::take(left_out)));
+            }
+        }
+        for (key, (start, _, left_out)) in self
+            .places
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+        {
+            if *left_out > 0 && now.duration_since(*start) >= QUIET_FOR {
+                out.push((text(key), std::mem::take(left_out)));
+            }
+        }
+        out
+    }
+
+    /// Writes a note that `left_out` lines (like `message`, or like the next line) were left
+    /// out. Not through tracing: an event emitted from inside the subscriber would be dropped.
+    fn note(&self, left_out: u64, message: Option<&str>) {
+        let at = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        let like = message.map_or_else(|| "the next".to_owned(), |m| m.to_owned());
+        let what = format!(
+            "{left_out} lines like {like} were left out (repeated within {} s, or more than {PER_PLACE} from one place)",
+            QUIET_FOR.as_secs()
+        );
+        match self.format {
+            Format::Text => eprintln!("{at}  INFO {what}"),
+            Format::Json => eprintln!(
+                "{}",
+                serde_json::json!({
+                    "timestamp": at.to_string(),
+                    "level": "INFO",
+                    "fields": { "message": what, "repeated": left_out },
+                })
+            ),
         }
     }
 
@@ -157,37 +255,24 @@ impl<S: Subscriber> Filter<S> for Repeats {
         event.record(&mut fields);
         let mut h = std::collections::hash_map::DefaultHasher::new();
         place.hash(&mut h);
-        fields.0.hash(&mut h);
-        let (write, mut left_out) = self.admit(h.finish(), now);
+        fields.all.hash(&mut h);
+        let key = h.finish();
+        let (write, mut left_out) = self.admit(key, now);
         if !write {
+            self.left_out(key, &fields.message);
             return false;
         }
         let (write, place_left_out) = self.admit_place(place, now);
         if !write {
+            self.left_out(place, &fields.message);
             return false;
         }
         left_out += place_left_out;
-        if write && left_out > 0 {
-            // Said once, just before the message it is about (an event cannot be emitted from
-            // inside the subscriber: it would be dropped).
-            let at = humantime::format_rfc3339_micros(std::time::SystemTime::now());
-            let what = format!(
-                "{left_out} lines like the next were left out (repeated within {} s, or more than {PER_PLACE} from one place)",
-                QUIET_FOR.as_secs()
-            );
-            match self.format {
-                Format::Text => eprintln!("{at}  INFO {what}"),
-                Format::Json => eprintln!(
-                    "{}",
-                    serde_json::json!({
-                        "timestamp": at.to_string(),
-                        "level": "INFO",
-                        "fields": { "message": what, "repeated": left_out },
-                    })
-                ),
-            }
+        if left_out > 0 {
+            // Said once, just before the message it is about.
+            self.note(left_out, None);
         }
-        write
+        true
     }
 }
 
@@ -216,6 +301,26 @@ mod tests {
             r.admit(1, t0 + QUIET_FOR + Duration::from_secs(2)),
             (false, 1)
         );
+    }
+
+    #[test]
+    fn a_burst_that_stops_is_still_counted() {
+        let r = Repeats::new(Format::Text);
+        let t0 = Instant::now();
+        assert_eq!(r.admit(1, t0), (true, 0));
+        for i in 1..=5 {
+            assert!(!r.admit(1, t0 + Duration::from_millis(i)).0);
+            r.left_out(1, "\"records lost\"");
+        }
+        assert!(
+            r.quiet(t0 + Duration::from_secs(1)).is_empty(),
+            "still quiet"
+        );
+        assert_eq!(
+            r.quiet(t0 + QUIET_FOR),
+            vec![("\"records lost\"".to_owned(), 5)]
+        );
+        assert!(r.quiet(t0 + QUIET_FOR * 2).is_empty(), "reported once");
     }
 
     #[test]
