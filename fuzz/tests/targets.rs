@@ -92,6 +92,22 @@ fn within_limits(result: Result<Batch, DecodeError>) {
     }
 }
 
+/// Decodes `input` under [`LIMITS`]; checks what [`within_limits`] checks.
+fn decodes_within_limits(
+    input: &[u8],
+    content_type: &str,
+    encoding: Option<&str>,
+    dictionary: Option<&[u8]>,
+) {
+    within_limits(decode_body_with(
+        input,
+        Some(content_type),
+        encoding,
+        LIMITS,
+        dictionary,
+    ));
+}
+
 fn json_of(b: &Batch) -> Vec<u8> {
     let records: Vec<serde_json::Value> = b
         .records
@@ -117,15 +133,7 @@ fn wire_protobuf() {
     run(
         "wire_protobuf",
         bytes_or_mutated(batches().prop_map(|b| encode_batch(&b))),
-        |input| {
-            within_limits(decode_body_with(
-                input,
-                Some(CONTENT_TYPE_BATCH),
-                None,
-                LIMITS,
-                None,
-            ))
-        },
+        |input| decodes_within_limits(input, CONTENT_TYPE_BATCH, None, None),
     );
 }
 
@@ -134,15 +142,7 @@ fn wire_json() {
     run(
         "wire_json",
         bytes_or_mutated(batches().prop_map(|b| json_of(&b))),
-        |input| {
-            within_limits(decode_body_with(
-                input,
-                Some(CONTENT_TYPE_JSON),
-                None,
-                LIMITS,
-                None,
-            ))
-        },
+        |input| decodes_within_limits(input, CONTENT_TYPE_JSON, None, None),
     );
 }
 
@@ -153,15 +153,7 @@ fn wire_zstd() {
         bytes_or_mutated((batches(), 1i32..4).prop_map(|(b, level)| {
             ingest_wire::compress(&encode_batch(&b), level).expect("compress")
         })),
-        |input| {
-            within_limits(decode_body_with(
-                input,
-                Some(CONTENT_TYPE_BATCH),
-                Some("zstd"),
-                LIMITS,
-                None,
-            ))
-        },
+        |input| decodes_within_limits(input, CONTENT_TYPE_BATCH, Some("zstd"), None),
     );
 }
 
@@ -195,15 +187,7 @@ fn wire_zstd_with_a_dictionary() {
             ingest_wire::compress_with_dictionary(&encode_batch(&b), 3, &DICTIONARY)
                 .expect("compress")
         })),
-        |input| {
-            within_limits(decode_body_with(
-                input,
-                Some(CONTENT_TYPE_BATCH),
-                Some("zstd"),
-                LIMITS,
-                Some(dictionary),
-            ))
-        },
+        |input| decodes_within_limits(input, CONTENT_TYPE_BATCH, Some("zstd"), Some(dictionary)),
     );
 }
 

@@ -178,6 +178,15 @@ impl Process {
             .status();
     }
 
+    /// SIGHUP to the process itself (a reload).
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -HUP {}", self.child.id());
+    }
+
     /// SIGTERM, then waits for the exit status (SIGKILL after 20 s).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal_group("-TERM");
@@ -205,9 +214,6 @@ impl Drop for Process {
         self.kill();
     }
 }
-
-/// How often the ingest checks its TLS files for changes (`cloud_ingest::tls::CHECK_INTERVAL`).
-pub const TLS_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Builder and handle of a running `cloud-ingest` with the embedded log.
 pub struct CloudHarness {
@@ -945,6 +951,29 @@ pub fn certificates(dir: &std::path::Path, name: &str, subjects: &[(&str, &str)]
         ]);
     }
     ca
+}
+
+/// `edge-agent hash-password` for `password`: a line `name:HASH` of a users file.
+pub fn hash_password(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(bin("edge-agent"))
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("hash-password");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(password.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("output");
+    assert!(out.status.success(), "hash-password");
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
 }
 
 /// `mosquitto_pub -q 1` of one `message` on `topic` to the agent at `mqtt`; whether it

@@ -489,14 +489,7 @@ fn tls_certificates_reload_on_sighup_and_on_change_and_a_bad_one_is_not_taken() 
     );
 
     install(&two);
-    let hup = || {
-        let status = Command::new("kill")
-            .args(["-HUP", &cloud.process.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    };
-    hup();
+    cloud.process.hangup();
     eventually(
         Duration::from_secs(10),
         "certificate two after SIGHUP",
@@ -511,25 +504,33 @@ fn tls_certificates_reload_on_sighup_and_on_change_and_a_bad_one_is_not_taken() 
     );
 
     std::fs::write(&live_cert, "-----BEGIN CERTIFICATE-----\ngarbage\n").expect("garbage");
-    hup();
-    std::thread::sleep(e2e::TLS_CHECK_INTERVAL * 2);
+    cloud.process.hangup();
+    eventually(Duration::from_secs(10), "the failed reload logged", || {
+        cloud
+            .process
+            .stderr()
+            .contains("TLS reload failed")
+            .then_some(())
+    });
     assert!(
         serves(&ca_one),
         "a broken file keeps the previous certificate"
     );
-    assert!(
-        cloud.process.stderr().contains("TLS reload failed"),
-        "and says why"
-    );
 
-    let plain = CloudHarness::new(&two).run();
-    let status = Command::new("kill")
-        .args(["-HUP", &plain.process.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(plain.readyz(), 200, "SIGHUP does not stop the ingest");
+    let mut plain = CloudHarness::new(&two).run();
+    plain.process.hangup();
+    eventually(Duration::from_secs(10), "the reload logged", || {
+        plain
+            .process
+            .stderr()
+            .contains("SIGHUP: config reloaded")
+            .then_some(())
+    });
+    assert!(
+        plain.process.try_status().is_none(),
+        "SIGHUP does not stop the ingest"
+    );
+    assert_eq!(plain.readyz(), 200);
 }
 
 /// A read of large records is streamed and paged: 40 records of 1 MiB come back 16 MiB per
@@ -571,14 +572,6 @@ fn a_large_read_is_streamed_in_pages_of_bounded_size() {
 fn sighup_adds_a_device_without_a_restart_and_refuses_a_broken_config() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cloud = CloudHarness::new(dir.path()).run();
-    let pid = cloud.process.pid();
-    let hup = || {
-        let status = Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    };
     let post = |device: &str, token: &str, seq: u64| {
         cloud.post(
             device,
@@ -601,7 +594,7 @@ fn sighup_adds_a_device_without_a_restart_and_refuses_a_broken_config() {
         1,
     );
     std::fs::write(&cloud.config, &added).expect("config");
-    hup();
+    cloud.process.hangup();
     eventually(Duration::from_secs(10), "the new device accepted", || {
         (post("dev-new", "token-new-0123456789", 2).0 == 200).then_some(())
     });
@@ -611,7 +604,7 @@ fn sighup_adds_a_device_without_a_restart_and_refuses_a_broken_config() {
         added.replace("tenant: acme", "tenant: acme.eu"),
     )
     .expect("config");
-    hup();
+    cloud.process.hangup();
     eventually(Duration::from_secs(10), "the refusal logged", || {
         cloud
             .process

@@ -634,28 +634,6 @@ fn idle_sockets_garbage_and_a_connect_storm_do_not_starve_the_door() {
     });
 }
 
-/// `edge-agent hash-password` for `password`.
-fn hash(password: &str) -> String {
-    let mut child = Command::new(e2e::bin("edge-agent"))
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("hash-password");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(password.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("output");
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .expect("utf8")
-        .trim()
-        .to_owned()
-}
-
 /// mosquitto_pub with these credentials; whether it succeeded.
 fn mosquitto_pub(
     addr: SocketAddr,
@@ -713,8 +691,8 @@ fn only_known_users_get_in_and_the_acl_keeps_them_to_their_topics() {
         &users,
         format!(
             "sensor-1:{}\ngrafana:{}:dashboards\n",
-            hash("s3cret-1"),
-            hash("dash-pw")
+            e2e::hash_password("s3cret-1"),
+            e2e::hash_password("dash-pw")
         ),
     )
     .expect("users");
@@ -1009,7 +987,11 @@ fn a_client_certificate_logs_in_as_its_common_name_and_the_acl_applies() {
     // Signed by a CA the agent does not know.
     e2e::certificates(d, "rogue", &[("rogue", "/CN=sensor-7")]);
     let users = d.join("users");
-    std::fs::write(&users, format!("sensor-1:{}\n", hash("s3cret-1"))).expect("users");
+    std::fs::write(
+        &users,
+        format!("sensor-1:{}\n", e2e::hash_password("s3cret-1")),
+    )
+    .expect("users");
     let cloud = CloudHarness::new(d).run();
     let mut agent = AgentHarness::new(d, &cloud.url())
         .mqtt_auth(&format!(
