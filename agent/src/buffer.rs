@@ -280,6 +280,22 @@ pub enum WriterCommand {
         /// Their sequence numbers.
         seqs: Vec<u64>,
     },
+    /// A reload: once everything queued before it is committed, put these streams in force
+    /// ([`Buffer::reconfigure`]); stream indices in the commands after it are the new ones.
+    /// Never part of a commit.
+    Reconfigure(Reconfigure),
+}
+
+/// New streams for the writer ([`WriterCommand::Reconfigure`]).
+#[derive(Debug)]
+pub struct Reconfigure {
+    /// The configured streams, in config order.
+    pub streams: Vec<BufferStream>,
+    /// The new quota.
+    pub quota_bytes: u64,
+    /// Told every stream in force once they are (dropped if the buffer cannot take them: the
+    /// writer then stops, and with it the agent).
+    pub done: tokio::sync::oneshot::Sender<Vec<OpenedStream>>,
 }
 
 /// What the writer has committed for one stream, published after every commit.
@@ -603,21 +619,7 @@ impl Buffer {
         for name in &orphans {
             state.push(load_stream(&conn, name, Priority::Bulk).map_err(sqlite)?);
         }
-        let mut opened = Vec::new();
-        for (i, s) in state.iter().enumerate() {
-            let first: Option<i64> = conn
-                .query_row(
-                    "SELECT MIN(seq) FROM records WHERE stream_id = ?1",
-                    [s.id],
-                    |r| r.get(0),
-                )
-                .map_err(sqlite)?;
-            opened.push(OpenedStream {
-                name: s.name.clone(),
-                resume_after: first.map_or(s.next_seq - 1, |f| f as u64 - 1),
-                orphan: i >= streams.len(),
-            });
-        }
+        let opened = resume_points(&conn, &state, streams.len()).map_err(sqlite)?;
         let buffer = Buffer {
             conn,
             path: path.to_owned(),
@@ -635,6 +637,49 @@ impl Buffer {
             epoch,
             quarantine: None,
         })
+    }
+
+    /// Puts a new stream list in force (a reload), keeping everything buffered, and returns
+    /// every stream as [`Buffer::open`] does: a stream already known keeps its id, sequence
+    /// and counts, and takes its new priority and TTL; a new one is created; one dropped from
+    /// the config that still holds records stays, as a bulk orphan that drains, and an empty
+    /// one is forgotten. Running totals (`appended_bytes`) start again from 0, as at a start.
+    /// On an error nothing has changed.
+    pub fn reconfigure(
+        &mut self,
+        streams: &[BufferStream],
+        quota_bytes: u64,
+    ) -> Result<Vec<OpenedStream>, BufferError> {
+        let sqlite = |source| BufferError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let mut state = Vec::new();
+        for spec in streams {
+            let mut s = match self.streams.iter().find(|s| s.name == spec.name) {
+                Some(known) => known.clone(),
+                None => load_stream(&self.conn, &spec.name, spec.priority).map_err(sqlite)?,
+            };
+            s.priority = spec.priority;
+            s.ttl_ms = spec.ttl.map(|t| t.as_millis() as i64);
+            state.push(s);
+        }
+        for s in &self.streams {
+            if s.progress.backlog_records > 0 && !streams.iter().any(|c| c.name == s.name) {
+                state.push(StreamState {
+                    priority: Priority::Bulk,
+                    ttl_ms: None,
+                    ..s.clone()
+                });
+            }
+        }
+        for s in &mut state {
+            s.progress.appended_bytes = 0;
+        }
+        let opened = resume_points(&self.conn, &state, streams.len()).map_err(sqlite)?;
+        self.streams = state;
+        self.quota_bytes = quota_bytes;
+        Ok(opened)
     }
 
     /// Progress of every stream, by index.
@@ -1052,6 +1097,28 @@ fn load_stream(conn: &Connection, name: &str, priority: Priority) -> rusqlite::R
     })
 }
 
+/// Each stream's resume point (its oldest record held, else its next sequence); those after
+/// the first `configured` are orphans.
+fn resume_points(
+    conn: &Connection,
+    state: &[StreamState],
+    configured: usize,
+) -> rusqlite::Result<Vec<OpenedStream>> {
+    let mut oldest = conn.prepare_cached("SELECT MIN(seq) FROM records WHERE stream_id = ?1")?;
+    state
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let first: Option<i64> = oldest.query_row([s.id], |r| r.get(0))?;
+            Ok(OpenedStream {
+                name: s.name.clone(),
+                resume_after: first.map_or(s.next_seq - 1, |f| f as u64 - 1),
+                orphan: i >= configured,
+            })
+        })
+        .collect()
+}
+
 /// How far a commit may fill the buffer.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
@@ -1154,6 +1221,8 @@ fn apply(
                         },
                     ));
                 }
+                // The writer takes it out before a group is formed.
+                WriterCommand::Reconfigure(_) => {}
             }
         }
         if expire {
@@ -1777,6 +1846,87 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    /// A reload's streams: a known one keeps what it holds and takes its new priority (which
+    /// the quota then follows), a new one starts empty, a dropped one still holding records
+    /// stays as a bulk orphan after the configured ones, a dropped empty one is forgotten.
+    #[test]
+    fn reconfigure_keeps_what_is_held_and_takes_new_priorities() {
+        let cost = 3 + 100 + RECORD_OVERHEAD_BYTES;
+        let (_dir, _path, mut b) = fresh(cost * 100);
+        // alarms (critical), telemetry (normal), logs (bulk), losses.
+        b.commit(
+            &[
+                rec(0, &[0; 100]),
+                rec(1, &[1; 100]),
+                rec(1, &[1; 100]),
+                rec(2, &[2; 100]),
+            ],
+            &[],
+            5,
+            false,
+        )
+        .expect("commit");
+        let spec = |list: &[(&str, Priority)]| -> Vec<BufferStream> {
+            list.iter()
+                .map(|&(name, priority)| BufferStream {
+                    name: name.into(),
+                    priority,
+                    ttl: None,
+                })
+                .collect()
+        };
+        let opened = b
+            .reconfigure(
+                &spec(&[
+                    ("vibration", Priority::High),
+                    ("telemetry", Priority::Bulk),
+                    ("logs", Priority::Critical),
+                    (LOSS_STREAM, Priority::Critical),
+                ]),
+                cost * 4,
+            )
+            .expect("reconfigure");
+        let summary = |o: &[OpenedStream]| -> Vec<(String, u64, bool)> {
+            o.iter()
+                .map(|o| (o.name.clone(), o.resume_after, o.orphan))
+                .collect()
+        };
+        assert_eq!(
+            summary(&opened),
+            vec![
+                ("vibration".into(), 0, false),
+                ("telemetry".into(), 0, false),
+                ("logs".into(), 0, false),
+                (LOSS_STREAM.into(), 0, false),
+                ("alarms".into(), 0, true),
+            ]
+        );
+        let held: Vec<u64> = b.progress().iter().map(|p| p.backlog_records).collect();
+        assert_eq!(held, vec![0, 2, 1, 0, 1], "nothing buffered is lost");
+        // Over the new quota (4 records): the bulk ones go (telemetry, the orphan), not logs,
+        // which was bulk before the reload.
+        let s = b
+            .commit(&[rec(2, &[2; 100]), rec(2, &[3; 100])], &[], 6, false)
+            .expect("commit");
+        assert_eq!(s.evicted[2], 0, "logs is critical now: {:?}", s.evicted);
+        assert_eq!(s.evicted.iter().sum::<u64>(), 2, "{:?}", s.evicted);
+        assert_eq!(
+            s.appended,
+            vec![0, 0, 2, 1, 0],
+            "by the new indices, with the eviction's loss report"
+        );
+        let again = b
+            .reconfigure(&streams(), cost * 100)
+            .expect("reconfigure back");
+        assert!(
+            !again.iter().any(|o| o.name == "vibration"),
+            "an empty stream dropped from the config is forgotten: {again:?}"
+        );
+        let back = b.progress();
+        assert_eq!(back[2].backlog_records, 3, "logs kept its records");
+        assert_eq!(back[2].committed_seq, 3);
     }
 
     #[test]

@@ -74,9 +74,9 @@ pub struct FrontDoor {
 }
 
 struct Ctx {
-    router: Router,
-    /// `agent_records_received_total`, per stream.
-    received: Vec<prometheus::IntCounter>,
+    /// Held (read) from routing a publish until it is queued for the writer; replaced by a
+    /// reload ([`FrontDoor::pause_routing`]).
+    routes: tokio::sync::RwLock<Routes>,
     queue: Queue,
     metrics: Metrics,
     /// rumqttd's internal listeners, for MQTT 3.1.1 and 5 clients.
@@ -113,6 +113,33 @@ struct Ctx {
     /// What rumqttd retains, and its bounds.
     retained: Mutex<limits::Retained>,
     retained_limits: RetainedLimits,
+}
+
+/// Where publishes go: the stream of each topic, and each stream's
+/// `agent_records_received_total`.
+pub struct Routes {
+    router: Router,
+    received: Vec<prometheus::IntCounter>,
+}
+
+impl Routes {
+    /// Routes by `router` into the streams named `stream_names` (by index).
+    pub fn new(router: Router, stream_names: &[String], metrics: &Metrics) -> Routes {
+        Routes {
+            router,
+            received: stream_names
+                .iter()
+                .map(|n| metrics.records_received.with_label_values(&[n.as_str()]))
+                .collect(),
+        }
+    }
+
+    /// The stream index of `topic`, counted as received.
+    fn route(&self, topic: &str) -> usize {
+        let stream = self.router.route(topic);
+        self.received[stream].inc();
+        stream
+    }
 }
 
 /// What a session remembers of its client's publishes, for exactly-once.
@@ -207,11 +234,7 @@ impl FrontDoor {
         FrontDoor {
             closing: CancellationToken::new(),
             ctx: Arc::new(Ctx {
-                received: stream_names
-                    .iter()
-                    .map(|n| metrics.records_received.with_label_values(&[n.as_str()]))
-                    .collect(),
-                router,
+                routes: tokio::sync::RwLock::new(Routes::new(router, stream_names, &metrics)),
                 queue,
                 metrics,
                 upstream_v4,
@@ -261,6 +284,14 @@ impl FrontDoor {
         self.ctx
             .access_changed
             .send_modify(|generation| *generation += 1);
+    }
+
+    /// Holds publishes back while the guard lives (a reload): once it is held, every publish
+    /// routed before is in the writer's queue, and none is routed until it is dropped. A new
+    /// [`Routes`] set through it is used from then on. Connections stay open meanwhile; their
+    /// publishes wait.
+    pub async fn pause_routing(&self) -> tokio::sync::RwLockWriteGuard<'_, Routes> {
+        self.ctx.routes.write().await
     }
 
     /// Serves every connection accepted on `listener` (MQTT 3.1.1 and 5 alike).
@@ -899,8 +930,9 @@ where
                     ctx.metrics.mqtt_resends.inc();
                     owed.after_the_rest(p.pkid, ack.unwrap_or(kind::PUBACK), None);
                 } else {
-                    let stream = ctx.router.route(&text);
-                    ctx.received[stream].inc();
+                    // Held until the record is queued: a reload never sees it half routed.
+                    let routes = ctx.routes.read().await;
+                    let stream = routes.route(&text);
                     let receipt = ack.map(|_| {
                         owed.last += 1;
                         Receipt {
@@ -925,7 +957,9 @@ where
                         monotonic_ms: crate::clock::monotonic_ms(),
                         receipt,
                     };
-                    if ctx.keep(WriterCommand::Append(record)).await.is_err() {
+                    let queued = ctx.keep(WriterCommand::Append(record)).await;
+                    drop(routes);
+                    if queued.is_err() {
                         break Err(ConnectionError::Protocol("the buffer writer is gone"));
                     }
                 }
@@ -1138,8 +1172,8 @@ async fn keep_will(ctx: &Ctx, who: &Client<'_>, client_id: &str, will: &mqtt::Wi
         tracing::warn!(client_id, topic = %will.topic, bytes = will.payload.len(), "will message over mqtt.max_payload_bytes: not stored");
         return false;
     }
-    let stream = ctx.router.route(&will.topic);
-    ctx.received[stream].inc();
+    let routes = ctx.routes.read().await;
+    let stream = routes.route(&will.topic);
     ctx.metrics.mqtt_wills.inc();
     tracing::info!(client_id, topic = %will.topic, "client vanished without DISCONNECT: its will message is kept");
     let record = NewRecord {

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batcher::Lane;
 use crate::broker::BrokerError;
-use crate::buffer::{Buffer, BufferError, BufferReader, BufferStream, BufferWriter};
+use crate::buffer::{Buffer, BufferError, BufferReader, BufferStream, BufferWriter, OpenedStream};
 use crate::config::{AgentConfig, BatchTriggers, StreamConfig};
 use crate::forwarder::Forwarder;
 use crate::front_door::FrontDoor;
@@ -68,11 +68,115 @@ pub enum AgentError {
     StageStopped(&'static str),
 }
 
-/// The initial protections: each stream's resume point.
-fn protections(lanes: &[Lane]) -> Arc<buffer::Protected> {
-    Arc::new(buffer::Protected::new(
-        lanes.iter().map(Lane::protection).collect(),
-    ))
+/// The buffer's view of the configured streams.
+fn buffer_streams(config: &AgentConfig) -> Vec<BufferStream> {
+    config
+        .streams
+        .iter()
+        .map(|s| BufferStream {
+            name: s.name.clone(),
+            priority: s.priority,
+            ttl: s.ttl,
+        })
+        .collect()
+}
+
+/// The streams in force: the configured ones, then the buffer's orphans (streams no longer
+/// configured that still hold records), which drain as bulk.
+fn with_orphans(config: &AgentConfig, opened: &[OpenedStream]) -> Vec<StreamConfig> {
+    let mut streams = config.streams.clone();
+    for orphan in opened.iter().filter(|o| o.orphan) {
+        streams.push(StreamConfig {
+            name: orphan.name.clone(),
+            topics: Vec::new(),
+            priority: Priority::Bulk,
+            batch: BatchTriggers::internal(std::time::Duration::ZERO),
+            ttl: None,
+            order: batcher::Order::Fifo,
+            zstd_level: config.ingest.zstd_level,
+            zstd_dictionary: false,
+        });
+    }
+    streams
+}
+
+/// What starting the forwarder takes beside the config: at the start, and again at a reload
+/// that changes streams or the uplink.
+struct Uplink {
+    device_id: String,
+    epoch: u64,
+    buffer: std::path::PathBuf,
+    token: forwarder::SharedToken,
+    commands: buffer::Queue,
+    protected: Arc<buffer::Protected>,
+    progress: tokio::sync::watch::Receiver<Vec<buffer::StreamProgress>>,
+    metrics: Metrics,
+    beat: systemd::Beat,
+}
+
+/// A running forwarder.
+struct Forwarding {
+    task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl Uplink {
+    /// Starts a forwarder for the streams in force (`opened`: the configured ones of `config`,
+    /// then orphans), each resuming at its oldest record held, with the uplink of `config`.
+    fn start(
+        &self,
+        config: &AgentConfig,
+        opened: &[OpenedStream],
+    ) -> Result<Forwarding, BufferError> {
+        let streams = with_orphans(config, opened);
+        let names: Vec<String> = streams.iter().map(|s| s.name.clone()).collect();
+        self.metrics.set_streams(
+            &streams
+                .iter()
+                .map(|s| (s.name.clone(), s.priority))
+                .collect::<Vec<_>>(),
+        );
+        // One read connection per request that may be in flight: reads run beside each other.
+        let readers = (0..config.ingest.max_in_flight)
+            .map(|_| BufferReader::open(&self.buffer, &names))
+            .collect::<Result<Vec<_>, _>>()?;
+        let progress = self.progress.borrow().clone();
+        let now = Instant::now();
+        let lanes = opened
+            .iter()
+            .zip(&streams)
+            .zip(&progress)
+            .map(|((o, s), p)| {
+                Lane::new(
+                    o.resume_after,
+                    p.committed_seq > o.resume_after,
+                    now,
+                    s.batch.linger,
+                    s.order,
+                )
+            })
+            .collect();
+        let forwarder = Forwarder {
+            device_id: self.device_id.clone(),
+            epoch: self.epoch,
+            ingest: config.ingest.clone(),
+            token: self.token.clone(),
+            streams,
+            lanes,
+            schedule: config.schedule,
+            readers,
+            commands: self.commands.clone(),
+            protected: self.protected.clone(),
+            progress: self.progress.clone(),
+            metrics: self.metrics.clone(),
+            beat: self.beat.clone(),
+        };
+        let stop = CancellationToken::new();
+        Ok(Forwarding {
+            task: tokio::spawn(forwarder.run(stop.clone())),
+            stop,
+        })
+    }
 }
 
 /// Runs the agent until `shutdown`, then stops cleanly: the broker link is drained into the
@@ -87,15 +191,7 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let metrics = Metrics::new();
     metrics.set_degraded_after(config.ingest.degraded_after);
-    let configured: Vec<BufferStream> = config
-        .streams
-        .iter()
-        .map(|s| BufferStream {
-            name: s.name.clone(),
-            priority: s.priority,
-            ttl: s.ttl,
-        })
-        .collect();
+    let configured = buffer_streams(&config);
     let reserve = config.buffer.reserve_bytes.unwrap_or(buffer::RESERVE_BYTES);
     // SIGHUP is taken from here on (a reload asked while the buffer opens waits for the loop
     // below): its default action would end the agent in the middle of a check or salvage.
@@ -129,43 +225,19 @@ pub async fn run(
         }
     }
     let (buffer, epoch, opened) = (opened.buffer, opened.epoch, opened.streams);
-    let mut streams = config.streams.clone();
     for orphan in opened.iter().filter(|o| o.orphan) {
         tracing::warn!(stream = %orphan.name, "stream is no longer configured but has buffered records; draining them as bulk");
-        streams.push(StreamConfig {
-            name: orphan.name.clone(),
-            topics: Vec::new(),
-            priority: Priority::Bulk,
-            batch: BatchTriggers::internal(std::time::Duration::ZERO),
-            ttl: None,
-            order: batcher::Order::Fifo,
-            zstd_level: config.ingest.zstd_level,
-            zstd_dictionary: false,
-        });
     }
-    let names: Vec<String> = streams.iter().map(|s| s.name.clone()).collect();
-    // One read connection per request that may be in flight: reads run beside each other.
-    let readers = (0..config.ingest.max_in_flight)
-        .map(|_| BufferReader::open(&config.buffer.path, &names))
-        .collect::<Result<Vec<_>, _>>()?;
+    let names: Vec<String> = opened.iter().map(|o| o.name.clone()).collect();
     let progress = buffer.progress();
-    let now = Instant::now();
-    let lanes: Vec<Lane> = opened
-        .iter()
-        .zip(&streams)
-        .zip(&progress)
-        .map(|((o, s), p)| {
-            Lane::new(
-                o.resume_after,
-                p.committed_seq > o.resume_after,
-                now,
-                s.batch.linger,
-                s.order,
-            )
-        })
-        .collect();
     let (commands, command_rx) = flume::bounded(config.buffer.queue_records);
-    let protected = protections(&lanes);
+    // Each stream's resume point, as a forwarder started now protects it (`Lane::protection`).
+    let protected = Arc::new(buffer::Protected::new(
+        opened
+            .iter()
+            .map(|o| buffer::Protection::floor(o.resume_after))
+            .collect(),
+    ));
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(progress);
     let queue_bytes = buffer::QueueBytes::new(config.buffer.queue_bytes);
     let (writer_beat, forwarder_beat) = (
@@ -264,26 +336,21 @@ pub async fn run(
         );
         front_door.serve_tls(l, acceptor);
     }
-    tracing::info!(device = %config.device_id, streams = streams.len(), buffer = %config.buffer.path.display(), "edge-agent running");
+    tracing::info!(device = %config.device_id, streams = names.len(), buffer = %config.buffer.path.display(), "edge-agent running");
 
-    let token: forwarder::SharedToken = Arc::new(std::sync::RwLock::new(token));
-    let forwarder = Forwarder {
+    let uplink = Uplink {
         device_id: config.device_id.clone(),
         epoch,
-        ingest: config.ingest.clone(),
-        token: token.clone(),
-        streams,
-        lanes,
-        schedule: config.schedule,
-        readers,
+        buffer: config.buffer.path.clone(),
+        token: Arc::new(std::sync::RwLock::new(token)),
         commands: commands.clone(),
         protected,
         progress: progress_rx,
         metrics,
         beat: forwarder_beat.clone(),
     };
-    let stop_forwarding = CancellationToken::new();
-    let forwarder = tokio::spawn(forwarder.run(stop_forwarding.clone()));
+    let mut forwarding = uplink.start(&config, &opened)?;
+    let mut config = config;
 
     ready.store(true, Ordering::Relaxed);
     systemd::notify("READY=1");
@@ -294,19 +361,32 @@ pub async fn run(
     ));
     // Supervision: a stage that stops on its own (the buffer writer, the forwarder, rumqttd)
     // stops the agent, which exits non-zero so systemd restarts it; it never runs half alive.
-    // SIGHUP (`systemctl reload`) reloads the MQTT users and ACL from `config_file`.
+    // SIGHUP (`systemctl reload`) reloads the config from `config_file`.
+    enum Event {
+        Stop,
+        Stopped(&'static str),
+        Hangup,
+    }
     let died = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break None,
-            stage = stopped_stage(&writer, &forwarder, &broker.thread) => break Some(stage),
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => Event::Stop,
+            stage = stopped_stage(&writer, &forwarding.task, &broker.thread) => Event::Stopped(stage),
             Some(()) = async {
                 match hangup.as_mut() {
                     Some(h) => h.recv().await,
                     None => std::future::pending().await,
                 }
-            } => {
-                if let Some(file) = &config_file {
-                    reload(file, &config, &front_door, &token).await;
+            } => Event::Hangup,
+        };
+        match event {
+            Event::Stop => break None,
+            Event::Stopped(stage) => break Some(stage),
+            Event::Hangup => {
+                if let Some(file) = &config_file
+                    && let Err(stage) =
+                        reload(file, &mut config, &front_door, &uplink, &mut forwarding).await
+                {
+                    break Some(stage);
                 }
             }
         }
@@ -322,13 +402,15 @@ pub async fn run(
         ),
     }
     front_door.close();
-    stop_forwarding.cancel();
+    forwarding.stop.cancel();
     // Each step is bounded, so a stop ends within STOP_BOUND whatever the disk does (systemd's
     // TimeoutStopSec is 30 s): the front door's connections end within their grace (they
     // acknowledge what the writer commits meanwhile), then the writer's last commits.
     drop(front_door);
-    let _ = bounded(Duration::from_secs(1), forwarder).await;
+    let _ = bounded(Duration::from_secs(1), forwarding.task).await;
     let waiting = commands.len();
+    // The writer ends once every sender of its queue is gone.
+    drop(uplink);
     drop(commands);
     let written = bounded(
         buffer::STOP_BOUND,
@@ -389,70 +471,163 @@ pub fn check_reload(file: &std::path::Path) -> Result<Reloaded, String> {
     Ok((config, users, token, tls))
 }
 
-/// Reloads what can change under running connections from `file`: the MQTT users file, the
-/// ACL and anonymous access ([`FrontDoor::set_access`]; open connections stay unless their
-/// credentials are revoked), the MQTT TLS certificate files (new connections), and the ingest
-/// token. Everything is read and checked before anything changes: a file that fails is
-/// refused whole and the running config stays. Other changed settings are named and take
-/// effect at the next start.
+/// How long a reload waits for the forwarder to stop before it aborts it.
+const FORWARDER_STOP: Duration = Duration::from_secs(5);
+
+/// Reloads `file`. Everything is read and checked before anything changes: a file that fails
+/// is refused whole, with an error naming the key, and the running config stays. Then:
+/// - the MQTT users file, the ACL and anonymous access ([`FrontDoor::set_access`]; open
+///   connections stay unless their credentials are revoked), the MQTT TLS certificate files
+///   (new connections) and the ingest token;
+/// - if the streams, the default stream, the ingest settings, the schedule or the buffer's
+///   quota changed, the pipeline behind the front door is put on the new config: the
+///   forwarder stops (what it had in flight stays buffered and is sent again; the ingest drops
+///   what it already has), publishes are held while the writer commits what is queued and
+///   takes the new streams ([`WriterCommand::Reconfigure`]), then they are routed by the new
+///   config and a new forwarder starts from each stream's oldest record. Connections stay
+///   open, and nothing buffered is lost: a stream dropped from the config drains as bulk.
+///
+/// Other changed settings are named and take effect at the next start. `Err`: the stage that
+/// stopped meanwhile (the agent stops).
 async fn reload(
     file: &std::path::Path,
-    running: &AgentConfig,
+    running: &mut AgentConfig,
     front_door: &FrontDoor,
-    token: &forwarder::SharedToken,
-) {
+    uplink: &Uplink,
+    forwarding: &mut Forwarding,
+) -> Result<(), &'static str> {
     let path = file.to_owned();
     let loaded = tokio::task::spawn_blocking(move || check_reload(&path)).await;
-    let (mut new, users, new_token, tls) = match loaded {
+    let (new, users, new_token, tls) = match loaded {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "SIGHUP: config refused, the running config stays");
-            return;
+            return Ok(());
         }
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: reload failed");
-            return;
+            return Ok(());
         }
     };
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    // What only a start puts in force: compared with the reloadable parts set as running.
+    let mut mqtt = new.mqtt.clone();
+    (mqtt.auth, mqtt.acl) = (running.mqtt.auth.clone(), running.mqtt.acl.clone());
+    if let (Some(t), Some(r)) = (&mut mqtt.tls, &running.mqtt.tls) {
+        *t = config::TlsConfig {
+            listen: t.listen,
+            ..r.clone()
+        };
+    }
+    let mut buffer = new.buffer.clone();
+    // The reserve is worked out at start from the volume, not read from the file.
+    (buffer.quota_bytes, buffer.reserve_bytes) =
+        (running.buffer.quota_bytes, running.buffer.reserve_bytes);
+    let later: Vec<&str> = [
+        ("device_id", new.device_id == running.device_id),
+        (
+            "mqtt (other than auth, acl and TLS files)",
+            same(&mqtt, &running.mqtt),
+        ),
+        (
+            "buffer (other than quota_bytes)",
+            same(&buffer, &running.buffer),
+        ),
+        (
+            "metrics_listen",
+            new.metrics_listen == running.metrics_listen,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, unchanged)| (!unchanged).then_some(name))
+    .collect();
+    let pipeline = !same(&new.streams, &running.streams)
+        || new.default_stream != running.default_stream
+        || !same(&new.ingest, &running.ingest)
+        || !same(&new.schedule, &running.schedule)
+        || new.buffer.quota_bytes != running.buffer.quota_bytes;
+
     front_door.set_access(access::Access {
         users,
         allow_anonymous: new.mqtt.auth.allow_anonymous,
         acl: access::Acl::new(new.mqtt.acl.clone()),
     });
-    if let (Some(acceptor), Some(_)) = (tls, &running.mqtt.tls) {
+    (running.mqtt.auth, running.mqtt.acl) = (new.mqtt.auth.clone(), new.mqtt.acl.clone());
+    if let (Some(acceptor), Some(r), Some(t)) = (tls, &mut running.mqtt.tls, &new.mqtt.tls) {
         front_door.set_tls(acceptor);
+        *r = config::TlsConfig {
+            listen: r.listen,
+            ..t.clone()
+        };
     }
-    *token
+    *uplink
+        .token
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = new_token;
-    // Worked out at start from the volume, not read from the file.
-    new.buffer.reserve_bytes = running.buffer.reserve_bytes;
-    let mut later = Vec::new();
-    let same =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
-    let mut mqtt = new.mqtt.clone();
-    (mqtt.auth, mqtt.acl) = (running.mqtt.auth.clone(), running.mqtt.acl.clone());
-    for (name, unchanged) in [
-        ("device_id", new.device_id == running.device_id),
-        ("ingest", same(&new.ingest, &running.ingest)),
-        ("mqtt (other than auth and acl)", same(&mqtt, &running.mqtt)),
-        ("buffer", same(&new.buffer, &running.buffer)),
-        ("streams", same(&new.streams, &running.streams)),
-        (
-            "metrics_listen",
-            new.metrics_listen == running.metrics_listen,
-        ),
-    ] {
-        if !unchanged {
-            later.push(name);
+    if pipeline {
+        forwarding.stop.cancel();
+        if tokio::time::timeout(FORWARDER_STOP, &mut forwarding.task)
+            .await
+            .is_err()
+        {
+            forwarding.task.abort();
+            let _ = (&mut forwarding.task).await;
         }
+        // Its acks are queued; now every publish routed by the old streams is queued too.
+        let mut routes = front_door.pause_routing().await;
+        let (done, opened) = tokio::sync::oneshot::channel();
+        let reconfigure = buffer::Reconfigure {
+            streams: buffer_streams(&new),
+            quota_bytes: new.buffer.quota_bytes,
+            done,
+        };
+        if uplink
+            .commands
+            .send_async(buffer::WriterCommand::Reconfigure(reconfigure))
+            .await
+            .is_err()
+        {
+            return Err("buffer writer");
+        }
+        let Ok(opened) = opened.await else {
+            return Err("buffer writer");
+        };
+        let names: Vec<String> = opened.iter().map(|o| o.name.clone()).collect();
+        *routes = front_door::Routes::new(
+            Router::new(
+                new.streams.iter().map(|s| s.topics.as_slice()),
+                new.default_stream,
+            ),
+            &names,
+            &uplink.metrics,
+        );
+        drop(routes);
+        uplink.metrics.set_degraded_after(new.ingest.degraded_after);
+        *forwarding = match uplink.start(&new, &opened) {
+            Ok(started) => started,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the forwarder cannot start on the new streams");
+                return Err("forwarder");
+            }
+        };
+        for orphan in opened.iter().filter(|o| o.orphan) {
+            tracing::warn!(stream = %orphan.name, "stream is no longer configured but has buffered records; draining them as bulk");
+        }
+        running.streams = new.streams.clone();
+        running.default_stream = new.default_stream;
+        running.ingest = new.ingest.clone();
+        running.schedule = new.schedule;
+        running.buffer.quota_bytes = new.buffer.quota_bytes;
     }
     tracing::info!(
-        "SIGHUP: MQTT users, ACL, anonymous access, TLS certificates and ingest token reloaded"
+        streams_and_uplink = pipeline,
+        "SIGHUP: reloaded (MQTT users, ACL, anonymous access, TLS certificates, ingest token; streams, routing, priorities, batching, TTL, ingest settings, schedule and quota when they changed)"
     );
     if !later.is_empty() {
         tracing::warn!(settings = ?later, "SIGHUP: these changed in the file but take effect only at the next start");
     }
+    Ok(())
 }
 
 /// Which stage stopped on its own, once one does.

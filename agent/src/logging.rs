@@ -63,6 +63,8 @@ pub fn init(format: Format, filter: &str) {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
+                    // Colours only on a terminal: journald and log files get plain text.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                     .with_filter(repeats),
             )
             .init(),

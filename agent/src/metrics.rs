@@ -46,6 +46,8 @@ pub const INGEST_CURRENT: &str = "agent_ingest_current";
 pub const AUTH_ALARM: &str = "agent_auth_alarm";
 /// Id of the zstd dictionary a stream's batches are compressed with now (0: none), per stream.
 pub const STREAM_DICTIONARY: &str = "agent_stream_dictionary_id";
+/// Each stream in force and its priority class (0 bulk, 1 normal, 2 high, 3 critical).
+pub const STREAM_PRIORITY: &str = "agent_stream_priority";
 /// Dictionary registrations at an ingest replica (`PUT /v1/dictionaries/{id}`).
 pub const DICTIONARY_REGISTRATIONS: &str = "agent_dictionary_registrations_total";
 /// Buffer commit durations.
@@ -121,6 +123,8 @@ pub struct Metrics {
     pub backlog_bytes: IntGaugeVec,
     /// [`STREAM_DICTIONARY`]
     pub stream_dictionary: IntGaugeVec,
+    /// [`STREAM_PRIORITY`]
+    pub stream_priority: IntGaugeVec,
     /// [`DICTIONARY_REGISTRATIONS`]
     pub dictionary_registrations: IntCounter,
     /// See [`BATCHES`].
@@ -266,6 +270,10 @@ impl Metrics {
                 "zstd dictionaries registered at an ingest replica.",
             ),
             backlog_bytes: gauge_vec(BACKLOG_BYTES, "Bytes in the buffer (quota cost)."),
+            stream_priority: gauge_vec(
+                STREAM_PRIORITY,
+                "Each stream in force and its priority class (0 bulk, 1 normal, 2 high, 3 critical).",
+            ),
             batches: counter_vec(
                 BATCHES,
                 "Batch requests by outcome.",
@@ -435,6 +443,33 @@ impl Metrics {
             .iter()
             .map(|(name, at)| (name.clone(), at.map(|t| (now - t).max(0) as f64 / 1000.0)))
             .collect()
+    }
+
+    /// The streams in force are `streams` (a start or a reload): their priorities are set, and
+    /// the gauges of streams no longer in force are removed (their counters stay).
+    pub fn set_streams(&self, streams: &[(String, crate::routing::Priority)]) {
+        use prometheus::core::Collector;
+        for family in self.stream_priority.collect() {
+            for m in family.get_metric() {
+                for label in m.get_label() {
+                    if !streams.iter().any(|(name, _)| name == label.value()) {
+                        for vec in [
+                            &self.stream_priority,
+                            &self.backlog_records,
+                            &self.backlog_bytes,
+                            &self.stream_dictionary,
+                        ] {
+                            let _ = vec.remove_label_values(&[label.value()]);
+                        }
+                    }
+                }
+            }
+        }
+        for (name, priority) in streams {
+            self.stream_priority
+                .with_label_values(&[name.as_str()])
+                .set(*priority as i64);
+        }
     }
 
     /// How long records may wait with the link up and nothing delivered before the agent is

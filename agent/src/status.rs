@@ -52,6 +52,8 @@ pub struct Status {
 pub struct StreamStatus {
     /// Stream name.
     pub name: String,
+    /// Its priority class (running agent only).
+    pub priority: Option<String>,
     /// Records waiting in the buffer.
     pub records_waiting: u64,
     /// Their bytes (topic and payload).
@@ -168,6 +170,20 @@ fn labelled(metrics: &Metrics, name: &str, labels: &[&str]) -> Vec<(Vec<String>,
         .collect()
 }
 
+/// The name of a priority class from its [`crate::metrics::STREAM_PRIORITY`] value.
+fn priority_name(value: u64) -> &'static str {
+    use crate::routing::Priority;
+    [
+        Priority::Bulk,
+        Priority::Normal,
+        Priority::High,
+        Priority::Critical,
+    ]
+    .into_iter()
+    .find(|p| *p as u64 == value)
+    .map_or("?", Priority::as_str)
+}
+
 /// The buffer file's bytes with its WAL.
 fn file_bytes(path: &Path) -> u64 {
     let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
@@ -186,12 +202,17 @@ impl Status {
                 .into_iter()
                 .collect();
         let ages: BTreeMap<String, Option<f64>> = metrics.oldest_ages().into_iter().collect();
+        let priorities: BTreeMap<String, u64> =
+            counter_values(metrics, crate::metrics::STREAM_PRIORITY, "stream")
+                .into_iter()
+                .collect();
         let streams = records
             .iter()
             .map(|(name, &waiting)| {
                 let rates = drain.rates(name);
                 StreamStatus {
                     name: name.clone(),
+                    priority: priorities.get(name).map(|&p| priority_name(p).to_owned()),
                     records_waiting: waiting,
                     bytes_waiting: bytes.get(name).copied().unwrap_or(0),
                     oldest_age_seconds: ages.get(name).copied().flatten(),
@@ -258,6 +279,7 @@ impl Status {
         let streams = stmt
             .query_map([], |r| {
                 Ok(StreamStatus {
+                    priority: None,
                     name: r.get(0)?,
                     records_waiting: r.get::<_, i64>(1)? as u64,
                     bytes_waiting: r.get::<_, i64>(2)? as u64,
@@ -303,14 +325,15 @@ impl Status {
         let _ = writeln!(out, "source: {}", self.source);
         let _ = writeln!(
             out,
-            "{:<20} {:>12} {:>12} {:>12} {:>12} {:>12}",
-            "stream", "waiting", "bytes", "oldest", "drain/s", "eta"
+            "{:<20} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            "stream", "priority", "waiting", "bytes", "oldest", "drain/s", "eta"
         );
         for s in &self.streams {
             let _ = writeln!(
                 out,
-                "{:<20} {:>12} {:>12} {:>12} {:>12} {:>12}",
+                "{:<20} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12}",
                 s.name,
+                s.priority.as_deref().unwrap_or("-"),
                 s.records_waiting,
                 bytesize::ByteSize(s.bytes_waiting).to_string(),
                 secs(s.oldest_age_seconds),

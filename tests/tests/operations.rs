@@ -200,7 +200,8 @@ fn status_shows_the_backlog_grow_during_an_outage_and_drain_after_and_reads_a_st
     );
 
     // Stopped: the buffer file tells the same backlog.
-    assert!(agent.process.terminate().success());
+    let stopped = agent.process.terminate();
+    assert!(stopped.success(), "{stopped}: {}", agent.process.stderr());
     let offline = status(&[
         "--buffer",
         &dir.path().join("buffer.db").display().to_string(),
@@ -337,28 +338,26 @@ fn sensor(
 
 /// `mosquitto_pub` as `user`; whether the broker took it.
 fn pub_as(mqtt: std::net::SocketAddr, user: &str, password: &str) -> bool {
+    pub_to(mqtt, user, password, "plant/8/telemetry/t")
+}
+
+/// `mosquitto_pub` of `hello` to `topic` at QoS 1 as `user`; whether the broker took it.
+fn pub_to(mqtt: std::net::SocketAddr, user: &str, password: &str, topic: &str) -> bool {
     std::process::Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &mqtt.port().to_string(), "-q", "1"])
-        .args([
-            "-u",
-            user,
-            "-P",
-            password,
-            "-t",
-            "plant/8/telemetry/t",
-            "-m",
-            "hello",
-        ])
+        .args(["-u", user, "-P", password, "-t", topic, "-m", "hello"])
         .status()
         .expect("mosquitto_pub")
         .success()
 }
 
-/// SIGHUP reloads the MQTT users: under QoS 1 load nothing is lost and the loaded sensor keeps
-/// its connection, a new user can connect, a removed user's connection is closed; a broken
+/// One SIGHUP with a new stream (ahead of the loaded one, so every stream index after it
+/// moves), a changed priority and new MQTT users: under QoS 1 load nothing is lost and the
+/// loaded sensor keeps its connection, a new user can connect, its publish goes to the new
+/// stream, the changed priority is in force, a removed user's connection is closed; a broken
 /// config is refused and the running one stays.
 #[test]
-fn sighup_reloads_mqtt_users_keeps_connections_and_loses_nothing() {
+fn sighup_reloads_streams_priorities_and_users_keeps_connections_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let users = dir.path().join("users");
     let (old, gone) = (
@@ -374,7 +373,7 @@ fn sighup_reloads_mqtt_users_keeps_connections_and_loses_nothing() {
         ))
         .run();
     assert!(!pub_as(agent.mqtt, "new", "pw-new"), "not a user yet");
-    let messages = 400;
+    let messages = 600;
     let loaded = sensor(
         agent.mqtt,
         "old",
@@ -403,6 +402,37 @@ fn sighup_reloads_mqtt_users_keeps_connections_and_loses_nothing() {
         format!("{old}new:{}\n", e2e::hash_password("pw-new")),
     )
     .expect("users");
+    let config = std::fs::read_to_string(&agent.config).expect("config");
+    let streams = "
+  - name: alarms
+    topics: [\"plant/+/alarm/#\"]
+    priority: critical
+    batch: { max_records: 100, linger: 0ms }
+  - name: vibration
+    topics: [\"plant/+/vibration/#\"]
+    priority: high
+    batch: { max_records: 100, linger: 0ms }
+  - name: telemetry
+    topics: [\"plant/+/telemetry/#\"]
+    priority: high
+    batch: { max_records: 1000, linger: 50ms }
+";
+    assert!(config.contains(e2e::THREE_STREAMS));
+    let reloaded_config = config.replace(e2e::THREE_STREAMS, streams);
+    std::fs::write(&agent.config, &reloaded_config).expect("new streams");
+    let priority = |name: &str| -> serde_json::Value {
+        let status: serde_json::Value =
+            reqwest::blocking::get(format!("http://{}/status", agent.metrics))
+                .and_then(|r| r.json())
+                .expect("/status");
+        status["streams"]
+            .as_array()
+            .expect("streams")
+            .iter()
+            .find(|x| x["name"] == name)
+            .map_or(serde_json::Value::Null, |x| x["priority"].clone())
+    };
+    assert_eq!(priority("telemetry"), "normal", "before the reload");
     // `edge-agent reload` checks the config and signals the agent running it.
     let reloaded = reload(&agent.config, None);
     assert!(
@@ -417,6 +447,25 @@ fn sighup_reloads_mqtt_users_keeps_connections_and_loses_nothing() {
     e2e::eventually(Duration::from_secs(10), "the new user is in", || {
         pub_as(agent.mqtt, "new", "pw-new").then_some(())
     });
+    e2e::eventually(Duration::from_secs(10), "the new streams in force", || {
+        (priority("telemetry") == "high" && priority("vibration") == "high").then_some(())
+    });
+    let buffered = agent.metric("agent_records_buffered_total{stream=\"telemetry\"}");
+    assert!(
+        buffered > 0.0 && buffered < messages as f64,
+        "the reload came while the load was flowing: {buffered} of {messages} buffered"
+    );
+    assert!(pub_to(agent.mqtt, "new", "pw-new", "plant/8/vibration/x"));
+    e2e::eventually(Duration::from_secs(20), "the new stream delivered", || {
+        (!cloud
+            .read_topic(&format!("iot.{}.vibration", e2e::TENANT))
+            .is_empty())
+        .then_some(())
+    });
+    assert!(
+        priority("logs").is_null(),
+        "an empty stream dropped from the config is gone"
+    );
     let leaving = leaving.join().expect("gone's session");
     assert!(
         leaving.ended,
@@ -424,8 +473,11 @@ fn sighup_reloads_mqtt_users_keeps_connections_and_loses_nothing() {
     );
 
     // A config that does not validate: refused, the running one stays.
-    let config = std::fs::read_to_string(&agent.config).expect("config");
-    std::fs::write(&agent.config, config.replace("streams:", "streams: 5\nx:")).expect("broken");
+    std::fs::write(
+        &agent.config,
+        reloaded_config.replace("streams:", "streams: 5\nx:"),
+    )
+    .expect("broken");
     assert!(
         !reload(&agent.config, None).status.success(),
         "a broken config: nothing signalled"
@@ -458,6 +510,61 @@ fn sighup_reloads_mqtt_users_keeps_connections_and_loses_nothing() {
             .count();
         (n as u64 == messages).then_some(())
     });
+}
+
+/// A gateway pointed at an ingest that is gone (a decommissioned address) is moved to the
+/// right one by a reload: what waited is delivered, nothing twice, and the agent's MQTT
+/// connections stay.
+#[test]
+fn a_reload_moves_the_uplink_to_a_new_ingest_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let gone_url = format!("http://{}", gone.local_addr().expect("addr"));
+    drop(gone);
+    let agent = AgentHarness::new(dir.path(), &gone_url).run();
+    for i in 0..20 {
+        assert!(e2e::mosquitto_pub_qos1(
+            agent.mqtt,
+            "plant/1/telemetry/t",
+            &format!("m{i}")
+        ));
+    }
+    e2e::eventually(Duration::from_secs(10), "the uplink failing", || {
+        (agent.metric("agent_link_up") == 0.0
+            && agent.metric("agent_backlog_records{stream=\"telemetry\"}") == 20.0)
+            .then_some(())
+    });
+    assert_eq!(
+        cloud.total_records(),
+        0,
+        "nothing reached the right ingest yet"
+    );
+    let config = std::fs::read_to_string(&agent.config).expect("config");
+    std::fs::write(&agent.config, config.replace(&gone_url, &cloud.url())).expect("new url");
+    assert!(
+        reload(&agent.config, Some(agent.process.pid()))
+            .status
+            .success()
+    );
+    e2e::eventually(Duration::from_secs(30), "delivered to the new URL", || {
+        (cloud.total_records() >= 20).then_some(())
+    });
+    assert!(e2e::mosquitto_pub_qos1(
+        agent.mqtt,
+        "plant/1/telemetry/t",
+        "after"
+    ));
+    e2e::eventually(Duration::from_secs(30), "the next one too", || {
+        (cloud.total_records() >= 21).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cloud.total_records(), 21, "nothing twice");
+    assert!(
+        agent.process.stderr().contains("streams_and_uplink=true"),
+        "the uplink was restarted by the reload: {}",
+        agent.process.stderr()
+    );
 }
 
 /// `--log-format json`: every log line is one JSON object; and the same message repeated

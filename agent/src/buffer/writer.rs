@@ -169,7 +169,9 @@ impl BufferWriter {
                 beat.beat();
             }
             let mut closed = false;
+            let mut reconfigure = None;
             match self.commands.recv_timeout(TICK) {
+                Ok(WriterCommand::Reconfigure(r)) => reconfigure = Some(r),
                 Ok(first) => group.push(first),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => closed = true,
@@ -177,12 +179,14 @@ impl BufferWriter {
             let deadline = Instant::now() + self.commit_window;
             let mut bytes: u64 = group.iter().map(cost).sum();
             while !closed
+                && reconfigure.is_none()
                 && !group.is_empty()
                 && group.len() < MAX_GROUP
                 && bytes < self.group_bytes
             {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match self.commands.recv_timeout(left) {
+                    Ok(WriterCommand::Reconfigure(r)) => reconfigure = Some(r),
                     Ok(c) => {
                         bytes += cost(&c);
                         group.push(c);
@@ -212,6 +216,12 @@ impl BufferWriter {
                 return;
             }
             group.clear();
+            // Everything queued before it is in: the commands after it use the new streams.
+            if let Some(r) = reconfigure
+                && !self.reconfigure(r)
+            {
+                return;
+            }
             self.metrics
                 .buffer_queue_records
                 .set(self.commands.len() as i64);
@@ -220,6 +230,29 @@ impl BufferWriter {
             }
             if closed && self.commands.is_empty() {
                 return;
+            }
+        }
+    }
+
+    /// Puts the streams of a reload in force ([`Buffer::reconfigure`]): their names label the
+    /// metrics, each one's protection starts at its resume point (where the forwarder, started
+    /// anew, resumes), and progress is published. `false`: the buffer cannot take them; the
+    /// writer must stop (the agent restarts, with the new config).
+    fn reconfigure(&mut self, r: super::Reconfigure) -> bool {
+        match self.buffer.reconfigure(&r.streams, r.quota_bytes) {
+            Ok(opened) => {
+                self.stream_names = opened.iter().map(|o| o.name.clone()).collect();
+                *self.protected.lock() = opened
+                    .iter()
+                    .map(|o| super::Protection::floor(o.resume_after))
+                    .collect();
+                self.progress.send_replace(self.buffer.progress());
+                let _ = r.done.send(opened);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the buffer cannot take the reloaded streams: the buffer writer stops, and with it the agent (its restart takes the new config)");
+                false
             }
         }
     }
@@ -597,5 +630,69 @@ mod tests {
             .with_label_values(&["logs", "disk_full"])
             .get();
         assert_eq!(dropped, 2);
+    }
+
+    /// Commands queued before a reconfigure are committed under the old stream indices, those
+    /// after it under the new ones; the protections and progress follow the new streams.
+    #[test]
+    fn a_reconfigure_splits_the_queue_between_old_and_new_streams() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let buffer = Buffer::open(&path, &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
+        let (tx, rx) = flume::bounded(10);
+        let (progress, progress_rx) = watch::channel(buffer.progress());
+        let protected = Arc::new(Protected::new(vec![Default::default(); 2]));
+        let writer = BufferWriter::new(
+            buffer,
+            rx,
+            Duration::from_millis(50),
+            1 << 20,
+            progress,
+            Metrics::new(),
+            vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
+            protected.clone(),
+        );
+        let append = |stream: usize| {
+            WriterCommand::Append(NewRecord {
+                stream,
+                topic: "t".into(),
+                payload: Bytes::from_static(b"x"),
+                received_at_ms: 1,
+                monotonic_ms: 1,
+                receipt: None,
+            })
+        };
+        let (done, opened) = tokio::sync::oneshot::channel();
+        let mut new = vec![BufferStream {
+            name: "alarms".into(),
+            priority: Priority::Critical,
+            ttl: None,
+        }];
+        new.extend(streams());
+        // "logs" is index 0 before, 1 after.
+        tx.send(append(0)).expect("send");
+        tx.send(WriterCommand::Reconfigure(super::super::Reconfigure {
+            streams: new,
+            quota_bytes: 1 << 30,
+            done,
+        }))
+        .expect("send");
+        tx.send(append(1)).expect("send");
+        tx.send(append(0)).expect("send");
+        drop(tx);
+        let running = std::thread::spawn(move || writer.run());
+        let opened = opened.blocking_recv().expect("reconfigured");
+        running.join().expect("writer");
+        let names: Vec<&str> = opened.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["alarms", "logs", ingest_wire::LOSS_STREAM]);
+        let held: Vec<u64> = progress_rx
+            .borrow()
+            .iter()
+            .map(|p| p.backlog_records)
+            .collect();
+        assert_eq!(held, vec![1, 2, 0]);
+        assert_eq!(protected.lock().len(), 3, "a protection per new stream");
     }
 }
