@@ -46,7 +46,10 @@ cat > "$root/DEBIAN/postinst" <<'POSTINST'
 set -e
 if [ "$1" = configure ]; then
   getent passwd edge-agent >/dev/null || adduser --system --group --home /var/lib/edge-agent --no-create-home edge-agent
-  chgrp edge-agent /etc/edge-agent/agent.yaml
+  # dpkg does not bring back a conffile the operator deleted.
+  if [ -e /etc/edge-agent/agent.yaml ]; then
+    chgrp edge-agent /etc/edge-agent/agent.yaml
+  fi
   if [ ! -e /etc/edge-agent/users ]; then
     # No MQTT users yet: add sensors with `edge-agent hash-password` (INSTALL.md).
     : > /etc/edge-agent/users

@@ -27,6 +27,8 @@ install_debs cmake libcurl4-openssl-dev g++ make
 [ "$mode" = build ] && exit 0
 
 install_debs mosquitto-clients nats-server python3-pip faketime openssl e2fsprogs
+# The .deb's dependencies, for its install test in a scratch root of this machine (arm.rs).
+install_debs adduser ca-certificates
 
 # An independent Kafka client to read what the ingest produced.
 python3 -c 'import confluent_kafka' 2>/dev/null \

@@ -259,3 +259,161 @@ fn the_packages_hold_binary_config_and_unit_and_both_pass_checks() {
         }
     }
 }
+
+/// A scratch root: this machine's own root seen through an overlay whose writes go to a tmpfs,
+/// so `dpkg` and the maintainer scripts run (chrooted) against a real Debian system (its dpkg
+/// database, adduser, ca-certificates) and change nothing of the host. `/run` is empty in it
+/// (no systemd running), `/proc` is mounted.
+struct ScratchRoot {
+    _dir: tempfile::TempDir,
+    mounts: Vec<PathBuf>,
+    root: PathBuf,
+}
+
+impl ScratchRoot {
+    fn new() -> ScratchRoot {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (changes, root) = (dir.path().join("changes"), dir.path().join("root"));
+        let mut scratch = ScratchRoot {
+            _dir: dir,
+            mounts: Vec::new(),
+            root: root.clone(),
+        };
+        std::fs::create_dir_all(&changes).expect("mkdir");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        scratch.mount(&["-t", "tmpfs", "tmpfs"], &changes);
+        for d in ["upper", "work"] {
+            std::fs::create_dir_all(changes.join(d)).expect("mkdir");
+        }
+        let options = format!(
+            "lowerdir=/,upperdir={},workdir={}",
+            changes.join("upper").display(),
+            changes.join("work").display()
+        );
+        scratch.mount(&["-t", "overlay", "overlay", "-o", &options], &root);
+        scratch.mount(&["-t", "tmpfs", "tmpfs"], &root.join("run"));
+        scratch.mount(&["-t", "proc", "proc"], &root.join("proc"));
+        scratch
+    }
+
+    fn mount(&mut self, args: &[&str], at: &Path) {
+        let out = Command::new("mount")
+            .args(args)
+            .arg(at)
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "mount {args:?} {} failed (the package test needs root and overlayfs): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.mounts.push(at.to_owned());
+    }
+
+    /// Runs `script` with `sh -c` in the root; its exit status and output.
+    fn sh(&self, script: &str) -> (bool, String) {
+        let out = Command::new("chroot")
+            .arg(&self.root)
+            .args(["sh", "-c", script])
+            .output()
+            .expect("chroot");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// Runs `script`, which must succeed; its output.
+    fn ok(&self, script: &str) -> String {
+        let (ok, out) = self.sh(script);
+        assert!(ok, "`{script}` failed in the scratch root:\n{out}");
+        out
+    }
+}
+
+impl Drop for ScratchRoot {
+    fn drop(&mut self) {
+        for at in self.mounts.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(at).status();
+        }
+    }
+}
+
+/// The .deb's whole life on a Debian system, with its maintainer scripts run for real (dpkg in
+/// a chroot of a scratch root): install (the service user is created and can read the config,
+/// the token and the users file; `/` keeps 0755), an upgrade over itself (the operator's config
+/// and token stay), remove (the config and the user stay), reinstall, a reinstall after the
+/// operator deleted the config, purge (config, state, user and group gone), and install again.
+#[test]
+fn the_packages_deb_installs_upgrades_removes_purges_and_reinstalls_in_a_scratch_root() {
+    arm_binary("aarch64");
+    let deb = std::fs::read_dir(cross_dir())
+        .expect("target/cross")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with("_arm64.deb"))
+        .expect("an arm64 .deb in target/cross");
+    let scratch = ScratchRoot::new();
+    std::fs::copy(&deb, scratch.root.join("tmp/edge-agent.deb")).expect("copy the .deb");
+    // The scripts are the same for every architecture; they never run the binary.
+    let install = "dpkg --force-architecture -i /tmp/edge-agent.deb";
+    let installed = || {
+        scratch.ok("test -x /usr/bin/edge-agent");
+        scratch.ok("getent passwd edge-agent && getent group edge-agent");
+        for file in ["agent.yaml", "token", "users"] {
+            let path = format!("/etc/edge-agent/{file}");
+            assert_eq!(
+                scratch.ok(&format!("stat -c '%a %U %G' {path}")).trim(),
+                "640 root edge-agent",
+                "{path}"
+            );
+            scratch.ok(&format!("runuser -u edge-agent -- cat {path} >/dev/null"));
+        }
+        assert_eq!(scratch.ok("stat -c %a /").trim(), "755", "/ keeps its mode");
+    };
+    scratch.ok(&format!("getent passwd edge-agent && exit 1; {install}"));
+    installed();
+
+    // The operator configures the gateway; an upgrade (here over itself) keeps it all.
+    scratch.ok("echo '# the operator was here' >> /etc/edge-agent/agent.yaml");
+    scratch.ok("echo the-real-token > /etc/edge-agent/token");
+    scratch.ok(install);
+    installed();
+    assert!(
+        scratch
+            .ok("tail -n 1 /etc/edge-agent/agent.yaml")
+            .contains("the operator")
+    );
+    assert_eq!(
+        scratch.ok("cat /etc/edge-agent/token").trim(),
+        "the-real-token"
+    );
+
+    // Remove: the program goes, the configuration and the user stay.
+    scratch.ok("dpkg -r edge-agent");
+    scratch.ok("test ! -e /usr/bin/edge-agent");
+    scratch.ok("test -e /etc/edge-agent/agent.yaml && getent passwd edge-agent");
+    scratch.ok(install);
+    installed();
+
+    // A gateway whose config was deleted still installs (dpkg does not bring a deleted
+    // conffile back on upgrade).
+    scratch.ok("rm /etc/edge-agent/agent.yaml");
+    scratch.ok(install);
+
+    // Purge: configuration, state, user and group are gone; a new install starts afresh.
+    scratch.ok("mkdir -p /var/lib/edge-agent && touch /var/lib/edge-agent/buffer.db");
+    scratch.ok("dpkg -P edge-agent");
+    scratch.ok("test ! -e /etc/edge-agent && test ! -e /var/lib/edge-agent");
+    scratch.ok("! getent passwd edge-agent && ! getent group edge-agent");
+    scratch.ok(install);
+    installed();
+    assert_eq!(
+        scratch.ok("cat /etc/edge-agent/token").trim(),
+        "placeholder-token-replace-me"
+    );
+}
