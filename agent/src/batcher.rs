@@ -352,6 +352,15 @@ impl Lane {
         }
     }
 
+    /// Takes `ranges` (above the cursor) as possibly in the log: kept protected until they are
+    /// delivered again (a forwarder started by a reload inherits what the stopped one sent).
+    pub fn may_be_in_log(mut self, ranges: &SeqRanges) -> Lane {
+        for (first, last) in ranges.iter() {
+            self.maybe_sent.insert(first.max(self.cursor + 1), last);
+        }
+        self
+    }
+
     /// What the buffer must not evict or expire of this stream.
     pub fn protection(&self) -> Protection {
         let mut ranges = self.maybe_sent.clone();

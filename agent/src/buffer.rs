@@ -275,8 +275,9 @@ pub enum WriterCommand {
     /// These records of `stream` failed their checksum when read: drop them and report them
     /// lost (`corrupt_buffer`).
     Corrupt {
-        /// Stream index.
-        stream: usize,
+        /// Stream name (not its index: a reload may renumber the streams while the read that
+        /// found them is under way).
+        stream: String,
         /// Their sequence numbers.
         seqs: Vec<u64>,
     },
@@ -293,9 +294,19 @@ pub struct Reconfigure {
     pub streams: Vec<BufferStream>,
     /// The new quota.
     pub quota_bytes: u64,
-    /// Told every stream in force once they are (dropped if the buffer cannot take them: the
+    /// Told the streams in force once they are (dropped if the buffer cannot take them: the
     /// writer then stops, and with it the agent).
-    pub done: tokio::sync::oneshot::Sender<Vec<OpenedStream>>,
+    pub done: tokio::sync::oneshot::Sender<Reconfigured>,
+}
+
+/// The streams a [`Reconfigure`] put in force.
+#[derive(Debug)]
+pub struct Reconfigured {
+    /// Every stream, configured ones first, then orphans.
+    pub streams: Vec<OpenedStream>,
+    /// Each one's protection, carried over by name from before: a batch the stopped forwarder
+    /// had in flight, or sent without an answer, may be in the log and stays protected.
+    pub protections: Vec<Protection>,
 }
 
 /// What the writer has committed for one stream, published after every commit.
@@ -1202,7 +1213,10 @@ fn apply(
                     summary.dead_lettered[*stream] += dropped.count;
                 }
                 WriterCommand::Corrupt { stream, seqs } => {
-                    let s = &mut streams[*stream];
+                    // A stream dropped by a reload meanwhile: its records are no longer here.
+                    let Some(s) = streams.iter_mut().find(|s| s.name == *stream) else {
+                        continue;
+                    };
                     let mut dropped = Vec::new();
                     for &seq in seqs {
                         let d = drop_rows(delete.query(params![s.id, seq as i64, seq as i64])?, s)?;

@@ -43,6 +43,8 @@ pub struct Forwarder {
     pub ingest: IngestConfig,
     /// Bearer token (replaced by a reload).
     pub token: SharedToken,
+    /// The HTTP client ([`http_client`]; replaced by a reload).
+    pub client: SharedClient,
     /// Streams, by index (orphans included).
     pub streams: Vec<StreamConfig>,
     /// Per-stream sending state, by index.
@@ -126,6 +128,18 @@ impl From<&str> for PrepareError {
 /// The bearer token, shared with the reload that may replace it (empty: certificate only).
 pub type SharedToken = Arc<std::sync::RwLock<String>>;
 
+/// The HTTP client (TLS roots and client certificate), shared with the reload that may
+/// replace it: requests started after take the new one.
+pub type SharedClient = Arc<std::sync::RwLock<reqwest::Client>>;
+
+/// The client in force now.
+fn client_now(client: &SharedClient) -> reqwest::Client {
+    client
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
 /// The token in force now.
 fn current(token: &SharedToken) -> String {
     token
@@ -136,13 +150,15 @@ fn current(token: &SharedToken) -> String {
 
 /// What every request task shares.
 struct Uplink {
-    client: reqwest::Client,
+    client: SharedClient,
     urls: Vec<reqwest::Url>,
     device_id: String,
     token: SharedToken,
     /// Idle read connections.
     readers: std::sync::Mutex<Vec<BufferReader>>,
     protected: Arc<Protected>,
+    /// The numbering of the streams this forwarder's indices follow ([`Protected::generation`]).
+    generation: u64,
     /// Records that fail their checksum go to the buffer writer from here.
     commands: crate::buffer::Queue,
     bucket: Option<std::sync::Mutex<TokenBucket>>,
@@ -187,8 +203,7 @@ impl Uplink {
             ))
             .ok()?;
         let auth = bearer(&current(&self.token));
-        let answer = self
-            .client
+        let answer = client_now(&self.client)
             .put(url)
             .header(ingest_wire::HEADER_DEVICE_ID, &self.device_id)
             .headers(auth)
@@ -303,7 +318,7 @@ impl Request {
             None => {
                 let token = current(token);
                 send(
-                    client,
+                    &client_now(client),
                     &urls[batch.replica],
                     device_id,
                     &token,
@@ -335,6 +350,17 @@ impl Request {
         // Read and protect under the lock, so no eviction slips in between.
         let read = {
             let mut guard = uplink.protected.lock();
+            if uplink.protected.generation() != uplink.generation {
+                // A reload renumbered the streams since this forwarder started (it is being
+                // stopped): its indices mean other streams now.
+                drop(guard);
+                uplink
+                    .readers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(reader);
+                return Err("the streams were reloaded".into());
+            }
             let read = reader.read_batch(
                 self.stream,
                 &self.spans,
@@ -360,7 +386,7 @@ impl Request {
             // Dropped and reported before this batch's ack can delete their range.
             tracing::error!(stream = %self.stream_name, records = read.corrupt.len(), "buffered records failed their checksum; not sent, reported lost");
             let corrupt = WriterCommand::Corrupt {
-                stream: self.stream,
+                stream: self.stream_name.clone(),
                 seqs: read.corrupt,
             };
             if uplink.commands.send(corrupt).is_err() {
@@ -503,13 +529,6 @@ impl Forwarder {
     /// Runs until `shutdown`. Requests in flight at shutdown are abandoned: their records stay
     /// in the buffer and are resent (and deduplicated) after the restart.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let client = match http_client(&self.ingest) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot build the HTTP client; nothing will be sent");
-                return;
-            }
-        };
         // Validated by the config: every base URL takes the path.
         let urls: Vec<reqwest::Url> = self
             .ingest
@@ -548,7 +567,8 @@ impl Forwarder {
             .filter_map(|u| u.join(ingest_wire::READYZ_PATH).ok())
             .collect();
         let uplink = Arc::new(Uplink {
-            client,
+            client: self.client.clone(),
+            generation: self.protected.generation(),
             urls: urls.clone(),
             device_id: self.device_id.clone(),
             token: self.token.clone(),
@@ -598,7 +618,7 @@ impl Forwarder {
                 _ if probing => {
                     if in_flight.is_empty() {
                         let (client, url) =
-                            (uplink.client.clone(), readyz[replicas.current].clone());
+                            (client_now(&uplink.client), readyz[replicas.current].clone());
                         let replica = replicas.current;
                         in_flight.spawn(async move {
                             let answer = client.get(url).send().await;

@@ -107,6 +107,7 @@ struct Uplink {
     epoch: u64,
     buffer: std::path::PathBuf,
     token: forwarder::SharedToken,
+    client: forwarder::SharedClient,
     commands: buffer::Queue,
     protected: Arc<buffer::Protected>,
     progress: tokio::sync::watch::Receiver<Vec<buffer::StreamProgress>>,
@@ -122,11 +123,13 @@ struct Forwarding {
 
 impl Uplink {
     /// Starts a forwarder for the streams in force (`opened`: the configured ones of `config`,
-    /// then orphans), each resuming at its oldest record held, with the uplink of `config`.
+    /// then orphans), each resuming at its oldest record held, with the uplink of `config`;
+    /// `protections` (by stream, if any) are ranges that may already be in the log.
     fn start(
         &self,
         config: &AgentConfig,
         opened: &[OpenedStream],
+        protections: &[buffer::Protection],
     ) -> Result<Forwarding, BufferError> {
         let streams = with_orphans(config, opened);
         let names: Vec<String> = streams.iter().map(|s| s.name.clone()).collect();
@@ -146,14 +149,19 @@ impl Uplink {
             .iter()
             .zip(&streams)
             .zip(&progress)
-            .map(|((o, s), p)| {
-                Lane::new(
+            .enumerate()
+            .map(|(i, ((o, s), p))| {
+                let lane = Lane::new(
                     o.resume_after,
                     p.committed_seq > o.resume_after,
                     now,
                     s.batch.linger,
                     s.order,
-                )
+                );
+                match protections.get(i) {
+                    Some(p) => lane.may_be_in_log(&p.ranges),
+                    None => lane,
+                }
             })
             .collect();
         let forwarder = Forwarder {
@@ -161,6 +169,7 @@ impl Uplink {
             epoch: self.epoch,
             ingest: config.ingest.clone(),
             token: self.token.clone(),
+            client: self.client.clone(),
             streams,
             lanes,
             schedule: config.schedule,
@@ -343,13 +352,16 @@ pub async fn run(
         epoch,
         buffer: config.buffer.path.clone(),
         token: Arc::new(std::sync::RwLock::new(token)),
+        client: Arc::new(std::sync::RwLock::new(
+            forwarder::http_client(&config.ingest).map_err(AgentError::Tls)?,
+        )),
         commands: commands.clone(),
         protected,
         progress: progress_rx,
         metrics,
         beat: forwarder_beat.clone(),
     };
-    let mut forwarding = uplink.start(&config, &opened)?;
+    let mut forwarding = uplink.start(&config, &opened, &[])?;
     let mut config = config;
 
     ready.store(true, Ordering::Relaxed);
@@ -369,6 +381,8 @@ pub async fn run(
     }
     let died = loop {
         let event = tokio::select! {
+            // A stop first: a forwarder ended by a reload cut short by it is no failure.
+            biased;
             _ = shutdown.cancelled() => Event::Stop,
             stage = stopped_stage(&writer, &forwarding.task, &broker.thread) => Event::Stopped(stage),
             Some(()) = async {
@@ -383,8 +397,18 @@ pub async fn run(
             Event::Stopped(stage) => break Some(stage),
             Event::Hangup => {
                 if let Some(file) = &config_file
-                    && let Err(stage) =
-                        reload(file, &mut config, &front_door, &uplink, &mut forwarding).await
+                    && let Err(stage) = reload(
+                        file,
+                        &mut config,
+                        Pipeline {
+                            front_door: &front_door,
+                            uplink: &uplink,
+                            forwarding: &mut forwarding,
+                            writer: &writer,
+                            shutdown: &shutdown,
+                        },
+                    )
+                    .await
                 {
                     break Some(stage);
                 }
@@ -407,7 +431,10 @@ pub async fn run(
     // TimeoutStopSec is 30 s): the front door's connections end within their grace (they
     // acknowledge what the writer commits meanwhile), then the writer's last commits.
     drop(front_door);
-    let _ = bounded(Duration::from_secs(1), forwarding.task).await;
+    // (A reload may have awaited it already, if it ended meanwhile.)
+    if !forwarding.task.is_finished() {
+        let _ = bounded(Duration::from_secs(1), forwarding.task).await;
+    }
     let waiting = commands.len();
     // The writer ends once every sender of its queue is gone.
     drop(uplink);
@@ -444,13 +471,14 @@ pub async fn run(
     Ok(())
 }
 
-/// What a reload puts in force, read and checked: the config, its users, its token, and its
-/// MQTT TLS acceptor (if it has TLS).
+/// What a reload puts in force, read and checked: the config, its users, its token, its
+/// MQTT TLS acceptor (if it has TLS), and the HTTP client for the ingest (its TLS files).
 pub type Reloaded = (
     AgentConfig,
     access::Users,
     String,
     Option<tokio_rustls::TlsAcceptor>,
+    reqwest::Client,
 );
 
 /// Reads and checks everything a reload of `file` takes, changing nothing (also what
@@ -468,7 +496,25 @@ pub fn check_reload(file: &std::path::Path) -> Result<Reloaded, String> {
         .as_ref()
         .map(front_door::tls_acceptor)
         .transpose()?;
-    Ok((config, users, token, tls))
+    let client = forwarder::http_client(&config.ingest)?;
+    Ok((config, users, token, tls, client))
+}
+
+/// What a reload changes in the running agent.
+struct Pipeline<'a> {
+    front_door: &'a FrontDoor,
+    uplink: &'a Uplink,
+    forwarding: &'a mut Forwarding,
+    writer: &'a std::thread::JoinHandle<()>,
+    shutdown: &'a CancellationToken,
+}
+
+/// Once the writer thread has ended.
+async fn writer_stopped(writer: &std::thread::JoinHandle<()>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !writer.is_finished() {
+        tick.tick().await;
+    }
 }
 
 /// How long a reload waits for the forwarder to stop before it aborts it.
@@ -492,13 +538,11 @@ const FORWARDER_STOP: Duration = Duration::from_secs(5);
 async fn reload(
     file: &std::path::Path,
     running: &mut AgentConfig,
-    front_door: &FrontDoor,
-    uplink: &Uplink,
-    forwarding: &mut Forwarding,
+    p: Pipeline<'_>,
 ) -> Result<(), &'static str> {
     let path = file.to_owned();
     let loaded = tokio::task::spawn_blocking(move || check_reload(&path)).await;
-    let (new, users, new_token, tls) = match loaded {
+    let (new, users, new_token, tls, client) = match loaded {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "SIGHUP: config refused, the running config stays");
@@ -548,70 +592,100 @@ async fn reload(
         || !same(&new.schedule, &running.schedule)
         || new.buffer.quota_bytes != running.buffer.quota_bytes;
 
-    front_door.set_access(access::Access {
+    p.front_door.set_access(access::Access {
         users,
         allow_anonymous: new.mqtt.auth.allow_anonymous,
         acl: access::Acl::new(new.mqtt.acl.clone()),
     });
     (running.mqtt.auth, running.mqtt.acl) = (new.mqtt.auth.clone(), new.mqtt.acl.clone());
     if let (Some(acceptor), Some(r), Some(t)) = (tls, &mut running.mqtt.tls, &new.mqtt.tls) {
-        front_door.set_tls(acceptor);
+        p.front_door.set_tls(acceptor);
         *r = config::TlsConfig {
             listen: r.listen,
             ..t.clone()
         };
     }
-    *uplink
+    *p.uplink
         .token
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = new_token;
+    *p.uplink
+        .client
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
     if pipeline {
-        forwarding.stop.cancel();
-        if tokio::time::timeout(FORWARDER_STOP, &mut forwarding.task)
-            .await
-            .is_err()
-        {
-            forwarding.task.abort();
-            let _ = (&mut forwarding.task).await;
+        if p.forwarding.task.is_finished() {
+            // It stopped on its own (a damaged buffer): the agent stops, as it would have.
+            return Err("forwarder");
         }
-        // Its acks are queued; now every publish routed by the old streams is queued too.
-        let mut routes = front_door.pause_routing().await;
-        let (done, opened) = tokio::sync::oneshot::channel();
-        let reconfigure = buffer::Reconfigure {
-            streams: buffer_streams(&new),
-            quota_bytes: new.buffer.quota_bytes,
-            done,
+        p.forwarding.stop.cancel();
+        // A stop asked meanwhile wins: the switch is not begun.
+        let stopped = async {
+            if tokio::time::timeout(FORWARDER_STOP, &mut p.forwarding.task)
+                .await
+                .is_err()
+            {
+                p.forwarding.task.abort();
+                let _ = (&mut p.forwarding.task).await;
+            }
         };
-        if uplink
-            .commands
-            .send_async(buffer::WriterCommand::Reconfigure(reconfigure))
-            .await
-            .is_err()
-        {
-            return Err("buffer writer");
+        tokio::select! {
+            () = stopped => {}
+            () = p.shutdown.cancelled() => return Ok(()),
         }
-        let Ok(opened) = opened.await else {
+        // The writer may stop meanwhile (a commit it gives up on): nothing would answer then.
+        let switched = async {
+            // Its acks are queued; once this is held, every publish routed by the old streams
+            // is queued too.
+            let mut routes = p.front_door.pause_routing().await;
+            let (done, reconfigured) = tokio::sync::oneshot::channel();
+            let reconfigure = buffer::Reconfigure {
+                streams: buffer_streams(&new),
+                quota_bytes: new.buffer.quota_bytes,
+                done,
+            };
+            p.uplink
+                .commands
+                .send_async(buffer::WriterCommand::Reconfigure(reconfigure))
+                .await
+                .ok()?;
+            let reconfigured = reconfigured.await.ok()?;
+            let names: Vec<String> = reconfigured
+                .streams
+                .iter()
+                .map(|o| o.name.clone())
+                .collect();
+            *routes = front_door::Routes::new(
+                Router::new(
+                    new.streams.iter().map(|s| s.topics.as_slice()),
+                    new.default_stream,
+                ),
+                &names,
+                &p.uplink.metrics,
+            );
+            Some(reconfigured)
+        };
+        let reconfigured = tokio::select! {
+            r = switched => r,
+            () = writer_stopped(p.writer) => None,
+        };
+        let Some(reconfigured) = reconfigured else {
             return Err("buffer writer");
         };
-        let names: Vec<String> = opened.iter().map(|o| o.name.clone()).collect();
-        *routes = front_door::Routes::new(
-            Router::new(
-                new.streams.iter().map(|s| s.topics.as_slice()),
-                new.default_stream,
-            ),
-            &names,
-            &uplink.metrics,
-        );
-        drop(routes);
-        uplink.metrics.set_degraded_after(new.ingest.degraded_after);
-        *forwarding = match uplink.start(&new, &opened) {
+        p.uplink
+            .metrics
+            .set_degraded_after(new.ingest.degraded_after);
+        *p.forwarding = match p
+            .uplink
+            .start(&new, &reconfigured.streams, &reconfigured.protections)
+        {
             Ok(started) => started,
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: the forwarder cannot start on the new streams");
                 return Err("forwarder");
             }
         };
-        for orphan in opened.iter().filter(|o| o.orphan) {
+        for orphan in reconfigured.streams.iter().filter(|o| o.orphan) {
             tracing::warn!(stream = %orphan.name, "stream is no longer configured but has buffered records; draining them as bulk");
         }
         running.streams = new.streams.clone();

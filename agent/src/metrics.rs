@@ -461,14 +461,26 @@ impl Metrics {
                         ] {
                             let _ = vec.remove_label_values(&[label.value()]);
                         }
+                        let _ = self
+                            .oldest_undelivered_age
+                            .remove_label_values(&[label.value()]);
                     }
                 }
             }
         }
+        let mut oldest = self
+            .oldest_received
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        oldest.retain(|(name, _)| streams.iter().any(|(n, _)| n == name));
         for (name, priority) in streams {
             self.stream_priority
                 .with_label_values(&[name.as_str()])
                 .set(*priority as i64);
+            // A forwarder starts without dictionaries.
+            self.stream_dictionary
+                .with_label_values(&[name.as_str()])
+                .set(0);
         }
     }
 

@@ -541,6 +541,27 @@ fn a_reload_moves_the_uplink_to_a_new_ingest_url() {
         "nothing reached the right ingest yet"
     );
     let config = std::fs::read_to_string(&agent.config).expect("config");
+    // A new URL with a CA file that cannot be read: refused whole (by `edge-agent reload` and
+    // by the agent on a bare SIGHUP), and the running uplink stays.
+    let unreadable = config.replace(&gone_url, &cloud.url()).replace(
+        "  retry_initial:",
+        "  ca_file: /nonexistent/ca.pem\n  retry_initial:",
+    );
+    std::fs::write(&agent.config, unreadable).expect("bad CA");
+    let refused = reload(&agent.config, Some(agent.process.pid()));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("ingest.ca_file"));
+    agent.process.hangup();
+    e2e::eventually(Duration::from_secs(10), "the refusal logged", || {
+        agent
+            .process
+            .stderr()
+            .contains("config refused")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(cloud.total_records(), 0, "still the old URL");
+    assert_eq!(agent.readyz(), 200, "the agent runs on");
     std::fs::write(&agent.config, config.replace(&gone_url, &cloud.url())).expect("new url");
     assert!(
         reload(&agent.config, Some(agent.process.pid()))

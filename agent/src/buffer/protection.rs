@@ -143,18 +143,40 @@ impl Protection {
 }
 
 /// Every stream's [`Protection`], shared by the forwarder and the buffer writer.
-pub struct Protected(Mutex<Vec<Protection>>);
+pub struct Protected {
+    streams: Mutex<Vec<Protection>>,
+    /// Moves when a reload renumbers the streams ([`Protected::renumber`]): a forwarder started
+    /// before must not touch them by its indices any more.
+    generation: std::sync::atomic::AtomicU64,
+}
 
 impl Protected {
     /// Protections by stream index.
     pub fn new(streams: Vec<Protection>) -> Protected {
-        Protected(Mutex::new(streams))
+        Protected {
+            streams: Mutex::new(streams),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Which numbering of the streams is in force; read it, then compare it under
+    /// [`Protected::lock`] before using a stream index.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Puts the protections of renumbered streams in force (a reload).
+    pub fn renumber(&self, streams: Vec<Protection>) {
+        let mut guard = self.lock();
+        *guard = streams;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Holds the protections (and so excludes evictions) until the guard is dropped.
     pub fn lock(&self) -> MutexGuard<'_, Vec<Protection>> {
         // A panic while holding it leaves plain ranges behind; they stay usable.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

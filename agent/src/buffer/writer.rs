@@ -235,19 +235,40 @@ impl BufferWriter {
     }
 
     /// Puts the streams of a reload in force ([`Buffer::reconfigure`]): their names label the
-    /// metrics, each one's protection starts at its resume point (where the forwarder, started
-    /// anew, resumes), and progress is published. `false`: the buffer cannot take them; the
-    /// writer must stop (the agent restarts, with the new config).
+    /// metrics; each one's protection starts at its resume point (where the forwarder, started
+    /// anew, resumes) and keeps, by name, the ranges protected before (batches that may be in
+    /// the log); progress is published. `false`: the buffer cannot take them; the writer must
+    /// stop (the agent restarts, with the new config).
     fn reconfigure(&mut self, r: super::Reconfigure) -> bool {
         match self.buffer.reconfigure(&r.streams, r.quota_bytes) {
             Ok(opened) => {
-                self.stream_names = opened.iter().map(|o| o.name.clone()).collect();
-                *self.protected.lock() = opened
+                let before: Vec<(String, super::Protection)> = {
+                    let guard = self.protected.lock();
+                    self.stream_names
+                        .iter()
+                        .cloned()
+                        .zip(guard.iter().cloned())
+                        .collect()
+                };
+                let protections: Vec<super::Protection> = opened
                     .iter()
-                    .map(|o| super::Protection::floor(o.resume_after))
+                    .map(|o| {
+                        let mut p = super::Protection::floor(o.resume_after);
+                        if let Some((_, old)) = before.iter().find(|(name, _)| *name == o.name) {
+                            for (first, last) in old.ranges.iter() {
+                                p.ranges.insert(first.max(o.resume_after + 1), last);
+                            }
+                        }
+                        p
+                    })
                     .collect();
+                self.protected.renumber(protections.clone());
+                self.stream_names = opened.iter().map(|o| o.name.clone()).collect();
                 self.progress.send_replace(self.buffer.progress());
-                let _ = r.done.send(opened);
+                let _ = r.done.send(super::Reconfigured {
+                    streams: opened,
+                    protections,
+                });
                 true
             }
             Err(e) => {
@@ -644,6 +665,8 @@ mod tests {
         let (tx, rx) = flume::bounded(10);
         let (progress, progress_rx) = watch::channel(buffer.progress());
         let protected = Arc::new(Protected::new(vec![Default::default(); 2]));
+        // The forwarder has seq 1 of "logs" in flight.
+        protected.lock()[0].ranges.insert(1, 1);
         let writer = BufferWriter::new(
             buffer,
             rx,
@@ -683,7 +706,7 @@ mod tests {
         tx.send(append(0)).expect("send");
         drop(tx);
         let running = std::thread::spawn(move || writer.run());
-        let opened = opened.blocking_recv().expect("reconfigured");
+        let opened = opened.blocking_recv().expect("reconfigured").streams;
         running.join().expect("writer");
         let names: Vec<&str> = opened.iter().map(|o| o.name.as_str()).collect();
         assert_eq!(names, ["alarms", "logs", ingest_wire::LOSS_STREAM]);
@@ -694,5 +717,11 @@ mod tests {
             .collect();
         assert_eq!(held, vec![1, 2, 0]);
         assert_eq!(protected.lock().len(), 3, "a protection per new stream");
+        assert_eq!(
+            protected.lock()[1].ranges.iter().collect::<Vec<_>>(),
+            vec![(1, 1)],
+            "what was in flight stays protected, under the stream's new index"
+        );
+        assert_eq!(protected.generation(), 1, "the renumbering is announced");
     }
 }
