@@ -546,10 +546,20 @@ async fn reload(
         Ok(Ok(loaded)) => loaded,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "SIGHUP: config refused, the running config stays");
+            p.uplink
+                .metrics
+                .config_reloads
+                .with_label_values(&["refused"])
+                .inc();
             return Ok(());
         }
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: reload failed");
+            p.uplink
+                .metrics
+                .config_reloads
+                .with_label_values(&["refused"])
+                .inc();
             return Ok(());
         }
     };
@@ -694,6 +704,11 @@ async fn reload(
         running.schedule = new.schedule;
         running.buffer.quota_bytes = new.buffer.quota_bytes;
     }
+    p.uplink
+        .metrics
+        .config_reloads
+        .with_label_values(&["applied"])
+        .inc();
     tracing::info!(
         streams_and_uplink = pipeline,
         "SIGHUP: reloaded (MQTT users, ACL, anonymous access, TLS certificates, ingest token; streams, routing, priorities, batching, TTL, ingest settings, schedule and quota when they changed)"

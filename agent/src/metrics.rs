@@ -44,6 +44,9 @@ pub const INGEST_FAILOVERS: &str = "agent_ingest_failovers_total";
 pub const INGEST_CURRENT: &str = "agent_ingest_current";
 /// 1 while the ingest refuses our credentials (401/403): an operator must act.
 pub const AUTH_ALARM: &str = "agent_auth_alarm";
+/// Reloads (SIGHUP), by outcome: `applied`, or `refused` (the file did not pass its checks;
+/// the running config stays).
+pub const CONFIG_RELOADS: &str = "agent_config_reloads_total";
 /// Id of the zstd dictionary a stream's batches are compressed with now (0: none), per stream.
 pub const STREAM_DICTIONARY: &str = "agent_stream_dictionary_id";
 /// Each stream in force and its priority class (0 bulk, 1 normal, 2 high, 3 critical).
@@ -137,6 +140,8 @@ pub struct Metrics {
     pub link_up: IntGauge,
     /// See [`AUTH_ALARM`].
     pub auth_alarm: IntGauge,
+    /// See [`CONFIG_RELOADS`].
+    pub config_reloads: IntCounterVec,
     /// See [`RATE_LIMITED_SECONDS`].
     pub rate_limited_seconds: Counter,
     /// See [`INGEST_FAILOVERS`].
@@ -286,6 +291,11 @@ impl Metrics {
             ),
             link_up: gauge(LINK_UP, "1 while the ingest answers."),
             auth_alarm: gauge(AUTH_ALARM, "1 while the ingest refuses our credentials."),
+            config_reloads: counter_vec(
+                CONFIG_RELOADS,
+                "Reloads (SIGHUP) by outcome: applied, or refused (the running config stays).",
+                &["outcome"],
+            ),
             rate_limited_seconds: reg(
                 &registry,
                 Counter::new(
