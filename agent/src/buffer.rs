@@ -16,6 +16,7 @@
 //! Group commit: the writer gathers commands for at most `commit_window` after the first one,
 //! then commits them in one transaction (one fsync), so flash sees few large writes.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +68,14 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL,
     dead_at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS transform_state (
+    stream TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (stream, step, key)
+) WITHOUT ROWID;
 ";
 
 /// Bytes a record costs against the quota beyond its topic and payload (row and index).
@@ -194,7 +203,10 @@ pub fn settle(commands: &[WriterCommand], refused: bool) {
     for c in commands {
         if let WriterCommand::Append(NewRecord {
             receipt: Some(r), ..
-        }) = c
+        })
+        | WriterCommand::Filtered {
+            receipt: Some(r), ..
+        } = c
         {
             r.to.settle(r.ticket, refused);
             if !woken.iter().any(|w| Arc::ptr_eq(w, &r.to)) {
@@ -281,6 +293,18 @@ pub enum WriterCommand {
         /// Their sequence numbers.
         seqs: Vec<u64>,
     },
+    /// Transforms did not keep this record ([`crate::transform`]): counted, never stored; its
+    /// publisher is acknowledged once the commit (with the transforms' state) is in.
+    Filtered {
+        /// Stream index.
+        stream: usize,
+        /// Why.
+        reason: crate::transform::Reason,
+        /// Who waits for it, if anyone.
+        receipt: Option<Receipt>,
+    },
+    /// The transforms' state changed by the records of this commit: saved with them.
+    TransformState(Vec<crate::transform::StateRow>),
     /// A reload: once everything queued before it is committed, put these streams in force
     /// ([`Buffer::reconfigure`]); stream indices in the commands after it are the new ones.
     /// Never part of a commit.
@@ -294,6 +318,8 @@ pub struct Reconfigure {
     pub streams: Vec<BufferStream>,
     /// The new quota.
     pub quota_bytes: u64,
+    /// The configured streams' transforms, by index (their state comes from the buffer).
+    pub chains: Vec<crate::transform::Chain>,
     /// Told the streams in force once they are (dropped if the buffer cannot take them: the
     /// writer then stops, and with it the agent).
     pub done: tokio::sync::oneshot::Sender<Reconfigured>,
@@ -360,6 +386,8 @@ pub struct CommitSummary {
     pub expired: Vec<u64>,
     /// The loss reports written by this commit (drops of this commit and reported ones).
     pub losses: Vec<LossReport>,
+    /// Records the transforms did not keep, by stream index and reason.
+    pub filtered: BTreeMap<(usize, crate::transform::Reason), u64>,
 }
 
 impl CommitSummary {
@@ -377,6 +405,9 @@ impl CommitSummary {
         let mut losses = earlier.losses;
         losses.append(&mut self.losses);
         self.losses = losses;
+        for (k, n) in earlier.filtered {
+            *self.filtered.entry(k).or_default() += n;
+        }
     }
 }
 
@@ -691,6 +722,51 @@ impl Buffer {
         self.streams = state;
         self.quota_bytes = quota_bytes;
         Ok(opened)
+    }
+
+    /// Gives `chain` (of stream `stream`) the state saved for it; state saved under another
+    /// config of a step (or for a step no longer there) is deleted.
+    pub fn restore_transforms(
+        &self,
+        stream: &str,
+        chain: &mut crate::transform::Chain,
+    ) -> Result<(), BufferError> {
+        let sqlite = |source| BufferError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let rows: Vec<(i64, String, String, String)> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT step, fingerprint, key, state FROM transform_state WHERE stream = ?1",
+                )
+                .map_err(sqlite)?;
+            stmt.query_map([stream], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .map_err(sqlite)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(sqlite)?
+        };
+        let mut stale = Vec::new();
+        for (step, fingerprint, key, state) in rows {
+            let step = step.max(0) as usize;
+            if chain.fingerprint(step) == Some(fingerprint.as_str()) {
+                chain.restore(step, key, &state);
+            } else {
+                stale.push((step, key));
+            }
+        }
+        for (step, key) in stale {
+            self.conn
+                .execute(
+                    "DELETE FROM transform_state WHERE stream = ?1 AND step = ?2 AND key = ?3",
+                    params![stream, step as i64, key],
+                )
+                .map_err(sqlite)?;
+        }
+        Ok(())
     }
 
     /// Progress of every stream, by index.
@@ -1108,6 +1184,32 @@ fn load_stream(conn: &Connection, name: &str, priority: Priority) -> rusqlite::R
     })
 }
 
+/// Saves (or deletes) the transforms' state rows, in the commit of the records they go with.
+fn save_transform_state(
+    tx: &rusqlite::Transaction<'_>,
+    rows: &[crate::transform::StateRow],
+) -> rusqlite::Result<()> {
+    let mut put = tx.prepare_cached(
+        "INSERT OR REPLACE INTO transform_state (stream, step, fingerprint, key, state) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut delete = tx.prepare_cached(
+        "DELETE FROM transform_state WHERE stream = ?1 AND step = ?2 AND key = ?3",
+    )?;
+    for r in rows {
+        match &r.state {
+            Some(state) => put.execute(params![
+                r.stream,
+                r.step as i64,
+                r.fingerprint,
+                r.key,
+                state
+            ])?,
+            None => delete.execute(params![r.stream, r.step as i64, r.key])?,
+        };
+    }
+    Ok(())
+}
+
 /// Each stream's resume point (its oldest record held, else its next sequence); those after
 /// the first `configured` are orphans.
 fn resume_points(
@@ -1159,6 +1261,7 @@ fn apply(
         evicted_reason: limits.reason,
         expired: vec![0; n],
         losses: Vec::new(),
+        filtered: BTreeMap::new(),
     };
     let loss_stream = streams.iter().position(|s| s.name == LOSS_STREAM);
     let tx = conn.transaction()?;
@@ -1235,6 +1338,10 @@ fn apply(
                         },
                     ));
                 }
+                WriterCommand::Filtered { stream, reason, .. } => {
+                    *summary.filtered.entry((*stream, *reason)).or_default() += 1;
+                }
+                WriterCommand::TransformState(rows) => save_transform_state(&tx, rows)?,
                 // The writer takes it out before a group is formed.
                 WriterCommand::Reconfigure(_) => {}
             }

@@ -2,6 +2,9 @@
 //! types, then `resolve_token` (the only I/O). Every error names the file, the key path and
 //! the reason, e.g. `config/agent.yaml: streams[2].priority: unknown variant "urgent" …`.
 
+use crate::transform::{
+    Condition, Deadband, Enrich, FieldPath, Filter, OnError, Op, Spec, Step, TopicPattern, Window,
+};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -269,6 +272,87 @@ struct RawStream {
     zstd_level: Option<i32>,
     #[serde(default)]
     zstd_dictionary: bool,
+    #[serde(default)]
+    transforms: Vec<RawTransform>,
+}
+
+/// One step of `streams[].transforms`: a map with one key, the step's kind.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransform {
+    #[serde(default)]
+    enrich: Option<RawEnrich>,
+    #[serde(default)]
+    filter: Option<RawFilter>,
+    #[serde(default)]
+    deadband: Option<RawDeadband>,
+    #[serde(default)]
+    window: Option<RawWindow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnrich {
+    #[serde(default)]
+    fields: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    facts: Vec<String>,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    on_error: OnError,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilter {
+    #[serde(default = "default_filter_action")]
+    action: String,
+    #[serde(default)]
+    topics: Vec<String>,
+    #[serde(default, rename = "where")]
+    conditions: Vec<RawCondition>,
+    #[serde(default)]
+    on_error: OnError,
+}
+
+fn default_filter_action() -> String {
+    "keep".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCondition {
+    field: String,
+    op: String,
+    #[serde(default)]
+    value: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeadband {
+    field: String,
+    #[serde(default)]
+    absolute: Option<f64>,
+    #[serde(default)]
+    relative: Option<f64>,
+    #[serde(default)]
+    heartbeat: Option<String>,
+    #[serde(default)]
+    on_error: OnError,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    every: String,
+    #[serde(default)]
+    fields: Vec<String>,
+    #[serde(default)]
+    keep_raw: bool,
+    #[serde(default)]
+    on_error: OnError,
 }
 
 #[derive(Debug, Deserialize)]
@@ -539,6 +623,8 @@ pub struct StreamConfig {
     pub zstd_level: i32,
     /// Whether its batches use a zstd dictionary trained on its records.
     pub zstd_dictionary: bool,
+    /// What is done to its records before they are buffered, in order ([`crate::transform`]).
+    pub transforms: Vec<Step>,
 }
 
 /// A batch is sent when any trigger fires.
@@ -882,6 +968,12 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             &key("zstd_level"),
             s.zstd_level.unwrap_or(ingest.zstd_level),
         )?;
+        let transforms = s
+            .transforms
+            .into_iter()
+            .enumerate()
+            .map(|(j, t)| validate_transform(&format!("streams[{i}].transforms[{j}]"), t))
+            .collect::<Result<Vec<_>, _>>()?;
         streams.push(StreamConfig {
             name: s.name,
             topics,
@@ -891,6 +983,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             order: s.order,
             zstd_level,
             zstd_dictionary: s.zstd_dictionary,
+            transforms,
         });
     }
     let default_stream = match streams.iter().position(|s| s.name == raw.default_stream) {
@@ -912,6 +1005,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
                 order: Order::Fifo,
                 zstd_level: ingest.zstd_level,
                 zstd_dictionary: false,
+                transforms: Vec::new(),
             });
             streams.len() - 1
         }
@@ -998,7 +1092,217 @@ pub fn loss_stream() -> StreamConfig {
         order: Order::Fifo,
         zstd_level: 1,
         zstd_dictionary: false,
+        transforms: Vec::new(),
     }
+}
+
+/// One transform step, checked; `key` is its path (`streams[i].transforms[j]`).
+fn validate_transform(key: &str, raw: RawTransform) -> Result<Step, Invalid> {
+    let path = |kind: &str, field: &str, text: &str| {
+        FieldPath::new(text).ok_or_else(|| {
+            (
+                format!("{key}.{kind}.{field}"),
+                format!("{text:?} is not a field path (names separated by dots, e.g. sensor.temperature)"),
+            )
+        })
+    };
+    Ok(match (raw.enrich, raw.filter, raw.deadband, raw.window) {
+        (Some(e), None, None, None) => {
+            let mut facts = (false, false);
+            for (k, fact) in e.facts.iter().enumerate() {
+                match fact.as_str() {
+                    "device_id" => facts.0 = true,
+                    "hostname" => facts.1 = true,
+                    other => {
+                        return Err((
+                            format!("{key}.enrich.facts[{k}]"),
+                            format!("unknown fact {other:?} (expected device_id or hostname)"),
+                        ));
+                    }
+                }
+            }
+            let topic = e
+                .topic
+                .as_deref()
+                .map(|t| TopicPattern::new(t).map_err(|why| (format!("{key}.enrich.topic"), why)))
+                .transpose()?;
+            if e.fields.is_empty() && e.facts.is_empty() && topic.is_none() {
+                return Err((
+                    format!("{key}.enrich"),
+                    "adds nothing: give fields, facts or a topic pattern".into(),
+                ));
+            }
+            Step {
+                spec: Spec::Enrich(Enrich {
+                    fields: e.fields,
+                    device_id: facts.0,
+                    hostname: facts.1,
+                    topic,
+                }),
+                on_error: e.on_error,
+            }
+        }
+        (None, Some(f), None, None) => {
+            let keep = match f.action.as_str() {
+                "keep" => true,
+                "drop" => false,
+                other => {
+                    return Err((
+                        format!("{key}.filter.action"),
+                        format!("{other:?} (expected keep or drop)"),
+                    ));
+                }
+            };
+            let topics = f
+                .topics
+                .iter()
+                .enumerate()
+                .map(|(k, t)| {
+                    TopicFilter::new(t).ok_or_else(|| {
+                        (
+                            format!("{key}.filter.topics[{k}]"),
+                            format!("{t:?} is not a valid MQTT topic filter"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let conditions = f
+                .conditions
+                .into_iter()
+                .enumerate()
+                .map(|(k, c)| condition(&format!("{key}.filter.where[{k}]"), c))
+                .collect::<Result<Vec<_>, _>>()?;
+            if topics.is_empty() && conditions.is_empty() {
+                return Err((
+                    format!("{key}.filter"),
+                    "selects nothing: give topics, where, or both".into(),
+                ));
+            }
+            Step {
+                spec: Spec::Filter(Filter {
+                    keep,
+                    topics,
+                    conditions,
+                }),
+                on_error: f.on_error,
+            }
+        }
+        (None, None, Some(d), None) => {
+            let field = path("deadband", "field", &d.field)?;
+            for (name, v) in [("absolute", d.absolute), ("relative", d.relative)] {
+                if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                    return Err((
+                        format!("{key}.deadband.{name}"),
+                        "must be a number above 0".into(),
+                    ));
+                }
+            }
+            if d.absolute.is_none() && d.relative.is_none() {
+                return Err((
+                    format!("{key}.deadband"),
+                    "needs a threshold: absolute, relative, or both".into(),
+                ));
+            }
+            let heartbeat = d
+                .heartbeat
+                .as_deref()
+                .map(|h| duration(&format!("{key}.deadband.heartbeat"), h))
+                .transpose()?;
+            Step {
+                spec: Spec::Deadband(Deadband {
+                    field,
+                    absolute: d.absolute,
+                    relative: d.relative,
+                    heartbeat,
+                }),
+                on_error: d.on_error,
+            }
+        }
+        (None, None, None, Some(w)) => {
+            let every = duration(&format!("{key}.window.every"), &w.every)?;
+            if every < Duration::from_secs(1) {
+                return Err((format!("{key}.window.every"), "must be at least 1s".into()));
+            }
+            let fields = w
+                .fields
+                .iter()
+                .enumerate()
+                .map(|(k, f)| path("window", &format!("fields[{k}]"), f))
+                .collect::<Result<Vec<_>, _>>()?;
+            Step {
+                spec: Spec::Window(Window {
+                    every,
+                    fields,
+                    keep_raw: w.keep_raw,
+                }),
+                on_error: w.on_error,
+            }
+        }
+        _ => {
+            return Err((
+                key.to_owned(),
+                "a step is one of enrich, filter, deadband or window (one key per list item)"
+                    .into(),
+            ));
+        }
+    })
+}
+
+/// One `filter.where` condition, checked.
+fn condition(key: &str, raw: RawCondition) -> Result<Condition, Invalid> {
+    use serde_json::Value;
+    let field = FieldPath::new(&raw.field).ok_or_else(|| {
+        (
+            format!("{key}.field"),
+            format!(
+                "{:?} is not a field path (names separated by dots)",
+                raw.field
+            ),
+        )
+    })?;
+    let value = |v: Option<Value>| {
+        v.ok_or_else(|| {
+            (
+                format!("{key}.value"),
+                format!("{:?} needs a value", raw.op),
+            )
+        })
+    };
+    let ordered = |v: Option<Value>| match value(v)? {
+        v @ (Value::Number(_) | Value::String(_)) => Ok(v),
+        _ => Err((
+            format!("{key}.value"),
+            format!("{:?} compares numbers or strings", raw.op),
+        )),
+    };
+    let op = match raw.op.as_str() {
+        "==" => Op::Eq(value(raw.value)?),
+        "!=" => Op::Ne(value(raw.value)?),
+        "<" => Op::Lt(ordered(raw.value)?),
+        "<=" => Op::Le(ordered(raw.value)?),
+        ">" => Op::Gt(ordered(raw.value)?),
+        ">=" => Op::Ge(ordered(raw.value)?),
+        "exists" if raw.value.is_none() => Op::Exists,
+        "exists" => {
+            return Err((format!("{key}.value"), "exists takes no value".into()));
+        }
+        "in" => match value(raw.value)? {
+            Value::Array(list) => Op::In(list),
+            _ => {
+                return Err((
+                    format!("{key}.value"),
+                    "in takes a list, e.g. [ok, warn]".into(),
+                ));
+            }
+        },
+        other => {
+            return Err((
+                format!("{key}.op"),
+                format!("unknown operator {other:?} (expected ==, !=, <, <=, >, >=, exists or in)"),
+            ));
+        }
+    };
+    Ok(Condition { field, op })
 }
 
 /// A zstd level the agent accepts.
@@ -1174,6 +1478,117 @@ streams:
         );
         let neither = GOOD.replace("  token_env: EDGE_AGENT_TOKEN\n", "");
         assert!(AgentConfig::parse(Path::new("a.yaml"), &neither).is_err());
+    }
+
+    /// `GOOD` with `transforms` (indented list items) on the telemetry stream.
+    fn with_transforms(list: &str) -> String {
+        format!("{GOOD}    transforms:\n{list}")
+    }
+
+    #[test]
+    fn transforms_parse_in_order() {
+        let text = with_transforms(
+            "      - enrich:
+          fields: { device_location: factory-floor-1, line: 3 }
+          facts: [device_id]
+          topic: \"plant/{site}/#\"
+      - filter:
+          action: drop
+          where:
+            - { field: status, op: in, value: [maintenance, off] }
+            - { field: sensor.t, op: \">\", value: 150 }
+      - deadband: { field: sensor.t, absolute: 0.5, heartbeat: 5m, on_error: drop }
+      - window: { every: 1m, fields: [sensor.t], keep_raw: false }
+",
+        );
+        let c = AgentConfig::parse(Path::new("a.yaml"), &text).expect("valid");
+        let kinds: Vec<&str> = c.streams[1]
+            .transforms
+            .iter()
+            .map(|t| t.spec.name())
+            .collect();
+        assert_eq!(kinds, ["enrich", "filter", "deadband", "window"]);
+        assert_eq!(c.streams[1].transforms[2].on_error, OnError::Drop);
+        assert!(c.streams[0].transforms.is_empty());
+    }
+
+    #[test]
+    fn transform_errors_name_the_key_path() {
+        for (list, key, reason) in [
+            (
+                "      - colour: red\n",
+                "streams[1].transforms[0]",
+                "unknown field `colour`",
+            ),
+            (
+                "      - { window: { every: 1m }, deadband: { field: t, absolute: 1 } }\n",
+                "streams[1].transforms[0]",
+                "one key per list item",
+            ),
+            (
+                "      - enrich: { facts: [mood] }\n",
+                "streams[1].transforms[0].enrich.facts[0]",
+                "unknown fact",
+            ),
+            (
+                "      - enrich: { topic: \"plant/#/x\" }\n",
+                "streams[1].transforms[0].enrich.topic",
+                "last segment",
+            ),
+            (
+                "      - filter: { where: [{ field: t, op: \"~\", value: 1 }] }\n",
+                "streams[1].transforms[0].filter.where[0].op",
+                "unknown operator",
+            ),
+            (
+                "      - filter: { where: [{ field: t, op: \">\" }] }\n",
+                "streams[1].transforms[0].filter.where[0].value",
+                "needs a value",
+            ),
+            (
+                "      - filter: { where: [{ field: t, op: in, value: 3 }] }\n",
+                "streams[1].transforms[0].filter.where[0].value",
+                "takes a list",
+            ),
+            (
+                "      - filter: { action: keep }\n",
+                "streams[1].transforms[0].filter",
+                "selects nothing",
+            ),
+            (
+                "      - deadband: { field: t }\n",
+                "streams[1].transforms[0].deadband",
+                "needs a threshold",
+            ),
+            (
+                "      - deadband: { field: t, absolute: -1 }\n",
+                "streams[1].transforms[0].deadband.absolute",
+                "above 0",
+            ),
+            (
+                "      - deadband: { field: \"a..b\", absolute: 1 }\n",
+                "streams[1].transforms[0].deadband.field",
+                "not a field path",
+            ),
+            (
+                "      - window: { every: 10ms }\n",
+                "streams[1].transforms[0].window.every",
+                "at least 1s",
+            ),
+            (
+                "      - window: { every: 1m, keep: true }\n",
+                "streams[1].transforms[0]",
+                "unknown field `keep`",
+            ),
+        ] {
+            let err = AgentConfig::parse(Path::new("a.yaml"), &with_transforms(list))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("a.yaml") && err.contains(key) && err.contains(reason),
+                "{list}: {err}"
+            );
+        }
     }
 
     #[test]

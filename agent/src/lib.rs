@@ -29,6 +29,7 @@ pub mod retry;
 pub mod routing;
 pub mod status;
 pub mod systemd;
+pub mod transform;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,6 +82,15 @@ fn buffer_streams(config: &AgentConfig) -> Vec<BufferStream> {
         .collect()
 }
 
+/// The configured streams' transforms, by index.
+fn chains(config: &AgentConfig) -> Vec<transform::Chain> {
+    config
+        .streams
+        .iter()
+        .map(|s| transform::Chain::new(s.transforms.clone()))
+        .collect()
+}
+
 /// The streams in force: the configured ones, then the buffer's orphans (streams no longer
 /// configured that still hold records), which drain as bulk.
 fn with_orphans(config: &AgentConfig, opened: &[OpenedStream]) -> Vec<StreamConfig> {
@@ -95,6 +105,7 @@ fn with_orphans(config: &AgentConfig, opened: &[OpenedStream]) -> Vec<StreamConf
             order: batcher::Order::Fifo,
             zstd_level: config.ingest.zstd_level,
             zstd_dictionary: false,
+            transforms: Vec::new(),
         });
     }
     streams
@@ -264,7 +275,11 @@ pub async fn run(
         protected.clone(),
     )
     .with_budget(queue_bytes.clone())
-    .with_beat(writer_beat.clone());
+    .with_beat(writer_beat.clone())
+    .with_transforms(
+        chains(&config),
+        transform::Facts::of_this_host(&config.device_id),
+    );
     let stop_checkpoints = Arc::new(AtomicBool::new(false));
     let checkpointer = buffer::spawn_checkpointer(&config.buffer.path, stop_checkpoints.clone())
         .map_err(|e| AgentError::Broker(BrokerError::Start(e.to_string())))?;
@@ -652,6 +667,7 @@ async fn reload(
             let reconfigure = buffer::Reconfigure {
                 streams: buffer_streams(&new),
                 quota_bytes: new.buffer.quota_bytes,
+                chains: chains(&new),
                 done,
             };
             p.uplink

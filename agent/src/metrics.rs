@@ -24,6 +24,12 @@ pub const RECORDS_DEAD_LETTERED: &str = "agent_records_dead_lettered_total";
 /// Records lost, per stream and reason (`quota`, `ttl`, `disk_full`, `corrupt_buffer`,
 /// `broker_overflow`, `stop_failed`).
 pub const RECORDS_DROPPED: &str = "agent_records_dropped_total";
+/// Records a stream's transforms chose not to send, per stream and reason (`filter`,
+/// `deadband`, `window`, `unparsable`): not losses, never in loss reports.
+pub const RECORDS_FILTERED: &str = "agent_records_filtered_total";
+/// Payloads a transform step could not read, per stream, step (`enrich`, `filter`, `deadband`,
+/// `window`) and what its `on_error` did (`passed`, `dropped`).
+pub const TRANSFORM_UNPARSABLE: &str = "agent_transform_unparsable_total";
 /// Records in the buffer, per stream.
 pub const BACKLOG_RECORDS: &str = "agent_backlog_records";
 /// Bytes in the buffer (quota cost), per stream.
@@ -120,6 +126,10 @@ pub struct Metrics {
     pub records_dead_lettered: IntCounterVec,
     /// See [`RECORDS_DROPPED`].
     pub records_dropped: IntCounterVec,
+    /// See [`RECORDS_FILTERED`].
+    pub records_filtered: IntCounterVec,
+    /// See [`TRANSFORM_UNPARSABLE`].
+    pub transform_unparsable: IntCounterVec,
     /// See [`BACKLOG_RECORDS`].
     pub backlog_records: IntGaugeVec,
     /// See [`BACKLOG_BYTES`].
@@ -264,6 +274,16 @@ impl Metrics {
                 RECORDS_DROPPED,
                 "Records lost, by reason.",
                 &["stream", "reason"],
+            ),
+            records_filtered: counter_vec(
+                RECORDS_FILTERED,
+                "Records the stream's transforms chose not to send (not losses), by reason.",
+                &["stream", "reason"],
+            ),
+            transform_unparsable: counter_vec(
+                TRANSFORM_UNPARSABLE,
+                "Payloads a transform step could not read, by step and what its on_error did.",
+                &["stream", "transform", "action"],
             ),
             backlog_records: gauge_vec(BACKLOG_RECORDS, "Records in the buffer."),
             stream_dictionary: gauge_vec(

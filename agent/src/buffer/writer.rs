@@ -21,8 +21,9 @@ use flume::RecvTimeoutError;
 use ingest_wire::{LossReason, LossReport};
 use tokio::sync::watch;
 
-use super::{Buffer, CommitSummary, Protected, StreamProgress, WriterCommand};
+use super::{Buffer, CommitSummary, NewRecord, Protected, StreamProgress, WriterCommand};
 use crate::metrics::Metrics;
+use crate::transform::{Chain, Facts, OnError, Output, Reading, Reason};
 
 /// The sending side of the writer's queue (bounded: senders wait while it is full).
 pub type Queue = flume::Sender<WriterCommand>;
@@ -114,6 +115,11 @@ pub struct BufferWriter {
     budget: Option<QueueBytes>,
     /// Beaten on every turn of the loop (the watchdog's proof of progress).
     beat: Option<crate::systemd::Beat>,
+    /// Each stream's transforms, by index ([`crate::transform`]); run on new records before
+    /// their commit, their state saved in it.
+    chains: Vec<Chain>,
+    /// What `enrich` adds about this agent.
+    facts: Facts,
 }
 
 impl BufferWriter {
@@ -143,7 +149,16 @@ impl BufferWriter {
             stop_seen: None,
             budget: None,
             beat: None,
+            chains: Vec::new(),
+            facts: Facts::default(),
         }
+    }
+
+    /// Runs `chains` (by stream index; streams beyond have none) on new records, with `facts`.
+    pub fn with_transforms(mut self, chains: Vec<Chain>, facts: Facts) -> BufferWriter {
+        self.chains = chains;
+        self.facts = facts;
+        self
     }
 
     /// Gives the records' cost back to `budget` as they are committed ([`QueueBytes`]).
@@ -162,6 +177,7 @@ impl BufferWriter {
     pub fn run(mut self) {
         let mut group = Vec::new();
         let mut last_tick = Instant::now();
+        self.restore_transforms();
         self.fit();
         self.publish_backlog();
         loop {
@@ -264,6 +280,9 @@ impl BufferWriter {
                     .collect();
                 self.protected.renumber(protections.clone());
                 self.stream_names = opened.iter().map(|o| o.name.clone()).collect();
+                // Everything before is committed, state included: the saved state is current.
+                self.chains = r.chains;
+                self.restore_transforms();
                 self.progress.send_replace(self.buffer.progress());
                 let _ = r.done.send(super::Reconfigured {
                     streams: opened,
@@ -274,6 +293,124 @@ impl BufferWriter {
             Err(e) => {
                 tracing::error!(error = %e, "the buffer cannot take the reloaded streams: the buffer writer stops, and with it the agent (its restart takes the new config)");
                 false
+            }
+        }
+    }
+
+    /// Gives each chain the state its stream saved ([`Buffer::restore_transforms`]); what cannot
+    /// be read starts afresh.
+    fn restore_transforms(&mut self) {
+        for (i, chain) in self.chains.iter_mut().enumerate() {
+            let Some(name) = self.stream_names.get(i) else {
+                break;
+            };
+            if chain.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.buffer.restore_transforms(name, chain) {
+                tracing::warn!(stream = %name, error = %e, "cannot read the transforms' saved state: windows and deadbands start afresh");
+            }
+        }
+    }
+
+    /// Runs each new record of `group` through its stream's transforms (and, on a `tick`, ends
+    /// the windows that are over): a record kept takes its new payload, one not kept becomes
+    /// [`WriterCommand::Filtered`] (its publisher still waits for the commit), records made by
+    /// windows are added, and the state changed is added to be saved in the same commit.
+    fn transform(&mut self, group: &mut Vec<WriterCommand>, tick: bool) {
+        if self.chains.iter().all(Chain::is_empty) {
+            return;
+        }
+        let now = crate::clock::now_ms();
+        let commands = std::mem::take(group);
+        group.reserve(commands.len());
+        for command in commands {
+            let WriterCommand::Append(r) = command else {
+                group.push(command);
+                continue;
+            };
+            let Some(chain) = self.chains.get_mut(r.stream).filter(|c| !c.is_empty()) else {
+                group.push(WriterCommand::Append(r));
+                continue;
+            };
+            let NewRecord {
+                stream,
+                topic,
+                payload,
+                received_at_ms,
+                monotonic_ms,
+                receipt,
+            } = r;
+            let out = chain.run(
+                Reading {
+                    topic,
+                    payload,
+                    received_at_ms,
+                },
+                &self.facts,
+            );
+            self.made(group, stream, &out);
+            match (out.kept, out.filtered) {
+                (Some(kept), _) => group.push(WriterCommand::Append(NewRecord {
+                    stream,
+                    topic: kept.topic,
+                    payload: kept.payload,
+                    received_at_ms,
+                    monotonic_ms,
+                    receipt,
+                })),
+                (None, reason) => group.push(WriterCommand::Filtered {
+                    stream,
+                    reason: reason.unwrap_or(Reason::Filter),
+                    receipt,
+                }),
+            }
+        }
+        for i in 0..self.chains.len() {
+            if tick && !self.chains[i].is_empty() {
+                let out = self.chains[i].tick(now, &self.facts);
+                self.made(group, i, &out);
+            }
+            let Some(name) = self.stream_names.get(i) else {
+                break;
+            };
+            let rows = self.chains[i].take_changes(name);
+            if !rows.is_empty() {
+                group.push(WriterCommand::TransformState(rows));
+            }
+        }
+    }
+
+    /// Adds what a chain of `stream` made (window records, and those a later step dropped), and
+    /// counts the payloads it could not read.
+    fn made(&self, group: &mut Vec<WriterCommand>, stream: usize, out: &Output) {
+        for m in &out.made {
+            group.push(WriterCommand::Append(NewRecord {
+                stream,
+                topic: m.topic.clone(),
+                payload: m.payload.clone(),
+                received_at_ms: m.received_at_ms,
+                monotonic_ms: crate::clock::monotonic_ms(),
+                receipt: None,
+            }));
+        }
+        for &reason in &out.made_filtered {
+            group.push(WriterCommand::Filtered {
+                stream,
+                reason,
+                receipt: None,
+            });
+        }
+        if let Some(name) = self.stream_names.get(stream) {
+            for (step, action) in &out.unparsable {
+                let action = match action {
+                    OnError::Pass => "passed",
+                    OnError::Drop => "dropped",
+                };
+                self.metrics
+                    .transform_unparsable
+                    .with_label_values(&[name.as_str(), step, action])
+                    .inc();
             }
         }
     }
@@ -293,6 +430,8 @@ impl BufferWriter {
     /// [`STOP_RETRY`] (what is left is counted as lost). `false`: commits failed for
     /// [`GIVE_UP_AFTER`] for another reason than a full disk; the writer must stop.
     fn commit_group(&mut self, group: &mut Vec<WriterCommand>, expire: bool) -> bool {
+        // Once per group, before its first try: a retry commits the same outcome.
+        self.transform(group, expire);
         let mut delay = Duration::from_millis(50);
         let mut full_attempts = 0;
         let since = Instant::now();
@@ -522,6 +661,13 @@ impl BufferWriter {
                 }
             }
         }
+        for (&(stream, reason), &n) in &summary.filtered {
+            if let Some(name) = self.stream_names.get(stream) {
+                m.records_filtered
+                    .with_label_values(&[name.as_str(), reason.as_str()])
+                    .inc_by(n);
+            }
+        }
         for loss in &summary.losses {
             if loss.reason == LossReason::CorruptBuffer
                 && let Some(stream) = loss.stream.as_deref()
@@ -699,6 +845,7 @@ mod tests {
         tx.send(WriterCommand::Reconfigure(super::super::Reconfigure {
             streams: new,
             quota_bytes: 1 << 30,
+            chains: Vec::new(),
             done,
         }))
         .expect("send");
@@ -723,5 +870,75 @@ mod tests {
             "what was in flight stays protected, under the stream's new index"
         );
         assert_eq!(protected.generation(), 1, "the renumbering is announced");
+    }
+
+    /// Transforms run in the writer: a record not kept is counted and never stored, the
+    /// state is saved in the same commit, and a writer on the reopened buffer resumes it.
+    #[test]
+    fn transforms_filter_before_the_commit_and_their_state_survives_a_restart() {
+        use crate::transform::{Deadband, FieldPath, Step};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let chain = || {
+            vec![Chain::new(vec![Step {
+                spec: crate::transform::Spec::Deadband(Deadband {
+                    field: FieldPath::new("t").expect("path"),
+                    absolute: Some(1.0),
+                    relative: None,
+                    heartbeat: None,
+                }),
+                on_error: OnError::Pass,
+            }])]
+        };
+        let reading = |t: f64| {
+            WriterCommand::Append(NewRecord {
+                stream: 0,
+                topic: "plant/1/t".into(),
+                payload: Bytes::from(format!(r#"{{"t": {t}}}"#)),
+                received_at_ms: 1,
+                monotonic_ms: 1,
+                receipt: None,
+            })
+        };
+        let run = |readings: Vec<WriterCommand>| {
+            let buffer = Buffer::open(&path, &streams(), 1 << 30)
+                .expect("open")
+                .buffer;
+            let (tx, rx) = flume::bounded(10);
+            let (progress, progress_rx) = watch::channel(buffer.progress());
+            let metrics = Metrics::new();
+            let writer = BufferWriter::new(
+                buffer,
+                rx,
+                Duration::from_millis(10),
+                1 << 20,
+                progress,
+                metrics.clone(),
+                vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
+                Arc::new(Protected::new(vec![Default::default(); 2])),
+            )
+            .with_transforms(chain(), Facts::default());
+            for r in readings {
+                tx.send(r).expect("send");
+            }
+            drop(tx);
+            writer.run();
+            let held = progress_rx.borrow()[0].backlog_records;
+            let filtered = metrics
+                .records_filtered
+                .with_label_values(&["logs", "deadband"])
+                .get();
+            (held, filtered)
+        };
+        assert_eq!(
+            run(vec![reading(1.0), reading(1.5), reading(3.0)]),
+            (2, 1),
+            "1.5 is within the band of 1.0"
+        );
+        assert_eq!(
+            run(vec![reading(3.5), reading(4.0)]),
+            (3, 1),
+            "after a restart the last value sent is still 3.0"
+        );
     }
 }

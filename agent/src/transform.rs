@@ -1,0 +1,1073 @@
+//! Edge transforms: what a stream does to its records before they are buffered. Per stream, in
+//! the order declared: `enrich` (fields added to JSON objects), `filter` (keep or drop by topic
+//! and by predicates on JSON fields), `deadband` (drop a reading that barely changed since the
+//! last one sent, with an optional heartbeat), `window` (one record per topic and interval with
+//! count, min, max, mean and last of named fields).
+//!
+//! Where they run: in the buffer writer, on each new record, just before the commit that stores
+//! it; their state (the deadbands' last values sent, the open windows) is written in that same
+//! transaction ([`Chain::take_changes`]). Invariant: a reading acknowledged to its sensor is in
+//! the buffer, or counted as filtered (`agent_records_filtered_total`, per stream and reason),
+//! or folded into a window whose state is on disk. A crash or a power cut changes none of that,
+//! and a restart resumes every window and deadband where the last commit left it. Filtered
+//! records are not losses and never appear in loss reports.
+//!
+//! Bounds: at most [`MAX_KEYS`] topics per stateful step (readings of further topics pass that
+//! step unchanged, and are counted); a payload a step cannot read (not a JSON object, a field
+//! missing or not a number) is passed on untouched or dropped, as the step's `on_error` says,
+//! and counted. Nothing here panics on input or blocks the stream.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::routing::TopicFilter;
+
+/// Most keys (topics) a deadband or window step keeps state for.
+pub const MAX_KEYS: usize = 10_000;
+
+/// One step of a stream's chain, as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// What it does.
+    pub spec: Spec,
+    /// What happens to a payload it cannot read.
+    pub on_error: OnError,
+}
+
+/// A payload a step cannot read is…
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// …passed on to the next step untouched (the default: nothing is lost for a format).
+    #[default]
+    Pass,
+    /// …dropped, and counted as filtered (`unparsable`).
+    Drop,
+}
+
+/// What a step does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Spec {
+    /// Adds fields to a JSON object payload.
+    Enrich(Enrich),
+    /// Keeps or drops records by topic and by predicates on JSON fields.
+    Filter(Filter),
+    /// Drops a reading whose field changed by less than a threshold since the last one sent.
+    Deadband(Deadband),
+    /// Folds readings into one record per topic and interval.
+    Window(Window),
+}
+
+impl Spec {
+    /// The step's name in config and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Spec::Enrich(_) => "enrich",
+            Spec::Filter(_) => "filter",
+            Spec::Deadband(_) => "deadband",
+            Spec::Window(_) => "window",
+        }
+    }
+}
+
+/// `enrich`: static fields, agent facts, and the topic's named segments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enrich {
+    /// Added as they are (an existing field of the same name is replaced).
+    pub fields: Map<String, Value>,
+    /// Add `device_id`.
+    pub device_id: bool,
+    /// Add `hostname`.
+    pub hostname: bool,
+    /// A topic pattern whose `{name}` segments become fields, e.g. `plant/{site}/#`.
+    pub topic: Option<TopicPattern>,
+}
+
+/// `filter`: a record matches when its topic matches one of `topics` (any topic if none) and
+/// every condition holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    /// Keep the records that match (drop the rest), or drop them.
+    pub keep: bool,
+    /// Topic filters.
+    pub topics: Vec<TopicFilter>,
+    /// Predicates on JSON fields.
+    pub conditions: Vec<Condition>,
+}
+
+/// A predicate on one JSON field. A comparison with a missing field, or between a number and a
+/// string, is false.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    /// The field: dot-separated names into nested objects.
+    pub field: FieldPath,
+    /// The test.
+    pub op: Op,
+}
+
+/// A test on a field's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Equal (numbers by value).
+    Eq(Value),
+    /// Not equal.
+    Ne(Value),
+    /// Less than (numbers or strings).
+    Lt(Value),
+    /// Less than or equal.
+    Le(Value),
+    /// Greater than.
+    Gt(Value),
+    /// Greater than or equal.
+    Ge(Value),
+    /// Present (any value, null included).
+    Exists,
+    /// Equal to one of these.
+    In(Vec<Value>),
+}
+
+/// `deadband`: per topic, a reading of `field` is sent when it moved by at least `absolute`, or
+/// by at least `relative` of the last value sent, or when `heartbeat` passed since the last
+/// one sent; the first reading of a topic is always sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deadband {
+    /// The numeric field.
+    pub field: FieldPath,
+    /// Smallest change sent, in the field's unit.
+    pub absolute: Option<f64>,
+    /// Smallest change sent, as a fraction of the last value sent.
+    pub relative: Option<f64>,
+    /// Longest silence: a reading is sent after it whatever its value.
+    pub heartbeat: Option<Duration>,
+}
+
+/// `window`: per topic, tumbling intervals of `every` (aligned to the Unix epoch, by receive
+/// time); when one ends, a record with its count and the min, max, mean and last of `fields`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    /// The interval.
+    pub every: Duration,
+    /// Numeric fields to summarise.
+    pub fields: Vec<FieldPath>,
+    /// Also send every reading as it is (else a reading folded in is counted as filtered).
+    pub keep_raw: bool,
+}
+
+/// A dot-separated path into nested JSON objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldPath(Vec<String>);
+
+impl FieldPath {
+    /// The path, if `text` is one: non-empty names separated by dots.
+    pub fn new(text: &str) -> Option<FieldPath> {
+        let parts: Vec<String> = text.split('.').map(str::to_owned).collect();
+        (!text.is_empty() && parts.iter().all(|p| !p.is_empty())).then_some(FieldPath(parts))
+    }
+
+    fn get<'a>(&self, object: &'a Map<String, Value>) -> Option<&'a Value> {
+        let (last, parents) = self.0.split_last()?;
+        let mut at = object;
+        for name in parents {
+            at = at.get(name)?.as_object()?;
+        }
+        at.get(last)
+    }
+
+    fn number(&self, object: &Map<String, Value>) -> Option<f64> {
+        self.get(object)?.as_f64().filter(|v| v.is_finite())
+    }
+
+    /// The path as written.
+    pub fn text(&self) -> String {
+        self.0.join(".")
+    }
+}
+
+/// A topic pattern for `enrich.topic`: segments are literal, `+` (any one), `{name}` (any one,
+/// captured as field `name`), or a last `#` (the rest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPattern(Vec<Segment>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Any,
+    Capture(String),
+    Rest,
+}
+
+impl TopicPattern {
+    /// The pattern, or why `text` is not one.
+    pub fn new(text: &str) -> Result<TopicPattern, String> {
+        let parts: Vec<&str> = text.split('/').collect();
+        let mut segments = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            segments.push(match *part {
+                "#" if i + 1 == parts.len() => Segment::Rest,
+                "#" => return Err("`#` may only be the last segment".into()),
+                "+" => Segment::Any,
+                p if p.starts_with('{') && p.ends_with('}') && p.len() > 2 => {
+                    let name = &p[1..p.len() - 1];
+                    if !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    {
+                        return Err(format!("{p:?}: a field name is [A-Za-z0-9_-]"));
+                    }
+                    Segment::Capture(name.to_owned())
+                }
+                p if p.contains(['+', '#', '{', '}']) => {
+                    return Err(format!(
+                        "{p:?}: a segment is a name, `+`, `{{name}}` or `#`"
+                    ));
+                }
+                p => Segment::Literal(p.to_owned()),
+            });
+        }
+        if !segments.iter().any(|s| matches!(s, Segment::Capture(_))) {
+            return Err("captures nothing: name a segment, e.g. plant/{site}/#".into());
+        }
+        Ok(TopicPattern(segments))
+    }
+
+    /// The captured segments of `topic`, if it matches.
+    fn captures(&self, topic: &str) -> Option<Vec<(String, String)>> {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut out = Vec::new();
+        for (i, segment) in self.0.iter().enumerate() {
+            match segment {
+                Segment::Rest => return Some(out),
+                _ if i >= levels.len() => return None,
+                Segment::Literal(l) if l != levels[i] => return None,
+                Segment::Literal(_) | Segment::Any => {}
+                Segment::Capture(name) => out.push((name.clone(), levels[i].to_owned())),
+            }
+        }
+        (levels.len() == self.0.len()).then_some(out)
+    }
+}
+
+/// A record going through a chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// MQTT topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// Receive time, Unix ms.
+    pub received_at_ms: i64,
+}
+
+/// Why a record was not sent (the `reason` of `agent_records_filtered_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// A `filter` step.
+    Filter,
+    /// A `deadband` step: barely changed.
+    Deadband,
+    /// Folded into a `window` (without `keep_raw`).
+    Window,
+    /// A step could not read it and its `on_error` is `drop`.
+    Unparsable,
+}
+
+impl Reason {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Filter => "filter",
+            Reason::Deadband => "deadband",
+            Reason::Window => "window",
+            Reason::Unparsable => "unparsable",
+        }
+    }
+}
+
+/// What a chain made of one record (or of a tick).
+#[derive(Debug, Default, PartialEq)]
+pub struct Output {
+    /// Records made by windows that ended, to store before `kept`.
+    pub made: Vec<Reading>,
+    /// The record itself, possibly changed; `None` when it was filtered or folded.
+    pub kept: Option<Reading>,
+    /// Why the record itself was not kept.
+    pub filtered: Option<Reason>,
+    /// Made records dropped by a later step.
+    pub made_filtered: Vec<Reason>,
+    /// Steps that could not read a payload, and whether they dropped it.
+    pub unparsable: Vec<(&'static str, OnError)>,
+}
+
+/// Facts `enrich` adds.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// The agent's `device_id`.
+    pub device_id: String,
+    /// The host's name.
+    pub hostname: String,
+}
+
+impl Facts {
+    /// The facts of this host for `device_id`.
+    pub fn of_this_host(device_id: &str) -> Facts {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        Facts {
+            device_id: device_id.to_owned(),
+            hostname,
+        }
+    }
+}
+
+/// One row of saved state: `state` `None` deletes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateRow {
+    /// Stream name.
+    pub stream: String,
+    /// Index of the step in the stream's chain.
+    pub step: usize,
+    /// The step's config, as saved: state under another config is not reused.
+    pub fingerprint: String,
+    /// The key (topic).
+    pub key: String,
+    /// The state, JSON.
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct DeadbandState {
+    value: f64,
+    at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct FieldStats {
+    min: f64,
+    max: f64,
+    sum: f64,
+    last: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct WindowState {
+    start_ms: i64,
+    count: u64,
+    fields: Vec<FieldStats>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum KeyState {
+    Deadband(DeadbandState),
+    Window(WindowState),
+}
+
+/// A step with its state.
+#[derive(Debug)]
+struct Running {
+    step: Step,
+    fingerprint: String,
+    keys: HashMap<String, KeyState>,
+    /// Keys changed since the last [`Chain::take_changes`].
+    changed: BTreeSet<String>,
+    /// Whether the key limit was said.
+    full_said: bool,
+}
+
+/// A stream's steps, with their state.
+#[derive(Debug, Default)]
+pub struct Chain {
+    steps: Vec<Running>,
+}
+
+/// What one step did with one record.
+enum Done {
+    /// Goes on to the next step.
+    Next,
+    /// Stops here, for this reason.
+    Dropped(Reason),
+    /// Folded into a window: stops here (without `keep_raw`) or goes on.
+    Folded { goes_on: bool },
+}
+
+impl Chain {
+    /// A chain of `steps` with no state yet.
+    pub fn new(steps: Vec<Step>) -> Chain {
+        Chain {
+            steps: steps
+                .into_iter()
+                .map(|step| Running {
+                    fingerprint: format!("{step:?}"),
+                    step,
+                    keys: HashMap::new(),
+                    changed: BTreeSet::new(),
+                    full_said: false,
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether it does anything.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Whether step `step` keeps state saved under `fingerprint` (its config has not changed).
+    pub fn fingerprint(&self, step: usize) -> Option<&str> {
+        self.steps.get(step).map(|s| s.fingerprint.as_str())
+    }
+
+    /// Takes back saved state: `state` (JSON) of `key` at `step`. State that does not parse
+    /// (another version) is ignored: the step starts afresh for that key.
+    pub fn restore(&mut self, step: usize, key: String, state: &str) {
+        let Some(running) = self.steps.get_mut(step) else {
+            return;
+        };
+        let parsed = match running.step.spec {
+            Spec::Deadband(_) => serde_json::from_str(state).ok().map(KeyState::Deadband),
+            Spec::Window(_) => serde_json::from_str(state).ok().map(KeyState::Window),
+            _ => None,
+        };
+        if let Some(s) = parsed
+            && running.keys.len() < MAX_KEYS
+        {
+            running.keys.insert(key, s);
+        }
+    }
+
+    /// Runs `reading` through every step.
+    pub fn run(&mut self, reading: Reading, facts: &Facts) -> Output {
+        let mut out = Output::default();
+        self.pass(0, reading, true, facts, &mut out);
+        out
+    }
+
+    /// Ends the windows whose interval is over at `now_ms`: their records go through the steps
+    /// after the window.
+    pub fn tick(&mut self, now_ms: i64, facts: &Facts) -> Output {
+        let mut out = Output::default();
+        for i in 0..self.steps.len() {
+            let Spec::Window(w) = &self.steps[i].step.spec else {
+                continue;
+            };
+            let every = w.every.as_millis().max(1) as i64;
+            let names: Vec<String> = w.fields.iter().map(FieldPath::text).collect();
+            let running = &mut self.steps[i];
+            let mut due: Vec<String> = running
+                .keys
+                .iter()
+                .filter(|(_, s)| matches!(s, KeyState::Window(w) if w.start_ms + every <= now_ms))
+                .map(|(k, _)| k.clone())
+                .collect();
+            due.sort();
+            let mut made = Vec::new();
+            for key in due {
+                if let Some(KeyState::Window(state)) = running.keys.remove(&key) {
+                    made.push(summary(&key, &state, every, &names));
+                    running.changed.insert(key);
+                }
+            }
+            for record in made {
+                self.pass(i + 1, record, false, facts, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The state changed since the last call, as rows to save (in the commit that stores what
+    /// the changes made).
+    pub fn take_changes(&mut self, stream: &str) -> Vec<StateRow> {
+        let mut rows = Vec::new();
+        for (i, running) in self.steps.iter_mut().enumerate() {
+            for key in std::mem::take(&mut running.changed) {
+                let state = running.keys.get(&key).map(|s| match s {
+                    KeyState::Deadband(d) => serde_json::to_string(d),
+                    KeyState::Window(w) => serde_json::to_string(w),
+                });
+                rows.push(StateRow {
+                    stream: stream.to_owned(),
+                    step: i,
+                    fingerprint: running.fingerprint.clone(),
+                    key,
+                    state: state.map(|s| s.expect("invariant: plain numbers serialise")),
+                });
+            }
+        }
+        rows
+    }
+
+    fn pass(
+        &mut self,
+        from: usize,
+        mut reading: Reading,
+        original: bool,
+        facts: &Facts,
+        out: &mut Output,
+    ) {
+        for i in from..self.steps.len() {
+            let mut made = Vec::new();
+            let done = self.steps[i].apply(&mut reading, facts, &mut made, out);
+            // A window that ended is stored before the reading that ended it.
+            for record in made {
+                self.pass(i + 1, record, false, facts, out);
+            }
+            let stop = match done {
+                Done::Next | Done::Folded { goes_on: true } => None,
+                Done::Dropped(reason) => Some(reason),
+                Done::Folded { goes_on: false } => Some(Reason::Window),
+            };
+            if let Some(reason) = stop {
+                if original {
+                    out.filtered = Some(reason);
+                } else {
+                    out.made_filtered.push(reason);
+                }
+                return;
+            }
+        }
+        if original {
+            out.kept = Some(reading);
+        } else {
+            out.made.push(reading);
+        }
+    }
+}
+
+/// The JSON object a payload holds, if it is one.
+fn object(payload: &[u8]) -> Option<Map<String, Value>> {
+    match serde_json::from_slice(payload) {
+        Ok(Value::Object(o)) => Some(o),
+        _ => None,
+    }
+}
+
+impl Running {
+    fn unreadable(&self, out: &mut Output) -> Done {
+        out.unparsable
+            .push((self.step.spec.name(), self.step.on_error));
+        match self.step.on_error {
+            OnError::Pass => Done::Next,
+            OnError::Drop => Done::Dropped(Reason::Unparsable),
+        }
+    }
+}
+
+/// Whether `keys` may take `key`; said once (`said`) when it may not.
+fn room_for(keys: &HashMap<String, KeyState>, said: &mut bool, step: &str, key: &str) -> bool {
+    if keys.contains_key(key) || keys.len() < MAX_KEYS {
+        return true;
+    }
+    if !std::mem::replace(said, true) {
+        tracing::warn!(
+            transform = step,
+            keys = MAX_KEYS,
+            "transform state full: readings of further topics pass this step unchanged"
+        );
+    }
+    false
+}
+
+impl Running {
+    fn apply(
+        &mut self,
+        reading: &mut Reading,
+        facts: &Facts,
+        made: &mut Vec<Reading>,
+        out: &mut Output,
+    ) -> Done {
+        match &self.step.spec {
+            Spec::Enrich(e) => {
+                let Some(mut o) = object(&reading.payload) else {
+                    return self.unreadable(out);
+                };
+                for (k, v) in &e.fields {
+                    o.insert(k.clone(), v.clone());
+                }
+                if e.device_id {
+                    o.insert("device_id".into(), Value::from(facts.device_id.clone()));
+                }
+                if e.hostname {
+                    o.insert("hostname".into(), Value::from(facts.hostname.clone()));
+                }
+                if let Some(captures) = e.topic.as_ref().and_then(|p| p.captures(&reading.topic)) {
+                    for (k, v) in captures {
+                        o.insert(k, Value::from(v));
+                    }
+                }
+                reading.payload = serde_json::to_vec(&Value::Object(o))
+                    .expect("invariant: a JSON value serialises")
+                    .into();
+                Done::Next
+            }
+            Spec::Filter(f) => {
+                let topic_matches =
+                    f.topics.is_empty() || f.topics.iter().any(|t| t.matches(&reading.topic));
+                let matches = if !topic_matches {
+                    false
+                } else if f.conditions.is_empty() {
+                    true
+                } else {
+                    let Some(o) = object(&reading.payload) else {
+                        return self.unreadable(out);
+                    };
+                    f.conditions.iter().all(|c| c.holds(&o))
+                };
+                if matches == f.keep {
+                    Done::Next
+                } else {
+                    Done::Dropped(Reason::Filter)
+                }
+            }
+            Spec::Deadband(d) => {
+                let Some(value) = object(&reading.payload).and_then(|o| d.field.number(&o)) else {
+                    return self.unreadable(out);
+                };
+                let key = reading.topic.clone();
+                if !room_for(&self.keys, &mut self.full_said, self.step.spec.name(), &key) {
+                    return Done::Next;
+                }
+                let send = match self.keys.get(&key) {
+                    Some(KeyState::Deadband(last)) => d.moved(last, value, reading.received_at_ms),
+                    _ => true,
+                };
+                if !send {
+                    return Done::Dropped(Reason::Deadband);
+                }
+                self.keys.insert(
+                    key.clone(),
+                    KeyState::Deadband(DeadbandState {
+                        value,
+                        at_ms: reading.received_at_ms,
+                    }),
+                );
+                self.changed.insert(key);
+                Done::Next
+            }
+            Spec::Window(w) => {
+                let values: Option<Vec<f64>> = object(&reading.payload)
+                    .and_then(|o| w.fields.iter().map(|f| f.number(&o)).collect());
+                let Some(values) = values else {
+                    return self.unreadable(out);
+                };
+                let key = reading.topic.clone();
+                if !room_for(&self.keys, &mut self.full_said, self.step.spec.name(), &key) {
+                    return Done::Next;
+                }
+                let every = w.every.as_millis().max(1) as i64;
+                let start = reading.received_at_ms.div_euclid(every) * every;
+                let names: Vec<String> = w.fields.iter().map(FieldPath::text).collect();
+                let keep_raw = w.keep_raw;
+                let state = match self.keys.remove(&key) {
+                    Some(KeyState::Window(s)) if s.start_ms == start => s,
+                    Some(KeyState::Window(ended)) => {
+                        made.push(summary(&key, &ended, every, &names));
+                        WindowState::empty(start)
+                    }
+                    _ => WindowState::empty(start),
+                };
+                let state = state.add(&values);
+                self.keys.insert(key.clone(), KeyState::Window(state));
+                self.changed.insert(key);
+                Done::Folded { goes_on: keep_raw }
+            }
+        }
+    }
+}
+
+impl Deadband {
+    /// Whether `value` at `at_ms` is sent after `last`.
+    fn moved(&self, last: &DeadbandState, value: f64, at_ms: i64) -> bool {
+        let change = (value - last.value).abs();
+        let by_absolute = self.absolute.is_some_and(|a| change >= a);
+        let by_relative = self
+            .relative
+            .is_some_and(|r| change >= r * last.value.abs() && change > 0.0);
+        let by_heartbeat = self
+            .heartbeat
+            .is_some_and(|h| at_ms.saturating_sub(last.at_ms) >= h.as_millis() as i64);
+        by_absolute || by_relative || by_heartbeat
+    }
+}
+
+impl WindowState {
+    fn empty(start_ms: i64) -> WindowState {
+        WindowState {
+            start_ms,
+            count: 0,
+            fields: Vec::new(),
+        }
+    }
+
+    fn add(mut self, values: &[f64]) -> WindowState {
+        if self.count == 0 {
+            self.fields = values
+                .iter()
+                .map(|&v| FieldStats {
+                    min: v,
+                    max: v,
+                    sum: v,
+                    last: v,
+                })
+                .collect();
+        } else {
+            for (s, &v) in self.fields.iter_mut().zip(values) {
+                s.min = s.min.min(v);
+                s.max = s.max.max(v);
+                s.sum += v;
+                s.last = v;
+            }
+        }
+        self.count += 1;
+        self
+    }
+}
+
+/// The record a window of `topic` makes when it ends: received at its end.
+fn summary(topic: &str, state: &WindowState, every: i64, names: &[String]) -> Reading {
+    let mut o = Map::new();
+    o.insert("window_start_ms".into(), Value::from(state.start_ms));
+    o.insert("window_end_ms".into(), Value::from(state.start_ms + every));
+    o.insert("count".into(), Value::from(state.count));
+    for (name, s) in names.iter().zip(&state.fields) {
+        let mut f = Map::new();
+        f.insert("min".into(), Value::from(s.min));
+        f.insert("max".into(), Value::from(s.max));
+        f.insert(
+            "mean".into(),
+            Value::from(s.sum / state.count.max(1) as f64),
+        );
+        f.insert("last".into(), Value::from(s.last));
+        o.insert(name.clone(), Value::Object(f));
+    }
+    Reading {
+        topic: topic.to_owned(),
+        payload: serde_json::to_vec(&Value::Object(o))
+            .expect("invariant: a JSON value serialises")
+            .into(),
+        received_at_ms: state.start_ms + every,
+    }
+}
+
+impl Condition {
+    fn holds(&self, o: &Map<String, Value>) -> bool {
+        let value = self.field.get(o);
+        let order = |want: &Value| -> Option<std::cmp::Ordering> {
+            match (value?, want) {
+                (Value::Number(a), Value::Number(b)) => a.as_f64()?.partial_cmp(&b.as_f64()?),
+                (Value::String(a), Value::String(b)) => Some(a.cmp(b)),
+                _ => None,
+            }
+        };
+        let equal = |want: &Value| match (value, want) {
+            (Some(Value::Number(a)), Value::Number(b)) => a.as_f64() == b.as_f64(),
+            (Some(v), w) => v == w,
+            (None, _) => false,
+        };
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        match &self.op {
+            Op::Eq(v) => equal(v),
+            Op::Ne(v) => value.is_some() && !equal(v),
+            Op::Lt(v) => order(v) == Some(Less),
+            Op::Le(v) => matches!(order(v), Some(Less | Equal)),
+            Op::Gt(v) => order(v) == Some(Greater),
+            Op::Ge(v) => matches!(order(v), Some(Greater | Equal)),
+            Op::Exists => value.is_some(),
+            Op::In(list) => list.iter().any(equal),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(topic: &str, payload: &str, at: i64) -> Reading {
+        Reading {
+            topic: topic.into(),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            received_at_ms: at,
+        }
+    }
+
+    fn path(p: &str) -> FieldPath {
+        FieldPath::new(p).expect("path")
+    }
+
+    fn json(r: &Reading) -> Value {
+        serde_json::from_slice(&r.payload).expect("json")
+    }
+
+    fn facts() -> Facts {
+        Facts {
+            device_id: "gw-7".into(),
+            hostname: "box".into(),
+        }
+    }
+
+    /// The seed's example, our way: enrich with a location and the site from the topic, keep
+    /// temperatures above -40, send on a change of 0.5 or after 10 s, and a 60 s window.
+    fn chain() -> Chain {
+        let mut fields = Map::new();
+        fields.insert("device_location".into(), Value::from("factory-floor-1"));
+        Chain::new(vec![
+            Step {
+                spec: Spec::Enrich(Enrich {
+                    fields,
+                    device_id: true,
+                    hostname: false,
+                    topic: Some(TopicPattern::new("plant/{site}/#").expect("pattern")),
+                }),
+                on_error: OnError::Pass,
+            },
+            Step {
+                spec: Spec::Filter(Filter {
+                    keep: true,
+                    topics: vec![],
+                    conditions: vec![Condition {
+                        field: path("t"),
+                        op: Op::Gt(Value::from(-40)),
+                    }],
+                }),
+                on_error: OnError::Drop,
+            },
+            Step {
+                spec: Spec::Deadband(Deadband {
+                    field: path("t"),
+                    absolute: Some(0.5),
+                    relative: None,
+                    heartbeat: Some(Duration::from_secs(10)),
+                }),
+                on_error: OnError::Pass,
+            },
+            Step {
+                spec: Spec::Window(Window {
+                    every: Duration::from_secs(60),
+                    fields: vec![path("t")],
+                    keep_raw: true,
+                }),
+                on_error: OnError::Pass,
+            },
+        ])
+    }
+
+    /// The table of inputs and outputs: (time s, payload) → sent (t), or why not.
+    #[test]
+    fn a_scripted_sequence_gives_exactly_the_expected_records() {
+        let mut c = chain();
+        let f = facts();
+        let cases: Vec<(i64, &str, Result<f64, Reason>)> = vec![
+            (0, r#"{"t": 20.0}"#, Ok(20.0)),
+            (1, r#"{"t": 20.2}"#, Err(Reason::Deadband)),
+            (2, r#"{"t": 20.6}"#, Ok(20.6)),
+            (3, r#"{"t": -50}"#, Err(Reason::Filter)),
+            (4, "not json", Err(Reason::Unparsable)),
+            (5, r#"{"t": 20.7}"#, Err(Reason::Deadband)),
+            (13, r#"{"t": 20.7}"#, Ok(20.7)), // heartbeat: 11 s after 20.6 was sent
+            (14, r#"{"t": 20.1}"#, Ok(20.1)),
+        ];
+        for (at, payload, want) in cases {
+            let out = c.run(reading("plant/berlin/t1", payload, at * 1000), &f);
+            assert!(out.made.is_empty(), "no window ended yet at {at}");
+            match want {
+                Ok(t) => {
+                    let kept = out.kept.expect("kept");
+                    let v = json(&kept);
+                    assert_eq!(v["t"], Value::from(t), "at {at}");
+                    assert_eq!(v["device_location"], "factory-floor-1");
+                    assert_eq!(v["device_id"], "gw-7");
+                    assert_eq!(v["site"], "berlin");
+                }
+                Err(reason) => assert_eq!((out.kept, out.filtered), (None, Some(reason)), "{at}"),
+            }
+        }
+        // The next reading falls in the next minute: the first window ends, before it.
+        let out = c.run(reading("plant/berlin/t1", r#"{"t": 30}"#, 61_000), &f);
+        assert_eq!(out.made.len(), 1);
+        let w = json(&out.made[0]);
+        assert_eq!(
+            (w["window_start_ms"].clone(), w["window_end_ms"].clone()),
+            (Value::from(0), Value::from(60_000))
+        );
+        assert_eq!(w["count"], 4, "the four readings the deadband sent: {w}");
+        assert_eq!(w["t"]["min"], 20.0);
+        assert_eq!(w["t"]["max"], 20.7);
+        assert_eq!(w["t"]["last"], 20.1);
+        assert!((w["t"]["mean"].as_f64().expect("mean") - 20.35).abs() < 1e-9);
+        assert!(out.kept.is_some(), "keep_raw");
+        // A tick after the minute ends the second window on its own.
+        let out = c.tick(120_001, &f);
+        assert_eq!(out.made.len(), 1);
+        assert_eq!(json(&out.made[0])["count"], 1);
+        assert!(c.tick(200_000, &f).made.is_empty(), "nothing left open");
+    }
+
+    #[test]
+    fn state_saved_and_restored_resumes_where_it_was() {
+        let f = facts();
+        let mut c = chain();
+        c.run(reading("plant/a/x", r#"{"t": 10}"#, 1_000), &f);
+        c.run(reading("plant/a/x", r#"{"t": 11}"#, 2_000), &f);
+        let rows = c.take_changes("telemetry");
+        assert_eq!(rows.len(), 2, "deadband and window, one topic: {rows:?}");
+        assert!(c.take_changes("telemetry").is_empty(), "taken");
+        let mut again = chain();
+        for r in &rows {
+            assert_eq!(again.fingerprint(r.step), Some(r.fingerprint.as_str()));
+            again.restore(r.step, r.key.clone(), r.state.as_deref().expect("state"));
+        }
+        let out = again.run(reading("plant/a/x", r#"{"t": 11.2}"#, 3_000), &f);
+        assert_eq!(
+            out.filtered,
+            Some(Reason::Deadband),
+            "the last value sent came back"
+        );
+        let out = again.tick(60_000, &f);
+        assert_eq!(json(&out.made[0])["count"], 2, "the open window came back");
+        let rows = again.take_changes("telemetry");
+        assert!(
+            rows.iter().any(|r| r.step == 3 && r.state.is_none()),
+            "an ended window's row is deleted: {rows:?}"
+        );
+    }
+
+    #[test]
+    fn a_window_without_raw_folds_readings_and_unreadable_ones_follow_on_error() {
+        let f = facts();
+        let window = |on_error| Step {
+            spec: Spec::Window(Window {
+                every: Duration::from_secs(10),
+                fields: vec![path("a.b")],
+                keep_raw: false,
+            }),
+            on_error,
+        };
+        let mut c = Chain::new(vec![window(OnError::Pass)]);
+        let out = c.run(reading("x", r#"{"a": {"b": 1}}"#, 0), &f);
+        assert_eq!(out.filtered, Some(Reason::Window));
+        let out = c.run(reading("x", r#"{"a": {"b": "high"}}"#, 1), &f);
+        assert!(out.kept.is_some(), "passed on untouched");
+        assert_eq!(out.unparsable, vec![("window", OnError::Pass)]);
+        let mut c = Chain::new(vec![window(OnError::Drop)]);
+        let out = c.run(reading("x", "\u{1}garbage", 1), &f);
+        assert_eq!(out.filtered, Some(Reason::Unparsable));
+    }
+
+    #[test]
+    fn conditions() {
+        let o = object(br#"{"t": 21.5, "s": "ok", "n": {"v": 3}, "z": null}"#).expect("object");
+        let c = |field: &str, op: Op| {
+            Condition {
+                field: path(field),
+                op,
+            }
+            .holds(&o)
+        };
+        for (got, want, what) in [
+            (c("t", Op::Gt(Value::from(21))), true, "t > 21"),
+            (c("t", Op::Le(Value::from(21.5))), true, "t <= 21.5"),
+            (c("t", Op::Lt(Value::from(21.5))), false, "t < 21.5"),
+            (c("t", Op::Eq(Value::from(21.5))), true, "t == 21.5"),
+            (c("n.v", Op::Eq(Value::from(3.0))), true, "3 == 3.0"),
+            (c("s", Op::Ne(Value::from("bad"))), true, "s != bad"),
+            (c("s", Op::Gt(Value::from(1))), false, "string > number"),
+            (c("s", Op::Ge(Value::from("ok"))), true, "s >= ok"),
+            (c("missing", Op::Ne(Value::from(1))), false, "missing != 1"),
+            (c("z", Op::Exists), true, "null exists"),
+            (c("missing", Op::Exists), false, "missing exists"),
+            (
+                c("s", Op::In(vec![Value::from("warn"), Value::from("ok")])),
+                true,
+                "s in [warn, ok]",
+            ),
+        ] {
+            assert_eq!(got, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn topic_patterns() {
+        let p = TopicPattern::new("plant/{site}/+/{sensor}").expect("pattern");
+        assert_eq!(
+            p.captures("plant/b/telemetry/t1"),
+            Some(vec![
+                ("site".into(), "b".into()),
+                ("sensor".into(), "t1".into())
+            ])
+        );
+        assert_eq!(p.captures("plant/b/telemetry"), None);
+        assert_eq!(p.captures("plant/b/telemetry/t1/x"), None);
+        assert_eq!(p.captures("other/b/telemetry/t1"), None);
+        let rest = TopicPattern::new("{site}/#").expect("pattern");
+        assert_eq!(
+            rest.captures("s1/a/b"),
+            Some(vec![("site".into(), "s1".into())])
+        );
+        for bad in ["plant/#/x", "plant/+", "plant/{a b}", "a/x{y}"] {
+            assert!(TopicPattern::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deadband_thresholds() {
+        let last = DeadbandState {
+            value: 100.0,
+            at_ms: 0,
+        };
+        let d = |absolute, relative, heartbeat: Option<u64>| Deadband {
+            field: path("v"),
+            absolute,
+            relative,
+            heartbeat: heartbeat.map(Duration::from_millis),
+        };
+        for (band, value, at, want) in [
+            (d(Some(1.0), None, None), 100.9, 5, false),
+            (d(Some(1.0), None, None), 101.0, 5, true),
+            (d(Some(1.0), None, None), 99.0, 5, true),
+            (d(None, Some(0.05), None), 104.0, 5, false),
+            (d(None, Some(0.05), None), 95.0, 5, true),
+            (d(None, None, Some(1000)), 100.0, 999, false),
+            (d(None, None, Some(1000)), 100.0, 1000, true),
+        ] {
+            assert_eq!(
+                band.moved(&last, value, at),
+                want,
+                "{band:?} {value} at {at}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the payloads and times, a chain never panics, and each reading is kept or
+        /// has a reason, never both.
+        #[test]
+        fn any_input_is_kept_or_counted(
+            inputs in proptest::collection::vec(
+                (proptest::collection::vec(proptest::num::u8::ANY, 0..40), 0i64..500_000, 0usize..3),
+                1..60,
+            ),
+        ) {
+            let mut c = chain();
+            let f = facts();
+            for (bytes, at, topic) in inputs {
+                let mut payload = bytes.clone();
+                if topic == 0 {
+                    payload = format!(r#"{{"t": {}}}"#, at % 97).into_bytes();
+                }
+                let out = c.run(
+                    Reading {
+                        topic: format!("plant/s{topic}/x"),
+                        payload: payload.into(),
+                        received_at_ms: at,
+                    },
+                    &f,
+                );
+                proptest::prop_assert!(out.kept.is_some() != out.filtered.is_some());
+                let _ = c.tick(at, &f);
+            }
+        }
+    }
+}
