@@ -1722,6 +1722,12 @@ streams:
             include_str!("../../config/agent.yaml"),
         )
         .expect("config/agent.yaml is valid");
+        let temperature = c
+            .streams
+            .iter()
+            .find(|s| s.name == "temperature")
+            .expect("the edge processing example");
+        assert_eq!(temperature.transforms.len(), 4);
         assert_eq!(
             c.streams
                 .iter()
