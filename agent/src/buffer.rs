@@ -724,49 +724,52 @@ impl Buffer {
         Ok(opened)
     }
 
-    /// Gives `chain` (of stream `stream`) the state saved for it; state saved under another
-    /// config of a step (or for a step no longer there) is deleted.
-    pub fn restore_transforms(
+    /// The transforms' state saved for `stream` (at most
+    /// [`crate::transform::MAX_RESTORED`] rows).
+    pub fn transform_state(
         &self,
         stream: &str,
-        chain: &mut crate::transform::Chain,
-    ) -> Result<(), BufferError> {
+    ) -> Result<Vec<crate::transform::StateRow>, BufferError> {
         let sqlite = |source| BufferError::Sqlite {
             path: self.path.clone(),
             source,
         };
-        let rows: Vec<(i64, String, String, String)> = {
-            let mut stmt = self
-                .conn
-                .prepare_cached(
-                    "SELECT step, fingerprint, key, state FROM transform_state WHERE stream = ?1",
-                )
-                .map_err(sqlite)?;
-            stmt.query_map([stream], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT step, fingerprint, key, state FROM transform_state WHERE stream = ?1 LIMIT ?2",
+            )
+            .map_err(sqlite)?;
+        stmt.query_map(
+            params![stream, crate::transform::MAX_RESTORED as i64],
+            |r| {
+                Ok(crate::transform::StateRow {
+                    stream: stream.to_owned(),
+                    step: r.get::<_, i64>(0)?.max(0) as usize,
+                    fingerprint: r.get(1)?,
+                    key: r.get(2)?,
+                    state: Some(r.get(3)?),
+                })
+            },
+        )
+        .map_err(sqlite)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(sqlite)
+    }
+
+    /// Deletes the transforms' state of every stream but `streams` (in one statement); how many
+    /// rows went.
+    pub fn forget_transform_state_except(&self, streams: &[String]) -> Result<usize, BufferError> {
+        let names = serde_json::to_string(streams).expect("invariant: strings serialise");
+        self.conn
+            .execute(
+                "DELETE FROM transform_state WHERE stream NOT IN (SELECT value FROM json_each(?1))",
+                [names],
+            )
+            .map_err(|source| BufferError::Sqlite {
+                path: self.path.clone(),
+                source,
             })
-            .map_err(sqlite)?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(sqlite)?
-        };
-        let mut stale = Vec::new();
-        for (step, fingerprint, key, state) in rows {
-            let step = step.max(0) as usize;
-            if chain.fingerprint(step) == Some(fingerprint.as_str()) {
-                chain.restore(step, key, &state);
-            } else {
-                stale.push((step, key));
-            }
-        }
-        for (step, key) in stale {
-            self.conn
-                .execute(
-                    "DELETE FROM transform_state WHERE stream = ?1 AND step = ?2 AND key = ?3",
-                    params![stream, step as i64, key],
-                )
-                .map_err(sqlite)?;
-        }
-        Ok(())
     }
 
     /// Progress of every stream, by index.

@@ -1208,6 +1208,12 @@ fn validate_transform(key: &str, raw: RawTransform) -> Result<Step, Invalid> {
                 .as_deref()
                 .map(|h| duration(&format!("{key}.deadband.heartbeat"), h))
                 .transpose()?;
+            if heartbeat.is_some_and(|h| h.is_zero()) {
+                return Err((
+                    format!("{key}.deadband.heartbeat"),
+                    "must be above 0 (leave it out for no heartbeat)".into(),
+                ));
+            }
             Step {
                 spec: Spec::Deadband(Deadband {
                     field,
@@ -1220,14 +1226,25 @@ fn validate_transform(key: &str, raw: RawTransform) -> Result<Step, Invalid> {
         }
         (None, None, None, Some(w)) => {
             let every = duration(&format!("{key}.window.every"), &w.every)?;
-            if every < Duration::from_secs(1) {
-                return Err((format!("{key}.window.every"), "must be at least 1s".into()));
+            if every < Duration::from_secs(1) || every > Duration::from_secs(7 * 86_400) {
+                return Err((
+                    format!("{key}.window.every"),
+                    "must be at least 1s and at most 7d".into(),
+                ));
             }
             let fields = w
                 .fields
                 .iter()
                 .enumerate()
-                .map(|(k, f)| path("window", &format!("fields[{k}]"), f))
+                .map(|(k, f)| {
+                    if ["count", "window_start_ms", "window_end_ms"].contains(&f.as_str()) {
+                        return Err((
+                            format!("{key}.window.fields[{k}]"),
+                            format!("{f:?} is a name the window's record uses itself"),
+                        ));
+                    }
+                    path("window", &format!("fields[{k}]"), f)
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             Step {
                 spec: Spec::Window(Window {
@@ -1287,11 +1304,11 @@ fn condition(key: &str, raw: RawCondition) -> Result<Condition, Invalid> {
             return Err((format!("{key}.value"), "exists takes no value".into()));
         }
         "in" => match value(raw.value)? {
-            Value::Array(list) => Op::In(list),
+            Value::Array(list) if !list.is_empty() => Op::In(list),
             _ => {
                 return Err((
                     format!("{key}.value"),
-                    "in takes a list, e.g. [ok, warn]".into(),
+                    "in takes a non-empty list, e.g. [ok, warn]".into(),
                 ));
             }
         },
@@ -1548,7 +1565,7 @@ streams:
             (
                 "      - filter: { where: [{ field: t, op: in, value: 3 }] }\n",
                 "streams[1].transforms[0].filter.where[0].value",
-                "takes a list",
+                "non-empty list",
             ),
             (
                 "      - filter: { action: keep }\n",
@@ -1574,6 +1591,21 @@ streams:
                 "      - window: { every: 10ms }\n",
                 "streams[1].transforms[0].window.every",
                 "at least 1s",
+            ),
+            (
+                "      - window: { every: 1m, fields: [count] }\n",
+                "streams[1].transforms[0].window.fields[0]",
+                "uses itself",
+            ),
+            (
+                "      - deadband: { field: t, absolute: 1, heartbeat: 0s }\n",
+                "streams[1].transforms[0].deadband.heartbeat",
+                "above 0",
+            ),
+            (
+                "      - filter: { where: [{ field: t, op: in, value: [] }] }\n",
+                "streams[1].transforms[0].filter.where[0].value",
+                "non-empty list",
             ),
             (
                 "      - window: { every: 1m, keep: true }\n",

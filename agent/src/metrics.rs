@@ -30,6 +30,9 @@ pub const RECORDS_FILTERED: &str = "agent_records_filtered_total";
 /// Payloads a transform step could not read, per stream, step (`enrich`, `filter`, `deadband`,
 /// `window`) and what its `on_error` did (`passed`, `dropped`).
 pub const TRANSFORM_UNPARSABLE: &str = "agent_transform_unparsable_total";
+/// Readings a deadband or window step passed unchanged, or topics a deadband forgot, for its
+/// bounds (topics over 1 KiB, more than 10,000 topics), per stream and step.
+pub const TRANSFORM_STATE_FULL: &str = "agent_transform_state_full_total";
 /// Records in the buffer, per stream.
 pub const BACKLOG_RECORDS: &str = "agent_backlog_records";
 /// Bytes in the buffer (quota cost), per stream.
@@ -130,6 +133,8 @@ pub struct Metrics {
     pub records_filtered: IntCounterVec,
     /// See [`TRANSFORM_UNPARSABLE`].
     pub transform_unparsable: IntCounterVec,
+    /// See [`TRANSFORM_STATE_FULL`].
+    pub transform_state_full: IntCounterVec,
     /// See [`BACKLOG_RECORDS`].
     pub backlog_records: IntGaugeVec,
     /// See [`BACKLOG_BYTES`].
@@ -284,6 +289,11 @@ impl Metrics {
                 TRANSFORM_UNPARSABLE,
                 "Payloads a transform step could not read, by step and what its on_error did.",
                 &["stream", "transform", "action"],
+            ),
+            transform_state_full: counter_vec(
+                TRANSFORM_STATE_FULL,
+                "Readings a stateful step passed unchanged, or topics a deadband forgot, for its bounds.",
+                &["stream", "transform"],
             ),
             backlog_records: gauge_vec(BACKLOG_RECORDS, "Records in the buffer."),
             stream_dictionary: gauge_vec(

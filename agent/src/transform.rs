@@ -26,8 +26,16 @@ use serde_json::{Map, Value};
 
 use crate::routing::TopicFilter;
 
-/// Most keys (topics) a deadband or window step keeps state for.
+/// Most keys (topics) a deadband or window step keeps state for. Beyond, a deadband forgets
+/// the topic sent longest ago (its next reading is sent); a window passes readings of new
+/// topics unchanged.
 pub const MAX_KEYS: usize = 10_000;
+/// Longest topic a step keeps state for; a reading of a longer one passes the step unchanged.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// How long after its end a window stays open for readings still on their way to the writer.
+pub const WINDOW_GRACE: Duration = Duration::from_secs(2);
+/// Rows of saved state read back per stream at most.
+pub const MAX_RESTORED: usize = 4 * MAX_KEYS;
 
 /// One step of a stream's chain, as configured.
 #[derive(Debug, Clone, PartialEq)]
@@ -300,6 +308,9 @@ pub struct Output {
     pub made_filtered: Vec<Reason>,
     /// Steps that could not read a payload, and whether they dropped it.
     pub unparsable: Vec<(&'static str, OnError)>,
+    /// Stateful steps a record passed unchanged: its topic over [`MAX_KEY_BYTES`], or no room
+    /// for another window ([`MAX_KEYS`]).
+    pub state_full: Vec<&'static str>,
 }
 
 /// Facts `enrich` adds.
@@ -347,15 +358,18 @@ struct DeadbandState {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct FieldStats {
+    name: String,
     min: f64,
     max: f64,
     sum: f64,
     last: f64,
 }
 
+/// An open window: all it takes to make its record, even under another config.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct WindowState {
     start_ms: i64,
+    every_ms: i64,
     count: u64,
     fields: Vec<FieldStats>,
 }
@@ -374,8 +388,6 @@ struct Running {
     keys: HashMap<String, KeyState>,
     /// Keys changed since the last [`Chain::take_changes`].
     changed: BTreeSet<String>,
-    /// Whether the key limit was said.
-    full_said: bool,
 }
 
 /// A stream's steps, with their state.
@@ -405,7 +417,6 @@ impl Chain {
                     step,
                     keys: HashMap::new(),
                     changed: BTreeSet::new(),
-                    full_said: false,
                 })
                 .collect(),
         }
@@ -414,6 +425,16 @@ impl Chain {
     /// Whether it does anything.
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
+    }
+
+    /// Whether `other` has the same steps (so the same saved state applies).
+    pub fn same_steps(&self, other: &Chain) -> bool {
+        self.steps.len() == other.steps.len()
+            && self
+                .steps
+                .iter()
+                .zip(&other.steps)
+                .all(|(a, b)| a.fingerprint == b.fingerprint)
     }
 
     /// Whether step `step` keeps state saved under `fingerprint` (its config has not changed).
@@ -439,6 +460,28 @@ impl Chain {
         }
     }
 
+    /// The record of a window saved under a config no longer in force (`state` of `key`), made
+    /// now so that the readings folded into it are not lost; `None` for other state (a
+    /// deadband's: forgetting it only sends the next reading).
+    pub fn orphan_window(key: &str, state: &str) -> Option<Reading> {
+        let w: WindowState = serde_json::from_str(state).ok()?;
+        (w.count > 0).then(|| summary(key, &w))
+    }
+
+    /// Forgets all state in memory (it is read back from the buffer after a failed commit).
+    pub fn forget_state(&mut self) {
+        for running in &mut self.steps {
+            running.keys.clear();
+            running.changed.clear();
+        }
+    }
+
+    /// Ends every open window now (a reload replaces this chain): their records go through
+    /// the steps after each window.
+    pub fn close_all(&mut self, facts: &Facts) -> Output {
+        self.end_windows(None, facts)
+    }
+
     /// Runs `reading` through every step.
     pub fn run(&mut self, reading: Reading, facts: &Facts) -> Output {
         let mut out = Output::default();
@@ -449,25 +492,35 @@ impl Chain {
     /// Ends the windows whose interval is over at `now_ms`: their records go through the steps
     /// after the window.
     pub fn tick(&mut self, now_ms: i64, facts: &Facts) -> Output {
+        self.end_windows(Some(now_ms), facts)
+    }
+
+    /// Ends the windows over at `now_ms` (and [`WINDOW_GRACE`] after), or all of them.
+    fn end_windows(&mut self, now_ms: Option<i64>, facts: &Facts) -> Output {
+        let grace = WINDOW_GRACE.as_millis() as i64;
         let mut out = Output::default();
         for i in 0..self.steps.len() {
-            let Spec::Window(w) = &self.steps[i].step.spec else {
+            if !matches!(self.steps[i].step.spec, Spec::Window(_)) {
                 continue;
-            };
-            let every = w.every.as_millis().max(1) as i64;
-            let names: Vec<String> = w.fields.iter().map(FieldPath::text).collect();
+            }
             let running = &mut self.steps[i];
             let mut due: Vec<String> = running
                 .keys
                 .iter()
-                .filter(|(_, s)| matches!(s, KeyState::Window(w) if w.start_ms + every <= now_ms))
+                .filter(|(_, s)| match (s, now_ms) {
+                    (KeyState::Window(w), Some(now)) => {
+                        w.start_ms.saturating_add(w.every_ms).saturating_add(grace) <= now
+                    }
+                    (KeyState::Window(_), None) => true,
+                    _ => false,
+                })
                 .map(|(k, _)| k.clone())
                 .collect();
             due.sort();
             let mut made = Vec::new();
             for key in due {
                 if let Some(KeyState::Window(state)) = running.keys.remove(&key) {
-                    made.push(summary(&key, &state, every, &names));
+                    made.push(summary(&key, &state));
                     running.changed.insert(key);
                 }
             }
@@ -508,9 +561,11 @@ impl Chain {
         facts: &Facts,
         out: &mut Output,
     ) {
+        // Parsed once for the whole chain; written back once, if a step changed it.
+        let mut parsed = Parsed::NotYet;
         for i in from..self.steps.len() {
             let mut made = Vec::new();
-            let done = self.steps[i].apply(&mut reading, facts, &mut made, out);
+            let done = self.steps[i].apply(&mut reading, &mut parsed, facts, &mut made, out);
             // A window that ended is stored before the reading that ended it.
             for record in made {
                 self.pass(i + 1, record, false, facts, out);
@@ -529,11 +584,52 @@ impl Chain {
                 return;
             }
         }
+        if let Parsed::Changed(o) = parsed {
+            reading.payload = serde_json::to_vec(&Value::Object(o))
+                .expect("invariant: a JSON value serialises")
+                .into();
+        }
         if original {
             out.kept = Some(reading);
         } else {
             out.made.push(reading);
         }
+    }
+}
+
+/// A payload as the steps of one pass see it.
+enum Parsed {
+    /// Not read yet.
+    NotYet,
+    /// Not a JSON object.
+    NotObject,
+    /// The object, as received.
+    Object(Map<String, Value>),
+    /// The object, changed by a step: written back at the end.
+    Changed(Map<String, Value>),
+}
+
+impl Parsed {
+    /// The object `payload` holds, read at the first call.
+    fn object(&mut self, payload: &[u8]) -> Option<&mut Map<String, Value>> {
+        if let Parsed::NotYet = self {
+            *self = match object(payload) {
+                Some(o) => Parsed::Object(o),
+                None => Parsed::NotObject,
+            };
+        }
+        match self {
+            Parsed::Object(o) | Parsed::Changed(o) => Some(o),
+            Parsed::NotYet | Parsed::NotObject => None,
+        }
+    }
+
+    /// Marks the object changed.
+    fn change(&mut self) {
+        *self = match std::mem::replace(self, Parsed::NotYet) {
+            Parsed::Object(o) => Parsed::Changed(o),
+            other => other,
+        };
     }
 }
 
@@ -556,36 +652,26 @@ impl Running {
     }
 }
 
-/// Whether `keys` may take `key`; said once (`said`) when it may not.
-fn room_for(keys: &HashMap<String, KeyState>, said: &mut bool, step: &str, key: &str) -> bool {
-    if keys.contains_key(key) || keys.len() < MAX_KEYS {
-        return true;
-    }
-    if !std::mem::replace(said, true) {
-        tracing::warn!(
-            transform = step,
-            keys = MAX_KEYS,
-            "transform state full: readings of further topics pass this step unchanged"
-        );
-    }
-    false
-}
-
 impl Running {
     fn apply(
         &mut self,
         reading: &mut Reading,
+        parsed: &mut Parsed,
         facts: &Facts,
         made: &mut Vec<Reading>,
         out: &mut Output,
     ) -> Done {
         match &self.step.spec {
             Spec::Enrich(e) => {
-                let Some(mut o) = object(&reading.payload) else {
+                let Some(o) = parsed.object(&reading.payload) else {
                     return self.unreadable(out);
                 };
-                for (k, v) in &e.fields {
-                    o.insert(k.clone(), v.clone());
+                // What the topic (the sensor's choice) says first: the agent's facts and the
+                // configured fields win over it.
+                if let Some(captures) = e.topic.as_ref().and_then(|p| p.captures(&reading.topic)) {
+                    for (k, v) in captures {
+                        o.insert(k, Value::from(v));
+                    }
                 }
                 if e.device_id {
                     o.insert("device_id".into(), Value::from(facts.device_id.clone()));
@@ -593,14 +679,10 @@ impl Running {
                 if e.hostname {
                     o.insert("hostname".into(), Value::from(facts.hostname.clone()));
                 }
-                if let Some(captures) = e.topic.as_ref().and_then(|p| p.captures(&reading.topic)) {
-                    for (k, v) in captures {
-                        o.insert(k, Value::from(v));
-                    }
+                for (k, v) in &e.fields {
+                    o.insert(k.clone(), v.clone());
                 }
-                reading.payload = serde_json::to_vec(&Value::Object(o))
-                    .expect("invariant: a JSON value serialises")
-                    .into();
+                parsed.change();
                 Done::Next
             }
             Spec::Filter(f) => {
@@ -611,10 +693,10 @@ impl Running {
                 } else if f.conditions.is_empty() {
                     true
                 } else {
-                    let Some(o) = object(&reading.payload) else {
+                    let Some(o) = parsed.object(&reading.payload) else {
                         return self.unreadable(out);
                     };
-                    f.conditions.iter().all(|c| c.holds(&o))
+                    f.conditions.iter().all(|c| c.holds(o))
                 };
                 if matches == f.keep {
                     Done::Next
@@ -623,12 +705,33 @@ impl Running {
                 }
             }
             Spec::Deadband(d) => {
-                let Some(value) = object(&reading.payload).and_then(|o| d.field.number(&o)) else {
+                let Some(value) = parsed
+                    .object(&reading.payload)
+                    .and_then(|o| d.field.number(o))
+                else {
                     return self.unreadable(out);
                 };
-                let key = reading.topic.clone();
-                if !room_for(&self.keys, &mut self.full_said, self.step.spec.name(), &key) {
+                if reading.topic.len() > MAX_KEY_BYTES {
+                    out.state_full.push("deadband");
                     return Done::Next;
+                }
+                let key = reading.topic.clone();
+                if !self.keys.contains_key(&key) && self.keys.len() >= MAX_KEYS {
+                    // Forgetting the topic sent longest ago only sends its next reading.
+                    let oldest = self
+                        .keys
+                        .iter()
+                        .filter_map(|(k, s)| match s {
+                            KeyState::Deadband(d) => Some((d.at_ms, k)),
+                            KeyState::Window(_) => None,
+                        })
+                        .min()
+                        .map(|(_, k)| k.clone());
+                    if let Some(k) = oldest {
+                        self.keys.remove(&k);
+                        self.changed.insert(k);
+                    }
+                    out.state_full.push("deadband");
                 }
                 let send = match self.keys.get(&key) {
                     Some(KeyState::Deadband(last)) => d.moved(last, value, reading.received_at_ms),
@@ -648,28 +751,44 @@ impl Running {
                 Done::Next
             }
             Spec::Window(w) => {
-                let values: Option<Vec<f64>> = object(&reading.payload)
-                    .and_then(|o| w.fields.iter().map(|f| f.number(&o)).collect());
+                let values: Option<Vec<f64>> = parsed
+                    .object(&reading.payload)
+                    .and_then(|o| w.fields.iter().map(|f| f.number(o)).collect());
                 let Some(values) = values else {
                     return self.unreadable(out);
                 };
-                let key = reading.topic.clone();
-                if !room_for(&self.keys, &mut self.full_said, self.step.spec.name(), &key) {
+                if reading.topic.len() > MAX_KEY_BYTES
+                    || (!self.keys.contains_key(&reading.topic) && self.keys.len() >= MAX_KEYS)
+                {
+                    out.state_full.push("window");
                     return Done::Next;
                 }
+                let key = reading.topic.clone();
                 let every = w.every.as_millis().max(1) as i64;
                 let start = reading.received_at_ms.div_euclid(every) * every;
-                let names: Vec<String> = w.fields.iter().map(FieldPath::text).collect();
                 let keep_raw = w.keep_raw;
-                let state = match self.keys.remove(&key) {
-                    Some(KeyState::Window(s)) if s.start_ms == start => s,
-                    Some(KeyState::Window(ended)) => {
-                        made.push(summary(&key, &ended, every, &names));
-                        WindowState::empty(start)
-                    }
-                    _ => WindowState::empty(start),
+                let open = match self.keys.get(&key) {
+                    Some(KeyState::Window(open)) => Some(open),
+                    _ => None,
                 };
-                let state = state.add(&values);
+                // A later interval ends the open window. A reading of an earlier one (late, or
+                // the clock stepped back) is folded into the open window.
+                let (ended, state) = match open {
+                    Some(open) if start > open.start_ms => (
+                        Some(summary(&key, open)),
+                        WindowState::empty(start, every, &w.fields).add(&values),
+                    ),
+                    Some(open) => (None, open.add(&values)),
+                    None => (
+                        None,
+                        WindowState::empty(start, every, &w.fields).add(&values),
+                    ),
+                };
+                let Some(state) = state else {
+                    // A sum that no longer fits a float: the window stays as it was.
+                    return self.unreadable(out);
+                };
+                made.extend(ended);
                 self.keys.insert(key.clone(), KeyState::Window(state));
                 self.changed.insert(key);
                 Done::Folded { goes_on: keep_raw }
@@ -694,45 +813,49 @@ impl Deadband {
 }
 
 impl WindowState {
-    fn empty(start_ms: i64) -> WindowState {
+    fn empty(start_ms: i64, every_ms: i64, fields: &[FieldPath]) -> WindowState {
         WindowState {
             start_ms,
+            every_ms,
             count: 0,
-            fields: Vec::new(),
+            fields: fields
+                .iter()
+                .map(|f| FieldStats {
+                    name: f.text(),
+                    min: f64::INFINITY,
+                    max: f64::NEG_INFINITY,
+                    sum: 0.0,
+                    last: 0.0,
+                })
+                .collect(),
         }
     }
 
-    fn add(mut self, values: &[f64]) -> WindowState {
-        if self.count == 0 {
-            self.fields = values
-                .iter()
-                .map(|&v| FieldStats {
-                    min: v,
-                    max: v,
-                    sum: v,
-                    last: v,
-                })
-                .collect();
-        } else {
-            for (s, &v) in self.fields.iter_mut().zip(values) {
-                s.min = s.min.min(v);
-                s.max = s.max.max(v);
-                s.sum += v;
-                s.last = v;
+    /// With `values` (in field order) folded in; `None` if a sum would overflow.
+    fn add(&self, values: &[f64]) -> Option<WindowState> {
+        let mut next = self.clone();
+        for (s, &v) in next.fields.iter_mut().zip(values) {
+            s.min = s.min.min(v);
+            s.max = s.max.max(v);
+            s.sum += v;
+            s.last = v;
+            if !s.sum.is_finite() {
+                return None;
             }
         }
-        self.count += 1;
-        self
+        next.count += 1;
+        Some(next)
     }
 }
 
 /// The record a window of `topic` makes when it ends: received at its end.
-fn summary(topic: &str, state: &WindowState, every: i64, names: &[String]) -> Reading {
+fn summary(topic: &str, state: &WindowState) -> Reading {
+    let end = state.start_ms.saturating_add(state.every_ms);
     let mut o = Map::new();
     o.insert("window_start_ms".into(), Value::from(state.start_ms));
-    o.insert("window_end_ms".into(), Value::from(state.start_ms + every));
+    o.insert("window_end_ms".into(), Value::from(end));
     o.insert("count".into(), Value::from(state.count));
-    for (name, s) in names.iter().zip(&state.fields) {
+    for s in &state.fields {
         let mut f = Map::new();
         f.insert("min".into(), Value::from(s.min));
         f.insert("max".into(), Value::from(s.max));
@@ -741,14 +864,14 @@ fn summary(topic: &str, state: &WindowState, every: i64, names: &[String]) -> Re
             Value::from(s.sum / state.count.max(1) as f64),
         );
         f.insert("last".into(), Value::from(s.last));
-        o.insert(name.clone(), Value::Object(f));
+        o.insert(s.name.clone(), Value::Object(f));
     }
     Reading {
         topic: topic.to_owned(),
         payload: serde_json::to_vec(&Value::Object(o))
             .expect("invariant: a JSON value serialises")
             .into(),
-        received_at_ms: state.start_ms + every,
+        received_at_ms: end,
     }
 }
 
@@ -898,8 +1021,9 @@ mod tests {
         assert_eq!(w["t"]["last"], 20.1);
         assert!((w["t"]["mean"].as_f64().expect("mean") - 20.35).abs() < 1e-9);
         assert!(out.kept.is_some(), "keep_raw");
-        // A tick after the minute ends the second window on its own.
-        let out = c.tick(120_001, &f);
+        // A tick after the minute (and the grace) ends the second window on its own.
+        assert!(c.tick(121_000, &f).made.is_empty(), "still in its grace");
+        let out = c.tick(122_000, &f);
         assert_eq!(out.made.len(), 1);
         assert_eq!(json(&out.made[0])["count"], 1);
         assert!(c.tick(200_000, &f).made.is_empty(), "nothing left open");
@@ -925,12 +1049,81 @@ mod tests {
             Some(Reason::Deadband),
             "the last value sent came back"
         );
-        let out = again.tick(60_000, &f);
+        let out = again.tick(62_000, &f);
         assert_eq!(json(&out.made[0])["count"], 2, "the open window came back");
         let rows = again.take_changes("telemetry");
         assert!(
             rows.iter().any(|r| r.step == 3 && r.state.is_none()),
             "an ended window's row is deleted: {rows:?}"
+        );
+    }
+
+    #[test]
+    fn late_readings_fold_into_the_open_window_and_a_saved_window_under_another_config_is_sent() {
+        let f = facts();
+        let mut c = Chain::new(vec![Step {
+            spec: Spec::Window(Window {
+                every: Duration::from_secs(10),
+                fields: vec![path("t")],
+                keep_raw: false,
+            }),
+            on_error: OnError::Pass,
+        }]);
+        c.run(reading("x", r#"{"t": 1}"#, 12_000), &f);
+        // From the interval before (late, or the clock stepped back): no early end.
+        let out = c.run(reading("x", r#"{"t": 5}"#, 9_000), &f);
+        assert!(out.made.is_empty());
+        let rows = c.take_changes("s");
+        let state = rows[0].state.as_deref().expect("open");
+        let made = Chain::orphan_window("x", state).expect("its record");
+        let w = json(&made);
+        assert_eq!(
+            (w["count"].clone(), w["t"]["max"].clone()),
+            (Value::from(2), Value::from(5.0))
+        );
+        assert_eq!(w["window_start_ms"], 10_000);
+        assert!(Chain::orphan_window("x", r#"{"value": 1.0, "at_ms": 3}"#).is_none());
+        // A sum past f64: the reading is not folded, the window keeps what it had.
+        let out = c.run(reading("x", r#"{"t": 1e308}"#, 13_000), &f);
+        assert!(out.unparsable.is_empty());
+        let out = c.run(reading("x", r#"{"t": 1e308}"#, 13_000), &f);
+        assert_eq!(out.unparsable, vec![("window", OnError::Pass)]);
+        let out = c.close_all(&f);
+        assert_eq!(json(&out.made[0])["count"], 3);
+    }
+
+    #[test]
+    fn a_full_deadband_forgets_the_topic_sent_longest_ago_and_long_topics_pass() {
+        let f = facts();
+        let mut c = Chain::new(vec![Step {
+            spec: Spec::Deadband(Deadband {
+                field: path("t"),
+                absolute: Some(1.0),
+                relative: None,
+                heartbeat: None,
+            }),
+            on_error: OnError::Pass,
+        }]);
+        for i in 0..MAX_KEYS as i64 {
+            c.run(reading(&format!("t/{i}"), r#"{"t": 1}"#, i), &f);
+        }
+        let out = c.run(reading("t/new", r#"{"t": 1}"#, 1_000_000), &f);
+        assert_eq!((out.kept.is_some(), out.state_full.len()), (true, 1));
+        // t/0 was forgotten: its next reading is sent; t/1 is still held.
+        assert!(
+            c.run(reading("t/0", r#"{"t": 1}"#, 1_000_001), &f)
+                .kept
+                .is_some()
+        );
+        assert_eq!(
+            c.run(reading("t/2", r#"{"t": 1}"#, 1_000_002), &f).filtered,
+            Some(Reason::Deadband)
+        );
+        let long = "x".repeat(MAX_KEY_BYTES + 1);
+        let out = c.run(reading(&long, r#"{"t": 1}"#, 5), &f);
+        assert_eq!(
+            (out.kept.is_some(), out.state_full.clone()),
+            (true, vec!["deadband"])
         );
     }
 

@@ -177,7 +177,8 @@ impl BufferWriter {
     pub fn run(mut self) {
         let mut group = Vec::new();
         let mut last_tick = Instant::now();
-        self.restore_transforms();
+        let owed = self.restore_transforms();
+        self.commit_owed(owed);
         self.fit();
         self.publish_backlog();
         loop {
@@ -256,6 +257,28 @@ impl BufferWriter {
     /// the log); progress is published. `false`: the buffer cannot take them; the writer must
     /// stop (the agent restarts, with the new config).
     fn reconfigure(&mut self, r: super::Reconfigure) -> bool {
+        // A chain whose steps change (or whose stream goes) ends its open windows now, under
+        // the old numbering: the readings folded into them are sent, not forgotten.
+        let mut owed = Vec::new();
+        for i in 0..self.chains.len() {
+            let name = self.stream_names.get(i).cloned().unwrap_or_default();
+            let kept = r
+                .streams
+                .iter()
+                .position(|s| s.name == name)
+                .and_then(|j| r.chains.get(j))
+                .is_some_and(|next| next.same_steps(&self.chains[i]));
+            if kept || self.chains[i].is_empty() {
+                continue;
+            }
+            let out = self.chains[i].close_all(&self.facts);
+            self.made(&mut owed, i, &out);
+            let rows = self.chains[i].take_changes(&name);
+            if !rows.is_empty() {
+                owed.push(WriterCommand::TransformState(rows));
+            }
+        }
+        self.commit_owed(owed);
         match self.buffer.reconfigure(&r.streams, r.quota_bytes) {
             Ok(opened) => {
                 let before: Vec<(String, super::Protection)> = {
@@ -282,7 +305,8 @@ impl BufferWriter {
                 self.stream_names = opened.iter().map(|o| o.name.clone()).collect();
                 // Everything before is committed, state included: the saved state is current.
                 self.chains = r.chains;
-                self.restore_transforms();
+                let owed = self.restore_transforms();
+                self.commit_owed(owed);
                 self.progress.send_replace(self.buffer.progress());
                 let _ = r.done.send(super::Reconfigured {
                     streams: opened,
@@ -297,18 +321,89 @@ impl BufferWriter {
         }
     }
 
-    /// Gives each chain the state its stream saved ([`Buffer::restore_transforms`]); what cannot
-    /// be read starts afresh.
-    fn restore_transforms(&mut self) {
-        for (i, chain) in self.chains.iter_mut().enumerate() {
-            let Some(name) = self.stream_names.get(i) else {
-                break;
+    /// Gives each chain the state its stream saved ([`Buffer::transform_state`]). State saved
+    /// under steps no longer in force is deleted, and what it still owes (an open window's
+    /// record, sent into its stream now) is returned with the deletions, to commit; state of
+    /// streams no longer in the buffer is deleted. What cannot be read starts afresh.
+    fn restore_transforms(&mut self) -> Vec<WriterCommand> {
+        let mut owed = Vec::new();
+        for (i, name) in self.stream_names.iter().enumerate() {
+            let rows = match self.buffer.transform_state(name) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(stream = %name, error = %e, "cannot read the transforms' saved state: windows and deadbands start afresh");
+                    continue;
+                }
             };
-            if chain.is_empty() {
-                continue;
+            let mut stale = Vec::new();
+            for row in rows {
+                let Some(state) = row.state.as_deref() else {
+                    continue;
+                };
+                match self.chains.get_mut(i) {
+                    Some(chain)
+                        if chain.fingerprint(row.step) == Some(row.fingerprint.as_str()) =>
+                    {
+                        chain.restore(row.step, row.key.clone(), state);
+                    }
+                    _ => {
+                        if let Some(m) = Chain::orphan_window(&row.key, state) {
+                            owed.push(WriterCommand::Append(NewRecord {
+                                stream: i,
+                                topic: m.topic,
+                                payload: m.payload,
+                                received_at_ms: m.received_at_ms,
+                                monotonic_ms: crate::clock::monotonic_ms(),
+                                receipt: None,
+                            }));
+                        }
+                        stale.push(crate::transform::StateRow { state: None, ..row });
+                    }
+                }
             }
-            if let Err(e) = self.buffer.restore_transforms(name, chain) {
-                tracing::warn!(stream = %name, error = %e, "cannot read the transforms' saved state: windows and deadbands start afresh");
+            if !stale.is_empty() {
+                tracing::info!(stream = %name, rows = stale.len(), "transform steps changed: their saved state is dropped and their open windows sent");
+                owed.push(WriterCommand::TransformState(stale));
+            }
+        }
+        match self
+            .buffer
+            .forget_transform_state_except(&self.stream_names)
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                rows = n,
+                "transform state of streams no longer in the buffer dropped (their open windows are not sent)"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot drop the transform state of streams gone"),
+        }
+        owed
+    }
+
+    /// After a group was dropped or given up: the chains' state is read back from the buffer,
+    /// which holds what was committed.
+    fn reset_transforms(&mut self) -> Vec<WriterCommand> {
+        for chain in &mut self.chains {
+            chain.forget_state();
+        }
+        self.restore_transforms()
+    }
+
+    /// Commits records the transforms owe (window records, state deletions) as they are, past
+    /// the transforms; a failure is logged and left for the next start, which makes them again.
+    fn commit_owed(&mut self, owed: Vec<WriterCommand>) {
+        if owed.is_empty() {
+            return;
+        }
+        let protected = self.protected.lock();
+        let committed = self
+            .buffer
+            .commit(&owed, &protected, crate::clock::now_ms(), false);
+        drop(protected);
+        match committed {
+            Ok(summary) => self.published(&summary),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot commit the records the transforms owe now; retried at the next start")
             }
         }
     }
@@ -402,6 +497,12 @@ impl BufferWriter {
             });
         }
         if let Some(name) = self.stream_names.get(stream) {
+            for step in &out.state_full {
+                self.metrics
+                    .transform_state_full
+                    .with_label_values(&[name.as_str(), step])
+                    .inc();
+            }
             for (step, action) in &out.unparsable {
                 let action = match action {
                     OnError::Pass => "passed",
@@ -455,6 +556,7 @@ impl BufferWriter {
                 let seen = *self.stop_seen.get_or_insert_with(Instant::now);
                 if seen.elapsed() >= STOP_RETRY {
                     self.give_up(group, &error);
+                    let _ = self.reset_transforms();
                     return true;
                 }
             }
@@ -523,10 +625,15 @@ impl BufferWriter {
         let is_append = |c: &WriterCommand| matches!(c, WriterCommand::Append(_));
         let mut first = None;
         if self.buffer.is_frozen() && group.iter().any(is_append) {
-            let (appends, others): (Vec<_>, Vec<_>) =
-                std::mem::take(group).into_iter().partition(is_append);
+            // The transforms' outcomes and state are committed with the new records, not
+            // before them.
+            let (appends, others): (Vec<_>, Vec<_>) = std::mem::take(group)
+                .into_iter()
+                .partition(goes_with_records);
             match self.buffer.make_room(&others, &appends, &protected, now) {
                 Ok(summary) => {
+                    // In: whoever waits on those commands is told.
+                    super::settle(&others, false);
                     *group = appends;
                     first = Some(summary);
                 }
@@ -566,23 +673,35 @@ impl BufferWriter {
     /// are kept, so they are not lost); the others (QoS 0) are replaced by loss reports, per
     /// stream, reason `disk_full`. `false` when the group held none.
     fn drop_appends(&mut self, group: &mut Vec<WriterCommand>) -> bool {
-        let (appends, rest): (Vec<_>, Vec<_>) = std::mem::take(group)
-            .into_iter()
-            .partition(|c| matches!(c, WriterCommand::Append(_)));
-        *group = rest;
-        if appends.is_empty() {
+        if !group.iter().any(|c| matches!(c, WriterCommand::Append(_))) {
             return false;
         }
+        // What the transforms decided on these records goes with them: records they did not
+        // keep are refused (or reported) too, and their state is read back from the buffer.
+        let (appends, rest): (Vec<_>, Vec<_>) = std::mem::take(group)
+            .into_iter()
+            .partition(goes_with_records);
+        *group = rest;
         super::settle(&appends, true);
         let mut dropped: BTreeMap<usize, u64> = BTreeMap::new();
         let mut refused = 0u64;
         for c in &appends {
             match c {
-                WriterCommand::Append(r) if r.receipt.is_some() => refused += 1,
-                WriterCommand::Append(r) => *dropped.entry(r.stream).or_default() += 1,
+                WriterCommand::Append(NewRecord {
+                    receipt: Some(_), ..
+                })
+                | WriterCommand::Filtered {
+                    receipt: Some(_), ..
+                } => refused += 1,
+                WriterCommand::Append(NewRecord { stream, .. })
+                | WriterCommand::Filtered { stream, .. } => {
+                    *dropped.entry(*stream).or_default() += 1
+                }
                 _ => {}
             }
         }
+        let restored = self.reset_transforms();
+        group.extend(restored);
         if refused > 0 {
             tracing::error!(
                 count = refused,
@@ -696,6 +815,17 @@ impl BufferWriter {
 }
 
 /// Record bytes a command adds to its group.
+/// Whether `command` is a new record or what the transforms made of one: such commands are
+/// committed together, or dropped together.
+fn goes_with_records(command: &WriterCommand) -> bool {
+    matches!(
+        command,
+        WriterCommand::Append(_)
+            | WriterCommand::Filtered { .. }
+            | WriterCommand::TransformState(_)
+    )
+}
+
 fn cost(command: &WriterCommand) -> u64 {
     match command {
         WriterCommand::Append(r) => r.cost(),
@@ -939,6 +1069,92 @@ mod tests {
             run(vec![reading(3.5), reading(4.0)]),
             (3, 1),
             "after a restart the last value sent is still 3.0"
+        );
+    }
+
+    /// Readings folded into a window are never forgotten when the steps change: at a start
+    /// under another config, and at a reload, the open window's record is sent.
+    #[test]
+    fn a_changed_window_sends_what_it_folded_at_a_restart_and_at_a_reload() {
+        use crate::transform::{FieldPath, Spec, Step, Window};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let window = |hours: u64| {
+            Chain::new(vec![Step {
+                spec: Spec::Window(Window {
+                    every: Duration::from_secs(3600 * hours),
+                    fields: vec![FieldPath::new("t").expect("path")],
+                    keep_raw: false,
+                }),
+                on_error: OnError::Pass,
+            }])
+        };
+        let reading = |t: f64| {
+            WriterCommand::Append(NewRecord {
+                stream: 0,
+                topic: "plant/1/t".into(),
+                payload: Bytes::from(format!(r#"{{"t": {t}}}"#)),
+                received_at_ms: crate::clock::now_ms(),
+                monotonic_ms: 1,
+                receipt: None,
+            })
+        };
+        // Runs a writer with `chain` over `commands`; what "logs" holds after.
+        let run = |chain: Chain, commands: Vec<WriterCommand>| {
+            let buffer = Buffer::open(&path, &streams(), 1 << 30)
+                .expect("open")
+                .buffer;
+            let (tx, rx) = flume::bounded(10);
+            let (progress, progress_rx) = watch::channel(buffer.progress());
+            let writer = BufferWriter::new(
+                buffer,
+                rx,
+                Duration::from_millis(10),
+                1 << 20,
+                progress,
+                Metrics::new(),
+                vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
+                Arc::new(Protected::new(vec![Default::default(); 2])),
+            )
+            .with_transforms(vec![chain], Facts::default());
+            for c in commands {
+                tx.send(c).expect("send");
+            }
+            drop(tx);
+            writer.run();
+            progress_rx.borrow()[0].backlog_records
+        };
+        assert_eq!(
+            run(window(1), vec![reading(1.0), reading(3.0)]),
+            0,
+            "folded"
+        );
+        assert_eq!(run(window(1), vec![]), 0, "same steps: still open");
+        assert_eq!(
+            run(window(2), vec![]),
+            1,
+            "another window: the open one's record is sent at the start"
+        );
+        assert_eq!(run(window(2), vec![]), 1, "and only once");
+
+        // A reload that changes the steps: the open window's record, before the new streams.
+        let (done, reconfigured) = tokio::sync::oneshot::channel();
+        let held = run(
+            window(2),
+            vec![
+                reading(5.0),
+                WriterCommand::Reconfigure(crate::buffer::Reconfigure {
+                    streams: streams(),
+                    quota_bytes: 1 << 30,
+                    chains: vec![window(3)],
+                    done,
+                }),
+            ],
+        );
+        assert!(reconfigured.blocking_recv().is_ok());
+        assert_eq!(
+            held, 2,
+            "the reading folded before the reload is sent with its window"
         );
     }
 }
