@@ -68,6 +68,15 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL,
     dead_at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS file_positions (
+    source TEXT NOT NULL,
+    dev INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    fingerprint INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (source, dev, inode)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS transform_state (
     stream TEXT NOT NULL,
     step INTEGER NOT NULL,
@@ -305,10 +314,56 @@ pub enum WriterCommand {
     },
     /// The transforms' state changed by the records of this commit: saved with them.
     TransformState(Vec<crate::transform::StateRow>),
+    /// Lines a file source read, with the file's position after them: the writer makes them
+    /// records and a [`WriterCommand::FilePosition`], committed together.
+    FileLines(Box<FileLines>),
+    /// A file's position after its lines (saved in the commit that stores them).
+    FilePosition(Box<FilePosition>),
     /// A reload: once everything queued before it is committed, put these streams in force
     /// ([`Buffer::reconfigure`]); stream indices in the commands after it are the new ones.
     /// Never part of a commit.
     Reconfigure(Reconfigure),
+}
+
+/// Lines read from a file ([`crate::source::file`]).
+#[derive(Debug)]
+pub struct FileLines {
+    /// The stream they go to, by name (a reload may renumber the streams meanwhile).
+    pub stream: String,
+    /// The lines.
+    pub lines: Vec<Line>,
+    /// Where the file is read up to after them.
+    pub position: FilePosition,
+}
+
+/// One line of a file, as a record.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// Its topic.
+    pub topic: String,
+    /// The line, without its newline.
+    pub payload: Bytes,
+    /// When it was read, Unix ms.
+    pub received_at_ms: i64,
+}
+
+/// Where a file source is in one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilePosition {
+    /// The source's key.
+    pub source: String,
+    /// The file's device.
+    pub dev: u64,
+    /// Its inode.
+    pub inode: u64,
+    /// The checksum of its first line.
+    pub fingerprint: u32,
+    /// Bytes read and stored.
+    pub offset: u64,
+    /// Its path when last seen (for people).
+    pub path: String,
+    /// The file is done with: the position is deleted.
+    pub forget: bool,
 }
 
 /// New streams for the writer ([`WriterCommand::Reconfigure`]).
@@ -1187,6 +1242,29 @@ fn load_stream(conn: &Connection, name: &str, priority: Priority) -> rusqlite::R
     })
 }
 
+/// Saves (or deletes) a file's position, in the commit of the lines before it.
+fn save_file_position(tx: &rusqlite::Transaction<'_>, p: &FilePosition) -> rusqlite::Result<()> {
+    if p.forget {
+        tx.prepare_cached(
+            "DELETE FROM file_positions WHERE source = ?1 AND dev = ?2 AND inode = ?3",
+        )?
+        .execute(params![p.source, p.dev as i64, p.inode as i64])?;
+    } else {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO file_positions (source, dev, inode, fingerprint, offset, path) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            p.source,
+            p.dev as i64,
+            p.inode as i64,
+            i64::from(p.fingerprint),
+            p.offset as i64,
+            p.path
+        ])?;
+    }
+    Ok(())
+}
+
 /// Saves (or deletes) the transforms' state rows, in the commit of the records they go with.
 fn save_transform_state(
     tx: &rusqlite::Transaction<'_>,
@@ -1345,6 +1423,9 @@ fn apply(
                     *summary.filtered.entry((*stream, *reason)).or_default() += 1;
                 }
                 WriterCommand::TransformState(rows) => save_transform_state(&tx, rows)?,
+                WriterCommand::FilePosition(p) => save_file_position(&tx, p)?,
+                // The writer makes records of them before a commit.
+                WriterCommand::FileLines(_) => {}
                 // The writer takes it out before a group is formed.
                 WriterCommand::Reconfigure(_) => {}
             }

@@ -2,6 +2,7 @@
 //! types, then `resolve_token` (the only I/O). Every error names the file, the key path and
 //! the reason, e.g. `config/agent.yaml: streams[2].priority: unknown variant "urgent" …`.
 
+use crate::source::file::FileSourceConfig;
 use crate::transform::{
     Condition, Deadband, Enrich, FieldPath, Filter, OnError, Op, Spec, Step, TopicPattern, Window,
 };
@@ -41,6 +42,41 @@ struct RawConfig {
     metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     scheduling: RawScheduling,
+    #[serde(default)]
+    sources: Vec<RawSource>,
+}
+
+/// One `sources` entry: a map with one key, the source's kind.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    #[serde(default)]
+    file: Option<RawFileSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileSource {
+    path: String,
+    stream: String,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default = "default_max_line_bytes")]
+    max_line_bytes: String,
+    #[serde(default = "default_start_at")]
+    start_at: String,
+    #[serde(default = "default_file_poll")]
+    poll: String,
+}
+
+fn default_max_line_bytes() -> String {
+    "64KiB".into()
+}
+fn default_start_at() -> String {
+    "beginning".into()
+}
+fn default_file_poll() -> String {
+    "250ms".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -466,6 +502,8 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How the priority classes share the uplink.
     pub schedule: SchedulePolicy,
+    /// Files tailed into streams ([`crate::source::file`]).
+    pub sources: Vec<FileSourceConfig>,
 }
 
 /// Where the token comes from.
@@ -1027,6 +1065,20 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             &raw.scheduling.starvation_bound,
         )?,
     };
+    let sources = raw
+        .sources
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| validate_source(&format!("sources[{i}]"), s, &streams))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, s) in sources.iter().enumerate() {
+        if sources[..i].iter().any(|o| o.key() == s.key()) {
+            return Err((
+                format!("sources[{i}].file.path"),
+                "the same files as an earlier source".into(),
+            ));
+        }
+    }
     Ok(AgentConfig {
         device_id: raw.device_id,
         ingest,
@@ -1036,6 +1088,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         default_stream,
         metrics_listen: raw.metrics_listen,
         schedule,
+        sources,
     })
 }
 
@@ -1094,6 +1147,87 @@ pub fn loss_stream() -> StreamConfig {
         zstd_dictionary: false,
         transforms: Vec::new(),
     }
+}
+
+/// One `sources` entry, checked against the configured `streams`.
+fn validate_source(
+    key: &str,
+    raw: RawSource,
+    streams: &[StreamConfig],
+) -> Result<FileSourceConfig, Invalid> {
+    let Some(f) = raw.file else {
+        return Err((
+            key.to_owned(),
+            "a source is a file (file: {path, stream})".into(),
+        ));
+    };
+    let key = format!("{key}.file");
+    let path = std::path::Path::new(&f.path);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err((format!("{key}.path"), format!("{:?} names no file", f.path)));
+    };
+    if !path.is_absolute() {
+        return Err((
+            format!("{key}.path"),
+            format!("{:?} must be absolute", f.path),
+        ));
+    }
+    if dir.to_string_lossy().contains(['*', '?', '[']) {
+        return Err((
+            format!("{key}.path"),
+            "patterns (*, ?, [..]) only in the file name, not in its directory".into(),
+        ));
+    }
+    let pattern = glob::Pattern::new(&name.to_string_lossy())
+        .map_err(|e| (format!("{key}.path"), format!("{:?}: {e}", f.path)))?;
+    if !streams
+        .iter()
+        .any(|s| s.name == f.stream && s.name != ingest_wire::LOSS_STREAM)
+    {
+        return Err((
+            format!("{key}.stream"),
+            format!("{:?} is not a configured stream", f.stream),
+        ));
+    }
+    let topic = f.topic.unwrap_or_else(|| "files/{file}".into());
+    if topic.is_empty() || topic.contains(['+', '#']) {
+        return Err((
+            format!("{key}.topic"),
+            format!(
+                "{topic:?} must be an MQTT topic name (no + or #; {{file}} is the file's name)"
+            ),
+        ));
+    }
+    let max_line_bytes = usize_size(&format!("{key}.max_line_bytes"), &f.max_line_bytes)?;
+    if !(1..=16 << 20).contains(&max_line_bytes) {
+        return Err((
+            format!("{key}.max_line_bytes"),
+            "must be between 1 B and 16MiB".into(),
+        ));
+    }
+    let start_at_end = match f.start_at.as_str() {
+        "beginning" => false,
+        "end" => true,
+        other => {
+            return Err((
+                format!("{key}.start_at"),
+                format!("{other:?} (expected beginning or end)"),
+            ));
+        }
+    };
+    let poll = duration(&format!("{key}.poll"), &f.poll)?;
+    if poll < Duration::from_millis(10) || poll > Duration::from_secs(60) {
+        return Err((format!("{key}.poll"), "must be between 10ms and 60s".into()));
+    }
+    Ok(FileSourceConfig {
+        dir: dir.to_owned(),
+        pattern,
+        stream: f.stream,
+        topic,
+        max_line_bytes,
+        start_at_end,
+        poll,
+    })
 }
 
 /// One transform step, checked; `key` is its path (`streams[i].transforms[j]`).
@@ -1620,6 +1754,73 @@ streams:
                 err.contains("a.yaml") && err.contains(key) && err.contains(reason),
                 "{list}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn file_sources_parse_and_errors_name_the_key_path() {
+        let with = |source: &str| format!("{GOOD}sources:\n  - file: {source}\n");
+        let c = AgentConfig::parse(
+            Path::new("a.yaml"),
+            &with("{ path: /edge/sensors/*.log, stream: telemetry, topic: \"sensors/temperature/{file}\" }"),
+        )
+        .expect("valid");
+        assert_eq!(c.sources.len(), 1);
+        assert_eq!(c.sources[0].dir, Path::new("/edge/sensors"));
+        assert!(c.sources[0].pattern.matches("temperature.log"));
+        assert!(!c.sources[0].pattern.matches("temperature.log.1"));
+        assert_eq!(c.sources[0].max_line_bytes, 64 << 10);
+        for (source, key, reason) in [
+            (
+                "{ path: sensors/*.log, stream: telemetry }",
+                "sources[0].file.path",
+                "absolute",
+            ),
+            (
+                "{ path: /edge/*/t.log, stream: telemetry }",
+                "sources[0].file.path",
+                "not in its directory",
+            ),
+            (
+                "{ path: /edge/t.log, stream: nowhere }",
+                "sources[0].file.stream",
+                "not a configured stream",
+            ),
+            (
+                "{ path: /edge/t.log, stream: _losses }",
+                "sources[0].file.stream",
+                "not a configured stream",
+            ),
+            (
+                "{ path: /edge/t.log, stream: telemetry, topic: \"a/#\" }",
+                "sources[0].file.topic",
+                "no + or #",
+            ),
+            (
+                "{ path: /edge/t.log, stream: telemetry, start_at: middle }",
+                "sources[0].file.start_at",
+                "beginning or end",
+            ),
+            (
+                "{ path: /edge/t.log, stream: telemetry, poll: 1ms }",
+                "sources[0].file.poll",
+                "between",
+            ),
+            (
+                "{ path: /edge/t.log, stream: telemetry, max_line_bytes: 0B }",
+                "sources[0].file.max_line_bytes",
+                "above 0",
+            ),
+            (
+                "{ path: /edge/t.log, stream: telemetry, colour: red }",
+                "sources[0].file",
+                "unknown field `colour`",
+            ),
+        ] {
+            let err = AgentConfig::parse(Path::new("a.yaml"), &with(source))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(reason), "{source}: {err}");
         }
     }
 

@@ -1,7 +1,8 @@
 //! Edge agent: the gateway end of the pipeline.
 //!
 //! ```text
-//! sensors ─MQTT─▶ front door ─▶ routing ─▶ buffer (SQLite, group commit) ─commit─▶ PUBACK
+//! sensors ─MQTT─▶ front door ─▶ routing ─┐
+//! files ─▶ source::file (lines + position) ─┴▶ buffer writer: transforms, then commit ─▶ PUBACK
 //!                     └─▶ broker (rumqttd: local subscribers)    batcher (priority, zstd) ─▶ forwarder ─HTTPS─▶ cloud ingest
 //! ```
 //!
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod retry;
 pub mod routing;
+pub mod source;
 pub mod status;
 pub mod systemd;
 pub mod transform;
@@ -332,7 +334,7 @@ pub async fn run(
         broker.internal,
         broker.internal_v5,
         &config.mqtt,
-        queue_bytes,
+        queue_bytes.clone(),
         access::Access {
             users,
             allow_anonymous: config.mqtt.auth.allow_anonymous,
@@ -377,6 +379,26 @@ pub async fn run(
         beat: forwarder_beat.clone(),
     };
     let mut forwarding = uplink.start(&config, &opened, &[])?;
+    // File sources, each resuming at the positions the buffer holds for it.
+    let stop_sources = CancellationToken::new();
+    let mut sources = Vec::new();
+    for spec in &config.sources {
+        let saved =
+            source::file::saved_positions(&config.buffer.path, &spec.key()).map_err(|source| {
+                BufferError::Sqlite {
+                    path: config.buffer.path.clone(),
+                    source,
+                }
+            })?;
+        let tail = source::file::FileSource::new(
+            spec.clone(),
+            saved,
+            commands.clone(),
+            queue_bytes.clone(),
+            uplink.metrics.clone(),
+        );
+        sources.push(tokio::spawn(tail.run(stop_sources.clone())));
+    }
     let mut config = config;
 
     ready.store(true, Ordering::Relaxed);
@@ -442,6 +464,15 @@ pub async fn run(
     }
     front_door.close();
     forwarding.stop.cancel();
+    // The sources stop reading; what they sent is in the queue, committed below.
+    stop_sources.cancel();
+    for source in sources {
+        // (Aborted if it does not end in time: it must let go of the writer's queue.)
+        let abort = source.abort_handle();
+        if !bounded(Duration::from_secs(1), source).await {
+            abort.abort();
+        }
+    }
     // Each step is bounded, so a stop ends within STOP_BOUND whatever the disk does (systemd's
     // TimeoutStopSec is 30 s): the front door's connections end within their grace (they
     // acknowledge what the writer commits meanwhile), then the writer's last commits.
@@ -607,10 +638,24 @@ async fn reload(
             "metrics_listen",
             new.metrics_listen == running.metrics_listen,
         ),
+        ("sources", same(&new.sources, &running.sources)),
     ]
     .into_iter()
     .filter_map(|(name, unchanged)| (!unchanged).then_some(name))
     .collect();
+    if let Some(s) = running
+        .sources
+        .iter()
+        .find(|s| !new.streams.iter().any(|n| n.name == s.stream))
+    {
+        tracing::error!(stream = %s.stream, "SIGHUP: config refused, the running config stays: streams: a running file source sends to this stream; sources change only at a restart");
+        p.uplink
+            .metrics
+            .config_reloads
+            .with_label_values(&["refused"])
+            .inc();
+        return Ok(());
+    }
     let pipeline = !same(&new.streams, &running.streams)
         || new.default_stream != running.default_stream
         || !same(&new.ingest, &running.ingest)

@@ -33,6 +33,9 @@ pub const TRANSFORM_UNPARSABLE: &str = "agent_transform_unparsable_total";
 /// Readings a deadband or window step passed unchanged, or topics a deadband forgot, for its
 /// bounds (topics over 1 KiB, more than 10,000 topics), per stream and step.
 pub const TRANSFORM_STATE_FULL: &str = "agent_transform_state_full_total";
+/// File source events, per source: `rotated` (a file left its path), `truncated` (read again
+/// from its start), `line_cut` (a line over `max_line_bytes`), `too_many_files`.
+pub const FILE_SOURCE_EVENTS: &str = "agent_file_source_events_total";
 /// Records in the buffer, per stream.
 pub const BACKLOG_RECORDS: &str = "agent_backlog_records";
 /// Bytes in the buffer (quota cost), per stream.
@@ -135,6 +138,8 @@ pub struct Metrics {
     pub transform_unparsable: IntCounterVec,
     /// See [`TRANSFORM_STATE_FULL`].
     pub transform_state_full: IntCounterVec,
+    /// See [`FILE_SOURCE_EVENTS`].
+    pub file_source_events: IntCounterVec,
     /// See [`BACKLOG_RECORDS`].
     pub backlog_records: IntGaugeVec,
     /// See [`BACKLOG_BYTES`].
@@ -294,6 +299,11 @@ impl Metrics {
                 TRANSFORM_STATE_FULL,
                 "Readings a stateful step passed unchanged, or topics a deadband forgot, for its bounds.",
                 &["stream", "transform"],
+            ),
+            file_source_events: counter_vec(
+                FILE_SOURCE_EVENTS,
+                "File source events: rotated, truncated, line_cut, too_many_files.",
+                &["source", "event"],
             ),
             backlog_records: gauge_vec(BACKLOG_RECORDS, "Records in the buffer."),
             stream_dictionary: gauge_vec(

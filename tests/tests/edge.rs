@@ -168,3 +168,132 @@ fn a_scripted_sequence_through_the_transforms_gives_exactly_the_expected_records
         "filtered records are not losses"
     );
 }
+
+/// A stream for lines tailed from files.
+const FILE_STREAMS: &str = "
+  - name: files
+    topics: [\"files/#\"]
+    priority: normal
+    batch: { max_records: 500, linger: 20ms }
+";
+
+/// Appends lines `L<from>`..`L<to>` (exclusive) to `path`.
+fn append(path: &std::path::Path, from: u64, to: u64) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open for append");
+    let text: String = (from..to).map(|i| format!("L{i}\n")).collect();
+    f.write_all(text.as_bytes()).expect("append");
+}
+
+/// The lines in the log so far, as numbers, in log order.
+fn lines_in_log(cloud: &e2e::Cloud) -> Vec<u64> {
+    cloud
+        .read_topic(&format!("iot.{TENANT}.files"))
+        .iter()
+        .map(|r| {
+            let text = String::from_utf8_lossy(&r.payload);
+            text.strip_prefix('L')
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("not a line of ours: {text:?}"))
+        })
+        .collect()
+}
+
+/// Waits until the log holds `n` lines; they must be 0..n, each once, in order.
+fn all_lines(cloud: &e2e::Cloud, n: u64, what: &str) {
+    let got = e2e::eventually(Duration::from_secs(30), what, || {
+        let got = lines_in_log(cloud);
+        (got.len() as u64 >= n).then_some(got)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let got = if got.len() as u64 == n {
+        lines_in_log(cloud)
+    } else {
+        got
+    };
+    assert_eq!(
+        got,
+        (0..n).collect::<Vec<_>>(),
+        "{what}: every line once, in order"
+    );
+}
+
+/// The file source: appended lines, a rotation by rename (with lines the application still
+/// writes to the renamed file), a copytruncate, a truncate, and a `kill -9` of the agent in
+/// the middle of a burst of appends: every line arrives exactly once, in order.
+#[test]
+fn a_tailed_file_gives_every_line_once_in_order_through_rotation_truncation_and_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("sensors");
+    std::fs::create_dir_all(&logs).expect("logs dir");
+    let file = logs.join("temperature.log");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let harness = AgentHarness::new(dir.path(), &cloud.url())
+        .streams(FILE_STREAMS)
+        .extra(&format!(
+            "sources:\n  - file: {{ path: \"{}/*.log\", stream: files, poll: 50ms }}\n",
+            logs.display()
+        ));
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(dir.path().join("token"), format!("{}\n", e2e::TOKEN)).expect("token");
+    std::fs::write(&config, harness.config_text()).expect("config");
+    let mut agent = e2e::start_agent(dir.path(), &config);
+
+    append(&file, 0, 100);
+    all_lines(&cloud, 100, "appended lines");
+    let topic = cloud.read_topic(&format!("iot.{TENANT}.files"))[0]
+        .mqtt_topic
+        .clone();
+    assert_eq!(topic, "files/temperature.log");
+
+    // Rotation by rename: the application still writes to the renamed file, then a new one.
+    let rotated = logs.join("temperature.log.1");
+    std::fs::rename(&file, &rotated).expect("rename");
+    append(&rotated, 100, 120);
+    append(&file, 120, 170);
+    all_lines(&cloud, 170, "after a rotation by rename");
+
+    // copytruncate, then a plain truncate.
+    std::fs::copy(&file, logs.join("temperature.log.2")).expect("copy");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&file)
+        .expect("truncate");
+    append(&file, 170, 200);
+    all_lines(&cloud, 200, "after a copytruncate");
+    std::fs::write(&file, "").expect("truncate");
+    append(&file, 200, 210);
+    all_lines(&cloud, 210, "after a truncate");
+    let event = |agent: &e2e::Agent, event: &str| {
+        agent.metric(&format!(
+            "agent_file_source_events_total{{event=\"{event}\",source=\"file:{}/*.log\"}}",
+            logs.display()
+        ))
+    };
+    assert!(event(&agent, "rotated") >= 1.0, "the rename was seen");
+    assert!(
+        event(&agent, "truncated") >= 2.0,
+        "both truncations were seen"
+    );
+
+    // kill -9 in the middle of a burst of appends, then a restart.
+    let burst = {
+        let file = file.clone();
+        std::thread::spawn(move || {
+            for i in 0..40 {
+                append(&file, 210 + i * 50, 260 + i * 50);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    agent.process.kill();
+    burst.join().expect("burst");
+    let _agent = e2e::start_agent(dir.path(), &config);
+    all_lines(&cloud, 2_210, "after a kill -9 in the middle of a burst");
+}

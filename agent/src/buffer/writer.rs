@@ -408,6 +408,47 @@ impl BufferWriter {
         }
     }
 
+    /// Makes records of the lines file sources sent, each batch followed by its file's
+    /// position, so that they are committed (or dropped) together.
+    fn expand_file_lines(&mut self, group: &mut Vec<WriterCommand>) {
+        if !group
+            .iter()
+            .any(|c| matches!(c, WriterCommand::FileLines(_)))
+        {
+            return;
+        }
+        let commands = std::mem::take(group);
+        for command in commands {
+            let WriterCommand::FileLines(f) = command else {
+                group.push(command);
+                continue;
+            };
+            let f = *f;
+            match self.stream_names.iter().position(|n| *n == f.stream) {
+                Some(stream) => group.extend(f.lines.into_iter().map(|l| {
+                    WriterCommand::Append(NewRecord {
+                        stream,
+                        topic: l.topic,
+                        payload: l.payload,
+                        received_at_ms: l.received_at_ms,
+                        monotonic_ms: crate::clock::monotonic_ms(),
+                        receipt: None,
+                    })
+                })),
+                // A reload that removes a file source's stream is refused; kept for safety.
+                None if !f.lines.is_empty() => {
+                    tracing::error!(stream = %f.stream, lines = f.lines.len(), "a file source's stream is gone: lines not stored");
+                    self.metrics
+                        .records_dropped
+                        .with_label_values(&[f.stream.as_str(), "no_stream"])
+                        .inc_by(f.lines.len() as u64);
+                }
+                None => {}
+            }
+            group.push(WriterCommand::FilePosition(Box::new(f.position)));
+        }
+    }
+
     /// Runs each new record of `group` through its stream's transforms (and, on a `tick`, ends
     /// the windows that are over): a record kept takes its new payload, one not kept becomes
     /// [`WriterCommand::Filtered`] (its publisher still waits for the commit), records made by
@@ -532,6 +573,7 @@ impl BufferWriter {
     /// [`GIVE_UP_AFTER`] for another reason than a full disk; the writer must stop.
     fn commit_group(&mut self, group: &mut Vec<WriterCommand>, expire: bool) -> bool {
         // Once per group, before its first try: a retry commits the same outcome.
+        self.expand_file_lines(group);
         self.transform(group, expire);
         let mut delay = Duration::from_millis(50);
         let mut full_attempts = 0;
@@ -678,9 +720,14 @@ impl BufferWriter {
         }
         // What the transforms decided on these records goes with them: records they did not
         // keep are refused (or reported) too, and their state is read back from the buffer.
-        let (appends, rest): (Vec<_>, Vec<_>) = std::mem::take(group)
+        let (appends, mut rest): (Vec<_>, Vec<_>) = std::mem::take(group)
             .into_iter()
             .partition(goes_with_records);
+        // A file's position still moves past its lines: they are reported lost, not re-read.
+        let (positions, appends): (Vec<_>, Vec<_>) = appends
+            .into_iter()
+            .partition(|c| matches!(c, WriterCommand::FilePosition(_)));
+        rest.extend(positions);
         *group = rest;
         super::settle(&appends, true);
         let mut dropped: BTreeMap<usize, u64> = BTreeMap::new();
@@ -823,12 +870,19 @@ fn goes_with_records(command: &WriterCommand) -> bool {
         WriterCommand::Append(_)
             | WriterCommand::Filtered { .. }
             | WriterCommand::TransformState(_)
+            | WriterCommand::FilePosition(_)
     )
 }
 
 fn cost(command: &WriterCommand) -> u64 {
     match command {
         WriterCommand::Append(r) => r.cost(),
+        // What its records will cost: a file source takes this before it sends them.
+        WriterCommand::FileLines(f) => f
+            .lines
+            .iter()
+            .map(|l| (l.topic.len() + l.payload.len()) as u64 + super::RECORD_OVERHEAD_BYTES)
+            .sum(),
         _ => 0,
     }
 }
