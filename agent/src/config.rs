@@ -1199,10 +1199,10 @@ fn validate_source(
         ));
     }
     let max_line_bytes = usize_size(&format!("{key}.max_line_bytes"), &f.max_line_bytes)?;
-    if !(1..=16 << 20).contains(&max_line_bytes) {
+    if !(1..=crate::source::file::MAX_LINE_BYTES).contains(&max_line_bytes) {
         return Err((
             format!("{key}.max_line_bytes"),
-            "must be between 1 B and 16MiB".into(),
+            "must be between 1 B and 512KiB".into(),
         ));
     }
     let start_at_end = match f.start_at.as_str() {

@@ -421,7 +421,7 @@ pub async fn run(
             // A stop first: a forwarder ended by a reload cut short by it is no failure.
             biased;
             _ = shutdown.cancelled() => Event::Stop,
-            stage = stopped_stage(&writer, &forwarding.task, &broker.thread) => Event::Stopped(stage),
+            stage = stopped_stage(&writer, &forwarding.task, &broker.thread, &sources) => Event::Stopped(stage),
             Some(()) = async {
                 match hangup.as_mut() {
                     Some(h) => h.recv().await,
@@ -466,10 +466,11 @@ pub async fn run(
     forwarding.stop.cancel();
     // The sources stop reading; what they sent is in the queue, committed below.
     stop_sources.cancel();
+    // One deadline for all (aborted past it: they must let go of the writer's queue).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
     for source in sources {
-        // (Aborted if it does not end in time: it must let go of the writer's queue.)
         let abort = source.abort_handle();
-        if !bounded(Duration::from_secs(1), source).await {
+        if tokio::time::timeout_at(deadline, source).await.is_err() {
             abort.abort();
         }
     }
@@ -785,6 +786,7 @@ async fn stopped_stage(
     writer: &std::thread::JoinHandle<()>,
     forwarder: &tokio::task::JoinHandle<()>,
     broker: &std::thread::JoinHandle<()>,
+    sources: &[tokio::task::JoinHandle<()>],
 ) -> &'static str {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
@@ -793,6 +795,7 @@ async fn stopped_stage(
             (writer.is_finished(), "buffer writer"),
             (forwarder.is_finished(), "forwarder"),
             (broker.is_finished(), "embedded MQTT broker"),
+            (sources.iter().any(|s| s.is_finished()), "file source"),
         ] {
             if stopped {
                 return stage;

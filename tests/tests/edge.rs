@@ -243,8 +243,9 @@ fn a_tailed_file_gives_every_line_once_in_order_through_rotation_truncation_and_
     std::fs::write(&config, harness.config_text()).expect("config");
     let mut agent = e2e::start_agent(dir.path(), &config);
 
-    append(&file, 0, 100);
-    all_lines(&cloud, 100, "appended lines");
+    // More lines at once than one batch holds: each batch is committed with its position.
+    append(&file, 0, 3_000);
+    all_lines(&cloud, 3_000, "appended lines");
     let topic = cloud.read_topic(&format!("iot.{TENANT}.files"))[0]
         .mqtt_topic
         .clone();
@@ -253,9 +254,9 @@ fn a_tailed_file_gives_every_line_once_in_order_through_rotation_truncation_and_
     // Rotation by rename: the application still writes to the renamed file, then a new one.
     let rotated = logs.join("temperature.log.1");
     std::fs::rename(&file, &rotated).expect("rename");
-    append(&rotated, 100, 120);
-    append(&file, 120, 170);
-    all_lines(&cloud, 170, "after a rotation by rename");
+    append(&rotated, 3_000, 3_020);
+    append(&file, 3_020, 3_070);
+    all_lines(&cloud, 3_070, "after a rotation by rename");
 
     // copytruncate, then a plain truncate.
     std::fs::copy(&file, logs.join("temperature.log.2")).expect("copy");
@@ -264,11 +265,11 @@ fn a_tailed_file_gives_every_line_once_in_order_through_rotation_truncation_and_
         .truncate(true)
         .open(&file)
         .expect("truncate");
-    append(&file, 170, 200);
-    all_lines(&cloud, 200, "after a copytruncate");
+    append(&file, 3_070, 3_100);
+    all_lines(&cloud, 3_100, "after a copytruncate");
     std::fs::write(&file, "").expect("truncate");
-    append(&file, 200, 210);
-    all_lines(&cloud, 210, "after a truncate");
+    append(&file, 3_100, 3_110);
+    all_lines(&cloud, 3_110, "after a truncate");
     let event = |agent: &e2e::Agent, event: &str| {
         agent.metric(&format!(
             "agent_file_source_events_total{{event=\"{event}\",source=\"file:{}/*.log\"}}",
@@ -281,12 +282,20 @@ fn a_tailed_file_gives_every_line_once_in_order_through_rotation_truncation_and_
         "both truncations were seen"
     );
 
+    // A rotation while the agent is stopped: the renamed file's tail is still read, first.
+    assert!(agent.process.terminate().success());
+    append(&file, 3_110, 3_130);
+    std::fs::rename(&file, logs.join("temperature.log.3")).expect("rename");
+    append(&file, 3_130, 3_150);
+    let mut agent = e2e::start_agent(dir.path(), &config);
+    all_lines(&cloud, 3_150, "after a rotation while stopped");
+
     // kill -9 in the middle of a burst of appends, then a restart.
     let burst = {
         let file = file.clone();
         std::thread::spawn(move || {
             for i in 0..40 {
-                append(&file, 210 + i * 50, 260 + i * 50);
+                append(&file, 3_150 + i * 50, 3_200 + i * 50);
                 std::thread::sleep(Duration::from_millis(10));
             }
         })
@@ -295,5 +304,5 @@ fn a_tailed_file_gives_every_line_once_in_order_through_rotation_truncation_and_
     agent.process.kill();
     burst.join().expect("burst");
     let _agent = e2e::start_agent(dir.path(), &config);
-    all_lines(&cloud, 2_210, "after a kill -9 in the middle of a burst");
+    all_lines(&cloud, 5_150, "after a kill -9 in the middle of a burst");
 }

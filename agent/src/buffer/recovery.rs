@@ -592,7 +592,38 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
             detected_at_ms: now,
         });
     }
+    salvage_side_tables(&source, into);
     Ok(Salvaged { copied, losses })
+}
+
+/// Copies, as far as they can be read, the file sources' positions (else every tailed file
+/// would be read again from its start) and the transforms' state (open windows) into the
+/// salvage.
+fn salvage_side_tables(source: &Connection, into: &Connection) {
+    for (table, columns) in [
+        (
+            "file_positions",
+            "source, dev, inode, fingerprint, offset, path",
+        ),
+        ("transform_state", "stream, step, fingerprint, key, state"),
+    ] {
+        let Ok(mut stmt) = source.prepare(&format!("SELECT {columns} FROM {table}")) else {
+            continue;
+        };
+        let n = columns.split(',').count();
+        let Ok(rows) = stmt.query_map([], |r| {
+            (0..n)
+                .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                .collect::<rusqlite::Result<Vec<_>>>()
+        }) else {
+            continue;
+        };
+        let marks = vec!["?"; n].join(", ");
+        let insert = format!("INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks})");
+        for row in rows.flatten() {
+            let _ = into.execute(&insert, rusqlite::params_from_iter(row));
+        }
+    }
 }
 
 /// After a read past `last` failed: the next readable row up to `hi`, looked for id by id for

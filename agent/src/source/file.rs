@@ -31,8 +31,16 @@ use crate::metrics::Metrics;
 
 /// How long a file renamed away or deleted is still read from its open handle.
 pub const ROTATE_WAIT: Duration = Duration::from_secs(5);
-/// Most bytes read from one file per poll.
+/// Most bytes read from one file per look.
 const CHUNK: usize = 1 << 20;
+/// Most bytes read per look over all files (what the source holds at once).
+const POLL_BYTES: usize = 4 << 20;
+/// Most lines per command to the writer...
+const BATCH_LINES: usize = 1000;
+/// ...and most bytes (each batch is committed whole, within the writer's group bound).
+const BATCH_BYTES: usize = 256 << 10;
+/// Longest `max_line_bytes` (a line must fit one read).
+pub const MAX_LINE_BYTES: usize = 512 << 10;
 /// Bytes of a file's start its checksum covers (up to its first newline).
 const FINGERPRINT_BYTES: usize = 256;
 /// Most files followed by one source at once.
@@ -87,9 +95,14 @@ struct Tail {
     config: FileSourceConfig,
     key: String,
     tracked: Vec<Tracked>,
-    /// Positions committed before this start, by (device, inode).
+    /// Positions committed before this start, by (device, inode), until their files are found.
     saved: HashMap<(u64, u64), FilePosition>,
-    first_scan: bool,
+    /// Whether the source ran before (`start_at: end` applies only before).
+    started_before: bool,
+    /// Whether the directory was listed once (the saved positions are settled then).
+    listed: bool,
+    /// Commands to send before the next reads.
+    pending: Vec<FileLines>,
     events: Vec<&'static str>,
 }
 
@@ -111,13 +124,20 @@ impl FileSource {
         budget: QueueBytes,
         metrics: Metrics,
     ) -> FileSource {
+        let started_before = saved.iter().any(|p| p.dev == 0 && p.inode == 0);
         FileSource {
             tail: Tail {
                 key: config.key(),
                 config,
                 tracked: Vec::new(),
-                saved: saved.into_iter().map(|p| ((p.dev, p.inode), p)).collect(),
-                first_scan: true,
+                saved: saved
+                    .into_iter()
+                    .filter(|p| !(p.dev == 0 && p.inode == 0))
+                    .map(|p| ((p.dev, p.inode), p))
+                    .collect(),
+                started_before,
+                listed: false,
+                pending: Vec::new(),
                 events: Vec::new(),
             },
             queue,
@@ -194,15 +214,19 @@ fn fingerprint(file: &mut File) -> std::io::Result<Option<u32>> {
     })
 }
 
+/// One line of [`split_lines`]: the line, whether it was cut, where it ends.
+pub type SplitLine<'a> = (&'a [u8], bool, usize);
+
 /// Splits `buf` into lines: complete ones, cut at `max` bytes (the rest skipped to the
-/// newline), and with `last`, what is left without a newline. Returns the lines (trailing `\r`
-/// dropped) and the bytes consumed; `skipping` carries a cut line across calls. Pure.
+/// newline), and with `last`, what is left without a newline. Returns each line (trailing
+/// `\r` dropped), whether it was cut, and where it ends in `buf` (past its newline), and the
+/// bytes consumed in all; `skipping` carries a cut line across calls. Pure.
 pub fn split_lines<'a>(
     buf: &'a [u8],
     max: usize,
     skipping: &mut bool,
     last: bool,
-) -> (Vec<(&'a [u8], bool)>, usize) {
+) -> (Vec<SplitLine<'a>>, usize) {
     let mut lines = Vec::new();
     let mut start = 0;
     let trim = |l: &[u8]| -> usize {
@@ -216,25 +240,26 @@ pub fn split_lines<'a>(
         match buf[start..].iter().position(|&b| b == b'\n') {
             Some(i) => {
                 let line = &buf[start..start + i];
+                let end = start + i + 1;
                 if std::mem::take(skipping) {
                     // The tail of a line cut before.
                 } else if line.len() > max {
-                    lines.push((&line[..max], true));
+                    lines.push((&line[..max], true, end));
                 } else {
-                    lines.push((&line[..trim(line)], false));
+                    lines.push((&line[..trim(line)], false, end));
                 }
-                start += i + 1;
+                start = end;
             }
             None => {
                 let rest = &buf[start..];
                 if *skipping {
                     start = buf.len();
                 } else if rest.len() > max {
-                    lines.push((&rest[..max], true));
+                    lines.push((&rest[..max], true, buf.len()));
                     *skipping = true;
                     start = buf.len();
                 } else if last {
-                    lines.push((&rest[..trim(rest)], false));
+                    lines.push((&rest[..trim(rest)], false, buf.len()));
                     start = buf.len();
                 }
                 break;
@@ -244,83 +269,129 @@ pub fn split_lines<'a>(
     (lines, start)
 }
 
+/// Where the last complete line of a file of `len` bytes ends (0 if none in its last 64 KiB):
+/// reading from its end starts there, never in the middle of a line.
+fn last_line_end(file: &mut File, len: u64) -> std::io::Result<u64> {
+    let from = len.saturating_sub(64 << 10);
+    let mut tail = Vec::new();
+    file.seek(SeekFrom::Start(from))?;
+    file.take(len - from).read_to_end(&mut tail)?;
+    Ok(tail
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| from + i as u64 + 1))
+}
+
+/// Opens `path` for reading without blocking (a FIFO swapped in must not hang the source) and
+/// gives its identity as the open handle has it: `None` unless it is a regular file.
+fn open_regular(path: &Path) -> Option<(File, u64, u64, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    meta.is_file()
+        .then(|| (file, meta.dev(), meta.ino(), meta.len()))
+}
+
+/// The marker of a source that has run (its `start_at: end` applies only before that).
+fn started_marker(key: &str) -> FilePosition {
+    FilePosition {
+        source: key.to_owned(),
+        dev: 0,
+        inode: 0,
+        fingerprint: 0,
+        offset: 0,
+        path: "(source started)".into(),
+        forget: false,
+    }
+}
+
 impl Tail {
     /// One look at the files: the lines to send (with their positions), and whether a file has
-    /// more to read right away.
+    /// more to read right away. At most [`POLL_BYTES`] are read per look.
     fn poll(&mut self) -> (Vec<FileLines>, bool) {
         self.scan();
-        let mut batches = Vec::new();
-        if self.first_scan {
-            // Saved positions of files no longer there (renamed out of the pattern, or deleted,
-            // while the agent was stopped): forgotten, and said.
-            for (_, p) in self.saved.drain() {
-                tracing::warn!(file = %p.path, offset = p.offset, "file source: a file read before is gone; lines written to it after this offset were not read");
-                batches.push(FileLines {
-                    stream: self.config.stream.clone(),
-                    lines: Vec::new(),
-                    position: FilePosition { forget: true, ..p },
-                });
-            }
-        }
+        let mut batches = std::mem::take(&mut self.pending);
         // Files renamed away first: their lines came before the new file's.
         self.tracked.sort_by_key(|t| t.gone_since.is_none());
         let mut forgotten = Vec::new();
         let mut more = false;
+        let mut left = POLL_BYTES;
         for i in 0..self.tracked.len() {
-            match self.read(i) {
-                Ok(Some((batch, forget))) => {
+            if left == 0 {
+                more = true;
+                break;
+            }
+            match self.read(i, &mut left) {
+                Ok((read, forget, behind)) => {
                     if forget {
                         forgotten.push(i);
                     }
-                    more |= !batch.lines.is_empty() && !forget && self.behind(i);
-                    batches.push(batch);
+                    more |= behind;
+                    batches.extend(read);
                 }
-                Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(file = %self.tracked[i].path.display(), error = %e, "cannot read a file of a file source; retried");
+                    let t = &self.tracked[i];
+                    if t.gone_since.is_some_and(|s| s.elapsed() >= ROTATE_WAIT) {
+                        // Gone, and unreadable: let it go (its handle holds its space).
+                        tracing::warn!(file = %t.path.display(), error = %e, "file source: a file gone from its path cannot be read to its end; left");
+                        batches.push(self.batch(i, Vec::new(), t.offset, true));
+                        forgotten.push(i);
+                    } else {
+                        tracing::warn!(file = %t.path.display(), error = %e, "cannot read a file of a file source; retried");
+                    }
                 }
             }
         }
         for i in forgotten.into_iter().rev() {
             self.tracked.remove(i);
         }
-        self.first_scan = false;
         (batches, more)
     }
 
-    /// Whether file `i` has bytes past its offset.
-    fn behind(&self, i: usize) -> bool {
-        let t = &self.tracked[i];
-        t.file.metadata().is_ok_and(|m| m.len() > t.offset)
-    }
-
     /// Finds the files the pattern names now: new ones are opened (at their saved position, if
-    /// any), those gone from their path are marked.
+    /// any), those gone from their path are marked. The first successful listing also settles
+    /// the positions saved before: a file renamed out of the pattern while the agent was
+    /// stopped is read to its end, one gone from the directory is forgotten (and said).
     fn scan(&mut self) {
         let entries = match std::fs::read_dir(&self.config.dir) {
             Ok(entries) => entries,
             Err(e) => {
-                // The files followed are still read from their handles; none is taken for gone.
-                if self.first_scan {
+                // The files followed are still read from their handles; none is taken for
+                // gone, and the positions saved before wait for a listing.
+                if !self.listed {
                     tracing::warn!(dir = %self.config.dir.display(), error = %e, "file source: cannot list the directory; retried");
                 }
                 return;
             }
         };
-        let mut found: Vec<(PathBuf, u64, u64)> = entries
+        let mut all: Vec<(PathBuf, bool)> = entries
             .filter_map(Result::ok)
-            .filter(|e| {
-                self.config
+            .map(|e| {
+                let matches = self
+                    .config
                     .pattern
-                    .matches(&e.file_name().to_string_lossy())
-            })
-            .filter_map(|e| {
-                let meta = std::fs::metadata(e.path()).ok()?;
-                meta.is_file().then(|| (e.path(), meta.dev(), meta.ino()))
+                    .matches(&e.file_name().to_string_lossy());
+                (e.path(), matches)
             })
             .collect();
-        found.sort();
+        all.sort();
+        let mut found: Vec<(PathBuf, u64, u64)> = Vec::new();
+        for (path, matches) in &all {
+            if !matches {
+                continue;
+            }
+            if let Ok(meta) = std::fs::metadata(path)
+                && meta.is_file()
+            {
+                found.push((path.clone(), meta.dev(), meta.ino()));
+            }
+        }
         self.mark_gone(&found);
+        let mut full = false;
         for (path, dev, inode) in found {
             if let Some(t) = self
                 .tracked
@@ -331,30 +402,111 @@ impl Tail {
                 continue;
             }
             if self.tracked.len() >= MAX_FILES {
-                self.events.push("too_many_files");
+                full = true;
                 continue;
             }
-            let Ok(mut file) = File::open(&path) else {
+            let Some((file, dev, inode, len)) = open_regular(&path) else {
                 continue;
             };
-            let Ok(len) = file.metadata().map(|m| m.len()) else {
+            self.follow(path, file, dev, inode, len, None);
+        }
+        if full {
+            self.events.push("too_many_files");
+        }
+        if !self.listed {
+            self.listed = true;
+            self.settle_saved(&all);
+        }
+    }
+
+    /// Starts following `file`: at its saved position if it is the file read before (same
+    /// inode, same first line; the device may differ after a reboot on some file systems), or
+    /// from its start (its end for `start_at: end` before the source first ran). `gone`: it is
+    /// already renamed out of the pattern.
+    fn follow(
+        &mut self,
+        path: PathBuf,
+        mut file: File,
+        dev: u64,
+        inode: u64,
+        len: u64,
+        gone: Option<Instant>,
+    ) {
+        let fp = fingerprint(&mut file).ok().flatten();
+        let saved = match self.saved.remove(&(dev, inode)) {
+            Some(p) => Some(p),
+            None => {
+                let other = self
+                    .saved
+                    .iter()
+                    .find(|(_, p)| p.inode == inode && Some(p.fingerprint) == fp)
+                    .map(|(k, _)| *k);
+                other.and_then(|k| self.saved.remove(&k))
+            }
+        };
+        let (offset, skipping) = match saved {
+            Some(p) if fp == Some(p.fingerprint) && p.offset <= len => {
+                // Resumed in the middle of a line that was cut: its rest is skipped.
+                let mut before = [0u8; 1];
+                let mid_line = p.offset > 0
+                    && file
+                        .seek(SeekFrom::Start(p.offset - 1))
+                        .and_then(|_| file.read_exact(&mut before))
+                        .is_ok()
+                    && before[0] != b'\n';
+                (p.offset, mid_line)
+            }
+            _ if !self.started_before && self.config.start_at_end && fp.is_some() => {
+                (last_line_end(&mut file, len).unwrap_or(0), false)
+            }
+            _ => (0, false),
+        };
+        self.tracked.push(Tracked {
+            path,
+            file,
+            dev,
+            inode,
+            fingerprint: fp,
+            offset,
+            skipping,
+            gone_since: gone,
+        });
+    }
+
+    /// After the first listing: each position saved before whose file the pattern no longer
+    /// names is looked for among `all` the directory's files (renamed while the agent was
+    /// stopped: read to its end), else forgotten, and said. The source's marker is written.
+    fn settle_saved(&mut self, all: &[(PathBuf, bool)]) {
+        let saved: Vec<FilePosition> = self.saved.drain().map(|(_, p)| p).collect();
+        for p in saved {
+            let renamed = all.iter().find_map(|(path, _)| {
+                let meta = std::fs::metadata(path).ok()?;
+                (meta.is_file() && meta.ino() == p.inode).then(|| path.clone())
+            });
+            let opened = renamed.and_then(|path| open_regular(&path).map(|o| (path, o)));
+            if let Some((path, (mut file, dev, inode, len))) = opened
+                && self.tracked.len() < MAX_FILES
+                && fingerprint(&mut file).ok().flatten() == Some(p.fingerprint)
+            {
+                self.saved.insert((dev, inode), p);
+                // Gone since long enough: read to its end, then let go.
+                let since = Instant::now().checked_sub(ROTATE_WAIT);
+                self.follow(path, file, dev, inode, len, since.or(Some(Instant::now())));
                 continue;
-            };
-            let fp = fingerprint(&mut file).ok().flatten();
-            let offset = match self.saved.remove(&(dev, inode)) {
-                Some(p) if fp == Some(p.fingerprint) && p.offset <= len => p.offset,
-                _ if self.first_scan && self.config.start_at_end => len,
-                _ => 0,
-            };
-            self.tracked.push(Tracked {
-                path,
-                file,
-                dev,
-                inode,
-                fingerprint: fp,
-                offset,
-                skipping: false,
-                gone_since: None,
+            }
+            tracing::warn!(file = %p.path, offset = p.offset, "file source: a file read before is gone; lines written to it after this offset were not read");
+            self.pending.push(FileLines {
+                stream: self.config.stream.clone(),
+                lines: Vec::new(),
+                position: FilePosition { forget: true, ..p },
+            });
+        }
+        if !self.started_before {
+            self.started_before = true;
+            self.pending.push(FileLines {
+                stream: self.config.stream.clone(),
+                lines: Vec::new(),
+                position: started_marker(&self.key),
             });
         }
     }
@@ -375,9 +527,15 @@ impl Tail {
         }
     }
 
-    /// Reads file `i` from its offset: its new lines and position, if anything moved, and
-    /// whether the file is done with (gone, read to its end after [`ROTATE_WAIT`]).
-    fn read(&mut self, i: usize) -> std::io::Result<Option<(FileLines, bool)>> {
+    /// Reads file `i` from its offset (at most `left` bytes, taken from it): its new lines in
+    /// batches of at most [`BATCH_LINES`] lines and [`BATCH_BYTES`] bytes, each with the
+    /// position after it; whether the file is done with (gone, read to its end after
+    /// [`ROTATE_WAIT`]); and whether it has more to read.
+    fn read(
+        &mut self,
+        i: usize,
+        left: &mut usize,
+    ) -> std::io::Result<(Vec<FileLines>, bool, bool)> {
         let max = self.config.max_line_bytes;
         let t = &mut self.tracked[i];
         let len = t.file.metadata()?.len();
@@ -393,24 +551,12 @@ impl Tail {
         let done_waiting = t
             .gone_since
             .is_some_and(|since| since.elapsed() >= ROTATE_WAIT);
-        let Some(fingerprint) = t.fingerprint else {
-            // No complete first line yet: nothing to send (unless it is gone for good).
-            if done_waiting {
-                let position = FilePosition {
-                    source: self.key.clone(),
-                    dev: t.dev,
-                    inode: t.inode,
-                    fingerprint: 0,
-                    offset: t.offset,
-                    path: t.path.display().to_string(),
-                    forget: true,
-                };
-                let last = self.take_rest(i)?;
-                return Ok(Some((self.batch(i, last, position), true)));
-            }
-            return Ok(None);
-        };
-        let mut buf = vec![0u8; CHUNK.min((len - t.offset) as usize)];
+        if t.fingerprint.is_none() && !done_waiting {
+            // No complete first line yet: nothing to send.
+            return Ok((Vec::new(), false, false));
+        }
+        let want = (len - t.offset).min(CHUNK.min(*left) as u64) as usize;
+        let mut buf = vec![0u8; want];
         t.file.seek(SeekFrom::Start(t.offset))?;
         let mut n = 0;
         while n < buf.len() {
@@ -421,51 +567,51 @@ impl Tail {
             n += got;
         }
         buf.truncate(n);
+        *left = left.saturating_sub(n);
         let at_end = t.offset + n as u64 >= len;
         let forget = done_waiting && at_end;
         let mut skipping = t.skipping;
         let (lines, consumed) = split_lines(&buf, max, &mut skipping, forget);
-        let cut = lines.iter().filter(|(_, cut)| *cut).count();
-        let lines: Vec<Vec<u8>> = lines.into_iter().map(|(l, _)| l.to_vec()).collect();
         t.skipping = skipping;
-        if consumed == 0 && !forget {
-            return Ok(None);
-        }
+        let base = t.offset;
         t.offset += consumed as u64;
-        let position = FilePosition {
-            source: self.key.clone(),
-            dev: t.dev,
-            inode: t.inode,
-            fingerprint,
-            offset: t.offset,
-            path: t.path.display().to_string(),
-            forget,
-        };
+        let behind = !at_end;
+        if consumed == 0 && !forget {
+            return Ok((Vec::new(), false, behind));
+        }
+        let cut = lines.iter().filter(|(_, cut, _)| *cut).count();
         for _ in 0..cut {
             self.events.push("line_cut");
         }
-        Ok(Some((self.batch(i, lines, position), forget)))
+        // Batches bounded in lines and bytes, each with the position just after it.
+        let mut batches = Vec::new();
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut bytes = 0;
+        let count = lines.len();
+        for (k, (line, _, end)) in lines.into_iter().enumerate() {
+            bytes += line.len();
+            batch.push(line.to_vec());
+            if (batch.len() >= BATCH_LINES || bytes >= BATCH_BYTES) && k + 1 < count {
+                let lines = std::mem::take(&mut batch);
+                batches.push(self.batch(i, lines, base + end as u64, false));
+                bytes = 0;
+            }
+        }
+        batches.push(self.batch(i, batch, base + consumed as u64, forget));
+        Ok((batches, forget, behind))
     }
 
-    /// What is left of a file gone for good without a complete first line.
-    fn take_rest(&mut self, i: usize) -> std::io::Result<Vec<Vec<u8>>> {
-        let max = self.config.max_line_bytes;
-        let t = &mut self.tracked[i];
-        let mut rest = Vec::new();
-        t.file.seek(SeekFrom::Start(t.offset))?;
-        (&mut t.file).take(max as u64 + 1).read_to_end(&mut rest)?;
-        let mut skipping = t.skipping;
-        let (lines, _) = split_lines(&rest, max, &mut skipping, true);
-        Ok(lines.into_iter().map(|(l, _)| l.to_vec()).collect())
-    }
-
-    /// The command for `lines` of file `i` and its position after them.
-    fn batch(&self, i: usize, lines: Vec<Vec<u8>>, position: FilePosition) -> FileLines {
-        let name = self.tracked[i]
+    /// The command for `lines` of file `i`, with its position `offset` after them.
+    fn batch(&self, i: usize, lines: Vec<Vec<u8>>, offset: u64, forget: bool) -> FileLines {
+        let t = &self.tracked[i];
+        let name: String = t
             .path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .chars()
+            .map(|c| if c == '+' || c == '#' { '_' } else { c })
+            .collect();
         let topic = self.config.topic.replace("{file}", &name);
         let now = crate::clock::now_ms();
         FileLines {
@@ -478,7 +624,15 @@ impl Tail {
                     received_at_ms: now,
                 })
                 .collect(),
-            position,
+            position: FilePosition {
+                source: self.key.clone(),
+                dev: t.dev,
+                inode: t.inode,
+                fingerprint: t.fingerprint.unwrap_or(0),
+                offset,
+                path: t.path.display().to_string(),
+                forget,
+            },
         }
     }
 }
@@ -516,7 +670,7 @@ mod tests {
         (
             lines
                 .into_iter()
-                .map(|(l, cut)| {
+                .map(|(l, cut, _)| {
                     format!(
                         "{}{}",
                         String::from_utf8_lossy(l),
@@ -576,7 +730,7 @@ mod tests {
             let max = 7;
             let mut whole_skip = false;
             let (whole, _) = split_lines(&text, max, &mut whole_skip, false);
-            let whole: Vec<Vec<u8>> = whole.into_iter().map(|(l, _)| l.to_vec()).collect();
+            let whole: Vec<Vec<u8>> = whole.into_iter().map(|(l, _, _)| l.to_vec()).collect();
             let mut got = Vec::new();
             let mut at = 0;
             let mut skipping = false;
@@ -588,7 +742,7 @@ mod tests {
                     continue;
                 }
                 let (lines, used) = split_lines(&text[at..end], max, &mut skipping, false);
-                got.extend(lines.into_iter().map(|(l, _)| l.to_vec()));
+                got.extend(lines.into_iter().map(|(l, _, _)| l.to_vec()));
                 at += used;
             }
             proptest::prop_assert_eq!(got, whole);
