@@ -3,6 +3,7 @@
 //! the reason, e.g. `config/agent.yaml: streams[2].priority: unknown variant "urgent" …`.
 
 use crate::source::file::FileSourceConfig;
+use crate::source::mqtt::MqttSourceConfig;
 use crate::transform::{
     Condition, Deadband, Enrich, FieldPath, Filter, OnError, Op, Spec, Step, TopicPattern, Window,
 };
@@ -52,6 +53,21 @@ struct RawConfig {
 struct RawSource {
     #[serde(default)]
     file: Option<RawFileSource>,
+    #[serde(default)]
+    mqtt: Option<RawMqttSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqttSource {
+    url: String,
+    topics: Vec<String>,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -504,6 +520,8 @@ pub struct AgentConfig {
     pub schedule: SchedulePolicy,
     /// Files tailed into streams ([`crate::source::file`]).
     pub sources: Vec<FileSourceConfig>,
+    /// Upstream brokers subscribed to ([`crate::source::mqtt`]).
+    pub mqtt_sources: Vec<MqttSourceConfig>,
 }
 
 /// Where the token comes from.
@@ -1065,12 +1083,32 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             &raw.scheduling.starvation_bound,
         )?,
     };
-    let sources = raw
-        .sources
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| validate_source(&format!("sources[{i}]"), s, &streams))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut sources = Vec::new();
+    let mut mqtt_sources = Vec::new();
+    for (i, s) in raw.sources.into_iter().enumerate() {
+        let key = format!("sources[{i}]");
+        match s {
+            RawSource {
+                file: Some(f),
+                mqtt: None,
+            } => sources.push(validate_source(&key, f, &streams)?),
+            RawSource {
+                file: None,
+                mqtt: Some(m),
+            } => mqtt_sources.push(validate_mqtt_source(
+                &key,
+                m,
+                &raw.device_id,
+                mqtt.max_payload_bytes,
+            )?),
+            _ => {
+                return Err((
+                    key,
+                    "a source is one of file or mqtt (one key per list item)".into(),
+                ));
+            }
+        }
+    }
     for (i, s) in sources.iter().enumerate() {
         if sources[..i].iter().any(|o| o.key() == s.key()) {
             return Err((
@@ -1089,6 +1127,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         metrics_listen: raw.metrics_listen,
         schedule,
         sources,
+        mqtt_sources,
     })
 }
 
@@ -1149,18 +1188,84 @@ pub fn loss_stream() -> StreamConfig {
     }
 }
 
-/// One `sources` entry, checked against the configured `streams`.
+/// One `sources: - mqtt:` entry, checked.
+fn validate_mqtt_source(
+    key: &str,
+    m: RawMqttSource,
+    device_id: &str,
+    max_payload_bytes: usize,
+) -> Result<MqttSourceConfig, Invalid> {
+    let key = format!("{key}.mqtt");
+    let url = reqwest::Url::parse(&m.url)
+        .map_err(|e| (format!("{key}.url"), format!("{:?}: {e}", m.url)))?;
+    if !matches!(url.scheme(), "mqtt" | "tcp") {
+        return Err((
+            format!("{key}.url"),
+            format!(
+                "{:?}: mqtt://host:port (plain MQTT on the gateway; TLS is not supported here)",
+                m.url
+            ),
+        ));
+    }
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| (format!("{key}.url"), format!("{:?} names no host", m.url)))?
+        .to_owned();
+    if m.topics.is_empty() {
+        return Err((
+            format!("{key}.topics"),
+            "needs at least one MQTT topic filter".into(),
+        ));
+    }
+    let topics = m
+        .topics
+        .iter()
+        .enumerate()
+        .map(|(j, t)| {
+            TopicFilter::new(t).ok_or_else(|| {
+                (
+                    format!("{key}.topics[{j}]"),
+                    format!("{t:?} is not a valid MQTT topic filter"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let client_id = m
+        .client_id
+        .unwrap_or_else(|| format!("edge-agent-{device_id}"));
+    if client_id.is_empty() || client_id.len() > 128 {
+        return Err((
+            format!("{key}.client_id"),
+            "must be 1-128 bytes (it keys our persistent session at that broker)".into(),
+        ));
+    }
+    let credentials = match (m.username, m.password_file) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (None, None) => None,
+        _ => {
+            return Err((
+                format!("{key}.username"),
+                "username and password_file go together".into(),
+            ));
+        }
+    };
+    Ok(MqttSourceConfig {
+        host,
+        port: url.port().unwrap_or(1883),
+        topics,
+        client_id,
+        credentials,
+        max_payload_bytes,
+    })
+}
+
+/// One `sources: - file:` entry, checked against the configured `streams`.
 fn validate_source(
     key: &str,
-    raw: RawSource,
+    f: RawFileSource,
     streams: &[StreamConfig],
 ) -> Result<FileSourceConfig, Invalid> {
-    let Some(f) = raw.file else {
-        return Err((
-            key.to_owned(),
-            "a source is a file (file: {path, stream})".into(),
-        ));
-    };
     let key = format!("{key}.file");
     let path = std::path::Path::new(&f.path);
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
@@ -1822,6 +1927,53 @@ streams:
                 .to_string();
             assert!(err.contains(key) && err.contains(reason), "{source}: {err}");
         }
+    }
+
+    #[test]
+    fn mqtt_sources_parse_and_errors_name_the_key_path() {
+        let with = |source: &str| format!("{GOOD}sources:\n  - mqtt: {source}\n");
+        let c = AgentConfig::parse(
+            Path::new("a.yaml"),
+            &with("{ url: \"mqtt://127.0.0.1:1884\", topics: [\"plant/#\"] }"),
+        )
+        .expect("valid");
+        let m = &c.mqtt_sources[0];
+        assert_eq!((m.host.as_str(), m.port), ("127.0.0.1", 1884));
+        assert_eq!(m.client_id, "edge-agent-dev-1");
+        for (source, key, reason) in [
+            (
+                "{ url: \"https://x\", topics: [a] }",
+                "sources[0].mqtt.url",
+                "mqtt://host:port",
+            ),
+            (
+                "{ url: \"mqtt://x\", topics: [] }",
+                "sources[0].mqtt.topics",
+                "at least one",
+            ),
+            (
+                "{ url: \"mqtt://x\", topics: [\"a/#/b\"] }",
+                "sources[0].mqtt.topics[0]",
+                "not a valid",
+            ),
+            (
+                "{ url: \"mqtt://x\", topics: [a], username: u }",
+                "sources[0].mqtt.username",
+                "go together",
+            ),
+        ] {
+            let err = AgentConfig::parse(Path::new("a.yaml"), &with(source))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(reason), "{source}: {err}");
+        }
+        let both = format!(
+            "{GOOD}sources:\n  - {{ mqtt: {{ url: \"mqtt://x\", topics: [a] }}, file: {{ path: /a, stream: telemetry }} }}\n"
+        );
+        let err = AgentConfig::parse(Path::new("a.yaml"), &both)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("one of file or mqtt"), "{err}");
     }
 
     #[test]

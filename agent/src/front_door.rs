@@ -115,6 +115,38 @@ struct Ctx {
     retained_limits: RetainedLimits,
 }
 
+/// Where other sources hand records to the front door's routing (the upstream broker
+/// source): routed and queued as a publish of a connection is.
+#[derive(Clone)]
+pub struct Intake {
+    ctx: Arc<Ctx>,
+}
+
+impl Intake {
+    /// Routes `topic` and queues its record (waiting for room in the queue); `receipt` is told
+    /// once it is committed. `Err`: the buffer writer is gone.
+    pub async fn keep(
+        &self,
+        topic: String,
+        payload: Bytes,
+        receipt: Option<crate::buffer::Receipt>,
+    ) -> Result<(), ()> {
+        let routes = self.ctx.routes.read().await;
+        let stream = routes.route(&topic);
+        let record = NewRecord {
+            stream,
+            topic,
+            payload,
+            received_at_ms: crate::clock::now_ms(),
+            monotonic_ms: crate::clock::monotonic_ms(),
+            receipt,
+        };
+        let kept = self.ctx.keep(WriterCommand::Append(record)).await;
+        drop(routes);
+        kept
+    }
+}
+
 /// Where publishes go: the stream of each topic, and each stream's
 /// `agent_records_received_total`.
 pub struct Routes {
@@ -292,6 +324,13 @@ impl FrontDoor {
     /// publishes wait.
     pub async fn pause_routing(&self) -> tokio::sync::RwLockWriteGuard<'_, Routes> {
         self.ctx.routes.write().await
+    }
+
+    /// Where other sources hand their records in.
+    pub fn intake(&self) -> Intake {
+        Intake {
+            ctx: self.ctx.clone(),
+        }
     }
 
     /// Serves every connection accepted on `listener` (MQTT 3.1.1 and 5 alike).

@@ -1,7 +1,7 @@
 //! Edge agent: the gateway end of the pipeline.
 //!
 //! ```text
-//! sensors ─MQTT─▶ front door ─▶ routing ─┐
+//! sensors ─MQTT─▶ front door ─▶ routing ─┐   (source::mqtt: a site's broker, into the same routing)
 //! files ─▶ source::file (lines + position) ─┴▶ buffer writer: transforms, then commit ─▶ PUBACK
 //!                     └─▶ broker (rumqttd: local subscribers)    batcher (priority, zstd) ─▶ forwarder ─HTTPS─▶ cloud ingest
 //! ```
@@ -399,6 +399,11 @@ pub async fn run(
         );
         sources.push(tokio::spawn(tail.run(stop_sources.clone())));
     }
+    // Upstream brokers: their messages enter through the front door's routing.
+    for spec in &config.mqtt_sources {
+        let upstream = source::mqtt::MqttSource::new(spec.clone(), front_door.intake());
+        sources.push(tokio::spawn(upstream.run(stop_sources.clone())));
+    }
     let mut config = config;
 
     ready.store(true, Ordering::Relaxed);
@@ -639,7 +644,10 @@ async fn reload(
             "metrics_listen",
             new.metrics_listen == running.metrics_listen,
         ),
-        ("sources", same(&new.sources, &running.sources)),
+        (
+            "sources",
+            same(&new.sources, &running.sources) && same(&new.mqtt_sources, &running.mqtt_sources),
+        ),
     ]
     .into_iter()
     .filter_map(|(name, unchanged)| (!unchanged).then_some(name))
@@ -795,7 +803,10 @@ async fn stopped_stage(
             (writer.is_finished(), "buffer writer"),
             (forwarder.is_finished(), "forwarder"),
             (broker.is_finished(), "embedded MQTT broker"),
-            (sources.iter().any(|s| s.is_finished()), "file source"),
+            (
+                sources.iter().any(|s| s.is_finished()),
+                "source (file or upstream broker)",
+            ),
         ] {
             if stopped {
                 return stage;

@@ -281,3 +281,51 @@ pub fn jetstream_read(url: &str, stream: &str) -> Vec<JsMessage> {
             out
         })
 }
+
+/// Debian's Mosquitto, as the MQTT broker already on a site (the upstream broker source's
+/// tests): on a free port, anonymous, with persistence under its directory, so queued messages
+/// of persistent sessions survive its restart.
+pub struct Mosquitto {
+    /// The process.
+    pub process: Process,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Mosquitto {
+    /// Starts it, storing under `dir`.
+    pub fn start(dir: &Path) -> Mosquitto {
+        let port = free_port();
+        let dir = dir.join(format!("mosquitto-{port}"));
+        std::fs::create_dir_all(&dir).expect("mosquitto dir");
+        std::fs::write(
+            dir.join("mosquitto.conf"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 100\n",
+                dir.display()
+            ),
+        )
+        .expect("mosquitto config");
+        let process = Mosquitto::spawn(&dir, port);
+        Mosquitto { process, port, dir }
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Process {
+        let mut cmd = Command::new(tool("MOSQUITTO_BIN", PathBuf::from("/usr/sbin/mosquitto")));
+        cmd.arg("-c").arg(dir.join("mosquitto.conf"));
+        let process = Process::spawn(cmd, dir.join(format!("mosquitto-{}.stderr", unique())));
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            &process,
+            "mosquitto",
+        );
+        process
+    }
+
+    /// Stops it cleanly (it saves its persistent state) and starts it again on the same port.
+    pub fn restart(&mut self) {
+        let _ = self.process.terminate();
+        self.process = Mosquitto::spawn(&self.dir, self.port);
+    }
+}

@@ -306,3 +306,122 @@ fn a_tailed_file_gives_every_line_once_in_order_through_rotation_truncation_and_
     let _agent = e2e::start_agent(dir.path(), &config);
     all_lines(&cloud, 5_150, "after a kill -9 in the middle of a burst");
 }
+
+/// `count` QoS 1 messages `U<from>`.. published to Mosquitto with `mosquitto_pub` (which
+/// waits for each PUBACK); whether it took them all.
+fn publish_upstream(port: u16, from: u64, count: u64) -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    e2e::mosquitto_pub_lines(
+        addr,
+        1,
+        "plant/9/telemetry/upstream",
+        (from..from + count).map(|i| format!("U{i}")),
+    )
+}
+
+/// The upstream messages in the log, as numbers (sorted), and how many records there were.
+fn upstream_in_log(cloud: &e2e::Cloud) -> (Vec<u64>, usize) {
+    let records = cloud.read_topic(&format!("iot.{TENANT}.telemetry"));
+    let mut got: Vec<u64> = records
+        .iter()
+        .filter_map(|r| {
+            String::from_utf8_lossy(&r.payload)
+                .strip_prefix('U')
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    let n = got.len();
+    got.sort_unstable();
+    got.dedup();
+    (got, n)
+}
+
+/// Waits until the agent's subscription at the Mosquitto at `port` is in place: probes
+/// published there reach the log.
+fn subscribed(cloud: &e2e::Cloud, port: u16) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    e2e::eventually(Duration::from_secs(20), "subscribed upstream", || {
+        assert!(e2e::mosquitto_pub_qos1(addr, "plant/9/probe", "probe"));
+        (!cloud
+            .read_topic(&format!("iot.{TENANT}.default"))
+            .is_empty())
+        .then_some(())
+    });
+}
+
+/// An agent subscribed to the Mosquitto at `port` (persistent session, QoS 1).
+fn upstream_agent(dir: &std::path::Path, cloud: &e2e::Cloud, port: u16) -> std::path::PathBuf {
+    let harness = AgentHarness::new(dir, &cloud.url()).extra(&format!(
+        "sources:\n  - mqtt: {{ url: \"mqtt://127.0.0.1:{port}\", topics: [\"plant/#\"], client_id: edge-bridge-test }}\n"
+    ));
+    let config = dir.join("agent.yaml");
+    std::fs::write(dir.join("token"), format!("{}\n", e2e::TOKEN)).expect("token");
+    std::fs::write(&config, harness.config_text()).expect("config");
+    config
+}
+
+/// The upstream broker source against a real Mosquitto: what is published there lands in the
+/// log; while the agent is killed (-9) Mosquitto queues for its persistent session, and after
+/// the restart nothing is lost, nothing doubled.
+#[test]
+fn an_upstream_mosquittos_messages_land_in_the_log_and_a_kill_9_loses_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mosquitto = e2e::brokers::Mosquitto::start(dir.path());
+    let cloud = CloudHarness::new(dir.path()).run();
+    let config = upstream_agent(dir.path(), &cloud, mosquitto.port);
+    let mut agent = e2e::start_agent(dir.path(), &config);
+    // Subscribed once the session exists: a first message makes it through.
+    subscribed(&cloud, mosquitto.port);
+    assert!(publish_upstream(mosquitto.port, 0, 200));
+    e2e::eventually(Duration::from_secs(30), "200 in the log", || {
+        (upstream_in_log(&cloud).0.len() == 200).then_some(())
+    });
+
+    agent.process.kill();
+    assert!(
+        publish_upstream(mosquitto.port, 200, 300),
+        "queued for the session"
+    );
+    let _agent = e2e::start_agent(dir.path(), &config);
+    e2e::eventually(Duration::from_secs(30), "500 in the log", || {
+        (upstream_in_log(&cloud).0.len() == 500).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (got, records) = upstream_in_log(&cloud);
+    assert!(
+        got == (0..500).collect::<Vec<_>>(),
+        "nothing lost: {} of 500",
+        got.len()
+    );
+    assert_eq!(records, 500, "nothing twice");
+}
+
+/// Mosquitto restarted (its persistent state saved and read back) between two loads: the
+/// agent reconnects on its own, its session and subscription survive, and no QoS 1 message
+/// Mosquitto acknowledged to its publishers is lost. (Restarted while it still had messages in
+/// flight to the agent, Mosquitto 2.0.11 lost up to 3 of 3,000 in about 1 run of 15 here, not
+/// yet traced: see the session note.)
+#[test]
+fn a_restart_of_the_upstream_mosquitto_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut mosquitto = e2e::brokers::Mosquitto::start(dir.path());
+    let cloud = CloudHarness::new(dir.path()).run();
+    let config = upstream_agent(dir.path(), &cloud, mosquitto.port);
+    let _agent = e2e::start_agent(dir.path(), &config);
+    subscribed(&cloud, mosquitto.port);
+    assert!(publish_upstream(mosquitto.port, 0, 3_000));
+    e2e::eventually(Duration::from_secs(30), "the first load in the log", || {
+        (upstream_in_log(&cloud).0.len() == 3_000).then_some(())
+    });
+    mosquitto.restart();
+    assert!(publish_upstream(mosquitto.port, 3_000, 1_000));
+    let got = e2e::eventually(Duration::from_secs(60), "4,000 in the log", || {
+        let (got, _) = upstream_in_log(&cloud);
+        (got.len() >= 4_000).then_some(got)
+    });
+    assert!(
+        got == (0..4_000).collect::<Vec<_>>(),
+        "nothing lost: {} of 4,000",
+        got.len()
+    );
+}

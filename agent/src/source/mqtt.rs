@@ -1,0 +1,199 @@
+//! Upstream broker source: subscribes to an MQTT broker already on the gateway (a site's
+//! Mosquitto) and takes what it publishes as if sensors had published it to the front door
+//! (same routing, transforms and buffer).
+//!
+//! Invariant: a QoS 1 message is acknowledged to the upstream broker only once its record is
+//! committed to the buffer. The session is persistent (clean session off, QoS 1
+//! subscriptions), so what the broker holds for us while the agent is stopped, crashed or
+//! disconnected is delivered when it is back: nothing the broker acknowledged to its
+//! publishers is lost. A message redelivered within one run of the agent (after a reconnect,
+//! with the DUP flag and the same packet id and content) is not stored twice; one redelivered
+//! after the agent crashed between its commit and its acknowledgement is (at least once).
+//! The connection is retried for ever, with backoff.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::{Receipt, Receipts};
+use crate::front_door::Intake;
+
+/// Longest wait between two connection attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Redeliveries recognised: packet ids remembered with the checksum of what they carried.
+const REMEMBERED: usize = 1024;
+
+/// A `sources: - mqtt:` entry, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttSourceConfig {
+    /// The broker's host.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// Topic filters subscribed to, at QoS 1.
+    pub topics: Vec<crate::routing::TopicFilter>,
+    /// Our client id there (the persistent session's key).
+    pub client_id: String,
+    /// User name and password, if the broker wants them (the password read from a file).
+    pub credentials: Option<(String, std::path::PathBuf)>,
+    /// Largest message taken.
+    pub max_payload_bytes: usize,
+}
+
+/// The upstream broker source stage.
+pub struct MqttSource {
+    config: MqttSourceConfig,
+    intake: Intake,
+}
+
+impl MqttSource {
+    /// A source for `config`, handing its messages to the front door's `intake`.
+    pub fn new(config: MqttSourceConfig, intake: Intake) -> MqttSource {
+        MqttSource { config, intake }
+    }
+
+    /// Subscribes and takes messages until `shutdown`; reconnects for ever.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let c = &self.config;
+        let mut options = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
+        options
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(c.max_payload_bytes + 65_536 + 1024, 65_536);
+        if let Some((user, file)) = &c.credentials {
+            match std::fs::read_to_string(file) {
+                Ok(password) => {
+                    options.set_credentials(user.clone(), password.trim_end().to_owned());
+                }
+                Err(e) => {
+                    tracing::error!(file = %file.display(), error = %e, "upstream broker: cannot read the password file; the source stops");
+                    return;
+                }
+            }
+        }
+        let receipts = Arc::new(Receipts::default());
+        let mut ticket = 0u64;
+        // Packet id → (checksum of topic and payload, ticket) of what was stored lately.
+        let mut stored: HashMap<u16, (u32, u64)> = HashMap::new();
+        // Every ticket up to this one is settled.
+        let mut done = 0u64;
+        let mut backoff = Duration::from_millis(100);
+        // One client per connection: an acknowledgement never outlives the connection its
+        // message came on (a broker restarted may number its messages anew, and a stale
+        // acknowledgement would then take one we never had). What was not acknowledged on a
+        // connection comes again on the next, and is recognised (or stored again: at least
+        // once).
+        loop {
+            let (client, mut events) = AsyncClient::new(options.clone(), 1024);
+            // Messages stored, waiting for their commit to be acknowledged, in order...
+            let mut waiting: VecDeque<(u64, rumqttc::Publish)> = VecDeque::new();
+            // ...and committed, handed to the client as its channel takes them (never waiting
+            // inside the loop that polls it).
+            let mut ready: VecDeque<rumqttc::Publish> = VecDeque::new();
+            let mut connected = false;
+            let ended = loop {
+                while let Some(publish) = ready.front() {
+                    if client.try_ack(publish).is_err() {
+                        break;
+                    }
+                    ready.pop_front();
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => {
+                        let _ = client.try_disconnect();
+                        return;
+                    }
+                    () = receipts.changed() => {
+                        let (settled, refused) = receipts.take();
+                        done = settled;
+                        let mut again = false;
+                        while waiting.front().is_some_and(|(t, _)| *t <= done) {
+                            let Some((t, publish)) = waiting.pop_front() else { break };
+                            if refused.contains(&t) {
+                                again = true;
+                            } else {
+                                ready.push_back(publish);
+                            }
+                        }
+                        if again {
+                            // Not stored (a full disk): not acknowledged; the next connection
+                            // gets it again from the broker.
+                            tracing::warn!("upstream broker: messages not stored; reconnecting to have them again");
+                            break None;
+                        }
+                    }
+                    event = events.poll() => match event {
+                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                            backoff = Duration::from_millis(100);
+                            connected = true;
+                            tracing::info!(host = %c.host, port = c.port, session_present = ack.session_present, "upstream broker: connected");
+                            let filters = c.topics.iter().map(|t| {
+                                rumqttc::SubscribeFilter::new(t.as_str().to_owned(), QoS::AtLeastOnce)
+                            });
+                            if client.try_subscribe_many(filters).is_err() {
+                                break None;
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::Publish(publish))) => {
+                            let digest = crate::buffer::checksum(0, 0, &publish.topic, &publish.payload);
+                            if publish.qos == QoS::AtMostOnce {
+                                if self.intake.keep(publish.topic, publish.payload, None).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                            if publish.dup
+                                && let Some(&(_, first)) =
+                                    stored.get(&publish.pkid).filter(|(d, _)| *d == digest)
+                            {
+                                // Came before: stored already, acknowledged once that copy
+                                // is committed.
+                                if first <= done {
+                                    ready.push_back(publish);
+                                } else {
+                                    waiting.push_back((first, publish));
+                                }
+                                continue;
+                            }
+                            ticket += 1;
+                            if stored.len() >= REMEMBERED {
+                                stored.clear();
+                            }
+                            stored.insert(publish.pkid, (digest, ticket));
+                            let receipt = Receipt { to: receipts.clone(), ticket };
+                            let kept = self
+                                .intake
+                                .keep(publish.topic.clone(), publish.payload.clone(), Some(receipt))
+                                .await;
+                            if kept.is_err() {
+                                return;
+                            }
+                            waiting.push_back((ticket, publish));
+                        }
+                        Ok(_) => {}
+                        Err(e) => break Some((e, connected)),
+                    },
+                }
+            };
+            drop(client);
+            match ended {
+                Some((e, true)) => {
+                    tracing::warn!(host = %c.host, port = c.port, error = %e, "upstream broker: connection lost; reconnecting");
+                }
+                Some((e, false)) => {
+                    tracing::debug!(error = %e, "upstream broker: cannot connect; retried");
+                }
+                None => {}
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
