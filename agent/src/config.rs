@@ -1109,6 +1109,20 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             }
         }
     }
+    for (i, m) in mqtt_sources.iter().enumerate() {
+        if mqtt_sources[..i]
+            .iter()
+            .any(|o| (&o.host, o.port, &o.client_id) == (&m.host, m.port, &m.client_id))
+        {
+            return Err((
+                "sources".into(),
+                format!(
+                    "two mqtt sources use client_id {:?} at {}:{}: their sessions would take each other over",
+                    m.client_id, m.host, m.port
+                ),
+            ));
+        }
+    }
     for (i, s) in sources.iter().enumerate() {
         if sources[..i].iter().any(|o| o.key() == s.key()) {
             return Err((

@@ -145,6 +145,15 @@ impl Intake {
         drop(routes);
         kept
     }
+
+    /// A message over `mqtt.max_payload_bytes` was dropped (counted as lost).
+    pub fn dropped_too_large(&self) {
+        self.ctx
+            .metrics
+            .records_dropped
+            .with_label_values(&["(upstream broker)", "too_large"])
+            .inc();
+    }
 }
 
 /// Where publishes go: the stream of each topic, and each stream's

@@ -349,6 +349,17 @@ fn subscribed(cloud: &e2e::Cloud, port: u16) {
     });
 }
 
+/// Waits until a new probe published at the Mosquitto at `port` reaches the log (the agent is
+/// connected again).
+fn subscribed_again(cloud: &e2e::Cloud, port: u16) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let before = cloud.read_topic(&format!("iot.{TENANT}.default")).len();
+    e2e::eventually(Duration::from_secs(30), "connected again upstream", || {
+        assert!(e2e::mosquitto_pub_qos1(addr, "plant/9/probe", "probe"));
+        (cloud.read_topic(&format!("iot.{TENANT}.default")).len() > before).then_some(())
+    });
+}
+
 /// An agent subscribed to the Mosquitto at `port` (persistent session, QoS 1).
 fn upstream_agent(dir: &std::path::Path, cloud: &e2e::Cloud, port: u16) -> std::path::PathBuf {
     let harness = AgentHarness::new(dir, &cloud.url()).extra(&format!(
@@ -372,10 +383,36 @@ fn an_upstream_mosquittos_messages_land_in_the_log_and_a_kill_9_loses_none() {
     let mut agent = e2e::start_agent(dir.path(), &config);
     // Subscribed once the session exists: a first message makes it through.
     subscribed(&cloud, mosquitto.port);
+    // A message over the agent's mqtt.max_payload_bytes (256 KiB) is acknowledged and dropped,
+    // counted: it does not stall the ones behind it.
+    let big = dir.path().join("big");
+    std::fs::write(&big, "x".repeat(300 << 10)).expect("big message");
+    assert!(
+        std::process::Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &mosquitto.port.to_string(),
+                "-q",
+                "1"
+            ])
+            .args(["-t", "plant/9/telemetry/big", "-f"])
+            .arg(&big)
+            .status()
+            .expect("mosquitto_pub")
+            .success()
+    );
     assert!(publish_upstream(mosquitto.port, 0, 200));
     e2e::eventually(Duration::from_secs(30), "200 in the log", || {
         (upstream_in_log(&cloud).0.len() == 200).then_some(())
     });
+    assert_eq!(
+        agent.metric(
+            "agent_records_dropped_total{reason=\"too_large\",stream=\"(upstream broker)\"}"
+        ),
+        1.0
+    );
 
     agent.process.kill();
     assert!(
@@ -414,6 +451,9 @@ fn a_restart_of_the_upstream_mosquitto_loses_nothing() {
         (upstream_in_log(&cloud).0.len() == 3_000).then_some(())
     });
     mosquitto.restart();
+    // Back, with the session (Mosquitto does not queue for a restored session before its
+    // client is back: eclipse-mosquitto/mosquitto#769).
+    subscribed_again(&cloud, mosquitto.port);
     assert!(publish_upstream(mosquitto.port, 3_000, 1_000));
     let got = e2e::eventually(Duration::from_secs(60), "4,000 in the log", || {
         let (got, _) = upstream_in_log(&cloud);

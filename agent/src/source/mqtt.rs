@@ -11,7 +11,7 @@
 //! after the agent crashed between its commit and its acknowledgement is (at least once).
 //! The connection is retried for ever, with backoff.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,10 @@ use crate::front_door::Intake;
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Redeliveries recognised: packet ids remembered with the checksum of what they carried.
 const REMEMBERED: usize = 1024;
+/// Largest message read from the broker (larger ones, beyond `mqtt.max_payload_bytes`, are
+/// acknowledged and dropped); one beyond this closes the connection at each try: set the
+/// broker's `message_size_limit` below it.
+const MAX_READ_BYTES: usize = 16 << 20;
 
 /// A `sources: - mqtt:` entry, checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,66 +63,89 @@ impl MqttSource {
     pub async fn run(self, shutdown: CancellationToken) {
         let c = &self.config;
         let mut options = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
+        // Larger messages than we keep are read (then acknowledged and dropped, counted): one
+        // the client could not read would come back at every connection and stall the source.
+        let readable = (2 * c.max_payload_bytes).max(MAX_READ_BYTES);
         options
             .set_clean_session(false)
             .set_manual_acks(true)
             .set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(c.max_payload_bytes + 65_536 + 1024, 65_536);
-        if let Some((user, file)) = &c.credentials {
-            match std::fs::read_to_string(file) {
-                Ok(password) => {
-                    options.set_credentials(user.clone(), password.trim_end().to_owned());
-                }
-                Err(e) => {
-                    tracing::error!(file = %file.display(), error = %e, "upstream broker: cannot read the password file; the source stops");
-                    return;
-                }
-            }
-        }
+            .set_max_packet_size(readable, 65_536);
         let receipts = Arc::new(Receipts::default());
         let mut ticket = 0u64;
         // Packet id → (checksum of topic and payload, ticket) of what was stored lately.
         let mut stored: HashMap<u16, (u32, u64)> = HashMap::new();
+        // Tickets the buffer refused (a full disk): never acknowledged, and what they carried
+        // is not taken for stored when it comes again.
+        let mut refused_tickets: HashSet<u64> = HashSet::new();
         // Every ticket up to this one is settled.
         let mut done = 0u64;
         let mut backoff = Duration::from_millis(100);
+        let mut subscribed = false;
+        let mut said = false;
         // One client per connection: an acknowledgement never outlives the connection its
         // message came on (a broker restarted may number its messages anew, and a stale
         // acknowledgement would then take one we never had). What was not acknowledged on a
         // connection comes again on the next, and is recognised (or stored again: at least
         // once).
         loop {
+            if let Some((user, file)) = &c.credentials {
+                // Read at each connection: a password changed on disk is used at the next one.
+                match std::fs::read_to_string(file) {
+                    Ok(password) => {
+                        options.set_credentials(user.clone(), password.trim_end().to_owned());
+                    }
+                    Err(e) => {
+                        if !std::mem::replace(&mut said, true) {
+                            tracing::error!(file = %file.display(), error = %e, "upstream broker: cannot read the password file; retried");
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(BACKOFF_MAX) => continue,
+                            () = shutdown.cancelled() => return,
+                        }
+                    }
+                }
+            }
             let (client, mut events) = AsyncClient::new(options.clone(), 1024);
-            // Messages stored, waiting for their commit to be acknowledged, in order...
+            // Messages stored, waiting for their commit to be acknowledged...
             let mut waiting: VecDeque<(u64, rumqttc::Publish)> = VecDeque::new();
             // ...and committed, handed to the client as its channel takes them (never waiting
             // inside the loop that polls it).
             let mut ready: VecDeque<rumqttc::Publish> = VecDeque::new();
             let mut connected = false;
+            let mut progress = false;
             let ended = loop {
                 while let Some(publish) = ready.front() {
                     if client.try_ack(publish).is_err() {
                         break;
                     }
                     ready.pop_front();
+                    progress = true;
                 }
                 tokio::select! {
-                    () = shutdown.cancelled() => {
-                        let _ = client.try_disconnect();
-                        return;
-                    }
+                    () = shutdown.cancelled() => return,
                     () = receipts.changed() => {
                         let (settled, refused) = receipts.take();
                         done = settled;
+                        if !refused.is_empty() {
+                            if refused_tickets.len() > REMEMBERED {
+                                refused_tickets.clear();
+                            }
+                            refused_tickets.extend(refused);
+                            stored.retain(|_, (_, t)| !refused_tickets.contains(t));
+                        }
                         let mut again = false;
-                        while waiting.front().is_some_and(|(t, _)| *t <= done) {
-                            let Some((t, publish)) = waiting.pop_front() else { break };
-                            if refused.contains(&t) {
+                        let mut still = VecDeque::new();
+                        for (t, publish) in waiting.drain(..) {
+                            if t > done {
+                                still.push_back((t, publish));
+                            } else if refused_tickets.contains(&t) {
                                 again = true;
                             } else {
                                 ready.push_back(publish);
                             }
                         }
+                        waiting = still;
                         if again {
                             // Not stored (a full disk): not acknowledged; the next connection
                             // gets it again from the broker.
@@ -128,17 +155,36 @@ impl MqttSource {
                     }
                     event = events.poll() => match event {
                         Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                            backoff = Duration::from_millis(100);
                             connected = true;
+                            said = false;
                             tracing::info!(host = %c.host, port = c.port, session_present = ack.session_present, "upstream broker: connected");
-                            let filters = c.topics.iter().map(|t| {
-                                rumqttc::SubscribeFilter::new(t.as_str().to_owned(), QoS::AtLeastOnce)
-                            });
-                            if client.try_subscribe_many(filters).is_err() {
-                                break None;
+                            // Subscribed at the first connection of a run (the topics may have
+                            // changed), and when the broker lost the session; not at every
+                            // reconnect, which would have it send its retained messages again.
+                            if !(subscribed && ack.session_present) {
+                                let filters = c.topics.iter().map(|t| {
+                                    rumqttc::SubscribeFilter::new(t.as_str().to_owned(), QoS::AtLeastOnce)
+                                });
+                                if client.try_subscribe_many(filters).is_err() {
+                                    break None;
+                                }
+                                subscribed = true;
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                            if ack.return_codes.iter().any(|r| matches!(r, rumqttc::SubscribeReasonCode::Failure)) {
+                                tracing::error!(host = %c.host, port = c.port, "upstream broker: a subscription was refused (check its ACL for this client)");
                             }
                         }
                         Ok(Event::Incoming(Packet::Publish(publish))) => {
+                            if publish.payload.len() > c.max_payload_bytes {
+                                tracing::error!(topic = %publish.topic, bytes = publish.payload.len(), "upstream broker: message over mqtt.max_payload_bytes: acknowledged and dropped (counted)");
+                                self.intake.dropped_too_large();
+                                if publish.qos != QoS::AtMostOnce {
+                                    ready.push_back(publish);
+                                }
+                                continue;
+                            }
                             let digest = crate::buffer::checksum(0, 0, &publish.topic, &publish.payload);
                             if publish.qos == QoS::AtMostOnce {
                                 if self.intake.keep(publish.topic, publish.payload, None).await.is_err() {
@@ -150,8 +196,8 @@ impl MqttSource {
                                 && let Some(&(_, first)) =
                                     stored.get(&publish.pkid).filter(|(d, _)| *d == digest)
                             {
-                                // Came before: stored already, acknowledged once that copy
-                                // is committed.
+                                // Came before and stored (not refused): acknowledged once that
+                                // copy is committed.
                                 if first <= done {
                                     ready.push_back(publish);
                                 } else {
@@ -184,16 +230,22 @@ impl MqttSource {
                 Some((e, true)) => {
                     tracing::warn!(host = %c.host, port = c.port, error = %e, "upstream broker: connection lost; reconnecting");
                 }
-                Some((e, false)) => {
-                    tracing::debug!(error = %e, "upstream broker: cannot connect; retried");
+                Some((e, false)) if !std::mem::replace(&mut said, true) => {
+                    tracing::warn!(host = %c.host, port = c.port, error = %e, "upstream broker: cannot connect; retried with backoff");
                 }
-                None => {}
+                Some(_) | None => {}
             }
+            // Back to the shortest wait only after a connection that moved messages: one that
+            // fails at once (a full disk, a message that cannot be taken) backs off.
+            backoff = if progress {
+                Duration::from_millis(100)
+            } else {
+                (backoff * 2).min(BACKOFF_MAX)
+            };
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 () = shutdown.cancelled() => return,
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 }
