@@ -594,24 +594,22 @@ async fn reload(
 ) -> Result<(), &'static str> {
     let path = file.to_owned();
     let loaded = tokio::task::spawn_blocking(move || check_reload(&path)).await;
+    let refused = |why: &dyn std::fmt::Display| {
+        tracing::error!(error = %why, "SIGHUP: config refused, the running config stays");
+        p.uplink
+            .metrics
+            .config_reloads
+            .with_label_values(&["refused"])
+            .inc();
+    };
     let (new, users, new_token, tls, client) = match loaded {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "SIGHUP: config refused, the running config stays");
-            p.uplink
-                .metrics
-                .config_reloads
-                .with_label_values(&["refused"])
-                .inc();
+            refused(&e);
             return Ok(());
         }
         Err(e) => {
-            tracing::error!(error = %e, "SIGHUP: reload failed");
-            p.uplink
-                .metrics
-                .config_reloads
-                .with_label_values(&["refused"])
-                .inc();
+            refused(&e);
             return Ok(());
         }
     };
@@ -657,12 +655,10 @@ async fn reload(
         .iter()
         .find(|s| !new.streams.iter().any(|n| n.name == s.stream))
     {
-        tracing::error!(stream = %s.stream, "SIGHUP: config refused, the running config stays: streams: a running file source sends to this stream; sources change only at a restart");
-        p.uplink
-            .metrics
-            .config_reloads
-            .with_label_values(&["refused"])
-            .inc();
+        refused(&format!(
+            "streams: a running file source sends to stream {:?}; sources change only at a restart",
+            s.stream
+        ));
         return Ok(());
     }
     let pipeline = !same(&new.streams, &running.streams)

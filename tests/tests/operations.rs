@@ -258,6 +258,17 @@ fn a_reachable_ingest_that_takes_nothing_makes_the_agent_degraded() {
     );
 }
 
+/// A bare SIGHUP to `agent`, which must refuse its config (and count the refusal).
+fn refused_on_hangup(agent: &e2e::Agent) {
+    let series = "agent_config_reloads_total{outcome=\"refused\"}";
+    let before = agent.metric(series);
+    agent.process.hangup();
+    e2e::eventually(Duration::from_secs(10), "the refusal counted", || {
+        (agent.metric(series) > before).then_some(())
+    });
+    assert!(agent.process.stderr().contains("config refused"));
+}
+
 /// `edge-agent reload --config CONFIG` (with `--pid` if given).
 fn reload(config: &std::path::Path, pid: Option<u32>) -> std::process::Output {
     let mut cmd = std::process::Command::new(bin("edge-agent"));
@@ -483,14 +494,7 @@ fn sighup_reloads_streams_priorities_and_users_keeps_connections_and_loses_nothi
         "a broken config: nothing signalled"
     );
     // Signalled anyway (a bare SIGHUP): the agent refuses it itself.
-    agent.process.hangup();
-    e2e::eventually(Duration::from_secs(10), "the refusal logged", || {
-        agent
-            .process
-            .stderr()
-            .contains("config refused")
-            .then_some(())
-    });
+    refused_on_hangup(&agent);
     assert!(
         pub_as(agent.mqtt, "new", "pw-new"),
         "the running config stays"
@@ -628,14 +632,7 @@ fn a_reload_moves_the_uplink_to_a_new_ingest_url() {
     let refused = reload(&agent.config, Some(agent.process.pid()));
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("ingest.ca_file"));
-    agent.process.hangup();
-    e2e::eventually(Duration::from_secs(10), "the refusal logged", || {
-        agent
-            .process
-            .stderr()
-            .contains("config refused")
-            .then_some(())
-    });
+    refused_on_hangup(&agent);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(cloud.total_records(), 0, "still the old URL");
     assert_eq!(agent.readyz(), 200, "the agent runs on");

@@ -908,6 +908,39 @@ mod tests {
         .collect()
     }
 
+    /// Runs a writer over the buffer at `path` (the test streams) with `chains`, through
+    /// `commands`, to its end; what "logs" holds after, and its metrics.
+    fn run_with(
+        path: &std::path::Path,
+        chains: Vec<Chain>,
+        commands: Vec<WriterCommand>,
+    ) -> (u64, Metrics) {
+        let buffer = Buffer::open(path, &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
+        let (tx, rx) = flume::bounded(commands.len().max(1));
+        let (progress, progress_rx) = watch::channel(buffer.progress());
+        let metrics = Metrics::new();
+        let writer = BufferWriter::new(
+            buffer,
+            rx,
+            Duration::from_millis(10),
+            1 << 20,
+            progress,
+            metrics.clone(),
+            vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
+            Arc::new(Protected::new(vec![Default::default(); 2])),
+        )
+        .with_transforms(chains, Facts::default());
+        for c in commands {
+            tx.send(c).expect("send");
+        }
+        drop(tx);
+        writer.run();
+        let held = progress_rx.borrow()[0].backlog_records;
+        (held, metrics)
+    }
+
     #[test]
     fn a_group_the_disk_cannot_take_is_dropped_and_reported_and_acks_still_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1085,29 +1118,7 @@ mod tests {
             })
         };
         let run = |readings: Vec<WriterCommand>| {
-            let buffer = Buffer::open(&path, &streams(), 1 << 30)
-                .expect("open")
-                .buffer;
-            let (tx, rx) = flume::bounded(10);
-            let (progress, progress_rx) = watch::channel(buffer.progress());
-            let metrics = Metrics::new();
-            let writer = BufferWriter::new(
-                buffer,
-                rx,
-                Duration::from_millis(10),
-                1 << 20,
-                progress,
-                metrics.clone(),
-                vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
-                Arc::new(Protected::new(vec![Default::default(); 2])),
-            )
-            .with_transforms(chain(), Facts::default());
-            for r in readings {
-                tx.send(r).expect("send");
-            }
-            drop(tx);
-            writer.run();
-            let held = progress_rx.borrow()[0].backlog_records;
+            let (held, metrics) = run_with(&path, chain(), readings);
             let filtered = metrics
                 .records_filtered
                 .with_label_values(&["logs", "deadband"])
@@ -1153,31 +1164,8 @@ mod tests {
                 receipt: None,
             })
         };
-        // Runs a writer with `chain` over `commands`; what "logs" holds after.
-        let run = |chain: Chain, commands: Vec<WriterCommand>| {
-            let buffer = Buffer::open(&path, &streams(), 1 << 30)
-                .expect("open")
-                .buffer;
-            let (tx, rx) = flume::bounded(10);
-            let (progress, progress_rx) = watch::channel(buffer.progress());
-            let writer = BufferWriter::new(
-                buffer,
-                rx,
-                Duration::from_millis(10),
-                1 << 20,
-                progress,
-                Metrics::new(),
-                vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
-                Arc::new(Protected::new(vec![Default::default(); 2])),
-            )
-            .with_transforms(vec![chain], Facts::default());
-            for c in commands {
-                tx.send(c).expect("send");
-            }
-            drop(tx);
-            writer.run();
-            progress_rx.borrow()[0].backlog_records
-        };
+        let run =
+            |chain: Chain, commands: Vec<WriterCommand>| run_with(&path, vec![chain], commands).0;
         assert_eq!(
             run(window(1), vec![reading(1.0), reading(3.0)]),
             0,
