@@ -214,6 +214,9 @@ pub async fn run(
     let metrics = Metrics::new();
     metrics.set_degraded_after(config.ingest.degraded_after);
     let configured = buffer_streams(&config);
+    // The ingest's HTTP client (TLS roots, client certificate) is built before anything opens:
+    // a file that cannot be used stops the start at once, and MQTT is not open meanwhile.
+    let client = forwarder::http_client(&config.ingest).map_err(AgentError::Tls)?;
     let reserve = config.buffer.reserve_bytes.unwrap_or(buffer::RESERVE_BYTES);
     // SIGHUP is taken from here on (a reload asked while the buffer opens waits for the loop
     // below): its default action would end the agent in the middle of a check or salvage.
@@ -369,9 +372,7 @@ pub async fn run(
         epoch,
         buffer: config.buffer.path.clone(),
         token: Arc::new(std::sync::RwLock::new(token)),
-        client: Arc::new(std::sync::RwLock::new(
-            forwarder::http_client(&config.ingest).map_err(AgentError::Tls)?,
-        )),
+        client: Arc::new(std::sync::RwLock::new(client)),
         commands: commands.clone(),
         protected,
         progress: progress_rx,
