@@ -459,6 +459,11 @@ pub fn prepare(
                     received_at_ms: r.received_at_ms,
                     boot_id: r.boot_id,
                     monotonic_ms: r.monotonic_ms,
+                    attributes: r
+                        .attributes
+                        .into_iter()
+                        .map(|(key, value)| ingest_wire::Attribute { key, value })
+                        .collect(),
                 }
             })
             .collect(),

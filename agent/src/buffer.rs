@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS records (
     payload BLOB NOT NULL,
     boot INTEGER,
     monotonic_ms INTEGER,
-    crc INTEGER
+    crc INTEGER,
+    attributes BLOB
 );
 CREATE TABLE IF NOT EXISTS boots (id INTEGER PRIMARY KEY, boot_id TEXT NOT NULL UNIQUE);
 CREATE UNIQUE INDEX IF NOT EXISTS records_by_seq ON records (stream_id, seq);
@@ -146,6 +147,8 @@ pub struct NewRecord {
     pub received_at_ms: i64,
     /// Receive time, milliseconds since this host booted ([`crate::clock::monotonic_ms`]).
     pub monotonic_ms: u64,
+    /// Attributes (`enrich` of a payload that is not a JSON object); usually none.
+    pub attributes: Attributes,
     /// Who waits for its commit to acknowledge it (a QoS 1/2 publisher's connection).
     pub receipt: Option<Receipt>,
 }
@@ -231,19 +234,43 @@ pub fn settle(commands: &[WriterCommand], refused: bool) {
 impl NewRecord {
     /// What it costs against the quota.
     pub fn cost(&self) -> u64 {
-        (self.topic.len() + self.payload.len()) as u64 + RECORD_OVERHEAD_BYTES
+        let attributes = stored_attributes(&self.attributes).map_or(0, |a| a.len());
+        (self.topic.len() + self.payload.len() + attributes) as u64 + RECORD_OVERHEAD_BYTES
     }
 }
 
-/// The checksum stored with a record: CRC-32 of its seq, receive time, topic and payload, so
-/// a record that changed on disk (a torn page, a flipped bit) is told from a good one.
-pub fn checksum(seq: u64, received_at_ms: i64, topic: &str, payload: &[u8]) -> u32 {
+/// A record's attributes, by name: what `enrich` adds to a payload that is not a JSON object.
+/// They travel to the ingest beside the payload and become Kafka and NATS headers.
+pub type Attributes = BTreeMap<String, String>;
+
+/// Attributes as the `attributes` column holds them: a JSON object, or NULL when there are
+/// none (most records).
+fn stored_attributes(attributes: &Attributes) -> Option<Vec<u8>> {
+    (!attributes.is_empty())
+        .then(|| serde_json::to_vec(attributes).expect("invariant: a map of strings serialises"))
+}
+
+/// The checksum stored with a record: CRC-32 of its seq, receive time, topic, payload and
+/// stored attributes (when it has any), so a record that changed on disk (a torn page, a
+/// flipped bit) is told from a good one.
+pub fn checksum(
+    seq: u64,
+    received_at_ms: i64,
+    topic: &str,
+    payload: &[u8],
+    attributes: Option<&[u8]>,
+) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&seq.to_le_bytes());
     h.update(&received_at_ms.to_le_bytes());
     h.update(&(topic.len() as u64).to_le_bytes());
     h.update(topic.as_bytes());
     h.update(payload);
+    if let Some(a) = attributes {
+        h.update(b"\0attributes");
+        h.update(&(a.len() as u64).to_le_bytes());
+        h.update(a);
+    }
     h.finalize()
 }
 
@@ -262,6 +289,8 @@ pub struct StoredRecord {
     pub boot_id: String,
     /// Milliseconds since that boot when it was received; 0 if unknown.
     pub monotonic_ms: u64,
+    /// Its attributes.
+    pub attributes: Attributes,
 }
 
 /// A command for the writer thread.
@@ -1222,7 +1251,7 @@ fn load_stream(conn: &Connection, name: &str, priority: Priority) -> rusqlite::R
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     let (records, bytes): (i64, i64) = conn.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(length(topic) + length(payload)), 0) FROM records WHERE stream_id = ?1",
+        "SELECT COUNT(*), COALESCE(SUM(length(topic) + length(payload) + coalesce(length(attributes), 0)), 0) FROM records WHERE stream_id = ?1",
         [id],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -1348,15 +1377,15 @@ fn apply(
     let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO records (id, stream_id, seq, topic, received_at_ms, payload, boot, monotonic_ms, crc)
-             VALUES (?9, ?1, ?2, ?3, ?4, ?5, (SELECT id FROM boots WHERE boot_id = ?6), ?7, ?8)",
+            "INSERT INTO records (id, stream_id, seq, topic, received_at_ms, payload, boot, monotonic_ms, crc, attributes)
+             VALUES (?9, ?1, ?2, ?3, ?4, ?5, (SELECT id FROM boots WHERE boot_id = ?6), ?7, ?8, ?10)",
         )?;
         let mut delete = tx.prepare_cached(
-            "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING seq, length(topic) + length(payload)",
+            "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING seq, length(topic) + length(payload) + coalesce(length(attributes), 0)",
         )?;
         let mut evict = tx.prepare_cached(
             "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq LIMIT ?4)
-             RETURNING seq, length(topic) + length(payload)",
+             RETURNING seq, length(topic) + length(payload) + coalesce(length(attributes), 0)",
         )?;
         let mut evicted: Vec<Option<Dropped>> = vec![None; n];
         for command in commands {
@@ -1432,7 +1461,7 @@ fn apply(
         }
         if expire {
             let mut expire_rows = tx.prepare_cached(
-                "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 AND received_at_ms < ?4 RETURNING seq, length(topic) + length(payload)",
+                "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 AND received_at_ms < ?4 RETURNING seq, length(topic) + length(payload) + coalesce(length(attributes), 0)",
             )?;
             for (i, s) in streams.iter_mut().enumerate() {
                 let Some(ttl) = s.ttl_ms else { continue };
@@ -1489,6 +1518,7 @@ fn apply(
                         .into(),
                     received_at_ms: now_ms,
                     monotonic_ms: crate::clock::monotonic_ms(),
+                    attributes: Default::default(),
                     receipt: None,
                 };
                 append(&mut insert, &mut streams[ls], &record)?;
@@ -1598,14 +1628,19 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         )?;
     }
     // Checksums and the delivered floor came later: NULL (unknown) for what is already held.
-    for (table, column) in [("records", "crc"), ("streams", "floor")] {
+    // So did attributes: NULL (none) for what is already held.
+    for (table, column, kind) in [
+        ("records", "crc", "INTEGER"),
+        ("streams", "floor", "INTEGER"),
+        ("records", "attributes", "BLOB"),
+    ] {
         let has: bool = conn.query_row(
             &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"),
             [],
             |row| row.get::<_, i64>(0).map(|n| n > 0),
         )?;
         if !has {
-            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} INTEGER;"))?;
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind};"))?;
         }
     }
     conn.execute(
@@ -1621,6 +1656,7 @@ fn append(
     r: &NewRecord,
 ) -> rusqlite::Result<()> {
     let (topic, payload) = (&r.topic, &r.payload);
+    let attributes = stored_attributes(&r.attributes);
     insert.execute(params![
         s.id,
         s.next_seq as i64,
@@ -1629,10 +1665,18 @@ fn append(
         payload.as_ref(),
         crate::clock::boot_id(),
         r.monotonic_ms as i64,
-        checksum(s.next_seq, r.received_at_ms, topic, payload),
+        checksum(
+            s.next_seq,
+            r.received_at_ms,
+            topic,
+            payload,
+            attributes.as_deref()
+        ),
         row_id(s.id, s.next_seq),
+        attributes,
     ])?;
-    let cost = (topic.len() + payload.len()) as u64 + RECORD_OVERHEAD_BYTES;
+    let cost = (topic.len() + payload.len() + attributes.as_ref().map_or(0, Vec::len)) as u64
+        + RECORD_OVERHEAD_BYTES;
     s.progress.committed_seq = s.next_seq;
     s.next_seq += 1;
     s.progress.appended_bytes += cost;
@@ -1769,11 +1813,11 @@ impl BufferReader {
         let mut stmt = self
             .conn
             .prepare_cached(if newest_first {
-                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms, r.crc
+                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms, r.crc, r.attributes
                  FROM records r LEFT JOIN boots b ON b.id = r.boot
                  WHERE r.stream_id = ?1 AND r.seq BETWEEN ?2 AND ?3 ORDER BY r.seq DESC LIMIT ?4"
             } else {
-                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms, r.crc
+                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms, r.crc, r.attributes
                  FROM records r LEFT JOIN boots b ON b.id = r.boot
                  WHERE r.stream_id = ?1 AND r.seq BETWEEN ?2 AND ?3 ORDER BY r.seq LIMIT ?4"
             })
@@ -1798,6 +1842,7 @@ impl BufferReader {
             while let Some(row) = rows.next().map_err(sqlite)? {
                 let seq = row.get::<_, i64>(0).map_err(sqlite)? as u64;
                 // A damaged row may not even read as the types it should have.
+                let stored: Option<Vec<u8>> = row.get(7).ok().flatten();
                 let read = (|| -> rusqlite::Result<StoredRecord> {
                     Ok(StoredRecord {
                         seq,
@@ -1806,6 +1851,16 @@ impl BufferReader {
                         payload: row.get(3)?,
                         boot_id: row.get::<_, Option<String>>(4)?.unwrap_or_default(),
                         monotonic_ms: row.get::<_, Option<i64>>(5)?.map_or(0, |m| m as u64),
+                        attributes: match &stored {
+                            None => Attributes::new(),
+                            Some(json) => serde_json::from_slice(json).map_err(|e| {
+                                rusqlite::Error::FromSqlConversionFailure(
+                                    7,
+                                    rusqlite::types::Type::Blob,
+                                    Box::new(e),
+                                )
+                            })?,
+                        },
                     })
                 })();
                 // NULL: a record from before checksums. Anything but an integer is damage.
@@ -1817,7 +1872,14 @@ impl BufferReader {
                 let intact = read.as_ref().is_ok_and(|r| {
                     crc.is_ok_and(|crc| {
                         crc.is_none_or(|c| {
-                            c as u32 == checksum(r.seq, r.received_at_ms, &r.topic, &r.payload)
+                            c as u32
+                                == checksum(
+                                    r.seq,
+                                    r.received_at_ms,
+                                    &r.topic,
+                                    &r.payload,
+                                    stored.as_deref(),
+                                )
                         })
                     })
                 });
@@ -1911,6 +1973,7 @@ mod tests {
             payload: Bytes::copy_from_slice(payload),
             received_at_ms: 7,
             monotonic_ms: 7,
+            attributes: Default::default(),
             receipt: None,
         })
     }
@@ -2028,6 +2091,62 @@ mod tests {
             4,
             "sequence survives the restart"
         );
+    }
+
+    #[test]
+    fn attributes_are_stored_checked_read_back_and_counted() {
+        let (_dir, path, mut b) = fresh(1 << 30);
+        let attributes: Attributes = [("device_location", "floor 1"), ("site", "berlin")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let mut with = rec(1, b"21.5 C");
+        if let WriterCommand::Append(r) = &mut with {
+            r.attributes = attributes.clone();
+        }
+        let cost = match &with {
+            WriterCommand::Append(r) => r.cost(),
+            _ => unreachable!(),
+        };
+        b.commit(&[with, rec(1, b"22"), rec(1, b"23")], &[], 0, false)
+            .expect("commit");
+        assert_eq!(
+            b.progress()[1].backlog_bytes,
+            cost + 2 * (3 + 2 + RECORD_OVERHEAD_BYTES),
+            "the attributes count against the quota"
+        );
+        let names = ["alarms".into(), "telemetry".into(), "logs".into()];
+        let r = BufferReader::open(&path, &names).expect("reader");
+        let read = r
+            .read_batch(1, &[(1, MAX_SEQ)], false, 10, 1 << 20)
+            .expect("read");
+        assert_eq!(read.records[0].attributes, attributes);
+        assert!(read.records[1].attributes.is_empty());
+        // A changed attribute is damage, as a changed payload is.
+        b.conn
+            .execute(
+                "UPDATE records SET attributes = CAST(replace(CAST(attributes AS TEXT), 'floor 1', 'floor 2') AS BLOB) WHERE seq = 1",
+                [],
+            )
+            .expect("tamper");
+        let read = r
+            .read_batch(1, &[(1, MAX_SEQ)], false, 10, 1 << 20)
+            .expect("read");
+        assert_eq!(read.corrupt, vec![1]);
+        assert_eq!(read.records.len(), 2);
+        // Acknowledged, the three give back exactly what they cost.
+        b.commit(
+            &[WriterCommand::Ack {
+                stream: 1,
+                first: 1,
+                last: 3,
+            }],
+            &[],
+            0,
+            false,
+        )
+        .expect("ack");
+        assert_eq!(b.progress()[1].backlog_bytes, 0);
     }
 
     #[test]
@@ -2254,6 +2373,7 @@ mod tests {
                 payload: Bytes::from_static(b"x"),
                 received_at_ms: t,
                 monotonic_ms: 1,
+                attributes: Default::default(),
                 receipt: None,
             })
         };
@@ -2515,6 +2635,7 @@ mod frozen_tests {
                 payload: Bytes::from(vec![7u8; 400]),
                 received_at_ms: 1,
                 monotonic_ms: 1,
+                attributes: Default::default(),
                 receipt: None,
             })
         };

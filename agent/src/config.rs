@@ -1030,6 +1030,25 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             .enumerate()
             .map(|(j, t)| validate_transform(&format!("streams[{i}].transforms[{j}]"), t))
             .collect::<Result<Vec<_>, _>>()?;
+        let attributes: std::collections::BTreeSet<&str> = transforms
+            .iter()
+            .filter_map(|t| match &t.spec {
+                Spec::Enrich(e) => Some(e.names()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        if attributes.len() > ingest_wire::MAX_ATTRIBUTES {
+            return Err((
+                format!("streams[{i}].transforms"),
+                format!(
+                    "its enrich steps add {} names; at most {} (a payload that is not a JSON object carries them as attributes, at most {} per record)",
+                    attributes.len(),
+                    ingest_wire::MAX_ATTRIBUTES,
+                    ingest_wire::MAX_ATTRIBUTES
+                ),
+            ));
+        }
         streams.push(StreamConfig {
             name: s.name,
             topics,
@@ -1384,6 +1403,27 @@ fn validate_transform(key: &str, raw: RawTransform) -> Result<Step, Invalid> {
                     format!("{key}.enrich"),
                     "adds nothing: give fields, facts or a topic pattern".into(),
                 ));
+            }
+            // The names become headers when the payload is not a JSON object.
+            let named = e
+                .fields
+                .keys()
+                .map(|k| (format!("{key}.enrich.fields.{k}"), k.as_str()))
+                .chain(
+                    topic
+                        .iter()
+                        .flat_map(TopicPattern::names)
+                        .map(|n| (format!("{key}.enrich.topic"), n)),
+                );
+            for (at, name) in named {
+                if let Some(problem) = ingest_wire::attribute_name_problem(name) {
+                    return Err((
+                        at,
+                        format!(
+                            "{problem}; enrich names become headers when a payload is not a JSON object"
+                        ),
+                    ));
+                }
             }
             Step {
                 spec: Spec::Enrich(Enrich {
@@ -1804,6 +1844,26 @@ streams:
                 "      - enrich: { topic: \"plant/#/x\" }\n",
                 "streams[1].transforms[0].enrich.topic",
                 "last segment",
+            ),
+            (
+                "      - enrich: { fields: { \"device location\": a } }\n",
+                "streams[1].transforms[0].enrich.fields.device location",
+                "[A-Za-z0-9_.-]",
+            ),
+            (
+                "      - enrich: { fields: { seq: 1 } }\n",
+                "streams[1].transforms[0].enrich.fields.seq",
+                "metadata",
+            ),
+            (
+                "      - enrich: { topic: \"plant/{stream}/#\" }\n",
+                "streams[1].transforms[0].enrich.topic",
+                "metadata",
+            ),
+            (
+                "      - enrich: { fields: { a1: 1, a2: 1, a3: 1, a4: 1, a5: 1, a6: 1, a7: 1, a8: 1, a9: 1 } }\n      - enrich: { fields: { b1: 1, b2: 1, b3: 1, b4: 1, b5: 1, b6: 1, b7: 1, b8: 1 } }\n",
+                "streams[1].transforms",
+                "add 17 names; at most 16",
             ),
             (
                 "      - filter: { where: [{ field: t, op: \"~\", value: 1 }] }\n",

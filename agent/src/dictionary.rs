@@ -150,6 +150,14 @@ fn sample(device: &str, stream: &str, r: &StoredRecord) -> Vec<u8> {
             received_at_ms: r.received_at_ms,
             boot_id: r.boot_id.clone(),
             monotonic_ms: r.monotonic_ms,
+            attributes: r
+                .attributes
+                .iter()
+                .map(|(key, value)| ingest_wire::Attribute {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
         }],
         ..Default::default()
     })
@@ -174,6 +182,7 @@ mod tests {
                 received_at_ms: 1_795_000_000_000 + i as i64,
                 boot_id: "b".into(),
                 monotonic_ms: i,
+                attributes: Default::default(),
             })
             .collect()
     }

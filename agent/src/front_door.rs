@@ -139,6 +139,7 @@ impl Intake {
             payload,
             received_at_ms: crate::clock::now_ms(),
             monotonic_ms: crate::clock::monotonic_ms(),
+            attributes: Default::default(),
             receipt,
         };
         let kept = self.ctx.keep(WriterCommand::Append(record)).await;
@@ -954,7 +955,7 @@ where
                         ctx.retained_sent(&text, p.payload.len());
                     }
                 }
-                let digest = crate::buffer::checksum(0, 0, &text, &p.payload);
+                let digest = crate::buffer::checksum(0, 0, &text, &p.payload, None);
                 let already = {
                     let mut s = session
                         .lock()
@@ -1003,6 +1004,7 @@ where
                         payload: p.payload.clone(),
                         received_at_ms: crate::clock::now_ms(),
                         monotonic_ms: crate::clock::monotonic_ms(),
+                        attributes: Default::default(),
                         receipt,
                     };
                     let queued = ctx.keep(WriterCommand::Append(record)).await;
@@ -1230,6 +1232,7 @@ async fn keep_will(ctx: &Ctx, who: &Client<'_>, client_id: &str, will: &mqtt::Wi
         payload: will.payload.clone(),
         received_at_ms: crate::clock::now_ms(),
         monotonic_ms: crate::clock::monotonic_ms(),
+        attributes: Default::default(),
         receipt: None,
     };
     ctx.keep(WriterCommand::Append(record)).await.is_ok()
@@ -1452,6 +1455,7 @@ mod tests {
                 payload: Bytes::new(),
                 received_at_ms: 0,
                 monotonic_ms: 0,
+                attributes: Default::default(),
                 receipt: Some(Receipt {
                     to: receipts.clone(),
                     ticket: owed.last,

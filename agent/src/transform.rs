@@ -24,6 +24,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::buffer::Attributes;
 use crate::routing::TopicFilter;
 
 /// Most keys (topics) a deadband or window step keeps state for. Beyond, a deadband forgets
@@ -93,6 +94,18 @@ pub struct Enrich {
     pub hostname: bool,
     /// A topic pattern whose `{name}` segments become fields, e.g. `plant/{site}/#`.
     pub topic: Option<TopicPattern>,
+}
+
+impl Enrich {
+    /// Every name it adds: as fields to a JSON object, as attributes to anything else.
+    pub fn names(&self) -> std::collections::BTreeSet<&str> {
+        let mut names: std::collections::BTreeSet<&str> =
+            self.fields.keys().map(String::as_str).collect();
+        names.extend(self.topic.iter().flat_map(TopicPattern::names));
+        names.extend(self.device_id.then_some("device_id"));
+        names.extend(self.hostname.then_some("hostname"));
+        names
+    }
 }
 
 /// `filter`: a record matches when its topic matches one of `topics` (any topic if none) and
@@ -242,6 +255,14 @@ impl TopicPattern {
         Ok(TopicPattern(segments))
     }
 
+    /// The names it captures, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|s| match s {
+            Segment::Capture(name) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
     /// The captured segments of `topic`, if it matches.
     fn captures(&self, topic: &str) -> Option<Vec<(String, String)>> {
         let levels: Vec<&str> = topic.split('/').collect();
@@ -268,6 +289,8 @@ pub struct Reading {
     pub payload: Bytes,
     /// Receive time, Unix ms.
     pub received_at_ms: i64,
+    /// Attributes: what `enrich` adds to a payload that is not a JSON object.
+    pub attributes: Attributes,
 }
 
 /// Why a record was not sent (the `reason` of `agent_records_filtered_total`).
@@ -663,21 +686,33 @@ impl Running {
     ) -> Done {
         match &self.step.spec {
             Spec::Enrich(e) => {
-                let Some(o) = parsed.object(&reading.payload) else {
-                    return self.unreadable(out);
-                };
                 // What the topic (the sensor's choice) says first: the agent's facts and the
                 // configured fields win over it.
-                if let Some(captures) = e.topic.as_ref().and_then(|p| p.captures(&reading.topic)) {
-                    for (k, v) in captures {
-                        o.insert(k, Value::from(v));
+                let captures = e.topic.as_ref().and_then(|p| p.captures(&reading.topic));
+                let facts = [
+                    e.device_id.then_some(("device_id", &facts.device_id)),
+                    e.hostname.then_some(("hostname", &facts.hostname)),
+                ];
+                let Some(o) = parsed.object(&reading.payload) else {
+                    // Not a JSON object: the same names and values become the record's
+                    // attributes (headers in Kafka and NATS), the payload is kept as it is.
+                    let a = &mut reading.attributes;
+                    for (k, v) in captures.into_iter().flatten() {
+                        a.insert(k, v);
                     }
+                    for (k, v) in facts.into_iter().flatten() {
+                        a.insert(k.to_owned(), v.clone());
+                    }
+                    for (k, v) in &e.fields {
+                        a.insert(k.clone(), attribute_value(v));
+                    }
+                    return Done::Next;
+                };
+                for (k, v) in captures.into_iter().flatten() {
+                    o.insert(k, Value::from(v));
                 }
-                if e.device_id {
-                    o.insert("device_id".into(), Value::from(facts.device_id.clone()));
-                }
-                if e.hostname {
-                    o.insert("hostname".into(), Value::from(facts.hostname.clone()));
+                for (k, v) in facts.into_iter().flatten() {
+                    o.insert(k.to_owned(), Value::from(v.clone()));
                 }
                 for (k, v) in &e.fields {
                     o.insert(k.clone(), v.clone());
@@ -848,6 +883,15 @@ impl WindowState {
     }
 }
 
+/// A configured field's value as an attribute: a string as it is, anything else as its JSON
+/// text (`3`, `true`, `{"a":1}`).
+fn attribute_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// The record a window of `topic` makes when it ends: received at its end.
 fn summary(topic: &str, state: &WindowState) -> Reading {
     let end = state.start_ms.saturating_add(state.every_ms);
@@ -872,6 +916,7 @@ fn summary(topic: &str, state: &WindowState) -> Reading {
             .expect("invariant: a JSON value serialises")
             .into(),
         received_at_ms: end,
+        attributes: Attributes::new(),
     }
 }
 
@@ -913,6 +958,7 @@ mod tests {
             topic: topic.into(),
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             received_at_ms: at,
+            attributes: Attributes::new(),
         }
     }
 
@@ -1027,6 +1073,44 @@ mod tests {
         assert_eq!(out.made.len(), 1);
         assert_eq!(json(&out.made[0])["count"], 1);
         assert!(c.tick(200_000, &f).made.is_empty(), "nothing left open");
+    }
+
+    #[test]
+    fn enrich_gives_a_payload_that_is_not_a_json_object_attributes() {
+        let mut fields = Map::new();
+        fields.insert("device_location".into(), Value::from("factory-floor-1"));
+        fields.insert("floor".into(), Value::from(3));
+        let mut c = Chain::new(vec![Step {
+            spec: Spec::Enrich(Enrich {
+                fields,
+                device_id: true,
+                hostname: false,
+                topic: Some(TopicPattern::new("plant/{site}/#").expect("pattern")),
+            }),
+            on_error: OnError::Drop,
+        }]);
+        for payload in ["21.5 C", "21.5", "[1, 2]", "\u{0}\u{ff}"] {
+            let out = c.run(reading("plant/berlin/t1", payload, 0), &facts());
+            let kept = out.kept.expect("kept");
+            assert_eq!(kept.payload.as_ref(), payload.as_bytes(), "untouched");
+            let want: Attributes = [
+                ("device_id", "gw-7"),
+                ("device_location", "factory-floor-1"),
+                ("floor", "3"),
+                ("site", "berlin"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+            assert_eq!(kept.attributes, want, "{payload:?}");
+            assert!(out.unparsable.is_empty(), "not an error for enrich");
+        }
+        // A JSON object gets fields, and no attributes.
+        let out = c.run(reading("plant/berlin/t1", r#"{"t": 1}"#, 0), &facts());
+        let kept = out.kept.expect("kept");
+        assert!(kept.attributes.is_empty());
+        assert_eq!(json(&kept)["floor"], 3);
+        assert_eq!(json(&kept)["site"], "berlin");
     }
 
     #[test]
@@ -1255,6 +1339,7 @@ mod tests {
                         topic: format!("plant/s{topic}/x"),
                         payload: payload.into(),
                         received_at_ms: at,
+                        attributes: Attributes::new(),
                     },
                     &f,
                 );

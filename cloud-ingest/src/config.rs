@@ -471,13 +471,17 @@ impl RequestLimits {
     /// What decoding a body may cost at most: the body, its decompressed bytes (`raw_bound`,
     /// at most `max_decompressed_bytes`) two and a half times (the buffer, the payloads and
     /// topics copied out of it, the decoder's buffers), the zstd window (at most 16 MiB, and
-    /// never more than the output), and about 112 bytes per decoded record.
+    /// never more than the output), and [`ingest_wire::DECODED_RECORD_BYTES`] per decoded record
+    /// (the record and its attributes).
     pub fn decoding_cost(&self, body_bytes: usize, raw_bound: usize) -> usize {
         let window = raw_bound.min(1 << ingest_wire::MAX_WINDOW_LOG);
         body_bytes
             .saturating_add(raw_bound.saturating_mul(5) / 2)
             .saturating_add(window)
-            .saturating_add(self.max_records_per_batch.saturating_mul(112))
+            .saturating_add(
+                self.max_records_per_batch
+                    .saturating_mul(ingest_wire::DECODED_RECORD_BYTES),
+            )
     }
 }
 
@@ -667,7 +671,7 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         return Err((
             "limits.max_decoding_bytes".into(),
             format!(
-                "must be at least what the largest request may cost ({} MiB with these limits: the body, 2.5 times its decompressed size, the zstd window and 112 bytes per record), or such a request could never be decoded",
+                "must be at least what the largest request may cost ({} MiB with these limits: the body, 2.5 times its decompressed size, the zstd window and 904 bytes per record), or such a request could never be decoded",
                 largest.div_ceil(1 << 20)
             ),
         ));

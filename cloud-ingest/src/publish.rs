@@ -97,8 +97,9 @@ impl Delivery {
 
 impl Delivery {
     /// `record`'s metadata as header name and value (names and meaning in `wire/SPEC.md`),
-    /// each value encoded by [`header_value`].
-    pub fn headers(&self, r: &Record, batch_id: &str) -> Vec<(&'static str, String)> {
+    /// then its attributes (whose names the contract keeps apart from the metadata's), each
+    /// value encoded by [`header_value`].
+    pub fn headers<'a>(&'a self, r: &'a Record, batch_id: &str) -> Vec<(&'a str, String)> {
         let b = &self.batch;
         let mut fields = vec![
             ("device", header_value(&b.device_id).into_owned()),
@@ -123,18 +124,21 @@ impl Delivery {
             fields.push(("corrected_at_ms", corrected.to_string()));
             fields.push(("clock_corrected", "true".into()));
         }
+        for a in &r.attributes {
+            fields.push((a.key.as_str(), header_value(&a.value).into_owned()));
+        }
         fields
     }
 
     /// The dead letter standing for `record`, which the log refused for good with `reason`:
     /// its headers (the record's, plus where it was going and why it is here) and payload (the
     /// first [`DEAD_LETTER_SAMPLE_BYTES`] of the record's).
-    pub fn dead_letter(
-        &self,
-        r: &Record,
+    pub fn dead_letter<'a>(
+        &'a self,
+        r: &'a Record,
         batch_id: &str,
         reason: &str,
-    ) -> (Vec<(&'static str, String)>, Bytes) {
+    ) -> (Vec<(&'a str, String)>, Bytes) {
         let mut headers = self.headers(r, batch_id);
         // A record may be refused for its headers (a topic near 64 KiB): its dead letter keeps
         // the first KiB of each long one, and names them.
@@ -249,6 +253,43 @@ mod tests {
         assert!(get("mqtt_topic").len() <= super::DEAD_LETTER_HEADER_BYTES);
         assert_eq!(get("dead_letter_cut_headers"), "mqtt_topic");
         assert_eq!(sample.len(), 10);
+    }
+
+    #[test]
+    fn attributes_follow_the_metadata_headers_with_encoded_values() {
+        let d = super::Delivery {
+            tenant: "acme".into(),
+            topic: "iot.acme.t".into(),
+            dead_letter_topic: "iot.acme._dead_letters".into(),
+            batch: ingest_wire::Batch::default(),
+            ingested_at_ms: 1,
+            clock_offset_ms: None,
+        };
+        let r = ingest_wire::Record {
+            topic: "plant/7/line".into(),
+            attributes: vec![
+                ingest_wire::Attribute {
+                    key: "device_location".into(),
+                    value: "factory-floor-1".into(),
+                },
+                ingest_wire::Attribute {
+                    key: "site".into(),
+                    value: "a\nb ".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let headers = d.headers(&r, "b");
+        let n = headers.len();
+        assert_eq!(
+            headers[n - 2],
+            ("device_location", "factory-floor-1".into())
+        );
+        assert_eq!(headers[n - 1], ("site", "a%0Ab%20".into()));
+        assert_eq!(
+            headers.iter().filter(|(k, _)| *k == "mqtt_topic").count(),
+            1
+        );
     }
 
     #[test]

@@ -35,6 +35,8 @@ fn records() -> impl Strategy<Value = Vec<Record>> {
                 any::<i64>(),
                 "[a-f0-9-]{0,8}",
                 any::<u64>(),
+                // Valid names (none reserved, each once), so that nearly every batch is valid.
+                proptest::collection::btree_map("x[a-z_.-]{0,7}", "[ -~\n]{0,12}", 0..4),
             ),
             1..12,
         ),
@@ -43,7 +45,16 @@ fn records() -> impl Strategy<Value = Vec<Record>> {
             fields
                 .into_iter()
                 .map(
-                    |(gap, topic, payload, qos, received_at_ms, boot_id, monotonic_ms)| {
+                    |(
+                        gap,
+                        topic,
+                        payload,
+                        qos,
+                        received_at_ms,
+                        boot_id,
+                        monotonic_ms,
+                        attributes,
+                    )| {
                         seq += gap;
                         Record {
                             seq,
@@ -53,6 +64,10 @@ fn records() -> impl Strategy<Value = Vec<Record>> {
                             received_at_ms,
                             boot_id,
                             monotonic_ms,
+                            attributes: attributes
+                                .into_iter()
+                                .map(|(key, value)| ingest_wire::Attribute { key, value })
+                                .collect(),
                         }
                     },
                 )
@@ -82,12 +97,22 @@ fn batches() -> impl Strategy<Value = Batch> {
 /// is within the limits.
 fn within_limits(result: Result<Batch, DecodeError>) {
     match result {
-        Ok(batch) => assert!(
-            batch.records.len() <= LIMITS.max_records,
-            "{} records accepted over a limit of {}",
-            batch.records.len(),
-            LIMITS.max_records
-        ),
+        Ok(batch) => {
+            assert!(
+                batch.records.len() <= LIMITS.max_records,
+                "{} records accepted over a limit of {}",
+                batch.records.len(),
+                LIMITS.max_records
+            );
+            for r in &batch.records {
+                assert!(r.attributes.len() <= ingest_wire::MAX_ATTRIBUTES);
+                assert!(
+                    r.attributes
+                        .iter()
+                        .all(|a| ingest_wire::attribute_name_problem(&a.key).is_none())
+                );
+            }
+        }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
 }
@@ -118,6 +143,8 @@ fn json_of(b: &Batch) -> Vec<u8> {
                 "payload": String::from_utf8_lossy(&r.payload),
                 "received_at_ms": r.received_at_ms, "boot_id": r.boot_id,
                 "monotonic_ms": r.monotonic_ms,
+                "attributes": r.attributes.iter().map(|a| (a.key.clone(), serde_json::Value::from(a.value.clone())))
+                    .collect::<serde_json::Map<_, _>>(),
             })
         })
         .collect();

@@ -484,6 +484,8 @@ pub struct LogRecord {
     pub mqtt_topic: String,
     /// Exact payload bytes.
     pub payload: Vec<u8>,
+    /// Its attributes (`wire/SPEC.md`), by name.
+    pub attributes: std::collections::BTreeMap<String, String>,
 }
 
 impl Cloud {
@@ -527,6 +529,7 @@ impl Cloud {
                     seq: r["seq"].as_u64().expect("seq"),
                     mqtt_topic: r["mqtt_topic"].as_str().expect("mqtt_topic").to_owned(),
                     payload,
+                    attributes: serde_json::from_value(r["attributes"].clone()).unwrap_or_default(),
                 });
             }
             from = page["next_offset"].as_u64().expect("next_offset");

@@ -30,6 +30,15 @@ const STREAMS: &str = "
     batch: { max_records: 100, linger: 0ms }
     transforms:
       - deadband: { field: v, absolute: 1, on_error: pass }
+  - name: raw
+    topics: [\"plant/+/raw/#\"]
+    priority: normal
+    batch: { max_records: 100, linger: 0ms }
+    transforms:
+      - enrich:
+          fields: { device_location: factory-floor-1, floor: 3 }
+          facts: [device_id]
+          topic: \"plant/{site}/#\"
 ";
 
 fn now_ms() -> u64 {
@@ -64,7 +73,7 @@ fn a_scripted_sequence_through_the_transforms_gives_exactly_the_expected_records
         r#"{"t": 20.2}"#, // deadband
         r#"{"t": 20.6}"#, // sent
         r#"{"t": -50}"#,  // filter
-        "garbage",        // enrich passes it, filter cannot read it: dropped
+        "garbage",        // enrich gives it attributes, filter cannot read it: dropped
         r#"{"t": 20.7}"#, // deadband
     ];
     let started = now_ms();
@@ -83,6 +92,12 @@ fn a_scripted_sequence_through_the_transforms_gives_exactly_the_expected_records
         1,
         "plant/berlin/vibration/v1",
         [r#"{"v": 1}"#, "garbage", r#"{"v": 1.2}"#, r#"{"v": 3}"#].map(String::from)
+    ));
+    assert!(e2e::mosquitto_pub_lines(
+        agent.mqtt,
+        1,
+        "plant/berlin/raw/r1",
+        ["21.5 C", r#"{"t": 1}"#].map(String::from)
     ));
     // After the first window (4 s) and the heartbeat (2 s after 20.6 was sent): sent again.
     while now_ms() < started - started % 4_000 + 4_500 {
@@ -145,6 +160,28 @@ fn a_scripted_sequence_through_the_transforms_gives_exactly_the_expected_records
         "passed through untouched, and the stream flows on"
     );
 
+    // Not a JSON object: the payload untouched, the enrichment as attributes (headers in
+    // Kafka and NATS). A JSON object: fields, no attributes.
+    let raw = cloud.read_topic(&format!("iot.{TENANT}.raw"));
+    assert_eq!(raw.len(), 2);
+    assert_eq!(raw[0].payload, b"21.5 C");
+    let want: std::collections::BTreeMap<String, String> = [
+        ("device_id", e2e::DEVICE),
+        ("device_location", "factory-floor-1"),
+        ("floor", "3"),
+        ("site", "berlin"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(raw[0].attributes, want);
+    let enriched = json(&raw[1].payload);
+    assert_eq!(
+        (&enriched["floor"], &enriched["site"]),
+        (&3.into(), &"berlin".into())
+    );
+    assert!(raw[1].attributes.is_empty());
+
     let metric = |stream: &str, reason: &str| {
         agent.metric(&format!(
             "agent_records_filtered_total{{reason=\"{reason}\",stream=\"{stream}\"}}"
@@ -159,7 +196,11 @@ fn a_scripted_sequence_through_the_transforms_gives_exactly_the_expected_records
             "agent_transform_unparsable_total{{action=\"{action}\",stream=\"{stream}\",transform=\"{step}\"}}"
         ))
     };
-    assert_eq!(unparsable("telemetry", "enrich", "passed"), 1.0);
+    assert_eq!(
+        unparsable("telemetry", "enrich", "passed"),
+        0.0,
+        "enrich gives a payload it cannot read attributes instead"
+    );
     assert_eq!(unparsable("telemetry", "filter", "dropped"), 1.0);
     assert_eq!(unparsable("vibration", "deadband", "passed"), 1.0);
     assert_eq!(

@@ -80,7 +80,21 @@ fn kafka_two_tenants_three_streams_exactly_once_with_keys_headers_and_order() {
         .kafka(&tansu.brokers)
         .device("dev-b", "globex", "token-b-0123456789")
         .run();
-    let agent_a = AgentHarness::new(&a_dir, &cloud.url()).run();
+    // Device A enriches its telemetry: its binary payloads carry attributes, which become
+    // Kafka headers.
+    let enriched = e2e::THREE_STREAMS.replace(
+        "    batch: { max_records: 1000, linger: 50ms }\n",
+        "    batch: { max_records: 1000, linger: 50ms }
+    transforms:
+      - enrich:
+          fields: { device_location: factory floor 1 }
+          facts: [device_id]
+          topic: \"plant/{site}/#\"\n",
+    );
+    assert_ne!(enriched, e2e::THREE_STREAMS);
+    let agent_a = AgentHarness::new(&a_dir, &cloud.url())
+        .streams(&enriched)
+        .run();
     let agent_b = AgentHarness::new(&b_dir, &cloud.url())
         .device("dev-b", "token-b-0123456789")
         .run();
@@ -138,6 +152,13 @@ fn kafka_two_tenants_three_streams_exactly_once_with_keys_headers_and_order() {
             "the Kafka timestamp is the receive time (clock fine: not corrected)"
         );
         assert!(!r.headers.contains_key("clock_corrected"));
+        if device == DEVICE && stream == "telemetry" {
+            assert_eq!(r.header("device_location"), "factory floor 1");
+            assert_eq!(r.header("device_id"), DEVICE);
+            assert_eq!(r.header("site"), client.to_string());
+        } else {
+            assert!(!r.headers.contains_key("site"), "{:?}", r.headers);
+        }
         let batch_id = r.header("batch_id");
         assert!(
             batch_id.starts_with(&format!("{device}/{stream}/{}/", r.header("epoch"))),
@@ -222,6 +243,10 @@ fn jetstream_exactly_once_and_a_retry_to_another_replica_is_dropped_by_msg_id() 
                 payload: bytes::Bytes::from(format!("r{seq}")),
                 qos: None,
                 received_at_ms: agent_now - 1000,
+                attributes: vec![ingest_wire::Attribute {
+                    key: "line".into(),
+                    value: format!(" {seq}\n"),
+                }],
                 ..Default::default()
             })
             .collect(),
@@ -266,6 +291,12 @@ fn jetstream_exactly_once_and_a_retry_to_another_replica_is_dropped_by_msg_id() 
             corrected - original
         );
         assert_eq!(m.headers["clock_corrected"], "true");
+        let seq = &m.headers["seq"];
+        assert_eq!(
+            m.headers["line"],
+            format!("%20{seq}%0A"),
+            "an attribute is a header, encoded"
+        );
     }
     drop(agent);
 }

@@ -311,6 +311,12 @@ fn raw_record(row: pages::Row) -> Option<OldRow> {
     let Some(Int(crc)) = v.next() else {
         return None;
     };
+    // Rows written before the column existed end at the checksum.
+    let attributes = match v.next() {
+        None | Some(Null) => None,
+        Some(Blob(a)) => Some(a),
+        Some(_) => return None,
+    };
     Some(OldRow {
         rowid,
         stream_id,
@@ -320,6 +326,7 @@ fn raw_record(row: pages::Row) -> Option<OldRow> {
         payload,
         crc: Some(crc),
         monotonic_ms,
+        attributes,
     })
 }
 
@@ -333,6 +340,7 @@ struct OldRow {
     payload: Vec<u8>,
     crc: Option<i64>,
     monotonic_ms: Option<i64>,
+    attributes: Option<Vec<u8>>,
 }
 
 fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged> {
@@ -367,11 +375,16 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
     let prepare = |filter: &str| {
         source
             .prepare(&format!(
-                "SELECT {COLUMNS}, crc, monotonic_ms FROM records WHERE {filter}"
+                "SELECT {COLUMNS}, crc, monotonic_ms, attributes FROM records WHERE {filter}"
             ))
             .or_else(|_| {
                 source.prepare(&format!(
-                    "SELECT {COLUMNS}, NULL, NULL FROM records WHERE {filter}"
+                    "SELECT {COLUMNS}, crc, monotonic_ms, NULL FROM records WHERE {filter}"
+                ))
+            })
+            .or_else(|_| {
+                source.prepare(&format!(
+                    "SELECT {COLUMNS}, NULL, NULL, NULL FROM records WHERE {filter}"
                 ))
             })
     };
@@ -391,6 +404,7 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
                 payload: r.get(5)?,
                 crc: r.get(6)?,
                 monotonic_ms: r.get(7)?,
+                attributes: r.get(8)?,
             },
         ))
     };
@@ -422,7 +436,14 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
         // The checksum covers all but the stream; a clustered rowid repeats the stream and
         // the sequence, so a flipped stream id shows there (rowids below 2^48 are older).
         let intact = row.crc.is_none_or(|c| {
-            c as u32 == super::checksum(row.seq, row.received_at_ms, &row.topic, &row.payload)
+            c as u32
+                == super::checksum(
+                    row.seq,
+                    row.received_at_ms,
+                    &row.topic,
+                    &row.payload,
+                    row.attributes.as_deref(),
+                )
         }) && (row.rowid < 1 << 48
             || super::row_id(row.stream_id, row.seq) == Some(row.rowid));
         if !intact {
@@ -445,7 +466,7 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
                 .is_some_and(|s| s.contains_key(&row.stream_id));
         let seq = if known { row.seq } else { next as u64 };
         let inserted = tx.execute(
-        "INSERT OR IGNORE INTO records (id, stream_id, seq, topic, received_at_ms, payload, monotonic_ms, crc) VALUES (?8, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT OR IGNORE INTO records (id, stream_id, seq, topic, received_at_ms, payload, monotonic_ms, crc, attributes) VALUES (?8, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9)",
         params![
             sid,
             seq as i64,
@@ -453,8 +474,15 @@ fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Result<Salvaged
             row.received_at_ms,
             row.payload,
             row.monotonic_ms,
-            super::checksum(seq, row.received_at_ms, &row.topic, &row.payload),
+            super::checksum(
+                seq,
+                row.received_at_ms,
+                &row.topic,
+                &row.payload,
+                row.attributes.as_deref()
+            ),
             super::row_id(sid, seq),
+            row.attributes,
         ],
     )?;
         if inserted == 0 {
@@ -751,22 +779,27 @@ pub fn verify(path: &Path) -> rusqlite::Result<VerifyReport> {
         r.get::<_, i64>(0)
     })? as u64;
     let mut corrupt_records = 0;
-    if let Ok(mut stmt) =
-        conn.prepare("SELECT seq, received_at_ms, topic, payload, crc FROM records")
+    // A file from before attributes has no such column: NULL (none) for all its rows.
+    if let Ok(mut stmt) = conn
+        .prepare("SELECT seq, received_at_ms, topic, payload, crc, attributes FROM records")
+        .or_else(|_| {
+            conn.prepare("SELECT seq, received_at_ms, topic, payload, crc, NULL FROM records")
+        })
     {
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
-            let intact =
-                (|| -> rusqlite::Result<bool> {
-                    let crc: Option<i64> = row.get(4)?;
-                    let seq = row.get::<_, i64>(0)? as u64;
-                    let received: i64 = row.get(1)?;
-                    let topic: String = row.get(2)?;
-                    let payload: Vec<u8> = row.get(3)?;
-                    Ok(crc.is_none_or(|c| {
-                        c as u32 == super::checksum(seq, received, &topic, &payload)
-                    }))
-                })();
+            let intact = (|| -> rusqlite::Result<bool> {
+                let crc: Option<i64> = row.get(4)?;
+                let seq = row.get::<_, i64>(0)? as u64;
+                let received: i64 = row.get(1)?;
+                let topic: String = row.get(2)?;
+                let payload: Vec<u8> = row.get(3)?;
+                let attributes: Option<Vec<u8>> = row.get(5)?;
+                Ok(crc.is_none_or(|c| {
+                    c as u32
+                        == super::checksum(seq, received, &topic, &payload, attributes.as_deref())
+                }))
+            })();
             if !intact.unwrap_or(false) {
                 corrupt_records += 1;
             }
@@ -801,6 +834,9 @@ pub struct DumpedRecord {
     /// For dead letters: the ingest's status and reason.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rejected: Option<(u16, String)>,
+    /// Its attributes, when it has any (records only).
+    #[serde(skip_serializing_if = "super::Attributes::is_empty")]
+    pub attributes: super::Attributes,
 }
 
 /// Every record (or dead letter) of a buffer file, in order, passed to `each`; read-only.
@@ -811,11 +847,14 @@ pub fn dump(
 ) -> rusqlite::Result<()> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let sql = if dead_letters {
-        "SELECT s.name, r.seq, r.topic, r.received_at_ms, r.payload, r.status, r.reason FROM dead_letters r JOIN streams s ON s.id = r.stream_id ORDER BY r.id"
+        "SELECT s.name, r.seq, r.topic, r.received_at_ms, r.payload, r.status, r.reason, NULL FROM dead_letters r JOIN streams s ON s.id = r.stream_id ORDER BY r.id"
     } else {
-        "SELECT s.name, r.seq, r.topic, r.received_at_ms, r.payload, NULL, NULL FROM records r JOIN streams s ON s.id = r.stream_id ORDER BY r.id"
+        "SELECT s.name, r.seq, r.topic, r.received_at_ms, r.payload, NULL, NULL, r.attributes FROM records r JOIN streams s ON s.id = r.stream_id ORDER BY r.id"
     };
-    let mut stmt = conn.prepare(sql)?;
+    // A file from before attributes has no such column.
+    let mut stmt = conn
+        .prepare(sql)
+        .or_else(|_| conn.prepare(&sql.replace("r.attributes", "NULL")))?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
         let payload: Vec<u8> = row.get(4)?;
@@ -836,6 +875,10 @@ pub fn dump(
             payload: text,
             payload_hex: hex,
             rejected: status.zip(reason).map(|(s, r)| (s as u16, r)),
+            attributes: row
+                .get::<_, Option<Vec<u8>>>(7)?
+                .and_then(|a| serde_json::from_slice(&a).ok())
+                .unwrap_or_default(),
         });
     }
     Ok(())
@@ -912,6 +955,7 @@ mod tests {
                     payload: bytes::Bytes::from(i.to_be_bytes().repeat(50)),
                     received_at_ms: i as i64,
                     monotonic_ms: 1,
+                    attributes: Default::default(),
                     receipt: None,
                 })
             })

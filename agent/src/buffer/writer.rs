@@ -354,6 +354,7 @@ impl BufferWriter {
                                 payload: m.payload,
                                 received_at_ms: m.received_at_ms,
                                 monotonic_ms: crate::clock::monotonic_ms(),
+                                attributes: Default::default(),
                                 receipt: None,
                             }));
                         }
@@ -432,6 +433,7 @@ impl BufferWriter {
                         payload: l.payload,
                         received_at_ms: l.received_at_ms,
                         monotonic_ms: crate::clock::monotonic_ms(),
+                        attributes: Default::default(),
                         receipt: None,
                     })
                 })),
@@ -475,6 +477,7 @@ impl BufferWriter {
                 payload,
                 received_at_ms,
                 monotonic_ms,
+                attributes,
                 receipt,
             } = r;
             let out = chain.run(
@@ -482,6 +485,7 @@ impl BufferWriter {
                     topic,
                     payload,
                     received_at_ms,
+                    attributes,
                 },
                 &self.facts,
             );
@@ -493,6 +497,7 @@ impl BufferWriter {
                     payload: kept.payload,
                     received_at_ms,
                     monotonic_ms,
+                    attributes: kept.attributes,
                     receipt,
                 })),
                 (None, reason) => group.push(WriterCommand::Filtered {
@@ -527,6 +532,7 @@ impl BufferWriter {
                 payload: m.payload.clone(),
                 received_at_ms: m.received_at_ms,
                 monotonic_ms: crate::clock::monotonic_ms(),
+                attributes: m.attributes.clone(),
                 receipt: None,
             }));
         }
@@ -956,6 +962,7 @@ mod tests {
                     payload: Bytes::from_static(b"x"),
                     received_at_ms: 1,
                     monotonic_ms: 1,
+                    attributes: Default::default(),
                     receipt: None,
                 })],
                 &[],
@@ -989,6 +996,7 @@ mod tests {
                 payload: Bytes::from(vec![i; 64 << 10]),
                 received_at_ms: 2,
                 monotonic_ms: 2,
+                attributes: Default::default(),
                 receipt: None,
             })
         };
@@ -1047,6 +1055,7 @@ mod tests {
                 payload: Bytes::from_static(b"x"),
                 received_at_ms: 1,
                 monotonic_ms: 1,
+                attributes: Default::default(),
                 receipt: None,
             })
         };
@@ -1114,6 +1123,7 @@ mod tests {
                 payload: Bytes::from(format!(r#"{{"t": {t}}}"#)),
                 received_at_ms: 1,
                 monotonic_ms: 1,
+                attributes: Default::default(),
                 receipt: None,
             })
         };
@@ -1161,6 +1171,7 @@ mod tests {
                 payload: Bytes::from(format!(r#"{{"t": {t}}}"#)),
                 received_at_ms: crate::clock::now_ms(),
                 monotonic_ms: 1,
+                attributes: Default::default(),
                 receipt: None,
             })
         };

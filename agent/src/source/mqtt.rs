@@ -185,7 +185,7 @@ impl MqttSource {
                                 }
                                 continue;
                             }
-                            let digest = crate::buffer::checksum(0, 0, &publish.topic, &publish.payload);
+                            let digest = crate::buffer::checksum(0, 0, &publish.topic, &publish.payload, None);
                             if publish.qos == QoS::AtMostOnce {
                                 if self.intake.keep(publish.topic, publish.payload, None).await.is_err() {
                                     return;

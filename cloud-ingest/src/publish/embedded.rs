@@ -17,7 +17,7 @@
 //! reused: a topic's first offset grows (`GET /v1/log` shows `start_offset`). The dedup ranges
 //! stay, so a late retry of a deleted record is still recognised and not appended again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS records (
     payload BLOB NOT NULL,
     corrected_at_ms INTEGER,
     boot_id TEXT,
-    monotonic_ms INTEGER
+    monotonic_ms INTEGER,
+    attributes TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS records_by_offset ON records (topic, offset);
 CREATE TABLE IF NOT EXISTS dedup (
@@ -279,8 +280,8 @@ impl Writer {
         let mut changes: HashMap<DedupScope, ScopeChanges> = HashMap::new();
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, corrected_at_ms, boot_id, monotonic_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                "INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, corrected_at_ms, boot_id, monotonic_ms, attributes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?;
             for job in group {
                 let d = &job.delivery;
@@ -320,6 +321,7 @@ impl Writer {
                         d.corrected_at_ms(r),
                         Some(r.boot_id.as_str()).filter(|b| !b.is_empty()),
                         Some(r.monotonic_ms as i64).filter(|&m| m > 0),
+                        attributes_json(&r.attributes),
                     ])?;
                     let change = changes.entry(key.clone()).or_default();
                     change.removed_firsts.extend(seen.insert(r.seq));
@@ -494,6 +496,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         ("corrected_at_ms", "INTEGER"),
         ("boot_id", "TEXT"),
         ("monotonic_ms", "INTEGER"),
+        ("attributes", "TEXT"),
     ] {
         let present: bool = conn.query_row(
             "SELECT count(*) FROM pragma_table_info('records') WHERE name = ?1",
@@ -505,6 +508,17 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A record's attributes as stored: a JSON object, or NULL when it has none.
+fn attributes_json(attributes: &[ingest_wire::Attribute]) -> Option<String> {
+    (!attributes.is_empty()).then(|| {
+        let map: BTreeMap<&str, &str> = attributes
+            .iter()
+            .map(|a| (a.key.as_str(), a.value.as_str()))
+            .collect();
+        serde_json::to_string(&map).expect("invariant: a map of strings serialises")
+    })
 }
 
 fn load_topics(conn: &Connection) -> rusqlite::Result<HashMap<String, TopicState>> {
@@ -571,6 +585,9 @@ pub struct LogRecord {
     /// Milliseconds since that boot, when the sender gave it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub monotonic_ms: Option<u64>,
+    /// The attributes the sender attached (`wire/SPEC.md`), by name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
     /// The payload as text, when it is valid UTF-8.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<String>,
@@ -648,7 +665,7 @@ impl Reader {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch, corrected_at_ms, boot_id, monotonic_ms
+                "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch, corrected_at_ms, boot_id, monotonic_ms, attributes
                  FROM records WHERE topic = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
             )
             .map_err(sqlite)?;
@@ -696,6 +713,10 @@ fn log_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<LogRecord> {
         clock_corrected: row.get::<_, Option<i64>>(11)?.is_some(),
         boot_id: row.get(12)?,
         monotonic_ms: row.get::<_, Option<i64>>(13)?.map(|m| m as u64),
+        attributes: row
+            .get::<_, Option<String>>(14)?
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default(),
         payload: text,
         payload_base64: b64,
     })

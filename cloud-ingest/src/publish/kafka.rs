@@ -276,7 +276,7 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
 }
 
 /// Kafka headers from (name, value) pairs.
-fn owned_headers(fields: &[(&'static str, String)]) -> OwnedHeaders {
+fn owned_headers(fields: &[(&str, String)]) -> OwnedHeaders {
     fields.iter().fold(
         OwnedHeaders::new_with_capacity(fields.len()),
         |h, (k, v)| {

@@ -197,7 +197,7 @@ impl Publisher for NatsLog {
 }
 
 /// NATS headers: `Nats-Msg-Id` (the record's idempotency key) and `fields` (already encoded).
-fn nats_headers(d: &Delivery, r: &Record, fields: &[(&'static str, String)]) -> HeaderMap {
+fn nats_headers(d: &Delivery, r: &Record, fields: &[(&str, String)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("Nats-Msg-Id", header_value(&d.record_key(r)).as_ref());
     for (name, value) in fields {

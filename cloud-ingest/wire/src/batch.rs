@@ -47,6 +47,23 @@ pub struct Record {
     /// Milliseconds since that boot when it was received.
     #[prost(uint64, tag = "7")]
     pub monotonic_ms: u64,
+    /// Attributes the sender attached (see [`crate::attribute_name_problem`]); the proto's
+    /// `map<string, string> attributes = 8`, whose entries are exactly [`Attribute`] on the
+    /// wire. Kept as a list so that decoding costs one small entry per attribute, and a name
+    /// given twice is seen (and refused) rather than silently merged.
+    #[prost(message, repeated, tag = "8")]
+    pub attributes: Vec<Attribute>,
+}
+
+/// One entry of [`Record::attributes`].
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, prost::Message)]
+pub struct Attribute {
+    /// The name: the header's name in Kafka and NATS.
+    #[prost(string, tag = "1")]
+    pub key: String,
+    /// The value, UTF-8.
+    #[prost(string, tag = "2")]
+    pub value: String,
 }
 
 #[cfg(test)]
@@ -70,6 +87,7 @@ mod tests {
             ("received_at_ms", 5),
             ("boot_id", 6),
             ("monotonic_ms", 7),
+            ("attributes", 8),
         ] {
             assert!(
                 PROTO.contains(&format!(" {field} = {tag};")),

@@ -5,13 +5,17 @@
 //! of at most 2^[`MAX_WINDOW_LOG`] bytes; and a batch of more than `max_records` records is
 //! refused before any record is decoded (a protobuf body's records are counted by walking its
 //! top-level fields; a JSON body's array stops at the limit), so a small body of millions of
-//! empty records costs no more than its bytes.
+//! empty records costs no more than its bytes. The same holds for a record's attributes: at
+//! most [`MAX_ATTRIBUTES`] each, counted before decoding.
 
 use std::io::Read;
 
 use prost::Message;
 
-use crate::{Batch, CONTENT_TYPE_JSON, ENCODING_ZSTD, MAX_TOPIC_BYTES, valid_name};
+use crate::{
+    Batch, CONTENT_TYPE_JSON, ENCODING_ZSTD, MAX_ATTRIBUTE_VALUE_BYTES, MAX_ATTRIBUTES,
+    MAX_TOPIC_BYTES, attribute_name_problem, valid_name,
+};
 
 /// Limits the receiver applies to one batch body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,10 +129,39 @@ pub fn decoded_size_bound(
 pub const MAX_WINDOW_LOG: u32 = 24;
 
 /// The records of an encoded [`Batch`], counted without decoding them: its top-level fields
-/// walked (field 4, length-delimited, is a record). Fails closed: a body it cannot walk to its
+/// walked (field 4, length-delimited, is a record), and each record's own fields walked to count
+/// its attributes (field 8): a record with more than [`MAX_ATTRIBUTES`] is refused here, so
+/// what decoding costs per record is bounded too. Fails closed: a body it cannot walk to its
 /// end (a group, which the decoder would skip and go on; a truncated field) is refused, so
 /// nothing it did not count is ever decoded.
 fn count_records(raw: &[u8]) -> Result<usize, DecodeError> {
+    let mut count = 0usize;
+    walk(raw, |field, value| {
+        if let (4, Some(record)) = (field, value) {
+            let mut attributes = 0usize;
+            walk(record, |inner, _| {
+                attributes += usize::from(inner == 8);
+                Ok(())
+            })?;
+            if attributes > MAX_ATTRIBUTES {
+                return Err(DecodeError::Invalid(format!(
+                    "records[{count}] has {attributes} attributes; at most {MAX_ATTRIBUTES}"
+                )));
+            }
+            count += 1;
+        }
+        Ok(())
+    })?;
+    Ok(count)
+}
+
+/// Walks the fields of one protobuf message, handing `f` each field number and, for a
+/// length-delimited field, its bytes. Fails on what it cannot walk to the end (see
+/// [`count_records`]).
+fn walk(
+    raw: &[u8],
+    mut f: impl FnMut(u64, Option<&[u8]>) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError> {
     fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
@@ -144,7 +177,7 @@ fn count_records(raw: &[u8]) -> Result<usize, DecodeError> {
     let malformed = || {
         DecodeError::Invalid("the protobuf body cannot be walked field by field (groups are not part of the contract)".into())
     };
-    let (mut at, mut count) = (0usize, 0usize);
+    let mut at = 0usize;
     while at < raw.len() {
         let key = varint(raw, &mut at).ok_or_else(malformed)?;
         let skipped = match key & 7 {
@@ -155,15 +188,14 @@ fn count_records(raw: &[u8]) -> Result<usize, DecodeError> {
             _ => None,
         };
         let n = skipped.ok_or_else(malformed)?;
-        if key >> 3 == 4 && key & 7 == 2 {
-            count += 1;
-        }
-        at = at
+        let end = at
             .checked_add(n)
             .filter(|end| *end <= raw.len())
             .ok_or_else(malformed)?;
+        f(key >> 3, (key & 7 == 2).then(|| &raw[at..end]))?;
+        at = end;
     }
-    Ok(count)
+    Ok(())
 }
 
 /// Decodes and validates a body given its `Content-Type` and `Content-Encoding` headers.
@@ -300,6 +332,27 @@ fn validate(batch: &Batch, limits: Limits) -> Result<(), DecodeError> {
         }
         if let Some(qos) = record.qos.filter(|&q| q > 2) {
             return invalid(format!("records[{i}].qos {qos} is not 0, 1 or 2"));
+        }
+        if record.attributes.len() > MAX_ATTRIBUTES {
+            return invalid(format!(
+                "records[{i}] has {} attributes; at most {MAX_ATTRIBUTES}",
+                record.attributes.len()
+            ));
+        }
+        for (j, a) in record.attributes.iter().enumerate() {
+            if let Some(problem) = attribute_name_problem(&a.key) {
+                return invalid(format!("records[{i}].attributes: {problem}"));
+            }
+            if a.value.len() > MAX_ATTRIBUTE_VALUE_BYTES {
+                return invalid(format!(
+                    "records[{i}].attributes[{:?}] is {} bytes; at most {MAX_ATTRIBUTE_VALUE_BYTES}",
+                    a.key,
+                    a.value.len()
+                ));
+            }
+            if record.attributes[..j].iter().any(|b| b.key == a.key) {
+                return invalid(format!("records[{i}].attributes names {:?} twice", a.key));
+            }
         }
     }
     Ok(())
@@ -506,6 +559,62 @@ mod tests {
             decode_body(&body, Some(CONTENT_TYPE_BATCH), Some("zstd"), LIMITS),
             Err(DecodeError::Zstd(_))
         ));
+    }
+
+    #[test]
+    fn attributes_round_trip_and_are_counted_before_decoding() {
+        let limits = Limits {
+            max_decompressed_bytes: 1 << 20,
+            max_records: 10,
+        };
+        let attribute = |i: usize| crate::Attribute {
+            key: format!("a{i}"),
+            value: "v".into(),
+        };
+        let mut b = batch(&[1, 2]);
+        b.records[1].attributes = (0..MAX_ATTRIBUTES).map(attribute).collect();
+        let raw = encode_batch(&b);
+        let back = decode_body(&raw, Some(crate::CONTENT_TYPE_BATCH), None, limits).unwrap();
+        assert_eq!(back, b);
+
+        // One past the limit, as repeated map entries: refused by the walk, before decoding.
+        b.records[1].attributes.push(attribute(99));
+        let raw = encode_batch(&b);
+        assert_eq!(
+            count_records(&raw).unwrap_err().to_string(),
+            DecodeError::Invalid(format!(
+                "records[1] has {} attributes; at most {MAX_ATTRIBUTES}",
+                MAX_ATTRIBUTES + 1
+            ))
+            .to_string()
+        );
+        for (attributes, why) in [
+            (vec![attribute(1), attribute(1)], "twice"),
+            (
+                vec![crate::Attribute {
+                    key: "Nats-Msg-Id".into(),
+                    value: "x".into(),
+                }],
+                "metadata",
+            ),
+            (
+                vec![crate::Attribute {
+                    key: "a".into(),
+                    value: "v".repeat(MAX_ATTRIBUTE_VALUE_BYTES + 1),
+                }],
+                "at most 65535",
+            ),
+        ] {
+            b.records[1].attributes = attributes;
+            let err = decode_body(
+                &encode_batch(&b),
+                Some(crate::CONTENT_TYPE_BATCH),
+                None,
+                limits,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(why), "{why}: {err}");
+        }
     }
 
     #[test]

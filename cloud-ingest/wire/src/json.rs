@@ -10,7 +10,9 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::{Batch, DecodeError, Record};
+use std::collections::BTreeMap;
+
+use crate::{Attribute, Batch, DecodeError, MAX_ATTRIBUTES, Record};
 
 /// A batch in JSON. `sent_at_ms` defaults to 0 (unknown).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +113,44 @@ pub struct JsonRecord {
     /// Milliseconds since that boot; default 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub monotonic_ms: u64,
+    /// Attributes, name → value (at most [`MAX_ATTRIBUTES`]; parsing stops past that).
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "bounded_attributes"
+    )]
+    pub attributes: BTreeMap<String, String>,
+}
+
+fn bounded_attributes<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of string attributes")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((name, value)) = map.next_entry::<String, String>()? {
+                if out.len() == MAX_ATTRIBUTES {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {MAX_ATTRIBUTES} attributes"
+                    )));
+                }
+                if out.insert(name, value).is_some() {
+                    return Err(serde::de::Error::custom("an attribute named twice"));
+                }
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_map(Bounded)
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -149,6 +189,11 @@ impl JsonBatch {
                     received_at_ms: r.received_at_ms,
                     boot_id: r.boot_id,
                     monotonic_ms: r.monotonic_ms,
+                    attributes: r
+                        .attributes
+                        .into_iter()
+                        .map(|(key, value)| Attribute { key, value })
+                        .collect(),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -198,5 +243,47 @@ mod tests {
         let both = br#"{"device_id":"d","stream":"s","records":[{"seq":1,"topic":"t","payload":"a","payload_base64":"AP8="}]}"#;
         let err = decode_body(both, Some(CONTENT_TYPE_JSON), None, limits).unwrap_err();
         assert!(err.to_string().contains("exactly one"), "{err}");
+    }
+    #[test]
+    fn json_attributes_are_bounded_named_once_and_not_reserved() {
+        let limits = Limits {
+            max_decompressed_bytes: 1 << 20,
+            max_records: 10,
+        };
+        let with = |attributes: &str| {
+            format!(
+                r#"{{"device_id":"d","stream":"s","records":[{{"seq":1,"topic":"t","payload":"x","attributes":{attributes}}}]}}"#
+            )
+        };
+        let b = decode_body(
+            with(r#"{"site":"a","device_location":"floor 1"}"#).as_bytes(),
+            Some(CONTENT_TYPE_JSON),
+            None,
+            limits,
+        )
+        .expect("valid");
+        assert_eq!(b.records[0].attributes.len(), 2);
+        assert_eq!(b.records[0].attributes[0].key, "device_location");
+        assert_eq!(b.records[0].attributes[0].value, "floor 1");
+        let many = (0..17)
+            .map(|i| format!(r#""a{i}":"""#))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (attributes, why) in [
+            (format!("{{{many}}}"), "more than 16 attributes"),
+            (r#"{"a":"1","a":"2"}"#.to_owned(), "named twice"),
+            (r#"{"seq":"1"}"#.to_owned(), "metadata"),
+            (r#"{"a b":"1"}"#.to_owned(), "[A-Za-z0-9_.-]"),
+            (r#"{"a":1}"#.to_owned(), "invalid type"),
+        ] {
+            let err = decode_body(
+                with(&attributes).as_bytes(),
+                Some(CONTENT_TYPE_JSON),
+                None,
+                limits,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(why), "{attributes}: {err}");
+        }
     }
 }

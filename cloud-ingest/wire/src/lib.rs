@@ -18,7 +18,7 @@ mod codec;
 mod json;
 mod loss;
 
-pub use batch::{Batch, Record};
+pub use batch::{Attribute, Batch, Record};
 pub use codec::{
     DecodeError, Limits, MAX_WINDOW_LOG, compress, compress_with_dictionary, decode_body,
     decode_body_with, decoded_size_bound, dictionary_id, encode_batch, frame_dictionary_id,
@@ -58,6 +58,64 @@ pub const MAX_NAME_BYTES: usize = 256;
 /// Longest MQTT topic carried in a record, in bytes.
 pub const MAX_TOPIC_BYTES: usize = 65_535;
 
+/// Most attributes one record carries.
+pub const MAX_ATTRIBUTES: usize = 16;
+/// Longest attribute name, in bytes.
+pub const MAX_ATTRIBUTE_NAME_BYTES: usize = 64;
+/// Longest attribute value, in bytes (as long as a topic: a topic's segment always fits).
+pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = MAX_TOPIC_BYTES;
+/// What one decoded record may cost the receiver beyond the bytes copied out of the body: the
+/// [`Record`] and its [`MAX_ATTRIBUTES`] attribute entries (904 bytes).
+pub const DECODED_RECORD_BYTES: usize =
+    size_of::<Record>() + MAX_ATTRIBUTES * size_of::<Attribute>();
+/// The record metadata names of `SPEC.md` ("Where records land"): no attribute takes one
+/// (compared without case), nor starts with `dead_letter_` or `Nats-`.
+pub const RESERVED_ATTRIBUTE_NAMES: &[&str] = &[
+    "device",
+    "tenant",
+    "stream",
+    "epoch",
+    "seq",
+    "mqtt_topic",
+    "qos",
+    "received_at_ms",
+    "sent_at_ms",
+    "ingested_at_ms",
+    "boot_id",
+    "monotonic_ms",
+    "corrected_at_ms",
+    "clock_corrected",
+    "batch_id",
+];
+
+/// Why `name` cannot name a record attribute, or `None` when it can: 1-64 characters of
+/// `[A-Za-z0-9_.-]` (a header name in Kafka and NATS alike), and not a metadata name
+/// ([`RESERVED_ATTRIBUTE_NAMES`], or starting with `dead_letter_` or `Nats-`), so an attribute
+/// never hides or forges the record's own headers.
+pub fn attribute_name_problem(name: &str) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    if name.is_empty()
+        || name.len() > MAX_ATTRIBUTE_NAME_BYTES
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        Some(format!(
+            "attribute name {} must be 1-{MAX_ATTRIBUTE_NAME_BYTES} characters of [A-Za-z0-9_.-]",
+            codec::shown(name)
+        ))
+    } else if RESERVED_ATTRIBUTE_NAMES.contains(&lower.as_str())
+        || lower.starts_with("dead_letter_")
+        || lower.starts_with("nats-")
+    {
+        Some(format!(
+            "attribute name {name:?} is taken by the record's metadata (SPEC.md, \"Where records land\")"
+        ))
+    } else {
+        None
+    }
+}
+
 /// Whether `name` is a valid device id or stream name: 1..=256 bytes of `[A-Za-z0-9_.-]`.
 /// Names end up in log topic names, so they are kept to characters every log accepts.
 pub fn valid_name(name: &str) -> bool {
@@ -84,6 +142,37 @@ mod tests {
             (&"x".repeat(256), true),
         ] {
             assert_eq!(valid_name(name), ok, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_decoded_record_costs_what_the_spec_says() {
+        assert_eq!(
+            DECODED_RECORD_BYTES, 904,
+            "update SPEC.md and the ingest's docs"
+        );
+    }
+
+    #[test]
+    fn attribute_names() {
+        for (name, ok) in [
+            ("device_location", true),
+            ("site.1-a", true),
+            ("", false),
+            ("a b", false),
+            ("a:b", false),
+            (&"x".repeat(65), false),
+            (&"x".repeat(64), true),
+            ("device", false),
+            ("Device", false),
+            ("SEQ", false),
+            ("Nats-Msg-Id", false),
+            ("nats-expected-stream", false),
+            ("dead_letter_reason", false),
+            ("device_id", true),
+            ("hostname", true),
+        ] {
+            assert_eq!(attribute_name_problem(name).is_none(), ok, "{name}");
         }
     }
 }

@@ -50,6 +50,7 @@ fn record(i: u64) -> ingest_wire::Record {
         received_at_ms: 1_795_000_000_000 + i as i64 / 10,
         boot_id: BOOT_ID.into(),
         monotonic_ms: 60_000 + i / 10,
+        attributes: Vec::new(),
     }
 }
 
@@ -153,6 +154,7 @@ fn rows(dir: &Path, group: u64) -> AtRest {
                     monotonic_ms: row.get::<_, i64>(4)? as u64,
                     boot_id: BOOT_ID.into(),
                     qos: None,
+                    attributes: Vec::new(),
                 })
             })
             .expect("query")

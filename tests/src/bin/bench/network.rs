@@ -25,6 +25,7 @@ fn record(client: usize, i: u64) -> ingest_wire::Record {
         boot_id: "5f2c1a9e-3b7d-4e8a-9c21-0d4b6e8f1a2c".into(),
         monotonic_ms: 60_000 + i * 10,
         qos: None,
+        attributes: Vec::new(),
     }
 }
 
