@@ -200,7 +200,10 @@ fn default_true() -> bool {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMqtt {
-    listen: SocketAddr,
+    #[serde(default = "default_true")]
+    enabled: bool,
+    #[serde(default)]
+    listen: Option<SocketAddr>,
     #[serde(default)]
     listen_v5: Option<SocketAddr>,
     #[serde(default = "default_max_payload")]
@@ -591,6 +594,9 @@ pub struct RetainedLimits {
 /// The embedded broker.
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
+    /// Whether the front door and the embedded broker run; off, the agent takes records from
+    /// its `sources` alone and listens on no MQTT address.
+    pub enabled: bool,
     /// MQTT 3.1.1 listener.
     pub listen: SocketAddr,
     /// MQTT 5 listener, if any.
@@ -885,8 +891,20 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         ));
     }
     let ingest = validate_ingest(raw.ingest)?;
+    let listen = match (raw.mqtt.enabled, raw.mqtt.listen) {
+        (_, Some(listen)) => listen,
+        // Never bound: nothing listens while the embedded broker is off.
+        (false, None) => SocketAddr::from(([127, 0, 0, 1], 0)),
+        (true, None) => {
+            return Err((
+                "mqtt.listen".into(),
+                "missing: the address sensors publish to (e.g. 0.0.0.0:1883), or mqtt.enabled: false to run on sources alone".into(),
+            ));
+        }
+    };
     let mqtt = MqttConfig {
-        listen: raw.mqtt.listen,
+        enabled: raw.mqtt.enabled,
+        listen,
         listen_v5: raw.mqtt.listen_v5,
         max_payload_bytes: usize_size("mqtt.max_payload_bytes", &raw.mqtt.max_payload_bytes)?,
         max_connections: positive("mqtt.max_connections", raw.mqtt.max_connections)?,
@@ -949,7 +967,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             })
             .transpose()?,
     };
-    if !mqtt.auth.allow_anonymous && mqtt.auth.users_file.is_none() {
+    if mqtt.enabled && !mqtt.auth.allow_anonymous && mqtt.auth.users_file.is_none() {
         return Err((
             "mqtt.auth".into(),
             "no client could connect: set users_file (lines of name:hash, from `edge-agent hash-password`) or allow_anonymous: true".into(),
@@ -1141,6 +1159,12 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
                 ),
             ));
         }
+    }
+    if !mqtt.enabled && sources.is_empty() && mqtt_sources.is_empty() {
+        return Err((
+            "mqtt.enabled".into(),
+            "false, and no sources: nothing would feed the agent (declare a file or mqtt source, or enable mqtt)".into(),
+        ));
     }
     for (i, s) in sources.iter().enumerate() {
         if sources[..i].iter().any(|o| o.key() == s.key()) {
@@ -2001,6 +2025,44 @@ streams:
                 .to_string();
             assert!(err.contains(key) && err.contains(reason), "{source}: {err}");
         }
+    }
+
+    #[test]
+    fn the_embedded_broker_can_be_turned_off_when_a_source_feeds_the_agent() {
+        let off = GOOD.replace(
+            "mqtt:\n  listen: 127.0.0.1:1883\n  auth: { allow_anonymous: true }\n",
+            "mqtt:\n  enabled: false\n",
+        );
+        assert_ne!(off, GOOD);
+        let err = AgentConfig::parse(Path::new("a.yaml"), &off)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mqtt.enabled") && err.contains("nothing would feed the agent"),
+            "{err}"
+        );
+        let c = AgentConfig::parse(
+            Path::new("a.yaml"),
+            &format!(
+                "{off}sources:\n  - mqtt: {{ url: \"mqtt://127.0.0.1:1884\", topics: [\"#\"] }}\n"
+            ),
+        )
+        .expect("valid");
+        assert!(!c.mqtt.enabled);
+        assert!(
+            AgentConfig::parse(Path::new("a.yaml"), GOOD)
+                .expect("valid")
+                .mqtt
+                .enabled
+        );
+        let no_listen = GOOD.replace("  listen: 127.0.0.1:1883\n", "");
+        let err = AgentConfig::parse(Path::new("a.yaml"), &no_listen)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mqtt.listen") && err.contains("enabled: false"),
+            "{err}"
+        );
     }
 
     #[test]

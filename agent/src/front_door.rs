@@ -79,9 +79,9 @@ struct Ctx {
     routes: tokio::sync::RwLock<Routes>,
     queue: Queue,
     metrics: Metrics,
-    /// rumqttd's internal listeners, for MQTT 3.1.1 and 5 clients.
-    upstream_v4: SocketAddr,
-    upstream_v5: SocketAddr,
+    /// rumqttd's internal listeners, for MQTT 3.1.1 and 5 clients; `None` when the embedded
+    /// broker does not run (`mqtt.enabled: false`: nothing is served then).
+    upstream: Option<(SocketAddr, SocketAddr)>,
     /// Largest packet a client may send.
     max_packet: usize,
     /// Publish ids of persistent sessions, by client id.
@@ -266,8 +266,7 @@ impl FrontDoor {
         stream_names: &[String],
         queue: Queue,
         metrics: Metrics,
-        upstream_v4: SocketAddr,
-        upstream_v5: SocketAddr,
+        upstream: Option<(SocketAddr, SocketAddr)>,
         mqtt: &MqttConfig,
         queue_bytes: QueueBytes,
         access: Access,
@@ -279,8 +278,7 @@ impl FrontDoor {
                 routes: tokio::sync::RwLock::new(Routes::new(router, stream_names, &metrics)),
                 queue,
                 metrics,
-                upstream_v4,
-                upstream_v5,
+                upstream,
                 // Topic, properties and header around the largest payload.
                 max_packet: max_payload + 65_536 + 1024,
                 sessions: Mutex::new(HashMap::new()),
@@ -710,7 +708,10 @@ where
     };
     let mut denied_logged = false;
     let mut subscribed = false;
-    let upstream = if v5 { ctx.upstream_v5 } else { ctx.upstream_v4 };
+    let Some((v4_addr, v5_addr)) = ctx.upstream else {
+        return Err(std::io::Error::other("no embedded broker (mqtt.enabled: false)").into());
+    };
+    let upstream = if v5 { v5_addr } else { v4_addr };
     // A second connection with this client id takes the session over: the first one ends.
     // Each relay gets an id of its own at rumqttd (the client's digest and this connection's
     // number), with a clean session: rumqttd never sees a duplicate id, whose takeover and

@@ -316,26 +316,22 @@ pub async fn run(
         config.default_stream,
     );
     // Bind the client-facing listeners first: a taken address is reported before anything runs.
-    let listener = front_door::bind(config.mqtt.listen, "mqtt.listen").await?;
-    let listener_v5 = match config.mqtt.listen_v5 {
-        Some(addr) => Some(front_door::bind(addr, "mqtt.listen_v5").await?),
-        None => None,
+    // With mqtt.enabled: false, none is bound and rumqttd does not run: the front door only
+    // routes what the sources hand in.
+    let listeners = match config.mqtt.enabled {
+        true => Some(bind_listeners(&config.mqtt).await?),
+        false => None,
     };
-    let tls = match &config.mqtt.tls {
-        Some(t) => Some((
-            front_door::bind(t.listen, "mqtt.tls.listen").await?,
-            front_door::tls_acceptor(t).map_err(AgentError::Tls)?,
-        )),
-        None => None,
+    let broker = match config.mqtt.enabled {
+        true => Some(broker::start(&config.mqtt)?),
+        false => None,
     };
-    let broker = broker::start(&config.mqtt)?;
     let front_door = FrontDoor::new(
         router,
         &names,
         commands.clone(),
         metrics.clone(),
-        broker.internal,
-        broker.internal_v5,
+        broker.as_ref().map(|b| (b.internal, b.internal_v5)),
         &config.mqtt,
         queue_bytes.clone(),
         access::Access {
@@ -348,22 +344,33 @@ pub async fn run(
         l.local_addr()
             .map_err(|source| BrokerError::Bind { key, addr, source })
     };
-    println!(
-        "mqtt listening on {}",
-        bound(&listener, "mqtt.listen", config.mqtt.listen)?
-    );
-    front_door.serve(listener);
-    if let (Some(l), Some(addr)) = (listener_v5, config.mqtt.listen_v5) {
-        // A second address serving both protocol versions, like the first.
-        println!("mqtt5 listening on {}", bound(&l, "mqtt.listen_v5", addr)?);
-        front_door.serve(l);
-    }
-    if let (Some((l, acceptor)), Some(t)) = (tls, &config.mqtt.tls) {
-        println!(
-            "mqtts listening on {}",
-            bound(&l, "mqtt.tls.listen", t.listen)?
-        );
-        front_door.serve_tls(l, acceptor);
+    match listeners {
+        Some((listener, listener_v5, tls)) => {
+            println!(
+                "mqtt listening on {}",
+                bound(&listener, "mqtt.listen", config.mqtt.listen)?
+            );
+            front_door.serve(listener);
+            if let (Some(l), Some(addr)) = (listener_v5, config.mqtt.listen_v5) {
+                // A second address serving both protocol versions, like the first.
+                println!("mqtt5 listening on {}", bound(&l, "mqtt.listen_v5", addr)?);
+                front_door.serve(l);
+            }
+            if let (Some((l, acceptor)), Some(t)) = (tls, &config.mqtt.tls) {
+                println!(
+                    "mqtts listening on {}",
+                    bound(&l, "mqtt.tls.listen", t.listen)?
+                );
+                front_door.serve_tls(l, acceptor);
+            }
+        }
+        None => {
+            println!("mqtt disabled: no embedded broker, records come from the sources");
+            tracing::info!(
+                sources = config.sources.len() + config.mqtt_sources.len(),
+                "mqtt.enabled is false: no MQTT listener and no embedded broker"
+            );
+        }
     }
     tracing::info!(device = %config.device_id, streams = names.len(), buffer = %config.buffer.path.display(), "edge-agent running");
 
@@ -427,7 +434,7 @@ pub async fn run(
             // A stop first: a forwarder ended by a reload cut short by it is no failure.
             biased;
             _ = shutdown.cancelled() => Event::Stop,
-            stage = stopped_stage(&writer, &forwarding.task, &broker.thread, &sources) => Event::Stopped(stage),
+            stage = stopped_stage(&writer, &forwarding.task, broker.as_ref().map(|b| &b.thread), &sources) => Event::Stopped(stage),
             Some(()) = async {
                 match hangup.as_mut() {
                     Some(h) => h.recv().await,
@@ -790,7 +797,7 @@ async fn reload(
 async fn stopped_stage(
     writer: &std::thread::JoinHandle<()>,
     forwarder: &tokio::task::JoinHandle<()>,
-    broker: &std::thread::JoinHandle<()>,
+    broker: Option<&std::thread::JoinHandle<()>>,
     sources: &[tokio::task::JoinHandle<()>],
 ) -> &'static str {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -799,7 +806,10 @@ async fn stopped_stage(
         for (stopped, stage) in [
             (writer.is_finished(), "buffer writer"),
             (forwarder.is_finished(), "forwarder"),
-            (broker.is_finished(), "embedded MQTT broker"),
+            (
+                broker.is_some_and(|b| b.is_finished()),
+                "embedded MQTT broker",
+            ),
             (
                 sources.iter().any(|s| s.is_finished()),
                 "source (file or upstream broker)",
@@ -810,6 +820,30 @@ async fn stopped_stage(
             }
         }
     }
+}
+
+/// The MQTT listener, the MQTT 5 one and the TLS one (with its acceptor), as configured.
+type Listeners = (
+    tokio::net::TcpListener,
+    Option<tokio::net::TcpListener>,
+    Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+);
+
+/// Binds the front door's listeners.
+async fn bind_listeners(mqtt: &config::MqttConfig) -> Result<Listeners, AgentError> {
+    let listener = front_door::bind(mqtt.listen, "mqtt.listen").await?;
+    let listener_v5 = match mqtt.listen_v5 {
+        Some(addr) => Some(front_door::bind(addr, "mqtt.listen_v5").await?),
+        None => None,
+    };
+    let tls = match &mqtt.tls {
+        Some(t) => Some((
+            front_door::bind(t.listen, "mqtt.tls.listen").await?,
+            front_door::tls_acceptor(t).map_err(AgentError::Tls)?,
+        )),
+        None => None,
+    };
+    Ok((listener, listener_v5, tls))
 }
 
 /// The longest a clean stop takes: the broker's drain, the forwarder's stop, the writer's

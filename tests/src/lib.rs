@@ -829,6 +829,27 @@ pub fn start_agent(dir: &Path, config: &Path) -> Agent {
     launch_agent(dir, config, cmd)
 }
 
+/// Starts `edge-agent run --config CONFIG` for a config with `mqtt.enabled: false`; returns
+/// once it says it runs without MQTT (its `mqtt` and `mqtt5` addresses are unspecified).
+pub fn start_agent_without_mqtt(dir: &Path, config: &Path) -> Agent {
+    let mut cmd = Command::new(bin("edge-agent"));
+    cmd.arg("run").arg("--config").arg(config);
+    let mut process = Process::spawn(cmd, dir.join(format!("agent-{}.stderr", unique())));
+    let metrics = process
+        .wait_line("metrics listening on")
+        .parse()
+        .expect("metrics addr");
+    process.wait_line("mqtt disabled");
+    let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
+    Agent {
+        process,
+        mqtt: nowhere,
+        mqtt5: nowhere,
+        metrics,
+        config: config.to_owned(),
+    }
+}
+
 fn launch_agent(dir: &Path, config: &Path, cmd: Command) -> Agent {
     let mut process = Process::spawn(cmd, dir.join(format!("agent-{}.stderr", unique())));
     let metrics = process

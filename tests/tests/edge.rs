@@ -474,6 +474,37 @@ fn an_upstream_mosquittos_messages_land_in_the_log_and_a_kill_9_loses_none() {
     assert_eq!(records, 500, "nothing twice");
 }
 
+/// `mqtt.enabled: false`: no embedded broker and no MQTT listener; an upstream Mosquitto
+/// alone feeds the agent, and what is published there lands in the log.
+#[test]
+fn without_the_embedded_broker_an_upstream_mosquitto_feeds_the_agent_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mosquitto = e2e::brokers::Mosquitto::start(dir.path());
+    let cloud = CloudHarness::new(dir.path()).run();
+    let port = e2e::free_port();
+    let harness = AgentHarness::new(dir.path(), &cloud.url())
+        .mqtt_port(port)
+        .mqtt_extra("  enabled: false\n")
+        .extra(&format!(
+            "sources:\n  - mqtt: {{ url: \"mqtt://127.0.0.1:{}\", topics: [\"plant/#\"] }}\n",
+            mosquitto.port
+        ));
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(dir.path().join("token"), format!("{}\n", e2e::TOKEN)).expect("token");
+    std::fs::write(&config, harness.config_text()).expect("config");
+    let agent = e2e::start_agent_without_mqtt(dir.path(), &config);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing listens on mqtt.listen"
+    );
+    subscribed(&cloud, mosquitto.port);
+    assert!(publish_upstream(mosquitto.port, 0, 300));
+    e2e::eventually(Duration::from_secs(30), "300 in the log", || {
+        (upstream_in_log(&cloud).0.len() == 300).then_some(())
+    });
+    assert_eq!(agent.readyz(), 200, "ready without MQTT");
+}
+
 /// Mosquitto restarted (its persistent state saved and read back) between two loads: the
 /// agent reconnects on its own, its session and subscription survive, and no QoS 1 message
 /// Mosquitto acknowledged to its publishers is lost. (Restarted while it still had messages in
