@@ -299,10 +299,14 @@ impl Mosquitto {
         let port = free_port();
         let dir = dir.join(format!("mosquitto-{port}"));
         std::fs::create_dir_all(&dir).expect("mosquitto dir");
+        // `user root`: started as root (as the tests are), Mosquitto otherwise drops to the
+        // user `mosquitto`, cannot write its persistence file into this directory, and a
+        // restart loses every session and what was queued for it.
         std::fs::write(
             dir.join("mosquitto.conf"),
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 100\n",
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 100\nuser root\nlog_dest file {}/mosquitto.log\n",
+                dir.display(),
                 dir.display()
             ),
         )

@@ -23,12 +23,52 @@ use crate::front_door::Intake;
 
 /// Longest wait between two connection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Redeliveries recognised: packet ids remembered with the checksum of what they carried.
+/// Redeliveries recognised: the last packet ids stored, remembered with the checksum of what
+/// they carried (the broker redelivers at most its in-flight window, Mosquitto's
+/// `max_inflight_messages`, 20 by default: keep that below this).
 const REMEMBERED: usize = 1024;
 /// Largest message read from the broker (larger ones, beyond `mqtt.max_payload_bytes`, are
 /// acknowledged and dropped); one beyond this closes the connection at each try: set the
 /// broker's `message_size_limit` below it.
 const MAX_READ_BYTES: usize = 16 << 20;
+
+/// The last [`REMEMBERED`] messages stored, by packet id: (checksum of topic and payload,
+/// ticket). The oldest is forgotten first, so those just before a disconnect, the ones the
+/// broker may redeliver, are always known. (Clearing all at once, as before, forgot them when
+/// the clear fell just before a broker restart, and they were stored twice.)
+#[derive(Default)]
+struct Remembered {
+    by_pkid: HashMap<u16, (u32, u64)>,
+    /// (packet id, ticket) in the order stored; an entry whose packet id was stored again
+    /// since is stale and skipped.
+    order: VecDeque<(u16, u64)>,
+}
+
+impl Remembered {
+    fn insert(&mut self, pkid: u16, digest: u32, ticket: u64) {
+        self.by_pkid.insert(pkid, (digest, ticket));
+        self.order.push_back((pkid, ticket));
+        while self.order.len() > REMEMBERED {
+            if let Some((old, t)) = self.order.pop_front()
+                && self
+                    .by_pkid
+                    .get(&old)
+                    .is_some_and(|&(_, current)| current == t)
+            {
+                self.by_pkid.remove(&old);
+            }
+        }
+    }
+
+    fn get(&self, pkid: &u16) -> Option<&(u32, u64)> {
+        self.by_pkid.get(pkid)
+    }
+
+    /// Forgets the messages whose ticket `refused` says.
+    fn forget(&mut self, refused: impl Fn(u64) -> bool) {
+        self.by_pkid.retain(|_, &mut (_, t)| !refused(t));
+    }
+}
 
 /// A `sources: - mqtt:` entry, checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +114,7 @@ impl MqttSource {
         let receipts = Arc::new(Receipts::default());
         let mut ticket = 0u64;
         // Packet id → (checksum of topic and payload, ticket) of what was stored lately.
-        let mut stored: HashMap<u16, (u32, u64)> = HashMap::new();
+        let mut stored = Remembered::default();
         // Tickets the buffer refused (a full disk): never acknowledged, and what they carried
         // is not taken for stored when it comes again.
         let mut refused_tickets: HashSet<u64> = HashSet::new();
@@ -132,7 +172,7 @@ impl MqttSource {
                                 refused_tickets.clear();
                             }
                             refused_tickets.extend(refused);
-                            stored.retain(|_, (_, t)| !refused_tickets.contains(t));
+                            stored.forget(|t| refused_tickets.contains(&t));
                         }
                         let mut again = false;
                         let mut still = VecDeque::new();
@@ -206,10 +246,7 @@ impl MqttSource {
                                 continue;
                             }
                             ticket += 1;
-                            if stored.len() >= REMEMBERED {
-                                stored.clear();
-                            }
-                            stored.insert(publish.pkid, (digest, ticket));
+                            stored.insert(publish.pkid, digest, ticket);
                             let receipt = Receipt { to: receipts.clone(), ticket };
                             let kept = self
                                 .intake
@@ -247,5 +284,34 @@ impl MqttSource {
                 () = shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_messages_stored_are_always_remembered() {
+        let mut r = Remembered::default();
+        // Packet ids wrap around as a broker's do; the last REMEMBERED stay known, whatever
+        // the count before.
+        for ticket in 1..=70_000u64 {
+            r.insert((ticket % 65_535) as u16 + 1, ticket as u32, ticket);
+            let first_kept = ticket.saturating_sub(REMEMBERED as u64 - 1).max(1);
+            for t in [first_kept, ticket] {
+                let pkid = (t % 65_535) as u16 + 1;
+                assert_eq!(r.get(&pkid), Some(&(t as u32, t)), "ticket {t} at {ticket}");
+            }
+            assert!(r.by_pkid.len() <= REMEMBERED && r.order.len() <= REMEMBERED);
+        }
+        let forgotten = (70_000 - REMEMBERED as u64) % 65_535;
+        assert_eq!(r.get(&(forgotten as u16 + 1)), None);
+        // A packet id stored again is remembered with what it carried last.
+        r.insert(7, 1, 80_000);
+        r.insert(7, 2, 80_001);
+        assert_eq!(r.get(&7), Some(&(2, 80_001)));
+        r.forget(|t| t == 80_001);
+        assert_eq!(r.get(&7), None);
     }
 }
