@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload BLOB NOT NULL,
     status INTEGER NOT NULL,
     reason TEXT NOT NULL,
-    dead_at_ms INTEGER NOT NULL
+    dead_at_ms INTEGER NOT NULL,
+    attributes BLOB
 );
 CREATE TABLE IF NOT EXISTS file_positions (
     source TEXT NOT NULL,
@@ -1251,7 +1252,7 @@ fn load_stream(conn: &Connection, name: &str, priority: Priority) -> rusqlite::R
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     let (records, bytes): (i64, i64) = conn.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(length(topic) + length(payload) + coalesce(length(attributes), 0)), 0) FROM records WHERE stream_id = ?1",
+        "SELECT COUNT(*), COALESCE(SUM(length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)), 0) FROM records WHERE stream_id = ?1",
         [id],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -1381,11 +1382,11 @@ fn apply(
              VALUES (?9, ?1, ?2, ?3, ?4, ?5, (SELECT id FROM boots WHERE boot_id = ?6), ?7, ?8, ?10)",
         )?;
         let mut delete = tx.prepare_cached(
-            "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING seq, length(topic) + length(payload) + coalesce(length(attributes), 0)",
+            "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING seq, length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)",
         )?;
         let mut evict = tx.prepare_cached(
             "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq LIMIT ?4)
-             RETURNING seq, length(topic) + length(payload) + coalesce(length(attributes), 0)",
+             RETURNING seq, length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)",
         )?;
         let mut evicted: Vec<Option<Dropped>> = vec![None; n];
         for command in commands {
@@ -1414,8 +1415,8 @@ fn apply(
                     reason,
                 } => {
                     tx.execute(
-                        "INSERT INTO dead_letters (stream_id, seq, topic, received_at_ms, payload, status, reason, dead_at_ms)
-                         SELECT stream_id, seq, topic, received_at_ms, payload, ?4, ?5, ?6 FROM records
+                        "INSERT INTO dead_letters (stream_id, seq, topic, received_at_ms, payload, status, reason, dead_at_ms, attributes)
+                         SELECT stream_id, seq, topic, received_at_ms, payload, ?4, ?5, ?6, attributes FROM records
                          WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3",
                         params![streams[*stream].id, *first as i64, *last as i64, status, reason, now_ms],
                     )?;
@@ -1461,7 +1462,7 @@ fn apply(
         }
         if expire {
             let mut expire_rows = tx.prepare_cached(
-                "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 AND received_at_ms < ?4 RETURNING seq, length(topic) + length(payload) + coalesce(length(attributes), 0)",
+                "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 AND received_at_ms < ?4 RETURNING seq, length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)",
             )?;
             for (i, s) in streams.iter_mut().enumerate() {
                 let Some(ttl) = s.ttl_ms else { continue };
@@ -1633,6 +1634,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         ("records", "crc", "INTEGER"),
         ("streams", "floor", "INTEGER"),
         ("records", "attributes", "BLOB"),
+        ("dead_letters", "attributes", "BLOB"),
     ] {
         let has: bool = conn.query_row(
             &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"),
@@ -1884,7 +1886,9 @@ impl BufferReader {
                     })
                 });
                 if let (Ok(record), true) = (&read, intact) {
-                    bytes += record.topic.len() + record.payload.len();
+                    bytes += record.topic.len()
+                        + record.payload.len()
+                        + stored.as_ref().map_or(0, Vec::len);
                     if !out.is_empty() && bytes > max_bytes {
                         full = true;
                         break;

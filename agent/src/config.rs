@@ -1056,6 +1056,17 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             })
             .flatten()
             .collect();
+        let mut lower = std::collections::BTreeMap::new();
+        for name in &attributes {
+            if let Some(other) = lower.insert(name.to_ascii_lowercase(), *name) {
+                return Err((
+                    format!("streams[{i}].transforms"),
+                    format!(
+                        "its enrich steps add {other:?} and {name:?}: as attributes (headers), names must differ in more than case"
+                    ),
+                ));
+            }
+        }
         if attributes.len() > ingest_wire::MAX_ATTRIBUTES {
             return Err((
                 format!("streams[{i}].transforms"),
@@ -1445,6 +1456,18 @@ fn validate_transform(key: &str, raw: RawTransform) -> Result<Step, Invalid> {
                         at,
                         format!(
                             "{problem}; enrich names become headers when a payload is not a JSON object"
+                        ),
+                    ));
+                }
+            }
+            for (k, v) in &e.fields {
+                let bytes = crate::transform::attribute_value(v).len();
+                if bytes > ingest_wire::MAX_ATTRIBUTE_VALUE_BYTES {
+                    return Err((
+                        format!("{key}.enrich.fields.{k}"),
+                        format!(
+                            "is {bytes} bytes; at most {} (it becomes a header when a payload is not a JSON object)",
+                            ingest_wire::MAX_ATTRIBUTE_VALUE_BYTES
                         ),
                     ));
                 }
@@ -1890,6 +1913,11 @@ streams:
                 "add 17 names; at most 16",
             ),
             (
+                "      - enrich: { fields: { Site: a } }\n      - enrich: { fields: { site: b } }\n",
+                "streams[1].transforms",
+                "differ in more than case",
+            ),
+            (
                 "      - filter: { where: [{ field: t, op: \"~\", value: 1 }] }\n",
                 "streams[1].transforms[0].filter.where[0].op",
                 "unknown operator",
@@ -1958,6 +1986,18 @@ streams:
                 "{list}: {err}"
             );
         }
+        let long = format!(
+            "      - enrich: {{ fields: {{ note: {} }} }}\n",
+            "x".repeat(65_536)
+        );
+        let err = AgentConfig::parse(Path::new("a.yaml"), &with_transforms(&long))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("streams[1].transforms[0].enrich.fields.note")
+                && err.contains("65536 bytes; at most 65535"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -272,7 +272,7 @@ impl Status {
         let mut stmt = conn.prepare(
             "SELECT s.name,
                     (SELECT COUNT(*) FROM records r WHERE r.stream_id = s.id),
-                    (SELECT COALESCE(SUM(length(r.topic) + length(r.payload) + coalesce(length(r.attributes), 0)), 0) FROM records r WHERE r.stream_id = s.id),
+                    (SELECT COALESCE(SUM(length(CAST(r.topic AS BLOB)) + length(r.payload) + coalesce(length(r.attributes), 0)), 0) FROM records r WHERE r.stream_id = s.id),
                     (SELECT r.received_at_ms FROM records r WHERE r.stream_id = s.id ORDER BY r.seq LIMIT 1)
              FROM streams s ORDER BY s.id",
         )?;

@@ -885,7 +885,7 @@ impl WindowState {
 
 /// A configured field's value as an attribute: a string as it is, anything else as its JSON
 /// text (`3`, `true`, `{"a":1}`).
-fn attribute_value(v: &Value) -> String {
+pub fn attribute_value(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),

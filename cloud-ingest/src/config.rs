@@ -671,7 +671,7 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, (String, String)> {
         return Err((
             "limits.max_decoding_bytes".into(),
             format!(
-                "must be at least what the largest request may cost ({} MiB with these limits: the body, 2.5 times its decompressed size, the zstd window and 904 bytes per record), or such a request could never be decoded",
+                "must be at least what the largest request may cost ({} MiB with these limits: the body, 2.5 times its decompressed size, the zstd window and 1,928 bytes per record), or such a request could never be decoded",
                 largest.div_ceil(1 << 20)
             ),
         ));

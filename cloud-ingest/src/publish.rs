@@ -172,11 +172,24 @@ impl Delivery {
 
 /// `value` made safe for any header: each byte below 0x20, 0x7F and `%` becomes `%XX`
 /// (upper-case hex), and so does each byte of whitespace at either end (NATS trims header
-/// values); everything else is kept. Undo with percent-decoding.
+/// values) and the first letter of each `Nats-` in any case (the NATS server finds a header by the first place its
+/// name appears in the header block: a value holding `Nats-Msg-Id` written before the real
+/// one would hide it, and JetStream's deduplication with it); everything else is kept. Undo
+/// with percent-decoding.
 pub fn header_value(value: &str) -> Cow<'_, str> {
     let unsafe_byte = |b: u8| b < 0x20 || b == 0x7f || b == b'%';
     let edge_space = value.starts_with(char::is_whitespace) || value.ends_with(char::is_whitespace);
-    if !edge_space && !value.bytes().any(unsafe_byte) {
+    let nats_at = |i: usize| {
+        value
+            .as_bytes()
+            .get(i..i + 5)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"nats-"))
+    };
+    let any_nats = value
+        .bytes()
+        .enumerate()
+        .any(|(i, b)| b.eq_ignore_ascii_case(&b'n') && nats_at(i));
+    if !edge_space && !value.bytes().any(unsafe_byte) && !any_nats {
         return Cow::Borrowed(value);
     }
     let lead = value.len() - value.trim_start().len();
@@ -184,7 +197,8 @@ pub fn header_value(value: &str) -> Cow<'_, str> {
     let mut out = String::with_capacity(value.len() + 8);
     for (i, c) in value.char_indices() {
         let at_edge = (i < lead || i >= trail) && c.is_whitespace();
-        if at_edge || u8::try_from(c).is_ok_and(unsafe_byte) {
+        let nats = c.eq_ignore_ascii_case(&'n') && nats_at(i);
+        if at_edge || nats || u8::try_from(c).is_ok_and(unsafe_byte) {
             let mut utf8 = [0u8; 4];
             for b in c.encode_utf8(&mut utf8).bytes() {
                 out.push_str(&format!("%{b:02X}"));
@@ -299,6 +313,12 @@ mod tests {
         assert_eq!(header_value("100%\u{7f}"), "100%25%7F");
         assert_eq!(header_value("température/ü"), "température/ü");
         assert_eq!(header_value(" a b\u{a0}"), "%20a b%C2%A0");
+        assert_eq!(
+            header_value("plant/Nats-Msg-Id/x: Nats-"),
+            "plant/%4Eats-Msg-Id/x: %4Eats-"
+        );
+        assert_eq!(header_value("nats-msg-id"), "%6Eats-msg-id");
+        assert_eq!(header_value("nats"), "nats");
     }
 
     proptest::proptest! {

@@ -239,13 +239,15 @@ fn jetstream_exactly_once_and_a_retry_to_another_replica_is_dropped_by_msg_id() 
         records: (1..=50)
             .map(|seq| ingest_wire::Record {
                 seq,
-                topic: "plant/9/retry".into(),
+                // A topic and an attribute holding `Nats-Msg-Id`: neither may hide the real
+                // header from the server, or the retry below would be stored twice.
+                topic: "plant/9/Nats-Msg-Id/retry".into(),
                 payload: bytes::Bytes::from(format!("r{seq}")),
                 qos: None,
                 received_at_ms: agent_now - 1000,
                 attributes: vec![ingest_wire::Attribute {
                     key: "line".into(),
-                    value: format!(" {seq}\n"),
+                    value: format!(" {seq} Nats-Msg-Id: x\n"),
                 }],
                 ..Default::default()
             })
@@ -291,10 +293,11 @@ fn jetstream_exactly_once_and_a_retry_to_another_replica_is_dropped_by_msg_id() 
             corrected - original
         );
         assert_eq!(m.headers["clock_corrected"], "true");
+        assert_eq!(m.headers["mqtt_topic"], "plant/9/%4Eats-Msg-Id/retry");
         let seq = &m.headers["seq"];
         assert_eq!(
             m.headers["line"],
-            format!("%20{seq}%0A"),
+            format!("%20{seq} %4Eats-Msg-Id: x%0A"),
             "an attribute is a header, encoded"
         );
     }

@@ -834,7 +834,7 @@ pub struct DumpedRecord {
     /// For dead letters: the ingest's status and reason.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rejected: Option<(u16, String)>,
-    /// Its attributes, when it has any (records only).
+    /// Its attributes, when it has any.
     #[serde(skip_serializing_if = "super::Attributes::is_empty")]
     pub attributes: super::Attributes,
 }
@@ -847,7 +847,7 @@ pub fn dump(
 ) -> rusqlite::Result<()> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let sql = if dead_letters {
-        "SELECT s.name, r.seq, r.topic, r.received_at_ms, r.payload, r.status, r.reason, NULL FROM dead_letters r JOIN streams s ON s.id = r.stream_id ORDER BY r.id"
+        "SELECT s.name, r.seq, r.topic, r.received_at_ms, r.payload, r.status, r.reason, r.attributes FROM dead_letters r JOIN streams s ON s.id = r.stream_id ORDER BY r.id"
     } else {
         "SELECT s.name, r.seq, r.topic, r.received_at_ms, r.payload, NULL, NULL, r.attributes FROM records r JOIN streams s ON s.id = r.stream_id ORDER BY r.id"
     };

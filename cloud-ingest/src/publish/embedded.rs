@@ -183,7 +183,7 @@ impl Publisher for EmbeddedLog {
 struct TopicState {
     /// The offset the next record gets.
     next_offset: u64,
-    /// Payload bytes the topic holds (for `max_bytes_per_topic`).
+    /// Payload and attribute bytes the topic holds (for `max_bytes_per_topic`).
     bytes: u64,
 }
 
@@ -305,6 +305,8 @@ impl Writer {
                         ack.duplicates += 1;
                         continue;
                     }
+                    let attributes = attributes_json(&r.attributes);
+                    let attributes_bytes = attributes.as_ref().map_or(0, String::len);
                     insert.execute(params![
                         d.topic,
                         topic.next_offset as i64,
@@ -321,13 +323,13 @@ impl Writer {
                         d.corrected_at_ms(r),
                         Some(r.boot_id.as_str()).filter(|b| !b.is_empty()),
                         Some(r.monotonic_ms as i64).filter(|&m| m > 0),
-                        attributes_json(&r.attributes),
+                        attributes,
                     ])?;
                     let change = changes.entry(key.clone()).or_default();
                     change.removed_firsts.extend(seen.insert(r.seq));
                     change.inserted.push(r.seq);
                     topic.next_offset += 1;
-                    topic.bytes += r.payload.len() as u64;
+                    topic.bytes += (r.payload.len() + attributes_bytes) as u64;
                     ack.accepted += 1;
                 }
                 if ack.accepted > 0 {
@@ -420,7 +422,7 @@ impl Writer {
                 if held > max_bytes {
                     let mut excess = held - max_bytes;
                     let mut stmt = self.conn.prepare_cached(
-                        "SELECT offset, length(payload) FROM records WHERE topic = ?1 AND offset < ?2 ORDER BY offset",
+                        "SELECT offset, length(payload) + coalesce(length(CAST(attributes AS BLOB)), 0) FROM records WHERE topic = ?1 AND offset < ?2 ORDER BY offset",
                     )?;
                     let mut rows = stmt.query(params![name, horizon as i64])?;
                     while let Some(row) = rows.next()? {
@@ -438,7 +440,7 @@ impl Writer {
                 let to = cut.min(from + SWEEP_CHUNK.min(budget));
                 let tx = self.conn.transaction()?;
                 let (rows, bytes): (i64, i64) = tx.query_row(
-                    "SELECT count(*), coalesce(sum(length(payload)), 0) FROM records WHERE topic = ?1 AND offset >= ?2 AND offset < ?3",
+                    "SELECT count(*), coalesce(sum(length(payload) + coalesce(length(CAST(attributes AS BLOB)), 0)), 0) FROM records WHERE topic = ?1 AND offset >= ?2 AND offset < ?3",
                     params![name, from as i64, to as i64],
                     |row| Ok((row.get(0)?, row.get(1)?)),
                 )?;
@@ -676,7 +678,12 @@ impl Reader {
         while let Some(row) = rows.next().map_err(sqlite)? {
             let record = log_record(row).map_err(sqlite)?;
             let size = record.payload.as_ref().map_or(0, String::len)
-                + record.payload_base64.as_ref().map_or(0, String::len);
+                + record.payload_base64.as_ref().map_or(0, String::len)
+                + record
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>();
             if bytes > 0 && bytes + size as u64 > max_bytes {
                 break;
             }

@@ -350,7 +350,11 @@ fn validate(batch: &Batch, limits: Limits) -> Result<(), DecodeError> {
                     a.value.len()
                 ));
             }
-            if record.attributes[..j].iter().any(|b| b.key == a.key) {
+            // Without case: consumers that read header names without case would merge them.
+            if record.attributes[..j]
+                .iter()
+                .any(|b| b.key.eq_ignore_ascii_case(&a.key))
+            {
                 return invalid(format!("records[{i}].attributes names {:?} twice", a.key));
             }
         }

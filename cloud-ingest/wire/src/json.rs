@@ -10,8 +10,6 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use std::collections::BTreeMap;
-
 use crate::{Attribute, Batch, DecodeError, MAX_ATTRIBUTES, Record};
 
 /// A batch in JSON. `sent_at_ms` defaults to 0 (unknown).
@@ -113,22 +111,38 @@ pub struct JsonRecord {
     /// Milliseconds since that boot; default 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub monotonic_ms: u64,
-    /// Attributes, name → value (at most [`MAX_ATTRIBUTES`]; parsing stops past that).
+    /// Attributes, a JSON object of strings (at most [`MAX_ATTRIBUTES`]; parsing stops past
+    /// that), kept in the order given.
     #[serde(
         default,
-        skip_serializing_if = "BTreeMap::is_empty",
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "attributes_object",
         deserialize_with = "bounded_attributes"
     )]
-    pub attributes: BTreeMap<String, String>,
+    pub attributes: Vec<Attribute>,
 }
 
-fn bounded_attributes<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+fn attributes_object<S: serde::Serializer>(
+    attributes: &[Attribute],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = serializer.serialize_map(Some(attributes.len()))?;
+    for a in attributes {
+        map.serialize_entry(&a.key, &a.value)?;
+    }
+    map.end()
+}
+
+/// Straight into the list the protobuf form holds (one small entry each), stopping at the
+/// entry past [`MAX_ATTRIBUTES`] and at a name given twice (without case).
+fn bounded_attributes<'de, D>(deserializer: D) -> Result<Vec<Attribute>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
     struct Bounded;
     impl<'de> serde::de::Visitor<'de> for Bounded {
-        type Value = BTreeMap<String, String>;
+        type Value = Vec<Attribute>;
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("an object of string attributes")
         }
@@ -136,16 +150,17 @@ where
             self,
             mut map: A,
         ) -> Result<Self::Value, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some((name, value)) = map.next_entry::<String, String>()? {
+            let mut out: Vec<Attribute> = Vec::new();
+            while let Some((key, value)) = map.next_entry::<String, String>()? {
                 if out.len() == MAX_ATTRIBUTES {
                     return Err(serde::de::Error::custom(format!(
                         "more than {MAX_ATTRIBUTES} attributes"
                     )));
                 }
-                if out.insert(name, value).is_some() {
+                if out.iter().any(|a| a.key.eq_ignore_ascii_case(&key)) {
                     return Err(serde::de::Error::custom("an attribute named twice"));
                 }
+                out.push(Attribute { key, value });
             }
             Ok(out)
         }
@@ -189,11 +204,7 @@ impl JsonBatch {
                     received_at_ms: r.received_at_ms,
                     boot_id: r.boot_id,
                     monotonic_ms: r.monotonic_ms,
-                    attributes: r
-                        .attributes
-                        .into_iter()
-                        .map(|(key, value)| Attribute { key, value })
-                        .collect(),
+                    attributes: r.attributes,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -263,8 +274,8 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(b.records[0].attributes.len(), 2);
-        assert_eq!(b.records[0].attributes[0].key, "device_location");
-        assert_eq!(b.records[0].attributes[0].value, "floor 1");
+        assert_eq!(b.records[0].attributes[1].key, "device_location");
+        assert_eq!(b.records[0].attributes[1].value, "floor 1");
         let many = (0..17)
             .map(|i| format!(r#""a{i}":"""#))
             .collect::<Vec<_>>()
@@ -272,6 +283,7 @@ mod tests {
         for (attributes, why) in [
             (format!("{{{many}}}"), "more than 16 attributes"),
             (r#"{"a":"1","a":"2"}"#.to_owned(), "named twice"),
+            (r#"{"a":"1","A":"2"}"#.to_owned(), "named twice"),
             (r#"{"seq":"1"}"#.to_owned(), "metadata"),
             (r#"{"a b":"1"}"#.to_owned(), "[A-Za-z0-9_.-]"),
             (r#"{"a":1}"#.to_owned(), "invalid type"),
