@@ -24,6 +24,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+#[cfg(test)]
+mod model;
 pub mod protection;
 pub mod recovery;
 pub mod space;
