@@ -902,7 +902,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             ));
         }
     };
-    let mqtt = MqttConfig {
+    let mut mqtt = MqttConfig {
         enabled: raw.mqtt.enabled,
         listen,
         listen_v5: raw.mqtt.listen_v5,
@@ -967,6 +967,13 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             })
             .transpose()?,
     };
+    if !mqtt.enabled {
+        // Nothing listens: the users file, the ACL and the TLS files are not read (a reload
+        // would otherwise be refused for a certificate no listener uses).
+        mqtt.tls = None;
+        mqtt.acl = None;
+        mqtt.auth.users_file = None;
+    }
     if mqtt.enabled && !mqtt.auth.allow_anonymous && mqtt.auth.users_file.is_none() {
         return Err((
             "mqtt.auth".into(),
@@ -2089,6 +2096,18 @@ streams:
         )
         .expect("valid");
         assert!(!c.mqtt.enabled);
+        // Files only a listener would read are not read.
+        let with_files = off.replace(
+            "  enabled: false\n",
+            "  enabled: false\n  auth: { users_file: /nonexistent/users }\n  tls: { listen: 127.0.0.1:8883, cert_file: /nonexistent/c, key_file: /nonexistent/k }\n",
+        );
+        assert_ne!(with_files, off);
+        let c = AgentConfig::parse(
+            Path::new("a.yaml"),
+            &format!("{with_files}sources:\n  - mqtt: {{ url: \"mqtt://127.0.0.1:1884\", topics: [\"#\"] }}\n"),
+        )
+        .expect("valid");
+        assert!(c.mqtt.tls.is_none() && c.mqtt.auth.users_file.is_none());
         assert!(
             AgentConfig::parse(Path::new("a.yaml"), GOOD)
                 .expect("valid")

@@ -524,8 +524,18 @@ fn a_restart_of_the_upstream_mosquitto_under_load_loses_nothing() {
         .stdout(witness_out)
         .spawn()
         .expect("mosquitto_sub");
-    std::thread::sleep(Duration::from_millis(500));
+    // The witness is subscribed once a probe reaches it.
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], mosquitto.port));
+    e2e::eventually(Duration::from_secs(20), "the witness subscribed", || {
+        assert!(e2e::mosquitto_pub_qos1(
+            addr,
+            "plant/9/steady/probe",
+            "probe"
+        ));
+        std::fs::read_to_string(dir.path().join("witness"))
+            .is_ok_and(|w| !w.is_empty())
+            .then_some(())
+    });
     let steady = e2e::load::Steady::start(addr, 1, 2_000.0, "plant/9/steady/x", 16);
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(1_500));
@@ -543,7 +553,7 @@ fn a_restart_of_the_upstream_mosquitto_under_load_loses_nothing() {
         cloud
             .read_topic(&format!("iot.{TENANT}.default"))
             .iter()
-            .filter(|r| r.mqtt_topic.starts_with("plant/9/steady"))
+            .filter(|r| r.mqtt_topic == "plant/9/steady/x")
             .map(|r| index(&r.payload))
             .collect()
     };
@@ -558,6 +568,8 @@ fn a_restart_of_the_upstream_mosquitto_under_load_loses_nothing() {
     });
     let _ = witness.kill();
     let _ = witness.wait();
+    // Late copies, if any, have arrived.
+    std::thread::sleep(Duration::from_secs(1));
     let records = in_log();
     let got: BTreeSet<u64> = records.iter().copied().collect();
     let seen: BTreeSet<u64> = std::fs::read_to_string(dir.path().join("witness"))

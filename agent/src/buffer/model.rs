@@ -1,15 +1,18 @@
 //! A model-based property test of the buffer: random sequences of appends, commits, reads,
 //! acknowledgements, dead letters, protections (records in flight), TTL expiry, evictions by a
-//! small quota, and crashes (the buffer dropped without a clean close) with reopens, checked
-//! after every step against a plain in-memory model of what must be held.
+//! small quota, and crashes with reopens, checked after every step against a plain in-memory
+//! model of what must be held. A crash: the file and its WAL copied as they are while the
+//! buffer is open (what a killed process leaves: no checkpoint, no close), and the copy opened.
 //!
 //! The guarantees it asserts:
 //! - nothing acknowledged is lost: every record appended is held (read back byte for byte), or
 //!   was acknowledged or dead-lettered by a command, or is covered by a loss report;
-//! - nothing is delivered twice: a read gives each held record once, in sequence order, and an
-//!   acknowledged record is never read again; sequences are never reused, across reopens;
+//! - nothing is read twice: a read of a stream gives each held record once, in sequence order,
+//!   and an acknowledged record is never read again; sequences are never reused, across
+//!   crashes;
 //! - losses equal reports: the records that vanished in a commit are exactly the ones its loss
-//!   reports count (by stream and range), and each report is itself stored in the loss stream;
+//!   reports count (by stream, reason and range), and each report is itself stored, as it
+//!   was made, in the loss stream;
 //! - eviction follows priority: a stream loses records to the quota only once every stream of
 //!   a lower class holds nothing it may drop, and it loses its oldest first; records in flight
 //!   (protected) are never dropped;
@@ -95,6 +98,7 @@ struct Model {
 struct Run {
     _dir: tempfile::TempDir,
     path: PathBuf,
+    crashes: u32,
     buffer: Option<Buffer>,
     model: Model,
     now_ms: i64,
@@ -108,6 +112,7 @@ impl Run {
         Run {
             _dir: dir,
             path,
+            crashes: 0,
             buffer: Some(buffer),
             model: Model {
                 next_seq: [1; 4],
@@ -185,7 +190,7 @@ impl Run {
                 // The loss reports of the commit are appended to the loss stream with them.
                 counts[LOSSES] = summary.losses.len() as u64;
                 assert_eq!(summary.appended, counts, "appended");
-                self.settle(&summary);
+                self.settle(&summary, false);
             }
             Op::Ack { stream, take } => {
                 let range = if *stream == LOSSES {
@@ -225,7 +230,7 @@ impl Run {
                 };
                 self.model.protection[*stream].ranges.remove(first, last);
                 assert_eq!(summary.acked[*stream], gone, "acknowledged");
-                self.settle(&summary);
+                self.settle(&summary, false);
             }
             Op::DeadLetter { stream, take } => {
                 let Some((first, last)) = self.oldest(*stream, *take) else {
@@ -252,7 +257,7 @@ impl Run {
                 self.model.protection[*stream].ranges.remove(first, last);
                 let gone = (before - self.model.held[*stream].len()) as u64;
                 assert_eq!(summary.dead_lettered[*stream], gone, "dead-lettered");
-                self.settle(&summary);
+                self.settle(&summary, false);
             }
             Op::Protect { stream, take } => {
                 if let Some((first, last)) = self.oldest(*stream, *take) {
@@ -265,7 +270,7 @@ impl Run {
                     .buffer()
                     .commit(&[], &protections, now, true)
                     .expect("expire");
-                self.settle(&summary);
+                self.settle(&summary, true);
                 // Nothing past its TTL is left, but what is in flight.
                 let telemetry = 1;
                 for (&seq, (_, at)) in &self.model.held[telemetry] {
@@ -276,8 +281,21 @@ impl Run {
                 }
             }
             Op::Reopen => {
-                // No clean close: the buffer is dropped as a killed process leaves it.
+                // What a killed process leaves: the file and its WAL as they are.
+                self.crashes += 1;
+                let copy = self
+                    .path
+                    .with_file_name(format!("crash-{}.db", self.crashes));
+                let side = |p: &Path, ext: &str| space::side(p, ext);
+                std::fs::copy(&self.path, &copy).expect("copy the file");
+                if side(&self.path, "-wal").exists() {
+                    std::fs::copy(side(&self.path, "-wal"), side(&copy, "-wal")).expect("wal");
+                }
                 drop(self.buffer.take());
+                for ext in ["", "-wal", "-shm", ".reserve"] {
+                    let _ = std::fs::remove_file(side(&self.path, ext));
+                }
+                self.path = copy;
                 let opened = Buffer::open(&self.path, &streams(), QUOTA).expect("reopen");
                 assert!(opened.quarantine.is_none(), "a reopen is no corruption");
                 self.buffer = Some(opened.buffer);
@@ -287,25 +305,33 @@ impl Run {
     }
 
     /// Takes in what a commit dropped: every record gone from a data stream without a command
-    /// is covered by exactly its loss reports, and the reports are in the loss stream.
-    fn settle(&mut self, summary: &CommitSummary) {
+    /// is covered by exactly its loss reports (the TTL's: what was past it, on an `expire`
+    /// commit, which drops by TTL before the quota evicts; the quota's: the rest), and the
+    /// reports are in the loss stream.
+    fn settle(&mut self, summary: &CommitSummary, expire: bool) {
         let held = self.read_all();
         let names = ["alarms", "telemetry", "logs"];
-        let mut vanished: [BTreeSet<u64>; 3] = Default::default();
-        for (i, gone) in vanished.iter_mut().enumerate() {
+        let mut expired: [BTreeSet<u64>; 3] = Default::default();
+        let mut evicted: [BTreeSet<u64>; 3] = Default::default();
+        for i in 0..3 {
             let now_held: BTreeSet<u64> = held[i].iter().map(|r| r.seq).collect();
-            for &seq in self.model.held[i].keys() {
+            for (&seq, (_, at)) in &self.model.held[i] {
                 if !now_held.contains(&seq) {
                     assert!(
                         !is_protected(&self.model.protection[i], seq),
                         "{}: seq {seq} was in flight and was dropped",
                         names[i]
                     );
-                    gone.insert(seq);
+                    let past_ttl = expire && i == 1 && *at < self.now_ms - TTL_MS;
+                    if past_ttl {
+                        expired[i].insert(seq);
+                    } else {
+                        evicted[i].insert(seq);
+                    }
                 }
             }
         }
-        let mut reported: [u64; 3] = [0; 3];
+        let mut reported = [[0u64; 2]; 3];
         for report in &summary.losses {
             let i = names
                 .iter()
@@ -315,29 +341,41 @@ impl Run {
                 report.first_seq.expect("first"),
                 report.last_seq.expect("last"),
             );
-            let within = vanished[i].range(first..=last).count() as u64;
+            let kind = usize::from(report.reason != LossReason::Ttl);
+            let dropped = if kind == 0 { &expired[i] } else { &evicted[i] };
+            let within = dropped.range(first..=last).count() as u64;
             assert_eq!(
                 within, report.count,
-                "{report:?} counts what vanished in its range"
+                "{report:?} counts what it dropped in its range"
             );
-            reported[i] += report.count;
+            reported[i][kind] += report.count;
         }
         for i in 0..3 {
             assert_eq!(
                 reported[i],
-                vanished[i].len() as u64,
-                "{}: every record gone without a command is reported",
+                [expired[i].len() as u64, evicted[i].len() as u64],
+                "{}: every record gone without a command is reported, under its reason",
                 names[i]
             );
             assert_eq!(
-                summary.evicted[i] + summary.expired[i],
-                reported[i],
-                "{}: evicted and expired are what was reported",
+                (summary.expired[i], summary.evicted[i]),
+                (expired[i].len() as u64, evicted[i].len() as u64),
+                "{}: the summary counts them",
                 names[i]
             );
         }
+        // The reports are stored as made, after what the loss stream held.
+        let stored: Vec<LossReport> = held[LOSSES]
+            .iter()
+            .skip(self.model.loss_records as usize)
+            .map(|r| serde_json::from_slice(&r.payload).expect("a stored loss report"))
+            .collect();
+        assert_eq!(
+            stored, summary.losses,
+            "each report stored in the loss stream"
+        );
         // Eviction: lowest class first, oldest first, never what is in flight.
-        for (i, gone) in vanished.iter().enumerate() {
+        for (i, gone) in evicted.iter().enumerate() {
             if summary.evicted[i] == 0 {
                 continue;
             }
@@ -366,8 +404,8 @@ impl Run {
                 }
             }
         }
-        for (i, gone) in vanished.iter().enumerate() {
-            self.model.held[i].retain(|s, _| !gone.contains(s));
+        for i in 0..3 {
+            self.model.held[i].retain(|s, _| !expired[i].contains(s) && !evicted[i].contains(s));
         }
         self.model.loss_records += summary.losses.len() as u64;
         self.model.fresh_reports = summary.losses.len();
@@ -379,7 +417,6 @@ impl Run {
         let held = self.read_all();
         for (i, records) in held.iter().take(3).enumerate() {
             let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
-            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "each once, in order");
             let want: Vec<u64> = self.model.held[i].keys().copied().collect();
             assert_eq!(seqs, want, "stream {i} holds what the model holds");
             for r in records {

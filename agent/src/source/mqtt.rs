@@ -33,40 +33,58 @@ const REMEMBERED: usize = 1024;
 const MAX_READ_BYTES: usize = 16 << 20;
 
 /// The last [`REMEMBERED`] messages stored, by packet id: (checksum of topic and payload,
-/// ticket). The oldest is forgotten first, so those just before a disconnect, the ones the
-/// broker may redeliver, are always known. (Clearing all at once, as before, forgot them when
-/// the clear fell just before a broker restart, and they were stored twice.)
+/// ticket, connection it came on). The oldest is forgotten first, so those just before a
+/// disconnect, the ones the broker may redeliver, are always known. (Clearing all at once, as
+/// before, forgot them when the clear fell just before a broker restart, and they were stored
+/// twice.) Only redeliveries are matched against it, and a broker redelivers what it holds
+/// unacknowledged first when a session resumes: once a connection brings a new message, what
+/// earlier connections brought is forgotten, so a packet id the broker reused for a new
+/// message (after our acknowledgement) is never taken for the old one.
 #[derive(Default)]
 struct Remembered {
-    by_pkid: HashMap<u16, (u32, u64)>,
+    by_pkid: HashMap<u16, (u32, u64, u64)>,
     /// (packet id, ticket) in the order stored; an entry whose packet id was stored again
     /// since is stale and skipped.
     order: VecDeque<(u16, u64)>,
 }
 
 impl Remembered {
-    fn insert(&mut self, pkid: u16, digest: u32, ticket: u64) {
-        self.by_pkid.insert(pkid, (digest, ticket));
+    fn insert(&mut self, pkid: u16, digest: u32, ticket: u64, connection: u64) {
+        self.by_pkid.insert(pkid, (digest, ticket, connection));
         self.order.push_back((pkid, ticket));
         while self.order.len() > REMEMBERED {
             if let Some((old, t)) = self.order.pop_front()
                 && self
                     .by_pkid
                     .get(&old)
-                    .is_some_and(|&(_, current)| current == t)
+                    .is_some_and(|&(_, current, _)| current == t)
             {
                 self.by_pkid.remove(&old);
             }
         }
     }
 
-    fn get(&self, pkid: &u16) -> Option<&(u32, u64)> {
-        self.by_pkid.get(pkid)
+    /// The (checksum, ticket) stored under `pkid`.
+    fn get(&self, pkid: &u16) -> Option<(u32, u64)> {
+        self.by_pkid.get(pkid).map(|&(d, t, _)| (d, t))
     }
 
     /// Forgets the messages whose ticket `refused` says.
     fn forget(&mut self, refused: impl Fn(u64) -> bool) {
-        self.by_pkid.retain(|_, &mut (_, t)| !refused(t));
+        self.by_pkid.retain(|_, &mut (_, t, _)| !refused(t));
+    }
+
+    /// Forgets what connections before `connection` brought: its broker is done redelivering.
+    fn redelivered_before(&mut self, connection: u64) {
+        self.by_pkid.retain(|_, &mut (_, _, c)| c >= connection);
+        self.order
+            .retain(|(pkid, _)| self.by_pkid.contains_key(pkid));
+    }
+
+    /// Forgets everything (the broker lost the session: nothing will be redelivered).
+    fn clear(&mut self) {
+        self.by_pkid.clear();
+        self.order.clear();
     }
 }
 
@@ -115,6 +133,7 @@ impl MqttSource {
         let mut ticket = 0u64;
         // Packet id → (checksum of topic and payload, ticket) of what was stored lately.
         let mut stored = Remembered::default();
+        let mut connection = 0u64;
         // Tickets the buffer refused (a full disk): never acknowledged, and what they carried
         // is not taken for stored when it comes again.
         let mut refused_tickets: HashSet<u64> = HashSet::new();
@@ -147,6 +166,9 @@ impl MqttSource {
                 }
             }
             let (client, mut events) = AsyncClient::new(options.clone(), 1024);
+            connection += 1;
+            // Until the first new message of this connection, the broker may redeliver.
+            let mut redelivering = true;
             // Messages stored, waiting for their commit to be acknowledged...
             let mut waiting: VecDeque<(u64, rumqttc::Publish)> = VecDeque::new();
             // ...and committed, handed to the client as its channel takes them (never waiting
@@ -198,6 +220,9 @@ impl MqttSource {
                             connected = true;
                             said = false;
                             tracing::info!(host = %c.host, port = c.port, session_present = ack.session_present, "upstream broker: connected");
+                            if !ack.session_present {
+                                stored.clear();
+                            }
                             // Subscribed at the first connection of a run (the topics may have
                             // changed), and when the broker lost the session; not at every
                             // reconnect, which would have it send its retained messages again.
@@ -232,8 +257,11 @@ impl MqttSource {
                                 }
                                 continue;
                             }
+                            if !publish.dup && std::mem::take(&mut redelivering) {
+                                stored.redelivered_before(connection);
+                            }
                             if publish.dup
-                                && let Some(&(_, first)) =
+                                && let Some((_, first)) =
                                     stored.get(&publish.pkid).filter(|(d, _)| *d == digest)
                             {
                                 // Came before and stored (not refused): acknowledged once that
@@ -246,7 +274,7 @@ impl MqttSource {
                                 continue;
                             }
                             ticket += 1;
-                            stored.insert(publish.pkid, digest, ticket);
+                            stored.insert(publish.pkid, digest, ticket, connection);
                             let receipt = Receipt { to: receipts.clone(), ticket };
                             let kept = self
                                 .intake
@@ -297,21 +325,30 @@ mod tests {
         // Packet ids wrap around as a broker's do; the last REMEMBERED stay known, whatever
         // the count before.
         for ticket in 1..=70_000u64 {
-            r.insert((ticket % 65_535) as u16 + 1, ticket as u32, ticket);
+            r.insert((ticket % 65_535) as u16 + 1, ticket as u32, ticket, 1);
             let first_kept = ticket.saturating_sub(REMEMBERED as u64 - 1).max(1);
             for t in [first_kept, ticket] {
                 let pkid = (t % 65_535) as u16 + 1;
-                assert_eq!(r.get(&pkid), Some(&(t as u32, t)), "ticket {t} at {ticket}");
+                assert_eq!(r.get(&pkid), Some((t as u32, t)), "ticket {t} at {ticket}");
             }
             assert!(r.by_pkid.len() <= REMEMBERED && r.order.len() <= REMEMBERED);
         }
         let forgotten = (70_000 - REMEMBERED as u64) % 65_535;
         assert_eq!(r.get(&(forgotten as u16 + 1)), None);
         // A packet id stored again is remembered with what it carried last.
-        r.insert(7, 1, 80_000);
-        r.insert(7, 2, 80_001);
-        assert_eq!(r.get(&7), Some(&(2, 80_001)));
+        r.insert(7, 1, 80_000, 1);
+        r.insert(7, 2, 80_001, 1);
+        assert_eq!(r.get(&7), Some((2, 80_001)));
         r.forget(|t| t == 80_001);
         assert_eq!(r.get(&7), None);
+        // Once a later connection brought a new message, what earlier ones brought is not a
+        // redelivery any more (the broker may reuse its packet ids for new messages).
+        r.insert(9, 3, 80_002, 2);
+        r.insert(10, 4, 80_003, 3);
+        r.redelivered_before(3);
+        assert_eq!((r.get(&9), r.get(&10)), (None, Some((4, 80_003))));
+        assert!(r.order.len() <= 2);
+        r.clear();
+        assert_eq!(r.get(&10), None);
     }
 }
