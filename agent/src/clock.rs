@@ -6,12 +6,7 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
-/// Wall-clock now, Unix milliseconds (0 if the clock is before 1970, e.g. no RTC at boot).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub use ingest_wire::now_ms;
 
 struct Boot {
     id: String,

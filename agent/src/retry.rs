@@ -1,7 +1,10 @@
-//! What to do with a batch after the ingest answered (or did not), and how long to wait.
-//! Mirrors the ingest's one table from error to status (`cloud-ingest/src/api.rs`). Pure.
+//! What to do with a batch after the ingest answered (or did not), and how long to wait: the
+//! contract's table ([`ingest_wire::Answer`], which the ingest answers from), plus the wait a
+//! `Retry-After` asks for. Pure.
 
 use std::time::Duration;
+
+use ingest_wire::{Action, Answer};
 
 /// What the forwarder does with the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,19 +30,17 @@ pub enum Outcome {
 
 /// Classifies an HTTP status (with its Retry-After header value, if any).
 pub fn classify(status: u16, retry_after: Option<&str>) -> Outcome {
-    match status {
-        200..=299 => Outcome::Delivered,
-        413 => Outcome::TooLarge,
-        428 => Outcome::NeedsDictionary,
-        400 | 422 => Outcome::Reject,
-        401 | 403 | 404 | 405 | 415 => Outcome::Alarm,
-        408 | 429 | 500..=599 => Outcome::Retry {
+    match Answer::from_status(status).action() {
+        Action::Delete => Outcome::Delivered,
+        Action::DeadLetter => Outcome::Reject,
+        Action::Split => Outcome::TooLarge,
+        Action::Alarm => Outcome::Alarm,
+        Action::RegisterDictionary => Outcome::NeedsDictionary,
+        Action::Retry => Outcome::Retry {
             after: retry_after
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs),
         },
-        // Anything else is unexpected: keep the data and raise the alarm rather than drop it.
-        _ => Outcome::Alarm,
     }
 }
 

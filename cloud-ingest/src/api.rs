@@ -13,7 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use ingest_wire::{BatchAck, DecodeError, HEADER_DEVICE_ID, HEADER_RETRY_AFTER, Limits};
+use ingest_wire::{Answer, BatchAck, DecodeError, HEADER_DEVICE_ID, HEADER_RETRY_AFTER, Limits};
 use serde::Deserialize;
 
 use crate::auth::{Authenticated, Registry};
@@ -163,24 +163,28 @@ pub enum IngestError {
 }
 
 impl IngestError {
-    /// The one table from error to HTTP status.
-    pub fn status(&self) -> StatusCode {
+    /// The contract's answer for it ([`ingest_wire::Answer`], the table clients read back).
+    pub fn answer(&self) -> Answer {
         match self {
-            IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
-            IngestError::Forbidden { .. } => StatusCode::FORBIDDEN,
-            IngestError::TooLarge { .. } | IngestError::TooManyRecords { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            IngestError::Unauthorized => Answer::Unauthorized,
+            IngestError::Forbidden { .. } => Answer::Forbidden,
+            IngestError::TooLarge { .. } | IngestError::TooManyRecords { .. } => Answer::TooLarge,
             IngestError::BadBatch(_) | IngestError::BodyRead | IngestError::BadDictionary(_) => {
-                StatusCode::BAD_REQUEST
+                Answer::Invalid
             }
             IngestError::Unavailable(_) | IngestError::Busy | IngestError::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
+                Answer::Unavailable
             }
-            IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            IngestError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            IngestError::UnknownDictionary(_) => StatusCode::PRECONDITION_REQUIRED,
+            IngestError::BodyTimeout(_) => Answer::BodyTimeout,
+            IngestError::RateLimited(_) => Answer::RateLimited,
+            IngestError::UnknownDictionary(_) => Answer::NeedsDictionary,
         }
+    }
+
+    /// Its HTTP status, from the contract's table.
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.answer().status())
+            .expect("invariant: the contract's statuses are valid")
     }
 }
 
@@ -586,12 +590,7 @@ async fn accept_batch(
     Ok(ack)
 }
 
-/// Wall-clock now, Unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub use ingest_wire::now_ms;
 
 #[derive(Debug, Deserialize)]
 struct ReadQuery {

@@ -17,6 +17,7 @@ mod batch;
 mod codec;
 mod json;
 mod loss;
+mod status;
 
 pub use batch::{Attribute, Batch, Record};
 pub use codec::{
@@ -26,6 +27,15 @@ pub use codec::{
 };
 pub use json::{BatchAck, JsonBatch, JsonRecord};
 pub use loss::{LOSS_STREAM, LossReason, LossReport};
+pub use status::{Action, Answer};
+
+/// Wall-clock now, Unix milliseconds (0 if the clock is before 1970, e.g. no RTC at boot): the
+/// one clock reading both sides stamp records and batches with.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
 
 /// Version of this contract; it is part of the path ([`BATCHES_PATH`]).
 pub const WIRE_VERSION: u32 = 1;
