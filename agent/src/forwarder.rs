@@ -462,6 +462,104 @@ struct Ready {
     dictionary: Option<Arc<Trained>>,
 }
 
+/// The link to the ingest, as the forwarder sees it. Transitions ([`Link::after`]):
+///
+/// | from | event | to |
+/// |---|---|---|
+/// | any | a batch is sent | `Up` |
+/// | `Up`, `Paused` | a request failed (no answer, 5xx, 408, 429 without a wait) | `Down`, probing after the backoff (or a wait already set) |
+/// | `Up`, `Paused` | a refusal that asks for a wait (Retry-After), or a buffer read failed | `Paused` until then |
+/// | `Down` | a probe or a request failed | `Down`, probing after the backoff (or the wait asked for) |
+/// | `Down` | a probe answered 200, or another request went through | `Up` (`Paused` if a wait was set) |
+/// | `Up`, `Paused` | an answer without failure or wait | unchanged |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Batches go as the scheduler decides.
+    Up,
+    /// Nothing goes before `until`; then batches go again.
+    Paused { until: Instant },
+    /// The ingest fails: no batch goes (no records sit in requests to a dead link); a
+    /// readiness probe goes once `until` has passed, and batches again after it answers 200.
+    Down { until: Option<Instant> },
+}
+
+/// What happened to the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkEvent {
+    /// A batch left.
+    Sent,
+    /// Reading a batch from the buffer failed (not damage): wait a second.
+    ReadFailed,
+    /// A readiness probe or a request was answered (or not): whether the ingest failed, and
+    /// how long nothing may go.
+    Answered {
+        failed: bool,
+        wait: Option<Duration>,
+    },
+}
+
+impl Link {
+    /// The state after `event` at `now`. Pure.
+    fn after(self, event: LinkEvent, now: Instant) -> Link {
+        match (self, event) {
+            (_, LinkEvent::Sent) => Link::Up,
+            (Link::Down { .. }, LinkEvent::ReadFailed) => Link::Down {
+                until: Some(now + Duration::from_secs(1)),
+            },
+            (_, LinkEvent::ReadFailed) => Link::Paused {
+                until: now + Duration::from_secs(1),
+            },
+            // A wait already set stands unless the answer asks for another.
+            (state, LinkEvent::Answered { failed: true, wait }) => Link::Down {
+                until: wait.map(|w| now + w).or(state.until()),
+            },
+            (
+                _,
+                LinkEvent::Answered {
+                    failed: false,
+                    wait: Some(w),
+                },
+            ) => Link::Paused { until: now + w },
+            // Another request went through while one had failed: the link is up again.
+            (
+                Link::Down { until },
+                LinkEvent::Answered {
+                    failed: false,
+                    wait: None,
+                },
+            ) => match until {
+                Some(until) => Link::Paused { until },
+                None => Link::Up,
+            },
+            (
+                state,
+                LinkEvent::Answered {
+                    failed: false,
+                    wait: None,
+                },
+            ) => state,
+        }
+    }
+
+    /// The wait set, if any (past or not).
+    fn until(self) -> Option<Instant> {
+        match self {
+            Link::Paused { until } | Link::Down { until: Some(until) } => Some(until),
+            Link::Up | Link::Down { until: None } => None,
+        }
+    }
+
+    /// Whether the ingest is taken for failing (probes, no batches).
+    fn down(self) -> bool {
+        matches!(self, Link::Down { .. })
+    }
+
+    /// Until when nothing may go, if that is later than `now`.
+    fn hold(self, now: Instant) -> Option<Instant> {
+        self.until().filter(|&until| until > now)
+    }
+}
+
 /// How many batches may start now: up to `max` in flight, the last slot only for critical
 /// streams; none while the ingest fails (a readiness probe goes instead, so no data is held
 /// in requests to a dead link). Pure.
@@ -557,9 +655,7 @@ impl Forwarder {
         }
         let mut scheduler = Scheduler::new(self.schedule);
         let mut in_flight: JoinSet<Ended> = JoinSet::new();
-        // While the ingest fails: nothing before `retry_at`, then a readiness probe; batches go
-        // again once it answers 200.
-        let (mut retry_at, mut probing) = (None::<Instant>, false);
+        let mut link = Link::Up;
         let readyz: Vec<reqwest::Url> = self
             .ingest
             .urls
@@ -604,7 +700,7 @@ impl Forwarder {
                     if open_slots(
                         self.ingest.max_in_flight,
                         in_flight.len(),
-                        probing,
+                        link.down(),
                         critical,
                     ) == 0
                     {
@@ -613,9 +709,9 @@ impl Forwarder {
                     c
                 })
                 .collect();
-            let decision = match retry_at {
-                Some(at) if at > now => Decision::WaitUntil(at),
-                _ if probing => {
+            let decision = match link.hold(now) {
+                Some(at) => Decision::WaitUntil(at),
+                None if link.down() => {
                     if in_flight.is_empty() {
                         let (client, url) =
                             (client_now(&uplink.client), readyz[replicas.current].clone());
@@ -667,19 +763,15 @@ impl Forwarder {
                                     tracing::error!(stream = %self.streams[stream].name, %error, "cannot read a batch from the buffer; retrying");
                                     self.lanes[stream].abandon();
                                     self.protected.lock()[stream] = self.lanes[stream].protection();
-                                    retry_at = Some(Instant::now() + Duration::from_secs(1));
+                                    link = link.after(LinkEvent::ReadFailed, Instant::now());
                                 }
                                 Ended::Probed { replica, answer } => {
-                                    let (delay, failed) = self.probed(replica, answer, &mut replicas, &urls, &mut backoff);
-                                    probing = failed;
-                                    retry_at = delay.map(|d| Instant::now() + d);
+                                    let (wait, failed) = self.probed(replica, answer, &mut replicas, &urls, &mut backoff);
+                                    link = link.after(LinkEvent::Answered { failed, wait }, Instant::now());
                                 }
                                 Ended::Answered(sent) => {
-                                    let (delay, failed) = self.answered(sent, &uplink, &mut replicas, &urls, &mut backoff, &backoff_builder);
-                                    probing = failed;
-                                    if let Some(delay) = delay {
-                                        retry_at = Some(Instant::now() + delay);
-                                    }
+                                    let (wait, failed) = self.answered(sent, &uplink, &mut replicas, &urls, &mut backoff, &backoff_builder);
+                                    link = link.after(LinkEvent::Answered { failed, wait }, Instant::now());
                                 }
                             }
                         }
@@ -690,7 +782,7 @@ impl Forwarder {
                     continue;
                 }
             };
-            retry_at = None;
+            link = link.after(LinkEvent::Sent, now);
             let config = &self.streams[stream];
             let (max_records, max_bytes) =
                 self.lanes[stream].limits(&config.batch, &progress[stream]);
@@ -1001,7 +1093,9 @@ fn tell_buffer(commands: &crate::buffer::Queue, command: WriterCommand) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Registration, Replicas, open_slots, registration};
+    use std::time::{Duration, Instant};
+
+    use super::{Link, LinkEvent, Registration, Replicas, open_slots, registration};
     use crate::retry::Outcome;
 
     #[test]
@@ -1021,6 +1115,88 @@ mod tests {
         ] {
             assert_eq!(registration(status), want, "{status}");
         }
+    }
+
+    #[test]
+    fn link_states_follow_their_table() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let later = now + s(5);
+        let answered = |failed, wait| LinkEvent::Answered { failed, wait };
+        for (from, event, to) in [
+            (Link::Up, LinkEvent::Sent, Link::Up),
+            (Link::Down { until: None }, LinkEvent::Sent, Link::Up),
+            (
+                Link::Up,
+                answered(true, Some(s(2))),
+                Link::Down {
+                    until: Some(now + s(2)),
+                },
+            ),
+            (Link::Up, answered(true, None), Link::Down { until: None }),
+            (
+                Link::Paused { until: later },
+                answered(true, None),
+                Link::Down { until: Some(later) },
+            ),
+            (
+                Link::Up,
+                answered(false, Some(s(3))),
+                Link::Paused { until: now + s(3) },
+            ),
+            (
+                Link::Down { until: None },
+                answered(false, Some(s(3))),
+                Link::Paused { until: now + s(3) },
+            ),
+            (Link::Down { until: None }, answered(false, None), Link::Up),
+            (
+                Link::Down { until: Some(later) },
+                answered(false, None),
+                Link::Paused { until: later },
+            ),
+            (
+                Link::Down { until: Some(later) },
+                answered(true, Some(s(1))),
+                Link::Down {
+                    until: Some(now + s(1)),
+                },
+            ),
+            (
+                Link::Down { until: Some(later) },
+                answered(true, None),
+                Link::Down { until: Some(later) },
+            ),
+            (Link::Up, answered(false, None), Link::Up),
+            (
+                Link::Paused { until: later },
+                answered(false, None),
+                Link::Paused { until: later },
+            ),
+            (
+                Link::Up,
+                LinkEvent::ReadFailed,
+                Link::Paused { until: now + s(1) },
+            ),
+            (
+                Link::Down { until: None },
+                LinkEvent::ReadFailed,
+                Link::Down {
+                    until: Some(now + s(1)),
+                },
+            ),
+        ] {
+            assert_eq!(from.after(event, now), to, "{from:?} + {event:?}");
+        }
+        // What each state lets through.
+        assert_eq!(Link::Up.hold(now), None);
+        assert_eq!(Link::Paused { until: later }.hold(now), Some(later));
+        assert_eq!(
+            Link::Paused { until: now }.hold(later),
+            None,
+            "a wait passed"
+        );
+        assert!(Link::Down { until: None }.down() && !Link::Paused { until: later }.down());
     }
 
     #[test]
