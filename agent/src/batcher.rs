@@ -308,12 +308,12 @@ impl Lane {
         self.in_flight = None;
         match answer {
             Answer::Done => {
-                self.done.insert(covered.0, covered.1);
+                self.done.insert_range(covered.0, covered.1);
                 self.maybe_sent.remove(covered.0, covered.1);
                 self.settle(progress);
             }
             Answer::NotInLog => {}
-            Answer::Unknown => self.maybe_sent.insert(covered.0, covered.1),
+            Answer::Unknown => self.maybe_sent.insert_range(covered.0, covered.1),
         }
     }
 
@@ -323,7 +323,7 @@ impl Lane {
         if let Some(f) = self.in_flight.take()
             && f.committed_at_read > self.cursor
         {
-            self.done.insert(self.cursor + 1, f.committed_at_read);
+            self.done.insert_range(self.cursor + 1, f.committed_at_read);
         }
         self.settle(progress);
     }
@@ -356,7 +356,8 @@ impl Lane {
     /// delivered again (a forwarder started by a reload inherits what the stopped one sent).
     pub fn may_be_in_log(mut self, ranges: &SeqRanges) -> Lane {
         for (first, last) in ranges.iter() {
-            self.maybe_sent.insert(first.max(self.cursor + 1), last);
+            self.maybe_sent
+                .insert_range(first.max(self.cursor + 1), last);
         }
         self
     }
@@ -365,7 +366,7 @@ impl Lane {
     pub fn protection(&self) -> Protection {
         let mut ranges = self.maybe_sent.clone();
         for (first, last) in self.done.iter() {
-            ranges.insert(first, last);
+            ranges.insert_range(first, last);
         }
         Protection {
             floor: self.cursor,

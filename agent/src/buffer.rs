@@ -2535,7 +2535,7 @@ mod tests {
             let mut p = vec![Protection::default(); 4];
             p[2].floor = floor;
             for &(f, l) in ranges {
-                p[2].ranges.insert(f, l);
+                p[2].ranges.insert_range(f, l);
             }
             p
         };

@@ -369,7 +369,7 @@ impl Request {
                 self.max_bytes,
             );
             if let Some((first, last)) = read.as_ref().ok().and_then(|r| r.covered) {
-                guard[self.stream].ranges.insert(first, last);
+                guard[self.stream].ranges.insert_range(first, last);
             }
             read
         };

@@ -261,7 +261,9 @@ impl Run {
             }
             Op::Protect { stream, take } => {
                 if let Some((first, last)) = self.oldest(*stream, *take) {
-                    self.model.protection[*stream].ranges.insert(first, last);
+                    self.model.protection[*stream]
+                        .ranges
+                        .insert_range(first, last);
                 }
             }
             Op::Expire => {

@@ -12,104 +12,8 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-/// A set of sequence numbers as sorted, disjoint, non-adjacent inclusive ranges. Small: a
-/// stream has a few ranges at most (its in-flight batch, a failed one, newest-first holes).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SeqRanges(Vec<(u64, u64)>);
-
-impl SeqRanges {
-    /// Adds `first..=last`, merging with what it touches.
-    pub fn insert(&mut self, first: u64, last: u64) {
-        if first > last {
-            return;
-        }
-        let (mut lo, mut hi) = (first, last);
-        let mut kept = Vec::with_capacity(self.0.len() + 1);
-        for &(f, l) in &self.0 {
-            if l.saturating_add(1) < lo || hi.saturating_add(1) < f {
-                kept.push((f, l));
-            } else {
-                lo = lo.min(f);
-                hi = hi.max(l);
-            }
-        }
-        kept.push((lo, hi));
-        kept.sort_unstable();
-        self.0 = kept;
-    }
-
-    /// Removes `first..=last`.
-    pub fn remove(&mut self, first: u64, last: u64) {
-        if first > last {
-            return;
-        }
-        let mut kept = Vec::with_capacity(self.0.len() + 1);
-        for &(f, l) in &self.0 {
-            if l < first || f > last {
-                kept.push((f, l));
-                continue;
-            }
-            if f < first {
-                kept.push((f, first - 1));
-            }
-            if l > last {
-                kept.push((last + 1, l));
-            }
-        }
-        self.0 = kept;
-    }
-
-    /// Drops everything at or below `seq`.
-    pub fn remove_through(&mut self, seq: u64) {
-        self.remove(0, seq);
-    }
-
-    /// The ranges, ascending.
-    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (u64, u64)> + '_ {
-        self.0.iter().copied()
-    }
-
-    /// The lowest range, if any.
-    pub fn first(&self) -> Option<(u64, u64)> {
-        self.0.first().copied()
-    }
-
-    /// How many members lie in `first..=last`.
-    pub fn count_within(&self, first: u64, last: u64) -> u64 {
-        self.0
-            .iter()
-            .map(|&(f, l)| {
-                let (f, l) = (f.max(first), l.min(last));
-                if f > l { 0 } else { l - f + 1 }
-            })
-            .sum()
-    }
-
-    /// The parts of `first..=last` outside the set, ascending.
-    pub fn gaps(&self, first: u64, last: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        let mut from = first;
-        for &(f, l) in &self.0 {
-            if from > last {
-                break;
-            }
-            if l < from {
-                continue;
-            }
-            if f > from {
-                out.push((from, (f - 1).min(last)));
-            }
-            from = match l.checked_add(1) {
-                Some(n) => n,
-                None => return out,
-            };
-        }
-        if from <= last {
-            out.push((from, last));
-        }
-        out
-    }
-}
+/// The set of sequence numbers both sides keep (the contract crate's).
+pub use ingest_wire::SeqRanges;
 
 /// One stream's protected records: everything at or below `floor` (delivered, being deleted),
 /// and `ranges` above it.
@@ -184,61 +88,12 @@ impl Protected {
 mod tests {
     use super::*;
 
-    type Ranges<'a> = &'a [(u64, u64)];
-
-    fn set(ranges: Ranges<'_>) -> SeqRanges {
+    /// The set's own tables are in the contract crate (`ingest_wire::SeqRanges`).
+    #[test]
+    fn droppable_ranges_are_the_gaps_above_the_floor() {
         let mut s = SeqRanges::default();
-        for &(f, l) in ranges {
-            s.insert(f, l);
-        }
-        s
-    }
-
-    #[test]
-    fn insert_merges_touching_and_overlapping_ranges() {
-        let cases: Vec<(Ranges, Ranges)> = vec![
-            (&[(1, 5)], &[(1, 5)]),
-            (&[(1, 5), (6, 9)], &[(1, 9)]),
-            (&[(6, 9), (1, 5)], &[(1, 9)]),
-            (&[(1, 3), (7, 9), (4, 6)], &[(1, 9)]),
-            (&[(1, 3), (7, 9)], &[(1, 3), (7, 9)]),
-            (&[(1, 3), (7, 9), (2, 8)], &[(1, 9)]),
-            (&[(10, 20), (12, 13)], &[(10, 20)]),
-            (&[(5, 4)], &[]),
-        ];
-        for (inserted, want) in cases {
-            assert_eq!(
-                set(inserted).iter().collect::<Vec<_>>(),
-                want,
-                "{inserted:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn remove_splits_and_trims() {
-        let cases: Vec<(Ranges, (u64, u64), Ranges)> = vec![
-            (&[(1, 9)], (4, 6), &[(1, 3), (7, 9)]),
-            (&[(1, 9)], (1, 9), &[]),
-            (&[(1, 9)], (0, 3), &[(4, 9)]),
-            (&[(1, 3), (7, 9)], (3, 7), &[(1, 2), (8, 9)]),
-            (&[(1, 3)], (5, 6), &[(1, 3)]),
-        ];
-        for (start, (f, l), want) in cases {
-            let mut s = set(start);
-            s.remove(f, l);
-            assert_eq!(s.iter().collect::<Vec<_>>(), want, "{start:?} - {f}..={l}");
-        }
-    }
-
-    #[test]
-    fn gaps_counts_and_droppable_ranges() {
-        let s = set(&[(3, 4), (8, 10)]);
-        assert_eq!(s.gaps(1, 12), vec![(1, 2), (5, 7), (11, 12)]);
-        assert_eq!(s.gaps(3, 10), vec![(5, 7)]);
-        assert_eq!(s.gaps(9, 9), vec![]);
-        assert_eq!(s.count_within(1, 12), 5);
-        assert_eq!(s.count_within(4, 8), 2);
+        s.insert_range(3, 4);
+        s.insert_range(8, 10);
         let p = Protection {
             floor: 2,
             ranges: s,

@@ -295,7 +295,7 @@ impl BufferWriter {
                         let mut p = super::Protection::floor(o.resume_after);
                         if let Some((_, old)) = before.iter().find(|(name, _)| *name == o.name) {
                             for (first, last) in old.ranges.iter() {
-                                p.ranges.insert(first.max(o.resume_after + 1), last);
+                                p.ranges.insert_range(first.max(o.resume_after + 1), last);
                             }
                         }
                         p
@@ -1037,7 +1037,7 @@ mod tests {
         let (progress, progress_rx) = watch::channel(buffer.progress());
         let protected = Arc::new(Protected::new(vec![Default::default(); 2]));
         // The forwarder has seq 1 of "logs" in flight.
-        protected.lock()[0].ranges.insert(1, 1);
+        protected.lock()[0].ranges.insert_range(1, 1);
         let writer = BufferWriter::new(
             buffer,
             rx,

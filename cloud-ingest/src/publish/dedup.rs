@@ -7,7 +7,7 @@
 //! the same records (a retry racing its original) never both append them, and records of a
 //! scope reach the log in request order.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,78 +16,8 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 /// (device, stream, epoch): within it, a sequence number identifies one record.
 pub type DedupScope = (String, String, u64);
 
-/// A set of u64 stored as disjoint, non-adjacent inclusive ranges (first → last).
-/// Sequences arrive mostly in order, so a stream's set is usually one range.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct RangeSet {
-    ranges: BTreeMap<u64, u64>,
-}
-
-impl RangeSet {
-    /// Whether `v` is in the set.
-    pub fn contains(&self, v: u64) -> bool {
-        self.ranges
-            .range(..=v)
-            .next_back()
-            .is_some_and(|(_, &last)| v <= last)
-    }
-
-    /// Adds `v`, merging with neighbouring ranges. Returns the first of the range that merging
-    /// removed (the one that began at `v + 1`), if any: a stored copy of it must go.
-    pub fn insert(&mut self, v: u64) -> Option<u64> {
-        if self.contains(v) {
-            return None;
-        }
-        let before = self
-            .ranges
-            .range(..v)
-            .next_back()
-            .map(|(&f, &l)| (f, l))
-            .filter(|&(_, last)| last.checked_add(1) == Some(v));
-        let after = v
-            .checked_add(1)
-            .and_then(|n| self.ranges.get(&n).map(|&l| (n, l)));
-        match (before, after) {
-            (Some((f, _)), Some((n, l))) => {
-                self.ranges.remove(&n);
-                self.ranges.insert(f, l);
-                Some(n)
-            }
-            (Some((f, _)), None) => {
-                self.ranges.insert(f, v);
-                None
-            }
-            (None, Some((n, l))) => {
-                self.ranges.remove(&n);
-                self.ranges.insert(v, l);
-                Some(n)
-            }
-            (None, None) => {
-                self.ranges.insert(v, v);
-                None
-            }
-        }
-    }
-
-    /// The range holding `v`, if any.
-    pub fn range_of(&self, v: u64) -> Option<(u64, u64)> {
-        self.ranges
-            .range(..=v)
-            .next_back()
-            .filter(|&(_, &last)| v <= last)
-            .map(|(&f, &l)| (f, l))
-    }
-
-    /// Adds the inclusive range `first..=last`, which must not overlap the set (loading).
-    pub fn insert_range(&mut self, first: u64, last: u64) {
-        self.ranges.insert(first, last);
-    }
-
-    /// The ranges, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.ranges.iter().map(|(&f, &l)| (f, l))
-    }
-}
+/// The set of sequence numbers both sides keep (the contract crate's).
+pub use ingest_wire::SeqRanges as RangeSet;
 
 /// In-memory dedup sets of one replica, bounded to `capacity` scopes: past it, the scopes used
 /// least recently (and not in use) are forgotten. A forgotten scope's retries are appended
@@ -164,31 +94,6 @@ fn forget_oldest(scopes: &mut HashMap<DedupScope, CacheEntry>, keep: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn range_set_merges() {
-        let mut s = RangeSet::default();
-        for v in [5, 7, 6, 1, 3, 2, 10] {
-            s.insert(v);
-        }
-        assert_eq!(s.iter().collect::<Vec<_>>(), vec![(1, 3), (5, 7), (10, 10)]);
-        for (v, want) in [
-            (0, false),
-            (1, true),
-            (4, false),
-            (7, true),
-            (8, false),
-            (10, true),
-        ] {
-            assert_eq!(s.contains(v), want, "{v}");
-        }
-        s.insert(4);
-        s.insert(u64::MAX);
-        assert_eq!(
-            s.iter().collect::<Vec<_>>(),
-            vec![(1, 7), (10, 10), (u64::MAX, u64::MAX)]
-        );
-    }
 
     #[tokio::test]
     async fn a_scope_is_held_by_one_request_at_a_time() {

@@ -17,6 +17,7 @@ mod batch;
 mod codec;
 mod json;
 mod loss;
+mod ranges;
 mod status;
 
 pub use batch::{Attribute, Batch, Record};
@@ -27,6 +28,7 @@ pub use codec::{
 };
 pub use json::{BatchAck, JsonBatch, JsonRecord};
 pub use loss::{LOSS_STREAM, LossReason, LossReport};
+pub use ranges::SeqRanges;
 pub use status::{Action, Answer};
 
 /// Wall-clock now, Unix milliseconds (0 if the clock is before 1970, e.g. no RTC at boot): the
