@@ -1,0 +1,492 @@
+//! One commit of the writer's commands, in one transaction ([`apply`]): appends, acks, dead
+//! letters and handed-in losses, then TTL expiry, then eviction down to the quota (lowest
+//! class first, oldest first, never what is in flight), then a loss report for every drop.
+//! Invariant: whatever leaves the buffer in a commit leaves acknowledged, dead-lettered, or
+//! counted in a loss report written in that same transaction.
+
+use super::*;
+
+/// Saves (or deletes) a file's position, in the commit of the lines before it.
+pub(super) fn save_file_position(
+    tx: &rusqlite::Transaction<'_>,
+    p: &FilePosition,
+) -> rusqlite::Result<()> {
+    if p.forget {
+        tx.prepare_cached(
+            "DELETE FROM file_positions WHERE source = ?1 AND dev = ?2 AND inode = ?3",
+        )?
+        .execute(params![p.source, p.dev as i64, p.inode as i64])?;
+    } else {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO file_positions (source, dev, inode, fingerprint, offset, path) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            p.source,
+            p.dev as i64,
+            p.inode as i64,
+            i64::from(p.fingerprint),
+            p.offset as i64,
+            p.path
+        ])?;
+    }
+    Ok(())
+}
+
+/// Saves (or deletes) the transforms' state rows, in the commit of the records they go with.
+pub(super) fn save_transform_state(
+    tx: &rusqlite::Transaction<'_>,
+    rows: &[crate::transform::StateRow],
+) -> rusqlite::Result<()> {
+    let mut put = tx.prepare_cached(
+        "INSERT OR REPLACE INTO transform_state (stream, step, fingerprint, key, state) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut delete = tx.prepare_cached(
+        "DELETE FROM transform_state WHERE stream = ?1 AND step = ?2 AND key = ?3",
+    )?;
+    for r in rows {
+        match &r.state {
+            Some(state) => put.execute(params![
+                r.stream,
+                r.step as i64,
+                r.fingerprint,
+                r.key,
+                state
+            ])?,
+            None => delete.execute(params![r.stream, r.step as i64, r.key])?,
+        };
+    }
+    Ok(())
+}
+
+/// How far a commit may fill the buffer.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// Most bytes (quota cost) held after the commit.
+    pub(super) cap: u64,
+    /// What an eviction down to `cap` is reported as.
+    pub(super) reason: LossReason,
+    /// Only streams of this class or lower are evicted (all when `None`).
+    pub(super) highest: Option<Priority>,
+}
+
+/// Stores a record.
+const INSERT_RECORD: &str = "INSERT INTO records (id, stream_id, seq, topic, received_at_ms, payload, boot, monotonic_ms, crc, attributes)
+     VALUES (?9, ?1, ?2, ?3, ?4, ?5, (SELECT id FROM boots WHERE boot_id = ?6), ?7, ?8, ?10)";
+/// Deletes a stream's records in a sequence range, returning each one's sequence and cost.
+const DELETE_RANGE: &str = "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING seq, length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)";
+/// Deletes the oldest `?4` records of a stream's sequence range (one eviction chunk).
+const EVICT_RANGE: &str = "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq LIMIT ?4)
+     RETURNING seq, length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)";
+/// Deletes a stream's records of a sequence range received before `?4`.
+const EXPIRE_RANGE: &str = "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 AND received_at_ms < ?4 RETURNING seq, length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)";
+
+/// Applies `commands` in one transaction, in named steps: the commands themselves, TTL expiry
+/// (with `expire`), eviction down to `limits`, a loss report stored for every drop, and the
+/// streams' rows. Nothing of `droppable`'s complement (records in flight) is dropped.
+pub(super) fn apply(
+    conn: &mut Connection,
+    streams: &mut [StreamState],
+    commands: &[WriterCommand],
+    limits: Limits,
+    droppable: &[Vec<(u64, u64)>],
+    now_ms: i64,
+    expire: bool,
+) -> rusqlite::Result<CommitSummary> {
+    let n = streams.len();
+    let mut summary = CommitSummary {
+        appended: vec![0; n],
+        acked: vec![0; n],
+        dead_lettered: vec![0; n],
+        evicted: vec![0; n],
+        evicted_reason: limits.reason,
+        expired: vec![0; n],
+        losses: Vec::new(),
+        filtered: BTreeMap::new(),
+    };
+    let loss_stream = streams.iter().position(|s| s.name == LOSS_STREAM);
+    let tx = conn.transaction()?;
+    apply_commands(&tx, streams, commands, now_ms, &mut summary)?;
+    if expire {
+        expire_past_ttl(&tx, streams, droppable, now_ms, &mut summary)?;
+    }
+    evict_over_quota(
+        &tx,
+        streams,
+        limits,
+        droppable,
+        loss_stream,
+        now_ms,
+        &mut summary,
+    )?;
+    if let Some(ls) = loss_stream {
+        store_loss_reports(&tx, streams, ls, now_ms, &mut summary)?;
+    }
+    save_streams(&tx, streams)?;
+    tx.commit()?;
+    Ok(summary)
+}
+
+/// The commands: appends, acks, dead letters, damaged records, handed-in losses, filtered
+/// counts, transform state and file positions.
+fn apply_commands(
+    tx: &rusqlite::Transaction<'_>,
+    streams: &mut [StreamState],
+    commands: &[WriterCommand],
+    now_ms: i64,
+    summary: &mut CommitSummary,
+) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(INSERT_RECORD)?;
+    let mut delete = tx.prepare_cached(DELETE_RANGE)?;
+    for command in commands {
+        match command {
+            WriterCommand::Append(r) => {
+                append(&mut insert, &mut streams[r.stream], r)?;
+                summary.appended[r.stream] += 1;
+            }
+            WriterCommand::Loss(report) => summary.losses.push(report.clone()),
+            WriterCommand::Ack {
+                stream,
+                first,
+                last,
+            } => {
+                let dropped = drop_rows(
+                    delete.query(params![streams[*stream].id, *first as i64, *last as i64])?,
+                    &mut streams[*stream],
+                )?;
+                summary.acked[*stream] += dropped.count;
+            }
+            WriterCommand::DeadLetter {
+                stream,
+                first,
+                last,
+                status,
+                reason,
+            } => {
+                tx.execute(
+                    "INSERT INTO dead_letters (stream_id, seq, topic, received_at_ms, payload, status, reason, dead_at_ms, attributes)
+                     SELECT stream_id, seq, topic, received_at_ms, payload, ?4, ?5, ?6, attributes FROM records
+                     WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3",
+                    params![streams[*stream].id, *first as i64, *last as i64, status, reason, now_ms],
+                )?;
+                let dropped = drop_rows(
+                    delete.query(params![streams[*stream].id, *first as i64, *last as i64])?,
+                    &mut streams[*stream],
+                )?;
+                summary.dead_lettered[*stream] += dropped.count;
+            }
+            WriterCommand::Corrupt { stream, seqs } => {
+                // A stream dropped by a reload meanwhile: its records are no longer here.
+                let Some(s) = streams.iter_mut().find(|s| s.name == *stream) else {
+                    continue;
+                };
+                let mut dropped = Vec::new();
+                for &seq in seqs {
+                    let d = drop_rows(delete.query(params![s.id, seq as i64, seq as i64])?, s)?;
+                    if d.count > 0 {
+                        dropped.push(seq);
+                    }
+                }
+                summary.losses.extend(seq_runs(&dropped).into_iter().map(
+                    |(first, last, count)| LossReport {
+                        stream: Some(s.name.clone()),
+                        first_seq: Some(first),
+                        last_seq: Some(last),
+                        count,
+                        reason: LossReason::CorruptBuffer,
+                        detected_at_ms: now_ms,
+                    },
+                ));
+            }
+            WriterCommand::Filtered { stream, reason, .. } => {
+                *summary.filtered.entry((*stream, *reason)).or_default() += 1;
+            }
+            WriterCommand::TransformState(rows) => save_transform_state(tx, rows)?,
+            WriterCommand::FilePosition(p) => save_file_position(tx, p)?,
+            // The writer makes records of them before a commit.
+            WriterCommand::FileLines(_) => {}
+            // The writer takes it out before a group is formed.
+            WriterCommand::Reconfigure(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// TTL: drops what is past its stream's TTL (and not in flight), with a report per stream.
+fn expire_past_ttl(
+    tx: &rusqlite::Transaction<'_>,
+    streams: &mut [StreamState],
+    droppable: &[Vec<(u64, u64)>],
+    now_ms: i64,
+    summary: &mut CommitSummary,
+) -> rusqlite::Result<()> {
+    let mut expire_rows = tx.prepare_cached(EXPIRE_RANGE)?;
+    for (i, s) in streams.iter_mut().enumerate() {
+        let Some(ttl) = s.ttl_ms else { continue };
+        let mut dropped = Dropped::default();
+        for &(first, last) in &droppable[i] {
+            dropped.merge(&drop_rows(
+                expire_rows.query(params![s.id, first as i64, last as i64, now_ms - ttl])?,
+                s,
+            )?);
+        }
+        if dropped.count > 0 {
+            summary.expired[i] += dropped.count;
+            summary
+                .losses
+                .push(dropped.report(&s.name, LossReason::Ttl, now_ms));
+        }
+    }
+    Ok(())
+}
+
+/// Quota: evicts lowest priority, oldest first, until under `limits.cap`, with a report per
+/// stream. Loss reports stay.
+fn evict_over_quota(
+    tx: &rusqlite::Transaction<'_>,
+    streams: &mut [StreamState],
+    limits: Limits,
+    droppable: &[Vec<(u64, u64)>],
+    loss_stream: Option<usize>,
+    now_ms: i64,
+    summary: &mut CommitSummary,
+) -> rusqlite::Result<()> {
+    let mut evict = tx.prepare_cached(EVICT_RANGE)?;
+    let mut evicted: Vec<Option<Dropped>> = vec![None; streams.len()];
+    let yielding: Vec<bool> = streams
+        .iter()
+        .map(|s| limits.highest.is_none_or(|h| s.priority <= h))
+        .collect();
+    evict_down_to(
+        &mut evict,
+        streams,
+        limits.cap,
+        droppable,
+        &yielding,
+        loss_stream,
+        &mut evicted,
+    )?;
+    for (i, d) in evicted.iter().enumerate() {
+        if let Some(d) = d {
+            summary.evicted[i] += d.count;
+            summary
+                .losses
+                .push(d.report(&streams[i].name, limits.reason, now_ms));
+        }
+    }
+    Ok(())
+}
+
+/// Every drop of this commit, and every loss handed in, becomes a record of the loss stream
+/// `ls`, to be sent like data.
+fn store_loss_reports(
+    tx: &rusqlite::Transaction<'_>,
+    streams: &mut [StreamState],
+    ls: usize,
+    now_ms: i64,
+    summary: &mut CommitSummary,
+) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(INSERT_RECORD)?;
+    for report in &summary.losses {
+        let record = NewRecord {
+            stream: ls,
+            topic: format!("{LOSS_STREAM}/{}", report.reason.as_str()),
+            payload: serde_json::to_vec(report)
+                .expect("invariant: a loss report serialises")
+                .into(),
+            received_at_ms: now_ms,
+            monotonic_ms: crate::clock::monotonic_ms(),
+            attributes: Default::default(),
+            receipt: None,
+        };
+        append(&mut insert, &mut streams[ls], &record)?;
+        summary.appended[ls] += 1;
+    }
+    Ok(())
+}
+
+/// The streams' rows: the next sequence, and the floor (lowest sequence still held), which
+/// tells a salvage which records were delivered.
+fn save_streams(tx: &rusqlite::Transaction<'_>, streams: &[StreamState]) -> rusqlite::Result<()> {
+    let mut update = tx.prepare_cached(
+        "UPDATE streams SET next_seq = ?2, floor = (SELECT MIN(seq) FROM records WHERE stream_id = ?1) WHERE id = ?1",
+    )?;
+    for s in streams {
+        update.execute(params![s.id, s.next_seq as i64])?;
+    }
+    Ok(())
+}
+
+/// Evicts the lowest priority, oldest droppable records of the `yielding` streams until what
+/// is held is at most `cap` (or nothing of them is left to evict); what goes is added to
+/// `evicted`. The loss stream is never evicted.
+pub(super) fn evict_down_to(
+    evict: &mut rusqlite::CachedStatement<'_>,
+    streams: &mut [StreamState],
+    cap: u64,
+    droppable: &[Vec<(u64, u64)>],
+    yielding: &[bool],
+    loss_stream: Option<usize>,
+    evicted: &mut [Option<Dropped>],
+) -> rusqlite::Result<()> {
+    let n = streams.len();
+    let mut exhausted: Vec<bool> = (0..n).map(|i| !yielding[i]).collect();
+    // Per stream, the droppable range eviction is at (oldest first).
+    let mut at = vec![0usize; n];
+    while streams
+        .iter()
+        .map(|s| s.progress.backlog_bytes)
+        .sum::<u64>()
+        > cap
+    {
+        let candidates: Vec<(Priority, u64)> = streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                (
+                    s.priority,
+                    if Some(i) == loss_stream || exhausted[i] {
+                        0
+                    } else {
+                        s.progress.backlog_records
+                    },
+                )
+            })
+            .collect();
+        let Some(victim) = eviction_victim(&candidates) else {
+            break;
+        };
+        let s = &mut streams[victim];
+        let Some(&(first, last)) = droppable[victim].get(at[victim]) else {
+            // What is left of it was sent: it may be in the log, so it is not evicted (it
+            // will be delivered or dead-lettered). Try the next stream.
+            exhausted[victim] = true;
+            continue;
+        };
+        let dropped = drop_rows(
+            evict.query(params![s.id, first as i64, last as i64, EVICT_CHUNK as i64])?,
+            s,
+        )?;
+        if dropped.count == 0 {
+            at[victim] += 1;
+            continue;
+        }
+        evicted[victim]
+            .get_or_insert(Dropped::default())
+            .merge(&dropped);
+    }
+    Ok(())
+}
+
+/// Sorted sequence numbers as runs of consecutive ones: (first, last, count). Pure.
+pub fn seq_runs(seqs: &[u64]) -> Vec<(u64, u64, u64)> {
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    for &seq in seqs {
+        match runs.last_mut() {
+            Some((_, last, count)) if *last + 1 == seq => {
+                *last = seq;
+                *count += 1;
+            }
+            _ => runs.push((seq, seq, 1)),
+        }
+    }
+    runs
+}
+
+pub(super) fn append(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    s: &mut StreamState,
+    r: &NewRecord,
+) -> rusqlite::Result<()> {
+    let (topic, payload) = (&r.topic, &r.payload);
+    let attributes = stored_attributes(&r.attributes);
+    insert.execute(params![
+        s.id,
+        s.next_seq as i64,
+        topic,
+        r.received_at_ms,
+        payload.as_ref(),
+        crate::clock::boot_id(),
+        r.monotonic_ms as i64,
+        checksum(
+            s.next_seq,
+            r.received_at_ms,
+            topic,
+            payload,
+            attributes.as_deref()
+        ),
+        row_id(s.id, s.next_seq),
+        attributes,
+    ])?;
+    let cost = (topic.len() + payload.len() + attributes.as_ref().map_or(0, Vec::len)) as u64
+        + RECORD_OVERHEAD_BYTES;
+    s.progress.committed_seq = s.next_seq;
+    s.next_seq += 1;
+    s.progress.appended_bytes += cost;
+    s.progress.backlog_records += 1;
+    s.progress.backlog_bytes += cost;
+    Ok(())
+}
+
+/// What one delete removed: count and sequence range.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Dropped {
+    count: u64,
+    first: Option<u64>,
+    last: Option<u64>,
+}
+
+impl Dropped {
+    fn merge(&mut self, other: &Dropped) {
+        self.count += other.count;
+        self.first = match (self.first, other.first) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.last = self.last.max(other.last);
+    }
+
+    fn report(&self, stream: &str, reason: LossReason, now_ms: i64) -> LossReport {
+        LossReport {
+            stream: Some(stream.to_owned()),
+            first_seq: self.first,
+            last_seq: self.last,
+            count: self.count,
+            reason,
+            detected_at_ms: now_ms,
+        }
+    }
+}
+
+/// Consumes the rows of a `DELETE … RETURNING seq, bytes` and updates the stream's counts.
+pub(super) fn drop_rows(
+    mut rows: rusqlite::Rows<'_>,
+    s: &mut StreamState,
+) -> rusqlite::Result<Dropped> {
+    let mut d = Dropped::default();
+    while let Some(row) = rows.next()? {
+        let seq = row.get::<_, i64>(0)? as u64;
+        let bytes: i64 = row.get(1)?;
+        d.merge(&Dropped {
+            count: 1,
+            first: Some(seq),
+            last: Some(seq),
+        });
+        s.progress.backlog_bytes = s
+            .progress
+            .backlog_bytes
+            .saturating_sub(bytes as u64 + RECORD_OVERHEAD_BYTES);
+    }
+    s.progress.backlog_records = s.progress.backlog_records.saturating_sub(d.count);
+    Ok(d)
+}
+
+/// Which stream loses records when the buffer is over quota: the lowest priority class that
+/// holds any, and within it the largest backlog. Critical goes last. Pure.
+pub fn eviction_victim(streams: &[(Priority, u64)]) -> Option<usize> {
+    streams
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, records))| *records > 0)
+        .min_by_key(|(_, (priority, records))| (*priority, std::cmp::Reverse(*records)))
+        .map(|(i, _)| i)
+}
