@@ -362,6 +362,12 @@ impl Lane {
         self
     }
 
+    /// Puts [`Lane::protection`] in force: `stream`'s entry of `protected`, which the writer
+    /// reads under the same lock for the whole commit in which it evicts.
+    pub fn publish_protection(&self, protected: &crate::buffer::Protected, stream: usize) {
+        protected.lock()[stream] = self.protection();
+    }
+
     /// What the buffer must not evict or expire of this stream.
     pub fn protection(&self) -> Protection {
         let mut ranges = self.maybe_sent.clone();

@@ -753,7 +753,7 @@ impl Forwarder {
                                     // (evicted under quota): move past it.
                                     let latest = self.latest(stream);
                                     self.lanes[stream].found_empty(&latest);
-                                    self.protected.lock()[stream] = self.lanes[stream].protection();
+                                    self.lanes[stream].publish_protection(&self.protected, stream);
                                 }
                                 Ended::ReadFailed { stream, error, damaged: true } => {
                                     tracing::error!(stream = %self.streams[stream].name, %error, "the buffer is damaged: the forwarder stops");
@@ -762,7 +762,7 @@ impl Forwarder {
                                 Ended::ReadFailed { stream, error, damaged: false } => {
                                     tracing::error!(stream = %self.streams[stream].name, %error, "cannot read a batch from the buffer; retrying");
                                     self.lanes[stream].abandon();
-                                    self.protected.lock()[stream] = self.lanes[stream].protection();
+                                    self.lanes[stream].publish_protection(&self.protected, stream);
                                     link = link.after(LinkEvent::ReadFailed, Instant::now());
                                 }
                                 Ended::Probed { replica, answer } => {
@@ -912,7 +912,7 @@ impl Forwarder {
             tell_buffer(&self.commands, command);
         }
         self.lanes[stream].finish(covered, answer, &latest);
-        self.protected.lock()[stream] = self.lanes[stream].protection();
+        self.lanes[stream].publish_protection(&self.protected, stream);
         let stream_name = self.streams[stream].name.as_str();
         let count = |what: &str| {
             self.metrics

@@ -3,8 +3,16 @@
 //! ```text
 //! sensors ─MQTT─▶ front door ─▶ routing ─┐   (source::mqtt: a site's broker, into the same routing)
 //! files ─▶ source::file (lines + position) ─┴▶ buffer writer: transforms, then commit ─▶ PUBACK
-//!                     └─▶ broker (rumqttd: local subscribers)    batcher (priority, zstd) ─▶ forwarder ─HTTPS─▶ cloud ingest
+//!                     └─▶ broker (rumqttd: local subscribers)          │
+//!                                  forwarder (batcher: lanes, scheduler; zstd) ─HTTPS─▶ cloud ingest
 //! ```
+//!
+//! The stages, each a task or thread that stops the agent if it stops: [`front_door`] (MQTT
+//! sessions, routing by [`routing`], access by [`access`]), [`source`] (files, a site's broker),
+//! the [`buffer`] writer (with [`transform`]), [`forwarder`], and [`broker`] (rumqttd). The
+//! forwarder's libraries: [`batcher`] (per-stream lanes and the scheduler), [`retry`] (the
+//! contract's answers), [`bandwidth`], [`dictionary`]. Around them: [`config`], [`metrics`],
+//! [`status`], [`logging`], [`systemd`], [`clock`], [`mqtt`] (the packet codec).
 //!
 //! Guarantees: a QoS 1/2 publish is acknowledged only once its record is committed (fsync);
 //! a record leaves the buffer only when the ingest answered 2xx (or 400: then it is kept as a
