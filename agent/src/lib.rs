@@ -77,6 +77,15 @@ pub enum AgentError {
     /// A stage stopped on its own; the agent stopped and exits non-zero (systemd restarts it).
     #[error("the {0} stopped unexpectedly")]
     StageStopped(&'static str),
+    /// A thread could not be started (the system is out of threads or memory).
+    #[error("cannot start the {what} thread: {source}")]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The buffer's view of the configured streams.
@@ -295,11 +304,17 @@ pub async fn run(
     );
     let stop_checkpoints = Arc::new(AtomicBool::new(false));
     let checkpointer = buffer::spawn_checkpointer(&config.buffer.path, stop_checkpoints.clone())
-        .map_err(|e| AgentError::Broker(BrokerError::Start(e.to_string())))?;
+        .map_err(|source| AgentError::Spawn {
+            what: "buffer checkpointer",
+            source,
+        })?;
     let writer = std::thread::Builder::new()
         .name("buffer-writer".into())
         .spawn(move || writer.run())
-        .map_err(|e| AgentError::Broker(BrokerError::Start(e.to_string())))?;
+        .map_err(|source| AgentError::Spawn {
+            what: "buffer writer",
+            source,
+        })?;
 
     let stop_serving = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));

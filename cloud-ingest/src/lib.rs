@@ -40,32 +40,31 @@ pub async fn serve(
     config: IngestConfig,
     config_file: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), StartError> {
     let (publisher, embedded_log): (Arc<dyn publish::Publisher>, _) = match &config.sink {
         SinkConfig::Embedded { path, retention } => (
-            Arc::new(EmbeddedLog::open(path, *retention)?),
+            Arc::new(EmbeddedLog::open(path, *retention).map_err(StartError::EmbeddedLog)?),
             Some(path.clone()),
         ),
         SinkConfig::Kafka(kafka) => (
             KafkaLog::start(kafka)
-                .map_err(|e| anyhow::anyhow!("cannot create the Kafka producer: {e}"))?,
+                .map_err(|e| StartError::Sink(format!("cannot create the Kafka producer: {e}")))?,
             None,
         ),
-        SinkConfig::Nats(nats) => (
-            Arc::new(
-                NatsLog::start(nats)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot set up the NATS client: {e}"))?,
-            ),
-            None,
-        ),
+        SinkConfig::Nats(nats) => {
+            (
+                Arc::new(NatsLog::start(nats).await.map_err(|e| {
+                    StartError::Sink(format!("cannot set up the NATS client: {e}"))
+                })?),
+                None,
+            )
+        }
     };
     let state = Arc::new(AppState {
         access: std::sync::RwLock::new(Arc::new(api::Access::from_config(&config))),
         publisher,
         limits: config.limits,
-        naming: naming::Naming::parse(&config.topic_template)
-            .map_err(|e| anyhow::anyhow!("topic_template: {e}"))?,
+        naming: naming::Naming::parse(&config.topic_template).map_err(StartError::TopicTemplate)?,
         clock_skew_threshold_ms: i64::try_from(config.clock_skew_threshold.as_millis())
             .unwrap_or(i64::MAX),
         metrics: Metrics::new(),
@@ -74,10 +73,13 @@ pub async fn serve(
         decoding: api::decoding_budget(&config.limits),
         reads: Arc::new(tokio::sync::Semaphore::new(api::MAX_CONCURRENT_READS)),
     });
+    let listen = |key, addr| move |source| StartError::Listen { key, addr, source };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let local = listener.local_addr()?;
+        .map_err(listen("listen", config.listen))?;
+    let local = listener
+        .local_addr()
+        .map_err(listen("listen", config.listen))?;
     // The harness and operators read this line to learn the bound port.
     tracing::info!(addr = %local, "cloud-ingest listening");
     println!("listening on {local}");
@@ -95,8 +97,10 @@ pub async fn serve(
     if let Some(addr) = config.metrics_listen {
         let metrics = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"))?;
-        let local = metrics.local_addr()?;
+            .map_err(listen("metrics_listen", addr))?;
+        let local = metrics
+            .local_addr()
+            .map_err(listen("metrics_listen", addr))?;
         tracing::info!(addr = %local, "metrics, health and readiness listening");
         println!("metrics on {local}");
         let (router, stop) = (api::operations(state.clone(), true), shutdown.clone());
@@ -109,6 +113,34 @@ pub async fn serve(
     let public = api::app(state, config.metrics_listen.is_none());
     serve_http(listener, public, config.limits, tls, shutdown).await;
     Ok(())
+}
+
+/// Why the ingest could not start; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The embedded log's file cannot be opened.
+    #[error(transparent)]
+    EmbeddedLog(publish::embedded::LogError),
+    /// The Kafka or NATS client cannot be set up.
+    #[error("{0}")]
+    Sink(String),
+    /// `topic_template` is not a template.
+    #[error("topic_template: {0}")]
+    TopicTemplate(String),
+    /// An address cannot be listened on.
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Listen {
+        /// Its config key.
+        key: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Longest a stop waits for the requests in flight (their appends) to finish.

@@ -125,7 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tracing::info!("shutting down: finishing requests in flight");
                     on_signal.cancel();
                 });
-                cloud_ingest::serve(config, Some(file), shutdown).await
+                Ok(cloud_ingest::serve(config, Some(file), shutdown).await?)
             })
         }
         Command::CheckConfig { file } => {

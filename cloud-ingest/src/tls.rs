@@ -24,12 +24,18 @@ pub struct Reloadable {
     current: RwLock<(TlsAcceptor, Stamp)>,
 }
 
+/// A TLS file that cannot be used: the message names the config key, the file and what is
+/// wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(pub String);
+
 /// What the files looked like when they were read: (modified time, length) of each.
 type Stamp = Vec<Option<(SystemTime, u64)>>;
 
 impl Reloadable {
     /// Reads `files`; the error names the file and what is wrong with it.
-    pub fn load(files: TlsFiles) -> anyhow::Result<Reloadable> {
+    pub fn load(files: TlsFiles) -> Result<Reloadable, TlsError> {
         let stamp = stamp(&files);
         let acceptor = acceptor(&files)?;
         Ok(Reloadable {
@@ -92,26 +98,27 @@ fn stamp(files: &TlsFiles) -> Stamp {
 }
 
 /// The TLS acceptor for `tls`: certificate and key (and the device CAs, for mTLS) read now.
-fn acceptor(tls: &TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+fn acceptor(tls: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     use tokio_rustls::rustls;
     let certs = CertificateDer::pem_file_iter(&tls.cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("tls.cert_file: {}: {e}", tls.cert_file.display()))?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "tls.cert_file: {}: no PEM certificate in it",
-        tls.cert_file.display()
-    );
+        .map_err(|e| TlsError(format!("tls.cert_file: {}: {e}", tls.cert_file.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError(format!(
+            "tls.cert_file: {}: no PEM certificate in it",
+            tls.cert_file.display()
+        )));
+    }
     let key = PrivateKeyDer::from_pem_file(&tls.key_file)
-        .map_err(|e| anyhow::anyhow!("tls.key_file: {}: {e}", tls.key_file.display()))?;
+        .map_err(|e| TlsError(format!("tls.key_file: {}: {e}", tls.key_file.display())))?;
     let builder = rustls::ServerConfig::builder();
     let builder = match &tls.client_ca_file {
         None => builder.with_no_client_auth(),
         Some(ca_file) => {
             let named = |e: &dyn std::fmt::Display| {
-                anyhow::anyhow!("tls.client_ca_file: {}: {e}", ca_file.display())
+                TlsError(format!("tls.client_ca_file: {}: {e}", ca_file.display()))
             };
             let mut roots = rustls::RootCertStore::empty();
             for ca in CertificateDer::pem_file_iter(ca_file).map_err(|e| named(&e))? {
@@ -127,9 +134,11 @@ fn acceptor(tls: &TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| anyhow::anyhow!("tls: the certificate and key do not go together: {e}"))?;
+    let config = builder.with_single_cert(certs, key).map_err(|e| {
+        TlsError(format!(
+            "tls: the certificate and key do not go together: {e}"
+        ))
+    })?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
