@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks of the real release binaries on this machine; prints a Markdown table.
 # Usage: bash tests/bench.sh        (BENCH_SCALE=N multiplies the record counts;
-#                                   BENCH_ONLY=pipeline, kafka, network, frontdoor, boot or transforms runs one
+#                                   BENCH_ONLY=pipeline, kafka, network, frontdoor, boot, transforms or peers runs one
 #                                   group; BENCH_BASELINE=<git ref> builds that version's agent
 #                                   and runs it beside this one in the frontdoor and boot tables)
 set -euo pipefail

@@ -315,6 +315,24 @@ impl Mosquitto {
         Mosquitto { process, port, dir }
     }
 
+    /// Starts it as a plain broker for the benchmarks: persistence off (as the comparison
+    /// in issue 16 measured it), Mosquitto's defaults otherwise, but an unbounded queue per
+    /// client, so a slow subscriber gets every message instead of Mosquitto dropping some.
+    pub fn start_in_memory(dir: &Path) -> Mosquitto {
+        let port = free_port();
+        let dir = dir.join(format!("mosquitto-{port}"));
+        std::fs::create_dir_all(&dir).expect("mosquitto dir");
+        std::fs::write(
+            dir.join("mosquitto.conf"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nuser root\n"
+            ),
+        )
+        .expect("mosquitto config");
+        let process = Mosquitto::spawn(&dir, port);
+        Mosquitto { process, port, dir }
+    }
+
     fn spawn(dir: &Path, port: u16) -> Process {
         let mut cmd = Command::new(tool("MOSQUITTO_BIN", PathBuf::from("/usr/sbin/mosquitto")));
         cmd.arg("-c").arg(dir.join("mosquitto.conf"));

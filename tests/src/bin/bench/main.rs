@@ -12,6 +12,7 @@ mod at_rest;
 mod boot;
 mod front_door;
 mod network;
+mod peers;
 mod transforms;
 
 use std::sync::Arc;
@@ -357,7 +358,7 @@ fn main() {
             ingest_extra: BOARD_512MB_INGEST,
         },
     ];
-    // BENCH_ONLY=pipeline|kafka|network|frontdoor|boot|transforms runs one group of tables.
+    // BENCH_ONLY=pipeline|kafka|network|frontdoor|boot|transforms|peers runs one group of tables.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let runs = |table: &str| only.is_empty() || only == table;
     let scenarios = if runs("pipeline") {
@@ -411,6 +412,9 @@ fn main() {
     }
     if runs("transforms") {
         transforms::table(scale);
+    }
+    if runs("peers") {
+        peers::table(scale);
     }
 }
 

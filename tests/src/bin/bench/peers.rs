@@ -1,0 +1,162 @@
+//! Side by side with Mosquitto, in one run: what a user choosing between us and the broker they
+//! run today needs is ratios on the same machine at the same moment, not absolute figures from
+//! another day. The same load generator (10 publishers, 200 B JSON, QoS 1) publishes to:
+//! - Debian's Mosquitto alone, no subscriber (broker intake only: every PUBACK received);
+//! - Mosquitto with one QoS 1 `mosquitto_sub` (non-durable pub/sub: until the subscriber has
+//!   every message);
+//! - this agent and ingest, durable end to end (until every record is in the embedded log).
+//!
+//! Three rounds, the systems alternating within each; the table shows the medians, with each
+//! one's peak RSS.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use e2e::brokers::Mosquitto;
+use e2e::load::{self, LoadSpec, PayloadKind};
+use e2e::{AgentHarness, CloudHarness, peak_rss_mib};
+use rumqttc::QoS;
+
+const PUBLISHERS: usize = 10;
+const ROUNDS: usize = 3;
+
+/// One run: records/s and the peak RSS (MiB) of each process that held the data.
+#[derive(Debug, Clone, Copy, Default)]
+struct Measured {
+    rate: f64,
+    rss: f64,
+    rss_ingest: f64,
+}
+
+fn load(mqtt: std::net::SocketAddr, total: u64) -> load::LoadReport {
+    let spec = LoadSpec {
+        mqtt,
+        clients: PUBLISHERS,
+        messages_per_client: total / PUBLISHERS as u64,
+        rate_per_client: None,
+        payload_bytes: 200,
+        kind: PayloadKind::Json,
+        qos: QoS::AtLeastOnce,
+        topic: Arc::new(|client, i| format!("plant/{client}/telemetry/t{}", i % 4)),
+        client_prefix: "peer-".into(),
+    };
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(load::publish(spec))
+}
+
+fn mosquitto_intake(total: u64) -> Measured {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mosquitto = Mosquitto::start_in_memory(dir.path());
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], mosquitto.port));
+    let report = load(addr, total);
+    assert_eq!(report.acked, total, "Mosquitto acknowledged every message");
+    Measured {
+        rate: report.acked as f64 / report.elapsed.as_secs_f64(),
+        rss: peak_rss_mib(mosquitto.process.pid()),
+        rss_ingest: 0.0,
+    }
+}
+
+fn mosquitto_pub_sub(total: u64) -> Measured {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mosquitto = Mosquitto::start_in_memory(dir.path());
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], mosquitto.port));
+    // Exits once it has `total` messages.
+    let mut subscriber = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &mosquitto.port.to_string()])
+        .args(["-q", "1", "-t", "plant/#", "-C", &total.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub");
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let report = load(addr, total);
+    assert_eq!(report.acked, total);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if subscriber.try_wait().expect("mosquitto_sub").is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the subscriber never got them all"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Measured {
+        rate: total as f64 / started.elapsed().as_secs_f64(),
+        rss: peak_rss_mib(mosquitto.process.pid()),
+        rss_ingest: 0.0,
+    }
+}
+
+fn ours(total: u64) -> Measured {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let started = Instant::now();
+    let report = load(agent.mqtt, total);
+    assert_eq!(report.acked, total);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while cloud.total_records() < total {
+        assert!(Instant::now() < deadline, "records missing after 300 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Measured {
+        rate: total as f64 / started.elapsed().as_secs_f64(),
+        rss: peak_rss_mib(agent.process.pid()),
+        rss_ingest: peak_rss_mib(cloud.process.pid()),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn medians(runs: &[Measured]) -> Measured {
+    Measured {
+        rate: median(runs.iter().map(|m| m.rate).collect()),
+        rss: median(runs.iter().map(|m| m.rss).collect()),
+        rss_ingest: median(runs.iter().map(|m| m.rss_ingest).collect()),
+    }
+}
+
+/// Prints the table.
+pub fn table(scale: u64) {
+    let total = 200_000 * scale;
+    let (mut intake, mut pub_sub, mut durable) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        intake.push(mosquitto_intake(total));
+        pub_sub.push(mosquitto_pub_sub(total));
+        durable.push(ours(total));
+    }
+    let (intake, pub_sub, durable) = (medians(&intake), medians(&pub_sub), medians(&durable));
+    println!();
+    println!(
+        "| {PUBLISHERS} publishers, 200 B JSON, QoS 1, {total} messages, medians of {ROUNDS} alternating rounds | records/s | peak RSS MiB |"
+    );
+    println!("|---|---:|---:|");
+    println!(
+        "| Mosquitto, no subscriber (broker intake only), persistence off | {:.0} | {:.1} |",
+        intake.rate, intake.rss
+    );
+    println!(
+        "| Mosquitto, one QoS 1 `mosquitto_sub` (non-durable pub/sub) | {:.0} | {:.1} |",
+        pub_sub.rate, pub_sub.rss
+    );
+    println!(
+        "| edge-agent + cloud-ingest, durable end to end (published → in the embedded log) | {:.0} | agent {:.1}, ingest {:.1} |",
+        durable.rate, durable.rss, durable.rss_ingest
+    );
+    println!(
+        "| ratio: durable end to end / Mosquitto pub/sub | {:.2} | |",
+        durable.rate / pub_sub.rate
+    );
+    println!(
+        "| ratio: durable end to end / Mosquitto intake only | {:.2} | |",
+        durable.rate / intake.rate
+    );
+}
