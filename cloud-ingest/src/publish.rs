@@ -219,6 +219,51 @@ pub fn clock_offset(sent_at_ms: i64, ingested_at_ms: i64, threshold_ms: i64) -> 
     (sent_at_ms > 0 && offset.saturating_abs() > threshold_ms).then_some(offset)
 }
 
+/// How the log answered one record of a batch.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// In the log; `duplicate`: the log already had it (JetStream's deduplication).
+    Appended { duplicate: bool },
+    /// Refused for good (see the module's dead letters).
+    Poison(String),
+    /// Not acknowledged: the batch fails here.
+    Failed(String),
+}
+
+/// Keeps the acknowledged prefix of a batch, from its records' answers in batch order: each
+/// record appended, or poison and then dead-lettered by `dead_letter`, goes into `seen` and is
+/// counted in `ack`, up to the first that failed (or whose dead letter failed), whose reason is
+/// returned. Nothing after it is remembered, so a retry resends the rest of the batch in order.
+pub(crate) async fn keep_acknowledged_prefix<'r, F, Fut>(
+    settled: impl IntoIterator<Item = (&'r Record, Settled)>,
+    seen: &mut ingest_wire::SeqRanges,
+    ack: &mut BatchAck,
+    mut dead_letter: F,
+) -> Option<String>
+where
+    F: FnMut(&'r Record, String) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    for (r, result) in settled {
+        match result {
+            Settled::Appended { duplicate } => {
+                if duplicate {
+                    ack.duplicates += 1;
+                } else {
+                    ack.accepted += 1;
+                }
+            }
+            Settled::Poison(reason) => match dead_letter(r, reason).await {
+                Ok(()) => ack.dead_lettered += 1,
+                Err(e) => return Some(e),
+            },
+            Settled::Failed(reason) => return Some(reason),
+        }
+        seen.insert(r.seq);
+    }
+    None
+}
+
 /// The log could not take the batch. Answered with 503 + Retry-After; the sender keeps it.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {

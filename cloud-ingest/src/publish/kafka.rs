@@ -11,11 +11,11 @@
 //!   (device, stream, epoch, seq): the idempotency key.
 //! - Failure: a record not acknowledged within `delivery_timeout` fails the batch with 503.
 //!   The prefix of the batch Kafka did acknowledge is remembered, so the retry sends only the
-//!   rest, in order. The producer is then replaced (see [`KafkaLog::replace_producer`]). A record
+//!   rest, in order. The producer is then replaced (see `KafkaLog::replace_producer`). A record
 //!   that timed out may still have been written (librdkafka: "possibly persisted"); its retry
 //!   then appends it twice: the one duplicate path, and the headers identify it.
 //! - Poison: a record the producer refuses for good when handed over (over the client's
-//!   `message.max.bytes`: see [`poison`]) is replaced by its dead letter (see [`super`]); the
+//!   `message.max.bytes`: see `poison`) is replaced by its dead letter (see [`super`]); the
 //!   replica stays ready and the producer is kept. Keep the client's `message.max.bytes` at
 //!   most the topics' `max.message.bytes`, so the broker never refuses a batch for its size.
 
@@ -31,7 +31,10 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::dedup::SeenCache;
-use super::{DEDUP_CACHE_SCOPES, Delivery, PublishError, PublishFuture, Publisher};
+use super::{
+    DEDUP_CACHE_SCOPES, Delivery, PublishError, PublishFuture, Publisher, Settled,
+    keep_acknowledged_prefix,
+};
 use crate::config::KafkaConfig;
 
 /// How often the broker's health is probed for `/readyz`.
@@ -134,35 +137,19 @@ impl KafkaLog {
         for (r, p) in pending {
             settled.push((r, p.settle().await));
         }
-        // Remember the acknowledged prefix only: a retry then resends the rest in order. A
-        // poison record counts as acknowledged once its dead letter is.
+        // A poison record counts as acknowledged once its dead letter is.
         let mut ack = BatchAck {
             accepted: 0,
             duplicates,
             dead_lettered: 0,
         };
-        let mut failure = None;
-        for (r, result) in settled {
-            if failure.is_some() {
-                break;
-            }
-            match result {
-                Settled::Appended => {
-                    seen.insert(r.seq);
-                    ack.accepted += 1;
-                }
-                Settled::Poison(reason) => {
-                    match self.dead_letter(&producer, &d, r, &batch_id, &reason).await {
-                        Ok(()) => {
-                            seen.insert(r.seq);
-                            ack.dead_lettered += 1;
-                        }
-                        Err(e) => failure = Some(e),
-                    }
-                }
-                Settled::Failed(e) => failure = Some(e),
-            }
-        }
+        let (producer_ref, delivery, id) = (&producer, &d, &batch_id);
+        let failure =
+            keep_acknowledged_prefix(settled, &mut seen, &mut ack, |r, reason| async move {
+                self.dead_letter(producer_ref, delivery, r, id, &reason)
+                    .await
+            })
+            .await;
         match failure.or(enqueue_error) {
             None => {
                 self.healthy.store(true, Ordering::Relaxed);
@@ -198,7 +185,7 @@ impl KafkaLog {
             .send_result(record)
             .map_err(|(e, _)| format!("dead letter not enqueued: {e}"))?;
         match Pending::Sent(delivery).settle().await {
-            Settled::Appended => Ok(()),
+            Settled::Appended { .. } => Ok(()),
             Settled::Poison(e) | Settled::Failed(e) => Err(format!("dead letter refused: {e}")),
         }
     }
@@ -222,20 +209,12 @@ enum Pending {
     Refused(String),
 }
 
-/// What became of a record.
-enum Settled {
-    Appended,
-    /// Refused for good when handed over (see [`poison`]).
-    Poison(String),
-    Failed(String),
-}
-
 impl Pending {
     async fn settle(self) -> Settled {
         match self {
             Pending::Refused(reason) => Settled::Poison(reason),
             Pending::Sent(delivery) => match delivery.await {
-                Ok(Ok(_)) => Settled::Appended,
+                Ok(Ok(_)) => Settled::Appended { duplicate: false },
                 Ok(Err((KafkaError::MessageProduction(code), _))) if poison(code) => {
                     tracing::error!(%code, "the broker refused a produce batch for its size: set sink.options.properties.message.max.bytes to at most the topics' max.message.bytes, so that an oversized record is refused alone (and dead-lettered) before it is sent");
                     Settled::Failed(code.to_string())

@@ -9,7 +9,7 @@
 //!   replica also remembers what it appended ([`SeenCache`]), which covers its own retries
 //!   beyond the window.
 //! - Poison: a record JetStream refuses for good (over the server's `max_payload` or the
-//!   stream's maximum message size: see [`poison`]) is replaced by its dead letter (see
+//!   stream's maximum message size: see `poison`) is replaced by its dead letter (see
 //!   [`super`]), and the batch goes on.
 //! - Start-up and outages: the ingest starts without the server, reconnects by itself, and is
 //!   ready once connected and the stream checked.
@@ -24,7 +24,10 @@ use async_nats::{HeaderMap, connection::State};
 use ingest_wire::{BatchAck, Record};
 
 use super::dedup::SeenCache;
-use super::{DEDUP_CACHE_SCOPES, Delivery, PublishError, PublishFuture, Publisher, header_value};
+use super::{
+    DEDUP_CACHE_SCOPES, Delivery, PublishError, PublishFuture, Publisher, Settled, header_value,
+    keep_acknowledged_prefix,
+};
 use crate::config::NatsConfig;
 
 /// Delay between attempts to check or create the stream while it fails.
@@ -104,41 +107,32 @@ impl NatsLog {
                 }
             }
         }
-        let mut broken = failure.is_some();
+        // Every PubAck is awaited, even after a failure: none is left behind.
+        let mut settled = Vec::with_capacity(pending.len());
         for (r, puback) in pending {
-            let result = match puback {
-                Ok(puback) => puback.await.map_err(|e| (poison(&e), e.to_string())),
-                Err(refused) => Err((true, refused)),
-            };
-            if broken {
-                continue;
-            }
-            // Remember the acknowledged prefix only, so a retry resends the rest in order
-            // (the server drops any of them it already has).
-            match result {
-                Ok(a) => {
-                    seen.insert(r.seq);
-                    if a.duplicate {
-                        ack.duplicates += 1;
-                    } else {
-                        ack.accepted += 1;
-                    }
-                }
-                Err((true, reason)) => match self.dead_letter(&d, r, &batch_id, &reason).await {
-                    Ok(()) => {
-                        seen.insert(r.seq);
-                        ack.dead_lettered += 1;
-                    }
-                    Err(e) => {
-                        broken = true;
-                        failure = Some(e);
-                    }
+            settled.push((
+                r,
+                match puback {
+                    Ok(puback) => match puback.await {
+                        Ok(a) => Settled::Appended {
+                            duplicate: a.duplicate,
+                        },
+                        Err(e) if poison(&e) => Settled::Poison(e.to_string()),
+                        Err(e) => Settled::Failed(e.to_string()),
+                    },
+                    Err(refused) => Settled::Poison(refused),
                 },
-                Err((false, reason)) => {
-                    broken = true;
-                    failure.get_or_insert(reason);
-                }
-            }
+            ));
+        }
+        // The server drops any record of a retry it already has. After a failed publish nothing
+        // of the batch is remembered (nor dead-lettered): the retry sends it all again.
+        if failure.is_none() {
+            let (delivery, id) = (&d, &batch_id);
+            failure =
+                keep_acknowledged_prefix(settled, &mut seen, &mut ack, |r, reason| async move {
+                    self.dead_letter(delivery, r, id, &reason).await
+                })
+                .await;
         }
         match failure {
             None => Ok(ack),
