@@ -73,6 +73,8 @@ pub async fn serve(
         decoding: api::decoding_budget(&config.limits),
         reads: Arc::new(tokio::sync::Semaphore::new(api::MAX_CONCURRENT_READS)),
     });
+    // Caught before "listening on": a reload right after the start must not stop the ingest.
+    let hangup = reload::watch_hangup();
     let listen = |key, addr| move |source| StartError::Listen { key, addr, source };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -88,6 +90,7 @@ pub async fn serve(
         None => None,
     };
     tokio::spawn(reload::run(
+        hangup,
         config_file,
         config.clone(),
         state.clone(),

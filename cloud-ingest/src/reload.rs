@@ -12,30 +12,36 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Access, AppState};
 use crate::config::IngestConfig;
 use crate::tls;
 
-/// Serves reloads until `shutdown`: on SIGHUP, of `config_file` (if the ingest has one) and
-/// of the TLS files; on a timer, of the TLS files if they changed. `running` is the config the
-/// ingest started with.
+/// Starts catching SIGHUP (`None`, with a warning, when it cannot be caught). Called before the
+/// ingest says it listens: a SIGHUP that came before it is caught would stop the process.
+pub fn watch_hangup() -> Option<Signal> {
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP: no reload without a restart (TLS files are still checked for changes)");
+            None
+        }
+    }
+}
+
+/// Serves reloads until `shutdown`: on SIGHUP (from [`watch_hangup`]), of `config_file` (if the
+/// ingest has one) and of the TLS files; on a timer, of the TLS files if they changed.
+/// `running` is the config the ingest started with.
 pub async fn run(
+    mut hangup: Option<Signal>,
     config_file: Option<PathBuf>,
     running: IngestConfig,
     state: Arc<AppState>,
     tls: Option<Arc<tls::Reloadable>>,
     shutdown: CancellationToken,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP: no reload without a restart (TLS files are still checked for changes)");
-            None
-        }
-    };
     let mut tick = tokio::time::interval(tls::CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
