@@ -555,7 +555,7 @@ impl Buffer {
     /// Opens or creates the buffer at `path` for `streams` in config order, holding a reserve
     /// file of `reserve_bytes` beside it. A corrupt file is quarantined and what it still holds
     /// is salvaged into a fresh one, and what it held but could not give back is reported lost
-    /// (see [`Buffer::recover`]). Streams with records in the file but not in `streams` are
+    /// (see `Buffer::recover`). Streams with records in the file but not in `streams` are
     /// appended as bulk orphans.
     pub fn open_with(
         path: &Path,

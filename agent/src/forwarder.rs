@@ -74,7 +74,7 @@ pub struct Forwarder {
     pub progress: watch::Receiver<Vec<StreamProgress>>,
     /// Metrics.
     pub metrics: Metrics,
-    /// Beaten on every turn of the loop, at least every [`BEAT_INTERVAL`] (the watchdog's
+    /// Beaten on every turn of the loop, at least every `BEAT_INTERVAL` (the watchdog's
     /// proof of progress).
     pub beat: crate::systemd::Beat,
 }

@@ -205,7 +205,7 @@ impl From<DecodeError> for IngestError {
 const MAX_REASON_CHARS: usize = 512;
 
 impl IngestError {
-    /// The reason, cut to [`MAX_REASON_CHARS`].
+    /// The reason, cut to `MAX_REASON_CHARS`.
     pub fn short_reason(&self) -> String {
         let reason = self.to_string();
         match reason.char_indices().nth(MAX_REASON_CHARS) {
@@ -252,7 +252,7 @@ impl IntoResponse for IngestError {
 }
 
 /// The router of the public listener (`/metrics` only `with_metrics`). Batches and dictionary
-/// registrations are bounded by `limits.max_concurrent_requests` ([`at_most`]); health,
+/// registrations are bounded by `limits.max_concurrent_requests` (`at_most`); health,
 /// readiness and metrics never wait.
 pub fn app(state: Arc<AppState>, with_metrics: bool) -> axum::Router {
     let slots = Arc::new(tokio::sync::Semaphore::new(
@@ -291,7 +291,7 @@ pub fn operations(state: Arc<AppState>, with_metrics: bool) -> axum::Router {
     router.with_state(state)
 }
 
-/// A request's slot ([`at_most`]): a batch's append takes it along, so a client that hangs up
+/// A request's slot (`at_most`): a batch's append takes it along, so a client that hangs up
 /// does not free the slot while its append still runs.
 #[derive(Clone)]
 pub struct Slot(Arc<Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);

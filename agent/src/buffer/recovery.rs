@@ -86,7 +86,7 @@ fn file_stamp(path: &Path) -> Option<String> {
 
 /// After a clean stop (everything committed, every connection closed): marks the buffer at
 /// `path` so that the next start can skip the full check. The marker holds the file's
-/// [`file_stamp`]: a file changed since (restored, copied over, written by anything) is
+/// `file_stamp`: a file changed since (restored, copied over, written by anything) is
 /// checked anyway.
 pub fn mark_clean(path: &Path) {
     use std::io::Write;
