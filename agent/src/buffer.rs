@@ -16,31 +16,40 @@
 //! Group commit: the writer gathers commands for at most `commit_window` after the first one,
 //! then commits them in one transaction (one fsync), so flash sees few large writes.
 //!
-//! Parts: this file has the record and command types and [`Buffer`] (open, commit, make room,
-//! checkpoints); `schema` the tables, migrations and what is read back at open; `commit` the
-//! steps of one commit; `reader` the read side; `writer` the thread that owns the writes;
+//! Parts: this file has the error, the stream types and [`Buffer`] (reconfigure, commit, make
+//! room); `record` the record types and their checksum; `command` what the writer is asked;
+//! `open` opening (checks, migration, reserve, checkpointer); `growth` the file against its
+//! volume; `schema` the tables, migrations and what is read back at open; `commit` the steps
+//! of one commit; `reader` the read side; `writer` the thread that owns the writes;
 //! `protection` what may not be dropped; `space` the disk arithmetic; `recovery` a damaged
 //! file's quarantine and salvage.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+mod command;
 mod commit;
+mod growth;
 #[cfg(test)]
 mod model;
+mod open;
 pub mod protection;
 mod reader;
+mod record;
 pub mod recovery;
 mod schema;
 pub mod space;
 mod writer;
 
+pub use command::{FileLines, FilePosition, Line, Reconfigure, Reconfigured, WriterCommand};
+use open::ensure_reserve;
+pub use open::{Opened, OpenedStream, RESERVE_BYTES, spawn_checkpointer};
 pub use protection::{MAX_SEQ, Protected, Protection, SeqRanges};
+use record::stored_attributes;
+pub use record::{Attributes, NewRecord, Receipt, Receipts, StoredRecord, checksum, settle};
 
 use crate::routing::Priority;
 use commit::{Limits, apply};
@@ -49,7 +58,7 @@ use ingest_wire::{LOSS_STREAM, LossReason, LossReport};
 pub use reader::{BufferReader, ReadBatch};
 pub use recovery::Quarantine;
 pub use schema::row_id;
-use schema::{SCHEMA, load_epoch, load_stream, migrate, resume_points};
+use schema::{load_stream, resume_points};
 pub use writer::{BufferWriter, Queue, QueueBytes, STOP_BOUND};
 
 /// Bytes a record costs against the quota beyond its topic and payload (row and index).
@@ -96,291 +105,6 @@ impl BufferError {
         let BufferError::Sqlite { source, .. } = self;
         matches!(source, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
     }
-}
-
-/// A record received from the broker, not yet in the buffer.
-#[derive(Debug, Clone)]
-pub struct NewRecord {
-    /// Index of its stream.
-    pub stream: usize,
-    /// MQTT topic.
-    pub topic: String,
-    /// Exact payload.
-    pub payload: Bytes,
-    /// Receive time, Unix ms.
-    pub received_at_ms: i64,
-    /// Receive time, milliseconds since this host booted ([`crate::clock::monotonic_ms`]).
-    pub monotonic_ms: u64,
-    /// Attributes (`enrich` of a payload that is not a JSON object); usually none.
-    pub attributes: Attributes,
-    /// Who waits for its commit to acknowledge it (a QoS 1/2 publisher's connection).
-    pub receipt: Option<Receipt>,
-}
-
-/// Where the writer tells a publisher's connection that its record is committed, or refused
-/// (a full disk could not take it): the record's place in that connection's order.
-#[derive(Clone)]
-pub struct Receipt {
-    /// The connection's receipts.
-    pub to: Arc<Receipts>,
-    /// Its number on that connection (increasing).
-    pub ticket: u64,
-}
-
-impl std::fmt::Debug for Receipt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Receipt({})", self.ticket)
-    }
-}
-
-/// One connection's receipts: every ticket up to `done` is committed or refused.
-#[derive(Default)]
-pub struct Receipts {
-    /// (every ticket up to this one is settled, the refused ones not yet taken).
-    state: std::sync::Mutex<(u64, Vec<u64>)>,
-    notify: tokio::sync::Notify,
-}
-
-impl Receipts {
-    /// (every ticket up to this one is settled, the refused ones among them since last time),
-    /// read together.
-    pub fn take(&self) -> (u64, Vec<u64>) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (state.0, std::mem::take(&mut state.1))
-    }
-
-    /// Waits until something was settled since the last call.
-    pub async fn changed(&self) {
-        self.notify.notified().await;
-    }
-
-    fn settle(&self, ticket: u64, refused: bool) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if refused {
-            state.1.push(ticket);
-        }
-        state.0 = state.0.max(ticket);
-    }
-
-    fn wake(&self) {
-        self.notify.notify_one();
-    }
-}
-
-/// Tells the connections waiting on `commands`' records that they are settled.
-pub fn settle(commands: &[WriterCommand], refused: bool) {
-    let mut woken: Vec<&Arc<Receipts>> = Vec::new();
-    for c in commands {
-        if let WriterCommand::Append(NewRecord {
-            receipt: Some(r), ..
-        })
-        | WriterCommand::Filtered {
-            receipt: Some(r), ..
-        } = c
-        {
-            r.to.settle(r.ticket, refused);
-            if !woken.iter().any(|w| Arc::ptr_eq(w, &r.to)) {
-                woken.push(&r.to);
-            }
-        }
-    }
-    for w in woken {
-        w.wake();
-    }
-}
-
-impl NewRecord {
-    /// What it costs against the quota.
-    pub fn cost(&self) -> u64 {
-        let attributes = stored_attributes(&self.attributes).map_or(0, |a| a.len());
-        (self.topic.len() + self.payload.len() + attributes) as u64 + RECORD_OVERHEAD_BYTES
-    }
-}
-
-/// A record's attributes, by name: what `enrich` adds to a payload that is not a JSON object.
-/// They travel to the ingest beside the payload and become Kafka and NATS headers.
-pub type Attributes = BTreeMap<String, String>;
-
-/// Attributes as the `attributes` column holds them: a JSON object, or NULL when there are
-/// none (most records).
-fn stored_attributes(attributes: &Attributes) -> Option<Vec<u8>> {
-    (!attributes.is_empty())
-        .then(|| serde_json::to_vec(attributes).expect("invariant: a map of strings serialises"))
-}
-
-/// The checksum stored with a record: CRC-32 of its seq, receive time, topic, payload and
-/// stored attributes (when it has any), so a record that changed on disk (a torn page, a
-/// flipped bit) is told from a good one.
-pub fn checksum(
-    seq: u64,
-    received_at_ms: i64,
-    topic: &str,
-    payload: &[u8],
-    attributes: Option<&[u8]>,
-) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&seq.to_le_bytes());
-    h.update(&received_at_ms.to_le_bytes());
-    h.update(&(topic.len() as u64).to_le_bytes());
-    h.update(topic.as_bytes());
-    h.update(payload);
-    if let Some(a) = attributes {
-        h.update(b"\0attributes");
-        h.update(&(a.len() as u64).to_le_bytes());
-        h.update(a);
-    }
-    h.finalize()
-}
-
-/// A record read back for a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredRecord {
-    /// Sequence number within its stream.
-    pub seq: u64,
-    /// MQTT topic.
-    pub topic: String,
-    /// Exact payload.
-    pub payload: Vec<u8>,
-    /// Receive time, Unix ms.
-    pub received_at_ms: i64,
-    /// Boot id of the host when it was received; empty if unknown (older buffer, salvage).
-    pub boot_id: String,
-    /// Milliseconds since that boot when it was received; 0 if unknown.
-    pub monotonic_ms: u64,
-    /// Its attributes.
-    pub attributes: Attributes,
-}
-
-/// A command for the writer thread.
-#[derive(Debug)]
-pub enum WriterCommand {
-    /// Store a received record.
-    Append(NewRecord),
-    /// The ingest acknowledged seqs `first..=last` of `stream`: delete them.
-    Ack {
-        /// Stream index.
-        stream: usize,
-        /// First seq of the batch.
-        first: u64,
-        /// Last seq of the batch.
-        last: u64,
-    },
-    /// Records were lost before reaching the buffer: store this report (to be sent upstream).
-    Loss(LossReport),
-    /// The ingest rejected seqs `first..=last` of `stream`: move them to the dead-letter table.
-    DeadLetter {
-        /// Stream index.
-        stream: usize,
-        /// First seq of the batch.
-        first: u64,
-        /// Last seq of the batch.
-        last: u64,
-        /// HTTP status of the rejection.
-        status: u16,
-        /// The ingest's reason.
-        reason: String,
-    },
-    /// These records of `stream` failed their checksum when read: drop them and report them
-    /// lost (`corrupt_buffer`).
-    Corrupt {
-        /// Stream name (not its index: a reload may renumber the streams while the read that
-        /// found them is under way).
-        stream: String,
-        /// Their sequence numbers.
-        seqs: Vec<u64>,
-    },
-    /// Transforms did not keep this record ([`crate::transform`]): counted, never stored; its
-    /// publisher is acknowledged once the commit (with the transforms' state) is in.
-    Filtered {
-        /// Stream index.
-        stream: usize,
-        /// Why.
-        reason: crate::transform::Reason,
-        /// Who waits for it, if anyone.
-        receipt: Option<Receipt>,
-    },
-    /// The transforms' state changed by the records of this commit: saved with them.
-    TransformState(Vec<crate::transform::StateRow>),
-    /// Lines a file source read, with the file's position after them: the writer makes them
-    /// records and a [`WriterCommand::FilePosition`], committed together.
-    FileLines(Box<FileLines>),
-    /// A file's position after its lines (saved in the commit that stores them).
-    FilePosition(Box<FilePosition>),
-    /// A reload: once everything queued before it is committed, put these streams in force
-    /// ([`Buffer::reconfigure`]); stream indices in the commands after it are the new ones.
-    /// Never part of a commit.
-    Reconfigure(Reconfigure),
-}
-
-/// Lines read from a file ([`crate::source::file`]).
-#[derive(Debug)]
-pub struct FileLines {
-    /// The stream they go to, by name (a reload may renumber the streams meanwhile).
-    pub stream: String,
-    /// The lines.
-    pub lines: Vec<Line>,
-    /// Where the file is read up to after them.
-    pub position: FilePosition,
-}
-
-/// One line of a file, as a record.
-#[derive(Debug, Clone)]
-pub struct Line {
-    /// Its topic.
-    pub topic: String,
-    /// The line, without its newline.
-    pub payload: Bytes,
-    /// When it was read, Unix ms.
-    pub received_at_ms: i64,
-}
-
-/// Where a file source is in one file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FilePosition {
-    /// The source's key.
-    pub source: String,
-    /// The file's device.
-    pub dev: u64,
-    /// Its inode.
-    pub inode: u64,
-    /// The checksum of its first line.
-    pub fingerprint: u32,
-    /// Bytes read and stored.
-    pub offset: u64,
-    /// Its path when last seen (for people).
-    pub path: String,
-    /// The file is done with: the position is deleted.
-    pub forget: bool,
-}
-
-/// New streams for the writer ([`WriterCommand::Reconfigure`]).
-#[derive(Debug)]
-pub struct Reconfigure {
-    /// The configured streams, in config order.
-    pub streams: Vec<BufferStream>,
-    /// The new quota.
-    pub quota_bytes: u64,
-    /// The configured streams' transforms, by index (their state comes from the buffer).
-    pub chains: Vec<crate::transform::Chain>,
-    /// Told the streams in force once they are (dropped if the buffer cannot take them: the
-    /// writer then stops, and with it the agent).
-    pub done: tokio::sync::oneshot::Sender<Reconfigured>,
-}
-
-/// The streams a [`Reconfigure`] put in force.
-#[derive(Debug)]
-pub struct Reconfigured {
-    /// Every stream, configured ones first, then orphans.
-    pub streams: Vec<OpenedStream>,
-    /// Each one's protection, carried over by name from before: a batch the stopped forwarder
-    /// had in flight, or sent without an answer, may be in the log and stays protected.
-    pub protections: Vec<Protection>,
 }
 
 /// What the writer has committed for one stream, published after every commit.
@@ -478,257 +202,7 @@ pub struct Buffer {
     page_size: u64,
 }
 
-/// The reserve when none is given (tests, tools); the agent sizes it from the config and the
-/// volume ([`space::auto_reserve`]).
-pub const RESERVE_BYTES: u64 = 4 << 20;
-
-/// How often the checkpointer moves the WAL into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
-
-/// Checkpoints the buffer's WAL from a thread of its own, so the writer rarely stalls on a
-/// checkpoint inside a commit (the writer checkpoints itself only to keep the WAL's growth of
-/// the file bounded, [`space`]). Runs until `stop` is set.
-pub fn spawn_checkpointer(
-    path: &Path,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let path = path.to_owned();
-    std::thread::Builder::new().name("buffer-checkpoint".into()).spawn(move || {
-        let conn = match Connection::open(&path) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot open the buffer for checkpoints; the WAL will grow");
-                return;
-            }
-        };
-        let mut failing = false;
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(CHECKPOINT_EVERY);
-            // PASSIVE never blocks the writer; what it cannot copy now is copied next time.
-            // On a full disk it fails until the writer has made room: said once per episode.
-            match conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
-                Ok(()) => failing = false,
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!(error = %e, "buffer checkpoint failed; retried every 500 ms");
-                }
-                Err(_) => {}
-            }
-        }
-    })
-}
-
-/// A stream known to the buffer at open.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpenedStream {
-    /// Name.
-    pub name: String,
-    /// First sequence not yet acknowledged: sending resumes here.
-    pub resume_after: u64,
-    /// Whether it is in the buffer but no longer in the config (it still drains).
-    pub orphan: bool,
-}
-
-/// A buffer just opened.
-pub struct Opened {
-    /// The write side.
-    pub buffer: Buffer,
-    /// Every stream, configured ones first, then orphans.
-    pub streams: Vec<OpenedStream>,
-    /// The buffer's sequence epoch (random, chosen when the file was created).
-    pub epoch: u64,
-    /// Set when the file was corrupt and has been moved aside.
-    pub quarantine: Option<Quarantine>,
-}
-
 impl Buffer {
-    /// Opens or creates the buffer at `path` for `streams` in config order, with the default
-    /// reserve ([`RESERVE_BYTES`]); see [`Buffer::open_with`].
-    pub fn open(
-        path: &Path,
-        streams: &[BufferStream],
-        quota_bytes: u64,
-    ) -> Result<Opened, BufferError> {
-        Buffer::open_with(path, streams, quota_bytes, RESERVE_BYTES)
-    }
-
-    /// Opens or creates the buffer at `path` for `streams` in config order, holding a reserve
-    /// file of `reserve_bytes` beside it. A corrupt file is quarantined and what it still holds
-    /// is salvaged into a fresh one, and what it held but could not give back is reported lost
-    /// (see `Buffer::recover`). Streams with records in the file but not in `streams` are
-    /// appended as bulk orphans.
-    pub fn open_with(
-        path: &Path,
-        streams: &[BufferStream],
-        quota_bytes: u64,
-        reserve_bytes: u64,
-    ) -> Result<Opened, BufferError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // A missing directory surfaces below as SQLite's "unable to open", with the path.
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let quarantine = Buffer::recover(path, streams, quota_bytes, reserve_bytes)?;
-        let mut opened = Buffer::open_file(path, streams, quota_bytes, reserve_bytes)?;
-        ensure_reserve(&opened.buffer.reserve, reserve_bytes);
-        opened.quarantine = quarantine;
-        Ok(opened)
-    }
-
-    /// A corrupt buffer at `path` is replaced by what can be salvaged from it, crash-safely:
-    /// the salvage is built beside it (`<path>.salvage`), with the loss reports for what could
-    /// not be given back in it, and only once that is complete and on disk is the corrupt file
-    /// moved aside (`<path>.corrupt-<ms>`) and the salvaged one moved in. A stop at any point
-    /// before the moves starts the salvage over from the corrupt file; a stop between the two
-    /// moves leaves only the complete salvage, which the next start moves in.
-    fn recover(
-        path: &Path,
-        streams: &[BufferStream],
-        quota_bytes: u64,
-        reserve_bytes: u64,
-    ) -> Result<Option<Quarantine>, BufferError> {
-        let io = |e: std::io::Error| BufferError::Sqlite {
-            path: path.to_owned(),
-            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-        };
-        let salvage = space::side(path, ".salvage");
-        let leftovers = ["", "-wal", "-shm", "-journal"].map(|s| space::side(&salvage, s));
-        if !path.exists() && salvage.exists() {
-            tracing::warn!(salvaged = %salvage.display(), "a salvage of a corrupt buffer was complete but not yet in place; moving it in");
-            // Side files left under the old name belong to the corrupt file (a stop between
-            // its moves): everything in them was salvaged or reported; never replay them here.
-            for side in ["-wal", "-shm"] {
-                let _ = std::fs::remove_file(space::side(path, side));
-            }
-            std::fs::rename(&salvage, path).map_err(io)?;
-            sync_dir(path);
-        }
-        for p in &leftovers {
-            let _ = std::fs::remove_file(p);
-        }
-        let Some(reason) = recovery::check(path).map_err(|source| BufferError::Sqlite {
-            path: path.to_owned(),
-            source,
-        })?
-        else {
-            return Ok(None);
-        };
-        let salvaged = {
-            let mut conn = Buffer::connect(&salvage, reserve_bytes)?;
-            recovery::salvage(path, &mut conn).map_err(|source| BufferError::Sqlite {
-                path: salvage.clone(),
-                source,
-            })?
-        };
-        {
-            let mut fresh = Buffer::open_file(&salvage, streams, quota_bytes, reserve_bytes)?;
-            // What the salvage could not give back is reported before anything else happens.
-            if !salvaged.losses.is_empty() {
-                let reports: Vec<WriterCommand> = salvaged
-                    .losses
-                    .iter()
-                    .cloned()
-                    .map(WriterCommand::Loss)
-                    .collect();
-                fresh
-                    .buffer
-                    .commit(&reports, &[], crate::clock::now_ms(), false)?;
-            }
-            fresh.buffer.checkpoint()?;
-        }
-        let moved_to = recovery::quarantine(path).map_err(io)?;
-        std::fs::rename(&salvage, path).map_err(io)?;
-        sync_dir(path);
-        recovery::clear_suspect(path);
-        for p in &leftovers {
-            let _ = std::fs::remove_file(p);
-        }
-        Ok(Some(Quarantine {
-            moved_to,
-            reason,
-            salvaged: salvaged.copied,
-            losses: salvaged.losses,
-        }))
-    }
-
-    /// A connection to the buffer file at `path` (created if missing), set up and migrated.
-    fn connect(path: &Path, reserve_bytes: u64) -> Result<Connection, BufferError> {
-        let sqlite = |source| BufferError::Sqlite {
-            path: path.to_owned(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(sqlite)?;
-        // auto_vacuum takes effect only on a new file: free pages can then be given back to a
-        // full volume ([`space`]). Older buffers keep theirs.
-        conn.execute_batch(&format!(
-            "PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={reserve_bytes}; PRAGMA busy_timeout=5000;"
-        ))
-        .and_then(|()| conn.execute_batch(SCHEMA))
-        .and_then(|()| migrate(&conn))
-        .map_err(sqlite)?;
-        Ok(conn)
-    }
-
-    /// Opens the (sound) buffer file at `path` and loads its streams.
-    fn open_file(
-        path: &Path,
-        streams: &[BufferStream],
-        quota_bytes: u64,
-        reserve_bytes: u64,
-    ) -> Result<Opened, BufferError> {
-        let sqlite = |source| BufferError::Sqlite {
-            path: path.to_owned(),
-            source,
-        };
-        let conn = Buffer::connect(path, reserve_bytes)?;
-        let epoch = load_epoch(&conn).map_err(sqlite)?;
-        let page_size: i64 = conn
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .map_err(sqlite)?;
-        let reserve = space::side(path, ".reserve");
-        let mut state = Vec::new();
-        for spec in streams {
-            let mut loaded = load_stream(&conn, &spec.name, spec.priority).map_err(sqlite)?;
-            loaded.ttl_ms = spec.ttl.map(|t| t.as_millis() as i64);
-            state.push(loaded);
-        }
-        // Streams dropped from the config keep draining what they hold.
-        let orphans: Vec<String> = {
-            let mut stmt = conn
-                .prepare("SELECT name FROM streams s WHERE EXISTS (SELECT 1 FROM records r WHERE r.stream_id = s.id) ORDER BY id")
-                .map_err(sqlite)?;
-            let names = stmt
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(sqlite)?;
-            names
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(sqlite)?
-                .into_iter()
-                .filter(|n| !streams.iter().any(|s| &s.name == n))
-                .collect()
-        };
-        for name in &orphans {
-            state.push(load_stream(&conn, name, Priority::Bulk).map_err(sqlite)?);
-        }
-        let opened = resume_points(&conn, &state, streams.len()).map_err(sqlite)?;
-        let buffer = Buffer {
-            conn,
-            path: path.to_owned(),
-            streams: state,
-            quota_bytes,
-            disk_cap: None,
-            reserve_bytes,
-            reserve,
-            ceiling: None,
-            page_size: page_size.max(512) as u64,
-        };
-        Ok(Opened {
-            buffer,
-            streams: opened,
-            epoch,
-            quarantine: None,
-        })
-    }
-
     /// Puts a new stream list in force (a reload), keeping everything buffered, and returns
     /// every stream as [`Buffer::open`] does: a stream already known keeps its id, sequence
     /// and counts, and takes its new priority and TTL; a new one is created; one dropped from
@@ -972,227 +446,13 @@ impl Buffer {
             source,
         }
     }
-
-    fn pragma(&self, name: &str) -> Result<u64, BufferError> {
-        self.conn
-            .query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
-            .map(|v| v.max(0) as u64)
-            .map_err(|e| self.error(e))
-    }
-
-    /// Pages a frozen file may still grow by for housekeeping (see [`Buffer::limit_growth`]):
-    /// a sixteenth of the reserve, which was released when the disk filled.
-    fn headroom_pages(&self) -> u64 {
-        (self.reserve_bytes / 16 / self.page_size).max(8)
-    }
-
-    /// On a frozen file, before a transaction: new records may not grow it past its ceiling,
-    /// but housekeeping (deletes, evictions and the loss reports they write) may, by
-    /// [`Buffer::headroom_pages`] at most. Without that headroom a file frozen with no free
-    /// page cannot take even the loss report of a refused publish: a B-tree insert (or a
-    /// delete that rebalances) needs a page before any is freed, and the commit is refused
-    /// for ever. The headroom comes out of the released reserve, so the file stays within
-    /// `ceiling + headroom` pages.
-    fn limit_growth(&mut self, housekeeping: bool) -> Result<(), BufferError> {
-        let Some(ceiling) = self.ceiling else {
-            return Ok(());
-        };
-        let pages = self.pragma("page_count")?;
-        let limit = if housekeeping {
-            ceiling + self.headroom_pages()
-        } else {
-            ceiling
-        };
-        self.pragma(&format!("max_page_count = {}", limit.max(pages)))?;
-        Ok(())
-    }
-
-    /// Whether the file may not grow (the disk filled and space has not come back).
-    pub fn is_frozen(&self) -> bool {
-        self.ceiling.is_some()
-    }
-
-    /// After every commit: checkpoints (TRUNCATE) when the WAL holds more growth of the file
-    /// than half the reserve ([`space::must_checkpoint`]), so a full disk can always be
-    /// checkpointed out of; and when the WAL itself takes much of what is left of the volume
-    /// ([`space::wal_too_large`]).
-    pub fn bound_growth(&mut self) -> Result<(), BufferError> {
-        let pages = self.pragma("page_count")?;
-        let usage = space::Usage::of(&self.path);
-        let wal_too_large = usage.wal > self.reserve_bytes / 2
-            && space::Volume::of(&self.path)
-                .is_ok_and(|v| space::wal_too_large(usage.wal, v, self.reserve_bytes));
-        if wal_too_large
-            || space::must_checkpoint(pages, self.page_size, usage.db, self.reserve_bytes)
-        {
-            self.checkpoint()?;
-        }
-        Ok(())
-    }
-
-    /// Copies the whole WAL into the file and empties it; `false` when readers kept it busy.
-    fn checkpoint(&mut self) -> Result<bool, BufferError> {
-        let busy: i64 = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
-            .map_err(|e| self.error(e))?;
-        Ok(busy == 0)
-    }
-
-    /// Once a second: lets the file grow only as far as the volume allows
-    /// ([`space::db_limit_pages`]); while frozen, gives free pages back to the volume and,
-    /// once space has come back, takes the reserve back and lets the file grow again.
-    pub fn fit_to_volume(&mut self) -> Result<(), BufferError> {
-        let volume = match space::Volume::of(&self.path) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the buffer volume's free space");
-                return Ok(());
-            }
-        };
-        if self.ceiling.is_some() {
-            // Room inside the file again (the ingest took records): the cap that made room
-            // is lifted; a new refusal sets a new one from what is held then.
-            if self.pragma("freelist_count")? * self.page_size >= self.reserve_bytes {
-                self.disk_cap = None;
-            }
-            self.give_back_free_pages()?;
-            let volume = space::Volume::of(&self.path).unwrap_or(volume);
-            if space::space_is_back(volume, self.reserve_bytes)
-                && ensure_reserve(&self.reserve, self.reserve_bytes)
-            {
-                tracing::info!(
-                    "buffer disk: space is back; the reserve is held again and the full quota applies"
-                );
-                self.ceiling = None;
-                self.disk_cap = None;
-            }
-        }
-        let pages = self.pragma("page_count")?;
-        let limit = if let Some(ceiling) = self.ceiling {
-            ceiling.max(pages)
-        } else {
-            space::db_limit_pages(
-                volume,
-                space::Usage::of(&self.path),
-                self.reserve_bytes,
-                self.page_size,
-                pages,
-            )
-        };
-        self.pragma(&format!("max_page_count = {limit}"))?;
-        Ok(())
-    }
-
-    /// Frees pages the file no longer uses (beyond half the reserve, kept for reuse) back to
-    /// the volume: incremental vacuum, then a checkpoint that shrinks the file. In steps of a
-    /// quarter of the reserve, each checkpointed, so the WAL it writes (pages moved from the end
-    /// of the file into free slots) always fits. Buffers made before auto_vacuum keep their size.
-    fn give_back_free_pages(&mut self) -> Result<(), BufferError> {
-        if self.pragma("auto_vacuum")? != 2 {
-            return Ok(());
-        }
-        let keep = self.reserve_bytes / 2 / self.page_size;
-        let step = (self.reserve_bytes / 4 / self.page_size).max(1);
-        for _ in 0..16 {
-            let free = self.pragma("freelist_count")?;
-            if free <= keep {
-                break;
-            }
-            // Stepped to its end: a single step frees only a page.
-            let vacuumed = self
-                .conn
-                .prepare(&format!(
-                    "PRAGMA incremental_vacuum({})",
-                    (free - keep).min(step)
-                ))
-                .and_then(|mut stmt| {
-                    let mut rows = stmt.query([])?;
-                    while rows.next()?.is_some() {}
-                    Ok(())
-                });
-            vacuumed.map_err(|e| self.error(e))?;
-            self.checkpoint()?;
-        }
-        Ok(())
-    }
-
-    /// SQLite said the disk is full while the group held no new records (acks, reports):
-    /// only WAL room is missing. Release the reserve if the volume is full, and checkpoint.
-    pub fn wal_room(&mut self) {
-        let volume_full =
-            space::Volume::of(&self.path).map_or(true, |v| v.available < self.reserve_bytes / 2);
-        if volume_full && self.reserve.exists() {
-            let _ = std::fs::remove_file(&self.reserve);
-        }
-        let _ = self.checkpoint();
-    }
-
-    /// SQLite said the disk is full (the volume, or the file's allowed size): release the
-    /// reserve if the volume itself is full, checkpoint (which the reserve always makes
-    /// possible, emptying the WAL), stop the file from growing, and keep at most 80% of what
-    /// is held from now on, so the retried commit evicts by policy to make room.
-    pub fn disk_full(&mut self) {
-        let volume_full =
-            space::Volume::of(&self.path).map_or(true, |v| v.available < self.reserve_bytes / 2);
-        if volume_full && self.reserve.exists() {
-            tracing::warn!(reserve = %self.reserve.display(), "buffer volume full: releasing the reserve");
-            let _ = std::fs::remove_file(&self.reserve);
-        }
-        if let Err(e) = self.checkpoint() {
-            tracing::warn!(error = %e, "buffer checkpoint on a full disk failed; retried");
-        }
-        // The file stays at the size it had when the disk first filled: housekeeping's headroom
-        // above it is not taken as the new ceiling by a later refusal, so repeated refusals
-        // cannot creep into the released reserve.
-        if let Ok(pages) = self.pragma("page_count") {
-            let ceiling = self.ceiling.map_or(pages, |c| c.min(pages));
-            self.ceiling = Some(ceiling);
-            let _ = self.pragma(&format!("max_page_count = {}", ceiling.max(pages)));
-        }
-        let held = self.backlog_bytes();
-        self.disk_cap = Some(self.disk_cap.unwrap_or(held).min(held) * 4 / 5);
-    }
-}
-
-/// Makes renames in `path`'s directory durable (best effort: a failure only weakens what a
-/// power cut right after may undo).
-fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-}
-
-/// Creates the reserve file if it is missing and fits (a partial one is removed); whether it
-/// is there now.
-fn ensure_reserve(path: &Path, bytes: u64) -> bool {
-    use std::io::Write;
-    if path.metadata().is_ok_and(|m| m.len() == bytes) {
-        return true;
-    }
-    let written = std::fs::File::create(path).and_then(|mut f| {
-        let chunk = vec![0u8; 64 << 10];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(chunk.len() as u64) as usize;
-            f.write_all(&chunk[..n])?;
-            left -= n as u64;
-        }
-        f.sync_all()
-    });
-    if let Err(e) = written {
-        tracing::warn!(path = %path.display(), error = %e, "cannot hold the disk reserve now; will retry");
-        let _ = std::fs::remove_file(path);
-        return false;
-    }
-    true
 }
 
 #[cfg(test)]
 mod tests {
+    use super::schema::load_epoch;
     use super::*;
+    use bytes::Bytes;
 
     fn streams() -> Vec<BufferStream> {
         [
@@ -1862,6 +1122,7 @@ mod tests {
 #[cfg(test)]
 mod frozen_tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn a_frozen_file_makes_room_for_new_records_by_policy() {

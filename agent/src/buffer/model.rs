@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 
 use super::*;
+use bytes::Bytes;
 
 /// Streams: critical, normal with a TTL, bulk, and the loss stream.
 const PRIORITIES: [Priority; 3] = [Priority::Critical, Priority::Normal, Priority::Bulk];

@@ -1,0 +1,187 @@
+//! The file against its volume: checkpoints, the WAL's room, giving free pages back, and what
+//! a full disk does (the writer freezes growth, keeps acknowledging nothing new, and drains).
+
+use super::{Buffer, BufferError, ensure_reserve, space};
+
+impl Buffer {
+    pub(super) fn pragma(&self, name: &str) -> Result<u64, BufferError> {
+        self.conn
+            .query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
+            .map(|v| v.max(0) as u64)
+            .map_err(|e| self.error(e))
+    }
+
+    /// Pages a frozen file may still grow by for housekeeping (see [`Buffer::limit_growth`]):
+    /// a sixteenth of the reserve, which was released when the disk filled.
+    pub(super) fn headroom_pages(&self) -> u64 {
+        (self.reserve_bytes / 16 / self.page_size).max(8)
+    }
+
+    /// On a frozen file, before a transaction: new records may not grow it past its ceiling,
+    /// but housekeeping (deletes, evictions and the loss reports they write) may, by
+    /// [`Buffer::headroom_pages`] at most. Without that headroom a file frozen with no free
+    /// page cannot take even the loss report of a refused publish: a B-tree insert (or a
+    /// delete that rebalances) needs a page before any is freed, and the commit is refused
+    /// for ever. The headroom comes out of the released reserve, so the file stays within
+    /// `ceiling + headroom` pages.
+    pub(super) fn limit_growth(&mut self, housekeeping: bool) -> Result<(), BufferError> {
+        let Some(ceiling) = self.ceiling else {
+            return Ok(());
+        };
+        let pages = self.pragma("page_count")?;
+        let limit = if housekeeping {
+            ceiling + self.headroom_pages()
+        } else {
+            ceiling
+        };
+        self.pragma(&format!("max_page_count = {}", limit.max(pages)))?;
+        Ok(())
+    }
+
+    /// Whether the file may not grow (the disk filled and space has not come back).
+    pub fn is_frozen(&self) -> bool {
+        self.ceiling.is_some()
+    }
+
+    /// After every commit: checkpoints (TRUNCATE) when the WAL holds more growth of the file
+    /// than half the reserve ([`space::must_checkpoint`]), so a full disk can always be
+    /// checkpointed out of; and when the WAL itself takes much of what is left of the volume
+    /// ([`space::wal_too_large`]).
+    pub fn bound_growth(&mut self) -> Result<(), BufferError> {
+        let pages = self.pragma("page_count")?;
+        let usage = space::Usage::of(&self.path);
+        let wal_too_large = usage.wal > self.reserve_bytes / 2
+            && space::Volume::of(&self.path)
+                .is_ok_and(|v| space::wal_too_large(usage.wal, v, self.reserve_bytes));
+        if wal_too_large
+            || space::must_checkpoint(pages, self.page_size, usage.db, self.reserve_bytes)
+        {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Copies the whole WAL into the file and empties it; `false` when readers kept it busy.
+    pub(super) fn checkpoint(&mut self) -> Result<bool, BufferError> {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .map_err(|e| self.error(e))?;
+        Ok(busy == 0)
+    }
+
+    /// Once a second: lets the file grow only as far as the volume allows
+    /// ([`space::db_limit_pages`]); while frozen, gives free pages back to the volume and,
+    /// once space has come back, takes the reserve back and lets the file grow again.
+    pub fn fit_to_volume(&mut self) -> Result<(), BufferError> {
+        let volume = match space::Volume::of(&self.path) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the buffer volume's free space");
+                return Ok(());
+            }
+        };
+        if self.ceiling.is_some() {
+            // Room inside the file again (the ingest took records): the cap that made room
+            // is lifted; a new refusal sets a new one from what is held then.
+            if self.pragma("freelist_count")? * self.page_size >= self.reserve_bytes {
+                self.disk_cap = None;
+            }
+            self.give_back_free_pages()?;
+            let volume = space::Volume::of(&self.path).unwrap_or(volume);
+            if space::space_is_back(volume, self.reserve_bytes)
+                && ensure_reserve(&self.reserve, self.reserve_bytes)
+            {
+                tracing::info!(
+                    "buffer disk: space is back; the reserve is held again and the full quota applies"
+                );
+                self.ceiling = None;
+                self.disk_cap = None;
+            }
+        }
+        let pages = self.pragma("page_count")?;
+        let limit = if let Some(ceiling) = self.ceiling {
+            ceiling.max(pages)
+        } else {
+            space::db_limit_pages(
+                volume,
+                space::Usage::of(&self.path),
+                self.reserve_bytes,
+                self.page_size,
+                pages,
+            )
+        };
+        self.pragma(&format!("max_page_count = {limit}"))?;
+        Ok(())
+    }
+
+    /// Frees pages the file no longer uses (beyond half the reserve, kept for reuse) back to
+    /// the volume: incremental vacuum, then a checkpoint that shrinks the file. In steps of a
+    /// quarter of the reserve, each checkpointed, so the WAL it writes (pages moved from the end
+    /// of the file into free slots) always fits. Buffers made before auto_vacuum keep their size.
+    pub(super) fn give_back_free_pages(&mut self) -> Result<(), BufferError> {
+        if self.pragma("auto_vacuum")? != 2 {
+            return Ok(());
+        }
+        let keep = self.reserve_bytes / 2 / self.page_size;
+        let step = (self.reserve_bytes / 4 / self.page_size).max(1);
+        for _ in 0..16 {
+            let free = self.pragma("freelist_count")?;
+            if free <= keep {
+                break;
+            }
+            // Stepped to its end: a single step frees only a page.
+            let vacuumed = self
+                .conn
+                .prepare(&format!(
+                    "PRAGMA incremental_vacuum({})",
+                    (free - keep).min(step)
+                ))
+                .and_then(|mut stmt| {
+                    let mut rows = stmt.query([])?;
+                    while rows.next()?.is_some() {}
+                    Ok(())
+                });
+            vacuumed.map_err(|e| self.error(e))?;
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// SQLite said the disk is full while the group held no new records (acks, reports):
+    /// only WAL room is missing. Release the reserve if the volume is full, and checkpoint.
+    pub fn wal_room(&mut self) {
+        let volume_full =
+            space::Volume::of(&self.path).map_or(true, |v| v.available < self.reserve_bytes / 2);
+        if volume_full && self.reserve.exists() {
+            let _ = std::fs::remove_file(&self.reserve);
+        }
+        let _ = self.checkpoint();
+    }
+
+    /// SQLite said the disk is full (the volume, or the file's allowed size): release the
+    /// reserve if the volume itself is full, checkpoint (which the reserve always makes
+    /// possible, emptying the WAL), stop the file from growing, and keep at most 80% of what
+    /// is held from now on, so the retried commit evicts by policy to make room.
+    pub fn disk_full(&mut self) {
+        let volume_full =
+            space::Volume::of(&self.path).map_or(true, |v| v.available < self.reserve_bytes / 2);
+        if volume_full && self.reserve.exists() {
+            tracing::warn!(reserve = %self.reserve.display(), "buffer volume full: releasing the reserve");
+            let _ = std::fs::remove_file(&self.reserve);
+        }
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!(error = %e, "buffer checkpoint on a full disk failed; retried");
+        }
+        // The file stays at the size it had when the disk first filled: housekeeping's headroom
+        // above it is not taken as the new ceiling by a later refusal, so repeated refusals
+        // cannot creep into the released reserve.
+        if let Ok(pages) = self.pragma("page_count") {
+            let ceiling = self.ceiling.map_or(pages, |c| c.min(pages));
+            self.ceiling = Some(ceiling);
+            let _ = self.pragma(&format!("max_page_count = {}", ceiling.max(pages)));
+        }
+        let held = self.backlog_bytes();
+        self.disk_cap = Some(self.disk_cap.unwrap_or(held).min(held) * 4 / 5);
+    }
+}
