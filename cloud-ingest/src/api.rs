@@ -3,26 +3,28 @@
 //! Invariant: a 2xx on `/v1/batches` means every record of the batch is durably in the log.
 //! [`IngestError::status`] is the ONE table from error to HTTP status; the agent's retry
 //! classification mirrors it. Clients get a short reason; internal details are logged once here.
+//! The embedded log's read endpoints are in `read`, with their own table ([`ReadError`]).
+
+mod read;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use ingest_wire::{Answer, BatchAck, DecodeError, HEADER_DEVICE_ID, HEADER_RETRY_AFTER, Limits};
-use serde::Deserialize;
 
 use crate::auth::{Authenticated, Registry};
 use crate::config::{ReadApi, RequestLimits};
 use crate::dictionaries::Dictionaries;
 use crate::metrics::Metrics;
-use crate::publish::{
-    DEAD_LETTER_STREAM, Delivery, PublishError, Publisher, clock_offset, embedded,
-};
+pub use read::{MAX_CONCURRENT_READS, ReadError};
+
+use crate::publish::{DEAD_LETTER_STREAM, Delivery, PublishError, Publisher, clock_offset};
 
 /// What a config reload changes without a restart: who may send, at what rate, and who may
 /// read. Swapped whole, so a request sees one version of it.
@@ -268,8 +270,8 @@ pub fn app(state: Arc<AppState>, with_metrics: bool) -> axum::Router {
             &format!("{}/{{id}}", ingest_wire::DICTIONARIES_PATH),
             put(put_dictionary).layer(bounded),
         )
-        .route("/v1/log", get(list_topics))
-        .route("/v1/log/{topic}", get(read_topic))
+        .route("/v1/log", get(read::list_topics))
+        .route("/v1/log/{topic}", get(read::read_topic))
         .with_state(state.clone())
         .merge(operations(state, with_metrics))
 }
@@ -592,238 +594,6 @@ async fn accept_batch(
 
 pub use ingest_wire::now_ms;
 
-#[derive(Debug, Deserialize)]
-struct ReadQuery {
-    #[serde(default)]
-    from: u64,
-    #[serde(default = "default_read_limit")]
-    limit: usize,
-}
-
-fn default_read_limit() -> usize {
-    1000
-}
-
-/// Most records one read returns.
-const MAX_READ_LIMIT: usize = 10_000;
-
-/// Most payload bytes one read returns (at least one record, whatever its size).
-const MAX_READ_BYTES: u64 = 16 << 20;
-
-/// Size of the chunks a read response is streamed in.
-const READ_CHUNK_BYTES: usize = 64 * 1024;
-
-/// Longest a read response may take to be sent; a client that reads slower is cut off.
-const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Read responses served at once per replica; beyond, 503 with Retry-After.
-pub const MAX_CONCURRENT_READS: usize = 8;
-
-/// Which tenants' topics a read request may see.
-enum Readable {
-    /// Every tenant's.
-    All,
-    /// These tenants' only.
-    Tenants(Vec<String>),
-}
-
-impl Readable {
-    fn covers(&self, naming: &crate::naming::Naming, topic: &str) -> bool {
-        match self {
-            Readable::All => true,
-            Readable::Tenants(tenants) => naming
-                .tenant_of(topic)
-                .is_some_and(|t| tenants.iter().any(|mine| mine == t)),
-        }
-    }
-}
-
-/// The embedded log's file and what this request may read of it; otherwise the response to
-/// give.
-fn readable_log(
-    state: &AppState,
-    headers: &HeaderMap,
-) -> Result<(PathBuf, Readable), Box<Response>> {
-    let refuse = |status: StatusCode, error: &str| {
-        Box::new((status, Json(serde_json::json!({ "error": error }))).into_response())
-    };
-    let Some(path) = state.embedded_log.clone() else {
-        return Err(Box::new(not_embedded()));
-    };
-    match &state.access().read_api {
-        ReadApi::Open => Ok((path, Readable::All)),
-        ReadApi::Disabled => Err(refuse(
-            StatusCode::NOT_FOUND,
-            "the log's read API is disabled (read_api.enabled)",
-        )),
-        ReadApi::Tokens(tokens) => {
-            let presented = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(|t| crate::auth::hash_token(t.trim()));
-            let Some(presented) = presented else {
-                return Err(refuse(
-                    StatusCode::UNAUTHORIZED,
-                    "a valid read token is required",
-                ));
-            };
-            // Every token is compared, in constant time, whichever matches.
-            let mut all = false;
-            let mut tenants = Vec::new();
-            for token in tokens {
-                if bool::from(subtle::ConstantTimeEq::ct_eq(
-                    &presented[..],
-                    &token.sha256[..],
-                )) {
-                    match &token.tenant {
-                        None => all = true,
-                        Some(t) => tenants.push(t.clone()),
-                    }
-                }
-            }
-            match (all, tenants.is_empty()) {
-                (true, _) => Ok((path, Readable::All)),
-                (false, false) => Ok((path, Readable::Tenants(tenants))),
-                (false, true) => Err(refuse(
-                    StatusCode::UNAUTHORIZED,
-                    "a valid read token is required",
-                )),
-            }
-        }
-    }
-}
-
-async fn list_topics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let (path, readable) = match readable_log(&state, &headers) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
-    blocking_json(move || {
-        embedded::topics(&path).map(|topics| {
-            topics
-                .into_iter()
-                .filter(|t| readable.covers(&state.naming, &t.topic))
-                .collect::<Vec<_>>()
-        })
-    })
-    .await
-}
-
-async fn read_topic(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(topic): Path<String>,
-    Query(q): Query<ReadQuery>,
-) -> Response {
-    let (path, readable) = match readable_log(&state, &headers) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
-    if !readable.covers(&state.naming, &topic) {
-        return (
-            StatusCode::FORBIDDEN,
-            Json(serde_json::json!({ "error": "this read token does not cover that topic's tenant" })),
-        )
-            .into_response();
-    }
-    let limit = q.limit.min(MAX_READ_LIMIT);
-    let reader = match tokio::task::spawn_blocking(move || embedded::Reader::open(&path)).await {
-        Ok(Ok(reader)) => reader,
-        Ok(Err(e)) => return read_failed(&e),
-        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    };
-    // Streamed: the records are serialised one at a time on a blocking thread and sent in
-    // chunks through a small channel, so a response costs a few chunks of memory, whatever
-    // its size; the client pages on with `next_offset`.
-    let Ok(permit) = state.reads.clone().try_acquire_owned() else {
-        return IngestError::Busy.into_response();
-    };
-    let (chunks, body) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-    let runtime = tokio::runtime::Handle::current();
-    let deadline = tokio::time::Instant::now() + READ_DEADLINE;
-    // A chunk waits for the client at most until the deadline: a reader that stops reading
-    // cannot hold this thread and the log's read snapshot for ever.
-    let send = move |chunk: Result<bytes::Bytes, std::io::Error>| {
-        runtime
-            .block_on(tokio::time::timeout_at(deadline, chunks.send(chunk)))
-            .is_ok_and(|sent| sent.is_ok())
-    };
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let mut chunk = format!(
-            "{{\"topic\":{},\"records\":[",
-            serde_json::to_string(&topic).unwrap_or_default()
-        )
-        .into_bytes();
-        let (mut next, mut first, mut open) = (q.from, true, true);
-        let result = reader.each(&topic, q.from, limit, MAX_READ_BYTES, |record| {
-            if !std::mem::take(&mut first) {
-                chunk.push(b',');
-            }
-            next = record.offset + 1;
-            if serde_json::to_writer(&mut chunk, &record).is_err() {
-                return false;
-            }
-            if chunk.len() >= READ_CHUNK_BYTES {
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(READ_CHUNK_BYTES));
-                open = send(Ok(full.into()));
-            }
-            open
-        });
-        let last = match result {
-            Ok(()) => {
-                chunk.extend_from_slice(format!("],\"next_offset\":{next}}}").as_bytes());
-                Ok(chunk.into())
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "log read failed while streaming");
-                Err(std::io::Error::other(e))
-            }
-        };
-        if !send(last) {
-            tracing::debug!("a log reader did not read its response in time; cut off");
-        }
-    });
-    let stream = futures_util::stream::unfold(body, |mut body| async move {
-        body.recv().await.map(|chunk| (chunk, body))
-    });
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        Body::from_stream(stream),
-    )
-        .into_response()
-}
-
-fn not_embedded() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        Json(serde_json::json!({ "error": "the read API serves the embedded log only; read your Kafka or NATS log with its own clients" })),
-    )
-        .into_response()
-}
-
-async fn blocking_json<T, F>(f: F) -> Response
-where
-    T: serde::Serialize + Send + 'static,
-    F: FnOnce() -> Result<T, embedded::LogError> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(value)) => Json(value).into_response(),
-        Ok(Err(e)) => read_failed(&e),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
-fn read_failed(e: &embedded::LogError) -> Response {
-    tracing::warn!(error = %e, "log read failed");
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(serde_json::json!({ "error": "log read failed" })),
-    )
-        .into_response()
-}
-
 /// Builds the state's body type for tests.
 #[cfg(test)]
 mod tests {
@@ -838,6 +608,7 @@ mod tests {
     use crate::auth::hash_token;
     use crate::config::Device;
     use crate::config::ReadToken;
+    use crate::publish::embedded;
     use crate::publish::embedded::EmbeddedLog;
 
     fn state(dir: &std::path::Path) -> Arc<AppState> {
