@@ -12,74 +12,27 @@
 //! Group commit: after the first command of a group the writer gathers more for at most
 //! `commit_window`, up to [`MAX_GROUP`] commands and the group's byte bound
 //! ([`super::space::group_bytes`]), then commits them in one transaction (one fsync).
+//!
+//! Parts: this file is the loop and the commit of a group; `queue` the bounded queue in front
+//! of it; `transforms` the edge transforms run before a commit; `refused` what a group the
+//! disk cannot take becomes.
 
-use std::collections::BTreeMap;
+mod queue;
+mod refused;
+mod transforms;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flume::RecvTimeoutError;
-use ingest_wire::{LossReason, LossReport};
+use ingest_wire::LossReason;
 use tokio::sync::watch;
 
 use super::{Buffer, CommitSummary, NewRecord, Protected, StreamProgress, WriterCommand};
 use crate::metrics::Metrics;
-use crate::transform::{Chain, Facts, OnError, Output, Reading, Reason};
-
-/// The sending side of the writer's queue (bounded: senders wait while it is full).
-pub type Queue = flume::Sender<WriterCommand>;
-
-/// Bytes of records waiting for the writer (`buffer.queue_bytes`), beside the queue's bound in
-/// records: the front door takes a record's cost before it queues it, waiting while all is
-/// taken (its client waits with it), and the writer gives the cost back once the record's
-/// group is committed or dropped. Every `Append` in the queue holds its cost: the front door
-/// queues all of them in the agent.
-#[derive(Debug, Clone)]
-pub struct QueueBytes {
-    room: Arc<tokio::sync::Semaphore>,
-    max: u64,
-}
-
-impl QueueBytes {
-    /// A budget of `bytes` (at most 4 GiB, 512 MiB on 32-bit targets; a record costing more
-    /// takes all of it).
-    pub fn new(bytes: u64) -> QueueBytes {
-        // tokio's semaphore holds at most usize::MAX >> 3 permits (512 MiB on 32-bit ARM).
-        let max = bytes
-            .min(u64::from(u32::MAX))
-            .min(tokio::sync::Semaphore::MAX_PERMITS as u64)
-            .max(1);
-        QueueBytes {
-            room: Arc::new(tokio::sync::Semaphore::new(max as usize)),
-            max,
-        }
-    }
-
-    fn share(&self, command: &WriterCommand) -> u32 {
-        cost(command).min(self.max) as u32
-    }
-
-    /// Takes `command`'s cost, waiting for room.
-    pub async fn take(&self, command: &WriterCommand) {
-        if let Ok(room) = self.room.acquire_many(self.share(command)).await {
-            room.forget();
-        }
-    }
-
-    /// What the records of `group` hold.
-    fn held(&self, group: &[WriterCommand]) -> u64 {
-        group.iter().map(|c| u64::from(self.share(c))).sum()
-    }
-
-    /// Gives `held` back.
-    fn give_back(&self, held: u64) {
-        self.room.add_permits(held as usize);
-    }
-
-    /// Bytes queued now.
-    pub fn queued(&self) -> u64 {
-        self.max - self.room.available_permits() as u64
-    }
-}
+use crate::transform::{Chain, Facts};
+use queue::cost;
+pub use queue::{Queue, QueueBytes};
 
 /// Most commands folded into one transaction.
 pub const MAX_GROUP: usize = 20_000;
@@ -321,75 +274,6 @@ impl BufferWriter {
         }
     }
 
-    /// Gives each chain the state its stream saved ([`Buffer::transform_state`]). State saved
-    /// under steps no longer in force is deleted, and what it still owes (an open window's
-    /// record, sent into its stream now) is returned with the deletions, to commit; state of
-    /// streams no longer in the buffer is deleted. What cannot be read starts afresh.
-    fn restore_transforms(&mut self) -> Vec<WriterCommand> {
-        let mut owed = Vec::new();
-        for (i, name) in self.stream_names.iter().enumerate() {
-            let rows = match self.buffer.transform_state(name) {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(stream = %name, error = %e, "cannot read the transforms' saved state: windows and deadbands start afresh");
-                    continue;
-                }
-            };
-            let mut stale = Vec::new();
-            for row in rows {
-                let Some(state) = row.state.as_deref() else {
-                    continue;
-                };
-                match self.chains.get_mut(i) {
-                    Some(chain)
-                        if chain.fingerprint(row.step) == Some(row.fingerprint.as_str()) =>
-                    {
-                        chain.restore(row.step, row.key.clone(), state);
-                    }
-                    _ => {
-                        if let Some(m) = Chain::orphan_window(&row.key, state) {
-                            owed.push(WriterCommand::Append(NewRecord {
-                                stream: i,
-                                topic: m.topic,
-                                payload: m.payload,
-                                received_at_ms: m.received_at_ms,
-                                monotonic_ms: crate::clock::monotonic_ms(),
-                                attributes: Default::default(),
-                                receipt: None,
-                            }));
-                        }
-                        stale.push(crate::transform::StateRow { state: None, ..row });
-                    }
-                }
-            }
-            if !stale.is_empty() {
-                tracing::info!(stream = %name, rows = stale.len(), "transform steps changed: their saved state is dropped and their open windows sent");
-                owed.push(WriterCommand::TransformState(stale));
-            }
-        }
-        match self
-            .buffer
-            .forget_transform_state_except(&self.stream_names)
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                rows = n,
-                "transform state of streams no longer in the buffer dropped (their open windows are not sent)"
-            ),
-            Err(e) => tracing::warn!(error = %e, "cannot drop the transform state of streams gone"),
-        }
-        owed
-    }
-
-    /// After a group was dropped or given up: the chains' state is read back from the buffer,
-    /// which holds what was committed.
-    fn reset_transforms(&mut self) -> Vec<WriterCommand> {
-        for chain in &mut self.chains {
-            chain.forget_state();
-        }
-        self.restore_transforms()
-    }
-
     /// Commits records the transforms owe (window records, state deletions) as they are, past
     /// the transforms; a failure is logged and left for the next start, which makes them again.
     fn commit_owed(&mut self, owed: Vec<WriterCommand>) {
@@ -449,128 +333,6 @@ impl BufferWriter {
             }
             group.push(WriterCommand::FilePosition(Box::new(f.position)));
         }
-    }
-
-    /// Runs each new record of `group` through its stream's transforms (and, on a `tick`, ends
-    /// the windows that are over): a record kept takes its new payload, one not kept becomes
-    /// [`WriterCommand::Filtered`] (its publisher still waits for the commit), records made by
-    /// windows are added, and the state changed is added to be saved in the same commit.
-    fn transform(&mut self, group: &mut Vec<WriterCommand>, tick: bool) {
-        if self.chains.iter().all(Chain::is_empty) {
-            return;
-        }
-        let now = crate::clock::now_ms();
-        let commands = std::mem::take(group);
-        group.reserve(commands.len());
-        for command in commands {
-            let WriterCommand::Append(r) = command else {
-                group.push(command);
-                continue;
-            };
-            let Some(chain) = self.chains.get_mut(r.stream).filter(|c| !c.is_empty()) else {
-                group.push(WriterCommand::Append(r));
-                continue;
-            };
-            let NewRecord {
-                stream,
-                topic,
-                payload,
-                received_at_ms,
-                monotonic_ms,
-                attributes,
-                receipt,
-            } = r;
-            let out = chain.run(
-                Reading {
-                    topic,
-                    payload,
-                    received_at_ms,
-                    attributes,
-                },
-                &self.facts,
-            );
-            self.made(group, stream, &out);
-            match (out.kept, out.filtered) {
-                (Some(kept), _) => group.push(WriterCommand::Append(NewRecord {
-                    stream,
-                    topic: kept.topic,
-                    payload: kept.payload,
-                    received_at_ms,
-                    monotonic_ms,
-                    attributes: kept.attributes,
-                    receipt,
-                })),
-                (None, reason) => group.push(WriterCommand::Filtered {
-                    stream,
-                    reason: reason.unwrap_or(Reason::Filter),
-                    receipt,
-                }),
-            }
-        }
-        for i in 0..self.chains.len() {
-            if tick && !self.chains[i].is_empty() {
-                let out = self.chains[i].tick(now, &self.facts);
-                self.made(group, i, &out);
-            }
-            let Some(name) = self.stream_names.get(i) else {
-                break;
-            };
-            let rows = self.chains[i].take_changes(name);
-            if !rows.is_empty() {
-                group.push(WriterCommand::TransformState(rows));
-            }
-        }
-    }
-
-    /// Adds what a chain of `stream` made (window records, and those a later step dropped), and
-    /// counts the payloads it could not read.
-    fn made(&self, group: &mut Vec<WriterCommand>, stream: usize, out: &Output) {
-        for m in &out.made {
-            group.push(WriterCommand::Append(NewRecord {
-                stream,
-                topic: m.topic.clone(),
-                payload: m.payload.clone(),
-                received_at_ms: m.received_at_ms,
-                monotonic_ms: crate::clock::monotonic_ms(),
-                attributes: m.attributes.clone(),
-                receipt: None,
-            }));
-        }
-        for &reason in &out.made_filtered {
-            group.push(WriterCommand::Filtered {
-                stream,
-                reason,
-                receipt: None,
-            });
-        }
-        if let Some(name) = self.stream_names.get(stream) {
-            for step in &out.state_full {
-                self.metrics
-                    .transform_state_full
-                    .with_label_values(&[name.as_str(), step])
-                    .inc();
-            }
-            for (step, action) in &out.unparsable {
-                let action = match action {
-                    OnError::Pass => "passed",
-                    OnError::Drop => "dropped",
-                };
-                self.metrics
-                    .transform_unparsable
-                    .with_label_values(&[name.as_str(), step, action])
-                    .inc();
-            }
-        }
-    }
-
-    /// Fits the file to its volume ([`Buffer::fit_to_volume`]); a failure is retried next tick.
-    fn fit(&mut self) {
-        if let Err(e) = self.buffer.fit_to_volume() {
-            tracing::warn!(error = %e, "cannot fit the buffer to its volume now; retried");
-        }
-        self.metrics
-            .buffer_disk_full
-            .set(i64::from(self.buffer.is_frozen()));
     }
 
     /// Commits `group` (and with `expire`, the TTL sweep), making room on a full disk, until it
@@ -716,99 +478,6 @@ impl BufferWriter {
         self.progress.send_replace(self.buffer.progress());
     }
 
-    /// Takes the group's new records out: the disk cannot take them even with everything
-    /// evictable gone. Those a publisher waits on are refused to it (it was never told they
-    /// are kept, so they are not lost); the others (QoS 0) are replaced by loss reports, per
-    /// stream, reason `disk_full`. `false` when the group held none.
-    fn drop_appends(&mut self, group: &mut Vec<WriterCommand>) -> bool {
-        if !group.iter().any(|c| matches!(c, WriterCommand::Append(_))) {
-            return false;
-        }
-        // What the transforms decided on these records goes with them: records they did not
-        // keep are refused (or reported) too, and their state is read back from the buffer.
-        let (appends, mut rest): (Vec<_>, Vec<_>) = std::mem::take(group)
-            .into_iter()
-            .partition(goes_with_records);
-        // A file's position still moves past its lines: they are reported lost, not re-read.
-        let (positions, appends): (Vec<_>, Vec<_>) = appends
-            .into_iter()
-            .partition(|c| matches!(c, WriterCommand::FilePosition(_)));
-        rest.extend(positions);
-        *group = rest;
-        super::settle(&appends, true);
-        let mut dropped: BTreeMap<usize, u64> = BTreeMap::new();
-        let mut refused = 0u64;
-        for c in &appends {
-            match c {
-                WriterCommand::Append(NewRecord {
-                    receipt: Some(_), ..
-                })
-                | WriterCommand::Filtered {
-                    receipt: Some(_), ..
-                } => refused += 1,
-                WriterCommand::Append(NewRecord { stream, .. })
-                | WriterCommand::Filtered { stream, .. } => {
-                    *dropped.entry(*stream).or_default() += 1
-                }
-                _ => {}
-            }
-        }
-        let restored = self.reset_transforms();
-        group.extend(restored);
-        if refused > 0 {
-            tracing::error!(
-                count = refused,
-                "buffer disk full and nothing left to evict: publishes refused to their senders (not acknowledged)"
-            );
-            self.metrics.publishes_refused.inc_by(refused);
-        }
-        let now = crate::clock::now_ms();
-        for (stream, count) in dropped {
-            let name = self.stream_names[stream].clone();
-            tracing::error!(stream = %name, count, "buffer disk full and nothing left to evict: new records dropped; loss report queued for the cloud");
-            self.metrics
-                .records_dropped
-                .with_label_values(&[name.as_str(), LossReason::DiskFull.as_str()])
-                .inc_by(count);
-            group.push(WriterCommand::Loss(LossReport {
-                stream: Some(name),
-                first_seq: None,
-                last_seq: None,
-                count,
-                reason: LossReason::DiskFull,
-                detected_at_ms: now,
-            }));
-        }
-        true
-    }
-
-    /// The buffer still refuses the group and the writer gives up on it (the agent is stopping,
-    /// or commits keep failing): publishers waiting on it are refused; what they were not told
-    /// about is counted and logged as lost (a loss report cannot be written either).
-    fn give_up(&self, group: &[WriterCommand], error: &super::BufferError) {
-        super::settle(group, true);
-        let mut lost: BTreeMap<usize, u64> = BTreeMap::new();
-        let mut reports = 0u64;
-        for c in group {
-            match c {
-                WriterCommand::Append(r) => *lost.entry(r.stream).or_default() += 1,
-                WriterCommand::Loss(l) => reports += l.count,
-                _ => {}
-            }
-        }
-        for (stream, count) in lost {
-            let name = self.stream_names[stream].as_str();
-            self.metrics
-                .records_dropped
-                .with_label_values(&[name, "stop_failed"])
-                .inc_by(count);
-            tracing::error!(stream = name, count, error = %error, "stopping: the buffer refused these records; they are lost and could not be reported upstream");
-        }
-        if reports > 0 {
-            tracing::error!(count = reports, error = %error, "stopping: loss reports for these records could not be written");
-        }
-    }
-
     fn record(&self, summary: &CommitSummary) {
         let m = &self.metrics;
         for (i, name) in self.stream_names.iter().enumerate() {
@@ -870,7 +539,7 @@ impl BufferWriter {
 /// Record bytes a command adds to its group.
 /// Whether `command` is a new record or what the transforms made of one: such commands are
 /// committed together, or dropped together.
-fn goes_with_records(command: &WriterCommand) -> bool {
+pub(super) fn goes_with_records(command: &WriterCommand) -> bool {
     matches!(
         command,
         WriterCommand::Append(_)
@@ -880,24 +549,12 @@ fn goes_with_records(command: &WriterCommand) -> bool {
     )
 }
 
-fn cost(command: &WriterCommand) -> u64 {
-    match command {
-        WriterCommand::Append(r) => r.cost(),
-        // What its records will cost: a file source takes this before it sends them.
-        WriterCommand::FileLines(f) => f
-            .lines
-            .iter()
-            .map(|l| (l.topic.len() + l.payload.len()) as u64 + super::RECORD_OVERHEAD_BYTES)
-            .sum(),
-        _ => 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::buffer::{BufferStream, NewRecord};
     use crate::routing::Priority;
+    use crate::transform::OnError;
     use bytes::Bytes;
 
     fn streams() -> Vec<BufferStream> {
