@@ -304,19 +304,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         if s.topics.is_empty() {
             return Err((key("topics"), "needs at least one MQTT topic filter".into()));
         }
-        let topics = s
-            .topics
-            .iter()
-            .enumerate()
-            .map(|(j, t)| {
-                TopicFilter::new(t).ok_or_else(|| {
-                    (
-                        format!("streams[{i}].topics[{j}]"),
-                        format!("{t:?} is not a valid MQTT topic filter"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let topics = topic_filters(&key("topics"), &s.topics)?;
         let batch = BatchTriggers {
             max_records: s.batch.max_records.get(),
             max_bytes: s.batch.max_bytes.get(),
@@ -428,6 +416,21 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         sources,
         mqtt_sources,
     })
+}
+
+/// The MQTT topic filters of the list at `key` (`key[j]` names a bad one).
+fn topic_filters(key: &str, list: &[String]) -> Result<Vec<TopicFilter>, Invalid> {
+    list.iter()
+        .enumerate()
+        .map(|(j, t)| {
+            TopicFilter::new(t).ok_or_else(|| {
+                (
+                    format!("{key}[{j}]"),
+                    format!("{t:?} is not a valid MQTT topic filter"),
+                )
+            })
+        })
+        .collect()
 }
 
 /// The reserved stream loss reports travel in: critical, sent at once, never evicted.

@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use super::raw::{RawFileSource, RawMqttSource, RawSource};
-use super::{Invalid, StreamConfig};
-use crate::routing::TopicFilter;
+use super::{Invalid, StreamConfig, topic_filters};
 use crate::source::file::FileSourceConfig;
 use crate::source::mqtt::MqttSourceConfig;
 
@@ -93,19 +92,7 @@ fn validate_mqtt(
             "needs at least one MQTT topic filter".into(),
         ));
     }
-    let topics = m
-        .topics
-        .iter()
-        .enumerate()
-        .map(|(j, t)| {
-            TopicFilter::new(t).ok_or_else(|| {
-                (
-                    format!("{key}.topics[{j}]"),
-                    format!("{t:?} is not a valid MQTT topic filter"),
-                )
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let topics = topic_filters(&format!("{key}.topics"), &m.topics)?;
     let client_id = m
         .client_id
         .unwrap_or_else(|| format!("edge-agent-{device_id}"));

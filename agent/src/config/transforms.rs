@@ -2,9 +2,8 @@
 
 use std::time::Duration;
 
-use super::Invalid;
 use super::raw::{RawCondition, RawTransform};
-use crate::routing::TopicFilter;
+use super::{Invalid, topic_filters};
 use crate::transform::{
     Condition, Deadband, Enrich, FieldPath, Filter, Op, Spec, Step, TopicPattern, Window,
 };
@@ -99,19 +98,7 @@ pub(super) fn validate(key: &str, raw: RawTransform) -> Result<Step, Invalid> {
                     ));
                 }
             };
-            let topics = f
-                .topics
-                .iter()
-                .enumerate()
-                .map(|(k, t)| {
-                    TopicFilter::new(t).ok_or_else(|| {
-                        (
-                            format!("{key}.filter.topics[{k}]"),
-                            format!("{t:?} is not a valid MQTT topic filter"),
-                        )
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let topics = topic_filters(&format!("{key}.filter.topics"), &f.topics)?;
             let conditions = f
                 .conditions
                 .into_iter()
