@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks of the real release binaries on this machine; prints a Markdown table.
 # Usage: bash tests/bench.sh        (BENCH_SCALE=N multiplies the record counts;
-#                                   BENCH_ONLY=pipeline, kafka, network, frontdoor, boot, transforms or peers runs one
+#                                   BENCH_ONLY=pipeline, kafka, network, frontdoor, boot, transforms, peers or flash runs one
 #                                   group; BENCH_BASELINE=<git ref> builds that version's agent
-#                                   and runs it beside this one in the frontdoor and boot tables)
+#                                   and runs it beside this one in the frontdoor, boot and flash tables)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh test   # build tools and the tansu broker

@@ -146,6 +146,8 @@ pub struct BufferStream {
 pub struct CommitSummary {
     /// Records appended, per stream index.
     pub appended: Vec<u64>,
+    /// Their topic and payload bytes, over every stream.
+    pub appended_bytes: u64,
     /// Records deleted after an ack, per stream index.
     pub acked: Vec<u64>,
     /// Records moved to dead letters, per stream index.
@@ -167,6 +169,7 @@ impl CommitSummary {
     pub fn absorb(&mut self, earlier: CommitSummary) {
         let add = |a: &mut Vec<u64>, b: Vec<u64>| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
         add(&mut self.appended, earlier.appended);
+        self.appended_bytes += earlier.appended_bytes;
         add(&mut self.acked, earlier.acked);
         add(&mut self.dead_lettered, earlier.dead_lettered);
         add(&mut self.expired, earlier.expired);

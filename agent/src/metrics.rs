@@ -111,6 +111,9 @@ pub const OLDEST_UNDELIVERED_AGE: &str = "agent_oldest_undelivered_age_seconds";
 /// Bytes the agent process wrote to disk (`/proc/self/io` `write_bytes`: WAL, checkpoints,
 /// database), since it started.
 pub const DISK_WRITTEN: &str = "agent_disk_written_bytes_total";
+/// Topic and payload bytes of the records committed to the buffer. Flash write
+/// amplification: `rate(agent_disk_written_bytes_total[5m]) / rate(agent_buffered_bytes_total[5m])`.
+pub const BUFFERED_BYTES: &str = "agent_buffered_bytes_total";
 /// 1 while delivery is stuck with the link up: records have waited longer than
 /// `ingest.degraded_after`, the ingest answers, and nothing was delivered for that long.
 pub const DEGRADED: &str = "agent_degraded";
@@ -216,6 +219,8 @@ pub struct Metrics {
     oldest_received: Arc<std::sync::Mutex<OldestReceived>>,
     /// See [`DISK_WRITTEN`]; brought up to `/proc/self/io` when rendered.
     disk_written: IntCounter,
+    /// See [`BUFFERED_BYTES`].
+    pub buffered_bytes: IntCounter,
     disk_written_seen: Arc<std::sync::atomic::AtomicU64>,
     /// See [`DEGRADED`]; computed when rendered.
     degraded: IntGauge,
@@ -450,6 +455,10 @@ impl Metrics {
             disk_written: counter(
                 DISK_WRITTEN,
                 "Bytes the agent wrote to disk (WAL, checkpoints, database) since it started.",
+            ),
+            buffered_bytes: counter(
+                BUFFERED_BYTES,
+                "Topic and payload bytes of the records committed to the buffer.",
             ),
             disk_written_seen: Arc::default(),
             degraded: gauge(

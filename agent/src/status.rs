@@ -45,6 +45,10 @@ pub struct Status {
     pub disk_written_bytes: Option<u64>,
     /// `disk_written_bytes` over the records buffered since it started.
     pub disk_bytes_per_record: Option<f64>,
+    /// Flash write amplification: `disk_written_bytes` over the topic and payload bytes of
+    /// the records buffered since it started (running agent only).
+    #[serde(default)]
+    pub write_amplification: Option<f64>,
 }
 
 /// One stream's figures.
@@ -243,6 +247,7 @@ impl Status {
             .iter()
             .map(|(_, n)| n)
             .sum();
+        let buffered_bytes = metrics.buffered_bytes.get();
         let last_error = metrics.last_error();
         Status {
             source: "running agent".into(),
@@ -261,6 +266,9 @@ impl Status {
             disk_bytes_per_record: written
                 .filter(|_| buffered > 0)
                 .map(|w| w as f64 / buffered as f64),
+            write_amplification: written
+                .filter(|_| buffered_bytes > 0)
+                .map(|w| w as f64 / buffered_bytes as f64),
         }
     }
 
@@ -306,6 +314,7 @@ impl Status {
             free_disk_bytes: Volume::of(path).map_or(0, |v| v.available),
             disk_written_bytes: None,
             disk_bytes_per_record: None,
+            write_amplification: None,
         })
     }
 
@@ -380,9 +389,13 @@ impl Status {
             bytesize::ByteSize(self.free_disk_bytes)
         );
         if let Some(w) = self.disk_written_bytes {
-            let per = self
-                .disk_bytes_per_record
-                .map_or_else(dash, |p| format!("{p:.0} B per record buffered"));
+            let per = match (self.disk_bytes_per_record, self.write_amplification) {
+                (Some(p), Some(a)) => format!(
+                    "{p:.0} B per record buffered, write amplification {a:.1}: bytes written per byte of topic and payload"
+                ),
+                (Some(p), None) => format!("{p:.0} B per record buffered"),
+                _ => dash(),
+            };
             let _ = writeln!(
                 out,
                 "written to disk since start: {} ({per})",

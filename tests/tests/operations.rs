@@ -189,13 +189,23 @@ fn status_shows_the_backlog_grow_during_an_outage_and_drain_after_and_reads_a_st
         "{later}"
     );
     assert!(later["buffer_file_bytes"].as_u64() > Some(0));
+    // 50 records of 19 B of topic and 2-3 B of payload, written with the schema, the WAL
+    // and the reserve file: far more bytes written than buffered.
+    assert!(
+        later["write_amplification"]
+            .as_f64()
+            .is_some_and(|a| a > 1.0),
+        "{later}"
+    );
     let table = std::process::Command::new(bin("edge-agent"))
         .args(["status", "--config", &config_arg])
         .output()
         .expect("status");
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(
-        table.contains("telemetry") && table.contains("link: down"),
+        table.contains("telemetry")
+            && table.contains("link: down")
+            && table.contains("write amplification"),
         "{table}"
     );
 
@@ -255,6 +265,11 @@ fn a_reachable_ingest_that_takes_nothing_makes_the_agent_degraded() {
     assert!(
         agent.metric("agent_disk_written_bytes_total") > 0.0,
         "the agent's disk writes are counted"
+    );
+    assert_eq!(
+        agent.metric("agent_buffered_bytes_total"),
+        ("plant/1/telemetry/t".len() + "waits".len()) as f64,
+        "the topic and payload bytes buffered: write amplification's denominator"
     );
 }
 

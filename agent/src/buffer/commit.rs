@@ -95,6 +95,7 @@ pub(super) fn apply(
     let n = streams.len();
     let mut summary = CommitSummary {
         appended: vec![0; n],
+        appended_bytes: 0,
         acked: vec![0; n],
         dead_lettered: vec![0; n],
         evicted: vec![0; n],
@@ -142,6 +143,7 @@ fn apply_commands(
             WriterCommand::Append(r) => {
                 append(&mut insert, &mut streams[r.stream], r)?;
                 summary.appended[r.stream] += 1;
+                summary.appended_bytes += (r.topic.len() + r.payload.len()) as u64;
             }
             WriterCommand::Loss(report) => summary.losses.push(report.clone()),
             WriterCommand::Ack {
@@ -300,6 +302,7 @@ fn store_loss_reports(
         };
         append(&mut insert, &mut streams[ls], &record)?;
         summary.appended[ls] += 1;
+        summary.appended_bytes += (record.topic.len() + record.payload.len()) as u64;
     }
     Ok(())
 }

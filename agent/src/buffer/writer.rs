@@ -480,6 +480,7 @@ impl BufferWriter {
 
     fn record(&self, summary: &CommitSummary) {
         let m = &self.metrics;
+        m.buffered_bytes.inc_by(summary.appended_bytes);
         for (i, name) in self.stream_names.iter().enumerate() {
             let labels = [name.as_str()];
             m.records_buffered

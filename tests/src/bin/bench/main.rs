@@ -10,6 +10,7 @@
 
 mod at_rest;
 mod boot;
+mod flash;
 mod front_door;
 mod network;
 mod peers;
@@ -358,7 +359,7 @@ fn main() {
             ingest_extra: BOARD_512MB_INGEST,
         },
     ];
-    // BENCH_ONLY=pipeline|kafka|network|frontdoor|boot|transforms|peers runs one group of tables.
+    // BENCH_ONLY=pipeline|kafka|network|frontdoor|boot|transforms|peers|flash runs one group of tables.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let runs = |table: &str| only.is_empty() || only == table;
     let scenarios = if runs("pipeline") {
@@ -415,6 +416,9 @@ fn main() {
     }
     if runs("peers") {
         peers::table(scale);
+    }
+    if runs("flash") {
+        flash::table(scale);
     }
 }
 

@@ -1,0 +1,117 @@
+//! Flash wear: the bytes the agent writes to its disk per record at steady rates of 100, 1,000
+//! and 10,000 records/s (10 publishers of the load generator, QoS 1, 200 B JSON, delivered as
+//! they come), and the write amplification: bytes written (`/proc/<pid>/io` write_bytes: the
+//! WAL, checkpoints, the database) over the topic and payload bytes of the records. This tree's
+//! agent and, with `BENCH_BASELINE`, the previous one, alternating; medians of 3 rounds.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use e2e::load::{self, LoadSpec, PayloadKind};
+use e2e::{AgentHarness, CloudHarness};
+use rumqttc::QoS;
+
+use crate::network::disk_writes;
+
+const PUBLISHERS: u64 = 10;
+
+/// One run's figures.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    /// Disk bytes written per record.
+    per_record: f64,
+    /// Disk bytes written over topic + payload bytes.
+    amplification: f64,
+}
+
+/// One run of `agent` (`None`: this tree's) at `rate` records/s for `seconds`.
+fn measure(agent: Option<&Path>, rate: u64, seconds: u64) -> Measured {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let mut harness = AgentHarness::new(dir.path(), &cloud.url());
+    if let Some(bin) = agent {
+        harness = harness.launcher(&[bin.to_path_buf()]);
+    }
+    let agent = harness.run();
+    let pid = agent.process.pid();
+    // What the start wrote (the schema, the reserve file) is not the records'.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = disk_writes(pid);
+    let per_client = rate * seconds / PUBLISHERS;
+    let total = per_client * PUBLISHERS;
+    let spec = LoadSpec {
+        mqtt: agent.mqtt,
+        clients: PUBLISHERS as usize,
+        messages_per_client: per_client,
+        rate_per_client: Some(rate as f64 / PUBLISHERS as f64),
+        payload_bytes: 200,
+        kind: PayloadKind::Json,
+        qos: QoS::AtLeastOnce,
+        topic: Arc::new(|client, i| format!("plant/{client}/telemetry/t{}", i % 4)),
+        client_prefix: "flash-".into(),
+    };
+    let report = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(load::publish(spec));
+    assert_eq!(report.acked, total, "every publish acknowledged");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cloud.total_records() < total {
+        assert!(Instant::now() < deadline, "records missing after 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The acknowledgements' deletes and the checkpoint after them (every 500 ms).
+    std::thread::sleep(Duration::from_secs(2));
+    let written = disk_writes(pid).saturating_sub(before) as f64;
+    let raw = agent.metric("agent_raw_bytes_total");
+    Measured {
+        per_record: written / total as f64,
+        amplification: written / raw.max(1.0),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn medians(runs: &[Measured]) -> Measured {
+    Measured {
+        per_record: median(runs.iter().map(|m| m.per_record).collect()),
+        amplification: median(runs.iter().map(|m| m.amplification).collect()),
+    }
+}
+
+/// Prints the table.
+pub fn table(scale: u64) {
+    let baseline: Option<PathBuf> = std::env::var_os("BENCH_BASELINE_DIR")
+        .map(|d| PathBuf::from(d).join("edge-agent"))
+        .filter(|p| p.exists());
+    println!();
+    println!(
+        "| steady rate, 10 publishers, QoS 1, 200 B JSON | disk bytes written per record | write amplification (written / topic + payload) |"
+    );
+    println!("|---|---:|---:|");
+    for (rate, seconds) in [(100u64, 30u64), (1_000, 15), (10_000, 10)] {
+        let seconds = seconds * scale;
+        let (mut new, mut old) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            new.push(measure(None, rate, seconds));
+            if let Some(bin) = &baseline {
+                old.push(measure(Some(bin), rate, seconds));
+            }
+        }
+        let n = medians(&new);
+        println!(
+            "| {rate} records/s, this version | {:.0} | {:.2} |",
+            n.per_record, n.amplification
+        );
+        if !old.is_empty() {
+            let o = medians(&old);
+            println!(
+                "| {rate} records/s, baseline | {:.0} | {:.2} |",
+                o.per_record, o.amplification
+            );
+        }
+    }
+}
