@@ -46,7 +46,7 @@ mod writer;
 
 pub use command::{FileLines, FilePosition, Line, Reconfigure, Reconfigured, WriterCommand};
 use open::ensure_reserve;
-pub use open::{Opened, OpenedStream, RESERVE_BYTES, spawn_checkpointer};
+pub use open::{Opened, OpenedStream, PAGE_SIZE, RESERVE_BYTES, spawn_checkpointer};
 pub use protection::{MAX_SEQ, Protected, Protection, SeqRanges};
 use record::stored_attributes;
 pub use record::{Attributes, NewRecord, Receipt, Receipts, StoredRecord, checksum, settle};

@@ -11,6 +11,12 @@ use super::schema::{SCHEMA, load_epoch, load_stream, migrate, resume_points};
 use super::{Buffer, BufferError, BufferStream, Quarantine, WriterCommand, recovery, space};
 use crate::routing::Priority;
 
+/// Page size of a new buffer file. A commit writes every page it touched to the WAL (the last,
+/// partly filled leaf of the records, the streams' counters), then a checkpoint writes them
+/// again: at gateway rates a commit holds a few records, so smaller pages mean fewer bytes
+/// written to flash per record (`BENCH_ONLY=flash bash tests/bench.sh`; BENCHMARKS.md).
+pub const PAGE_SIZE: u64 = 1024;
+
 impl Buffer {
     /// Opens or creates the buffer at `path` for `streams` in config order, with the default
     /// reserve ([`RESERVE_BYTES`]); see [`Buffer::open_with`].
@@ -127,10 +133,11 @@ impl Buffer {
             source,
         };
         let conn = Connection::open(path).map_err(sqlite)?;
-        // auto_vacuum takes effect only on a new file: free pages can then be given back to a
-        // full volume ([`space`]). Older buffers keep theirs.
+        // auto_vacuum and page_size take effect only on a new file: free pages can then be
+        // given back to a full volume ([`space`]), and each commit rewrites smaller pages
+        // ([`PAGE_SIZE`]). Older buffers keep theirs.
         conn.execute_batch(&format!(
-            "PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={reserve_bytes}; PRAGMA busy_timeout=5000;"
+            "PRAGMA page_size={PAGE_SIZE}; PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={reserve_bytes}; PRAGMA busy_timeout=5000;"
         ))
         .and_then(|()| conn.execute_batch(SCHEMA))
         .and_then(|()| migrate(&conn))

@@ -39,8 +39,9 @@ pub struct Row {
     pub values: Vec<Value>,
 }
 
-/// Page geometry, from the file header when it is readable (else SQLite's defaults as the
-/// agent creates them).
+/// Page geometry, from the file header when it is readable (else the agent's page size for a
+/// new file, [`crate::buffer::PAGE_SIZE`]; a file made before it, with 4 KiB pages, whose header
+/// is gone is misread and its rows reported lost).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Geometry {
     page_size: usize,
@@ -51,8 +52,8 @@ struct Geometry {
 
 fn geometry(header: &[u8]) -> Geometry {
     let default = Geometry {
-        page_size: 4096,
-        usable: 4096,
+        page_size: crate::buffer::PAGE_SIZE as usize,
+        usable: crate::buffer::PAGE_SIZE as usize,
         file: 0,
     };
     if header.len() < 100 || &header[..16] != b"SQLite format 3\0" {
