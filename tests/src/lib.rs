@@ -557,6 +557,19 @@ impl Cloud {
         })
     }
 
+    /// Waits until the log holds `total` records (polling every 10 ms); panics after `within`.
+    pub fn wait_for_records(&self, total: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.total_records() < total {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {total} records in the log after {within:?}",
+                self.total_records()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Records in the log, over every topic.
     pub fn total_records(&self) -> u64 {
         self.topic_counts().values().sum()

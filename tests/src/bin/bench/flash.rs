@@ -4,14 +4,15 @@
 //! WAL, checkpoints, the database) over the topic and payload bytes of the records. This tree's
 //! agent and, with `BENCH_BASELINE`, the previous one, alternating; medians of 3 rounds.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use e2e::load::{self, LoadSpec, PayloadKind};
 use e2e::{AgentHarness, CloudHarness};
 use rumqttc::QoS;
 
+use crate::median;
 use crate::network::disk_writes;
 
 const PUBLISHERS: u64 = 10;
@@ -55,11 +56,7 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64) -> Measured {
         .expect("runtime")
         .block_on(load::publish(spec));
     assert_eq!(report.acked, total, "every publish acknowledged");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while cloud.total_records() < total {
-        assert!(Instant::now() < deadline, "records missing after 120 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    cloud.wait_for_records(total, Duration::from_secs(120));
     // The acknowledgements' deletes and the checkpoint after them (every 500 ms).
     std::thread::sleep(Duration::from_secs(2));
     let written = disk_writes(pid).saturating_sub(before) as f64;
@@ -68,11 +65,6 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64) -> Measured {
         per_record: written / total as f64,
         amplification: written / raw.max(1.0),
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn medians(runs: &[Measured]) -> Measured {
@@ -84,9 +76,7 @@ fn medians(runs: &[Measured]) -> Measured {
 
 /// Prints the table.
 pub fn table(scale: u64) {
-    let baseline: Option<PathBuf> = std::env::var_os("BENCH_BASELINE_DIR")
-        .map(|d| PathBuf::from(d).join("edge-agent"))
-        .filter(|p| p.exists());
+    let baseline = crate::baseline_agent();
     println!();
     println!(
         "| steady rate, 10 publishers, QoS 1, 200 B JSON | disk bytes written per record | write amplification (written / topic + payload) |"

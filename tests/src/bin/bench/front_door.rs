@@ -5,13 +5,15 @@
 //! rounds each; the table shows the medians. (It first measured the PUBACK after fsync against
 //! a main that acknowledged on receipt: BENCHMARKS.md.)
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::load::{self, LoadSpec, PayloadKind};
 use e2e::{AgentHarness, CloudHarness, peak_rss_mib};
 use rumqttc::QoS;
+
+use crate::median;
 
 /// One run's figures.
 #[derive(Debug, Clone, Copy)]
@@ -48,22 +50,13 @@ fn measure(agent: Option<&Path>, publishers: usize, total: u64) -> Measured {
     let report = tokio::runtime::Runtime::new()
         .expect("runtime")
         .block_on(load::publish(spec));
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while cloud.total_records() < total {
-        assert!(Instant::now() < deadline, "records missing after 300 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    cloud.wait_for_records(total, Duration::from_secs(300));
     Measured {
         rate: total as f64 / started.elapsed().as_secs_f64(),
         p50: report.ack_latency_ms(0.5),
         p99: report.ack_latency_ms(0.99),
         rss: peak_rss_mib(agent.process.pid()),
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn medians(runs: &[Measured]) -> Measured {
@@ -77,9 +70,7 @@ fn medians(runs: &[Measured]) -> Measured {
 
 /// Prints the table.
 pub fn table(scale: u64) {
-    let baseline: Option<PathBuf> = std::env::var_os("BENCH_BASELINE_DIR")
-        .map(|d| PathBuf::from(d).join("edge-agent"))
-        .filter(|p| p.exists());
+    let baseline = crate::baseline_agent();
     println!();
     println!(
         "| QoS 1, 200 B JSON | end-to-end records/s | PUBACK p50 / p99 ms | agent peak RSS MiB |"

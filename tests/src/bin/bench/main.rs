@@ -174,9 +174,18 @@ fn kafka_overhead(records: u64) -> (f64, f64) {
     (median(via_ingest), median(direct))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (the upper one of an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// The baseline's agent that `tests/bench.sh` built from `BENCH_BASELINE`
+/// (`BENCH_BASELINE_DIR`), if any.
+pub(crate) fn baseline_agent() -> Option<std::path::PathBuf> {
+    std::env::var_os("BENCH_BASELINE_DIR")
+        .map(|d| std::path::PathBuf::from(d).join("edge-agent"))
+        .filter(|p| p.exists())
 }
 
 /// records/s of `bodies` (one list per concurrent sender) POSTed to a fresh ingest on a fresh

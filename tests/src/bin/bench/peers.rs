@@ -18,6 +18,8 @@ use e2e::load::{self, LoadSpec, PayloadKind};
 use e2e::{AgentHarness, CloudHarness, peak_rss_mib};
 use rumqttc::QoS;
 
+use crate::median;
+
 const PUBLISHERS: usize = 10;
 const ROUNDS: usize = 3;
 
@@ -99,21 +101,12 @@ fn ours(total: u64) -> Measured {
     let started = Instant::now();
     let report = load(agent.mqtt, total);
     assert_eq!(report.acked, total);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while cloud.total_records() < total {
-        assert!(Instant::now() < deadline, "records missing after 300 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    cloud.wait_for_records(total, Duration::from_secs(300));
     Measured {
         rate: total as f64 / started.elapsed().as_secs_f64(),
         rss: peak_rss_mib(agent.process.pid()),
         rss_ingest: peak_rss_mib(cloud.process.pid()),
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn medians(runs: &[Measured]) -> Measured {

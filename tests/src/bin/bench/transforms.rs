@@ -11,6 +11,8 @@ use e2e::load::{self, LoadSpec, PayloadKind};
 use e2e::{AgentHarness, CloudHarness, peak_rss_mib};
 use rumqttc::QoS;
 
+use crate::median;
+
 const PLAIN: &str = "
   - name: telemetry
     topics: [\"plant/+/telemetry/#\"]
@@ -58,20 +60,11 @@ fn measure(streams: &str, total: u64) -> (f64, f64) {
         .expect("runtime")
         .block_on(load::publish(spec));
     assert_eq!(report.acked, total, "every publish acknowledged");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while cloud.total_records() < total {
-        assert!(Instant::now() < deadline, "records missing after 300 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    cloud.wait_for_records(total, Duration::from_secs(300));
     (
         total as f64 / started.elapsed().as_secs_f64(),
         peak_rss_mib(agent.process.pid()),
     )
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Prints the table.
