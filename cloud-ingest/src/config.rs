@@ -238,21 +238,9 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, Invalid> {
     }
     let naming = crate::naming::Naming::parse(&raw.topic_template)
         .map_err(|e| ("topic_template".to_owned(), e))?;
-    let bytes_rate = |key: String, size: Option<config_types::Size>| {
-        size.map(|s| {
-            u32::try_from(s.get())
-                .ok()
-                .and_then(NonZeroU32::new)
-                .ok_or((key, "must be 1 B to 4294967295 B (4 GiB)".to_owned()))
-        })
-        .transpose()
-    };
     let default_rate = DeviceRate {
         records_per_second: raw.limits.device_records_per_second,
-        bytes_per_second: bytes_rate(
-            "limits.device_bytes_per_second".into(),
-            raw.limits.device_bytes_per_second,
-        )?,
+        bytes_per_second: raw.limits.device_bytes_per_second.map(|b| b.0),
     };
     let mut device_rates = HashMap::new();
     let mut devices = HashMap::new();
@@ -289,7 +277,7 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, Invalid> {
         };
         let own = DeviceRate {
             records_per_second: d.records_per_second,
-            bytes_per_second: bytes_rate(key("bytes_per_second"), d.bytes_per_second)?,
+            bytes_per_second: d.bytes_per_second.map(|b| b.0),
         };
         let device_rate = DeviceRate {
             records_per_second: own.records_per_second.or(default_rate.records_per_second),

@@ -12,7 +12,7 @@
 //! API, same messages).
 
 use std::fmt;
-use std::num::{NonZeroU64, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -211,6 +211,20 @@ impl<'de> Deserialize<'de> for MemorySize {
             .and_then(NonZeroUsize::new)
             .map(MemorySize)
             .ok_or_else(|| de::Error::custom("too large for this machine's memory"))
+    }
+}
+
+/// Bytes per second, written as a [`Size`] ("1MiB"): 1 B to 4294967295 B (4 GiB), what the rate
+/// limiters count in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRate(pub NonZeroU32);
+
+impl<'de> Deserialize<'de> for ByteRate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ByteRate, D::Error> {
+        let Size(n) = Size::deserialize(d)?;
+        NonZeroU32::try_from(n)
+            .map(ByteRate)
+            .map_err(|_| de::Error::custom("must be 1 B to 4294967295 B (4 GiB) per second"))
     }
 }
 

@@ -2,7 +2,6 @@
 //! and the embedded broker's bounds.
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 
 use super::raw::{RawMqtt, RawRule};
 use super::{AuthConfig, Invalid, MqttConfig, RateLimit, RetainedLimits, TlsConfig};
@@ -29,28 +28,10 @@ pub(super) fn validate(raw: RawMqtt) -> Result<MqttConfig, Invalid> {
         max_connections: raw.max_connections.get(),
         router_segment_bytes: raw.router_segment_bytes.get(),
         router_segments: raw.router_segments.get(),
-        rate_limit: raw
-            .rate_limit
-            .map(|r| -> Result<RateLimit, Invalid> {
-                Ok(RateLimit {
-                    messages_per_second: r.messages_per_second,
-                    bytes_per_second: r
-                        .bytes_per_second
-                        .map(|b| {
-                            u32::try_from(b.get())
-                                .ok()
-                                .and_then(NonZeroU32::new)
-                                .ok_or_else(|| {
-                                    (
-                                        "mqtt.rate_limit.bytes_per_second".to_owned(),
-                                        "must be 1 B to 4294967295 B (4 GiB)".to_owned(),
-                                    )
-                                })
-                        })
-                        .transpose()?,
-                })
-            })
-            .transpose()?,
+        rate_limit: raw.rate_limit.map(|r| RateLimit {
+            messages_per_second: r.messages_per_second,
+            bytes_per_second: r.bytes_per_second.map(|b| b.0),
+        }),
         retained: RetainedLimits {
             max_messages: raw.retained.max_messages,
             max_bytes: raw.retained.max_bytes.get(),

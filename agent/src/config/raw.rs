@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 
-use config_types::{Duration, MemorySize, Size, count};
+use config_types::{ByteRate, Duration, MemorySize, Size, count};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
@@ -136,7 +136,7 @@ impl Default for RawMqtt {
 pub struct RawRateLimit {
     pub messages_per_second: NonZeroU32,
     #[serde(default)]
-    pub bytes_per_second: Option<Size>,
+    pub bytes_per_second: Option<ByteRate>,
 }
 
 #[derive(Debug, Deserialize)]

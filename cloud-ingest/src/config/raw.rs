@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 
-use config_types::{Duration, MemorySize, Size, count};
+use config_types::{ByteRate, Duration, MemorySize, Size, count};
 use serde::Deserialize;
 
 use super::TlsFiles;
@@ -67,7 +67,7 @@ pub struct RawDevice {
     #[serde(default)]
     pub records_per_second: Option<NonZeroU32>,
     #[serde(default)]
-    pub bytes_per_second: Option<Size>,
+    pub bytes_per_second: Option<ByteRate>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,7 +169,7 @@ pub struct RawLimits {
     pub body_timeout: Duration,
     pub max_decoding_bytes: MemorySize,
     pub device_records_per_second: Option<NonZeroU32>,
-    pub device_bytes_per_second: Option<Size>,
+    pub device_bytes_per_second: Option<ByteRate>,
 }
 
 impl Default for RawLimits {
