@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Benchmarks of the real release binaries on this machine; prints a Markdown table.
 # Usage: bash tests/bench.sh        (BENCH_SCALE=N multiplies the record counts;
-#                                   BENCH_ONLY=pipeline, kafka, network, frontdoor, boot, transforms, peers or flash runs one
+#                                   BENCH_ONLY=pipeline, kafka, network, drain, frontdoor, boot, transforms, peers or flash runs one
 #                                   group; BENCH_BASELINE=<git ref> builds that version's agent
-#                                   and runs it beside this one in the frontdoor, boot and flash tables)
+#                                   and runs it beside this one in the drain, frontdoor, boot and flash tables)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh test   # build tools and the tansu broker
-cargo build --release --workspace --bins
+# The examples: the drain table's limit (agent/examples/buffer_drain.rs).
+cargo build --release --workspace --bins --examples
 if [ -n "${BENCH_BASELINE:-}" ]; then
   # The baseline's agent, built from its own tree with its own target dir.
   src=target/bench-baseline/src

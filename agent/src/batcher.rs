@@ -363,7 +363,7 @@ impl Lane {
     }
 
     /// Puts [`Lane::protection`] in force: `stream`'s entry of `protected`, which the writer
-    /// reads under the same lock for the whole commit in which it evicts.
+    /// reads under the same lock, held to the end of any commit in which it evicts.
     pub fn publish_protection(&self, protected: &crate::buffer::Protected, stream: usize) {
         protected.lock()[stream] = self.protection();
     }

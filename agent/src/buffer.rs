@@ -47,7 +47,7 @@ mod writer;
 pub use command::{FileLines, FilePosition, Line, Reconfigure, Reconfigured, WriterCommand};
 use open::ensure_reserve;
 pub use open::{Opened, OpenedStream, PAGE_SIZE, RESERVE_BYTES, spawn_checkpointer};
-pub use protection::{MAX_SEQ, Protected, Protection, SeqRanges};
+pub use protection::{DropGuard, Droppable, MAX_SEQ, Protected, Protection, SeqRanges};
 use record::stored_attributes;
 pub use record::{Attributes, NewRecord, Receipt, Receipts, StoredRecord, checksum, settle};
 
@@ -330,6 +330,40 @@ impl Buffer {
         now_ms: i64,
         expire: bool,
     ) -> Result<CommitSummary, BufferError> {
+        let streams = self.streams.len();
+        self.commit_with(
+            commands,
+            Droppable::given(protected, streams),
+            now_ms,
+            expire,
+        )
+    }
+
+    /// [`Buffer::commit`] with the shared protections, whose lock it takes only if the commit
+    /// has something to drop, and then holds until the commit is over ([`Droppable`]).
+    pub fn commit_shared(
+        &mut self,
+        commands: &[WriterCommand],
+        protected: &Protected,
+        now_ms: i64,
+        expire: bool,
+    ) -> Result<CommitSummary, BufferError> {
+        let streams = self.streams.len();
+        self.commit_with(
+            commands,
+            Droppable::shared(protected, streams),
+            now_ms,
+            expire,
+        )
+    }
+
+    fn commit_with(
+        &mut self,
+        commands: &[WriterCommand],
+        mut droppable: Droppable<'_>,
+        now_ms: i64,
+        expire: bool,
+    ) -> Result<CommitSummary, BufferError> {
         let housekeeping = !commands
             .iter()
             .any(|c| matches!(c, WriterCommand::Append(_)));
@@ -339,9 +373,6 @@ impl Buffer {
             Some(cap) if cap < self.quota_bytes => (cap, LossReason::DiskFull),
             _ => (self.quota_bytes, LossReason::Quota),
         };
-        let droppable: Vec<Vec<(u64, u64)>> = (0..streams.len())
-            .map(|i| protected.get(i).cloned().unwrap_or_default().droppable())
-            .collect();
         let summary = apply(
             &mut self.conn,
             &mut streams,
@@ -351,12 +382,22 @@ impl Buffer {
                 reason: cap.1,
                 highest: None,
             },
-            &droppable,
+            &mut droppable,
             now_ms,
             expire,
         )
         .map_err(|source| self.error(source))?;
         self.streams = streams;
+        if summary
+            .evicted
+            .iter()
+            .chain(&summary.expired)
+            .all(|&n| n == 0)
+        {
+            droppable.dropped_nothing();
+        }
+        // Only now may a read see what this commit dropped: the lock (if taken) goes.
+        drop(droppable);
         Ok(summary)
     }
 
@@ -402,6 +443,7 @@ impl Buffer {
         );
         let target = cap.saturating_sub(bytes);
         let step = (self.reserve_bytes / 8).max(64 << 10);
+        let n = streams.len();
         let mut total: Option<CommitSummary> = None;
         loop {
             let held = self.backlog_bytes();
@@ -415,7 +457,7 @@ impl Buffer {
                     reason: LossReason::DiskFull,
                     highest,
                 },
-                &droppable,
+                &mut Droppable::given(protected, n),
                 now_ms,
                 false,
             );
@@ -536,6 +578,72 @@ mod tests {
             b.commit(&big, &[], 9, false)
                 .is_err_and(|e| e.is_disk_full())
         );
+    }
+
+    /// A commit that drops nothing never takes the protections' lock (it commits while a
+    /// batch being read holds it); one that may drop takes it and is counted when it ends, so
+    /// a read that overlapped it reads again under the lock (`protection`'s doc).
+    #[test]
+    fn only_a_commit_that_may_drop_takes_the_protections() {
+        let (_dir, path, mut b) = fresh(200_000);
+        let protected = Protected::new(vec![Protection::floor(0); 4]);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let held = protected.lock();
+        std::thread::scope(|scope| {
+            let (b, protected) = (&mut b, &protected);
+            scope.spawn(move || {
+                let appends: Vec<_> = (0..10).map(|_| rec(2, &[1; 100])).collect();
+                let _ = done_tx.send(b.commit_shared(&appends, protected, 0, false).is_ok());
+            });
+            let committed = done_rx.recv_timeout(Duration::from_secs(20));
+            drop(held);
+            assert_eq!(
+                committed,
+                Ok(true),
+                "appends under the quota waited for the lock"
+            );
+        });
+        assert_eq!(
+            protected.drops(),
+            0,
+            "nothing could be dropped: not counted"
+        );
+        // Over the quota: the commit evicts, under the lock, and is counted.
+        let appends: Vec<_> = (0..1500).map(|_| rec(2, &[2; 100])).collect();
+        let s = b
+            .commit_shared(&appends, &protected, 0, false)
+            .expect("commit");
+        assert!(s.evicted[2] > 0, "the quota evicted: {s:?}");
+        assert_eq!(protected.drops(), 1);
+        // What the protections cover is not evicted, whatever the quota.
+        let (floor, held) = (
+            b.progress()[2].committed_seq,
+            b.progress()[2].backlog_records,
+        );
+        assert!(held > 0);
+        protected.lock()[2] = Protection::floor(floor);
+        let appends: Vec<_> = (0..600).map(|_| rec(2, &[3; 100])).collect();
+        let s = b
+            .commit_shared(&appends, &protected, 0, false)
+            .expect("commit");
+        assert!(s.evicted[2] > 0, "the quota evicted: {s:?}");
+        assert_eq!(protected.drops(), 2);
+        let reader =
+            BufferReader::open(&path, &["alarms".into(), "telemetry".into(), "logs".into()])
+                .expect("reader");
+        let kept = reader
+            .read_batch(2, &[(1, floor)], false, 5000, 1 << 30)
+            .expect("read")
+            .records
+            .len() as u64;
+        assert_eq!(kept, held, "protected records were evicted");
+        // Over the quota with everything protected: it looks, drops nothing, is not counted.
+        protected.lock()[2] = Protection::floor(MAX_SEQ);
+        let s = b
+            .commit_shared(&[rec(2, &[4; 100])], &protected, 0, false)
+            .expect("commit");
+        assert_eq!(s.evicted[2], 0);
+        assert_eq!(protected.drops(), 2, "a commit that dropped nothing was counted");
     }
 
     #[test]

@@ -88,7 +88,7 @@ pub(super) fn apply(
     streams: &mut [StreamState],
     commands: &[WriterCommand],
     limits: Limits,
-    droppable: &[Vec<(u64, u64)>],
+    droppable: &mut Droppable<'_>,
     now_ms: i64,
     expire: bool,
 ) -> rusqlite::Result<CommitSummary> {
@@ -217,7 +217,7 @@ fn apply_commands(
 fn expire_past_ttl(
     tx: &rusqlite::Transaction<'_>,
     streams: &mut [StreamState],
-    droppable: &[Vec<(u64, u64)>],
+    droppable: &mut Droppable<'_>,
     now_ms: i64,
     summary: &mut CommitSummary,
 ) -> rusqlite::Result<()> {
@@ -225,7 +225,7 @@ fn expire_past_ttl(
     for (i, s) in streams.iter_mut().enumerate() {
         let Some(ttl) = s.ttl_ms else { continue };
         let mut dropped = Dropped::default();
-        for &(first, last) in &droppable[i] {
+        for &(first, last) in droppable.of(i) {
             dropped.merge(&drop_rows(
                 expire_rows.query(params![s.id, first as i64, last as i64, now_ms - ttl])?,
                 s,
@@ -247,7 +247,7 @@ fn evict_over_quota(
     tx: &rusqlite::Transaction<'_>,
     streams: &mut [StreamState],
     limits: Limits,
-    droppable: &[Vec<(u64, u64)>],
+    droppable: &mut Droppable<'_>,
     loss_stream: Option<usize>,
     now_ms: i64,
     summary: &mut CommitSummary,
@@ -326,7 +326,7 @@ pub(super) fn evict_down_to(
     evict: &mut rusqlite::CachedStatement<'_>,
     streams: &mut [StreamState],
     cap: u64,
-    droppable: &[Vec<(u64, u64)>],
+    droppable: &mut Droppable<'_>,
     yielding: &[bool],
     loss_stream: Option<usize>,
     evicted: &mut [Option<Dropped>],
@@ -359,7 +359,7 @@ pub(super) fn evict_down_to(
             break;
         };
         let s = &mut streams[victim];
-        let Some(&(first, last)) = droppable[victim].get(at[victim]) else {
+        let Some(&(first, last)) = droppable.of(victim).get(at[victim]) else {
             // What is left of it was sent: it may be in the log, so it is not evicted (it
             // will be delivered or dead-lettered). Try the next stream.
             exhausted[victim] = true;

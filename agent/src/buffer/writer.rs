@@ -5,7 +5,8 @@
 //!   even after evicting everything the policy allows, dropped with a loss report in the commit
 //!   that follows. The writer never waits forever on one group, so the queue in front of it
 //!   always drains and acknowledgements from the ingest always become deletes;
-//! - the [`Protected`] lock is held while a commit runs and never across a retry's sleep;
+//! - the [`Protected`] lock is held by a commit that may drop records, from its first look at
+//!   the protections to its end, and never across a retry's sleep;
 //! - once every sender is gone (the agent stops), what is queued is committed within
 //!   [`STOP_BOUND`]; what still cannot be committed then is counted and logged as lost.
 //!
@@ -280,11 +281,9 @@ impl BufferWriter {
         if owed.is_empty() {
             return;
         }
-        let protected = self.protected.lock();
-        let committed = self
-            .buffer
-            .commit(&owed, &protected, crate::clock::now_ms(), false);
-        drop(protected);
+        let committed =
+            self.buffer
+                .commit_shared(&owed, &self.protected, crate::clock::now_ms(), false);
         match committed {
             Ok(summary) => self.published(&summary),
             Err(e) => {
@@ -430,17 +429,20 @@ impl BufferWriter {
         group: &mut Vec<WriterCommand>,
         expire: bool,
     ) -> Result<CommitSummary, super::BufferError> {
-        let protected = self.protected.lock();
         let now = crate::clock::now_ms();
         let is_append = |c: &WriterCommand| matches!(c, WriterCommand::Append(_));
         let mut first = None;
+        // Making room evicts: it holds the protections throughout, and the commit after it
+        // with them. Any other commit takes them only if it drops something.
+        let mut held = None;
         if self.buffer.is_frozen() && group.iter().any(is_append) {
+            let protected = held.insert(self.protected.lock_to_drop());
             // The transforms' outcomes and state are committed with the new records, not
             // before them.
             let (appends, others): (Vec<_>, Vec<_>) = std::mem::take(group)
                 .into_iter()
                 .partition(goes_with_records);
-            match self.buffer.make_room(&others, &appends, &protected, now) {
+            match self.buffer.make_room(&others, &appends, protected, now) {
                 Ok(summary) => {
                     // In: whoever waits on those commands is told.
                     super::settle(&others, false);
@@ -454,7 +456,14 @@ impl BufferWriter {
                 }
             }
         }
-        match self.buffer.commit(group, &protected, now, expire) {
+        let committed = match &held {
+            Some(protected) => self.buffer.commit(group, protected, now, expire),
+            None => self
+                .buffer
+                .commit_shared(group, &self.protected, now, expire),
+        };
+        drop(held);
+        match committed {
             Ok(mut summary) => {
                 if let Some(first) = first {
                     summary.absorb(first);
@@ -462,7 +471,6 @@ impl BufferWriter {
                 Ok(summary)
             }
             Err(e) => {
-                drop(protected);
                 if let Some(first) = first {
                     self.published(&first);
                 }

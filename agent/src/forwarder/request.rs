@@ -275,7 +275,19 @@ impl Request {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop()
             .ok_or("invariant: a reader per request in flight")?;
-        // Read and protect under the lock, so no eviction slips in between.
+        // Read, then protect under the lock; read again under it if a commit that may have
+        // dropped records ended in between (`crate::buffer::protection`).
+        let read_batch = || {
+            reader.read_batch(
+                self.stream,
+                &self.spans,
+                self.newest_first,
+                self.max_records,
+                self.max_bytes,
+            )
+        };
+        let drops = uplink.protected.drops();
+        let read = read_batch();
         let read = {
             let mut guard = uplink.protected.lock();
             if uplink.protected.generation() != uplink.generation {
@@ -289,13 +301,11 @@ impl Request {
                     .push(reader);
                 return Err("the streams were reloaded".into());
             }
-            let read = reader.read_batch(
-                self.stream,
-                &self.spans,
-                self.newest_first,
-                self.max_records,
-                self.max_bytes,
-            );
+            let read = if uplink.protected.drops() == drops {
+                read
+            } else {
+                read_batch()
+            };
             if let Some((first, last)) = read.as_ref().ok().and_then(|r| r.covered) {
                 guard[self.stream].ranges.insert_range(first, last);
             }

@@ -368,7 +368,7 @@ fn main() {
             ingest_extra: BOARD_512MB_INGEST,
         },
     ];
-    // BENCH_ONLY=pipeline|kafka|network|frontdoor|boot|transforms|peers|flash runs one group of tables.
+    // BENCH_ONLY=pipeline|kafka|network|drain|frontdoor|boot|transforms|peers|flash runs one group of tables.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let runs = |table: &str| only.is_empty() || only == table;
     let scenarios = if runs("pipeline") {
@@ -412,7 +412,10 @@ fn main() {
         println!("| ratio (ingest / direct) | {:.2} |", via_ingest / direct);
     }
     if runs("network") {
-        network_tables(scale);
+        network_tables();
+    }
+    if runs("drain") {
+        network::drain_table(scale);
     }
     if runs("frontdoor") {
         front_door::table(scale);
@@ -432,7 +435,7 @@ fn main() {
 }
 
 /// Issue 4's figures for the network layer as it is (see `network.rs`).
-fn network_tables(scale: u64) {
+fn network_tables() {
     println!();
     println!("| records per batch | wire / raw, zstd level 1 | with a 4 KiB dictionary |");
     println!("|---:|---:|---:|");
@@ -454,30 +457,6 @@ fn network_tables(scale: u64) {
         println!(
             "| {}, {} | {:.0} | {:.3} | {:.2} |",
             r.design, r.group, r.disk_per_record, r.wire_ratio, r.drain_us_per_record
-        );
-    }
-    let d = network::drain(1_000_000 * scale);
-    println!();
-    println!("| network layer (200 B JSON records) | value |");
-    println!("|---|---:|");
-    println!(
-        "| bytes written to the gateway's disk per buffered record (WAL + checkpoints) | {:.0} |",
-        d.disk_bytes_per_record
-    );
-    println!(
-        "| drain of a {} record backlog under {:.0} records/s of live load | {:.1} s ({:.0} records/s) |",
-        d.backlog,
-        d.live_rate,
-        d.drain_seconds,
-        d.backlog as f64 / d.drain_seconds
-    );
-    for (when, l) in [
-        ("link up, live load", d.critical_online),
-        ("during the drain", d.critical_draining),
-    ] {
-        println!(
-            "| critical latency, agent receipt → ingest receipt, {when}: p50 / p99 (p99 within the agent) | {} / {} ms ({} ms) |",
-            l.total.0, l.total.1, l.agent_p99
         );
     }
 }

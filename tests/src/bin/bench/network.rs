@@ -1,7 +1,9 @@
 //! The network layer's figures (issue 4's benchmarks), measured on the pipeline as it is:
 //! wire bytes per raw byte by batch size with and without a zstd dictionary, bytes written to
-//! the gateway's disk per record, the drain of a 1,000,000-record backlog under 10,000
-//! records/s of live load, and critical latency online and during that drain.
+//! the gateway's disk per record; and (`BENCH_ONLY=drain`) the drain of a 1,000,000-record
+//! backlog under 10,000 records/s of live load against the time the buffer alone needs to read
+//! and delete those records (`agent/examples/buffer_drain.rs`, same run), with critical latency
+//! online and during that drain, beside the baseline's agent when there is one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -137,8 +139,6 @@ fn percentile(mut v: Vec<i64>, p: f64) -> i64 {
 
 /// What the drain scenario measured.
 pub struct Drain {
-    /// Backlog records.
-    pub backlog: u64,
     /// Bytes the agent wrote to disk per buffered record, while buffering.
     pub disk_bytes_per_record: f64,
     /// Seconds from the link's return until the backlog was gone.
@@ -199,15 +199,19 @@ fn critical_latency(cloud: &e2e::Cloud, from: i64, to: i64) -> Latency {
     }
 }
 
-/// Online phase, outage with a `backlog`-record build-up, then the drain under live load.
-pub fn drain(backlog: u64) -> Drain {
+/// Online phase, outage with a `backlog`-record build-up, then the drain under live load, with
+/// this tree's agent or with `agent` (the baseline's binary).
+pub fn drain(backlog: u64, agent: Option<&std::path::Path>) -> Drain {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let mut cloud = CloudHarness::new(dir.path()).port(port).run();
-    let agent = AgentHarness::new(dir.path(), &cloud.url())
+    let mut harness = AgentHarness::new(dir.path(), &cloud.url())
         .streams(CRITICAL_AND_BULK)
-        .quota("4GiB")
-        .run();
+        .quota("4GiB");
+    if let Some(bin) = agent {
+        harness = harness.launcher(&[bin.to_path_buf()]);
+    }
+    let agent = harness.run();
     let (live_clients, live_each) = (4, 2500.0);
 
     // Online: 10 s of live load with the link up.
@@ -252,11 +256,73 @@ pub fn drain(backlog: u64) -> Drain {
     let published: u64 = publishers.into_iter().map(|p| p.stop().published).sum();
     let critical_draining = critical_latency(&cloud, drain_from, drain_to);
     Drain {
-        backlog,
         disk_bytes_per_record,
         drain_seconds,
         live_rate: published as f64 / drain_seconds,
         critical_online,
         critical_draining,
+    }
+}
+
+/// Seconds the buffer alone needs to read and delete `records` (the `buffer_drain` example,
+/// which `tests/bench.sh` builds beside the binaries).
+pub fn buffer_alone(records: u64) -> f64 {
+    let example = e2e::bin_dir().join("examples").join("buffer_drain");
+    let out = std::process::Command::new(&example)
+        .arg(records.to_string())
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (built by tests/bench.sh)", example.display()));
+    assert!(out.status.success(), "buffer_drain: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("buffer_drain prints `seconds <s> records <n>`")
+}
+
+/// The drain table: 3 (`BENCH_ROUNDS`) alternating rounds of the buffer alone, this agent's drain and the
+/// baseline's (when `BENCH_BASELINE` is set), medians.
+pub fn drain_table(scale: u64) {
+    let backlog = 1_000_000 * scale;
+    let baseline = crate::baseline_agent();
+    let (mut alone, mut ours, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    for _ in 0..rounds {
+        alone.push(buffer_alone(backlog));
+        ours.push(drain(backlog, None));
+        if let Some(bin) = &baseline {
+            theirs.push(drain(backlog, Some(bin)));
+        }
+    }
+    let limit = crate::median(alone);
+    println!();
+    println!(
+        "| drain of {backlog} records (200 B JSON) under live load, medians of {rounds} rounds | drain s | ÷ buffer alone (target ≤ 1.5) | live records/s | critical p50 / p99 ms, link up (in the agent) | critical p50 / p99 ms, during the drain (in the agent) | disk bytes per buffered record |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| the buffer alone: read and delete, batches of 5000 (`buffer_drain`) | {limit:.2} | 1.00 | | | | |"
+    );
+    for (who, results) in [("this agent", ours), ("baseline (BENCH_BASELINE)", theirs)] {
+        if results.is_empty() {
+            continue;
+        }
+        let m = |f: &dyn Fn(&Drain) -> f64| crate::median(results.iter().map(f).collect());
+        let seconds = m(&|d| d.drain_seconds);
+        println!(
+            "| {who} | {seconds:.2} | {:.2} | {:.0} | {:.0} / {:.0} ({:.0}) | {:.0} / {:.0} ({:.0}) | {:.0} |",
+            seconds / limit,
+            m(&|d| d.live_rate),
+            m(&|d| d.critical_online.total.0 as f64),
+            m(&|d| d.critical_online.total.1 as f64),
+            m(&|d| d.critical_online.agent_p99 as f64),
+            m(&|d| d.critical_draining.total.0 as f64),
+            m(&|d| d.critical_draining.total.1 as f64),
+            m(&|d| d.critical_draining.agent_p99 as f64),
+            m(&|d| d.disk_bytes_per_record),
+        );
     }
 }
