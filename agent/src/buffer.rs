@@ -643,7 +643,11 @@ mod tests {
             .commit_shared(&[rec(2, &[4; 100])], &protected, 0, false)
             .expect("commit");
         assert_eq!(s.evicted[2], 0);
-        assert_eq!(protected.drops(), 2, "a commit that dropped nothing was counted");
+        assert_eq!(
+            protected.drops(),
+            2,
+            "a commit that dropped nothing was counted"
+        );
     }
 
     #[test]
