@@ -76,12 +76,18 @@ fn main() {
             }))
             .expect("writer alive");
     }
-    let settled =
-        |p: &tokio::sync::watch::Receiver<Vec<edge_agent::buffer::StreamProgress>>,
-         want: &dyn Fn(u64) -> bool| { want(p.borrow()[0].backlog_records) };
-    while !settled(&progress, &|n| n == records) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The writer publishes its progress after every commit: wait on it, not on a clock.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let backlog_is = |n: u64| {
+        let mut progress = progress.clone();
+        runtime
+            .block_on(progress.wait_for(|p| p[0].backlog_records == n))
+            .map(|_| ())
+            .expect("writer alive");
+    };
+    backlog_is(records);
     let reader = BufferReader::open(&path, &names).expect("open a reader");
 
     // Drain: read a batch, hand its ack to the writer, read the next.
@@ -104,9 +110,7 @@ fn main() {
             .expect("writer alive");
         next = last + 1;
     }
-    while !settled(&progress, &|n| n == 0) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    backlog_is(0);
     let seconds = started.elapsed().as_secs_f64();
     drop(commands);
     writer.join().expect("writer thread");

@@ -431,19 +431,16 @@ impl Buffer {
             .disk_cap
             .unwrap_or(self.quota_bytes)
             .min(self.quota_bytes);
-        let droppable: Vec<Vec<(u64, u64)>> = (0..streams.len())
-            .map(|i| protected.get(i).cloned().unwrap_or_default().droppable())
-            .collect();
         tracing::debug!(
             cap,
             bytes,
             held = self.backlog_bytes(),
-            ?droppable,
+            ?protected,
             "making room"
         );
         let target = cap.saturating_sub(bytes);
         let step = (self.reserve_bytes / 8).max(64 << 10);
-        let n = streams.len();
+        let mut droppable_now = Droppable::given(protected, streams.len());
         let mut total: Option<CommitSummary> = None;
         loop {
             let held = self.backlog_bytes();
@@ -457,7 +454,7 @@ impl Buffer {
                     reason: LossReason::DiskFull,
                     highest,
                 },
-                &mut Droppable::given(protected, n),
+                &mut droppable_now,
                 now_ms,
                 false,
             );

@@ -280,17 +280,16 @@ pub fn buffer_alone(records: u64) -> f64 {
         .expect("buffer_drain prints `seconds <s> records <n>`")
 }
 
-/// The drain table: 3 (`BENCH_ROUNDS`) alternating rounds of the buffer alone, this agent's drain and the
-/// baseline's (when `BENCH_BASELINE` is set), medians.
+/// Rounds of the drain table.
+const ROUNDS: usize = 3;
+
+/// The drain table: [`ROUNDS`] alternating rounds of the buffer alone, this agent's drain and
+/// the baseline's (when `BENCH_BASELINE` is set), medians.
 pub fn drain_table(scale: u64) {
     let backlog = 1_000_000 * scale;
     let baseline = crate::baseline_agent();
     let (mut alone, mut ours, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
-    for _ in 0..rounds {
+    for _ in 0..ROUNDS {
         alone.push(buffer_alone(backlog));
         ours.push(drain(backlog, None));
         if let Some(bin) = &baseline {
@@ -300,7 +299,7 @@ pub fn drain_table(scale: u64) {
     let limit = crate::median(alone);
     println!();
     println!(
-        "| drain of {backlog} records (200 B JSON) under live load, medians of {rounds} rounds | drain s | ÷ buffer alone (target ≤ 1.5) | live records/s | critical p50 / p99 ms, link up (in the agent) | critical p50 / p99 ms, during the drain (in the agent) | disk bytes per buffered record |"
+        "| drain of {backlog} records (200 B JSON) under live load, medians of {ROUNDS} rounds | drain s | ÷ buffer alone (target ≤ 1.5) | live records/s | critical p50 / p99 ms, link up (in the agent) | critical p50 / p99 ms, during the drain (in the agent) | disk bytes per buffered record |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     println!(
