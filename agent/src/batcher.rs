@@ -432,17 +432,28 @@ pub struct PreparedBatch {
     pub raw_bytes: u64,
     /// The zstd-compressed protobuf body.
     pub body: Vec<u8>,
+    /// The body's version (its `Content-Type`).
+    pub version: ingest_wire::BodyVersion,
 }
 
-/// Encodes and compresses `records` (non-empty, in sequence order) as one batch body, with
-/// `dictionary` when given.
+/// How a batch body is encoded and compressed.
+#[derive(Debug, Clone, Copy)]
+pub struct Encoding<'a> {
+    /// Body version 1 or 2 (what the ingest replica takes).
+    pub version: ingest_wire::BodyVersion,
+    /// zstd level.
+    pub zstd_level: i32,
+    /// The stream's zstd dictionary, if any.
+    pub dictionary: Option<&'a [u8]>,
+}
+
+/// Encodes and compresses `records` (non-empty, in sequence order) as one batch body.
 pub fn prepare(
     device_id: &str,
     stream: &str,
     epoch: u64,
     records: Vec<StoredRecord>,
-    zstd_level: i32,
-    dictionary: Option<&[u8]>,
+    encoding: Encoding<'_>,
     sent_at_ms: i64,
 ) -> std::io::Result<PreparedBatch> {
     let first_seq = records.first().map_or(0, |r| r.seq);
@@ -475,10 +486,10 @@ pub fn prepare(
             })
             .collect(),
     };
-    let raw = ingest_wire::encode_batch(&batch);
-    let body = match dictionary {
-        Some(d) => ingest_wire::compress_with_dictionary(&raw, zstd_level, d)?,
-        None => ingest_wire::compress(&raw, zstd_level)?,
+    let raw = encoding.version.encode(&batch);
+    let body = match encoding.dictionary {
+        Some(d) => ingest_wire::compress_with_dictionary(&raw, encoding.zstd_level, d)?,
+        None => ingest_wire::compress(&raw, encoding.zstd_level)?,
     };
     Ok(PreparedBatch {
         first_seq,
@@ -486,6 +497,7 @@ pub fn prepare(
         records: count,
         raw_bytes,
         body,
+        version: encoding.version,
     })
 }
 

@@ -37,11 +37,14 @@ use crate::dictionary::{StreamDictionary, Trained};
 use crate::metrics::Metrics;
 use crate::retry::{Outcome, classify};
 use crate::routing::Priority;
+use ingest_wire::BodyVersion;
 
+mod bodies;
 mod link;
 mod replicas;
 mod request;
 
+use bodies::Bodies;
 use link::{Link, LinkEvent, open_slots};
 use replicas::Replicas;
 use request::{Ended, Request, SendError, Sent, Uplink, client_now, tell_buffer};
@@ -193,6 +196,7 @@ impl Forwarder {
                     .collect(),
             ),
             registered: std::sync::Mutex::new(HashSet::new()),
+            bodies: std::sync::Mutex::new(Bodies::new(urls.len())),
         });
         loop {
             if shutdown.is_cancelled() {
@@ -378,7 +382,32 @@ impl Forwarder {
             batch,
             dictionary,
             outcome,
+            heard,
         } = sent;
+        let now = Instant::now();
+        if let Some(heard) = heard {
+            let mut bodies = uplink.bodies();
+            if bodies::refuses_format(heard.status) && batch.version == BodyVersion::V2 {
+                // An ingest (or a replica behind the same URL) that cannot read version 2:
+                // the same records go again at once as version 1; nothing is dead-lettered.
+                bodies.refused(replica, now);
+                drop(bodies);
+                let reason = outcome.as_ref().map_or("", |(_, r)| r.as_str());
+                tracing::warn!(ingest = %urls[replica], %reason, hold = ?bodies::HOLD, "the ingest refused a version 2 batch body; resending it as version 1");
+                self.metrics.body_version.set(1);
+                let latest = self.latest(stream);
+                self.lanes[stream].finish(covered, Answer::NotInLog, &latest);
+                self.lanes[stream].publish_protection(&self.protected, stream);
+                return (None, false);
+            }
+            if bodies.heard(replica, heard.accepts_v2, now) {
+                let version = bodies.version(replica, now);
+                tracing::info!(ingest = %urls[replica], ?version, "ingest batch body version");
+                self.metrics
+                    .body_version
+                    .set(if version == BodyVersion::V2 { 2 } else { 1 });
+            }
+        }
         // Only a request without an answer after it went out may be in the log; an explicit
         // refusal or a failed connect means nothing of it was appended.
         let answer = match &outcome {

@@ -54,6 +54,9 @@ pub const RATE_LIMITED_SECONDS: &str = "agent_rate_limited_seconds_total";
 pub const INGEST_FAILOVERS: &str = "agent_ingest_failovers_total";
 /// Index in `ingest.urls` of the replica requests go to now.
 pub const INGEST_CURRENT: &str = "agent_ingest_current";
+/// The batch body version (1 or 2, `SPEC.md`) the last ingest replica heard from gets; 0
+/// before any answer.
+pub const BODY_VERSION: &str = "agent_ingest_body_version";
 /// 1 while the ingest refuses our credentials (401/403): an operator must act.
 pub const AUTH_ALARM: &str = "agent_auth_alarm";
 /// Reloads (SIGHUP), by outcome: `applied`, or `refused` (the file did not pass its checks;
@@ -171,6 +174,8 @@ pub struct Metrics {
     pub ingest_failovers: IntCounter,
     /// See [`INGEST_CURRENT`].
     pub ingest_current: IntGauge,
+    /// See [`BODY_VERSION`].
+    pub body_version: IntGauge,
     /// See [`COMMIT_SECONDS`].
     pub commit_seconds: Histogram,
     /// See [`COMMIT_ERRORS`].
@@ -356,6 +361,10 @@ impl Metrics {
             ingest_current: gauge(
                 INGEST_CURRENT,
                 "Index in ingest.urls of the replica in use.",
+            ),
+            body_version: gauge(
+                BODY_VERSION,
+                "Batch body version (1 or 2) the last ingest replica heard from gets.",
             ),
             commit_seconds: reg(
                 &registry,

@@ -170,7 +170,9 @@ impl IngestError {
         match self {
             IngestError::Unauthorized => Answer::Unauthorized,
             IngestError::Forbidden { .. } => Answer::Forbidden,
-            IngestError::TooLarge { .. } | IngestError::TooManyRecords { .. } => Answer::TooLarge,
+            IngestError::TooLarge { .. }
+            | IngestError::TooManyRecords { .. }
+            | IngestError::BadBatch(DecodeError::Expands { .. }) => Answer::TooLarge,
             IngestError::BadBatch(_) | IngestError::BodyRead | IngestError::BadDictionary(_) => {
                 Answer::Invalid
             }
@@ -264,7 +266,9 @@ pub fn app(state: Arc<AppState>, with_metrics: bool) -> axum::Router {
     axum::Router::new()
         .route(
             ingest_wire::BATCHES_PATH,
-            post(post_batch).layer(bounded.clone()),
+            post(post_batch)
+                .layer(bounded.clone())
+                .layer(axum::middleware::from_fn(advertise_bodies)),
         )
         .route(
             &format!("{}/{{id}}", ingest_wire::DICTIONARIES_PATH),
@@ -281,7 +285,10 @@ pub fn app(state: Arc<AppState>, with_metrics: bool) -> axum::Router {
 pub fn operations(state: Arc<AppState>, with_metrics: bool) -> axum::Router {
     let router = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route(ingest_wire::READYZ_PATH, get(readyz));
+        .route(
+            ingest_wire::READYZ_PATH,
+            get(readyz).layer(axum::middleware::from_fn(advertise_bodies)),
+        );
     let router = if with_metrics {
         router.route(
             "/metrics",
@@ -517,6 +524,11 @@ async fn accept_batch(
     .await
     .map_err(|e| IngestError::BadBatch(DecodeError::Invalid(format!("decoding failed: {e}"))))?;
     let batch = decoded?;
+    state
+        .metrics
+        .batches
+        .with_label_values(&[body_format(header(header::CONTENT_TYPE))])
+        .inc();
     if batch.device_id != device.device_id {
         return Err(IngestError::Forbidden {
             authenticated: device.device_id,
@@ -590,6 +602,35 @@ async fn accept_batch(
         .records_dead_lettered
         .inc_by(ack.dead_lettered);
     Ok(ack)
+}
+
+/// The body format of a batch that decoded, as the metric labels it.
+fn body_format(content_type: Option<&str>) -> &'static str {
+    let json = content_type.is_some_and(|t| {
+        t.split(';').next().is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case(ingest_wire::CONTENT_TYPE_JSON)
+        })
+    });
+    match ingest_wire::body_version(content_type) {
+        _ if json => "json",
+        Some(2) => "v2",
+        _ => "v1",
+    }
+}
+
+/// Lists the body formats this ingest takes ([`ingest_wire::HEADER_ACCEPT_POST`]) on every
+/// answer to a batch and to `/readyz`, so that a client finds out it may send body version 2.
+async fn advertise_bodies(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(
+        ingest_wire::HEADER_ACCEPT_POST,
+        HeaderValue::from_static(ingest_wire::ACCEPTED_BODIES),
+    );
+    response
 }
 
 pub use ingest_wire::now_ms;
@@ -673,6 +714,74 @@ mod tests {
             .header(header::CONTENT_ENCODING, "zstd")
             .body(Body::from(body))
             .expect("request")
+    }
+
+    /// Body version 2 is advertised on every answer, taken, counted by its format, and a v2
+    /// body that writes out past the decompressed limit gets 413 (split and resend).
+    #[tokio::test]
+    async fn body_version_2_is_advertised_and_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state(dir.path());
+        let v2 = |topic: &str, seqs: std::ops::Range<u64>| {
+            let batch = Batch {
+                device_id: "d1".into(),
+                stream: "t".into(),
+                sent_at_ms: 0,
+                epoch: 0,
+                records: seqs
+                    .map(|seq| Record {
+                        seq,
+                        topic: topic.into(),
+                        payload: vec![0, 1, 2].into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            };
+            let mut req = request(
+                "tok",
+                ingest_wire::compress(&ingest_wire::encode_columnar(&batch), 1).expect("zstd"),
+            );
+            req.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(ingest_wire::CONTENT_TYPE_BATCH_V2),
+            );
+            req
+        };
+        for (req, status) in [
+            (request("tok", body("d1", 1..3)), StatusCode::OK),
+            (v2("a/b", 3..9), StatusCode::OK),
+            (request("nope", body("d1", 9..10)), StatusCode::UNAUTHORIZED),
+            // 100 records sharing a 2,000-byte topic: 200 KB written out, over 64 KiB.
+            (
+                v2(&"t".repeat(2_000), 10..110),
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+        ] {
+            let response = app(state.clone(), true)
+                .oneshot(req)
+                .await
+                .expect("response");
+            assert_eq!(response.status(), status);
+            let advertised = response.headers()[ingest_wire::HEADER_ACCEPT_POST]
+                .to_str()
+                .expect("text");
+            assert!(ingest_wire::accepts_v2(advertised), "{advertised}");
+        }
+        let ready = app(state.clone(), true)
+            .oneshot(
+                Request::get(ingest_wire::READYZ_PATH)
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        assert!(
+            ready
+                .headers()
+                .contains_key(ingest_wire::HEADER_ACCEPT_POST)
+        );
+        let counted = |body: &str| state.metrics.batches.with_label_values(&[body]).get();
+        assert_eq!((counted("v1"), counted("v2")), (1, 1));
     }
 
     /// A refusal never echoes the input whole: serde quotes a string of the wrong type, and a

@@ -14,6 +14,8 @@ pub const RECORDS_DEAD_LETTERED: &str = "ingest_records_dead_lettered_total";
 pub const WIRE_BYTES: &str = "ingest_wire_bytes_total";
 /// Body bytes once decompressed.
 pub const RAW_BYTES: &str = "ingest_raw_bytes_total";
+/// Batches decoded, by body format (`v1`, `v2` or `json`).
+pub const BATCHES: &str = "ingest_batches_total";
 /// Batches whose agent clock was off by more than the threshold (timestamps corrected).
 pub const CLOCK_CORRECTED: &str = "ingest_clock_corrected_batches_total";
 
@@ -35,6 +37,8 @@ pub struct Metrics {
     pub raw_bytes: IntCounter,
     /// See [`CLOCK_CORRECTED`].
     pub clock_corrected: IntCounter,
+    /// See [`BATCHES`].
+    pub batches: IntCounterVec,
 }
 
 impl Metrics {
@@ -63,14 +67,20 @@ impl Metrics {
             CLOCK_CORRECTED,
             "Batches from an agent whose clock was off (timestamps corrected).",
         );
-        let requests = IntCounterVec::new(
-            Opts::new(REQUESTS, "Batch requests by HTTP status."),
-            &["status"],
-        )
-        .expect("invariant: valid metric name");
-        registry
-            .register(Box::new(requests.clone()))
-            .expect("invariant: metric registered once");
+        let counters = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label])
+                .expect("invariant: valid metric name");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("invariant: metric registered once");
+            c
+        };
+        let requests = counters(REQUESTS, "Batch requests by HTTP status.", "status");
+        let batches = counters(
+            BATCHES,
+            "Batches decoded, by body format (v1, v2 or json).",
+            "body",
+        );
         Metrics {
             registry,
             requests,
@@ -80,6 +90,7 @@ impl Metrics {
             wire_bytes,
             raw_bytes,
             clock_corrected,
+            batches,
         }
     }
 

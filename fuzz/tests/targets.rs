@@ -9,8 +9,8 @@ use bytes::{Bytes, BytesMut};
 use edge_agent::mqtt;
 use fuzz::{bytes_or_mutated, run};
 use ingest_wire::{
-    Batch, CONTENT_TYPE_BATCH, CONTENT_TYPE_JSON, DecodeError, Limits, Record, decode_body_with,
-    encode_batch,
+    Batch, CONTENT_TYPE_BATCH, CONTENT_TYPE_BATCH_V2, CONTENT_TYPE_JSON, DecodeError, Limits,
+    Record, decode_body_with, encode_batch, encode_columnar,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -161,6 +161,26 @@ fn wire_protobuf() {
         "wire_protobuf",
         bytes_or_mutated(batches().prop_map(|b| encode_batch(&b))),
         |input| decodes_within_limits(input, CONTENT_TYPE_BATCH, None, None),
+    );
+}
+
+#[test]
+fn wire_columnar() {
+    run(
+        "wire_columnar",
+        bytes_or_mutated(batches().prop_map(|b| encode_columnar(&b))),
+        |input| decodes_within_limits(input, CONTENT_TYPE_BATCH_V2, None, None),
+    );
+}
+
+#[test]
+fn wire_columnar_zstd() {
+    run(
+        "wire_columnar_zstd",
+        bytes_or_mutated((batches(), 1i32..4).prop_map(|(b, level)| {
+            ingest_wire::compress(&encode_columnar(&b), level).expect("compress")
+        })),
+        |input| decodes_within_limits(input, CONTENT_TYPE_BATCH_V2, Some("zstd"), None),
     );
 }
 
@@ -378,7 +398,8 @@ fn mqtt_frames() {
 }
 
 /// The wire round trip, as a property: whatever the batch, decoding its encoding (raw,
-/// zstd, zstd with a dictionary) gives it back, when it is within the limits.
+/// zstd, zstd with a dictionary; body version 1 and 2) gives it back, when it is within the
+/// limits.
 #[test]
 fn wire_round_trip() {
     let config = proptest::test_runner::Config {
@@ -397,8 +418,20 @@ fn wire_round_trip() {
             Some("zstd"),
             Some(&DICTIONARY),
         );
+        let columnar = encode_columnar(&batch);
+        let v2 = |body: &[u8], encoding: Option<&str>, dictionary: Option<&[u8]>| {
+            decode_body_with(body, Some(CONTENT_TYPE_BATCH_V2), encoding, LIMITS, dictionary)
+        };
+        let v2_plain = v2(&columnar, None, None);
+        let v2_dictionary = v2(
+            &ingest_wire::compress_with_dictionary(&columnar, level, &DICTIONARY).expect("compress"),
+            Some("zstd"),
+            Some(&DICTIONARY),
+        );
         prop_assert_eq!(plain.expect("a valid batch decodes"), batch.clone());
         prop_assert_eq!(zstd.expect("zstd agrees"), batch.clone());
-        prop_assert_eq!(with_dictionary.expect("dictionary agrees"), batch);
+        prop_assert_eq!(with_dictionary.expect("dictionary agrees"), batch.clone());
+        prop_assert_eq!(v2_plain.expect("version 2 agrees"), batch.clone());
+        prop_assert_eq!(v2_dictionary.expect("version 2 with a dictionary agrees"), batch);
     });
 }

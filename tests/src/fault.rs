@@ -77,6 +77,38 @@ impl FaultProxy {
     }
 }
 
+/// The batch an agent's request body holds (zstd, body version 1 or 2: each fails to decode
+/// as the other), or `None` if it holds none.
+pub fn batch_of(body: &[u8]) -> Option<ingest_wire::Batch> {
+    let limits = ingest_wire::Limits {
+        max_decompressed_bytes: 64 << 20,
+        max_records: 100_000,
+    };
+    [
+        ingest_wire::CONTENT_TYPE_BATCH_V2,
+        ingest_wire::CONTENT_TYPE_BATCH,
+    ]
+    .into_iter()
+    .find_map(|content_type| {
+        ingest_wire::decode_body(body, Some(content_type), Some("zstd"), limits).ok()
+    })
+}
+
+/// Whether a request body is a body version 2 batch (zstd).
+pub fn is_version_2(body: &[u8]) -> bool {
+    let limits = ingest_wire::Limits {
+        max_decompressed_bytes: 64 << 20,
+        max_records: 100_000,
+    };
+    ingest_wire::decode_body(
+        body,
+        Some(ingest_wire::CONTENT_TYPE_BATCH_V2),
+        Some("zstd"),
+        limits,
+    )
+    .is_ok()
+}
+
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use e2e::fault::{FaultProxy, Mode};
 use e2e::load::{self, LoadSpec, PayloadKind};
 use e2e::{AgentHarness, Cloud, CloudHarness, DEVICE, TENANT, eventually, free_port};
-use ingest_wire::{CONTENT_TYPE_BATCH, Limits, LossReason};
+use ingest_wire::LossReason;
 use rumqttc::QoS;
 
 fn spec(
@@ -130,14 +130,11 @@ fn an_ingest_that_never_answers_does_not_stall_the_agent() {
 fn a_poison_batch_is_dead_lettered_and_the_queue_goes_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
-    let limits = Limits {
-        max_decompressed_bytes: 64 << 20,
-        max_records: 100_000,
-    };
-    // The ingest refuses the batch that starts the logs stream.
+    // The ingest refuses the batch that starts the logs stream, in either body version (a
+    // version 2 body refused is resent as version 1, and refused again).
     let poison = move |body: &[u8]| {
-        ingest_wire::decode_body(body, Some(CONTENT_TYPE_BATCH), Some("zstd"), limits)
-            .is_ok_and(|b| b.stream == "logs" && b.records.first().is_some_and(|r| r.seq == 1))
+        e2e::fault::batch_of(body)
+            .is_some_and(|b| b.stream == "logs" && b.records.first().is_some_and(|r| r.seq == 1))
     };
     let proxy = FaultProxy::start(0, cloud.addr, Mode::Reject(Arc::new(poison)));
     let agent = AgentHarness::new(dir.path(), &proxy.url()).run();

@@ -22,6 +22,16 @@ pub(super) struct Sent {
     /// Id of the zstd dictionary it is compressed with.
     pub(super) dictionary: Option<u32>,
     pub(super) outcome: Result<(Outcome, String), SendError>,
+    /// What the ingest answered the POST, when it did.
+    pub(super) heard: Option<Heard>,
+}
+
+/// What an answer to a batch said besides its outcome.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Heard {
+    pub(super) status: u16,
+    /// It listed body version 2 in `Accept-Post`.
+    pub(super) accepts_v2: bool,
 }
 
 /// How a request task ended.
@@ -95,6 +105,8 @@ pub(super) struct Uplink {
     pub(super) dictionaries: std::sync::Mutex<Vec<StreamDictionary>>,
     /// (replica, dictionary id) pairs the replica has.
     pub(super) registered: std::sync::Mutex<HashSet<(usize, u32)>>,
+    /// The body version each replica gets.
+    pub(super) bodies: std::sync::Mutex<Bodies>,
 }
 
 impl Uplink {
@@ -106,6 +118,12 @@ impl Uplink {
 
     pub(super) fn registered(&self) -> std::sync::MutexGuard<'_, HashSet<(usize, u32)>> {
         self.registered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn bodies(&self) -> std::sync::MutexGuard<'_, Bodies> {
+        self.bodies
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -238,11 +256,11 @@ impl Request {
             ..
         } = &*uplink;
         tokio::time::sleep(batch.wait).await;
-        let outcome = match uplink
+        let (outcome, heard) = match uplink
             .register(stream, &stream_name, batch.replica, &batch)
             .await
         {
-            Some(instead) => instead,
+            Some(instead) => (instead, None),
             None => {
                 let token = current(token);
                 send(
@@ -262,6 +280,7 @@ impl Request {
             dictionary: batch.dictionary.as_ref().map(|d| d.id),
             batch: batch.prepared,
             outcome,
+            heard,
         })
     }
 
@@ -355,13 +374,17 @@ impl Request {
             }
             d.current()
         };
+        let encoding = batcher::Encoding {
+            version: uplink.bodies().version(self.replica, Instant::now()),
+            zstd_level: self.zstd_level,
+            dictionary: dictionary.as_ref().map(|d| d.bytes.as_slice()),
+        };
         let prepared = batcher::prepare(
             &uplink.device_id,
             &self.stream_name,
             self.epoch,
             read.records,
-            self.zstd_level,
-            dictionary.as_ref().map(|d| d.bytes.as_slice()),
+            encoding,
             crate::clock::now_ms(),
         )
         .map_err(|e| PrepareError::from(e.to_string().as_str()))?;
@@ -419,17 +442,29 @@ pub(super) async fn send(
     device_id: &str,
     token: &str,
     batch: &PreparedBatch,
-) -> Result<(Outcome, String), SendError> {
+) -> (Result<(Outcome, String), SendError>, Option<Heard>) {
     let response = client
         .post(url.clone())
-        .header(CONTENT_TYPE, ingest_wire::CONTENT_TYPE_BATCH)
+        .header(CONTENT_TYPE, batch.version.content_type())
         .header(CONTENT_ENCODING, ingest_wire::ENCODING_ZSTD)
         .header(ingest_wire::HEADER_DEVICE_ID, device_id)
         .headers(bearer(token))
         .body(batch.body.clone())
         .send()
-        .await?;
+        .await;
+    let response = match response {
+        Ok(response) => response,
+        Err(e) => return (Err(SendError::Transport(e)), None),
+    };
     let status = response.status();
+    let heard = Heard {
+        status: status.as_u16(),
+        accepts_v2: response
+            .headers()
+            .get(ingest_wire::HEADER_ACCEPT_POST)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(ingest_wire::accepts_v2),
+    };
     let retry_after = response
         .headers()
         .get(RETRY_AFTER)
@@ -439,7 +474,7 @@ pub(super) async fn send(
     // The body says why; keep it short, it ends up in logs and the dead-letter table.
     let text = response.text().await.unwrap_or_default();
     let reason = format!("{status}: {}", text.chars().take(500).collect::<String>());
-    Ok((outcome, reason))
+    (Ok((outcome, reason)), Some(heard))
 }
 
 /// Hands an ack or dead letter to the buffer writer.

@@ -37,6 +37,19 @@ pub enum DecodeError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// A v2 (columnar) body whose records share so much of its topics and boot ids that
+    /// their copies would pass half its decompressed size plus
+    /// [`crate::columnar::SHARED_BYTES_PER_RECORD`] per record (answered 413: split and resend).
+    #[error(
+        "the records share {bytes} bytes of topics and boot ids, past the {limit} this body may copy (half its decompressed size plus {per} per record): split the batch",
+        per = crate::columnar::SHARED_BYTES_PER_RECORD
+    )]
+    Expands {
+        /// Bytes the records copy of the entries they share.
+        bytes: u64,
+        /// What this body may copy.
+        limit: u64,
+    },
     /// More records than the receiver takes in one batch (answered 413: split and resend).
     #[error("{count} records, more than the limit of {limit} per batch")]
     TooManyRecords {
@@ -49,7 +62,7 @@ pub enum DecodeError {
     #[error("unsupported Content-Encoding {0:?} (expected \"zstd\" or none)")]
     Encoding(String),
     /// Content-Type other than the protobuf batch or JSON.
-    #[error("unsupported Content-Type {0:?} (expected {proto:?} or {json:?})", proto = crate::CONTENT_TYPE_BATCH, json = CONTENT_TYPE_JSON)]
+    #[error("unsupported Content-Type {0:?} (expected {v2:?}, {proto:?} or {json:?})", v2 = crate::CONTENT_TYPE_BATCH_V2, proto = crate::CONTENT_TYPE_BATCH, json = CONTENT_TYPE_JSON)]
     ContentType(String),
     /// The zstd stream is corrupt or truncated.
     #[error("body is not a valid zstd stream")]
@@ -158,7 +171,7 @@ fn count_records(raw: &[u8]) -> Result<usize, DecodeError> {
 /// Walks the fields of one protobuf message, handing `f` each field number and, for a
 /// length-delimited field, its bytes. Fails on what it cannot walk to the end (see
 /// [`count_records`]).
-fn walk(
+pub(crate) fn walk(
     raw: &[u8],
     mut f: impl FnMut(u64, Option<&[u8]>) -> Result<(), DecodeError>,
 ) -> Result<(), DecodeError> {
@@ -236,7 +249,17 @@ pub fn decode_body_with(
         .next()
         .unwrap_or("")
         .trim();
-    let batch = if mime.eq_ignore_ascii_case("application/x-protobuf") {
+    let batch = if mime.eq_ignore_ascii_case("application/x-protobuf")
+        && body_version(content_type) == Some(2)
+    {
+        let raw = match raw {
+            std::borrow::Cow::Owned(raw) => bytes::Bytes::from(raw),
+            std::borrow::Cow::Borrowed(raw) => bytes::Bytes::copy_from_slice(raw),
+        };
+        crate::columnar::decode_columnar(raw, limits)?
+    } else if mime.eq_ignore_ascii_case("application/x-protobuf")
+        && body_version(content_type) == Some(1)
+    {
         let count = count_records(&raw)?;
         if count > limits.max_records {
             return Err(DecodeError::TooManyRecords {
@@ -254,6 +277,23 @@ pub fn decode_body_with(
     };
     validate(&batch, limits)?;
     Ok(batch)
+}
+
+/// The body version a protobuf `Content-Type` names with its `proto` parameter: 1 for
+/// `edgegw.v1.Batch` (or no parameter: the contract's first clients sent none), 2 for
+/// `edgegw.v2.Batch`, `None` for anything else.
+pub fn body_version(content_type: Option<&str>) -> Option<u32> {
+    let proto = content_type?.split(';').skip(1).find_map(|p| {
+        let (name, value) = p.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("proto")
+            .then(|| value.trim().trim_matches('"'))
+    });
+    match proto {
+        None | Some("edgegw.v1.Batch") => Some(1),
+        Some("edgegw.v2.Batch") => Some(2),
+        Some(_) => None,
+    }
 }
 
 fn bounded_unzstd(

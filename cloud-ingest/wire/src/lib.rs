@@ -9,23 +9,28 @@
 //! - every record carries its idempotency key (device, stream, sequence);
 //! - decompression is bounded: a body never expands past [`Limits::max_decompressed_bytes`].
 //!
-//! The schema is `batch.proto` beside this file; a third party generates a client from it.
-//! Two body formats are accepted: the compact protobuf [`Batch`] ([`CONTENT_TYPE_BATCH`]) and a
-//! plain JSON batch ([`JsonBatch`], `application/json`) for curl and non-Rust devices.
+//! The schemas are `batch.proto` and `batch_v2.proto` beside this file; a third party generates
+//! a client from them. Three body formats are accepted: the protobuf [`Batch`] (body version 1,
+//! [`CONTENT_TYPE_BATCH`]), the same records as columns ([`v2::Batch`], body version 2,
+//! [`CONTENT_TYPE_BATCH_V2`], `columnar`: what the agent sends to an ingest that advertises it
+//! in [`HEADER_ACCEPT_POST`]), and a plain JSON batch ([`JsonBatch`], `application/json`) for
+//! curl and non-Rust devices.
 
 mod batch;
 mod codec;
+mod columnar;
 mod json;
 mod loss;
 mod ranges;
 mod status;
 
-pub use batch::{Attribute, Batch, Record};
+pub use batch::{Attribute, Batch, Record, v2};
 pub use codec::{
-    DecodeError, Limits, MAX_WINDOW_LOG, compress, compress_with_dictionary, decode_body,
-    decode_body_with, decoded_size_bound, dictionary_id, encode_batch, frame_dictionary_id,
-    train_dictionary,
+    DecodeError, Limits, MAX_WINDOW_LOG, body_version, compress, compress_with_dictionary,
+    decode_body, decode_body_with, decoded_size_bound, dictionary_id, encode_batch,
+    frame_dictionary_id, train_dictionary,
 };
+pub use columnar::{SHARED_BYTES_PER_RECORD, encode_columnar};
 pub use json::{BatchAck, JsonBatch, JsonRecord};
 pub use loss::{LOSS_STREAM, LossReason, LossReport};
 pub use ranges::SeqRanges;
@@ -57,6 +62,50 @@ pub const MAX_DICTIONARY_BYTES: usize = 64 * 1024;
 pub const READYZ_PATH: &str = "/readyz";
 /// Content type of the compact protobuf batch.
 pub const CONTENT_TYPE_BATCH: &str = "application/x-protobuf; proto=edgegw.v1.Batch";
+/// Content type of the columnar protobuf batch, body version 2 (`batch_v2.proto`).
+pub const CONTENT_TYPE_BATCH_V2: &str = "application/x-protobuf; proto=edgegw.v2.Batch";
+/// Response header (RFC 9110's list syntax, the name from the Linked Data Platform's
+/// `Accept-Post`) in which the ingest lists the body types `POST /v1/batches` takes, on every
+/// answer to a batch and to `/readyz`: a client sends body version 2 only to an ingest that
+/// lists it ([`accepts_v2`]).
+pub const HEADER_ACCEPT_POST: &str = "accept-post";
+/// What this ingest lists in [`HEADER_ACCEPT_POST`].
+pub const ACCEPTED_BODIES: &str = "application/x-protobuf; proto=edgegw.v2.Batch, application/x-protobuf; proto=edgegw.v1.Batch, application/json";
+
+/// Whether an [`HEADER_ACCEPT_POST`] value lists body version 2.
+pub fn accepts_v2(accept_post: &str) -> bool {
+    accept_post
+        .split(',')
+        .any(|t| body_version(Some(t.trim())) == Some(2) && t.contains("x-protobuf"))
+}
+
+/// The protobuf body versions a client chooses between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyVersion {
+    /// [`Batch`], one protobuf message per record: every ingest takes it.
+    V1,
+    /// [`v2::Batch`], columns: only an ingest that lists it in [`HEADER_ACCEPT_POST`].
+    V2,
+}
+
+impl BodyVersion {
+    /// Its `Content-Type`.
+    pub const fn content_type(self) -> &'static str {
+        match self {
+            BodyVersion::V1 => CONTENT_TYPE_BATCH,
+            BodyVersion::V2 => CONTENT_TYPE_BATCH_V2,
+        }
+    }
+
+    /// `batch` in this version, uncompressed.
+    pub fn encode(self, batch: &Batch) -> Vec<u8> {
+        match self {
+            BodyVersion::V1 => encode_batch(batch),
+            BodyVersion::V2 => encode_columnar(batch),
+        }
+    }
+}
+
 /// Content type of the plain JSON batch.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// `Content-Encoding` value for a zstd-compressed body (one or more concatenated zstd frames).
@@ -158,6 +207,28 @@ mod tests {
         ] {
             assert_eq!(valid_name(name), ok, "{name}");
         }
+    }
+
+    #[test]
+    fn body_versions_by_content_type() {
+        for (content_type, version) in [
+            (Some(CONTENT_TYPE_BATCH), Some(1)),
+            (Some(CONTENT_TYPE_BATCH_V2), Some(2)),
+            (Some("application/x-protobuf"), Some(1)),
+            (
+                Some("application/x-protobuf;PROTO=\"edgegw.v2.Batch\""),
+                Some(2),
+            ),
+            (Some("application/x-protobuf; proto=edgegw.v3.Batch"), None),
+            (None, None),
+        ] {
+            assert_eq!(body_version(content_type), version, "{content_type:?}");
+        }
+        assert!(accepts_v2(ACCEPTED_BODIES));
+        assert!(!accepts_v2(
+            "application/x-protobuf; proto=edgegw.v1.Batch, application/json"
+        ));
+        assert!(!accepts_v2("text/plain; proto=edgegw.v2.Batch"));
     }
 
     #[test]
