@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks of the real release binaries on this machine; prints a Markdown table.
 # Usage: bash tests/bench.sh        (BENCH_SCALE=N multiplies the record counts;
-#                                   BENCH_ONLY=pipeline, kafka, network, drain, frontdoor, boot, transforms, peers or flash runs one
+#                                   BENCH_ONLY=pipeline, kafka, network, wire, drain, frontdoor, boot, transforms, peers or flash runs one
 #                                   group; BENCH_BASELINE=<git ref> builds that version's agent
 #                                   and runs it beside this one in the drain, frontdoor, boot and flash tables)
 set -euo pipefail

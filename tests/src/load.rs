@@ -12,8 +12,14 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 pub enum PayloadKind {
     /// Arbitrary bytes (zeros, 0xff, invalid UTF-8): proves binary safety.
     Binary,
-    /// JSON telemetry, the usual sensor format: realistic for compression figures.
+    /// JSON telemetry padded to the asked size with random readings: every value random, up to
+    /// five digits, so a pessimistic case for compression.
     Json,
+    /// JSON telemetry as real sensors send it, about 120 bytes whatever the asked size: one
+    /// reading a second per sensor, each value drifting slowly around its sensor's own level
+    /// (a slow wave plus a last-digit jitter), a battery that drains, a status that rarely
+    /// changes.
+    Drifting,
 }
 
 /// Topic of message `index` of sensor `client`.
@@ -93,6 +99,7 @@ pub fn payload(kind: PayloadKind, client: usize, index: u64, size: usize) -> Vec
             }
             out
         }
+        PayloadKind::Drifting => drifting(client, index),
         PayloadKind::Json => {
             // Values that vary like real readings; padding with device-ish fields, not filler.
             let mut x = (client as u64 + 7).wrapping_mul(0x2545_F491_4F6C_DD1D)
@@ -125,6 +132,34 @@ pub fn payload(kind: PayloadKind, client: usize, index: u64, size: usize) -> Vec
             s.into_bytes()
         }
     }
+}
+
+/// Reading `index` of sensor `client` for [`PayloadKind::Drifting`]: a function of both only,
+/// so any reading can be made again to check what arrived.
+fn drifting(client: usize, index: u64) -> Vec<u8> {
+    let c = client as f64;
+    let t = index as f64;
+    // A jitter of -1, 0 or +1 in the last digit, from a hash of (client, index).
+    let jitter = |salt: u64| {
+        let mut x = (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ index.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+            ^ salt;
+        x ^= x >> 31;
+        x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+        (x >> 33) % 3
+    } as f64
+        - 1.0;
+    let wave = |period: f64, phase: f64| (std::f64::consts::TAU * t / period + phase).sin();
+    let temperature = 18.0 + (c % 7.0) + 2.5 * wave(3_600.0, c) + 0.01 * jitter(1);
+    let humidity = 40.0 + (c % 11.0) + 6.0 * wave(7_200.0, c / 2.0) + 0.1 * jitter(2);
+    let pressure = 1_009.0 + (c % 5.0) + 1.5 * wave(43_200.0, c / 3.0) + 0.1 * jitter(3);
+    let battery = 3.9 - 0.000_002 * t - 0.01 * (c % 3.0);
+    let status = if index % 5_000 < 5 { "check" } else { "ok" };
+    format!(
+        "{{\"sensor\":\"s-{client}\",\"ts\":{},\"temperature\":{temperature:.2},\"humidity\":{humidity:.1},\"pressure\":{pressure:.1},\"battery\":{battery:.3},\"status\":\"{status}\"}}",
+        1_790_000_000_000u64 + client as u64 * 37 + index * 1_000,
+    )
+    .into_bytes()
 }
 
 /// Publishes the whole load and waits for every PUBACK (QoS 1) or for the last publish to be

@@ -15,6 +15,7 @@ mod front_door;
 mod network;
 mod peers;
 mod transforms;
+mod wire;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -368,7 +369,7 @@ fn main() {
             ingest_extra: BOARD_512MB_INGEST,
         },
     ];
-    // BENCH_ONLY=pipeline|kafka|network|drain|frontdoor|boot|transforms|peers|flash runs one group of tables.
+    // BENCH_ONLY=pipeline|kafka|network|wire|drain|frontdoor|boot|transforms|peers|flash runs one group of tables.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let runs = |table: &str| only.is_empty() || only == table;
     let scenarios = if runs("pipeline") {
@@ -413,6 +414,9 @@ fn main() {
     }
     if runs("network") {
         network_tables();
+    }
+    if runs("wire") {
+        wire::table();
     }
     if runs("drain") {
         network::drain_table(scale);
