@@ -439,7 +439,8 @@ pub struct PreparedBatch {
 /// How a batch body is encoded and compressed.
 #[derive(Debug, Clone, Copy)]
 pub struct Encoding<'a> {
-    /// Body version 1 or 2 (what the ingest replica takes).
+    /// Body version 1 or 2 (what the ingest replica takes; version 1 for a batch that does
+    /// not fit version 2's limits).
     pub version: ingest_wire::BodyVersion,
     /// zstd level.
     pub zstd_level: i32,
@@ -486,7 +487,7 @@ pub fn prepare(
             })
             .collect(),
     };
-    let raw = encoding.version.encode(&batch);
+    let (raw, version) = encoding.version.encode(&batch);
     let body = match encoding.dictionary {
         Some(d) => ingest_wire::compress_with_dictionary(&raw, encoding.zstd_level, d)?,
         None => ingest_wire::compress(&raw, encoding.zstd_level)?,
@@ -497,7 +498,7 @@ pub fn prepare(
         records: count,
         raw_bytes,
         body,
-        version: encoding.version,
+        version,
     })
 }
 

@@ -387,14 +387,17 @@ impl Forwarder {
         let now = Instant::now();
         if let Some(heard) = heard {
             let mut bodies = uplink.bodies();
-            if bodies::refuses_format(heard.status) && batch.version == BodyVersion::V2 {
+            if bodies::refuses_format(heard.status)
+                && batch.version == BodyVersion::V2
+                && !heard.accepts_v2
+            {
                 // An ingest (or a replica behind the same URL) that cannot read version 2:
                 // the same records go again at once as version 1; nothing is dead-lettered.
+                // (One that lists version 2 read the body: its 400 is about the batch.)
                 bodies.refused(replica, now);
                 drop(bodies);
                 let reason = outcome.as_ref().map_or("", |(_, r)| r.as_str());
                 tracing::warn!(ingest = %urls[replica], %reason, hold = ?bodies::HOLD, "the ingest refused a version 2 batch body; resending it as version 1");
-                self.metrics.body_version.set(1);
                 let latest = self.latest(stream);
                 self.lanes[stream].finish(covered, Answer::NotInLog, &latest);
                 self.lanes[stream].publish_protection(&self.protected, stream);
@@ -403,9 +406,6 @@ impl Forwarder {
             if bodies.heard(replica, heard.accepts_v2, now) {
                 let version = bodies.version(replica, now);
                 tracing::info!(ingest = %urls[replica], ?version, "ingest batch body version");
-                self.metrics
-                    .body_version
-                    .set(if version == BodyVersion::V2 { 2 } else { 1 });
             }
         }
         // Only a request without an answer after it went out may be in the log; an explicit

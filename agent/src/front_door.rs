@@ -12,9 +12,10 @@
 //!   the order the publishes came; a publish the disk cannot take is never acknowledged (MQTT 5:
 //!   a PUBACK with reason 0x97; 3.1.1: the connection is closed, the client resends);
 //! - a QoS 2 publish is stored once per packet id until its PUBREL; a QoS 1 resend (DUP) of a
-//!   publish this session already kept (same packet id, topic and payload) is acknowledged
-//!   again, not stored again. Sessions live in the agent's memory: a resend after the agent
-//!   restarted is stored again (the window is the agent's uptime);
+//!   publish this session already kept (same packet id, topic and payload; among its last
+//!   [`KEPT_QOS1`]) is acknowledged again, not stored again. Sessions live in the agent's
+//!   memory, at most [`SESSIONS_PER_CONNECTION`] × `mqtt.max_connections` of them: a resend
+//!   after the agent restarted is stored again (the window is the agent's uptime);
 //! - every topic is kept, `$…` topics included (the durable path does not go through rumqttd's
 //!   subscriptions), and rumqttd can no longer skip a record the agent acknowledged;
 //! - rumqttd only ever sees client ids of `[0-9a-zn]`, each once, with clean sessions (ids with
@@ -61,8 +62,13 @@ pub use login::tls_acceptor;
 
 /// A client must send its CONNECT within this time after the TCP connection opens.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most persistent sessions (clean session off) whose publish ids the agent remembers.
-const MAX_SESSIONS: usize = 10_000;
+/// Persistent sessions (clean session off) whose publish ids the agent remembers, per
+/// connection `mqtt.max_connections` allows (the oldest are forgotten first beyond).
+const SESSIONS_PER_CONNECTION: usize = 4;
+/// QoS 1 publishes a session remembers (packet id and checksum), the last ones kept: a client
+/// resends after a reconnect at most what it had in flight (Mosquitto's clients 20 by default,
+/// Paho's 10, rumqttc's 100); older resends than this would be stored again.
+const KEPT_QOS1: usize = 256;
 /// Most bytes of topics an MQTT 5 client may park behind topic aliases.
 const MAX_ALIAS_BYTES: usize = 1 << 20;
 /// Longest a retained publish's copy waits for room towards rumqttd (it is dropped, and
@@ -90,6 +96,8 @@ struct Ctx {
     max_packet: usize,
     /// Publish ids of persistent sessions, by client id.
     sessions: Mutex<HashMap<String, Arc<Mutex<Session>>>>,
+    /// Most sessions kept: [`SESSIONS_PER_CONNECTION`] × `mqtt.max_connections`.
+    max_sessions: usize,
     /// Open connections, against `mqtt.max_connections`.
     connections: Arc<tokio::sync::Semaphore>,
     /// Who may connect, publish and subscribe: replaced whole by a reload
@@ -191,10 +199,42 @@ impl Routes {
 /// What a session remembers of its client's publishes, for exactly-once.
 #[derive(Debug, Default)]
 struct Session {
-    /// QoS 1 publishes kept: packet id → checksum of topic and payload.
-    kept: HashMap<u16, u32>,
-    /// QoS 2 publishes kept and not yet released (PUBREL).
+    /// QoS 1 publishes kept.
+    kept: KeptQos1,
+    /// QoS 2 publishes kept and not yet released (PUBREL): at most the 65,535 packet ids.
     unreleased: HashSet<u16>,
+}
+
+/// The last [`KEPT_QOS1`] QoS 1 publishes a session kept: (packet id, checksum of topic and
+/// payload), oldest first. A client cycling through every packet id over a long connection
+/// costs 2 KiB, not a map of 65,535 entries (1 MiB a session, before).
+#[derive(Debug, Default)]
+struct KeptQos1(std::collections::VecDeque<(u16, u32)>);
+
+impl KeptQos1 {
+    fn insert(&mut self, pkid: u16, digest: u32) {
+        if self.0.len() == KEPT_QOS1 {
+            self.0.pop_front();
+        }
+        self.0.push_back((pkid, digest));
+    }
+
+    /// Forgets the publish kept last under `pkid` (its commit was refused: a resend of it
+    /// must be stored).
+    fn forget(&mut self, pkid: u16) {
+        if let Some(at) = self.0.iter().rposition(|(p, _)| *p == pkid) {
+            self.0.remove(at);
+        }
+    }
+
+    /// The checksum kept last under `pkid`.
+    fn get(&self, pkid: u16) -> Option<u32> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(p, _)| *p == pkid)
+            .map(|(_, d)| *d)
+    }
 }
 
 /// Binds a client-facing listener; the error names the config key.
@@ -237,6 +277,7 @@ impl FrontDoor {
                 // Topic, properties and header around the largest payload.
                 max_packet: max_payload + 65_536 + 1024,
                 sessions: Mutex::new(HashMap::new()),
+                max_sessions: SESSIONS_PER_CONNECTION * mqtt.max_connections.max(1),
                 connections: Arc::new(tokio::sync::Semaphore::new(mqtt.max_connections)),
                 access: std::sync::RwLock::new(Arc::new(access)),
                 access_changed: tokio::sync::watch::Sender::new(0),
@@ -525,15 +566,15 @@ impl Ctx {
         }
     }
 
-    /// The session of a persistent client, created if new (the oldest are forgotten past
-    /// [`MAX_SESSIONS`]).
+    /// The session of a persistent client, created if new (one is forgotten past
+    /// `max_sessions`).
     fn session(&self, client_id: &str) -> Arc<Mutex<Session>> {
         let mut sessions = self
             .sessions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !sessions.contains_key(client_id)
-            && sessions.len() >= MAX_SESSIONS
+            && sessions.len() >= self.max_sessions
             && let Some(k) = sessions.keys().next().cloned()
         {
             sessions.remove(&k);
@@ -545,6 +586,30 @@ impl Ctx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_remembers_its_last_qos1_publishes_only() {
+        let mut kept = KeptQos1::default();
+        // A long connection cycling through every packet id, twice over.
+        for n in 0..140_000u32 {
+            kept.insert((n % 65_535 + 1) as u16, n);
+        }
+        assert_eq!(kept.0.len(), KEPT_QOS1, "bounded");
+        let last = 139_999u32;
+        assert_eq!(kept.get((last % 65_535 + 1) as u16), Some(last));
+        let oldest_kept = last + 1 - KEPT_QOS1 as u32;
+        assert_eq!(
+            kept.get((oldest_kept % 65_535 + 1) as u16),
+            Some(oldest_kept)
+        );
+        assert_eq!(kept.get(((oldest_kept - 1) % 65_535 + 1) as u16), None);
+        // A packet id used again: its newest checksum.
+        kept.insert(7, 1);
+        kept.insert(7, 2);
+        assert_eq!(kept.get(7), Some(2));
+        kept.forget(7);
+        assert_eq!(kept.get(7), Some(1), "the refused one only");
+    }
 
     #[test]
     fn upstream_ids_are_safe_for_rumqttd_and_stable() {

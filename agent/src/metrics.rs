@@ -54,8 +54,7 @@ pub const RATE_LIMITED_SECONDS: &str = "agent_rate_limited_seconds_total";
 pub const INGEST_FAILOVERS: &str = "agent_ingest_failovers_total";
 /// Index in `ingest.urls` of the replica requests go to now.
 pub const INGEST_CURRENT: &str = "agent_ingest_current";
-/// The batch body version (1 or 2, `SPEC.md`) the last ingest replica heard from gets; 0
-/// before any answer.
+/// The body version (1 or 2, `SPEC.md`) of the last batch prepared; 0 before the first.
 pub const BODY_VERSION: &str = "agent_ingest_body_version";
 /// 1 while the ingest refuses our credentials (401/403): an operator must act.
 pub const AUTH_ALARM: &str = "agent_auth_alarm";
@@ -364,7 +363,7 @@ impl Metrics {
             ),
             body_version: gauge(
                 BODY_VERSION,
-                "Batch body version (1 or 2) the last ingest replica heard from gets.",
+                "Body version (1 or 2) of the last batch prepared.",
             ),
             commit_seconds: reg(
                 &registry,

@@ -493,7 +493,15 @@ async fn accept_batch(
     // any of it is spent; the decoder is held to the bound it was charged for.
     let bound =
         ingest_wire::decoded_size_bound(&body, encoding, state.limits.max_decompressed_bytes);
-    let cost_kib = state.limits.decoding_cost(body.len(), bound).div_ceil(1024);
+    // A JSON body or an unknown type is charged as version 1: JSON costs no more per record,
+    // and an unknown type is refused before anything is decoded.
+    let record_bytes = ingest_wire::BodyVersion::of(header(header::CONTENT_TYPE))
+        .unwrap_or(ingest_wire::BodyVersion::V1)
+        .decoded_record_bytes();
+    let cost_kib = state
+        .limits
+        .decoding_cost(body.len(), bound, record_bytes)
+        .div_ceil(1024);
     let budget = state
         .decoding
         .clone()
@@ -606,16 +614,10 @@ async fn accept_batch(
 
 /// The body format of a batch that decoded, as the metric labels it.
 fn body_format(content_type: Option<&str>) -> &'static str {
-    let json = content_type.is_some_and(|t| {
-        t.split(';').next().is_some_and(|m| {
-            m.trim()
-                .eq_ignore_ascii_case(ingest_wire::CONTENT_TYPE_JSON)
-        })
-    });
-    match ingest_wire::body_version(content_type) {
-        _ if json => "json",
-        Some(2) => "v2",
-        _ => "v1",
+    match ingest_wire::BodyVersion::of(content_type) {
+        Some(ingest_wire::BodyVersion::V2) => "v2",
+        Some(ingest_wire::BodyVersion::V1) => "v1",
+        None => "json",
     }
 }
 

@@ -201,17 +201,14 @@ impl RequestLimits {
     /// What decoding a body may cost at most: the body, its decompressed bytes (`raw_bound`,
     /// at most `max_decompressed_bytes`) two and a half times (the buffer, the payloads and
     /// topics copied out of it, the decoder's buffers), the zstd window (at most 16 MiB, and
-    /// never more than the output), and [`ingest_wire::DECODED_RECORD_BYTES`] per decoded record
-    /// (the record and its attributes).
-    pub fn decoding_cost(&self, body_bytes: usize, raw_bound: usize) -> usize {
+    /// never more than the output), and `record_bytes` per decoded record (the record and its
+    /// attributes: [`ingest_wire::BodyVersion::decoded_record_bytes`]).
+    pub fn decoding_cost(&self, body_bytes: usize, raw_bound: usize, record_bytes: usize) -> usize {
         let window = raw_bound.min(1 << ingest_wire::MAX_WINDOW_LOG);
         body_bytes
             .saturating_add(raw_bound.saturating_mul(5) / 2)
             .saturating_add(window)
-            .saturating_add(
-                self.max_records_per_batch
-                    .saturating_mul(ingest_wire::DECODED_RECORD_BYTES),
-            )
+            .saturating_add(self.max_records_per_batch.saturating_mul(record_bytes))
     }
 }
 
@@ -312,13 +309,17 @@ fn validate(raw: RawConfig) -> Result<IngestConfig, Invalid> {
         body_timeout: l.body_timeout.0,
         max_decoding_bytes: l.max_decoding_bytes.get(),
     };
-    let largest = limits.decoding_cost(limits.max_body_bytes, limits.max_decompressed_bytes);
+    let largest = limits.decoding_cost(
+        limits.max_body_bytes,
+        limits.max_decompressed_bytes,
+        ingest_wire::DECODED_RECORD_BYTES_V2,
+    );
     // Compared in the KiB the budget is counted in.
     if limits.max_decoding_bytes / 1024 < largest.div_ceil(1024) {
         return Err((
             "limits.max_decoding_bytes".into(),
             format!(
-                "must be at least what the largest request may cost ({} MiB with these limits: the body, 2.5 times its decompressed size, the zstd window and 1,928 bytes per record), or such a request could never be decoded",
+                "must be at least what the largest request may cost ({} MiB with these limits: the body, 2.5 times its decompressed size, the zstd window and 2,616 bytes per record), or such a request could never be decoded",
                 largest.div_ceil(1 << 20)
             ),
         ));

@@ -637,6 +637,7 @@ pub struct AgentHarness {
     mqtt_extra: String,
     mqtt_auth: String,
     ingest_extra: String,
+    buffer_extra: String,
     launcher: Vec<PathBuf>,
 }
 
@@ -698,6 +699,7 @@ impl AgentHarness {
             mqtt_extra: String::new(),
             mqtt_auth: "  auth: { allow_anonymous: true }\n".into(),
             ingest_extra: String::new(),
+            buffer_extra: String::new(),
             launcher: Vec::new(),
         }
     }
@@ -736,6 +738,12 @@ impl AgentHarness {
     /// Extra keys of the `mqtt:` section (indented by two spaces, newline-terminated).
     pub fn mqtt_extra(mut self, yaml: &str) -> Self {
         self.mqtt_extra = yaml.to_owned();
+        self
+    }
+
+    /// Extra keys of the `buffer:` section (indented by two spaces, newline-terminated).
+    pub fn buffer_extra(mut self, yaml: &str) -> Self {
+        self.buffer_extra = yaml.to_owned();
         self
     }
 
@@ -786,7 +794,7 @@ ingest:
 {mqtt_auth}{mqtt_extra}buffer:
   path: {buffer}
   quota_bytes: {quota}
-streams:{streams}
+{buffer_extra}streams:{streams}
 metrics_listen: 127.0.0.1:0
 {extra}",
             device = self.device.0,
@@ -809,6 +817,7 @@ metrics_listen: 127.0.0.1:0
             mqtt_extra = self.mqtt_extra,
             mqtt_auth = self.mqtt_auth,
             ingest_extra = self.ingest_extra,
+            buffer_extra = self.buffer_extra,
         )
     }
 

@@ -17,6 +17,16 @@ use crate::routing::Priority;
 /// written to flash per record (`BENCH_ONLY=flash bash tests/bench.sh`; BENCHMARKS.md).
 pub const PAGE_SIZE: u64 = 1024;
 
+/// Page cache of the writer's connection, KiB (SQLite's default is 2,000 per connection). The
+/// writer appends at the end of the records and deletes at their start: the pages it reuses
+/// are the b-trees' edges, a few hundred KiB.
+pub(super) const WRITER_CACHE_KIB: u32 = 1024;
+/// Page cache of a read connection, KiB: a batch is read once, front to back, so only the
+/// b-tree's inner pages are worth keeping between reads.
+pub(super) const READER_CACHE_KIB: u32 = 256;
+/// Page cache of the checkpointer's connection, KiB: it copies pages, it does not read rows.
+pub(super) const CHECKPOINT_CACHE_KIB: u32 = 64;
+
 impl Buffer {
     /// Opens or creates the buffer at `path` for `streams` in config order, with the default
     /// reserve ([`RESERVE_BYTES`]); see [`Buffer::open_with`].
@@ -137,7 +147,7 @@ impl Buffer {
         // given back to a full volume ([`space`]), and each commit rewrites smaller pages
         // ([`PAGE_SIZE`]). Older buffers keep theirs.
         conn.execute_batch(&format!(
-            "PRAGMA page_size={PAGE_SIZE}; PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={reserve_bytes}; PRAGMA busy_timeout=5000;"
+            "PRAGMA page_size={PAGE_SIZE}; PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={reserve_bytes}; PRAGMA busy_timeout=5000; PRAGMA cache_size=-{WRITER_CACHE_KIB};"
         ))
         .and_then(|()| conn.execute_batch(SCHEMA))
         .and_then(|()| migrate(&conn))
@@ -223,7 +233,10 @@ pub fn spawn_checkpointer(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let path = path.to_owned();
     std::thread::Builder::new().name("buffer-checkpoint".into()).spawn(move || {
-        let conn = match Connection::open(&path) {
+        let conn = match Connection::open(&path).and_then(|c| {
+            c.execute_batch(&format!("PRAGMA cache_size=-{CHECKPOINT_CACHE_KIB};"))
+                .map(|()| c)
+        }) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot open the buffer for checkpoints; the WAL will grow");

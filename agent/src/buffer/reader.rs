@@ -22,6 +22,11 @@ impl BufferReader {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(sqlite)?;
+        conn.execute_batch(&format!(
+            "PRAGMA cache_size=-{};",
+            super::open::READER_CACHE_KIB
+        ))
+        .map_err(sqlite)?;
         let mut stream_ids = Vec::new();
         for name in stream_names {
             let id: Option<i64> = conn

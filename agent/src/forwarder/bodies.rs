@@ -1,9 +1,9 @@
 //! Which body version each ingest replica gets (`SPEC.md`, "Body versions"): version 1 until
 //! the replica lists version 2 in `Accept-Post` (it does on every answer), then version 2; and
-//! version 1 again, for [`HOLD`], after a version 2 body is refused with 400, 415 or 422: behind
-//! one URL a load balancer may reach an older replica during a rolling upgrade, which refuses
-//! what it cannot read. The refused batch is resent as version 1 at once, so no record is
-//! dead-lettered for its format. Pure.
+//! version 1 again, for [`HOLD`], after a version 2 body is refused with 400, 415 or 422 by an
+//! answer that does not list version 2: behind one URL a load balancer may reach an older
+//! replica during a rolling upgrade, which refuses what it cannot read. The refused batch is
+//! resent as version 1 at once, so no record is dead-lettered for its format. Pure.
 
 use std::time::{Duration, Instant};
 

@@ -388,6 +388,10 @@ impl Request {
             crate::clock::now_ms(),
         )
         .map_err(|e| PrepareError::from(e.to_string().as_str()))?;
+        uplink.metrics.body_version.set(match prepared.version {
+            BodyVersion::V1 => 1,
+            BodyVersion::V2 => 2,
+        });
         let wait = uplink.bucket.as_ref().map_or(Duration::ZERO, |bucket| {
             bucket
                 .lock()

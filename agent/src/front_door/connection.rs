@@ -362,7 +362,7 @@ where
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     match p.qos {
-                        1 if p.dup && s.kept.get(&p.pkid) == Some(&digest) => true,
+                        1 if p.dup && s.kept.get(p.pkid) == Some(digest) => true,
                         1 => {
                             s.kept.insert(p.pkid, digest);
                             false

@@ -167,7 +167,7 @@ pub(super) async fn flush(
             if ack.kind == kind::PUBREC {
                 s.unreleased.remove(&ack.pkid);
             } else {
-                s.kept.remove(&ack.pkid);
+                s.kept.forget(ack.pkid);
             }
         }
         owed.refused.extend(refused);
@@ -267,7 +267,7 @@ mod tests {
         assert_eq!(written, [0x40, 2, 0, 11]);
         assert!(!first && !again);
         assert!(
-            !session.kept.contains_key(&12),
+            session.kept.get(12).is_none(),
             "the refused id is forgotten: its DUP resend is stored, not acknowledged as kept"
         );
         // MQTT 5: all three answered, the refused one with 0x97.
@@ -277,7 +277,7 @@ mod tests {
             [0x40, 2, 0, 11, 0x40, 3, 0, 12, 0x97, 0x40, 2, 0, 13]
         );
         assert!(first && again);
-        assert!(!session.kept.contains_key(&12));
-        assert!(session.kept.contains_key(&13));
+        assert!(session.kept.get(12).is_none());
+        assert!(session.kept.get(13).is_some());
     }
 }

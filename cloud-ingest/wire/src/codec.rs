@@ -27,8 +27,8 @@ pub struct Limits {
 }
 
 /// Why a body is not a valid batch. Every variant is the sender's fault: it is answered with
-/// 413 ([`DecodeError::TooLarge`], [`DecodeError::TooManyRecords`]: split and resend) or 400
-/// (all others) and must not be retried as is.
+/// 413 ([`DecodeError::TooLarge`], [`DecodeError::TooManyRecords`], [`DecodeError::Expands`]:
+/// split and resend) or 400 (all others) and must not be retried as is.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     /// The body expands past the decompressed-size limit.

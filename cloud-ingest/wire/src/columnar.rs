@@ -1,4 +1,4 @@
-//! Body version 2, the columnar batch (`batch_v2.proto`; `SPEC.md`, "Compact body v2"): the
+//! Body version 2, the columnar batch (`batch_v2.proto`; `SPEC.md`, "Columnar body"): the
 //! records of a [`Batch`] laid out as columns, so that zstd sees the payloads one after another
 //! and the metadata as runs of small numbers (sequence and time deltas, indexes into a table of
 //! the batch's topics and one of its boot ids). Encoding is exact: decoding gives back the same
@@ -6,10 +6,11 @@
 //!
 //! Invariant: a v2 body costs the receiver no more than a v1 body of the same decompressed
 //! size. Every column and table is counted before anything is decoded (at most `max_records`
-//! values each; a record's attributes at most [`MAX_ATTRIBUTES`]); the payloads are slices of
-//! the decompressed body, not copies; a table's string moves into the last record that uses it,
-//! and what records copy of the entries they share may not pass half the decompressed body plus
-//! [`SHARED_BYTES_PER_RECORD`] per record (else 413: split and resend).
+//! values each; a record's attributes at most [`MAX_ATTRIBUTES`]); a table's string moves into
+//! the last record that uses it, and what records copy of the entries they share may not pass
+//! half the decompressed body plus [`SHARED_BYTES_PER_RECORD`] per record (else 413; a sender
+//! checks with [`encode_columnar_within_limits`] and sends version 1 instead). The receiver
+//! charges a v2 body [`crate::DECODED_RECORD_BYTES_V2`] per record for it.
 
 use std::collections::HashMap;
 
@@ -22,8 +23,7 @@ use crate::{Attribute, Batch, DecodeError, Limits, MAX_ATTRIBUTES, Record};
 
 /// What the records of a v2 body may copy of the table entries they share (topics and boot ids
 /// used by more than one record), beyond half the decompressed body: this many bytes per
-/// record. Within it, decoding costs no more than a v1 body of that size (`SPEC.md`: the
-/// budget charged per record covers it).
+/// record (charged per record, [`crate::DECODED_RECORD_BYTES_V2`]).
 pub const SHARED_BYTES_PER_RECORD: usize = 512;
 
 /// The `qos` column's value for a record whose QoS is not known.
@@ -32,6 +32,41 @@ const QOS_UNKNOWN: u32 = 3;
 /// Serialises a batch as a v2 (columnar) protobuf message, uncompressed. Columns that would
 /// only repeat their default (one topic, one boot id, unknown times or QoS) are left out.
 pub fn encode_columnar(batch: &Batch) -> Vec<u8> {
+    columns(batch).encode_to_vec()
+}
+
+/// [`encode_columnar`], or `None` when the batch's records share so much of their topics and
+/// boot ids that a receiver refuses it (413, [`DecodeError::Expands`]): send it as version 1
+/// then (long topics shared by many short records).
+pub fn encode_columnar_within_limits(batch: &Batch) -> Option<Vec<u8>> {
+    let columns = columns(batch);
+    let encoded = columns.encode_to_vec();
+    let n = batch.records.len();
+    (shared_copies(&columns, n) <= may_copy(encoded.len(), n)).then_some(encoded)
+}
+
+/// Bytes the `n` records of `b` copy of the table entries they share: each entry's length
+/// once more for every record past the first that uses it (the first gets the entry itself).
+fn shared_copies(b: &v2::Batch, n: usize) -> u64 {
+    fn copies(table: &[String], indexes: &[u32], n: usize) -> u64 {
+        let len = |t: usize| table.get(t).map_or(0, |s| s.len() as u64);
+        let used: u64 = if indexes.is_empty() {
+            len(0) * n as u64
+        } else {
+            indexes.iter().map(|t| len(*t as usize)).sum()
+        };
+        used.saturating_sub(table.iter().map(|s| s.len() as u64).sum())
+    }
+    copies(&b.topics, &b.topic_indexes, n) + copies(&b.boot_ids, &b.boot_indexes, n)
+}
+
+/// What the `n` records of a v2 body of `decompressed` bytes may copy of shared entries.
+fn may_copy(decompressed: usize, n: usize) -> u64 {
+    decompressed as u64 / 2 + SHARED_BYTES_PER_RECORD as u64 * n as u64
+}
+
+/// The columns of `batch`.
+fn columns(batch: &Batch) -> v2::Batch {
     let records = &batch.records;
     let mut out = v2::Batch {
         device_id: batch.device_id.clone(),
@@ -104,7 +139,7 @@ pub fn encode_columnar(batch: &Batch) -> Vec<u8> {
     if records.iter().all(|r| r.qos.is_none()) {
         out.qos.clear();
     }
-    out.encode_to_vec()
+    out
 }
 
 /// Field numbers of `batch_v2.proto`'s `Batch` that hold one value per record (packed).
@@ -202,17 +237,8 @@ pub(crate) fn decode_columnar(raw: Bytes, limits: Limits) -> Result<Batch, Decod
     }
     let topic_of = column_of("topic", &b.topic_indexes, b.topics.len())?;
     let boot_of = column_of("boot id", &b.boot_indexes, b.boot_ids.len())?;
-    // Bytes of the table entries records share: each entry's length once more for every
-    // record past the first that uses it (the first gets the entry itself).
-    let shared = |table: &[String], index: &dyn Fn(usize) -> Option<usize>| -> u64 {
-        let used: u64 = (0..n)
-            .filter_map(index)
-            .map(|t| table[t].len() as u64)
-            .sum();
-        used.saturating_sub(table.iter().map(|s| s.len() as u64).sum())
-    };
-    let copied = shared(&b.topics, &topic_of) + shared(&b.boot_ids, &boot_of);
-    let allowed = (raw_len / 2 + SHARED_BYTES_PER_RECORD * n) as u64;
+    let copied = shared_copies(&b, n);
+    let allowed = may_copy(raw_len, n);
     if copied > allowed {
         return Err(DecodeError::Expands {
             bytes: copied,
@@ -292,7 +318,9 @@ pub(crate) fn decode_columnar(raw: Bytes, limits: Limits) -> Result<Batch, Decod
         records.push(Record {
             seq,
             topic,
-            payload: b.payloads.slice(at..at + len),
+            // A copy, not a slice: a record may outlive the request (a sink's send queue), and
+            // a slice would keep the whole body alive, uncharged.
+            payload: Bytes::copy_from_slice(&b.payloads[at..at + len]),
             qos: b.qos.get(i).copied().filter(|q| *q != QOS_UNKNOWN),
             received_at_ms,
             boot_id,
@@ -460,6 +488,26 @@ mod tests {
         assert!(raw.len() < 70_000, "{}", raw.len());
         let err = decode_columnar(Bytes::from(raw), LIMITS).unwrap_err();
         assert!(matches!(err, DecodeError::Expands { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_sender_knows_before_sending_that_a_batch_would_be_refused() {
+        let long = "t".repeat(2_000);
+        let b = batch((1..=100).map(|s| record(s, &long, "x")).collect());
+        assert!(encode_columnar_within_limits(&b).is_none());
+        assert_eq!(
+            crate::BodyVersion::V2.encode(&b).1,
+            crate::BodyVersion::V1,
+            "sent as version 1 instead"
+        );
+        let err = decode_columnar(Bytes::from(encode_columnar(&b)), LIMITS).unwrap_err();
+        assert!(matches!(err, DecodeError::Expands { .. }), "{err}");
+        let b = batch((1..=100).map(|s| record(s, "plant/1/t", "x")).collect());
+        let encoded = encode_columnar_within_limits(&b).expect("fits");
+        assert_eq!(
+            decode_columnar(Bytes::from(encoded), LIMITS).expect("decodes"),
+            b
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub use codec::{
     decode_body, decode_body_with, decoded_size_bound, dictionary_id, encode_batch,
     frame_dictionary_id, train_dictionary,
 };
-pub use columnar::{SHARED_BYTES_PER_RECORD, encode_columnar};
+pub use columnar::{SHARED_BYTES_PER_RECORD, encode_columnar, encode_columnar_within_limits};
 pub use json::{BatchAck, JsonBatch, JsonRecord};
 pub use loss::{LOSS_STREAM, LossReason, LossReport};
 pub use ranges::SeqRanges;
@@ -97,11 +97,40 @@ impl BodyVersion {
         }
     }
 
-    /// `batch` in this version, uncompressed.
-    pub fn encode(self, batch: &Batch) -> Vec<u8> {
+    /// `batch` in this version, uncompressed, and the version it is in: version 1 when a
+    /// version 2 body would be refused ([`encode_columnar_within_limits`]).
+    pub fn encode(self, batch: &Batch) -> (Vec<u8>, BodyVersion) {
         match self {
-            BodyVersion::V1 => encode_batch(batch),
-            BodyVersion::V2 => encode_columnar(batch),
+            BodyVersion::V2 => match encode_columnar_within_limits(batch) {
+                Some(body) => (body, BodyVersion::V2),
+                None => (encode_batch(batch), BodyVersion::V1),
+            },
+            BodyVersion::V1 => (encode_batch(batch), BodyVersion::V1),
+        }
+    }
+
+    /// The version a protobuf `Content-Type` names (see [`body_version`]); `None` for JSON
+    /// and anything else.
+    pub fn of(content_type: Option<&str>) -> Option<BodyVersion> {
+        let protobuf = content_type.is_some_and(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-protobuf"))
+        });
+        match body_version(content_type) {
+            Some(1) if protobuf => Some(BodyVersion::V1),
+            Some(2) if protobuf => Some(BodyVersion::V2),
+            _ => None,
+        }
+    }
+
+    /// What decoding a record of a body in this version may cost the receiver beyond the
+    /// bytes copied out of the body ([`DECODED_RECORD_BYTES`], or
+    /// [`DECODED_RECORD_BYTES_V2`]).
+    pub const fn decoded_record_bytes(self) -> usize {
+        match self {
+            BodyVersion::V1 => DECODED_RECORD_BYTES,
+            BodyVersion::V2 => DECODED_RECORD_BYTES_V2,
         }
     }
 }
@@ -130,6 +159,12 @@ pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = MAX_TOPIC_BYTES;
 /// (counted at 32 bytes apiece, the allocator's smallest block with its header): 1,928 bytes.
 pub const DECODED_RECORD_BYTES: usize =
     size_of::<Record>() + MAX_ATTRIBUTES * (size_of::<Attribute>() + 2 * 32);
+/// [`DECODED_RECORD_BYTES`] for a record of a version 2 body, plus what its columns cost
+/// decoded (seven 8-byte values, in vectors that may have doubled: 112 bytes), the allocations
+/// of its own copies of a topic and a boot id (64), and the bytes it may copy of the entries
+/// records share ([`SHARED_BYTES_PER_RECORD`]): 2,616 bytes.
+pub const DECODED_RECORD_BYTES_V2: usize =
+    DECODED_RECORD_BYTES + 112 + 64 + SHARED_BYTES_PER_RECORD;
 /// The record metadata names of `SPEC.md` ("Where records land"): no attribute takes one
 /// (compared without case), nor starts with `dead_letter_`, nor contains `nats-` anywhere.
 pub const RESERVED_ATTRIBUTE_NAMES: &[&str] = &[
@@ -225,6 +260,15 @@ mod tests {
             assert_eq!(body_version(content_type), version, "{content_type:?}");
         }
         assert!(accepts_v2(ACCEPTED_BODIES));
+        assert_eq!(
+            BodyVersion::of(Some(CONTENT_TYPE_BATCH_V2)),
+            Some(BodyVersion::V2)
+        );
+        assert_eq!(
+            BodyVersion::of(Some("application/x-protobuf")),
+            Some(BodyVersion::V1)
+        );
+        assert_eq!(BodyVersion::of(Some(CONTENT_TYPE_JSON)), None);
         assert!(!accepts_v2(
             "application/x-protobuf; proto=edgegw.v1.Batch, application/json"
         ));
@@ -237,6 +281,7 @@ mod tests {
             DECODED_RECORD_BYTES, 1_928,
             "update SPEC.md and the ingest's docs"
         );
+        assert_eq!(DECODED_RECORD_BYTES_V2, 2_616, "update SPEC.md");
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod at_rest;
 mod boot;
 mod flash;
 mod front_door;
+mod memory;
 mod network;
 mod peers;
 mod transforms;
@@ -369,7 +370,7 @@ fn main() {
             ingest_extra: BOARD_512MB_INGEST,
         },
     ];
-    // BENCH_ONLY=pipeline|kafka|network|wire|drain|frontdoor|boot|transforms|peers|flash runs one group of tables.
+    // BENCH_ONLY=pipeline|kafka|network|wire|memory|drain|frontdoor|boot|transforms|peers|flash runs one group of tables.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let runs = |table: &str| only.is_empty() || only == table;
     let scenarios = if runs("pipeline") {
@@ -414,6 +415,9 @@ fn main() {
     }
     if runs("network") {
         network_tables();
+    }
+    if runs("memory") {
+        memory::table(scale);
     }
     if runs("wire") {
         wire::table();

@@ -1,0 +1,218 @@
+//! The agent's memory (`BENCH_ONLY=memory`): its peak RSS in each situation that could grow it,
+//! with the default config and with the 512 MB board profile (`cross/agent.yaml`'s memory keys):
+//! - full speed: 10 publishers, QoS 1, 200 B JSON, as fast as the agent takes them;
+//! - a drain: the same records buffered while the ingest is down, then sent in drain-sized
+//!   batches once it is up (peak measured from the ingest's return);
+//! - every connection: `max_connections` idle MQTT clients connected while the full-speed load
+//!   runs beside them;
+//! - retained: `retained.max_messages` retained publishes of 1 KiB on distinct topics, half
+//!   again over the limit.
+//!
+//! The peak of a phase is read from the kernel (`VmHWM`, reset with `/proc/PID/clear_refs`
+//! where a phase starts later than the process).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e::load::{self, LoadSpec, PayloadKind};
+use e2e::{AgentHarness, CloudHarness, free_port, peak_rss_mib};
+use rumqttc::QoS;
+
+/// The memory keys of `cross/agent.yaml` (the packaged profile for a 512 MB board): `mqtt:`.
+pub const BOARD_MQTT: &str = "  router_segment_bytes: 1MiB\n  router_segments: 4\n  max_connections: 500\n  max_payload_bytes: 256KiB\n";
+/// ...and `ingest:`.
+pub const BOARD_INGEST: &str = "  max_in_flight: 2\n  zstd_level: 3\n";
+/// ...and `buffer:`, appended to the harness's.
+pub const BOARD_BUFFER: &str = "  queue_records: 5000\n";
+
+/// A config profile.
+#[derive(Clone, Copy)]
+struct Profile {
+    name: &'static str,
+    mqtt: &'static str,
+    ingest: &'static str,
+    buffer: &'static str,
+    max_connections: usize,
+    max_retained: u64,
+}
+
+const PROFILES: [Profile; 2] = [
+    Profile {
+        name: "default config",
+        mqtt: "",
+        ingest: "",
+        buffer: "",
+        max_connections: 1000,
+        max_retained: 10_000,
+    },
+    Profile {
+        name: "512 MB board profile",
+        mqtt: BOARD_MQTT,
+        ingest: BOARD_INGEST,
+        buffer: BOARD_BUFFER,
+        max_connections: 500,
+        max_retained: 10_000,
+    },
+];
+
+fn agent(dir: &std::path::Path, ingest_url: &str, p: Profile) -> e2e::Agent {
+    let harness = AgentHarness::new(dir, ingest_url)
+        .mqtt_extra(p.mqtt)
+        .ingest_extra(p.ingest)
+        .buffer_extra(p.buffer);
+    // BENCH_HEAP_PROFILE=<dir>: the agent runs under heaptrack, one profile per run in <dir>
+    // (`heaptrack_print` reads them); its RSS figures then include heaptrack's own.
+    match std::env::var_os("BENCH_HEAP_PROFILE") {
+        Some(out) => {
+            let out = std::path::PathBuf::from(out);
+            let n = std::fs::read_dir(&out).map_or(0, |d| d.count());
+            harness
+                .launcher(&[
+                    "heaptrack".into(),
+                    "-o".into(),
+                    out.join(format!("agent-{n}")),
+                    e2e::bin("edge-agent"),
+                ])
+                .run()
+        }
+        None => harness.run(),
+    }
+}
+
+fn full_speed(mqtt: SocketAddr, total: u64, prefix: &str) -> load::LoadReport {
+    let clients = 10;
+    let spec = LoadSpec {
+        mqtt,
+        clients,
+        messages_per_client: total / clients as u64,
+        rate_per_client: None,
+        payload_bytes: 200,
+        kind: PayloadKind::Json,
+        qos: QoS::AtLeastOnce,
+        topic: Arc::new(|client, i| format!("plant/{client}/telemetry/t{}", i % 4)),
+        client_prefix: prefix.into(),
+    };
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(load::publish(spec))
+}
+
+/// Resets the process's peak RSS to its current RSS (Linux ≥ 4.0).
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+fn at_full_speed(p: Profile, total: u64) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = agent(dir.path(), &cloud.url(), p);
+    let report = full_speed(agent.mqtt, total, "full-");
+    assert_eq!(report.acked, total);
+    cloud.wait_for_records(total, Duration::from_secs(300));
+    peak_rss_mib(agent.process.pid())
+}
+
+fn draining(p: Profile, total: u64) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let agent = agent(dir.path(), &format!("http://127.0.0.1:{port}"), p);
+    let report = full_speed(agent.mqtt, total, "drain-");
+    assert_eq!(report.acked, total);
+    reset_peak(agent.process.pid());
+    let cloud = CloudHarness::new(dir.path()).port(port).run();
+    cloud.wait_for_records(total, Duration::from_secs(600));
+    peak_rss_mib(agent.process.pid())
+}
+
+/// An idle MQTT 3.1.1 client: CONNECT (keep-alive 10 min) answered by CONNACK 0.
+fn idle_client(mqtt: SocketAddr, id: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(mqtt).expect("connect");
+    let mut variable = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x02, 0x58];
+    variable.extend((id.len() as u16).to_be_bytes());
+    variable.extend(id.as_bytes());
+    let mut packet = vec![0x10, variable.len() as u8];
+    packet.extend(variable);
+    stream.write_all(&packet).expect("CONNECT");
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).expect("CONNACK");
+    assert_eq!(connack[3], 0, "connection {id} accepted");
+    stream
+}
+
+fn every_connection(p: Profile, total: u64) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = agent(dir.path(), &cloud.url(), p);
+    // Room for the 10 publishers.
+    let idle: Vec<TcpStream> = (0..p.max_connections - 10)
+        .map(|i| idle_client(agent.mqtt, &format!("idle-{i}")))
+        .collect();
+    let report = full_speed(agent.mqtt, total, "busy-");
+    assert_eq!(report.acked, total);
+    cloud.wait_for_records(total, Duration::from_secs(300));
+    drop(idle);
+    peak_rss_mib(agent.process.pid())
+}
+
+fn retained(p: Profile) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = agent(dir.path(), &cloud.url(), p);
+    let mut options = rumqttc::MqttOptions::new("retainer", "127.0.0.1", agent.mqtt.port());
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let count = p.max_retained * 3 / 2;
+    runtime.block_on(async {
+        let (client, mut events) = rumqttc::AsyncClient::new(options, 100);
+        let publisher = tokio::spawn(async move {
+            for i in 0..count {
+                let payload = load::payload(PayloadKind::Json, 0, i, 1024);
+                client
+                    .publish(
+                        format!("site/retained/{i}"),
+                        QoS::AtLeastOnce,
+                        true,
+                        payload,
+                    )
+                    .await
+                    .expect("publish");
+            }
+            client
+        });
+        let mut acked = 0;
+        while acked < count {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                events.poll().await.expect("event")
+            {
+                acked += 1;
+            }
+        }
+        drop(publisher.await);
+    });
+    cloud.wait_for_records(count, Duration::from_secs(300));
+    peak_rss_mib(agent.process.pid())
+}
+
+/// Prints the table.
+pub fn table(scale: u64) {
+    let total = 200_000 * scale;
+    println!();
+    println!(
+        "| agent peak RSS MiB | full speed ({total} × 200 B, QoS 1, 10 publishers) | draining {total} | max_connections clients + full speed | retained.max_messages × 1.5 retained 1 KiB publishes |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for p in PROFILES {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} ({}) | {:.1} ({}) |",
+            p.name,
+            at_full_speed(p, total),
+            draining(p, total),
+            every_connection(p, total),
+            p.max_connections,
+            retained(p),
+            p.max_retained * 3 / 2,
+        );
+    }
+}
