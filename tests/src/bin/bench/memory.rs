@@ -8,8 +8,12 @@
 //! - retained: `retained.max_messages` retained publishes of 1 KiB on distinct topics, half
 //!   again over the limit.
 //!
-//! The peak of a phase is read from the kernel (`VmHWM`, reset with `/proc/PID/clear_refs`
-//! where a phase starts later than the process).
+//! Each cell is the peak RSS of a phase (the kernel's `VmHWM`, reset with `/proc/PID/clear_refs`
+//! where a phase starts later than the process) and, in brackets, the peak of its anonymous
+//! part (sampled every 20 ms): RSS also counts the pages of the binary's code the kernel mapped
+//! in (file-backed, clean, dropped under memory pressure: about 13 MiB of a release build).
+//! With `BENCH_BASELINE`, the baseline's agent runs each cell beside this one; medians of
+//! [`ROUNDS`] alternating rounds.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -57,7 +61,60 @@ const PROFILES: [Profile; 2] = [
     },
 ];
 
-fn agent(dir: &std::path::Path, ingest_url: &str, p: Profile) -> e2e::Agent {
+/// Rounds per cell; the agents alternate within each.
+const ROUNDS: usize = 3;
+
+/// The peak of a phase, MiB: RSS and its anonymous part.
+#[derive(Clone, Copy, Default)]
+struct Peak {
+    rss: f64,
+    anon: f64,
+}
+
+/// Samples a process's anonymous RSS until dropped ([`Watch::peak`]).
+struct Watch {
+    pid: u32,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    anon: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Watch {
+    fn start(pid: u32) -> Watch {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let anon = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, a) = (stop.clone(), anon.clone());
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|t| {
+                        t.lines()
+                            .find(|l| l.starts_with("RssAnon:"))
+                            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    })
+                    .unwrap_or(0);
+                a.fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Watch { pid, stop, anon }
+    }
+
+    fn peak(self) -> Peak {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        Peak {
+            rss: peak_rss_mib(self.pid),
+            anon: self.anon.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0,
+        }
+    }
+}
+
+fn agent(
+    dir: &std::path::Path,
+    ingest_url: &str,
+    p: Profile,
+    binary: Option<&std::path::Path>,
+) -> e2e::Agent {
     let harness = AgentHarness::new(dir, ingest_url)
         .mqtt_extra(p.mqtt)
         .ingest_extra(p.ingest)
@@ -77,7 +134,10 @@ fn agent(dir: &std::path::Path, ingest_url: &str, p: Profile) -> e2e::Agent {
                 ])
                 .run()
         }
-        None => harness.run(),
+        None => match binary {
+            Some(b) => harness.launcher(&[b.to_owned()]).run(),
+            None => harness.run(),
+        },
     }
 }
 
@@ -104,26 +164,28 @@ fn reset_peak(pid: u32) {
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
-fn at_full_speed(p: Profile, total: u64) -> f64 {
+fn at_full_speed(p: Profile, total: u64, binary: Option<&std::path::Path>) -> Peak {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
-    let agent = agent(dir.path(), &cloud.url(), p);
+    let agent = agent(dir.path(), &cloud.url(), p, binary);
+    let watch = Watch::start(agent.process.pid());
     let report = full_speed(agent.mqtt, total, "full-");
     assert_eq!(report.acked, total);
     cloud.wait_for_records(total, Duration::from_secs(300));
-    peak_rss_mib(agent.process.pid())
+    watch.peak()
 }
 
-fn draining(p: Profile, total: u64) -> f64 {
+fn draining(p: Profile, total: u64, binary: Option<&std::path::Path>) -> Peak {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let agent = agent(dir.path(), &format!("http://127.0.0.1:{port}"), p);
+    let agent = agent(dir.path(), &format!("http://127.0.0.1:{port}"), p, binary);
     let report = full_speed(agent.mqtt, total, "drain-");
     assert_eq!(report.acked, total);
     reset_peak(agent.process.pid());
+    let watch = Watch::start(agent.process.pid());
     let cloud = CloudHarness::new(dir.path()).port(port).run();
     cloud.wait_for_records(total, Duration::from_secs(600));
-    peak_rss_mib(agent.process.pid())
+    watch.peak()
 }
 
 /// An idle MQTT 3.1.1 client: CONNECT (keep-alive 10 min) answered by CONNACK 0.
@@ -141,10 +203,11 @@ fn idle_client(mqtt: SocketAddr, id: &str) -> TcpStream {
     stream
 }
 
-fn every_connection(p: Profile, total: u64) -> f64 {
+fn every_connection(p: Profile, total: u64, binary: Option<&std::path::Path>) -> Peak {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
-    let agent = agent(dir.path(), &cloud.url(), p);
+    let agent = agent(dir.path(), &cloud.url(), p, binary);
+    let watch = Watch::start(agent.process.pid());
     // Room for the 10 publishers.
     let idle: Vec<TcpStream> = (0..p.max_connections - 10)
         .map(|i| idle_client(agent.mqtt, &format!("idle-{i}")))
@@ -153,13 +216,14 @@ fn every_connection(p: Profile, total: u64) -> f64 {
     assert_eq!(report.acked, total);
     cloud.wait_for_records(total, Duration::from_secs(300));
     drop(idle);
-    peak_rss_mib(agent.process.pid())
+    watch.peak()
 }
 
-fn retained(p: Profile) -> f64 {
+fn retained(p: Profile, binary: Option<&std::path::Path>) -> Peak {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
-    let agent = agent(dir.path(), &cloud.url(), p);
+    let agent = agent(dir.path(), &cloud.url(), p, binary);
+    let watch = Watch::start(agent.process.pid());
     let mut options = rumqttc::MqttOptions::new("retainer", "127.0.0.1", agent.mqtt.port());
     options.set_max_packet_size(1 << 20, 1 << 20);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -192,27 +256,55 @@ fn retained(p: Profile) -> f64 {
         drop(publisher.await);
     });
     cloud.wait_for_records(count, Duration::from_secs(300));
-    peak_rss_mib(agent.process.pid())
+    watch.peak()
+}
+
+/// The medians of each cell over the rounds.
+fn medians(runs: &[[Peak; 4]]) -> [Peak; 4] {
+    std::array::from_fn(|c| Peak {
+        rss: crate::median(runs.iter().map(|r| r[c].rss).collect()),
+        anon: crate::median(runs.iter().map(|r| r[c].anon).collect()),
+    })
 }
 
 /// Prints the table.
 pub fn table(scale: u64) {
     let total = 200_000 * scale;
+    let baseline = crate::baseline_agent();
+    let mut agents: Vec<(&str, Option<&std::path::Path>)> = vec![("this agent", None)];
+    if let Some(b) = baseline.as_deref() {
+        agents.push(("baseline (BENCH_BASELINE)", Some(b)));
+    }
     println!();
     println!(
-        "| agent peak RSS MiB | full speed ({total} × 200 B, QoS 1, 10 publishers) | draining {total} | max_connections clients + full speed | retained.max_messages × 1.5 retained 1 KiB publishes |"
+        "| agent peak RSS MiB (anonymous part), medians of {ROUNDS} | full speed ({total} × 200 B, QoS 1, 10 publishers) | draining {total} | max_connections clients + full speed | retained.max_messages × 1.5 retained 1 KiB publishes |"
     );
     println!("|---|---:|---:|---:|---:|");
     for p in PROFILES {
-        println!(
-            "| {} | {:.1} | {:.1} | {:.1} ({}) | {:.1} ({}) |",
-            p.name,
-            at_full_speed(p, total),
-            draining(p, total),
-            every_connection(p, total),
-            p.max_connections,
-            retained(p),
-            p.max_retained * 3 / 2,
-        );
+        let mut runs: Vec<Vec<[Peak; 4]>> = vec![Vec::new(); agents.len()];
+        for _ in 0..ROUNDS {
+            for (a, (_, binary)) in agents.iter().enumerate() {
+                runs[a].push([
+                    at_full_speed(p, total, *binary),
+                    draining(p, total, *binary),
+                    every_connection(p, total, *binary),
+                    retained(p, *binary),
+                ]);
+            }
+        }
+        for (a, (who, _)) in agents.iter().enumerate() {
+            let m = medians(&runs[a]);
+            let cell = |c: usize| format!("{:.1} ({:.1})", m[c].rss, m[c].anon);
+            println!(
+                "| {}, {who} | {} | {} | {} ({}) | {} ({}) |",
+                p.name,
+                cell(0),
+                cell(1),
+                cell(2),
+                p.max_connections,
+                cell(3),
+                p.max_retained * 3 / 2,
+            );
+        }
     }
 }
