@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Benchmarks of the real release binaries on this machine; prints a Markdown table.
 # Usage: bash tests/bench.sh        (BENCH_SCALE=N multiplies the record counts;
-#                                   BENCH_ONLY=pipeline, kafka, network, wire, drain, frontdoor, boot, transforms, peers or flash runs one
-#                                   group; BENCH_BASELINE=<git ref> builds that version's agent
-#                                   and runs it beside this one in the drain, frontdoor, boot and flash tables)
+#                                   BENCH_ONLY=pipeline, kafka, network, wire, memory, drain, frontdoor, boot,
+#                                   transforms, peers or flash runs one group; BENCH_BASELINE=<git ref> builds
+#                                   that version's agent and runs it beside this one in the memory, drain,
+#                                   frontdoor, boot and flash tables; BENCH_HEAP_PROFILE=<dir> runs the memory
+#                                   table's agents under heaptrack)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh test   # build tools and the tansu broker

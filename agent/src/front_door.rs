@@ -63,12 +63,16 @@ pub use login::tls_acceptor;
 /// A client must send its CONNECT within this time after the TCP connection opens.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Persistent sessions (clean session off) whose publish ids the agent remembers, per
-/// connection `mqtt.max_connections` allows (the oldest are forgotten first beyond).
+/// connection `mqtt.max_connections` allows (beyond, the least recently used one that no
+/// connection holds is forgotten).
 const SESSIONS_PER_CONNECTION: usize = 4;
 /// QoS 1 publishes a session remembers (packet id and checksum), the last ones kept: a client
 /// resends after a reconnect at most what it had in flight (Mosquitto's clients 20 by default,
 /// Paho's 10, rumqttc's 100); older resends than this would be stored again.
 const KEPT_QOS1: usize = 256;
+/// QoS 2 publishes a session holds between PUBREC and PUBREL; a client that leaves more
+/// unreleased is disconnected (it keeps what it sent; its PUBRELs free the room).
+pub(crate) const MAX_UNRELEASED: usize = 1024;
 /// Most bytes of topics an MQTT 5 client may park behind topic aliases.
 const MAX_ALIAS_BYTES: usize = 1 << 20;
 /// Longest a retained publish's copy waits for room towards rumqttd (it is dropped, and
@@ -94,8 +98,10 @@ struct Ctx {
     upstream: Option<(SocketAddr, SocketAddr)>,
     /// Largest packet a client may send.
     max_packet: usize,
-    /// Publish ids of persistent sessions, by client id.
-    sessions: Mutex<HashMap<String, Arc<Mutex<Session>>>>,
+    /// Publish ids of persistent sessions, by client id, with when each was last taken.
+    sessions: Mutex<Sessions>,
+    /// Counts the sessions taken (their last-use stamps).
+    session_uses: std::sync::atomic::AtomicU64,
     /// Most sessions kept: [`SESSIONS_PER_CONNECTION`] × `mqtt.max_connections`.
     max_sessions: usize,
     /// Open connections, against `mqtt.max_connections`.
@@ -196,6 +202,9 @@ impl Routes {
     }
 }
 
+/// Persistent sessions by client id, with the stamp of their last use.
+type Sessions = HashMap<String, (u64, Arc<Mutex<Session>>)>;
+
 /// What a session remembers of its client's publishes, for exactly-once.
 #[derive(Debug, Default)]
 struct Session {
@@ -212,17 +221,20 @@ struct Session {
 struct KeptQos1(std::collections::VecDeque<(u16, u32)>);
 
 impl KeptQos1 {
+    /// Keeps `pkid`'s new publish, in place of any older one under the same id (which the
+    /// client had its acknowledgement for, or it would not reuse the id).
     fn insert(&mut self, pkid: u16, digest: u32) {
+        self.forget(pkid);
         if self.0.len() == KEPT_QOS1 {
             self.0.pop_front();
         }
         self.0.push_back((pkid, digest));
     }
 
-    /// Forgets the publish kept last under `pkid` (its commit was refused: a resend of it
-    /// must be stored).
+    /// Forgets the publish kept under `pkid` (its commit was refused: a resend of it must be
+    /// stored).
     fn forget(&mut self, pkid: u16) {
-        if let Some(at) = self.0.iter().rposition(|(p, _)| *p == pkid) {
+        if let Some(at) = self.0.iter().position(|(p, _)| *p == pkid) {
             self.0.remove(at);
         }
     }
@@ -278,6 +290,7 @@ impl FrontDoor {
                 max_packet: max_payload + 65_536 + 1024,
                 sessions: Mutex::new(HashMap::new()),
                 max_sessions: SESSIONS_PER_CONNECTION * mqtt.max_connections.max(1),
+                session_uses: std::sync::atomic::AtomicU64::new(0),
                 connections: Arc::new(tokio::sync::Semaphore::new(mqtt.max_connections)),
                 access: std::sync::RwLock::new(Arc::new(access)),
                 access_changed: tokio::sync::watch::Sender::new(0),
@@ -573,13 +586,33 @@ impl Ctx {
             .sessions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !sessions.contains_key(client_id)
-            && sessions.len() >= self.max_sessions
-            && let Some(k) = sessions.keys().next().cloned()
-        {
-            sessions.remove(&k);
+        let stamp = self
+            .session_uses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some((used, session)) = sessions.get_mut(client_id) {
+            *used = stamp;
+            return session.clone();
         }
-        sessions.entry(client_id.to_owned()).or_default().clone()
+        if sessions.len() >= self.max_sessions {
+            forget_a_session(&mut sessions);
+        }
+        let session = Arc::new(Mutex::new(Session::default()));
+        sessions.insert(client_id.to_owned(), (stamp, session.clone()));
+        session
+    }
+}
+
+/// Forgets the least recently used session no connection holds now (at most
+/// `max_connections` are held, and there are [`SESSIONS_PER_CONNECTION`] times more kept, so
+/// there is always one). Pure.
+fn forget_a_session(sessions: &mut Sessions) {
+    let idle = sessions
+        .iter()
+        .filter(|(_, (_, s))| Arc::strong_count(s) == 1)
+        .min_by_key(|(_, (used, _))| *used)
+        .map(|(id, _)| id.clone());
+    if let Some(id) = idle {
+        sessions.remove(&id);
     }
 }
 
@@ -608,7 +641,34 @@ mod tests {
         kept.insert(7, 2);
         assert_eq!(kept.get(7), Some(2));
         kept.forget(7);
-        assert_eq!(kept.get(7), Some(1), "the refused one only");
+        assert_eq!(
+            kept.get(7),
+            None,
+            "a refused publish is forgotten, and no older one under its id comes back"
+        );
+    }
+
+    #[test]
+    fn a_session_a_connection_holds_is_never_forgotten() {
+        let mut sessions = Sessions::new();
+        let held = Arc::new(Mutex::new(Session::default()));
+        sessions.insert("held".into(), (0, held.clone()));
+        for (i, id) in ["old", "newer"].into_iter().enumerate() {
+            sessions.insert(id.into(), (i as u64 + 1, Arc::default()));
+        }
+        forget_a_session(&mut sessions);
+        assert!(
+            sessions.contains_key("held"),
+            "held by a connection, though the oldest"
+        );
+        assert!(
+            !sessions.contains_key("old"),
+            "the least recently used idle one goes"
+        );
+        forget_a_session(&mut sessions);
+        forget_a_session(&mut sessions);
+        assert!(sessions.contains_key("held") && sessions.len() == 1);
+        drop(held);
     }
 
     #[test]

@@ -1114,3 +1114,48 @@ fn a_client_silent_past_its_keep_alive_is_closed_and_pings_are_answered() {
         quiet.elapsed()
     );
 }
+
+/// A client that never releases its QoS 2 publishes (no PUBREL) holds at most 1,024 of them in
+/// its session: the 1,025th closes its connection, unacknowledged and not stored; what it sent
+/// before is kept, once.
+#[test]
+fn a_client_that_never_releases_its_qos2_publishes_is_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let (mut s, code) = raw_client(agent.mqtt, "hoarder", true);
+    assert_eq!(code, 0);
+    let mut packets = Vec::new();
+    for pkid in 1..=1025u16 {
+        packets.extend(publish_packet(
+            "plant/1/telemetry/q2",
+            &pkid.to_be_bytes(),
+            2,
+            pkid,
+            false,
+        ));
+    }
+    s.write_all(&packets).expect("publishes");
+    let mut pubrecs = 0;
+    let closed = loop {
+        let mut head = [0u8; 2];
+        match s.read_exact(&mut head) {
+            Ok(()) => {
+                let mut body = vec![0u8; head[1] as usize];
+                s.read_exact(&mut body).expect("packet body");
+                assert_eq!(head[0], 0x50, "only PUBRECs come back");
+                pubrecs += 1;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        closed.kind() != std::io::ErrorKind::WouldBlock
+            && closed.kind() != std::io::ErrorKind::TimedOut,
+        "the door closed the connection ({closed})"
+    );
+    assert_eq!(pubrecs, 1024, "the first 1,024 acknowledged");
+    eventually(Duration::from_secs(20), "1,024 records in the log", || {
+        (records_of(&cloud, "telemetry").len() == 1024).then_some(())
+    });
+}

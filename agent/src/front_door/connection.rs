@@ -362,14 +362,25 @@ where
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     match p.qos {
-                        1 if p.dup && s.kept.get(p.pkid) == Some(digest) => true,
+                        1 if p.dup && s.kept.get(p.pkid) == Some(digest) => Some(true),
                         1 => {
                             s.kept.insert(p.pkid, digest);
-                            false
+                            Some(false)
                         }
-                        2 => !s.unreleased.insert(p.pkid),
-                        _ => false,
+                        2 if !s.unreleased.contains(&p.pkid)
+                            && s.unreleased.len() >= super::MAX_UNRELEASED =>
+                        {
+                            None
+                        }
+                        2 => Some(!s.unreleased.insert(p.pkid)),
+                        _ => Some(false),
                     }
+                };
+                let Some(already) = already else {
+                    // Nothing of this publish was taken: the client keeps it.
+                    break Err(ConnectionError::Protocol(
+                        "more than 1024 QoS 2 publishes awaiting their PUBREL",
+                    ));
                 };
                 let ack = match p.qos {
                     1 => Some(kind::PUBACK),
