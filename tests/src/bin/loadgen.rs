@@ -36,7 +36,8 @@ struct Args {
     /// MQTT QoS (0 or 1).
     #[arg(long, default_value_t = 1)]
     qos: u8,
-    /// json (telemetry) or binary payloads.
+    /// json (telemetry padded with random readings), drifting (telemetry as real sensors send
+    /// it, ~120 B whatever --payload-bytes) or binary payloads.
     #[arg(long, default_value = "json")]
     kind: String,
     /// Topic template; {client} and {i} are replaced. {stream3} cycles alarm/telemetry/logs.
@@ -65,7 +66,8 @@ fn main() -> anyhow::Result<()> {
     let kind = match args.kind.as_str() {
         "json" => PayloadKind::Json,
         "binary" => PayloadKind::Binary,
-        other => anyhow::bail!("--kind {other:?}: expected json or binary"),
+        "drifting" => PayloadKind::Drifting,
+        other => anyhow::bail!("--kind {other:?}: expected json, drifting or binary"),
     };
     let qos = match args.qos {
         0 => QoS::AtMostOnce,
