@@ -384,18 +384,19 @@ impl Forwarder {
             outcome,
             heard,
         } = sent;
-        let now = Instant::now();
-        if let Some(heard) = heard {
-            let mut bodies = uplink.bodies();
-            if bodies::refuses_format(heard.status)
-                && batch.version == BodyVersion::V2
-                && !heard.accepts_v2
-            {
-                // An ingest (or a replica behind the same URL) that cannot read version 2:
-                // the same records go again at once as version 1; nothing is dead-lettered.
-                // (One that lists version 2 read the body: its 400 is about the batch.)
-                bodies.refused(replica, now);
-                drop(bodies);
+        let heard = heard.map(|h| {
+            uplink.bodies().answered(
+                replica,
+                batch.version,
+                h.status,
+                h.accepts_v2,
+                Instant::now(),
+            )
+        });
+        match heard {
+            Some(bodies::Heard::RefusedVersion2) => {
+                // An ingest (or a replica behind the same URL) that cannot read version 2: the
+                // same records go again at once as version 1; nothing is dead-lettered.
                 let reason = outcome.as_ref().map_or("", |(_, r)| r.as_str());
                 tracing::warn!(ingest = %urls[replica], %reason, hold = ?bodies::HOLD, "the ingest refused a version 2 batch body; resending it as version 1");
                 let latest = self.latest(stream);
@@ -403,10 +404,10 @@ impl Forwarder {
                 self.lanes[stream].publish_protection(&self.protected, stream);
                 return (None, false);
             }
-            if bodies.heard(replica, heard.accepts_v2, now) {
-                let version = bodies.version(replica, now);
+            Some(bodies::Heard::Changed(version)) => {
                 tracing::info!(ingest = %urls[replica], ?version, "ingest batch body version");
             }
+            Some(bodies::Heard::Same) | None => {}
         }
         // Only a request without an answer after it went out may be in the log; an explicit
         // refusal or a failed connect means nothing of it was appended.

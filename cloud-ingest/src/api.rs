@@ -688,8 +688,8 @@ mod tests {
         })
     }
 
-    fn body(device: &str, seqs: std::ops::Range<u64>) -> Vec<u8> {
-        let batch = Batch {
+    fn batch(device: &str, topic: &str, seqs: std::ops::Range<u64>) -> Batch {
+        Batch {
             device_id: device.into(),
             stream: "t".into(),
             sent_at_ms: 0,
@@ -697,14 +697,18 @@ mod tests {
             records: seqs
                 .map(|seq| Record {
                     seq,
-                    topic: "a/b".into(),
+                    topic: topic.into(),
                     payload: vec![0, 1, 2].into(),
                     qos: Some(1),
                     received_at_ms: 0,
                     ..Default::default()
                 })
                 .collect(),
-        };
+        }
+    }
+
+    fn body(device: &str, seqs: std::ops::Range<u64>) -> Vec<u8> {
+        let batch = batch(device, "a/b", seqs);
         ingest_wire::compress(&ingest_wire::encode_batch(&batch), 1).expect("compress")
     }
 
@@ -725,20 +729,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state(dir.path());
         let v2 = |topic: &str, seqs: std::ops::Range<u64>| {
-            let batch = Batch {
-                device_id: "d1".into(),
-                stream: "t".into(),
-                sent_at_ms: 0,
-                epoch: 0,
-                records: seqs
-                    .map(|seq| Record {
-                        seq,
-                        topic: topic.into(),
-                        payload: vec![0, 1, 2].into(),
-                        ..Default::default()
-                    })
-                    .collect(),
-            };
+            let batch = batch("d1", topic, seqs);
             let mut req = request(
                 "tok",
                 ingest_wire::compress(&ingest_wire::encode_columnar(&batch), 1).expect("zstd"),

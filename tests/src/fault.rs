@@ -77,36 +77,27 @@ impl FaultProxy {
     }
 }
 
+/// Limits wide enough for any batch an agent sends in the tests.
+const AGENT_BATCHES: ingest_wire::Limits = ingest_wire::Limits {
+    max_decompressed_bytes: 64 << 20,
+    max_records: 100_000,
+};
+
+/// The batch an agent's request body (zstd) holds in `content_type`, if it does.
+fn decoded(body: &[u8], content_type: &str) -> Option<ingest_wire::Batch> {
+    ingest_wire::decode_body(body, Some(content_type), Some("zstd"), AGENT_BATCHES).ok()
+}
+
 /// The batch an agent's request body holds (zstd, body version 1 or 2: each fails to decode
 /// as the other), or `None` if it holds none.
 pub fn batch_of(body: &[u8]) -> Option<ingest_wire::Batch> {
-    let limits = ingest_wire::Limits {
-        max_decompressed_bytes: 64 << 20,
-        max_records: 100_000,
-    };
-    [
-        ingest_wire::CONTENT_TYPE_BATCH_V2,
-        ingest_wire::CONTENT_TYPE_BATCH,
-    ]
-    .into_iter()
-    .find_map(|content_type| {
-        ingest_wire::decode_body(body, Some(content_type), Some("zstd"), limits).ok()
-    })
+    decoded(body, ingest_wire::CONTENT_TYPE_BATCH_V2)
+        .or_else(|| decoded(body, ingest_wire::CONTENT_TYPE_BATCH))
 }
 
 /// Whether a request body is a body version 2 batch (zstd).
 pub fn is_version_2(body: &[u8]) -> bool {
-    let limits = ingest_wire::Limits {
-        max_decompressed_bytes: 64 << 20,
-        max_records: 100_000,
-    };
-    ingest_wire::decode_body(
-        body,
-        Some(ingest_wire::CONTENT_TYPE_BATCH_V2),
-        Some("zstd"),
-        limits,
-    )
-    .is_ok()
+    decoded(body, ingest_wire::CONTENT_TYPE_BATCH_V2).is_some()
 }
 
 impl Drop for FaultProxy {

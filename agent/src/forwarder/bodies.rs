@@ -43,28 +43,44 @@ impl Bodies {
         }
     }
 
-    /// Books what `replica` listed in an answer's `Accept-Post` (absent: it takes version 1
-    /// only). True when that changes the version it gets.
-    pub(super) fn heard(&mut self, replica: usize, accepts_v2: bool, now: Instant) -> bool {
+    /// Books an answer of `replica` to a body of version `sent`: its status, and whether it
+    /// listed version 2 in `Accept-Post` (absent: it takes version 1 only).
+    pub(super) fn answered(
+        &mut self,
+        replica: usize,
+        sent: BodyVersion,
+        status: u16,
+        accepts_v2: bool,
+        now: Instant,
+    ) -> Heard {
         let before = self.version(replica, now);
-        if let Some(c) = self.replicas.get_mut(replica) {
-            c.advertised = accepts_v2;
-        }
-        self.version(replica, now) != before
-    }
-
-    /// `replica` refused a version 2 body (it could not read it): version 1 for [`HOLD`].
-    pub(super) fn refused(&mut self, replica: usize, now: Instant) {
-        if let Some(c) = self.replicas.get_mut(replica) {
+        let Some(c) = self.replicas.get_mut(replica) else {
+            return Heard::Same;
+        };
+        // An ingest from before version 2 answers it 400; a proxy or another server may
+        // answer 415 or 422. One that lists version 2 read the body: its 400 is about the batch.
+        if sent == BodyVersion::V2 && matches!(status, 400 | 415 | 422) && !accepts_v2 {
             c.held_until = Some(now + HOLD);
+            return Heard::RefusedVersion2;
+        }
+        c.advertised = accepts_v2;
+        match self.version(replica, now) {
+            now_gets if now_gets != before => Heard::Changed(now_gets),
+            _ => Heard::Same,
         }
     }
 }
 
-/// Whether a status to a version 2 body means the receiver could not read the format (an
-/// ingest from before version 2 answers 400; a proxy or another server may answer 415 or 422).
-pub(super) fn refuses_format(status: u16) -> bool {
-    matches!(status, 400 | 415 | 422)
+/// What an answer meant for the body versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Heard {
+    /// The replica could not read the version 2 body it was sent: resend the records as
+    /// version 1 (nothing of them was appended); it gets version 1 for [`HOLD`].
+    RefusedVersion2,
+    /// The replica gets this version from now on.
+    Changed(BodyVersion),
+    /// Nothing changed.
+    Same,
 }
 
 #[cfg(test)]
@@ -73,20 +89,42 @@ mod tests {
 
     #[test]
     fn version_2_only_once_advertised_and_not_right_after_a_refusal() {
+        use BodyVersion::{V1, V2};
         let now = Instant::now();
-        let mut bodies = Bodies::new(2);
-        assert_eq!(bodies.version(0, now), BodyVersion::V1, "nothing heard yet");
-        assert!(bodies.heard(0, true, now));
-        assert!(!bodies.heard(0, true, now), "no change");
-        assert_eq!(bodies.version(0, now), BodyVersion::V2);
-        assert_eq!(bodies.version(1, now), BodyVersion::V1, "per replica");
-        bodies.refused(0, now);
-        assert_eq!(bodies.version(0, now), BodyVersion::V1);
-        assert!(!bodies.heard(0, true, now + HOLD / 2), "still held");
-        assert_eq!(bodies.version(0, now + HOLD), BodyVersion::V2);
-        assert!(bodies.heard(0, false, now + HOLD), "downgraded replica");
-        assert_eq!(bodies.version(0, now + HOLD), BodyVersion::V1);
-        assert_eq!(bodies.version(7, now), BodyVersion::V1, "unknown replica");
-        assert!(refuses_format(400) && refuses_format(415) && !refuses_format(413));
+        let mut b = Bodies::new(2);
+        assert_eq!(b.version(0, now), V1, "nothing heard yet");
+        assert_eq!(b.answered(0, V1, 200, true, now), Heard::Changed(V2));
+        assert_eq!(b.answered(0, V2, 200, true, now), Heard::Same);
+        assert_eq!(b.version(1, now), V1, "per replica");
+        // A real 400 from a replica that lists version 2: about the batch, no fallback.
+        assert_eq!(b.answered(0, V2, 400, true, now), Heard::Same);
+        assert_eq!(b.answered(0, V2, 413, false, now), Heard::Changed(V1));
+        assert_eq!(b.answered(0, V1, 200, true, now), Heard::Changed(V2));
+        for status in [400, 415, 422] {
+            assert_eq!(
+                b.answered(0, V2, status, false, now),
+                Heard::RefusedVersion2,
+                "{status}"
+            );
+        }
+        assert_eq!(
+            b.answered(0, V1, 400, false, now),
+            Heard::Same,
+            "v1 refused: a real 400"
+        );
+        assert_eq!(b.version(0, now), V1);
+        assert_eq!(
+            b.answered(0, V1, 200, true, now + HOLD / 2),
+            Heard::Same,
+            "still held"
+        );
+        assert_eq!(b.version(0, now + HOLD), V2);
+        assert_eq!(
+            b.answered(0, V2, 200, false, now + HOLD),
+            Heard::Changed(V1),
+            "downgraded"
+        );
+        assert_eq!(b.version(7, now), V1, "unknown replica");
+        assert_eq!(b.answered(7, V2, 400, false, now), Heard::Same);
     }
 }

@@ -249,31 +249,32 @@ pub fn decode_body_with(
         .next()
         .unwrap_or("")
         .trim();
-    let batch = if mime.eq_ignore_ascii_case("application/x-protobuf")
-        && body_version(content_type) == Some(2)
-    {
-        let raw = match raw {
-            std::borrow::Cow::Owned(raw) => bytes::Bytes::from(raw),
-            std::borrow::Cow::Borrowed(raw) => bytes::Bytes::copy_from_slice(raw),
-        };
-        crate::columnar::decode_columnar(raw, limits)?
-    } else if mime.eq_ignore_ascii_case("application/x-protobuf")
-        && body_version(content_type) == Some(1)
-    {
-        let count = count_records(&raw)?;
-        if count > limits.max_records {
-            return Err(DecodeError::TooManyRecords {
-                count,
-                limit: limits.max_records,
-            });
+    let batch = match crate::BodyVersion::of(content_type) {
+        Some(crate::BodyVersion::V2) => {
+            let raw = match raw {
+                std::borrow::Cow::Owned(raw) => bytes::Bytes::from(raw),
+                std::borrow::Cow::Borrowed(raw) => bytes::Bytes::copy_from_slice(raw),
+            };
+            crate::columnar::decode_columnar(raw, limits)?
         }
-        Batch::decode(raw.as_ref()).map_err(DecodeError::Protobuf)?
-    } else if mime.eq_ignore_ascii_case(CONTENT_TYPE_JSON) {
-        crate::json::parse_bounded(&raw, limits.max_records)?.into_batch()?
-    } else {
-        return Err(DecodeError::ContentType(
-            content_type.unwrap_or("").to_owned(),
-        ));
+        Some(crate::BodyVersion::V1) => {
+            let count = count_records(&raw)?;
+            if count > limits.max_records {
+                return Err(DecodeError::TooManyRecords {
+                    count,
+                    limit: limits.max_records,
+                });
+            }
+            Batch::decode(raw.as_ref()).map_err(DecodeError::Protobuf)?
+        }
+        None if mime.eq_ignore_ascii_case(CONTENT_TYPE_JSON) => {
+            crate::json::parse_bounded(&raw, limits.max_records)?.into_batch()?
+        }
+        None => {
+            return Err(DecodeError::ContentType(
+                content_type.unwrap_or("").to_owned(),
+            ));
+        }
     };
     validate(&batch, limits)?;
     Ok(batch)

@@ -87,22 +87,14 @@ fn columns(batch: &Batch) -> v2::Batch {
     for (i, r) in records.iter().enumerate() {
         out.seq_deltas.push(r.seq.wrapping_sub(seq));
         seq = r.seq;
-        let next = topics.len() as u32;
         out.topic_indexes
-            .push(*topics.entry(r.topic.as_str()).or_insert_with(|| {
-                out.topics.push(r.topic.clone());
-                next
-            }));
+            .push(index_in(&mut out.topics, &mut topics, &r.topic));
         out.payload_lengths.push(r.payload.len() as u64);
         out.received_at_deltas
             .push(r.received_at_ms.wrapping_sub(received));
         received = r.received_at_ms;
-        let next = boots.len() as u32;
         out.boot_indexes
-            .push(*boots.entry(r.boot_id.as_str()).or_insert_with(|| {
-                out.boot_ids.push(r.boot_id.clone());
-                next
-            }));
+            .push(index_in(&mut out.boot_ids, &mut boots, &r.boot_id));
         out.monotonic_deltas
             .push((r.monotonic_ms as i64).wrapping_sub(monotonic));
         monotonic = r.monotonic_ms as i64;
@@ -140,6 +132,14 @@ fn columns(batch: &Batch) -> v2::Batch {
         out.qos.clear();
     }
     out
+}
+
+/// `value`'s index in `table` (whose entries `seen` indexes), added at its end if new.
+fn index_in<'a>(table: &mut Vec<String>, seen: &mut HashMap<&'a str, u32>, value: &'a str) -> u32 {
+    *seen.entry(value).or_insert_with(|| {
+        table.push(value.to_owned());
+        table.len() as u32 - 1
+    })
 }
 
 /// Field numbers of `batch_v2.proto`'s `Batch` that hold one value per record (packed).

@@ -76,7 +76,7 @@ pub const ACCEPTED_BODIES: &str = "application/x-protobuf; proto=edgegw.v2.Batch
 pub fn accepts_v2(accept_post: &str) -> bool {
     accept_post
         .split(',')
-        .any(|t| body_version(Some(t.trim())) == Some(2) && t.contains("x-protobuf"))
+        .any(|t| BodyVersion::of(Some(t.trim())) == Some(BodyVersion::V2))
 }
 
 /// The protobuf body versions a client chooses between.
