@@ -5,12 +5,19 @@
 #                                   transforms, peers or flash runs one group; BENCH_BASELINE=<git ref> builds
 #                                   that version's agent and runs it beside this one in the memory, drain,
 #                                   frontdoor, boot and flash tables; BENCH_HEAP_PROFILE=<dir> runs the memory
-#                                   table's agents under heaptrack)
+#                                   table's agents under heaptrack; the memory table also runs the agent as
+#                                   packaged: the gateway build, with the systemd unit's environment)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh test   # build tools and the tansu broker
 # The examples: the drain table's limit (agent/examples/buffer_drain.rs).
 cargo build --release --workspace --bins --examples
+case "${BENCH_ONLY:-memory}" in
+  memory)
+    # What the packages ship (fat LTO, one codegen unit, panic=abort): the memory table runs it too.
+    cargo build --profile gateway -p edge-agent
+    export BENCH_PACKAGED_AGENT="$PWD/target/gateway/edge-agent" ;;
+esac
 if [ -n "${BENCH_BASELINE:-}" ]; then
   # The baseline's agent, built from its own tree with its own target dir.
   src=target/bench-baseline/src

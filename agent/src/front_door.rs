@@ -22,9 +22,11 @@
 //!   `/`, `+`, `#` or `$`, and duplicate ids, crash or confuse it)
 //!   and publishes at QoS 0, and those only while a client that subscribed through the door is
 //!   connected (a persistent subscriber that is offline misses copies meanwhile);
-//! - a client's durable publishing never depends on rumqttd: if rumqttd drops the relay, the
-//!   connection goes on without local pub/sub; the door answers PINGREQ and enforces the
-//!   keep-alive itself, and a second connection with a client id takes the session over;
+//! - a client's durable publishing never depends on rumqttd: the door answers CONNECT and
+//!   PINGREQ and enforces the keep-alive itself; a connection's relay to rumqttd opens only
+//!   once it needs local pub/sub (a SUBSCRIBE, a copy for local subscribers or a retained
+//!   one), in the background; if rumqttd drops it, the connection goes on without local
+//!   pub/sub; a second connection with a client id takes the session over;
 //! - once closed, no byte from a client is read, so nothing new is taken; acknowledgements of
 //!   what was taken still go out while the buffer commits it;
 //! - what one client may cost (its publish rate, what rumqttd retains): see `limits`.
@@ -33,13 +35,14 @@
 //! share ([`FrontDoor`], the routes, the sessions, who is connected). `connection` is one
 //! connection from its CONNECT to its end; `login` says who a client is (TLS, certificates,
 //! passwords); `outbound` writes what goes back to a client and sends the acknowledgements it
-//! is owed, in order, once their records are committed; `limits` bounds what one client may
-//! cost.
+//! is owed, in order, once their records are committed; `relay` is a connection's link to
+//! rumqttd, opened on first need; `limits` bounds what one client may cost.
 
 mod connection;
 mod limits;
 mod login;
 mod outbound;
+mod relay;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

@@ -96,6 +96,9 @@ pub const MQTT_RETAINED_REFUSED: &str = "agent_mqtt_retained_refused_total";
 pub const MQTT_RETAINED_BYTES: &str = "agent_mqtt_retained_bytes";
 /// MQTT connections open now (both listeners, from the TCP accept on).
 pub const MQTT_CONNECTIONS: &str = "agent_mqtt_connections";
+/// MQTT connections whose relay to the embedded broker (local pub/sub) is open now: those
+/// that subscribed, or published while someone on the gateway subscribed, or retained.
+pub const MQTT_LOCAL_RELAYS: &str = "agent_mqtt_local_relays";
 /// Will messages of clients that vanished without DISCONNECT, kept in the buffer.
 pub const MQTT_WILLS: &str = "agent_mqtt_wills_total";
 /// QoS 0 copies for local subscribers dropped because the embedded broker lagged.
@@ -201,6 +204,8 @@ pub struct Metrics {
     pub mqtt_wills: IntCounter,
     /// See [`MQTT_CONNECTIONS`].
     pub mqtt_connections: IntGauge,
+    /// See [`MQTT_LOCAL_RELAYS`].
+    pub mqtt_local_relays: IntGauge,
     /// See [`MQTT_SHED`].
     pub mqtt_shed: IntCounter,
     /// See [`MQTT_RETAINED_REFUSED`].
@@ -410,6 +415,10 @@ impl Metrics {
                 "Resends of publishes already kept: acknowledged, not stored again.",
             ),
             mqtt_connections: gauge(MQTT_CONNECTIONS, "MQTT connections open now."),
+            mqtt_local_relays: gauge(
+                MQTT_LOCAL_RELAYS,
+                "MQTT connections with a relay open to the embedded broker (local pub/sub).",
+            ),
             buffer_queue_bytes: gauge(
                 BUFFER_QUEUE_BYTES,
                 "Bytes of records queued in memory for the buffer writer.",

@@ -13,6 +13,8 @@ use bytes::{Bytes, BytesMut};
 pub mod kind {
     /// CONNECT.
     pub const CONNECT: u8 = 1;
+    /// CONNACK.
+    pub const CONNACK: u8 = 2;
     /// PUBLISH.
     pub const PUBLISH: u8 = 3;
     /// PUBACK.
@@ -474,6 +476,20 @@ fn strip_alias(props: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// Topic aliases an MQTT 5 client may use towards the agent, as rumqttd allowed them.
+pub const TOPIC_ALIAS_MAX: u16 = 4096;
+
+/// A CONNACK accepting the connection, as rumqttd answers a clean session: no session present;
+/// MQTT 5 declares [`TOPIC_ALIAS_MAX`].
+pub fn connack_accepted(v5: bool) -> Bytes {
+    if v5 {
+        let [hi, lo] = TOPIC_ALIAS_MAX.to_be_bytes();
+        Bytes::from(vec![0x20, 6, 0, 0, 3, 0x22, hi, lo])
+    } else {
+        Bytes::from_static(&[0x20, 2, 0, 0])
+    }
+}
+
 /// A CONNACK refusing the connection: `v4_code` for MQTT 3.1.1, `v5_reason` for MQTT 5.
 pub fn connack_refused(v5: bool, v4_code: u8, v5_reason: u8) -> Bytes {
     if v5 {
@@ -612,6 +628,37 @@ mod tests {
         put_length(&mut out, v.len());
         out.extend(v);
         out
+    }
+
+    /// The door's own CONNACK, read by a client's parser we did not write (rumqttc's): success,
+    /// no session, and for MQTT 5 the topic aliases rumqttd allowed.
+    #[test]
+    fn the_doors_connack_is_what_a_client_expects() {
+        let v4 = rumqttc::mqttbytes::v4::Packet::read(
+            &mut BytesMut::from(&connack_accepted(false)[..]),
+            1 << 10,
+        );
+        let rumqttc::mqttbytes::v4::Packet::ConnAck(ack) = v4.expect("a 3.1.1 CONNACK") else {
+            panic!("not a CONNACK");
+        };
+        assert_eq!(ack.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success);
+        assert!(!ack.session_present);
+        let v5 = rumqttc::v5::mqttbytes::v5::Packet::read(
+            &mut BytesMut::from(&connack_accepted(true)[..]),
+            None,
+        );
+        let rumqttc::v5::mqttbytes::v5::Packet::ConnAck(ack) = v5.expect("a 5 CONNACK") else {
+            panic!("not a CONNACK");
+        };
+        assert_eq!(
+            ack.code,
+            rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success
+        );
+        assert!(!ack.session_present);
+        assert_eq!(
+            ack.properties.and_then(|p| p.topic_alias_max),
+            Some(TOPIC_ALIAS_MAX)
+        );
     }
 
     #[test]

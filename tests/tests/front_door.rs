@@ -1159,3 +1159,85 @@ fn a_client_that_never_releases_its_qos2_publishes_is_bounded() {
         (records_of(&cloud, "telemetry").len() == 1024).then_some(())
     });
 }
+
+/// A connection opens its relay to rumqttd (local pub/sub) only once it needs it: publishers
+/// while nobody on the gateway subscribes hold none (each would cost rumqttd about 60 KiB); a
+/// subscriber holds one, and so does a publisher once its publishes have a local subscriber to
+/// reach, which then gets them; each relay closes with its connection.
+#[test]
+fn only_connections_that_need_local_pub_sub_open_a_relay_to_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let relays = || agent.metric("agent_mqtt_local_relays");
+    let mut publishers: Vec<TcpStream> = (0..20)
+        .map(|i| {
+            let (mut s, code) = raw_client(agent.mqtt, &format!("pub-{i}"), true);
+            assert_eq!(code, 0, "accepted");
+            s.write_all(&publish_packet(
+                "plant/1/telemetry/t",
+                b"alone",
+                1,
+                1,
+                false,
+            ))
+            .expect("PUBLISH");
+            assert_eq!(read_packet(&mut s), vec![0x40, 2, 0, 1], "PUBACK");
+            s
+        })
+        .collect();
+    // A real MQTT 5 client reads the door's own CONNACK too.
+    assert!(
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &agent.mqtt.port().to_string()])
+            .args([
+                "-V",
+                "mqttv5",
+                "-q",
+                "1",
+                "-t",
+                "plant/2/telemetry/t",
+                "-m",
+                "v5"
+            ])
+            .status()
+            .expect("mosquitto_pub")
+            .success()
+    );
+    assert_eq!(agent.metric("agent_mqtt_connections"), 20.0);
+    assert_eq!(
+        relays(),
+        0.0,
+        "no relay for publishers without local subscribers"
+    );
+
+    let subscriber = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &agent.mqtt.port().to_string()])
+        .args(["-t", "plant/+/telemetry/#", "-C", "1", "-W", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    eventually(Duration::from_secs(10), "the subscriber's relay", || {
+        (relays() == 1.0).then_some(())
+    });
+    // Subscribed at rumqttd once its relay is up (the SUBACK comes from there).
+    std::thread::sleep(Duration::from_millis(500));
+    let s = &mut publishers[0];
+    s.write_all(&publish_packet("plant/1/telemetry/t", b"seen", 1, 2, false))
+        .expect("PUBLISH");
+    assert_eq!(read_packet(s), vec![0x40, 2, 0, 2], "PUBACK");
+    let out = subscriber.wait_with_output().expect("mosquitto_sub output");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "seen");
+    eventually(
+        Duration::from_secs(10),
+        "the publisher's relay only",
+        || (relays() == 1.0).then_some(()),
+    );
+    drop(publishers);
+    eventually(Duration::from_secs(10), "every relay closed", || {
+        (relays() == 0.0).then_some(())
+    });
+    eventually(Duration::from_secs(20), "every publish in the log", || {
+        (records_of(&cloud, "telemetry").len() == 22).then_some(())
+    });
+}

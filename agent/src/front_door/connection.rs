@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::login::authenticate;
 use super::outbound::{Ack, Owed, flush, pump};
+use super::relay::Relay;
 use super::{
     CLOSE_GRACE, CONNECT_TIMEOUT, Ctx, MAX_ALIAS_BYTES, RETAINED_WAIT, Session, limits, upstream_id,
 };
@@ -118,73 +118,24 @@ where
     // will handling dropped unrelated connections and panicked under load.
     let taken_over = CancellationToken::new();
     let me = ctx.take_over(&connect.client_id, &taken_over);
-    let broker = TcpStream::connect(upstream).await.map_err(|e| {
-        tracing::error!(error = %e, "embedded broker unreachable; MQTT connection refused");
-        e
-    })?;
-    let _ = broker.set_nodelay(true);
-    let (mut broker_rx, mut broker_tx) = broker.into_split();
-    broker_tx
-        .write_all(&mqtt::rename_client(
+    // One writer towards the client: the door's CONNACK, rumqttd's packets and the agent's
+    // acknowledgements, each whole, in the order they are queued.
+    let (out, writer) = pump(client_tx);
+    let _ = out.send(mqtt::connack_accepted(v5)).await;
+    let mut relay = Relay::new(
+        upstream,
+        mqtt::rename_client(
             &first,
             &connect,
             &format!("{}n{me}", upstream_id(&connect.client_id)),
             connect.keep_alive,
-        ))
-        .await?;
-    // Towards rumqttd through a bounded queue: a stalled broker never holds up the durable
-    // path (publish copies are dropped, and counted, when it is full).
-    let (to_broker, up) = pump(broker_tx);
-    // One writer towards the client: rumqttd's packets and the agent's acknowledgements, each
-    // whole, in the order they are queued.
-    let (out, writer) = pump(client_tx);
-    // rumqttd → client, frame by frame; a SUBACK for a partly denied SUBSCRIBE gets the
-    // refusals put back in place.
-    let broker_gone = CancellationToken::new();
-    let subacks: Arc<Mutex<HashMap<u16, Vec<bool>>>> = Arc::default();
-    let down = {
-        let out = out.clone();
-        let gone = broker_gone.clone();
-        let limit = ctx.max_packet;
-        let subacks = subacks.clone();
-        tokio::spawn(async move {
-            let mut buf = BytesMut::with_capacity(4096);
-            while let Ok(Some(frame)) = read_frame(&mut broker_rx, &mut buf, limit).await {
-                let frame = match (frame.kind(), mqtt::suback_codes(&frame, v5)) {
-                    (kind::SUBACK, Ok((pkid, codes))) => {
-                        let keep = subacks
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .remove(&pkid);
-                        match keep {
-                            Some(keep) => {
-                                let mut given = codes.into_iter();
-                                let failure = if v5 { 0x87 } else { 0x80 };
-                                let all: Vec<u8> = keep
-                                    .iter()
-                                    .map(|k| {
-                                        if *k {
-                                            given.next().unwrap_or(failure)
-                                        } else {
-                                            failure
-                                        }
-                                    })
-                                    .collect();
-                                mqtt::suback(pkid, &all, v5)
-                            }
-                            None => frame.raw,
-                        }
-                    }
-                    (kind::PINGRESP, _) => continue,
-                    _ => frame.raw,
-                };
-                if out.send(frame).await.is_err() {
-                    break;
-                }
-            }
-            gone.cancel();
-        })
-    };
+        ),
+        out.clone(),
+        v5,
+        ctx.max_packet,
+        ctx.metrics.mqtt_local_relays.clone(),
+    );
+    let broker_gone = relay.gone.clone();
 
     // MQTT: no packet for 1.5 × keep-alive and the server closes the connection.
     let idle_limit = (connect.keep_alive > 0)
@@ -343,6 +294,7 @@ where
                 // publishes go to it whoever is subscribed, within the bounds.
                 if let Some(copy) = ctx.local_copy(&frame, &p, &text, v5) {
                     let retained = copy.first().is_some_and(|b| b & 0x01 != 0);
+                    let to_broker = relay.opened();
                     let sent = if retained {
                         tokio::time::timeout(RETAINED_WAIT, to_broker.send(copy))
                             .await
@@ -483,7 +435,8 @@ where
                     None
                 } else {
                     // The broker subscribes to the rest; its SUBACK gets the refusals back in place.
-                    subacks
+                    relay
+                        .subacks
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .insert(sub.pkid, keep.clone());
@@ -495,16 +448,18 @@ where
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 if let Some(f) = forwarded
-                    && to_broker.send(f).await.is_err()
+                    && relay.opened().send(f).await.is_err()
                 {
                     break Ok(());
                 }
             }
             kind::CONNECT => break Err(ConnectionError::Protocol("a second CONNECT")),
             kind::PINGREQ => {
-                // Answered here, whatever rumqttd does; passed on so the relay stays alive
-                // there too (its PINGRESP is not relayed).
-                let _ = to_broker.try_send(frame.raw);
+                // Answered here, whatever rumqttd does; passed on so an open relay stays
+                // alive there too (its PINGRESP is not relayed).
+                if let Some(to_broker) = relay.if_open() {
+                    let _ = to_broker.try_send(frame.raw);
+                }
                 if out.send(Bytes::from_static(&[0xD0, 0])).await.is_err() {
                     break Ok(());
                 }
@@ -514,7 +469,14 @@ where
                 if disconnect {
                     will_due = v5 && frame.body().first() == Some(&0x04);
                 }
-                if to_broker.send(frame.raw).await.is_err() || disconnect {
+                // A DISCONNECT goes to rumqttd only if the relay is open; anything else
+                // (UNSUBSCRIBE, acknowledgements of what rumqttd sent, AUTH) opens it.
+                let relayed = match (disconnect, relay.if_open()) {
+                    (true, None) => true,
+                    (true, Some(to_broker)) => to_broker.send(frame.raw).await.is_ok(),
+                    (false, _) => relay.opened().send(frame.raw).await.is_ok(),
+                };
+                if !relayed || disconnect {
                     break Ok(());
                 }
             }
@@ -530,7 +492,9 @@ where
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
     {
-        let _ = to_broker.try_send(mqtt::publish_qos0(&will.topic, &will.payload, v5));
+        let _ = relay
+            .opened()
+            .try_send(mqtt::publish_qos0(&will.topic, &will.payload, v5));
     }
     if shed.total > 0 {
         tracing::warn!(client_id = %connect.client_id, total = shed.total, "connection ended; QoS 0 publishes it had shed over mqtt.rate_limit");
@@ -552,9 +516,7 @@ where
         let _ = tokio::time::timeout_at(deadline, receipts.changed()).await;
     }
     drop(out);
-    drop(to_broker);
-    let _ = up.await;
-    down.abort();
+    relay.close().await;
     let _ = writer.await;
     result
 }

@@ -59,12 +59,27 @@ impl Outbound {
 
 /// A task writing the frames sent to the returned queue to `sink`, whole and in order, until
 /// the queue closes or a write fails; then it shuts `sink` down.
-pub(super) fn pump<W>(mut sink: W) -> (Outbound, tokio::task::JoinHandle<()>)
+pub(super) fn pump<W>(sink: W) -> (Outbound, tokio::task::JoinHandle<()>)
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    pump_when(async move { Some((sink, ())) })
+}
+
+/// A [`pump`] whose sink comes once `opening` yields it, with something to keep until the pump
+/// ends (dropped then); frames queued meanwhile wait. `None`: the queue closes unwritten.
+pub(super) fn pump_when<W, K>(
+    opening: impl std::future::Future<Output = Option<(W, K)>> + Send + 'static,
+) -> (Outbound, tokio::task::JoinHandle<()>)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+    K: Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<(Bytes, tokio::sync::OwnedSemaphorePermit)>(OUTBOUND_FRAMES);
     let task = tokio::spawn(async move {
+        let Some((mut sink, _kept)) = opening.await else {
+            return;
+        };
         let mut batch = BytesMut::new();
         let mut rooms = Vec::new();
         while let Some((frame, room)) = rx.recv().await {

@@ -12,8 +12,10 @@
 //! where a phase starts later than the process) and, in brackets, the peak of its anonymous
 //! part (sampled every 20 ms): RSS also counts the pages of the binary's code the kernel mapped
 //! in (file-backed, clean, dropped under memory pressure: about 13 MiB of a release build).
-//! With `BENCH_BASELINE`, the baseline's agent runs each cell beside this one; medians of
-//! [`ROUNDS`] alternating rounds.
+//! With `BENCH_BASELINE`, the baseline's agent runs each cell beside this one, and with
+//! `BENCH_PACKAGED_AGENT` (set by `tests/bench.sh`: the `gateway` build) the agent as the
+//! packages run it: that build, with the `Environment=` of `cross/edge-agent.service`; medians
+//! of [`ROUNDS`] alternating rounds.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -109,12 +111,46 @@ impl Watch {
     }
 }
 
-fn agent(
-    dir: &std::path::Path,
-    ingest_url: &str,
-    p: Profile,
-    binary: Option<&std::path::Path>,
-) -> e2e::Agent {
+/// How one agent of the table is started: its binary (`None`: this tree's release build) and
+/// the environment it gets on top of the bench's.
+#[derive(Clone)]
+struct Launch {
+    who: &'static str,
+    binary: Option<std::path::PathBuf>,
+    env: Vec<String>,
+}
+
+impl Launch {
+    /// The command that starts it: `env K=V … <binary>`.
+    fn command(&self) -> Vec<std::path::PathBuf> {
+        let binary = self
+            .binary
+            .clone()
+            .unwrap_or_else(|| e2e::bin("edge-agent"));
+        if self.env.is_empty() {
+            return vec![binary];
+        }
+        let mut command = vec!["env".into()];
+        command.extend(self.env.iter().map(Into::into));
+        command.push(binary);
+        command
+    }
+}
+
+/// The `Environment=` assignments of the packaged systemd unit (`cross/edge-agent.service`),
+/// but its log level (the harness sets its own).
+fn unit_environment() -> Vec<String> {
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/../cross/edge-agent.service");
+    std::fs::read_to_string(unit)
+        .expect("cross/edge-agent.service")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Environment="))
+        .filter(|a| !a.starts_with("RUST_LOG="))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn agent(dir: &std::path::Path, ingest_url: &str, p: Profile, launch: &Launch) -> e2e::Agent {
     let harness = AgentHarness::new(dir, ingest_url)
         .mqtt_extra(p.mqtt)
         .ingest_extra(p.ingest)
@@ -134,10 +170,7 @@ fn agent(
                 ])
                 .run()
         }
-        None => match binary {
-            Some(b) => harness.launcher(&[b.to_owned()]).run(),
-            None => harness.run(),
-        },
+        None => harness.launcher(&launch.command()).run(),
     }
 }
 
@@ -164,10 +197,10 @@ fn reset_peak(pid: u32) {
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
-fn at_full_speed(p: Profile, total: u64, binary: Option<&std::path::Path>) -> Peak {
+fn at_full_speed(p: Profile, total: u64, launch: &Launch) -> Peak {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
-    let agent = agent(dir.path(), &cloud.url(), p, binary);
+    let agent = agent(dir.path(), &cloud.url(), p, launch);
     let watch = Watch::start(agent.process.pid());
     let report = full_speed(agent.mqtt, total, "full-");
     assert_eq!(report.acked, total);
@@ -175,10 +208,10 @@ fn at_full_speed(p: Profile, total: u64, binary: Option<&std::path::Path>) -> Pe
     watch.peak()
 }
 
-fn draining(p: Profile, total: u64, binary: Option<&std::path::Path>) -> Peak {
+fn draining(p: Profile, total: u64, launch: &Launch) -> Peak {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let agent = agent(dir.path(), &format!("http://127.0.0.1:{port}"), p, binary);
+    let agent = agent(dir.path(), &format!("http://127.0.0.1:{port}"), p, launch);
     let report = full_speed(agent.mqtt, total, "drain-");
     assert_eq!(report.acked, total);
     reset_peak(agent.process.pid());
@@ -203,10 +236,10 @@ fn idle_client(mqtt: SocketAddr, id: &str) -> TcpStream {
     stream
 }
 
-fn every_connection(p: Profile, total: u64, binary: Option<&std::path::Path>) -> Peak {
+fn every_connection(p: Profile, total: u64, launch: &Launch) -> Peak {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
-    let agent = agent(dir.path(), &cloud.url(), p, binary);
+    let agent = agent(dir.path(), &cloud.url(), p, launch);
     let watch = Watch::start(agent.process.pid());
     // Room for the 10 publishers.
     let idle: Vec<TcpStream> = (0..p.max_connections - 10)
@@ -219,10 +252,10 @@ fn every_connection(p: Profile, total: u64, binary: Option<&std::path::Path>) ->
     watch.peak()
 }
 
-fn retained(p: Profile, binary: Option<&std::path::Path>) -> Peak {
+fn retained(p: Profile, launch: &Launch) -> Peak {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
-    let agent = agent(dir.path(), &cloud.url(), p, binary);
+    let agent = agent(dir.path(), &cloud.url(), p, launch);
     let watch = Watch::start(agent.process.pid());
     let mut options = rumqttc::MqttOptions::new("retainer", "127.0.0.1", agent.mqtt.port());
     options.set_max_packet_size(1 << 20, 1 << 20);
@@ -270,10 +303,24 @@ fn medians(runs: &[[Peak; 4]]) -> [Peak; 4] {
 /// Prints the table.
 pub fn table(scale: u64) {
     let total = 200_000 * scale;
-    let baseline = crate::baseline_agent();
-    let mut agents: Vec<(&str, Option<&std::path::Path>)> = vec![("this agent", None)];
-    if let Some(b) = baseline.as_deref() {
-        agents.push(("baseline (BENCH_BASELINE)", Some(b)));
+    let mut agents = vec![Launch {
+        who: "this agent",
+        binary: None,
+        env: Vec::new(),
+    }];
+    if let Some(binary) = crate::baseline_agent() {
+        agents.push(Launch {
+            who: "baseline (BENCH_BASELINE)",
+            binary: Some(binary),
+            env: Vec::new(),
+        });
+    }
+    if let Some(binary) = std::env::var_os("BENCH_PACKAGED_AGENT") {
+        agents.push(Launch {
+            who: "this agent as packaged (gateway build, the unit's environment)",
+            binary: Some(binary.into()),
+            env: unit_environment(),
+        });
     }
     println!();
     println!(
@@ -283,16 +330,16 @@ pub fn table(scale: u64) {
     for p in PROFILES {
         let mut runs: Vec<Vec<[Peak; 4]>> = vec![Vec::new(); agents.len()];
         for _ in 0..ROUNDS {
-            for (a, (_, binary)) in agents.iter().enumerate() {
+            for (a, launch) in agents.iter().enumerate() {
                 runs[a].push([
-                    at_full_speed(p, total, *binary),
-                    draining(p, total, *binary),
-                    every_connection(p, total, *binary),
-                    retained(p, *binary),
+                    at_full_speed(p, total, launch),
+                    draining(p, total, launch),
+                    every_connection(p, total, launch),
+                    retained(p, launch),
                 ]);
             }
         }
-        for (a, (who, _)) in agents.iter().enumerate() {
+        for (a, Launch { who, .. }) in agents.iter().enumerate() {
             let m = medians(&runs[a]);
             let cell = |c: usize| format!("{:.1} ({:.1})", m[c].rss, m[c].anon);
             println!(

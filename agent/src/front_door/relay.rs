@@ -1,0 +1,195 @@
+//! A connection's relay to rumqttd, the gateway's local pub/sub: opened only once the
+//! connection first needs it (a SUBSCRIBE, a copy of a publish for local subscribers or a
+//! retained one, a packet only rumqttd answers), so a client that only publishes, while nobody
+//! on the gateway subscribes, costs rumqttd nothing (about 60 KiB per connection otherwise).
+//!
+//! The client's CONNACK comes from the door ([`mqtt::connack_accepted`], what rumqttd would
+//! say); rumqttd's own, when the relay opens, is not passed on. The relay's CONNECT is the
+//! client's, renamed ([`mqtt::rename_client`]); what goes to rumqttd is queued at once and
+//! written once the loopback connection is up, so the connection never waits for rumqttd; the
+//! queue is bounded, so a stalled rumqttd never holds up the durable path either (copies of
+//! publishes are dropped, and counted, when it is full).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::connection::read_frame;
+use super::outbound::{Outbound, pump_when};
+use crate::mqtt::{self, kind};
+
+/// SUBACKs whose refused filters the door puts back in place, by packet id.
+pub(super) type Subacks = Arc<Mutex<HashMap<u16, Vec<bool>>>>;
+
+/// How the relay is reached and what it relays to.
+pub(super) struct Relay {
+    upstream: SocketAddr,
+    /// The client's CONNECT as rumqttd gets it.
+    connect: Bytes,
+    /// Towards the client (rumqttd's packets are written there).
+    client: Outbound,
+    v5: bool,
+    max_packet: usize,
+    /// Open relays (`agent_mqtt_local_relays`).
+    relays: prometheus::IntGauge,
+    /// Cancelled once rumqttd is gone (unreachable, refused the CONNECT or closed the relay).
+    pub(super) gone: CancellationToken,
+    pub(super) subacks: Subacks,
+    /// Towards rumqttd, once opened; the task writing there; its place in the gauge.
+    open: Option<(Outbound, tokio::task::JoinHandle<()>, Counted)>,
+}
+
+impl Relay {
+    pub(super) fn new(
+        upstream: SocketAddr,
+        connect: Bytes,
+        client: Outbound,
+        v5: bool,
+        max_packet: usize,
+        relays: prometheus::IntGauge,
+    ) -> Relay {
+        Relay {
+            upstream,
+            connect,
+            client,
+            v5,
+            max_packet,
+            relays,
+            gone: CancellationToken::new(),
+            subacks: Arc::default(),
+            open: None,
+        }
+    }
+
+    /// The queue towards rumqttd if the relay is open.
+    pub(super) fn if_open(&self) -> Option<&Outbound> {
+        self.open.as_ref().map(|(to, ..)| to)
+    }
+
+    /// The queue towards rumqttd, opening the relay if it is not yet.
+    pub(super) fn opened(&mut self) -> &Outbound {
+        if self.open.is_none() {
+            let (to, up) = self.connect();
+            self.relays.inc();
+            self.open = Some((to, up, Counted(self.relays.clone())));
+        }
+        &self.open.as_ref().expect("invariant: opened above").0
+    }
+
+    /// Connects in the background; frames queued meanwhile go out after the CONNECT.
+    fn connect(&self) -> (Outbound, tokio::task::JoinHandle<()>) {
+        let (upstream, connect, gone) = (self.upstream, self.connect.clone(), self.gone.clone());
+        let (client, subacks) = (self.client.clone(), self.subacks.clone());
+        let (v5, limit) = (self.v5, self.max_packet);
+        pump_when(async move {
+            let broker = match TcpStream::connect(upstream).await {
+                Ok(broker) => broker,
+                Err(e) => {
+                    tracing::error!(error = %e, "embedded broker unreachable: no local pub/sub for this connection");
+                    gone.cancel();
+                    return None;
+                }
+            };
+            let _ = broker.set_nodelay(true);
+            let (broker_rx, mut broker_tx) = broker.into_split();
+            if broker_tx.write_all(&connect).await.is_err() {
+                gone.cancel();
+                return None;
+            }
+            let down = tokio::spawn(down(broker_rx, client, gone, subacks, v5, limit));
+            Some((broker_tx, AbortOnDrop(down)))
+        })
+    }
+
+    /// Closes the relay: what was queued is written first. Returns once its tasks are done.
+    pub(super) async fn close(self) {
+        if let Some((to, up, counted)) = self.open {
+            drop(to);
+            let _ = up.await;
+            drop(counted);
+        }
+    }
+}
+
+/// One in the open relays' gauge while it lives.
+struct Counted(prometheus::IntGauge);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Ends the task when dropped: the reader from rumqttd goes with the relay's writer.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// rumqttd → client, frame by frame, until rumqttd closes the relay (then `gone`). Its
+/// CONNACK is not passed on (the door answered the client's CONNECT); a SUBACK for a partly
+/// denied SUBSCRIBE gets the refusals put back in place; its PINGRESPs are not passed on.
+async fn down(
+    mut broker_rx: tokio::net::tcp::OwnedReadHalf,
+    client: Outbound,
+    gone: CancellationToken,
+    subacks: Subacks,
+    v5: bool,
+    limit: usize,
+) {
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut connected = false;
+    while let Ok(Some(frame)) = read_frame(&mut broker_rx, &mut buf, limit).await {
+        if !connected {
+            // Success: the second byte of the variable header is 0 in both versions.
+            if frame.kind() != kind::CONNACK || frame.body().get(1) != Some(&0) {
+                tracing::warn!(
+                    "the embedded broker refused this connection's relay: no local pub/sub for it"
+                );
+                break;
+            }
+            connected = true;
+            continue;
+        }
+        let frame = match (frame.kind(), mqtt::suback_codes(&frame, v5)) {
+            (kind::SUBACK, Ok((pkid, codes))) => {
+                let keep = subacks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&pkid);
+                match keep {
+                    Some(keep) => {
+                        let mut given = codes.into_iter();
+                        let failure = if v5 { 0x87 } else { 0x80 };
+                        let all: Vec<u8> = keep
+                            .iter()
+                            .map(|k| {
+                                if *k {
+                                    given.next().unwrap_or(failure)
+                                } else {
+                                    failure
+                                }
+                            })
+                            .collect();
+                        mqtt::suback(pkid, &all, v5)
+                    }
+                    None => frame.raw,
+                }
+            }
+            (kind::PINGRESP, _) => continue,
+            _ => frame.raw,
+        };
+        if client.send(frame).await.is_err() {
+            break;
+        }
+    }
+    gone.cancel();
+}
