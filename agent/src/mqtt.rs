@@ -281,23 +281,28 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
 
 /// The same CONNECT with its client id replaced by `id`, its keep-alive by `keep_alive`, a
 /// clean session and no will (the front door keeps wills itself, through the ACL); the rest
-/// byte for byte.
+/// byte for byte. What rumqttd refuses is made what it takes: a keep-alive of 0 (none) becomes
+/// the longest (the door enforces the client's own), and MQTT 3.1 ("MQIsdp", level 3) goes as
+/// 3.1.1, the same packet otherwise.
 pub fn rename_client(frame: &Frame, connect: &Connect, id: &str, keep_alive: u16) -> Bytes {
     let body = frame.body();
     let (from, to) = connect.id_span;
-    let mut rest = Vec::with_capacity(body.len() + id.len());
-    rest.extend_from_slice(&body[..from]);
-    if let Some(ka) = rest.get_mut(connect.keep_alive_at..connect.keep_alive_at + 2) {
-        ka.copy_from_slice(&keep_alive.to_be_bytes());
+    let flags_at = connect.keep_alive_at - 1;
+    let mut rest = Vec::with_capacity(body.len() + id.len() + 2);
+    if connect.level == 3 {
+        rest.extend_from_slice(b"\0\x04MQTT\x04");
+    } else {
+        rest.extend_from_slice(&body[..flags_at]);
     }
     // A clean session: the relay's id is used once. No will flag, QoS or retain.
-    if let Some(flags) = connect
-        .keep_alive_at
-        .checked_sub(1)
-        .and_then(|at| rest.get_mut(at))
-    {
-        *flags = (*flags | 0x02) & !0x3C;
-    }
+    rest.push((body[flags_at] | 0x02) & !0x3C);
+    let keep_alive = if keep_alive == 0 {
+        u16::MAX
+    } else {
+        keep_alive
+    };
+    rest.extend_from_slice(&keep_alive.to_be_bytes());
+    rest.extend_from_slice(&body[connect.keep_alive_at + 2..from]);
     rest.extend_from_slice(&(id.len() as u16).to_be_bytes());
     rest.extend_from_slice(id.as_bytes());
     rest.extend_from_slice(&body[connect.will_span.map_or(to, |(_, end)| end)..]);
@@ -670,15 +675,36 @@ mod tests {
                 (c.level, c.client_id.as_str(), c.clean, c.keep_alive),
                 (level, "plant/7/sensor", true, 30)
             );
-            let renamed = frame(&rename_client(&f, &c, "gw-abc", 0));
+            let renamed = frame(&rename_client(&f, &c, "gw-abc", 40));
             let again = connect(&renamed).expect("renamed");
             assert_eq!(again.client_id, "gw-abc");
             assert_eq!(
                 (again.level, again.clean, again.keep_alive),
-                (level, true, 0)
+                (level, true, 40)
             );
             assert_eq!(rename_client(&renamed, &again, "plant/7/sensor", 30), f.raw);
         }
+    }
+
+    /// rumqttd closes a relay whose CONNECT has no keep-alive or speaks MQTT 3.1; the door
+    /// takes both, so their relays get what rumqttd takes.
+    #[test]
+    fn what_rumqttd_refuses_is_renamed_into_what_it_takes() {
+        let mut v = vec![0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x00, 0, 0];
+        v.extend_from_slice(&[0, 3, b'o', b'l', b'd']);
+        let mut raw = vec![0x10];
+        put_length(&mut raw, v.len());
+        raw.extend(v);
+        let f = frame(&raw);
+        let c = connect(&f).expect("MQTT 3.1");
+        assert_eq!((c.level, c.keep_alive, c.clean), (3, 0, false));
+        let relayed = frame(&rename_client(&f, &c, "gw", c.keep_alive));
+        assert_eq!(&relayed.body()[..7], b"\0\x04MQTT\x04");
+        let r = connect(&relayed).expect("relayed");
+        assert_eq!(
+            (r.level, r.keep_alive, r.clean, r.client_id.as_str()),
+            (4, u16::MAX, true, "gw")
+        );
     }
 
     #[test]

@@ -1162,8 +1162,9 @@ fn a_client_that_never_releases_its_qos2_publishes_is_bounded() {
 
 /// A connection opens its relay to rumqttd (local pub/sub) only once it needs it: publishers
 /// while nobody on the gateway subscribes hold none (each would cost rumqttd about 60 KiB); a
-/// subscriber holds one, and so does a publisher once its publishes have a local subscriber to
-/// reach, which then gets them; each relay closes with its connection.
+/// subscriber holds one (also one with no keep-alive speaking MQTT 3.1, which rumqttd itself
+/// refuses), and so does a publisher once its publishes have a local subscriber to reach, which
+/// then gets them; each relay closes with its connection.
 #[test]
 fn only_connections_that_need_local_pub_sub_open_a_relay_to_it() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1204,30 +1205,44 @@ fn only_connections_that_need_local_pub_sub_open_a_relay_to_it() {
             .expect("mosquitto_pub")
             .success()
     );
-    assert_eq!(agent.metric("agent_mqtt_connections"), 20.0);
+    eventually(Duration::from_secs(10), "mosquitto_pub gone", || {
+        (agent.metric("agent_mqtt_connections") == 20.0).then_some(())
+    });
     assert_eq!(
         relays(),
         0.0,
         "no relay for publishers without local subscribers"
     );
 
-    let subscriber = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &agent.mqtt.port().to_string()])
-        .args(["-t", "plant/+/telemetry/#", "-C", "1", "-W", "20"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub");
-    eventually(Duration::from_secs(10), "the subscriber's relay", || {
-        (relays() == 1.0).then_some(())
-    });
-    // Subscribed at rumqttd once its relay is up (the SUBACK comes from there).
-    std::thread::sleep(Duration::from_millis(500));
+    // MQTT 3.1, no keep-alive, clean session, client id "sub".
+    let mut connect = vec![0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 0];
+    connect.extend_from_slice(&[0, 3, b's', b'u', b'b']);
+    let mut sub = TcpStream::connect(agent.mqtt).expect("connect");
+    sub.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    sub.write_all(&packet(0x10, &connect)).expect("CONNECT");
+    assert_eq!(read_packet(&mut sub), vec![0x20, 2, 0, 0], "CONNACK");
+    let filter = b"plant/+/telemetry/#";
+    let mut subscribe = vec![0, 7, 0, filter.len() as u8];
+    subscribe.extend_from_slice(filter);
+    subscribe.push(0);
+    sub.write_all(&packet(0x82, &subscribe)).expect("SUBSCRIBE");
+    assert_eq!(
+        read_packet(&mut sub),
+        vec![0x90, 3, 0, 7, 0],
+        "rumqttd's SUBACK"
+    );
+    assert_eq!(relays(), 1.0, "the subscriber's relay");
+
     let s = &mut publishers[0];
     s.write_all(&publish_packet("plant/1/telemetry/t", b"seen", 1, 2, false))
         .expect("PUBLISH");
     assert_eq!(read_packet(s), vec![0x40, 2, 0, 2], "PUBACK");
-    let out = subscriber.wait_with_output().expect("mosquitto_sub output");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "seen");
+    let copy = read_packet(&mut sub);
+    assert_eq!(copy[0], 0x30, "a QoS 0 PUBLISH: {copy:?}");
+    assert!(copy.ends_with(b"plant/1/telemetry/tseen"), "{copy:?}");
+    assert_eq!(relays(), 2.0, "and the publisher's, to reach it");
+    drop(sub);
     eventually(
         Duration::from_secs(10),
         "the publisher's relay only",

@@ -135,7 +135,6 @@ where
         ctx.max_packet,
         ctx.metrics.mqtt_local_relays.clone(),
     );
-    let broker_gone = relay.gone.clone();
 
     // MQTT: no packet for 1.5 × keep-alive and the server closes the connection.
     let idle_limit = (connect.keep_alive > 0)
@@ -169,6 +168,7 @@ where
         };
     }
     let result: Result<(), ConnectionError> = loop {
+        let relay_gone = relay.gone.clone();
         let frame = tokio::select! {
             f = read_frame(&mut client_rx, &mut inbound, ctx.max_packet) => f,
             _ = receipts.changed() => {
@@ -177,11 +177,24 @@ where
                 }
                 continue;
             }
-            // rumqttd dropping the relay ends local pub/sub for this client, not its durable
-            // publishing: the connection goes on without it.
-            _ = broker_gone.cancelled(), if broker_alive => {
-                broker_alive = false;
-                tracing::debug!(client_id = %connect.client_id, "the embedded broker closed its side of this connection");
+            // The relay gone ends local pub/sub for a client that subscribed, not its durable
+            // publishing: the connection goes on without it (its SUBSCRIBEs rumqttd had not
+            // answered are refused). A relay that only carried copies is opened again when
+            // the next one is due.
+            _ = relay_gone.cancelled(), if broker_alive => {
+                let failure = if v5 { 0x87 } else { 0x80 };
+                for (pkid, filters) in relay.reset() {
+                    if out.send(mqtt::suback(pkid, &vec![failure; filters], v5)).await.is_err() {
+                        break;
+                    }
+                }
+                if subscribed {
+                    broker_alive = false;
+                    subscribed = false;
+                    ctx.local_subscribers
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(client_id = %connect.client_id, "the embedded broker closed this connection's relay: no local pub/sub for it any more");
+                }
                 continue;
             }
             _ = taken_over.cancelled() => break Ok(()),
@@ -294,13 +307,14 @@ where
                 // publishes go to it whoever is subscribed, within the bounds.
                 if let Some(copy) = ctx.local_copy(&frame, &p, &text, v5) {
                     let retained = copy.first().is_some_and(|b| b & 0x01 != 0);
-                    let to_broker = relay.opened();
-                    let sent = if retained {
-                        tokio::time::timeout(RETAINED_WAIT, to_broker.send(copy))
+                    let sent = if !relay.available() {
+                        false
+                    } else if retained {
+                        tokio::time::timeout(RETAINED_WAIT, relay.opened().send(copy))
                             .await
                             .is_ok_and(|sent| sent.is_ok())
                     } else {
-                        to_broker.try_send(copy).is_ok()
+                        relay.opened().try_send(copy).is_ok()
                     };
                     if !sent {
                         ctx.metrics.local_copies_dropped.inc();
@@ -397,8 +411,8 @@ where
                     ));
                 }
             }
-            kind::SUBSCRIBE if !broker_alive => {
-                // No relay to the local broker any more: nothing to subscribe with.
+            kind::SUBSCRIBE if !broker_alive || !relay.available() => {
+                // No relay to the local broker (any more, or for now): nothing to subscribe with.
                 let sub = or_end!(mqtt::subscribe(&frame, v5));
                 let codes = vec![0x80; sub.filters.len()];
                 if out.send(mqtt::suback(sub.pkid, &codes, v5)).await.is_err() {
@@ -435,22 +449,22 @@ where
                     None
                 } else {
                     // The broker subscribes to the rest; its SUBACK gets the refusals back in place.
+                    Some(mqtt::keep_filters(&frame, &sub, &keep))
+                };
+                if let Some(f) = forwarded {
+                    if !subscribed {
+                        subscribed = true;
+                        ctx.local_subscribers
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // Awaiting rumqttd's SUBACK (refused if the relay goes first).
                     relay
                         .subacks
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(sub.pkid, keep.clone());
-                    Some(mqtt::keep_filters(&frame, &sub, &keep))
-                };
-                if forwarded.is_some() && !subscribed {
-                    subscribed = true;
-                    ctx.local_subscribers
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                if let Some(f) = forwarded
-                    && relay.opened().send(f).await.is_err()
-                {
-                    break Ok(());
+                        .insert(sub.pkid, keep);
+                    // A relay that cannot take it is gone: see `relay_gone` above.
+                    let _ = relay.opened().send(f).await;
                 }
             }
             kind::CONNECT => break Err(ConnectionError::Protocol("a second CONNECT")),
@@ -474,6 +488,8 @@ where
                 let relayed = match (disconnect, relay.if_open()) {
                     (true, None) => true,
                     (true, Some(to_broker)) => to_broker.send(frame.raw).await.is_ok(),
+                    // Nobody to answer it for now: dropped.
+                    (false, _) if !relay.available() => true,
                     (false, _) => relay.opened().send(frame.raw).await.is_ok(),
                 };
                 if !relayed || disconnect {
@@ -487,6 +503,7 @@ where
         && let Some(will) = &connect.will
         && keep_will(ctx, &who, &connect.client_id, will).await
         && broker_alive
+        && relay.available()
         && ctx
             .local_subscribers
             .load(std::sync::atomic::Ordering::Relaxed)

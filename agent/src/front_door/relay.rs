@@ -1,14 +1,17 @@
 //! A connection's relay to rumqttd, the gateway's local pub/sub: opened only once the
 //! connection first needs it (a SUBSCRIBE, a copy of a publish for local subscribers or a
-//! retained one, a packet only rumqttd answers), so a client that only publishes, while nobody
-//! on the gateway subscribes, costs rumqttd nothing (about 60 KiB per connection otherwise).
+//! retained one, the will's copy, an UNSUBSCRIBE or another packet only rumqttd answers), so a
+//! client that only publishes while nobody on the gateway subscribes costs rumqttd nothing
+//! (about 60 KiB per connection otherwise).
 //!
 //! The client's CONNACK comes from the door ([`mqtt::connack_accepted`], what rumqttd would
 //! say); rumqttd's own, when the relay opens, is not passed on. The relay's CONNECT is the
-//! client's, renamed ([`mqtt::rename_client`]); what goes to rumqttd is queued at once and
-//! written once the loopback connection is up, so the connection never waits for rumqttd; the
-//! queue is bounded, so a stalled rumqttd never holds up the durable path either (copies of
-//! publishes are dropped, and counted, when it is full).
+//! client's, renamed ([`mqtt::rename_client`]). What goes to rumqttd is queued and written once
+//! the loopback connection is up, in the background: a connection waits for rumqttd only for
+//! room in that bounded queue (copies of publishes never wait: they are dropped, and counted,
+//! when it is full; a retained one waits up to `RETAINED_WAIT`). Once the relay is gone
+//! (rumqttd unreachable, refusing, or closing it), [`Relay::gone`] is cancelled and the SUBSCRIBEs
+//! it had not answered are answered with failures ([`Relay::reset`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,11 +22,18 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::CLOSE_GRACE;
+
 use super::connection::read_frame;
 use super::outbound::{Outbound, pump_when};
 use crate::mqtt::{self, kind};
 
-/// SUBACKs whose refused filters the door puts back in place, by packet id.
+/// How long after a relay went the next one may open (rumqttd refusing must not cost a
+/// connection attempt per publish).
+const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The SUBSCRIBEs rumqttd has not answered yet, by packet id: which of their filters it was
+/// given (the door puts the refused ones back in place in the SUBACK).
 pub(super) type Subacks = Arc<Mutex<HashMap<u16, Vec<bool>>>>;
 
 /// How the relay is reached and what it relays to.
@@ -37,9 +47,12 @@ pub(super) struct Relay {
     max_packet: usize,
     /// Open relays (`agent_mqtt_local_relays`).
     relays: prometheus::IntGauge,
-    /// Cancelled once rumqttd is gone (unreachable, refused the CONNECT or closed the relay).
+    /// Cancelled once the open relay is gone (rumqttd unreachable, refusing the CONNECT or
+    /// closing the relay; or the relay's writer ended).
     pub(super) gone: CancellationToken,
     pub(super) subacks: Subacks,
+    /// Not opened again before this, after one went.
+    retry_at: Option<tokio::time::Instant>,
     /// Towards rumqttd, once opened; the task writing there; its place in the gauge.
     open: Option<(Outbound, tokio::task::JoinHandle<()>, Counted)>,
 }
@@ -62,6 +75,7 @@ impl Relay {
             relays,
             gone: CancellationToken::new(),
             subacks: Arc::default(),
+            retry_at: None,
             open: None,
         }
     }
@@ -69,6 +83,15 @@ impl Relay {
     /// The queue towards rumqttd if the relay is open.
     pub(super) fn if_open(&self) -> Option<&Outbound> {
         self.open.as_ref().map(|(to, ..)| to)
+    }
+
+    /// Whether [`Relay::opened`] may be called: the relay is open, or may be opened (not within
+    /// [`RETRY`] of the last one going).
+    pub(super) fn available(&self) -> bool {
+        self.open.is_some()
+            || self
+                .retry_at
+                .is_none_or(|at| tokio::time::Instant::now() >= at)
     }
 
     /// The queue towards rumqttd, opening the relay if it is not yet.
@@ -83,34 +106,54 @@ impl Relay {
 
     /// Connects in the background; frames queued meanwhile go out after the CONNECT.
     fn connect(&self) -> (Outbound, tokio::task::JoinHandle<()>) {
-        let (upstream, connect, gone) = (self.upstream, self.connect.clone(), self.gone.clone());
+        let (upstream, connect) = (self.upstream, self.connect.clone());
         let (client, subacks) = (self.client.clone(), self.subacks.clone());
         let (v5, limit) = (self.v5, self.max_packet);
+        // However the writer ends (unreachable, a failed write, the queue closed), `gone`.
+        let guard = self.gone.clone().drop_guard();
+        let gone = self.gone.clone();
         pump_when(async move {
             let broker = match TcpStream::connect(upstream).await {
                 Ok(broker) => broker,
                 Err(e) => {
                     tracing::error!(error = %e, "embedded broker unreachable: no local pub/sub for this connection");
-                    gone.cancel();
                     return None;
                 }
             };
             let _ = broker.set_nodelay(true);
             let (broker_rx, mut broker_tx) = broker.into_split();
-            if broker_tx.write_all(&connect).await.is_err() {
-                gone.cancel();
-                return None;
-            }
+            broker_tx.write_all(&connect).await.ok()?;
             let down = tokio::spawn(down(broker_rx, client, gone, subacks, v5, limit));
-            Some((broker_tx, AbortOnDrop(down)))
+            Some((broker_tx, (AbortOnDrop(down), guard)))
         })
     }
 
-    /// Closes the relay: what was queued is written first. Returns once its tasks are done.
+    /// After [`Relay::gone`]: the packet ids of the SUBSCRIBEs it had not answered (answer them
+    /// with failures) and their filter counts; the relay is closed, and the next need opens a
+    /// new one.
+    pub(super) fn reset(&mut self) -> Vec<(u16, usize)> {
+        self.open = None;
+        self.gone = CancellationToken::new();
+        self.retry_at = Some(tokio::time::Instant::now() + RETRY);
+        let unanswered = std::mem::take(
+            &mut *self
+                .subacks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        unanswered
+            .into_iter()
+            .map(|(pkid, keep)| (pkid, keep.len()))
+            .collect()
+    }
+
+    /// Closes the relay: what was queued is written first, for up to [`CLOSE_GRACE`].
     pub(super) async fn close(self) {
-        if let Some((to, up, counted)) = self.open {
+        if let Some((to, mut up, counted)) = self.open {
             drop(to);
-            let _ = up.await;
+            if tokio::time::timeout(CLOSE_GRACE, &mut up).await.is_err() {
+                up.abort();
+            }
             drop(counted);
         }
     }
