@@ -24,9 +24,11 @@
 //!   connected (a persistent subscriber that is offline misses copies meanwhile);
 //! - a client's durable publishing never depends on rumqttd: the door answers CONNECT and
 //!   PINGREQ and enforces the keep-alive itself; a connection's relay to rumqttd opens only
-//!   once it needs local pub/sub (a SUBSCRIBE, a copy for local subscribers or a retained
-//!   one), in the background; if rumqttd drops it, the connection goes on without local
-//!   pub/sub; a second connection with a client id takes the session over;
+//!   once it needs rumqttd (a SUBSCRIBE, a copy for local subscribers or a retained one, the
+//!   will's copy, an UNSUBSCRIBE or another packet only rumqttd answers), in the background;
+//!   if rumqttd drops it, the connection goes on (a client that subscribed loses its
+//!   subscriptions, and further SUBSCRIBEs are refused); a second connection with a client id
+//!   takes the session over;
 //! - once closed, no byte from a client is read, so nothing new is taken; acknowledgements of
 //!   what was taken still go out while the buffer commits it;
 //! - what one client may cost (its publish rate, what rumqttd retains): see `limits`.

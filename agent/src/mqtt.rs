@@ -29,6 +29,8 @@ pub mod kind {
     pub const SUBSCRIBE: u8 = 8;
     /// SUBACK.
     pub const SUBACK: u8 = 9;
+    /// UNSUBSCRIBE.
+    pub const UNSUBSCRIBE: u8 = 10;
     /// PINGREQ.
     pub const PINGREQ: u8 = 12;
     /// PINGRESP.
@@ -176,8 +178,6 @@ pub struct Connect {
     pub password: Option<Vec<u8>>,
     /// The will message, if any.
     pub will: Option<Will>,
-    /// Where the will's fields (properties, topic, payload) start and end in the body.
-    will_span: Option<(usize, usize)>,
     /// Where the client id field starts in the frame's body, and where it ends.
     id_span: (usize, usize),
     /// Where the keep-alive sits in the frame's body.
@@ -218,6 +218,12 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
     if !matches!(level, 3..=5) {
         return Err(MqttError::Malformed("CONNECT protocol level"));
     }
+    // MQTT 3.1 is "MQIsdp" level 3; 3.1.1 and 5 are "MQTT" 4 and 5 (Mosquitto refuses a mix too).
+    if (name == b"MQIsdp") != (level == 3) {
+        return Err(MqttError::Malformed(
+            "CONNECT protocol name and level do not match",
+        ));
+    }
     let flags = *b.get(at + 1).ok_or(MqttError::Malformed("CONNECT flags"))?;
     let keep_alive_at = at + 2;
     let keep_alive = u16_at(b, keep_alive_at, "CONNECT keep-alive")?;
@@ -232,7 +238,6 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
         .to_owned();
     let mut next = end;
     let mut will = None;
-    let mut will_span = None;
     if flags & 0x04 != 0 {
         if level == 5 {
             let (props, n) = get_length(b, next)?;
@@ -248,7 +253,6 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
             payload: Bytes::copy_from_slice(payload),
             qos: (flags >> 3) & 0x03,
         });
-        will_span = Some((end, n));
         next = n;
     }
     let mut username = None;
@@ -273,20 +277,21 @@ pub fn connect(frame: &Frame) -> Result<Connect, MqttError> {
         username,
         password,
         will,
-        will_span,
         id_span: (at, end),
         keep_alive_at,
     })
 }
 
 /// The same CONNECT with its client id replaced by `id`, its keep-alive by `keep_alive`, a
-/// clean session and no will (the front door keeps wills itself, through the ACL); the rest
-/// byte for byte. What rumqttd refuses is made what it takes: a keep-alive of 0 (none) becomes
-/// the longest (the door enforces the client's own), and MQTT 3.1 ("MQIsdp", level 3) goes as
-/// 3.1.1, the same packet otherwise.
+/// clean session, no will and no login (the front door keeps wills itself, through the ACL,
+/// and checks credentials itself; rumqttd would refuse a password that is not UTF-8); the rest
+/// (MQTT 5 properties) byte for byte. What rumqttd refuses is made what it takes: a keep-alive
+/// of 0 (none) becomes the longest ([`relay_keep_alive`]), and MQTT 3.1 ("MQIsdp", level 3)
+/// goes as 3.1.1, the same packet otherwise.
 pub fn rename_client(frame: &Frame, connect: &Connect, id: &str, keep_alive: u16) -> Bytes {
+    let keep_alive = relay_keep_alive(keep_alive);
     let body = frame.body();
-    let (from, to) = connect.id_span;
+    let from = connect.id_span.0;
     let flags_at = connect.keep_alive_at - 1;
     let mut rest = Vec::with_capacity(body.len() + id.len() + 2);
     if connect.level == 3 {
@@ -294,8 +299,8 @@ pub fn rename_client(frame: &Frame, connect: &Connect, id: &str, keep_alive: u16
     } else {
         rest.extend_from_slice(&body[..flags_at]);
     }
-    // A clean session: the relay's id is used once. No will flag, QoS or retain.
-    rest.push((body[flags_at] | 0x02) & !0x3C);
+    // A clean session: the relay's id is used once. No will, user name or password.
+    rest.push(0x02);
     let keep_alive = if keep_alive == 0 {
         u16::MAX
     } else {
@@ -305,12 +310,21 @@ pub fn rename_client(frame: &Frame, connect: &Connect, id: &str, keep_alive: u16
     rest.extend_from_slice(&body[connect.keep_alive_at + 2..from]);
     rest.extend_from_slice(&(id.len() as u16).to_be_bytes());
     rest.extend_from_slice(id.as_bytes());
-    rest.extend_from_slice(&body[connect.will_span.map_or(to, |(_, end)| end)..]);
     let mut out = Vec::with_capacity(rest.len() + 5);
     out.push(frame.byte1);
     put_length(&mut out, rest.len());
     out.extend_from_slice(&rest);
     out.into()
+}
+
+/// The keep-alive a relay's CONNECT gets for a client's `keep_alive`: rumqttd refuses 0 (none),
+/// so none becomes the longest.
+pub fn relay_keep_alive(keep_alive: u16) -> u16 {
+    if keep_alive == 0 {
+        u16::MAX
+    } else {
+        keep_alive
+    }
 }
 
 /// A QoS 0 PUBLISH of `payload` on `topic` (no properties), e.g. a will for local subscribers.
@@ -580,6 +594,27 @@ pub fn suback(pkid: u16, codes: &[u8], v5: bool) -> Bytes {
     out.into()
 }
 
+/// The UNSUBACK for an UNSUBSCRIBE nobody else answers (no relay to rumqttd: the client has
+/// no local subscription to end): MQTT 5 says "no subscription existed" (0x11) for each filter.
+pub fn unsuback(frame: &Frame, v5: bool) -> Result<Bytes, MqttError> {
+    let b = frame.body();
+    let pkid = u16_at(b, 0, "UNSUBSCRIBE packet id")?;
+    let mut rest = pkid.to_be_bytes().to_vec();
+    if v5 {
+        let (len, n) = get_length(b, 2)?;
+        let mut at = 2 + n + len;
+        rest.push(0);
+        while at < b.len() {
+            at = field(b, at, "UNSUBSCRIBE filter")?.1;
+            rest.push(0x11);
+        }
+    }
+    let mut out = vec![0xB0];
+    put_length(&mut out, rest.len());
+    out.extend_from_slice(&rest);
+    Ok(out.into())
+}
+
 /// The packet id and codes of a SUBACK frame.
 pub fn suback_codes(frame: &Frame, v5: bool) -> Result<(u16, Vec<u8>), MqttError> {
     let b = frame.body();
@@ -812,13 +847,13 @@ mod tests {
                 "level {level}"
             );
             assert_eq!(c.username.as_deref(), Some("u"));
-            // The relay's CONNECT has no will, the rest intact.
+            // The relay's CONNECT has no will and no login.
             let relayed =
                 connect(&frame(&rename_client(&frame(&raw), &c, "gw", 30))).expect("relayed");
             assert_eq!(relayed.will, None, "level {level}");
             assert_eq!(
                 (relayed.client_id.as_str(), relayed.username.as_deref()),
-                ("gw", Some("u"))
+                ("gw", None)
             );
             let copy = frame(&publish_qos0("w/t", b"gone", level == 5));
             let p = publish(&copy, level == 5).expect("publish");
@@ -846,6 +881,123 @@ mod tests {
             12
         );
         assert_eq!(b.len(), 2);
+    }
+
+    proptest::proptest! {
+        /// Property: any CONNECT the door takes is renamed into one rumqttd takes (rumqttc's
+        /// readers, written by others, read it as 3.1.1 or 5): the new id, a clean session, a
+        /// keep-alive, no will, the login kept.
+        #[test]
+        fn every_connect_taken_is_renamed_into_one_rumqttd_takes(
+            version in 0usize..3,
+            clean in proptest::bool::ANY,
+            keep_alive in proptest::num::u16::ANY,
+            id in "[a-z0-9/+#$]{0,24}",
+            will in proptest::option::of((
+                "[a-z/]{1,16}",
+                proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+                0u8..3,
+                proptest::bool::ANY,
+            )),
+            user in proptest::option::of("[a-z]{1,12}"),
+            password in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..20)),
+            expiry in proptest::option::of(proptest::num::u32::ANY),
+        ) {
+            let (name, level): (&[u8], u8) =
+                [(b"MQIsdp".as_slice(), 3), (b"MQTT".as_slice(), 4), (b"MQTT".as_slice(), 5)][version];
+            let mut flags = if clean { 0x02 } else { 0 };
+            let mut v = (name.len() as u16).to_be_bytes().to_vec();
+            v.extend_from_slice(name);
+            v.push(level);
+            let flags_at = v.len();
+            v.push(0);
+            v.extend(keep_alive.to_be_bytes());
+            if level == 5 {
+                match expiry {
+                    Some(e) => {
+                        v.extend([5, 0x11]);
+                        v.extend(e.to_be_bytes());
+                    }
+                    None => v.push(0),
+                }
+            }
+            v.extend((id.len() as u16).to_be_bytes());
+            v.extend(id.as_bytes());
+            if let Some((topic, payload, qos, retain)) = &will {
+                flags |= 0x04 | (qos << 3) | if *retain { 0x20 } else { 0 };
+                if level == 5 {
+                    // Will properties: payload format indicator.
+                    v.extend([2, 0x01, 1]);
+                }
+                v.extend((topic.len() as u16).to_be_bytes());
+                v.extend(topic.as_bytes());
+                v.extend((payload.len() as u16).to_be_bytes());
+                v.extend(payload);
+            }
+            if let Some(u) = &user {
+                flags |= 0x80;
+                v.extend((u.len() as u16).to_be_bytes());
+                v.extend(u.as_bytes());
+                if let Some(p) = &password {
+                    flags |= 0x40;
+                    v.extend((p.len() as u16).to_be_bytes());
+                    v.extend(p);
+                }
+            }
+            v[flags_at] = flags;
+            let mut raw = vec![0x10];
+            put_length(&mut raw, v.len());
+            raw.extend(v);
+            let f = frame(&raw);
+            let c = connect(&f).expect("taken");
+            let renamed = rename_client(&f, &c, "gw1n2", c.keep_alive);
+            let r = connect(&frame(&renamed)).expect("renamed");
+            proptest::prop_assert_eq!(
+                (r.level, r.client_id.as_str(), r.clean, r.will.clone()),
+                (level.max(4), "gw1n2", true, None)
+            );
+            proptest::prop_assert_eq!(r.keep_alive, relay_keep_alive(keep_alive));
+            proptest::prop_assert_ne!(r.keep_alive, 0);
+            proptest::prop_assert_eq!((r.username, r.password), (None, None));
+            if level == 5 {
+                let p = rumqttc::v5::mqttbytes::v5::Packet::read(
+                    &mut BytesMut::from(&renamed[..]),
+                    None,
+                );
+                proptest::prop_assert!(
+                    matches!(p, Ok(rumqttc::v5::mqttbytes::v5::Packet::Connect(..))),
+                    "{:?}",
+                    p
+                );
+            } else {
+                match rumqttc::mqttbytes::v4::Packet::read(&mut BytesMut::from(&renamed[..]), 1 << 20) {
+                    Ok(rumqttc::mqttbytes::v4::Packet::Connect(c4)) => {
+                        proptest::prop_assert_eq!(c4.client_id, "gw1n2");
+                        proptest::prop_assert!(c4.clean_session && c4.last_will.is_none());
+                    }
+                    other => proptest::prop_assert!(false, "{:?}", other),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_unsubscribe_nobody_else_answers_gets_its_unsuback() {
+        // v4: packet id 9, one filter.
+        let f = frame(&[0xA2, 5, 0, 9, 0, 1, b'a']);
+        assert_eq!(unsuback(&f, false).expect("unsuback")[..], [0xB0, 2, 0, 9]);
+        // v5: packet id 9, no properties, two filters.
+        let f = frame(&[0xA2, 9, 0, 9, 0, 0, 1, b'a', 0, 1, b'b']);
+        assert_eq!(
+            unsuback(&f, true).expect("unsuback")[..],
+            [0xB0, 5, 0, 9, 0, 0x11, 0x11]
+        );
+        assert!(unsuback(&frame(&[0xA2, 1, 0]), false).is_err());
+        // A name that does not match its level is refused.
+        let mut v = vec![0, 4, b'M', b'Q', b'T', b'T', 3, 0x02, 0, 10, 0, 1, b'x'];
+        let mut raw = vec![0x10, v.len() as u8];
+        raw.append(&mut v);
+        assert!(connect(&frame(&raw)).is_err());
     }
 
     /// Property: random bytes never panic any reader.

@@ -1248,6 +1248,14 @@ fn only_connections_that_need_local_pub_sub_open_a_relay_to_it() {
         "the publisher's relay only",
         || (relays() == 1.0).then_some(()),
     );
+    // An UNSUBSCRIBE from a client that has no subscription is answered by the door (rumqttd
+    // would not answer it), with no relay.
+    let (mut s, _) = raw_client(agent.mqtt, "unsub", true);
+    s.write_all(&packet(0xA2, &[0, 8, 0, 1, b'x']))
+        .expect("UNSUBSCRIBE");
+    assert_eq!(read_packet(&mut s), vec![0xB0, 2, 0, 8], "UNSUBACK");
+    assert_eq!(relays(), 1.0, "still the publisher's only");
+    drop(s);
     drop(publishers);
     eventually(Duration::from_secs(10), "every relay closed", || {
         (relays() == 0.0).then_some(())

@@ -136,11 +136,15 @@ where
         ctx.metrics.mqtt_local_relays.clone(),
     );
 
+    let mut relay_ping = tokio::time::interval(Duration::from_secs(
+        u64::from(mqtt::relay_keep_alive(connect.keep_alive) / 2).max(1),
+    ));
+    relay_ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // MQTT: no packet for 1.5 × keep-alive and the server closes the connection.
     let idle_limit = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     let mut idle_deadline = idle_limit.map(|l| tokio::time::Instant::now() + l);
-    let mut broker_alive = true;
+    let mut may_subscribe = true;
     let session = if connect.clean || connect.client_id.is_empty() {
         Arc::new(Mutex::new(Session::default()))
     } else {
@@ -177,23 +181,23 @@ where
                 }
                 continue;
             }
-            // The relay gone ends local pub/sub for a client that subscribed, not its durable
-            // publishing: the connection goes on without it (its SUBSCRIBEs rumqttd had not
-            // answered are refused). A relay that only carried copies is opened again when
-            // the next one is due.
-            _ = relay_gone.cancelled(), if broker_alive => {
-                let failure = if v5 { 0x87 } else { 0x80 };
-                for (pkid, filters) in relay.reset() {
-                    if out.send(mqtt::suback(pkid, &vec![failure; filters], v5)).await.is_err() {
+            // The relay gone ends the subscriptions of a client that subscribed, not its
+            // durable publishing: the connection goes on, refusing SUBSCRIBEs from then on
+            // (those rumqttd had not answered are refused now). Copies, an UNSUBSCRIBE or the
+            // will open another relay when due.
+            _ = relay_gone.cancelled() => {
+                for (pkid, keep) in relay.reset() {
+                    let codes = super::relay::suback_codes(&keep, None, v5);
+                    if out.send(mqtt::suback(pkid, &codes, v5)).await.is_err() {
                         break;
                     }
                 }
                 if subscribed {
-                    broker_alive = false;
+                    may_subscribe = false;
                     subscribed = false;
                     ctx.local_subscribers
                         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(client_id = %connect.client_id, "the embedded broker closed this connection's relay: no local pub/sub for it any more");
+                    tracing::info!(client_id = %connect.client_id, "the embedded broker closed this connection's relay: its local subscriptions ended (new ones are refused)");
                 }
                 continue;
             }
@@ -218,6 +222,14 @@ where
                 continue;
             }
             _ = sleep_until(idle_deadline) => break Err(ConnectionError::Protocol("keep-alive expired")),
+            // A subscriber's relay is kept alive at rumqttd whatever the client sends (its
+            // publishes may not go there, and a client with no keep-alive never pings).
+            _ = relay_ping.tick(), if subscribed => {
+                if let Some(to_broker) = relay.if_open() {
+                    let _ = to_broker.try_send(Bytes::from_static(&[0xC0, 0]));
+                }
+                continue;
+            }
             _ = closing.cancelled() => {
                 will_due = false;
                 break Ok(());
@@ -411,7 +423,7 @@ where
                     ));
                 }
             }
-            kind::SUBSCRIBE if !broker_alive || !relay.available() => {
+            kind::SUBSCRIBE if !may_subscribe || !relay.available() => {
                 // No relay to the local broker (any more, or for now): nothing to subscribe with.
                 let sub = or_end!(mqtt::subscribe(&frame, v5));
                 let codes = vec![0x80; sub.filters.len()];
@@ -484,15 +496,25 @@ where
                     will_due = v5 && frame.body().first() == Some(&0x04);
                 }
                 // A DISCONNECT goes to rumqttd only if the relay is open; anything else
-                // (UNSUBSCRIBE, acknowledgements of what rumqttd sent, AUTH) opens it.
+                // (UNSUBSCRIBE, acknowledgements of what rumqttd sent, AUTH) opens it. An
+                // UNSUBSCRIBE with no subscription to end (the client has none at rumqttd, or
+                // no relay is to be had) is answered here: rumqttd does not answer one for a
+                // filter it does not have. The rest is dropped when no relay is to be had.
+                let unsubscribe = frame.kind() == kind::UNSUBSCRIBE;
                 let relayed = match (disconnect, relay.if_open()) {
                     (true, None) => true,
-                    (true, Some(to_broker)) => to_broker.send(frame.raw).await.is_ok(),
-                    // Nobody to answer it for now: dropped.
-                    (false, _) if !relay.available() => true,
-                    (false, _) => relay.opened().send(frame.raw).await.is_ok(),
+                    (true, Some(to_broker)) => to_broker.send(frame.raw.clone()).await.is_ok(),
+                    (false, _) if unsubscribe && !subscribed => false,
+                    (false, _) if !relay.available() => false,
+                    (false, _) => relay.opened().send(frame.raw.clone()).await.is_ok(),
                 };
-                if !relayed || disconnect {
+                if disconnect {
+                    break Ok(());
+                }
+                if !relayed
+                    && unsubscribe
+                    && out.send(or_end!(mqtt::unsuback(&frame, v5))).await.is_err()
+                {
                     break Ok(());
                 }
             }
@@ -502,7 +524,6 @@ where
     if will_due
         && let Some(will) = &connect.will
         && keep_will(ctx, &who, &connect.client_id, will).await
-        && broker_alive
         && relay.available()
         && ctx
             .local_subscribers

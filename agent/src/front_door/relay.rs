@@ -10,8 +10,11 @@
 //! the loopback connection is up, in the background: a connection waits for rumqttd only for
 //! room in that bounded queue (copies of publishes never wait: they are dropped, and counted,
 //! when it is full; a retained one waits up to `RETAINED_WAIT`). Once the relay is gone
-//! (rumqttd unreachable, refusing, or closing it), [`Relay::gone`] is cancelled and the SUBSCRIBEs
-//! it had not answered are answered with failures ([`Relay::reset`]).
+//! (rumqttd unreachable, refusing, or closing it; or its writer failing), [`Relay::gone`] is
+//! cancelled, the connection answers the SUBSCRIBEs it had not answered with failures and
+//! [`Relay::reset`]s it; the next need opens another, at most every [`RETRY`]. Not covered: a
+//! SUBACK rumqttd sent while the client's own queue was full when the relay went is lost, and
+//! so is an UNSUBSCRIBE in flight then (neither is answered).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -128,23 +131,21 @@ impl Relay {
         })
     }
 
-    /// After [`Relay::gone`]: the packet ids of the SUBSCRIBEs it had not answered (answer them
-    /// with failures) and their filter counts; the relay is closed, and the next need opens a
-    /// new one.
-    pub(super) fn reset(&mut self) -> Vec<(u16, usize)> {
+    /// After [`Relay::gone`]: the SUBSCRIBEs it had not answered (packet id, and which filters
+    /// went to rumqttd: answer them with failures); the relay is closed, and the next need
+    /// opens a new one, not within [`RETRY`].
+    pub(super) fn reset(&mut self) -> Vec<(u16, Vec<bool>)> {
         self.open = None;
         self.gone = CancellationToken::new();
         self.retry_at = Some(tokio::time::Instant::now() + RETRY);
+        // The next relay gets a map of its own: a late SUBACK of this one is not passed on.
+        let unanswered = std::mem::take(&mut self.subacks);
         let unanswered = std::mem::take(
-            &mut *self
-                .subacks
+            &mut *unanswered
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        unanswered
-            .into_iter()
-            .map(|(pkid, keep)| (pkid, keep.len()))
-            .collect()
+        unanswered.into_iter().collect()
     }
 
     /// Closes the relay: what was queued is written first, for up to [`CLOSE_GRACE`].
@@ -157,6 +158,20 @@ impl Relay {
             drop(counted);
         }
     }
+}
+
+/// The codes of a SUBACK for a SUBSCRIBE whose filters `keep` says went to rumqttd, which
+/// answered `given` for those (`None`: it did not answer): a filter the ACL refused is "not
+/// authorized" (MQTT 5; 3.1.1 has one failure code), one rumqttd did not answer a failure.
+pub(super) fn suback_codes(keep: &[bool], given: Option<Vec<u8>>, v5: bool) -> Vec<u8> {
+    let mut given = given.unwrap_or_default().into_iter();
+    keep.iter()
+        .map(|k| match (k, v5) {
+            (true, _) => given.next().unwrap_or(0x80),
+            (false, true) => 0x87,
+            (false, false) => 0x80,
+        })
+        .collect()
 }
 
 /// One in the open relays' gauge while it lives.
@@ -177,7 +192,8 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// rumqttd → client, frame by frame, until rumqttd closes the relay (then `gone`). Its
+/// rumqttd → client, frame by frame, until rumqttd closes the relay or the client is gone (then
+/// `gone`; or aborted with the relay's writer). Its
 /// CONNACK is not passed on (the door answered the client's CONNECT); a SUBACK for a partly
 /// denied SUBSCRIBE gets the refusals put back in place; its PINGRESPs are not passed on.
 async fn down(
@@ -208,24 +224,9 @@ async fn down(
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .remove(&pkid);
-                match keep {
-                    Some(keep) => {
-                        let mut given = codes.into_iter();
-                        let failure = if v5 { 0x87 } else { 0x80 };
-                        let all: Vec<u8> = keep
-                            .iter()
-                            .map(|k| {
-                                if *k {
-                                    given.next().unwrap_or(failure)
-                                } else {
-                                    failure
-                                }
-                            })
-                            .collect();
-                        mqtt::suback(pkid, &all, v5)
-                    }
-                    None => frame.raw,
-                }
+                // Every SUBSCRIBE sent is in the map: one that is not was answered already.
+                let Some(keep) = keep else { continue };
+                mqtt::suback(pkid, &suback_codes(&keep, Some(codes), v5), v5)
             }
             (kind::PINGRESP, _) => continue,
             _ => frame.raw,
