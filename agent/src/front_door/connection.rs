@@ -172,7 +172,7 @@ where
         };
     }
     let result: Result<(), ConnectionError> = loop {
-        let relay_gone = relay.gone.clone();
+        let relay_gone = relay.gone();
         let frame = tokio::select! {
             f = read_frame(&mut client_rx, &mut inbound, ctx.max_packet) => f,
             _ = receipts.changed() => {
@@ -186,9 +186,8 @@ where
             // (those rumqttd had not answered are refused now). Copies, an UNSUBSCRIBE or the
             // will open another relay when due.
             _ = relay_gone.cancelled() => {
-                for (pkid, keep) in relay.reset() {
-                    let codes = super::relay::suback_codes(&keep, None, v5);
-                    if out.send(mqtt::suback(pkid, &codes, v5)).await.is_err() {
+                for refusal in relay.reset() {
+                    if out.send(refusal).await.is_err() {
                         break;
                     }
                 }
@@ -469,12 +468,7 @@ where
                         ctx.local_subscribers
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                    // Awaiting rumqttd's SUBACK (refused if the relay goes first).
-                    relay
-                        .subacks
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(sub.pkid, keep);
+                    relay.awaits_suback(sub.pkid, keep);
                     // A relay that cannot take it is gone: see `relay_gone` above.
                     let _ = relay.opened().send(f).await;
                 }
@@ -500,17 +494,16 @@ where
                 // UNSUBSCRIBE with no subscription to end (the client has none at rumqttd, or
                 // no relay is to be had) is answered here: rumqttd does not answer one for a
                 // filter it does not have. The rest is dropped when no relay is to be had.
-                let unsubscribe = frame.kind() == kind::UNSUBSCRIBE;
-                let relayed = match (disconnect, relay.if_open()) {
-                    (true, None) => true,
-                    (true, Some(to_broker)) => to_broker.send(frame.raw.clone()).await.is_ok(),
-                    (false, _) if unsubscribe && !subscribed => false,
-                    (false, _) if !relay.available() => false,
-                    (false, _) => relay.opened().send(frame.raw.clone()).await.is_ok(),
-                };
                 if disconnect {
+                    if let Some(to_broker) = relay.if_open() {
+                        let _ = to_broker.send(frame.raw).await;
+                    }
                     break Ok(());
                 }
+                let unsubscribe = frame.kind() == kind::UNSUBSCRIBE;
+                let relayed = (subscribed || !unsubscribe)
+                    && relay.available()
+                    && relay.opened().send(frame.raw.clone()).await.is_ok();
                 if !relayed
                     && unsubscribe
                     && out.send(or_end!(mqtt::unsuback(&frame, v5))).await.is_err()

@@ -37,7 +37,7 @@ const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The SUBSCRIBEs rumqttd has not answered yet, by packet id: which of their filters it was
 /// given (the door puts the refused ones back in place in the SUBACK).
-pub(super) type Subacks = Arc<Mutex<HashMap<u16, Vec<bool>>>>;
+type Subacks = Arc<Mutex<HashMap<u16, Vec<bool>>>>;
 
 /// How the relay is reached and what it relays to.
 pub(super) struct Relay {
@@ -52,8 +52,8 @@ pub(super) struct Relay {
     relays: prometheus::IntGauge,
     /// Cancelled once the open relay is gone (rumqttd unreachable, refusing the CONNECT or
     /// closing the relay; or the relay's writer ended).
-    pub(super) gone: CancellationToken,
-    pub(super) subacks: Subacks,
+    gone: CancellationToken,
+    subacks: Subacks,
     /// Not opened again before this, after one went.
     retry_at: Option<tokio::time::Instant>,
     /// Towards rumqttd, once opened; the task writing there; its place in the gauge.
@@ -81,6 +81,20 @@ impl Relay {
             retry_at: None,
             open: None,
         }
+    }
+
+    /// Cancelled once the open relay is gone: then [`Relay::reset`] it.
+    pub(super) fn gone(&self) -> CancellationToken {
+        self.gone.clone()
+    }
+
+    /// A SUBSCRIBE of packet id `pkid` goes to rumqttd with the filters `keep` says yes to:
+    /// its SUBACK gets the others back in place, and it is refused if the relay goes first.
+    pub(super) fn awaits_suback(&self, pkid: u16, keep: Vec<bool>) {
+        self.subacks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(pkid, keep);
     }
 
     /// The queue towards rumqttd if the relay is open.
@@ -131,21 +145,22 @@ impl Relay {
         })
     }
 
-    /// After [`Relay::gone`]: the SUBSCRIBEs it had not answered (packet id, and which filters
-    /// went to rumqttd: answer them with failures); the relay is closed, and the next need
-    /// opens a new one, not within [`RETRY`].
-    pub(super) fn reset(&mut self) -> Vec<(u16, Vec<bool>)> {
+    /// After [`Relay::gone`]: the SUBACKs refusing the SUBSCRIBEs it had not answered (send
+    /// them to the client); the relay is closed, and the next need opens a new one, not within
+    /// [`RETRY`].
+    pub(super) fn reset(&mut self) -> Vec<Bytes> {
         self.open = None;
         self.gone = CancellationToken::new();
         self.retry_at = Some(tokio::time::Instant::now() + RETRY);
         // The next relay gets a map of its own: a late SUBACK of this one is not passed on.
         let unanswered = std::mem::take(&mut self.subacks);
-        let unanswered = std::mem::take(
-            &mut *unanswered
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        unanswered.into_iter().collect()
+        let mut unanswered = unanswered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        unanswered
+            .drain()
+            .map(|(pkid, keep)| mqtt::suback(pkid, &codes_in_place(&keep, None, self.v5), self.v5))
+            .collect()
     }
 
     /// Closes the relay: what was queued is written first, for up to [`CLOSE_GRACE`].
@@ -163,7 +178,7 @@ impl Relay {
 /// The codes of a SUBACK for a SUBSCRIBE whose filters `keep` says went to rumqttd, which
 /// answered `given` for those (`None`: it did not answer): a filter the ACL refused is "not
 /// authorized" (MQTT 5; 3.1.1 has one failure code), one rumqttd did not answer a failure.
-pub(super) fn suback_codes(keep: &[bool], given: Option<Vec<u8>>, v5: bool) -> Vec<u8> {
+fn codes_in_place(keep: &[bool], given: Option<Vec<u8>>, v5: bool) -> Vec<u8> {
     let mut given = given.unwrap_or_default().into_iter();
     keep.iter()
         .map(|k| match (k, v5) {
@@ -193,9 +208,9 @@ impl Drop for AbortOnDrop {
 }
 
 /// rumqttd → client, frame by frame, until rumqttd closes the relay or the client is gone (then
-/// `gone`; or aborted with the relay's writer). Its
-/// CONNACK is not passed on (the door answered the client's CONNECT); a SUBACK for a partly
-/// denied SUBSCRIBE gets the refusals put back in place; its PINGRESPs are not passed on.
+/// `gone`; or aborted with the relay's writer). Its CONNACK is not passed on (the door answered
+/// the client's CONNECT), nor its PINGRESPs; a SUBACK gets the refused filters put back in
+/// place.
 async fn down(
     mut broker_rx: tokio::net::tcp::OwnedReadHalf,
     client: Outbound,
@@ -226,7 +241,7 @@ async fn down(
                     .remove(&pkid);
                 // Every SUBSCRIBE sent is in the map: one that is not was answered already.
                 let Some(keep) = keep else { continue };
-                mqtt::suback(pkid, &suback_codes(&keep, Some(codes), v5), v5)
+                mqtt::suback(pkid, &codes_in_place(&keep, Some(codes), v5), v5)
             }
             (kind::PINGRESP, _) => continue,
             _ => frame.raw,
