@@ -1,7 +1,8 @@
 //! When a stream's batch is due, which stream goes next, and building the batch body.
 //!
-//! Invariant: one batch at a time per stream, and the next one is read only once the previous
-//! one is answered. A FIFO stream's next batch starts right after what the ingest acknowledged
+//! Invariant: one batch at a time per stream, and the next one is sent only once the previous
+//! one is answered (a draining stream's may be read ahead meanwhile, and is protected like one
+//! in flight until sent or dropped). A FIFO stream's next batch starts right after what the ingest acknowledged
 //! (or dead-lettered), so order per (device, stream) holds into the log; a newest-first stream
 //! sends its newest undelivered records first, then fills the holes below, newest to oldest.
 //! Within a batch, records are always in sequence order. A record leaves a [`Lane`] only as
@@ -224,6 +225,9 @@ pub struct Lane {
     /// Ranges put in a request that may be in the log and are not delivered yet.
     maybe_sent: SeqRanges,
     in_flight: Option<InFlight>,
+    /// The next batch's records, read ahead while the one before was in flight and not sent
+    /// yet: protected like those in flight.
+    ahead: Option<(u64, u64)>,
     waiting_since: Option<Instant>,
     /// `appended_bytes` when the stream was last caught up; `None` during a backlog.
     bytes_mark: Option<u64>,
@@ -242,6 +246,7 @@ impl Lane {
             done: SeqRanges::default(),
             maybe_sent: SeqRanges::default(),
             in_flight: None,
+            ahead: None,
             waiting_since: backlog.then(|| now.checked_sub(linger).unwrap_or(now)),
             bytes_mark: (!backlog).then_some(0),
             size_cap: None,
@@ -257,6 +262,23 @@ impl Lane {
     /// Whether a request of this stream is in flight (one at a time keeps the order).
     pub fn busy(&self) -> bool {
         self.in_flight.is_some()
+    }
+
+    /// Whether the next batch, of `records`, leaves more waiting behind it in a FIFO stream:
+    /// then the batch after it may be read ahead while it is in flight.
+    pub fn drains(&self, progress: &StreamProgress, records: usize) -> bool {
+        self.order == Order::Fifo && self.pending(progress) > records as u64
+    }
+
+    /// `covered` was read ahead and waits to be sent: it stays protected until it is sent (then
+    /// as in flight) or [`Lane::drop_ahead`].
+    pub fn hold_ahead(&mut self, covered: (u64, u64)) {
+        self.ahead = Some(covered);
+    }
+
+    /// The batch read ahead is sent now, or dropped (read again when its turn comes).
+    pub fn drop_ahead(&mut self) {
+        self.ahead = None;
     }
 
     /// Where the next batch is read from, in reading order, and whether newest first.
@@ -371,7 +393,7 @@ impl Lane {
     /// What the buffer must not evict or expire of this stream.
     pub fn protection(&self) -> Protection {
         let mut ranges = self.maybe_sent.clone();
-        for (first, last) in self.done.iter() {
+        for (first, last) in self.done.iter().chain(self.ahead) {
             ranges.insert_range(first, last);
         }
         Protection {
@@ -745,6 +767,35 @@ mod tests {
         assert_eq!(lane.cursor, 200);
         assert_eq!(lane.protection(), Protection::floor(200));
         assert_eq!(lane.spans(), (vec![(201, MAX_SEQ)], false));
+    }
+
+    #[test]
+    fn a_batch_read_ahead_is_protected_until_sent_or_dropped() {
+        let p = StreamProgress {
+            committed_seq: 500,
+            ..Default::default()
+        };
+        let mut lane = Lane::new(0, true, Instant::now(), T.linger, Order::Fifo);
+        assert!(lane.drains(&p, 100), "400 more wait behind a batch of 100");
+        assert!(
+            !lane.drains(&p, 500),
+            "nothing waits behind the whole backlog"
+        );
+        lane.begin(&p);
+        // 101..=200 read ahead while 1..=100 is in flight; the answer comes.
+        lane.hold_ahead((101, 200));
+        lane.finish((1, 100), Answer::Done, &p);
+        assert_eq!(
+            lane.protection().droppable()[0],
+            (201, MAX_SEQ),
+            "read ahead: not evictable"
+        );
+        assert_eq!(lane.spans(), (vec![(101, MAX_SEQ)], false), "it is next");
+        lane.drop_ahead();
+        assert_eq!(lane.protection(), Protection::floor(100));
+
+        let newest = Lane::new(0, true, Instant::now(), T.linger, Order::NewestFirst);
+        assert!(!newest.drains(&p, 100), "only FIFO streams read ahead");
     }
 
     #[test]

@@ -318,6 +318,16 @@ impl Buffer {
         self.streams.iter().map(|s| s.progress.backlog_bytes).sum()
     }
 
+    /// Whether the records held are within a tenth of what the buffer may hold (its quota, or
+    /// less on a volume short of room): a commit may soon have to evict.
+    pub fn near_cap(&self) -> bool {
+        let cap = self
+            .disk_cap
+            .unwrap_or(self.quota_bytes)
+            .min(self.quota_bytes);
+        self.backlog_bytes() >= cap - cap / 10
+    }
+
     /// Applies `commands` in one transaction; with `expire`, also drops records past their
     /// stream's TTL (as of `now_ms`). Every drop writes its loss report in the same transaction.
     /// Records a stream's [`Protection`] covers are never dropped: they were sent and may be in

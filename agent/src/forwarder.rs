@@ -2,9 +2,12 @@
 //!
 //! Invariants: a batch is acknowledged to the buffer (deleted) only after a 2xx; a 400 moves it
 //! to the dead-letter table; anything else keeps it and retries with exponential backoff and
-//! jitter. At most one request per stream is in flight, and a stream's next batch is read
+//! jitter. At most one request per stream is in flight, and a stream's next batch is sent
 //! only once the previous one is answered, so order per (device, stream) holds into the log
-//! whatever the concurrency across streams.
+//! whatever the concurrency across streams. While a FIFO stream drains a backlog, its next
+//! batch is read (protected) and compressed while the previous request is in flight, and kept
+//! only if that one was delivered (then sent if still fresh, starting right after it;
+//! `request::ReadAhead`).
 //!
 //! Concurrency: up to `ingest.max_in_flight` requests at once across streams, the last slot
 //! kept for critical streams, so critical data never waits behind a full pipe of bulk. While
@@ -47,7 +50,10 @@ mod request;
 use bodies::Bodies;
 use link::{Link, LinkEvent, open_slots};
 use replicas::Replicas;
-use request::{Ended, Request, SendError, Sent, Uplink, client_now, tell_buffer};
+use request::{
+    AHEAD_FRESH, Covered, Ended, ReadAhead, Request, SendError, Sent, Uplink, client_now,
+    tell_buffer,
+};
 
 /// The forwarder stage.
 pub struct Forwarder {
@@ -69,6 +75,9 @@ pub struct Forwarder {
     pub schedule: SchedulePolicy,
     /// Read connections to the buffer, one per request that may be in flight.
     pub readers: Vec<BufferReader>,
+    /// The read connection for reading ahead ([`request`]): a draining stream's next batch is
+    /// read and compressed while its request is in flight. `None`: no reading ahead.
+    pub ahead_reader: Option<BufferReader>,
     /// Acks and dead letters go to the buffer writer.
     pub commands: crate::buffer::Queue,
     /// Per stream, what may be in the log: the buffer never evicts it.
@@ -170,6 +179,8 @@ impl Forwarder {
             return;
         }
         let mut scheduler = Scheduler::new(self.schedule);
+        // Per stream, its next batch if it was read ahead.
+        let mut ahead: Vec<Option<ReadAhead>> = self.streams.iter().map(|_| None).collect();
         let mut in_flight: JoinSet<Ended> = JoinSet::new();
         let mut link = Link::Up;
         let readyz: Vec<reqwest::Url> = self
@@ -185,6 +196,7 @@ impl Forwarder {
             device_id: self.device_id.clone(),
             token: self.token.clone(),
             readers: std::sync::Mutex::new(std::mem::take(&mut self.readers)),
+            ahead_readers: std::sync::Mutex::new(self.ahead_reader.take().into_iter().collect()),
             protected: self.protected.clone(),
             commands: self.commands.clone(),
             bucket,
@@ -205,6 +217,7 @@ impl Forwarder {
             self.beat.beat();
             let progress = self.progress.borrow_and_update().clone();
             let now = Instant::now();
+            self.drop_stale_aheads(&mut ahead, link.down(), now);
             let candidates: Vec<Candidate> = self
                 .lanes
                 .iter_mut()
@@ -286,7 +299,14 @@ impl Forwarder {
                                     let (wait, failed) = self.probed(replica, answer, &mut replicas, &urls, &mut backoff);
                                     link = link.after(LinkEvent::Answered { failed, wait }, Instant::now());
                                 }
-                                Ended::Answered(sent) => {
+                                Ended::Answered(mut sent) => {
+                                    // (Only a delivered request brings one.)
+                                    let stream = sent.stream;
+                                    ahead[stream] = sent.ahead.take().map(|a| *a);
+                                    match &ahead[stream] {
+                                        Some(a) => self.lanes[stream].hold_ahead(a.batch.0),
+                                        None => self.lanes[stream].drop_ahead(),
+                                    }
                                     let (wait, failed) = self.answered(sent, &uplink, &mut replicas, &urls, &mut backoff, &backoff_builder);
                                     link = link.after(LinkEvent::Answered { failed, wait }, Instant::now());
                                 }
@@ -304,6 +324,13 @@ impl Forwarder {
             let (max_records, max_bytes) =
                 self.lanes[stream].limits(&config.batch, &progress[stream]);
             let (spans, newest_first) = self.lanes[stream].spans();
+            let prefetched = ahead[stream]
+                .take()
+                .and_then(|a| self.still_good(a, stream, &spans, &uplink, replicas.current, now));
+            self.lanes[stream].drop_ahead();
+            // Reading ahead is off under a bandwidth cap (the read reserves its bytes).
+            let reads_ahead = uplink.bucket.is_none()
+                && self.lanes[stream].drains(&progress[stream], max_records);
             self.lanes[stream].begin(&progress[stream]);
             self.lanes[stream].served(now);
             let request = Request {
@@ -319,6 +346,10 @@ impl Forwarder {
                     && config.priority == Priority::Critical,
                 replica: replicas.current,
                 uplink: uplink.clone(),
+                prefetched,
+                ahead: reads_ahead,
+                reading_ahead: false,
+                background: reads_ahead && config.priority != Priority::Critical,
             };
             in_flight.spawn(request.run());
         }
@@ -355,6 +386,55 @@ impl Forwarder {
         (Some(delay), true)
     }
 
+    /// Drops the batches read ahead that went stale, or all of them while the link is down: what
+    /// was never sent must not stay protected from eviction through an outage.
+    fn drop_stale_aheads(&mut self, ahead: &mut [Option<ReadAhead>], down: bool, now: Instant) {
+        for (stream, slot) in ahead.iter_mut().enumerate() {
+            if slot
+                .as_ref()
+                .is_some_and(|a| down || now.saturating_duration_since(a.read_at) >= AHEAD_FRESH)
+            {
+                *slot = None;
+                self.lanes[stream].drop_ahead();
+                self.lanes[stream].publish_protection(&self.protected, stream);
+                self.metrics
+                    .batches_read_ahead
+                    .with_label_values(&[self.streams[stream].name.as_str(), "dropped"])
+                    .inc();
+            }
+        }
+    }
+
+    /// The batch read ahead for `stream`, if it is still the one to send: it starts where the
+    /// next read would (`spans`), is fresh, and is encoded as a batch read now would be (same
+    /// replica, body version, dictionary, and size cap). Otherwise it is dropped.
+    fn still_good(
+        &self,
+        read: ReadAhead,
+        stream: usize,
+        spans: &[(u64, u64)],
+        uplink: &Uplink,
+        replica: usize,
+        now: Instant,
+    ) -> Option<Covered> {
+        let ((first, _), ready) = &read.batch;
+        let good = spans.first().is_some_and(|&(from, _)| from == *first)
+            && now.saturating_duration_since(read.read_at) < AHEAD_FRESH
+            && ready.replica == replica
+            && ready.asked == uplink.bodies().version(replica, now)
+            && ready.dictionary.as_ref().map(|d| d.id)
+                == uplink.dictionaries()[stream].current().map(|d| d.id)
+            && self.lanes[stream]
+                .size_cap
+                .is_none_or(|cap| ready.prepared.records <= cap);
+        let fate = if good { "sent" } else { "dropped" };
+        self.metrics
+            .batches_read_ahead
+            .with_label_values(&[self.streams[stream].name.as_str(), fate])
+            .inc();
+        good.then_some(read.batch)
+    }
+
     /// The stream's committed progress as of now.
     fn latest(&self, stream: usize) -> StreamProgress {
         self.progress
@@ -383,6 +463,7 @@ impl Forwarder {
             dictionary,
             outcome,
             heard,
+            ahead: _,
         } = sent;
         let heard = heard.map(|h| {
             uplink.bodies().answered(

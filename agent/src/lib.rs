@@ -177,6 +177,8 @@ impl Uplink {
         let readers = (0..config.ingest.max_in_flight)
             .map(|_| BufferReader::open(&self.buffer, &names))
             .collect::<Result<Vec<_>, _>>()?;
+        // And one for reading a draining stream's next batch while its request is out.
+        let ahead_reader = BufferReader::open(&self.buffer, &names)?;
         let progress = self.progress.borrow().clone();
         let now = Instant::now();
         let lanes = opened
@@ -208,6 +210,7 @@ impl Uplink {
             lanes,
             schedule: config.schedule,
             readers,
+            ahead_reader: Some(ahead_reader),
             commands: self.commands.clone(),
             protected: self.protected.clone(),
             progress: self.progress.clone(),

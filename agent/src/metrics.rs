@@ -67,6 +67,10 @@ pub const STREAM_DICTIONARY: &str = "agent_stream_dictionary_id";
 pub const STREAM_PRIORITY: &str = "agent_stream_priority";
 /// Dictionary registrations at an ingest replica (`PUT /v1/dictionaries/{id}`).
 pub const DICTIONARY_REGISTRATIONS: &str = "agent_dictionary_registrations_total";
+/// Batches read ahead (read and compressed while the stream's previous request was in flight),
+/// per stream, by fate: `sent` next, or `dropped` (the previous one failed, or it went stale)
+/// and read again.
+pub const BATCHES_READ_AHEAD: &str = "agent_batches_read_ahead_total";
 /// Buffer commit durations.
 pub const COMMIT_SECONDS: &str = "agent_buffer_commit_seconds";
 /// Corrupt buffer files moved aside at start.
@@ -158,6 +162,8 @@ pub struct Metrics {
     pub stream_priority: IntGaugeVec,
     /// [`DICTIONARY_REGISTRATIONS`]
     pub dictionary_registrations: IntCounter,
+    /// See [`BATCHES_READ_AHEAD`].
+    pub batches_read_ahead: IntCounterVec,
     /// See [`BATCHES`].
     pub batches: IntCounterVec,
     /// See [`WIRE_BYTES`].
@@ -327,6 +333,11 @@ impl Metrics {
             dictionary_registrations: counter(
                 DICTIONARY_REGISTRATIONS,
                 "zstd dictionaries registered at an ingest replica.",
+            ),
+            batches_read_ahead: counter_vec(
+                BATCHES_READ_AHEAD,
+                "Batches read ahead while the stream's previous request was in flight, by fate (sent, dropped).",
+                &["stream", "fate"],
             ),
             backlog_bytes: gauge_vec(BACKLOG_BYTES, "Bytes in the buffer (quota cost)."),
             stream_priority: gauge_vec(

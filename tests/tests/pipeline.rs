@@ -211,3 +211,48 @@ fn data_published_before_the_ingest_exists_arrives_once_it_starts() {
         (left == 0.0).then_some(())
     });
 }
+
+/// A backlog drained in many batches: each stream's next batch is read (and compressed) while
+/// the one before is in flight, and the log still gets every record exactly once, in order.
+#[test]
+fn a_backlog_drains_with_each_next_batch_read_ahead_exactly_once_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let streams = e2e::THREE_STREAMS.replace("linger:", "drain_max_records: 300, linger:");
+    let agent = AgentHarness::new(dir.path(), &format!("http://127.0.0.1:{port}"))
+        .streams(&streams)
+        .run();
+    let report = publish(spec(agent.mqtt, 3, 3000));
+    assert_eq!(report.acked, 9000);
+    eventually(Duration::from_secs(30), "9000 records buffered", || {
+        let buffered: f64 = STREAMS
+            .iter()
+            .map(|s| agent.metric(&format!("agent_backlog_records{{stream=\"{s}\"}}")))
+            .sum();
+        (buffered >= 9000.0).then_some(())
+    });
+    let cloud = CloudHarness::new(dir.path()).port(port).run();
+    eventually(Duration::from_secs(60), "9000 records in the log", || {
+        (cloud.total_records() >= 9000).then_some(())
+    });
+    assert_exactly_once_in_order(&cloud, 3, 3000);
+    let read_ahead: f64 = STREAMS
+        .iter()
+        .map(|s| {
+            agent.metric(&format!(
+                "agent_batches_read_ahead_total{{fate=\"sent\",stream=\"{s}\"}}"
+            ))
+        })
+        .sum();
+    assert!(
+        read_ahead > 0.0,
+        "3,000 records a stream in batches of 300: batches were read ahead and sent"
+    );
+    eventually(Duration::from_secs(10), "empty buffer", || {
+        let left: f64 = STREAMS
+            .iter()
+            .map(|s| agent.metric(&format!("agent_backlog_records{{stream=\"{s}\"}}")))
+            .sum();
+        (left == 0.0).then_some(())
+    });
+}

@@ -14,6 +14,15 @@
 //! `commit_window`, up to [`MAX_GROUP`] commands and the group's byte bound
 //! ([`super::space::group_bytes`]), then commits them in one transaction (one fsync).
 //!
+//! New records before deletes: while records arrive, a commit deletes at most [`ACK_PIECE`]
+//! acknowledged records; the rest of a large acknowledgement (a drain's batches are 5,000
+//! records) is deleted in the commits that follow, so new (critical) records do not wait behind
+//! commits full of deletes. Records acknowledged and not deleted yet are below their stream's
+//! protection floor: never dropped, and not sent again while the agent runs (after a crash they
+//! are, and the ingest deduplicates them). What is owed stays bounded ([`MAX_OWED`]), and is
+//! deleted at once when the buffer nears its cap or the disk is full (deleting comes before
+//! evicting), at a reload and at the agent's stop.
+//!
 //! Parts: this file is the loop and the commit of a group; `queue` the bounded queue in front
 //! of it; `transforms` the edge transforms run before a commit; `refused` what a group the
 //! disk cannot take becomes.
@@ -37,6 +46,13 @@ pub use queue::{Queue, QueueBytes};
 
 /// Most commands folded into one transaction.
 pub const MAX_GROUP: usize = 20_000;
+/// Most acknowledged records deleted by a commit that also stores new records (or while more
+/// commands wait): deleting 5,000 takes ~10 ms, which new records would wait for.
+pub const ACK_PIECE: u64 = 500;
+/// Most deleted by a commit of nothing else, while nothing waits.
+const ACK_ALONE: u64 = 5_000;
+/// Acknowledged records owed beyond which a commit deletes the excess too.
+pub const MAX_OWED: u64 = 50_000;
 /// How often records past their TTL are looked for and the file is fitted to its volume.
 const TICK: Duration = Duration::from_secs(1);
 /// Commits refused for a full disk, each after making more room, before the group's new
@@ -74,6 +90,8 @@ pub struct BufferWriter {
     chains: Vec<Chain>,
     /// What `enrich` adds about this agent.
     facts: Facts,
+    /// Acknowledged ranges (stream, first, last) not deleted yet, oldest first ([`ACK_PIECE`]).
+    acks_owed: std::collections::VecDeque<(usize, u64, u64)>,
 }
 
 impl BufferWriter {
@@ -105,6 +123,7 @@ impl BufferWriter {
             beat: None,
             chains: Vec::new(),
             facts: Facts::default(),
+            acks_owed: std::collections::VecDeque::new(),
         }
     }
 
@@ -141,7 +160,13 @@ impl BufferWriter {
             }
             let mut closed = false;
             let mut reconfigure = None;
-            match self.commands.recv_timeout(TICK) {
+            // Deletes owed: commit them now unless commands are already waiting.
+            let wait = if self.acks_owed.is_empty() {
+                TICK
+            } else {
+                Duration::ZERO
+            };
+            match self.commands.recv_timeout(wait) {
                 Ok(WriterCommand::Reconfigure(r)) => reconfigure = Some(r),
                 Ok(first) => group.push(first),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -166,6 +191,8 @@ impl BufferWriter {
                     Err(RecvTimeoutError::Disconnected) => closed = true,
                 }
             }
+            let all = closed || reconfigure.is_some();
+            self.pace_acks(&mut group, all);
             let tick = last_tick.elapsed() >= TICK;
             if tick {
                 last_tick = Instant::now();
@@ -202,6 +229,55 @@ impl BufferWriter {
             if closed && self.commands.is_empty() {
                 return;
             }
+        }
+    }
+
+    /// Moves `group`'s acknowledgements behind those owed, then takes back, oldest first, what
+    /// this commit deletes: everything with `all` or near the buffer's cap; [`ACK_ALONE`] when
+    /// nothing else is to be committed or waiting; else [`ACK_PIECE`], plus whatever is owed
+    /// beyond [`MAX_OWED`].
+    fn pace_acks(&mut self, group: &mut Vec<WriterCommand>, all: bool) {
+        if self.acks_owed.is_empty()
+            && !group.iter().any(|c| matches!(c, WriterCommand::Ack { .. }))
+        {
+            return;
+        }
+        let owed = &mut self.acks_owed;
+        group.retain(|c| match *c {
+            WriterCommand::Ack {
+                stream,
+                first,
+                last,
+            } => {
+                owed.push_back((stream, first, last));
+                false
+            }
+            _ => true,
+        });
+        let alone = group.is_empty() && self.commands.is_empty();
+        let owed_records: u64 = owed.iter().map(|&(_, first, last)| last - first + 1).sum();
+        let mut budget = if all || self.buffer.near_cap() {
+            u64::MAX
+        } else if alone {
+            ACK_ALONE
+        } else {
+            ACK_PIECE.max(owed_records.saturating_sub(MAX_OWED))
+        };
+        while budget > 0
+            && let Some((stream, first, last)) = owed.pop_front()
+        {
+            let last = if last - first < budget {
+                budget -= last - first + 1;
+                last
+            } else {
+                owed.push_front((stream, first + budget, last));
+                std::mem::replace(&mut budget, 0) + first - 1
+            };
+            group.push(WriterCommand::Ack {
+                stream,
+                first,
+                last,
+            });
         }
     }
 
@@ -370,6 +446,14 @@ impl BufferWriter {
                 }
             }
             if error.is_disk_full() {
+                // Deleting what was delivered comes before evicting anything.
+                group.extend(self.acks_owed.drain(..).map(|(stream, first, last)| {
+                    WriterCommand::Ack {
+                        stream,
+                        first,
+                        last,
+                    }
+                }));
                 if full_attempts == 0 && !self.buffer.is_frozen() {
                     tracing::error!(error = %error, "buffer disk full: evicting the lowest priority, oldest records to make room (reported as disk_full)");
                 }
@@ -688,6 +772,98 @@ mod tests {
             .with_label_values(&["logs", "disk_full"])
             .get();
         assert_eq!(dropped, 2);
+    }
+
+    /// While new records come, a commit deletes at most [`ACK_PIECE`] acknowledged records,
+    /// oldest first; the rest follow in the next commits, or all at once when nothing else is
+    /// to be committed, or the writer must finish (a reload, the agent's stop).
+    #[test]
+    fn acks_are_deleted_in_pieces_while_new_records_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let buffer = Buffer::open(&dir.path().join("b.db"), &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
+        let (tx, rx) = flume::bounded(10);
+        let (progress, _) = watch::channel(buffer.progress());
+        let mut writer = BufferWriter::new(
+            buffer,
+            rx,
+            Duration::ZERO,
+            1 << 20,
+            progress,
+            Metrics::new(),
+            vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
+            Arc::new(Protected::new(vec![Default::default(); 2])),
+        );
+        let append = || {
+            WriterCommand::Append(NewRecord {
+                stream: 0,
+                topic: "t".into(),
+                payload: Bytes::from_static(b"x"),
+                received_at_ms: 1,
+                monotonic_ms: 1,
+                attributes: Default::default(),
+                receipt: None,
+            })
+        };
+        let ack = |stream, first, last| WriterCommand::Ack {
+            stream,
+            first,
+            last,
+        };
+        let acks = |group: &[WriterCommand]| -> Vec<(usize, u64, u64)> {
+            group
+                .iter()
+                .filter_map(|c| match *c {
+                    WriterCommand::Ack {
+                        stream,
+                        first,
+                        last,
+                    } => Some((stream, first, last)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let piece = ACK_PIECE;
+        let mut group = vec![append(), ack(0, 1, 2 * piece + 200)];
+        writer.pace_acks(&mut group, false);
+        assert_eq!(
+            acks(&group),
+            vec![(0, 1, piece)],
+            "one piece beside new records"
+        );
+        assert_eq!(group.len(), 2, "the new record stays");
+        let mut group = vec![ack(1, 7, 7), append()];
+        writer.pace_acks(&mut group, false);
+        assert_eq!(
+            acks(&group),
+            vec![(0, piece + 1, 2 * piece)],
+            "the oldest owed first; the newer ack waits its turn"
+        );
+        tx.send(append()).expect("queued");
+        let mut group = Vec::new();
+        writer.pace_acks(&mut group, false);
+        assert_eq!(
+            acks(&group),
+            vec![(0, 2 * piece + 1, 2 * piece + 200), (1, 7, 7)],
+            "a piece may span acks"
+        );
+        let mut group = vec![ack(0, 1, 3 * piece)];
+        let _ = writer.commands.try_recv();
+        writer.pace_acks(&mut group, false);
+        assert_eq!(
+            acks(&group),
+            vec![(0, 1, 3 * piece)],
+            "nothing else to commit or waiting: all at once"
+        );
+        let mut group = vec![append(), ack(0, 1, 3 * piece)];
+        writer.pace_acks(&mut group, true);
+        assert_eq!(
+            acks(&group),
+            vec![(0, 1, 3 * piece)],
+            "a reload or a stop: all at once"
+        );
+        assert!(writer.acks_owed.is_empty());
     }
 
     /// Commands queued before a reconfigure are committed under the old stream indices, those

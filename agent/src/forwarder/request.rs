@@ -3,6 +3,7 @@
 //! ([`Uplink`]) and what a refusal of a dictionary means.
 
 use super::*;
+use crate::buffer::MAX_SEQ;
 
 /// The request got no usable answer.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +25,22 @@ pub(super) struct Sent {
     pub(super) outcome: Result<(Outcome, String), SendError>,
     /// What the ingest answered the POST, when it did.
     pub(super) heard: Option<Heard>,
+    /// The stream's next batch, read and compressed while this one was in flight.
+    pub(super) ahead: Option<Box<ReadAhead>>,
 }
+
+/// A stream's next batch, read (and protected) and compressed while the request before it was
+/// in flight: it starts right after that request's records. The forwarder sends it next if that
+/// request was delivered, the batch is still fresh ([`AHEAD_FRESH`]) and would be encoded the
+/// same way now; otherwise it is dropped, and its records are read again.
+pub(super) struct ReadAhead {
+    pub(super) read_at: Instant,
+    pub(super) batch: Covered,
+}
+
+/// The longest a batch read ahead waits to be sent: its `sent_at_ms`, from which the ingest
+/// corrects the device's clock, was stamped when it was prepared.
+pub(super) const AHEAD_FRESH: Duration = Duration::from_millis(200);
 
 /// What an answer to a batch said besides its outcome.
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +110,8 @@ pub(super) struct Uplink {
     pub(super) token: SharedToken,
     /// Idle read connections.
     pub(super) readers: std::sync::Mutex<Vec<BufferReader>>,
+    /// The idle read-ahead connection, if it is idle (one stream reads ahead at a time).
+    pub(super) ahead_readers: std::sync::Mutex<Vec<BufferReader>>,
     pub(super) protected: Arc<Protected>,
     /// The numbering of the streams this forwarder's indices follow ([`Protected::generation`]).
     pub(super) generation: u64,
@@ -209,7 +227,8 @@ pub(super) fn registration(status: u16) -> Registration {
     }
 }
 
-/// One request: read a batch (protecting it), compress it, wait for the bandwidth cap, POST.
+/// One request: read a batch (protecting it), compress it, wait for the bandwidth cap, POST;
+/// while it is out, read the stream's next batch if asked to ([`Request::ahead`]).
 pub(super) struct Request {
     pub(super) stream: usize,
     pub(super) spans: Vec<(u64, u64)>,
@@ -223,31 +242,58 @@ pub(super) struct Request {
     pub(super) borrow: bool,
     pub(super) replica: usize,
     pub(super) uplink: Arc<Uplink>,
+    /// The batch to send, read ahead by the request before; `None`: read it now.
+    pub(super) prefetched: Option<Covered>,
+    /// Read the next batch (right after this one) while this one is in flight, if this one is
+    /// full: the stream is draining a FIFO backlog.
+    pub(super) ahead: bool,
+    /// This is the read of a next batch: it uses the read-ahead connection, if idle.
+    pub(super) reading_ahead: bool,
+    /// Its read ahead, if any, is of a stream below the critical class: at a low CPU priority
+    /// ([`prepare`]).
+    pub(super) background: bool,
 }
 
 impl Request {
-    pub(super) async fn run(self) -> Ended {
+    pub(super) async fn run(mut self) -> Ended {
         let (stream, stream_name) = (self.stream, self.stream_name.clone());
         let uplink = self.uplink.clone();
-        let prepared = tokio::task::spawn_blocking(move || self.prepare()).await;
-        let (covered, batch) = match prepared {
-            Ok(Ok(Some(ready))) => ready,
-            Ok(Ok(None)) => return Ended::Empty { stream },
-            Ok(Err(PrepareError { error, damaged })) => {
-                return Ended::ReadFailed {
-                    stream,
-                    error,
-                    damaged,
+        let (max_records, ahead) = (self.max_records, self.ahead);
+        let (covered, batch) = match self.prefetched.take() {
+            Some(ready) => ready,
+            None => {
+                let request = self.following(0);
+                let request = Request {
+                    spans: std::mem::take(&mut self.spans),
+                    newest_first: self.newest_first,
+                    reading_ahead: false,
+                    background: false,
+                    ..request
                 };
-            }
-            Err(e) => {
-                return Ended::ReadFailed {
-                    stream,
-                    error: format!("batch preparation panicked: {e}"),
-                    damaged: false,
-                };
+                match prepare(request).await.map(|(_, read)| read) {
+                    Ok(Ok(Some(ready))) => ready,
+                    Ok(Ok(None)) => return Ended::Empty { stream },
+                    Ok(Err(PrepareError { error, damaged })) => {
+                        return Ended::ReadFailed {
+                            stream,
+                            error,
+                            damaged,
+                        };
+                    }
+                    Err(error) => {
+                        return Ended::ReadFailed {
+                            stream,
+                            error,
+                            damaged: false,
+                        };
+                    }
+                }
             }
         };
+        // A full batch of a draining stream: read and compress the next one meanwhile (spawned:
+        // it starts now, not when awaited).
+        let next = (ahead && batch.prepared.records >= max_records && covered.1 < MAX_SEQ)
+            .then(|| tokio::spawn(prepare(self.following(covered.1))));
         let Uplink {
             client,
             urls,
@@ -273,6 +319,18 @@ impl Request {
                 .await
             }
         };
+        // Only a delivered batch is followed by the one read ahead: otherwise that is not
+        // waited for (it ends on its own; its reader goes back, its protection is replaced when
+        // this answer is booked). A read ahead that failed is not used: the next request reads
+        // again, and reports what it finds.
+        let delivered = matches!(outcome, Ok((Outcome::Delivered, _)));
+        let ahead = match next {
+            Some(next) if delivered => match next.await {
+                Ok(Ok((read_at, Ok(Some(batch))))) => Some(Box::new(ReadAhead { read_at, batch })),
+                _ => None,
+            },
+            _ => None,
+        };
         Ended::Answered(Sent {
             stream,
             replica: batch.replica,
@@ -281,19 +339,51 @@ impl Request {
             batch: batch.prepared,
             outcome,
             heard,
+            ahead,
         })
+    }
+
+    /// The read of the batch after `last`: same stream and limits, on the read-ahead connection.
+    fn following(&self, last: u64) -> Request {
+        Request {
+            stream: self.stream,
+            spans: vec![(last.saturating_add(1), MAX_SEQ)],
+            newest_first: false,
+            max_records: self.max_records,
+            max_bytes: self.max_bytes,
+            zstd_level: self.zstd_level,
+            stream_name: self.stream_name.clone(),
+            epoch: self.epoch,
+            borrow: self.borrow,
+            replica: self.replica,
+            uplink: self.uplink.clone(),
+            prefetched: None,
+            ahead: false,
+            reading_ahead: true,
+            background: self.background,
+        }
     }
 
     /// Blocking: reads and protects the batch, compresses it, reserves its bytes under the cap
     /// (the wait itself is async, so a stop never waits for it).
     pub(super) fn prepare(self) -> Result<Option<Covered>, PrepareError> {
         let uplink = &*self.uplink;
-        let reader = uplink
-            .readers
+        let pool = if self.reading_ahead {
+            &uplink.ahead_readers
+        } else {
+            &uplink.readers
+        };
+        let Some(reader) = pool
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop()
-            .ok_or("invariant: a reader per request in flight")?;
+        else {
+            if self.reading_ahead {
+                // Another stream is reading ahead: this one does not.
+                return Ok(None);
+            }
+            return Err("invariant: a reader per request in flight".into());
+        };
         // Read, then protect under the lock; read again under it if a commit that may have
         // dropped records ended in between (`crate::buffer::protection`).
         let read_batch = || {
@@ -313,15 +403,21 @@ impl Request {
                 // A reload renumbered the streams since this forwarder started (it is being
                 // stopped): its indices mean other streams now.
                 drop(guard);
-                uplink
-                    .readers
-                    .lock()
+                pool.lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .push(reader);
                 return Err("the streams were reloaded".into());
             }
             let read = if uplink.protected.drops() == drops {
                 read
+            } else if self.reading_ahead {
+                // Not read again under the lock at a low CPU priority (the writer and every
+                // other stream's read would wait for it): the next request reads it.
+                drop(guard);
+                pool.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(reader);
+                return Ok(None);
             } else {
                 read_batch()
             };
@@ -330,9 +426,7 @@ impl Request {
             }
             read
         };
-        uplink
-            .readers
-            .lock()
+        pool.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(reader);
         let read = read.map_err(|e| PrepareError {
@@ -362,7 +456,8 @@ impl Request {
         let dictionary = {
             let mut dictionaries = uplink.dictionaries();
             let d = &mut dictionaries[self.stream];
-            if d.wants_samples()
+            if !self.reading_ahead
+                && d.wants_samples()
                 && let Some(trained) = d.learn(&uplink.device_id, &self.stream_name, &read.records)
             {
                 tracing::info!(stream = %self.stream_name, id = trained.id, bytes = trained.bytes.len(), "zstd dictionary trained on this stream's records");
@@ -374,8 +469,9 @@ impl Request {
             }
             d.current()
         };
+        let asked = uplink.bodies().version(self.replica, Instant::now());
         let encoding = batcher::Encoding {
-            version: uplink.bodies().version(self.replica, Instant::now()),
+            version: asked,
             zstd_level: self.zstd_level,
             dictionary: dictionary.as_ref().map(|d| d.bytes.as_slice()),
         };
@@ -409,9 +505,41 @@ impl Request {
                 replica: self.replica,
                 wait,
                 dictionary,
+                asked,
             },
         )))
     }
+}
+
+/// What [`prepare`] hands back: when the batch was ready, and the batch.
+type Prepared = (Instant, Result<Option<Covered>, PrepareError>);
+
+/// Reads and compresses `request`'s batch off the async threads. A read ahead for a stream
+/// below the critical class ([`Request::background`]) runs on a thread of its own at a low CPU
+/// priority (nice 10): it uses what the cores have left, never taking one from the path of new
+/// (critical) records. Errs if the work panicked (or no thread could be started).
+async fn prepare(request: Request) -> Result<Prepared, String> {
+    let background = request.background;
+    let work = move || {
+        let read = request.prepare();
+        (Instant::now(), read)
+    };
+    if !background {
+        return tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| format!("the batch preparation panicked: {e}"));
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bulk-read".into())
+        .spawn(move || {
+            // Best effort: raising one's own nice value needs no privilege.
+            let _ = rustix::process::nice(10);
+            let _ = tx.send(work());
+        })
+        .map_err(|e| e.to_string())?;
+    rx.await
+        .map_err(|_| "the batch preparation panicked".to_string())
 }
 
 /// A batch ready to go, with the sequences it stands for.
@@ -425,6 +553,8 @@ pub(super) struct Ready {
     pub(super) wait: Duration,
     /// The dictionary it is compressed with, if any.
     pub(super) dictionary: Option<Arc<Trained>>,
+    /// The body version it was asked for (a batch version 2 cannot carry goes as version 1).
+    pub(super) asked: BodyVersion,
 }
 
 /// `Authorization: Bearer <token>`, or nothing when the agent logs in with its certificate
