@@ -318,14 +318,15 @@ impl Buffer {
         self.streams.iter().map(|s| s.progress.backlog_bytes).sum()
     }
 
-    /// Whether the records held are within a tenth of what the buffer may hold (its quota, or
-    /// less on a volume short of room): a commit may soon have to evict.
-    pub fn near_cap(&self) -> bool {
+    /// Whether the records held plus `incoming` bytes of new ones come within a tenth of what
+    /// the buffer may hold (its quota, or less on a volume short of room): a commit may have to
+    /// evict.
+    pub fn near_cap(&self, incoming: u64) -> bool {
         let cap = self
             .disk_cap
             .unwrap_or(self.quota_bytes)
             .min(self.quota_bytes);
-        self.backlog_bytes() >= cap - cap / 10
+        self.backlog_bytes().saturating_add(incoming) >= cap - cap / 10
     }
 
     /// Applies `commands` in one transaction; with `expire`, also drops records past their

@@ -350,6 +350,7 @@ impl Forwarder {
                 ahead: reads_ahead,
                 reading_ahead: false,
                 background: reads_ahead && config.priority != Priority::Critical,
+                abandoned: None,
             };
             in_flight.spawn(request.run());
         }

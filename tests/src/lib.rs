@@ -858,13 +858,15 @@ pub fn start_agent_without_mqtt(dir: &Path, config: &Path) -> Agent {
         .expect("metrics addr");
     process.wait_line("mqtt disabled");
     let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
-    Agent {
+    let agent = Agent {
         process,
         mqtt: nowhere,
         mqtt5: nowhere,
         metrics,
         config: config.to_owned(),
-    }
+    };
+    agent.settle_ready();
+    agent
 }
 
 fn launch_agent(dir: &Path, config: &Path, cmd: Command) -> Agent {
@@ -881,13 +883,15 @@ fn launch_agent(dir: &Path, config: &Path, cmd: Command) -> Agent {
         .wait_line("mqtt5 listening on")
         .parse()
         .expect("mqtt5 addr");
-    Agent {
+    let agent = Agent {
         process,
         mqtt,
         mqtt5,
         metrics,
         config: config.to_owned(),
-    }
+    };
+    agent.settle_ready();
+    agent
 }
 
 /// One plain-HTTP client for polling local endpoints (metrics, readiness). Building a client
@@ -932,6 +936,16 @@ impl Agent {
     /// Waits for a stdout line starting with `prefix` (after those the harness read); the rest.
     pub fn printed(&mut self, prefix: &str) -> String {
         self.process.wait_line(prefix)
+    }
+
+    /// Waits, at most 5 s, for `/readyz` to answer 200: the listeners are up a moment before
+    /// the agent says it is ready (its uplink and sources start in between). An agent that is not
+    /// ready by then is left to the test to judge.
+    fn settle_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.readyz() != 200 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// HTTP status of `/readyz`.

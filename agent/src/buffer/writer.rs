@@ -49,7 +49,8 @@ pub const MAX_GROUP: usize = 20_000;
 /// Most acknowledged records deleted by a commit that also stores new records (or while more
 /// commands wait): deleting 5,000 takes ~10 ms, which new records would wait for.
 pub const ACK_PIECE: u64 = 500;
-/// Most deleted by a commit of nothing else, while nothing waits.
+/// Most deleted by a commit of nothing else, while nothing waits (plus what is owed beyond
+/// [`MAX_OWED`]).
 const ACK_ALONE: u64 = 5_000;
 /// Acknowledged records owed beyond which a commit deletes the excess too.
 pub const MAX_OWED: u64 = 50_000;
@@ -256,12 +257,14 @@ impl BufferWriter {
         });
         let alone = group.is_empty() && self.commands.is_empty();
         let owed_records: u64 = owed.iter().map(|&(_, first, last)| last - first + 1).sum();
-        let mut budget = if all || self.buffer.near_cap() {
+        let incoming: u64 = group.iter().map(cost).sum();
+        let excess = owed_records.saturating_sub(MAX_OWED);
+        let mut budget = if all || self.buffer.near_cap(incoming) {
             u64::MAX
         } else if alone {
-            ACK_ALONE
+            ACK_ALONE.max(excess)
         } else {
-            ACK_PIECE.max(owed_records.saturating_sub(MAX_OWED))
+            ACK_PIECE.max(excess)
         };
         while budget > 0
             && let Some((stream, first, last)) = owed.pop_front()
@@ -445,8 +448,8 @@ impl BufferWriter {
                     return true;
                 }
             }
-            if error.is_disk_full() {
-                // Deleting what was delivered comes before evicting anything.
+            if error.is_disk_full() && !self.acks_owed.is_empty() {
+                // Deleting what was delivered comes before evicting anything: retry with it.
                 group.extend(self.acks_owed.drain(..).map(|(stream, first, last)| {
                     WriterCommand::Ack {
                         stream,
@@ -454,6 +457,9 @@ impl BufferWriter {
                         last,
                     }
                 }));
+                continue;
+            }
+            if error.is_disk_full() {
                 if full_attempts == 0 && !self.buffer.is_frozen() {
                     tracing::error!(error = %error, "buffer disk full: evicting the lowest priority, oldest records to make room (reported as disk_full)");
                 }

@@ -252,6 +252,9 @@ pub(super) struct Request {
     /// Its read ahead, if any, is of a stream below the critical class: at a low CPU priority
     /// ([`prepare`]).
     pub(super) background: bool,
+    /// For a read ahead: set once the request before it was not delivered; the read then
+    /// protects nothing and is not used.
+    pub(super) abandoned: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Request {
@@ -292,8 +295,15 @@ impl Request {
         };
         // A full batch of a draining stream: read and compress the next one meanwhile (spawned:
         // it starts now, not when awaited).
-        let next = (ahead && batch.prepared.records >= max_records && covered.1 < MAX_SEQ)
-            .then(|| tokio::spawn(prepare(self.following(covered.1))));
+        let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let next =
+            (ahead && batch.prepared.records >= max_records && covered.1 < MAX_SEQ).then(|| {
+                let next = Request {
+                    abandoned: Some(abandoned.clone()),
+                    ..self.following(covered.1)
+                };
+                tokio::spawn(prepare(next))
+            });
         let Uplink {
             client,
             urls,
@@ -324,6 +334,11 @@ impl Request {
         // this answer is booked). A read ahead that failed is not used: the next request reads
         // again, and reports what it finds.
         let delivered = matches!(outcome, Ok((Outcome::Delivered, _)));
+        if !delivered {
+            // Before the answer is booked: a read ahead that protects after it would protect
+            // records never sent for as long as the link stays down.
+            abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let ahead = match next {
             Some(next) if delivered => match next.await {
                 Ok(Ok((read_at, Ok(Some(batch))))) => Some(Box::new(ReadAhead { read_at, batch })),
@@ -361,6 +376,7 @@ impl Request {
             ahead: false,
             reading_ahead: true,
             background: self.background,
+            abandoned: None,
         }
     }
 
@@ -408,9 +424,15 @@ impl Request {
                     .push(reader);
                 return Err("the streams were reloaded".into());
             }
-            let read = if uplink.protected.drops() == drops {
+            let abandoned = self
+                .abandoned
+                .as_ref()
+                .is_some_and(|a| a.load(std::sync::atomic::Ordering::SeqCst));
+            let read = if uplink.protected.drops() == drops && !abandoned {
                 read
             } else if self.reading_ahead {
+                // Or its request was not delivered: the answer is booked (or about to be, under
+                // this lock) and nothing would ever unprotect this batch.
                 // Not read again under the lock at a low CPU priority (the writer and every
                 // other stream's read would wait for it): the next request reads it.
                 drop(guard);
