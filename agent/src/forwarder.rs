@@ -398,12 +398,18 @@ impl Forwarder {
                 *slot = None;
                 self.lanes[stream].drop_ahead();
                 self.lanes[stream].publish_protection(&self.protected, stream);
-                self.metrics
-                    .batches_read_ahead
-                    .with_label_values(&[self.streams[stream].name.as_str(), "dropped"])
-                    .inc();
+                self.count_read_ahead(stream, false);
             }
         }
+    }
+
+    /// Counts a batch read ahead of `stream` as `sent` or `dropped`.
+    fn count_read_ahead(&self, stream: usize, sent: bool) {
+        let fate = if sent { "sent" } else { "dropped" };
+        self.metrics
+            .batches_read_ahead
+            .with_label_values(&[self.streams[stream].name.as_str(), fate])
+            .inc();
     }
 
     /// The batch read ahead for `stream`, if it is still the one to send: it starts where the
@@ -428,11 +434,7 @@ impl Forwarder {
             && self.lanes[stream]
                 .size_cap
                 .is_none_or(|cap| ready.prepared.records <= cap);
-        let fate = if good { "sent" } else { "dropped" };
-        self.metrics
-            .batches_read_ahead
-            .with_label_values(&[self.streams[stream].name.as_str(), fate])
-            .inc();
+        self.count_read_ahead(stream, good);
         good.then_some(read.batch)
     }
 

@@ -34,6 +34,14 @@ fn spec(mqtt: std::net::SocketAddr, clients: usize, per_client: u64) -> LoadSpec
     }
 }
 
+/// Records the agent's buffer holds, over [`STREAMS`].
+fn buffered(agent: &e2e::Agent) -> f64 {
+    STREAMS
+        .iter()
+        .map(|s| agent.metric(&format!("agent_backlog_records{{stream=\"{s}\"}}")))
+        .sum()
+}
+
 fn publish(spec: LoadSpec) -> load::LoadReport {
     tokio::runtime::Runtime::new()
         .expect("runtime")
@@ -187,11 +195,7 @@ fn data_published_before_the_ingest_exists_arrives_once_it_starts() {
     let report = publish(spec(agent.mqtt, 3, 1000));
     assert_eq!(report.acked, 3000);
     eventually(Duration::from_secs(20), "3000 records buffered", || {
-        let buffered: f64 = STREAMS
-            .iter()
-            .map(|s| agent.metric(&format!("agent_backlog_records{{stream=\"{s}\"}}")))
-            .sum();
-        (buffered >= 3000.0).then_some(())
+        (buffered(&agent) >= 3000.0).then_some(())
     });
     assert_eq!(
         agent.metric("agent_link_up"),
@@ -204,11 +208,7 @@ fn data_published_before_the_ingest_exists_arrives_once_it_starts() {
     });
     assert_exactly_once_in_order(&cloud, 3, 1000);
     eventually(Duration::from_secs(10), "empty buffer", || {
-        let left: f64 = STREAMS
-            .iter()
-            .map(|s| agent.metric(&format!("agent_backlog_records{{stream=\"{s}\"}}")))
-            .sum();
-        (left == 0.0).then_some(())
+        (buffered(&agent) == 0.0).then_some(())
     });
 }
 
@@ -225,11 +225,7 @@ fn a_backlog_drains_with_each_next_batch_read_ahead_exactly_once_in_order() {
     let report = publish(spec(agent.mqtt, 3, 3000));
     assert_eq!(report.acked, 9000);
     eventually(Duration::from_secs(30), "9000 records buffered", || {
-        let buffered: f64 = STREAMS
-            .iter()
-            .map(|s| agent.metric(&format!("agent_backlog_records{{stream=\"{s}\"}}")))
-            .sum();
-        (buffered >= 9000.0).then_some(())
+        (buffered(&agent) >= 9000.0).then_some(())
     });
     let cloud = CloudHarness::new(dir.path()).port(port).run();
     eventually(Duration::from_secs(60), "9000 records in the log", || {
@@ -249,10 +245,6 @@ fn a_backlog_drains_with_each_next_batch_read_ahead_exactly_once_in_order() {
         "3,000 records a stream in batches of 300: batches were read ahead and sent"
     );
     eventually(Duration::from_secs(10), "empty buffer", || {
-        let left: f64 = STREAMS
-            .iter()
-            .map(|s| agent.metric(&format!("agent_backlog_records{{stream=\"{s}\"}}")))
-            .sum();
-        (left == 0.0).then_some(())
+        (buffered(&agent) == 0.0).then_some(())
     });
 }

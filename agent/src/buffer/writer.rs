@@ -703,6 +703,24 @@ mod tests {
         (held, metrics)
     }
 
+    /// A writer over `buffer` (the test streams, no commit window, nothing protected), and
+    /// the sender of its commands, to drive its steps one by one.
+    fn bare_writer(buffer: Buffer) -> (flume::Sender<WriterCommand>, BufferWriter) {
+        let (tx, rx) = flume::bounded(10);
+        let (progress, _) = watch::channel(buffer.progress());
+        let writer = BufferWriter::new(
+            buffer,
+            rx,
+            Duration::ZERO,
+            1 << 20,
+            progress,
+            Metrics::new(),
+            vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
+            Arc::new(Protected::new(vec![Default::default(); 2])),
+        );
+        (tx, writer)
+    }
+
     #[test]
     fn a_group_the_disk_cannot_take_is_dropped_and_reported_and_acks_still_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -732,18 +750,7 @@ mod tests {
         buffer
             .pragma(&format!("max_page_count = {pages}"))
             .expect("limit");
-        let (tx, rx) = flume::bounded(10);
-        let (progress, _) = watch::channel(buffer.progress());
-        let mut writer = BufferWriter::new(
-            buffer,
-            rx,
-            Duration::ZERO,
-            1 << 20,
-            progress,
-            Metrics::new(),
-            vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
-            Arc::new(Protected::new(vec![Default::default(); 2])),
-        );
+        let (tx, mut writer) = bare_writer(buffer);
         drop(tx);
         let big = |i: u8| {
             WriterCommand::Append(NewRecord {
@@ -789,18 +796,7 @@ mod tests {
         let buffer = Buffer::open(&dir.path().join("b.db"), &streams(), 1 << 30)
             .expect("open")
             .buffer;
-        let (tx, rx) = flume::bounded(10);
-        let (progress, _) = watch::channel(buffer.progress());
-        let mut writer = BufferWriter::new(
-            buffer,
-            rx,
-            Duration::ZERO,
-            1 << 20,
-            progress,
-            Metrics::new(),
-            vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
-            Arc::new(Protected::new(vec![Default::default(); 2])),
-        );
+        let (tx, mut writer) = bare_writer(buffer);
         let append = || {
             WriterCommand::Append(NewRecord {
                 stream: 0,

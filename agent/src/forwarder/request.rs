@@ -265,14 +265,8 @@ impl Request {
         let (covered, batch) = match self.prefetched.take() {
             Some(ready) => ready,
             None => {
-                let request = self.following(0);
-                let request = Request {
-                    spans: std::mem::take(&mut self.spans),
-                    newest_first: self.newest_first,
-                    reading_ahead: false,
-                    background: false,
-                    ..request
-                };
+                let spans = std::mem::take(&mut self.spans);
+                let request = self.reading(spans, self.newest_first);
                 match prepare(request).await.map(|(_, read)| read) {
                     Ok(Ok(Some(ready))) => ready,
                     Ok(Ok(None)) => return Ended::Empty { stream },
@@ -358,12 +352,22 @@ impl Request {
         })
     }
 
-    /// The read of the batch after `last`: same stream and limits, on the read-ahead connection.
+    /// The read of the batch after `last`: same stream and limits, on the read-ahead connection
+    /// (at a low CPU priority if this request's [`Request::background`]).
     fn following(&self, last: u64) -> Request {
         Request {
+            reading_ahead: true,
+            background: self.background,
+            ..self.reading(vec![(last.saturating_add(1), MAX_SEQ)], false)
+        }
+    }
+
+    /// A read of `spans` with this request's stream and limits, on a request's own connection.
+    fn reading(&self, spans: Vec<(u64, u64)>, newest_first: bool) -> Request {
+        Request {
             stream: self.stream,
-            spans: vec![(last.saturating_add(1), MAX_SEQ)],
-            newest_first: false,
+            spans,
+            newest_first,
             max_records: self.max_records,
             max_bytes: self.max_bytes,
             zstd_level: self.zstd_level,
@@ -374,8 +378,8 @@ impl Request {
             uplink: self.uplink.clone(),
             prefetched: None,
             ahead: false,
-            reading_ahead: true,
-            background: self.background,
+            reading_ahead: false,
+            background: false,
             abandoned: None,
         }
     }
