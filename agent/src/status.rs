@@ -277,13 +277,16 @@ impl Status {
         use rusqlite::{Connection, OpenFlags};
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         let now = crate::clock::now_ms();
-        let mut stmt = conn.prepare(
+        let layout = crate::buffer::Layout::of(&conn)?;
+        let rows = layout.stream("r.", "s.id");
+        let mut stmt = conn.prepare(&format!(
             "SELECT s.name,
-                    (SELECT COUNT(*) FROM records r WHERE r.stream_id = s.id),
-                    (SELECT COALESCE(SUM(length(CAST(r.topic AS BLOB)) + length(r.payload) + coalesce(length(r.attributes), 0)), 0) FROM records r WHERE r.stream_id = s.id),
-                    (SELECT r.received_at_ms FROM records r WHERE r.stream_id = s.id ORDER BY r.seq LIMIT 1)
+                    (SELECT COUNT(*) FROM records r WHERE {rows}),
+                    (SELECT COALESCE(SUM(length(CAST(r.topic AS BLOB)) + length(r.payload) + coalesce(length(r.attributes), 0)), 0) FROM records r WHERE {rows}),
+                    (SELECT r.received_at_ms FROM records r WHERE {rows} ORDER BY {} LIMIT 1)
              FROM streams s ORDER BY s.id",
-        )?;
+            layout.order("r.")
+        ))?;
         let streams = stmt
             .query_map([], |r| {
                 Ok(StreamStatus {

@@ -4,6 +4,7 @@
 //! Invariant: whatever leaves the buffer in a commit leaves acknowledged, dead-lettered, or
 //! counted in a loss report written in that same transaction.
 
+use super::schema::Layout;
 use super::*;
 
 /// Saves (or deletes) a file's position, in the commit of the lines before it.
@@ -72,19 +73,56 @@ pub(super) struct Limits {
 /// Stores a record.
 const INSERT_RECORD: &str = "INSERT INTO records (id, stream_id, seq, topic, received_at_ms, payload, boot, monotonic_ms, crc, attributes)
      VALUES (?9, ?1, ?2, ?3, ?4, ?5, (SELECT id FROM boots WHERE boot_id = ?6), ?7, ?8, ?10)";
+/// What a deleted record cost against the quota, returned with its sequence.
+const RETURNING: &str = "RETURNING seq, length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)";
+
 /// Deletes a stream's records in a sequence range, returning each one's sequence and cost.
-const DELETE_RANGE: &str = "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 RETURNING seq, length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)";
+pub(super) fn delete_range(layout: Layout) -> String {
+    format!("DELETE FROM records WHERE {} {RETURNING}", layout.seqs(""))
+}
+
 /// Deletes the oldest `?4` records of a stream's sequence range (one eviction chunk).
-const EVICT_RANGE: &str = "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq LIMIT ?4)
-     RETURNING seq, length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)";
+pub(super) fn evict_range(layout: Layout) -> String {
+    format!(
+        "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE {} ORDER BY {} LIMIT ?4) {RETURNING}",
+        layout.seqs(""),
+        layout.order("")
+    )
+}
+
 /// Deletes a stream's records of a sequence range received before `?4`.
-const EXPIRE_RANGE: &str = "DELETE FROM records WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3 AND received_at_ms < ?4 RETURNING seq, length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)";
+pub(super) fn expire_range(layout: Layout) -> String {
+    format!(
+        "DELETE FROM records WHERE {} AND received_at_ms < ?4 {RETURNING}",
+        layout.seqs("")
+    )
+}
+
+/// Copies a stream's records of a sequence range into the dead letters.
+pub(super) fn dead_letter_range(layout: Layout) -> String {
+    format!(
+        "INSERT INTO dead_letters (stream_id, seq, topic, received_at_ms, payload, status, reason, dead_at_ms, attributes)
+         SELECT stream_id, seq, topic, received_at_ms, payload, ?4, ?5, ?6, attributes FROM records WHERE {}",
+        layout.seqs("")
+    )
+}
+
+/// Saves a stream's next sequence and its oldest record's (the delivered floor).
+pub(super) fn save_stream(layout: Layout) -> String {
+    format!(
+        "UPDATE streams SET next_seq = ?2, floor = (SELECT seq FROM records WHERE {} ORDER BY {} LIMIT 1) WHERE id = ?1",
+        layout.stream("", "?1"),
+        layout.order("")
+    )
+}
 
 /// Applies `commands` in one transaction, in named steps: the commands themselves, TTL expiry
 /// (with `expire`), eviction down to `limits`, a loss report stored for every drop, and the
 /// streams' rows. Nothing of `droppable`'s complement (records in flight) is dropped.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn apply(
     conn: &mut Connection,
+    layout: Layout,
     streams: &mut [StreamState],
     commands: &[WriterCommand],
     limits: Limits,
@@ -106,12 +144,13 @@ pub(super) fn apply(
     };
     let loss_stream = streams.iter().position(|s| s.name == LOSS_STREAM);
     let tx = conn.transaction()?;
-    apply_commands(&tx, streams, commands, now_ms, &mut summary)?;
+    apply_commands(&tx, layout, streams, commands, now_ms, &mut summary)?;
     if expire {
-        expire_past_ttl(&tx, streams, droppable, now_ms, &mut summary)?;
+        expire_past_ttl(&tx, layout, streams, droppable, now_ms, &mut summary)?;
     }
     evict_over_quota(
         &tx,
+        layout,
         streams,
         limits,
         droppable,
@@ -122,7 +161,7 @@ pub(super) fn apply(
     if let Some(ls) = loss_stream {
         store_loss_reports(&tx, streams, ls, now_ms, &mut summary)?;
     }
-    save_streams(&tx, streams)?;
+    save_streams(&tx, layout, streams)?;
     tx.commit()?;
     Ok(summary)
 }
@@ -131,13 +170,14 @@ pub(super) fn apply(
 /// counts, transform state and file positions.
 fn apply_commands(
     tx: &rusqlite::Transaction<'_>,
+    layout: Layout,
     streams: &mut [StreamState],
     commands: &[WriterCommand],
     now_ms: i64,
     summary: &mut CommitSummary,
 ) -> rusqlite::Result<()> {
     let mut insert = tx.prepare_cached(INSERT_RECORD)?;
-    let mut delete = tx.prepare_cached(DELETE_RANGE)?;
+    let mut delete = tx.prepare_cached(&delete_range(layout))?;
     for command in commands {
         match command {
             WriterCommand::Append(r) => {
@@ -165,10 +205,15 @@ fn apply_commands(
                 reason,
             } => {
                 tx.execute(
-                    "INSERT INTO dead_letters (stream_id, seq, topic, received_at_ms, payload, status, reason, dead_at_ms, attributes)
-                     SELECT stream_id, seq, topic, received_at_ms, payload, ?4, ?5, ?6, attributes FROM records
-                     WHERE stream_id = ?1 AND seq BETWEEN ?2 AND ?3",
-                    params![streams[*stream].id, *first as i64, *last as i64, status, reason, now_ms],
+                    &dead_letter_range(layout),
+                    params![
+                        streams[*stream].id,
+                        *first as i64,
+                        *last as i64,
+                        status,
+                        reason,
+                        now_ms
+                    ],
                 )?;
                 let dropped = drop_rows(
                     delete.query(params![streams[*stream].id, *first as i64, *last as i64])?,
@@ -216,12 +261,13 @@ fn apply_commands(
 /// TTL: drops what is past its stream's TTL (and not in flight), with a report per stream.
 fn expire_past_ttl(
     tx: &rusqlite::Transaction<'_>,
+    layout: Layout,
     streams: &mut [StreamState],
     droppable: &mut Droppable<'_>,
     now_ms: i64,
     summary: &mut CommitSummary,
 ) -> rusqlite::Result<()> {
-    let mut expire_rows = tx.prepare_cached(EXPIRE_RANGE)?;
+    let mut expire_rows = tx.prepare_cached(&expire_range(layout))?;
     for (i, s) in streams.iter_mut().enumerate() {
         let Some(ttl) = s.ttl_ms else { continue };
         let mut dropped = Dropped::default();
@@ -243,8 +289,10 @@ fn expire_past_ttl(
 
 /// Quota: evicts lowest priority, oldest first, until under `limits.cap`, with a report per
 /// stream. Loss reports stay.
+#[allow(clippy::too_many_arguments)]
 fn evict_over_quota(
     tx: &rusqlite::Transaction<'_>,
+    layout: Layout,
     streams: &mut [StreamState],
     limits: Limits,
     droppable: &mut Droppable<'_>,
@@ -252,7 +300,7 @@ fn evict_over_quota(
     now_ms: i64,
     summary: &mut CommitSummary,
 ) -> rusqlite::Result<()> {
-    let mut evict = tx.prepare_cached(EVICT_RANGE)?;
+    let mut evict = tx.prepare_cached(&evict_range(layout))?;
     let mut evicted: Vec<Option<Dropped>> = vec![None; streams.len()];
     let yielding: Vec<bool> = streams
         .iter()
@@ -309,10 +357,12 @@ fn store_loss_reports(
 
 /// The streams' rows: the next sequence, and the floor (lowest sequence still held), which
 /// tells a salvage which records were delivered.
-fn save_streams(tx: &rusqlite::Transaction<'_>, streams: &[StreamState]) -> rusqlite::Result<()> {
-    let mut update = tx.prepare_cached(
-        "UPDATE streams SET next_seq = ?2, floor = (SELECT MIN(seq) FROM records WHERE stream_id = ?1) WHERE id = ?1",
-    )?;
+fn save_streams(
+    tx: &rusqlite::Transaction<'_>,
+    layout: Layout,
+    streams: &[StreamState],
+) -> rusqlite::Result<()> {
+    let mut update = tx.prepare_cached(&save_stream(layout))?;
     for s in streams {
         update.execute(params![s.id, s.next_seq as i64])?;
     }
@@ -402,6 +452,16 @@ pub(super) fn append(
 ) -> rusqlite::Result<()> {
     let (topic, payload) = (&r.topic, &r.payload);
     let attributes = stored_attributes(&r.attributes);
+    // Statements find records by this rowid: one SQLite chose would be lost to them.
+    let id = row_id(s.id, s.next_seq).ok_or_else(|| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_RANGE),
+            Some(format!(
+                "stream {:?} reached sequence {}, beyond what a rowid holds",
+                s.name, s.next_seq
+            )),
+        )
+    })?;
     insert.execute(params![
         s.id,
         s.next_seq as i64,
@@ -417,7 +477,7 @@ pub(super) fn append(
             payload,
             attributes.as_deref()
         ),
-        row_id(s.id, s.next_seq),
+        id,
         attributes,
     ])?;
     let cost = (topic.len() + payload.len() + attributes.as_ref().map_or(0, Vec::len)) as u64
@@ -492,4 +552,62 @@ pub fn eviction_victim(streams: &[(Priority, u64)]) -> Option<usize> {
         .filter(|(_, (_, records))| *records > 0)
         .min_by_key(|(_, (priority, records))| (*priority, std::cmp::Reverse(*records)))
         .map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records are found by a range of the table's own key, or on a buffer that still holds an
+    /// older version's records through the index on (stream, sequence): a statement that
+    /// scanned or sorted the table would read the whole backlog for every ack.
+    #[test]
+    fn every_records_statement_searches_and_never_sorts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = Buffer::open(&dir.path().join("b.db"), &[], 1 << 20)
+            .expect("open")
+            .buffer;
+        for layout in [Layout::Rowid, Layout::Indexed] {
+            if layout == Layout::Indexed {
+                b.conn
+                    .execute_batch(
+                        "CREATE UNIQUE INDEX records_by_seq ON records (stream_id, seq);",
+                    )
+                    .expect("index");
+            }
+            for sql in [
+                delete_range(layout),
+                evict_range(layout),
+                expire_range(layout),
+                dead_letter_range(layout),
+                save_stream(layout),
+                super::super::reader::read_sql(layout, false),
+                super::super::reader::read_sql(layout, true),
+                format!(
+                    "SELECT seq FROM records WHERE {} ORDER BY {} LIMIT 1",
+                    layout.stream("", "?1"),
+                    layout.order("")
+                ),
+            ] {
+                let mut plan = b
+                    .conn
+                    .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .expect("plan");
+                for i in 1..=plan.parameter_count() {
+                    plan.raw_bind_parameter(i, 1i64).expect("bind");
+                }
+                let mut rows = plan.raw_query();
+                let mut steps: Vec<String> = Vec::new();
+                while let Some(row) = rows.next().expect("query plan") {
+                    steps.push(row.get(3).expect("step"));
+                }
+                assert!(
+                    steps
+                        .iter()
+                        .all(|s| !s.starts_with("SCAN r") && !s.contains("TEMP B-TREE")),
+                    "{layout:?}: {sql}\n{steps:?}"
+                );
+            }
+        }
+    }
 }

@@ -1,7 +1,52 @@
 //! The file against its volume: checkpoints, the WAL's room, giving free pages back, and what
 //! a full disk does (the writer freezes growth, keeps acknowledging nothing new, and drains).
 
-use super::{Buffer, BufferError, ensure_reserve, space};
+use std::time::Duration;
+
+use super::{BUSY_TIMEOUT, Buffer, BufferError, ensure_reserve, space};
+
+/// How long a WAL restart waits for readers to leave the WAL (a batch read takes a few ms).
+const WAL_RESTART_WAIT: Duration = Duration::from_millis(20);
+
+/// How soon a WAL restart that readers kept from succeeding is tried again, doubled after each
+/// failure up to [`WAL_RESTART_MAX_BACKOFF`] (a reader that stays, e.g. an operator's `buffer
+/// verify`, would otherwise cost the writer 20 ms every 100 ms).
+const WAL_RESTART_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The longest wait between two tries of a WAL restart.
+const WAL_RESTART_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// When the writer may next try to make the WAL start again ([`Buffer::restart_wal`]).
+#[derive(Debug)]
+pub(super) struct WalRestart {
+    next: std::time::Instant,
+    backoff: Duration,
+}
+
+impl WalRestart {
+    pub(super) fn new() -> WalRestart {
+        WalRestart {
+            next: std::time::Instant::now(),
+            backoff: WAL_RESTART_BACKOFF,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.next <= std::time::Instant::now()
+    }
+
+    /// After a try: the next one at once when it worked (the WAL must fill again first),
+    /// otherwise after the backoff, which doubles.
+    fn tried(&mut self, restarted: bool) {
+        if restarted {
+            self.backoff = WAL_RESTART_BACKOFF;
+            self.next = std::time::Instant::now();
+        } else {
+            self.next = std::time::Instant::now() + self.backoff;
+            self.backoff = (self.backoff * 2).min(WAL_RESTART_MAX_BACKOFF);
+        }
+    }
+}
 
 impl Buffer {
     pub(super) fn pragma(&self, name: &str) -> Result<u64, BufferError> {
@@ -46,7 +91,8 @@ impl Buffer {
     /// After every commit: checkpoints (TRUNCATE) when the WAL holds more growth of the file
     /// than half the reserve ([`space::must_checkpoint`]), so a full disk can always be
     /// checkpointed out of; and when the WAL itself takes much of what is left of the volume
-    /// ([`space::wal_too_large`]).
+    /// ([`space::wal_too_large`]). Otherwise, when the WAL has stopped starting again from its
+    /// beginning ([`space::wal_stalled`]), makes it start again ([`Buffer::restart_wal`]).
     pub fn bound_growth(&mut self) -> Result<(), BufferError> {
         let pages = self.pragma("page_count")?;
         let usage = space::Usage::of(&self.path);
@@ -57,8 +103,32 @@ impl Buffer {
             || space::must_checkpoint(pages, self.page_size, usage.db, self.reserve_bytes)
         {
             self.checkpoint()?;
+        } else if usage.wal > self.reserve_bytes
+            && self.wal_restart.due()
+            && space::Volume::of(&self.path)
+                .is_ok_and(|v| space::wal_stalled(usage.wal, self.reserve_bytes, v.available))
+        {
+            let restarted = self.restart_wal()?;
+            self.wal_restart.tried(restarted);
         }
         Ok(())
+    }
+
+    /// Copies what the background checkpointer has not yet copied and waits at most
+    /// [`WAL_RESTART_WAIT`] for readers to leave the WAL (RESTART), so that the next commit writes
+    /// the WAL from its beginning and cuts its file back; whether it did. Readers still inside
+    /// it after that wait keep it growing until the next try ([`WalRestart`]). On the writer's
+    /// path, once per [`space::WAL_CYCLE_BYTES`] of WAL: the background checkpointer has
+    /// copied most of it by then.
+    pub(super) fn restart_wal(&mut self) -> Result<bool, BufferError> {
+        let wait = |conn: &rusqlite::Connection, d| conn.busy_timeout(d);
+        wait(&self.conn, WAL_RESTART_WAIT).map_err(|e| self.error(e))?;
+        let done = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
+        wait(&self.conn, BUSY_TIMEOUT).map_err(|e| self.error(e))?;
+        let busy = done.map_err(|e| self.error(e))?;
+        Ok(busy == 0)
     }
 
     /// Copies the whole WAL into the file and empties it; `false` when readers kept it busy.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use super::schema::{SCHEMA, load_epoch, load_stream, migrate, resume_points};
+use super::schema::{Layout, SCHEMA, load_epoch, load_stream, migrate, resume_points};
 use super::{Buffer, BufferError, BufferStream, Quarantine, WriterCommand, recovery, space};
 use crate::routing::Priority;
 
@@ -147,8 +147,9 @@ impl Buffer {
         // given back to a full volume ([`space`]), and each commit rewrites smaller pages
         // ([`PAGE_SIZE`]). Older buffers keep theirs.
         conn.execute_batch(&format!(
-            "PRAGMA page_size={PAGE_SIZE}; PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={reserve_bytes}; PRAGMA busy_timeout=5000; PRAGMA cache_size=-{WRITER_CACHE_KIB};"
+            "PRAGMA page_size={PAGE_SIZE}; PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={reserve_bytes}; PRAGMA cache_size=-{WRITER_CACHE_KIB};"
         ))
+        .and_then(|()| conn.busy_timeout(BUSY_TIMEOUT))
         .and_then(|()| conn.execute_batch(SCHEMA))
         .and_then(|()| migrate(&conn))
         .map_err(sqlite)?;
@@ -167,6 +168,7 @@ impl Buffer {
             source,
         };
         let conn = Buffer::connect(path, reserve_bytes)?;
+        let layout = Layout::settle(&conn).map_err(sqlite)?;
         let epoch = load_epoch(&conn).map_err(sqlite)?;
         let page_size: i64 = conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
@@ -174,14 +176,18 @@ impl Buffer {
         let reserve = space::side(path, ".reserve");
         let mut state = Vec::new();
         for spec in streams {
-            let mut loaded = load_stream(&conn, &spec.name, spec.priority).map_err(sqlite)?;
+            let mut loaded =
+                load_stream(&conn, layout, &spec.name, spec.priority).map_err(sqlite)?;
             loaded.ttl_ms = spec.ttl.map(|t| t.as_millis() as i64);
             state.push(loaded);
         }
         // Streams dropped from the config keep draining what they hold.
         let orphans: Vec<String> = {
             let mut stmt = conn
-                .prepare("SELECT name FROM streams s WHERE EXISTS (SELECT 1 FROM records r WHERE r.stream_id = s.id) ORDER BY id")
+                .prepare(&format!(
+                    "SELECT name FROM streams s WHERE EXISTS (SELECT 1 FROM records r WHERE {}) ORDER BY id",
+                    layout.stream("r.", "s.id")
+                ))
                 .map_err(sqlite)?;
             let names = stmt
                 .query_map([], |r| r.get::<_, String>(0))
@@ -194,9 +200,9 @@ impl Buffer {
                 .collect()
         };
         for name in &orphans {
-            state.push(load_stream(&conn, name, Priority::Bulk).map_err(sqlite)?);
+            state.push(load_stream(&conn, layout, name, Priority::Bulk).map_err(sqlite)?);
         }
-        let opened = resume_points(&conn, &state, streams.len()).map_err(sqlite)?;
+        let opened = resume_points(&conn, layout, &state, streams.len()).map_err(sqlite)?;
         let buffer = Buffer {
             conn,
             path: path.to_owned(),
@@ -207,6 +213,8 @@ impl Buffer {
             reserve,
             ceiling: None,
             page_size: page_size.max(512) as u64,
+            wal_restart: super::growth::WalRestart::new(),
+            layout,
         };
         Ok(Opened {
             buffer,
@@ -216,6 +224,10 @@ impl Buffer {
         })
     }
 }
+
+/// How long the writer's connection waits for a lock (the checkpointer's, a TRUNCATE
+/// checkpoint's wait for readers).
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The reserve when none is given (tests, tools); the agent sizes it from the config and the
 /// volume ([`space::auto_reserve`]).

@@ -1,13 +1,27 @@
 //! The buffer's read side: a read-only connection that builds batches, checking every record
 //! against its checksum (a damaged one is handed back for the writer to drop and report).
 
+use super::schema::Layout;
 use super::*;
+
+/// Up to `?4` records of stream `?1` of sequences `?2..=?3`, oldest first (or newest).
+pub(super) fn read_sql(layout: Layout, newest_first: bool) -> String {
+    format!(
+        "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms, r.crc, r.attributes
+         FROM records r LEFT JOIN boots b ON b.id = r.boot WHERE {} ORDER BY {}{} LIMIT ?4",
+        layout.seqs("r."),
+        layout.order("r."),
+        if newest_first { " DESC" } else { "" }
+    )
+}
 
 /// The buffer's read side: a read-only connection for building batches.
 pub struct BufferReader {
     conn: Connection,
     path: PathBuf,
     stream_ids: Vec<i64>,
+    /// [`read_sql`] oldest first, then newest first.
+    reads: [String; 2],
 }
 
 impl BufferReader {
@@ -37,10 +51,12 @@ impl BufferReader {
                 .map_err(sqlite)?;
             stream_ids.push(id.ok_or_else(|| sqlite(rusqlite::Error::QueryReturnedNoRows))?);
         }
+        let layout = Layout::of(&conn).map_err(sqlite)?;
         Ok(BufferReader {
             conn,
             path: path.to_owned(),
             stream_ids,
+            reads: [read_sql(layout, false), read_sql(layout, true)],
         })
     }
 
@@ -61,15 +77,7 @@ impl BufferReader {
         };
         let mut stmt = self
             .conn
-            .prepare_cached(if newest_first {
-                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms, r.crc, r.attributes
-                 FROM records r LEFT JOIN boots b ON b.id = r.boot
-                 WHERE r.stream_id = ?1 AND r.seq BETWEEN ?2 AND ?3 ORDER BY r.seq DESC LIMIT ?4"
-            } else {
-                "SELECT r.seq, r.topic, r.received_at_ms, r.payload, b.boot_id, r.monotonic_ms, r.crc, r.attributes
-                 FROM records r LEFT JOIN boots b ON b.id = r.boot
-                 WHERE r.stream_id = ?1 AND r.seq BETWEEN ?2 AND ?3 ORDER BY r.seq LIMIT ?4"
-            })
+            .prepare_cached(&self.reads[usize::from(newest_first)])
             .map_err(sqlite)?;
         let mut out = Vec::new();
         let mut corrupt = Vec::new();

@@ -4,6 +4,86 @@
 
 use super::*;
 
+/// How the buffer's statements find a stream's records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// By a range of rowids: every record's rowid is derived from its stream and sequence
+    /// ([`row_id`]), so the table needs no other index (each commit wrote one too).
+    Rowid,
+    /// Through the index on (stream, sequence): the buffer still holds records an older
+    /// version stored under rowids SQLite chose (below 2^48). The first open that finds none
+    /// left drops the index ([`Layout::settle`]).
+    Indexed,
+}
+
+/// The largest sequence a rowid holds: 2^48 - 1.
+const SEQ_MASK: &str = "281474976710655";
+
+impl Layout {
+    /// The layout of the buffer `conn` opened (read-only connections too).
+    pub fn of(conn: &Connection) -> rusqlite::Result<Layout> {
+        let indexed: bool = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'records_by_seq'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        Ok(if indexed {
+            Layout::Indexed
+        } else {
+            Layout::Rowid
+        })
+    }
+
+    /// The writer's open: drops the index once no record has an older version's rowid (a
+    /// range of rowids, read at once), so a buffer of the previous version loses it at its
+    /// first open and one with older records once they are gone.
+    pub(super) fn settle(conn: &Connection) -> rusqlite::Result<Layout> {
+        if Layout::of(conn)? == Layout::Rowid {
+            return Ok(Layout::Rowid);
+        }
+        let older: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM records WHERE id < (1 << 48))",
+            [],
+            |r| r.get(0),
+        )?;
+        if older {
+            return Ok(Layout::Indexed);
+        }
+        conn.execute_batch("DROP INDEX records_by_seq;")?;
+        Ok(Layout::Rowid)
+    }
+
+    /// SQL: the records of stream `?1` with sequences `?2..=?3`; `t` is the table's alias
+    /// with its dot, or empty. Sequences are capped below 2^48 (a span may end at
+    /// [`MAX_SEQ`]).
+    pub fn seqs(self, t: &str) -> String {
+        match self {
+            Layout::Rowid => format!(
+                "{t}id BETWEEN (?1 << 48) + min(?2, {SEQ_MASK}) AND (?1 << 48) + min(?3, {SEQ_MASK})"
+            ),
+            Layout::Indexed => format!("{t}stream_id = ?1 AND {t}seq BETWEEN ?2 AND ?3"),
+        }
+    }
+
+    /// SQL: every record of the stream whose id is `stream` (`?1`, or a column).
+    pub fn stream(self, t: &str, stream: &str) -> String {
+        match self {
+            Layout::Rowid => {
+                format!("{t}id BETWEEN ({stream} << 48) AND ({stream} << 48) + {SEQ_MASK}")
+            }
+            Layout::Indexed => format!("{t}stream_id = {stream}"),
+        }
+    }
+
+    /// SQL: the column that orders a stream's records by sequence.
+    pub fn order(self, t: &str) -> String {
+        match self {
+            Layout::Rowid => format!("{t}id"),
+            Layout::Indexed => format!("{t}seq"),
+        }
+    }
+}
+
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streams (
@@ -25,7 +105,6 @@ CREATE TABLE IF NOT EXISTS records (
     attributes BLOB
 );
 CREATE TABLE IF NOT EXISTS boots (id INTEGER PRIMARY KEY, boot_id TEXT NOT NULL UNIQUE);
-CREATE UNIQUE INDEX IF NOT EXISTS records_by_seq ON records (stream_id, seq);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     stream_id INTEGER NOT NULL,
@@ -73,6 +152,7 @@ pub(super) fn load_epoch(conn: &Connection) -> rusqlite::Result<u64> {
 
 pub(super) fn load_stream(
     conn: &Connection,
+    layout: Layout,
     name: &str,
     priority: Priority,
 ) -> rusqlite::Result<StreamState> {
@@ -85,8 +165,20 @@ pub(super) fn load_stream(
         [name],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
+    if row_id(id, 1).is_none() {
+        // Records are found by their rowid, which has room for 2^15 streams.
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_RANGE),
+            Some(format!(
+                "stream {name:?} would be the buffer's stream number {id}; a buffer holds at most 32,767 streams over its life: move the buffer file aside to start a new one"
+            )),
+        ));
+    }
     let (records, bytes): (i64, i64) = conn.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)), 0) FROM records WHERE stream_id = ?1",
+        &format!(
+            "SELECT COUNT(*), COALESCE(SUM(length(CAST(topic AS BLOB)) + length(payload) + coalesce(length(attributes), 0)), 0) FROM records WHERE {}",
+            layout.stream("", "?1")
+        ),
         [id],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -110,15 +202,20 @@ pub(super) fn load_stream(
 /// the first `configured` are orphans.
 pub(super) fn resume_points(
     conn: &Connection,
+    layout: Layout,
     state: &[StreamState],
     configured: usize,
 ) -> rusqlite::Result<Vec<OpenedStream>> {
-    let mut oldest = conn.prepare_cached("SELECT MIN(seq) FROM records WHERE stream_id = ?1")?;
+    let mut oldest = conn.prepare_cached(&format!(
+        "SELECT seq FROM records WHERE {} ORDER BY {} LIMIT 1",
+        layout.stream("", "?1"),
+        layout.order("")
+    ))?;
     state
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let first: Option<i64> = oldest.query_row([s.id], |r| r.get(0))?;
+            let first: Option<i64> = oldest.query_row([s.id], |r| r.get(0)).optional()?;
             Ok(OpenedStream {
                 name: s.name.clone(),
                 resume_after: first.map_or(s.next_seq - 1, |f| f as u64 - 1),

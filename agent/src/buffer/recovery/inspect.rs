@@ -49,9 +49,11 @@ pub fn verify(path: &Path) -> rusqlite::Result<VerifyReport> {
         })
         .ok()
         .map(|e| e as u64);
-    let mut stmt = conn.prepare(
-        "SELECT s.name, (SELECT COUNT(*) FROM records r WHERE r.stream_id = s.id), s.next_seq FROM streams s ORDER BY s.id",
-    )?;
+    let layout = crate::buffer::Layout::of(&conn)?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT s.name, (SELECT COUNT(*) FROM records r WHERE {}), s.next_seq FROM streams s ORDER BY s.id",
+        layout.stream("r.", "s.id")
+    ))?;
     let streams = stmt
         .query_map([], |r| {
             Ok(StreamSummary {

@@ -402,7 +402,7 @@ pub(super) fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Resu
     }
     // A stream's numbering goes on above everything it held, whatever its row said.
     tx.execute_batch(
-        "UPDATE streams SET next_seq = MAX(next_seq, COALESCE((SELECT MAX(seq) + 1 FROM records r WHERE r.stream_id = streams.id), 1));",
+        "UPDATE streams SET next_seq = MAX(next_seq, COALESCE((SELECT r.seq + 1 FROM records r WHERE r.id BETWEEN (streams.id << 48) AND (streams.id << 48) + 281474976710655 ORDER BY r.id DESC LIMIT 1), 1));",
     )?;
     tx.commit()?;
     let mut losses = Vec::new();

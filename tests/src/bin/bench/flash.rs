@@ -1,7 +1,8 @@
 //! Flash wear: the bytes the agent writes to its disk per record at steady rates of 100, 1,000
 //! and 10,000 records/s (10 publishers of the load generator, QoS 1, 200 B JSON, delivered as
 //! they come), and the write amplification: bytes written (`/proc/<pid>/io` write_bytes: the
-//! WAL, checkpoints, the database) over the topic and payload bytes of the records. This tree's
+//! WAL, checkpoints, the database) over the topic and payload bytes of the records, and the
+//! largest the WAL file grew (a WAL that never starts again grows without end). This tree's
 //! agent and, with `BENCH_BASELINE`, the previous one, alternating; medians of 3 rounds.
 
 use std::path::Path;
@@ -24,6 +25,8 @@ struct Measured {
     per_record: f64,
     /// Disk bytes written over topic + payload bytes.
     amplification: f64,
+    /// The largest the WAL file was during the run, MiB (sampled every 100 ms).
+    wal_mib: f64,
 }
 
 /// One run of `agent` (`None`: this tree's) at `rate` records/s for `seconds`.
@@ -39,6 +42,19 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64) -> Measured {
     // What the start wrote (the schema, the reserve file) is not the records'.
     std::thread::sleep(Duration::from_secs(1));
     let before = disk_writes(pid);
+    let wal_file = dir.path().join("buffer.db-wal");
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let mut largest = 0u64;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                largest = largest.max(std::fs::metadata(&wal_file).map_or(0, |m| m.len()));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            largest
+        })
+    };
     let per_client = rate * seconds / PUBLISHERS;
     let total = per_client * PUBLISHERS;
     let spec = LoadSpec {
@@ -61,9 +77,12 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64) -> Measured {
     std::thread::sleep(Duration::from_secs(2));
     let written = disk_writes(pid).saturating_sub(before) as f64;
     let raw = agent.metric("agent_raw_bytes_total");
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let wal = sampler.join().expect("WAL sampler");
     Measured {
         per_record: written / total as f64,
         amplification: written / raw.max(1.0),
+        wal_mib: wal as f64 / (1u64 << 20) as f64,
     }
 }
 
@@ -71,6 +90,7 @@ fn medians(runs: &[Measured]) -> Measured {
     Measured {
         per_record: median(runs.iter().map(|m| m.per_record).collect()),
         amplification: median(runs.iter().map(|m| m.amplification).collect()),
+        wal_mib: median(runs.iter().map(|m| m.wal_mib).collect()),
     }
 }
 
@@ -79,10 +99,17 @@ pub fn table(scale: u64) {
     let baseline = crate::baseline_agent();
     println!();
     println!(
-        "| steady rate, 10 publishers, QoS 1, 200 B JSON | disk bytes written per record | write amplification (written / topic + payload) |"
+        "| steady rate, 10 publishers, QoS 1, 200 B JSON | disk bytes written per record | write amplification (written / topic + payload) | largest WAL file, MiB |"
     );
-    println!("|---|---:|---:|");
+    println!("|---|---:|---:|---:|");
+    // BENCH_FLASH_RATES=10000 (comma-separated) measures only those of the three rates.
+    let only: Option<Vec<u64>> = std::env::var("BENCH_FLASH_RATES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect());
     for (rate, seconds) in [(100u64, 30u64), (1_000, 15), (10_000, 10)] {
+        if only.as_ref().is_some_and(|o| !o.contains(&rate)) {
+            continue;
+        }
         let seconds = seconds * scale;
         let (mut new, mut old) = (Vec::new(), Vec::new());
         for _ in 0..3 {
@@ -93,14 +120,14 @@ pub fn table(scale: u64) {
         }
         let n = medians(&new);
         println!(
-            "| {rate} records/s, this version | {:.0} | {:.2} |",
-            n.per_record, n.amplification
+            "| {rate} records/s, this version | {:.0} | {:.2} | {:.1} |",
+            n.per_record, n.amplification, n.wal_mib
         );
         if !old.is_empty() {
             let o = medians(&old);
             println!(
-                "| {rate} records/s, baseline | {:.0} | {:.2} |",
-                o.per_record, o.amplification
+                "| {rate} records/s, baseline | {:.0} | {:.2} | {:.1} |",
+                o.per_record, o.amplification, o.wal_mib
             );
         }
     }
