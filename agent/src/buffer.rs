@@ -728,6 +728,33 @@ mod tests {
         );
     }
 
+    /// A version older than the clustered rowids that ran on a newer one's file chose rowids
+    /// past the last stream's range: such a record would be read as another stream's, so the
+    /// index stays while one is held.
+    #[test]
+    fn a_record_whose_rowid_is_not_its_stream_and_sequence_keeps_the_index() {
+        let (_dir, path, mut b) = fresh(1 << 30);
+        b.commit(&[rec(1, b"one"), rec(2, b"two")], &[], 7, false)
+            .expect("append");
+        drop(b);
+        let old = Connection::open(&path).expect("old");
+        old.execute_batch(
+            "CREATE UNIQUE INDEX records_by_seq ON records (stream_id, seq);
+             INSERT INTO records (stream_id, seq, topic, received_at_ms, payload)
+                 VALUES (1, 2, 't', 0, x'00');",
+        )
+        .expect("written as a version without clustered rowids did");
+        let stray: i64 = old
+            .query_row("SELECT max(id) FROM records", [], |r| r.get(0))
+            .unwrap();
+        assert!(stray > 3 << 48, "past the last stream's range: {stray}");
+        drop(old);
+        let b = Buffer::open(&path, &streams(), 1 << 30)
+            .expect("reopen")
+            .buffer;
+        assert_eq!(b.layout, Layout::Indexed);
+    }
+
     /// A commit that drops nothing never takes the protections' lock (it commits while a
     /// batch being read holds it); one that may drop takes it and is counted when it ends, so
     /// a read that overlapped it reads again under the lock (`protection`'s doc).

@@ -35,17 +35,34 @@ impl WalRestart {
         self.next <= std::time::Instant::now()
     }
 
-    /// After a try: the next one at once when it worked (the WAL must fill again first),
-    /// otherwise after the backoff, which doubles.
-    fn tried(&mut self, restarted: bool) {
-        if restarted {
-            self.backoff = WAL_RESTART_BACKOFF;
-            self.next = std::time::Instant::now();
-        } else {
-            self.next = std::time::Instant::now() + self.backoff;
-            self.backoff = (self.backoff * 2).min(WAL_RESTART_MAX_BACKOFF);
+    /// After a try: the next one at once when it worked (the WAL must fill again first) or
+    /// when the background checkpointer held the checkpoint (it lets go within its pass),
+    /// otherwise (readers stayed, or an error) after the backoff, which doubles.
+    fn tried(&mut self, outcome: Restart) {
+        let now = std::time::Instant::now();
+        match outcome {
+            Restart::Done => {
+                self.backoff = WAL_RESTART_BACKOFF;
+                self.next = now;
+            }
+            Restart::Checkpointing => self.next = now,
+            Restart::Kept => {
+                self.next = now + self.backoff;
+                self.backoff = (self.backoff * 2).min(WAL_RESTART_MAX_BACKOFF);
+            }
         }
     }
+}
+
+/// What a try to make the WAL start again came to ([`Buffer::restart_wal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Restart {
+    /// The WAL was copied whole and no reader uses it: the next commit writes it from its start.
+    Done,
+    /// Another checkpoint (the background checkpointer's) was running: nothing was tried.
+    Checkpointing,
+    /// Readers stayed in the WAL past the wait (or the try failed).
+    Kept,
 }
 
 impl Buffer {
@@ -108,8 +125,12 @@ impl Buffer {
             && space::Volume::of(&self.path)
                 .is_ok_and(|v| space::wal_stalled(usage.wal, self.reserve_bytes, v.available))
         {
-            let restarted = self.restart_wal()?;
-            self.wal_restart.tried(restarted);
+            let tried = self.restart_wal();
+            self.wal_restart.tried(match &tried {
+                Ok(outcome) => *outcome,
+                Err(_) => Restart::Kept,
+            });
+            tried?;
         }
         Ok(())
     }
@@ -120,15 +141,21 @@ impl Buffer {
     /// it after that wait keep it growing until the next try ([`WalRestart`]). On the writer's
     /// path, once per [`space::WAL_CYCLE_BYTES`] of WAL: the background checkpointer has
     /// copied most of it by then.
-    pub(super) fn restart_wal(&mut self) -> Result<bool, BufferError> {
+    pub(super) fn restart_wal(&mut self) -> Result<Restart, BufferError> {
         let wait = |conn: &rusqlite::Connection, d| conn.busy_timeout(d);
         wait(&self.conn, WAL_RESTART_WAIT).map_err(|e| self.error(e))?;
         let done = self
             .conn
-            .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
+            .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            });
         wait(&self.conn, BUSY_TIMEOUT).map_err(|e| self.error(e))?;
-        let busy = done.map_err(|e| self.error(e))?;
-        Ok(busy == 0)
+        Ok(match done.map_err(|e| self.error(e))? {
+            (0, _) => Restart::Done,
+            // SQLite does not wait for another checkpoint: it answers busy with no WAL size.
+            (_, -1) => Restart::Checkpointing,
+            _ => Restart::Kept,
+        })
     }
 
     /// Copies the whole WAL into the file and empties it; `false` when readers kept it busy.
@@ -253,5 +280,28 @@ impl Buffer {
         }
         let held = self.backlog_bytes();
         self.disk_cap = Some(self.disk_cap.unwrap_or(held).min(held) * 4 / 5);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restart_kept_by_readers_backs_off_and_one_that_met_the_checkpointer_does_not() {
+        let mut w = WalRestart::new();
+        assert!(w.due());
+        w.tried(Restart::Checkpointing);
+        assert!(w.due(), "the checkpointer lets go within its pass");
+        w.tried(Restart::Kept);
+        assert!(!w.due());
+        assert_eq!(w.backoff, WAL_RESTART_BACKOFF * 2);
+        for _ in 0..10 {
+            w.tried(Restart::Kept);
+        }
+        assert_eq!(w.backoff, WAL_RESTART_MAX_BACKOFF);
+        w.tried(Restart::Done);
+        assert!(w.due());
+        assert_eq!(w.backoff, WAL_RESTART_BACKOFF);
     }
 }

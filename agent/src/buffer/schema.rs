@@ -34,23 +34,30 @@ impl Layout {
         })
     }
 
-    /// The writer's open: drops the index once no record has an older version's rowid (a
-    /// range of rowids, read at once), so a buffer of the previous version loses it at its
-    /// first open and one with older records once they are gone.
+    /// The writer's open: drops the index once every record's rowid is its stream and
+    /// sequence, so a buffer of the previous version loses it at its first open and one with
+    /// an older version's records once they are gone. Records below 2^48 (rowids SQLite chose)
+    /// are a range, read at once; above it, a version older than the clustered rowids that ran
+    /// on a newer one's file chose rowids past the last stream's range, so every record is
+    /// looked at, once, before the index goes. A drop that fails (a full volume) keeps the
+    /// index: tried again at the next open.
     pub(super) fn settle(conn: &Connection) -> rusqlite::Result<Layout> {
         if Layout::of(conn)? == Layout::Rowid {
             return Ok(Layout::Rowid);
         }
-        let older: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM records WHERE id < (1 << 48))",
-            [],
-            |r| r.get(0),
-        )?;
-        if older {
+        let strays = |sql| conn.query_row(sql, [], |r| r.get::<_, bool>(0));
+        if strays("SELECT EXISTS (SELECT 1 FROM records WHERE id < (1 << 48))")?
+            || strays("SELECT EXISTS (SELECT 1 FROM records WHERE id <> (stream_id << 48) + seq)")?
+        {
             return Ok(Layout::Indexed);
         }
-        conn.execute_batch("DROP INDEX records_by_seq;")?;
-        Ok(Layout::Rowid)
+        match conn.execute_batch("DROP INDEX records_by_seq;") {
+            Ok(()) => Ok(Layout::Rowid),
+            Err(e) => {
+                tracing::warn!(error = %e, "the buffer's (stream, sequence) index could not be dropped; it is kept and the drop tried again at the next start");
+                Ok(Layout::Indexed)
+            }
+        }
     }
 
     /// SQL: the records of stream `?1` with sequences `?2..=?3`; `t` is the table's alias

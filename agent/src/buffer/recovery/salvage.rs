@@ -313,6 +313,12 @@ pub(super) fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Resu
                 .as_ref()
                 .is_some_and(|s| s.contains_key(&row.stream_id));
         let seq = if known { row.seq } else { next as u64 };
+        let Some(id) = crate::buffer::row_id(sid, seq) else {
+            // A sequence past 2^48 (a damaged row of a file from before checksums): its rowid
+            // would land in another stream's range.
+            *bad.entry(row.stream_id).or_default() += 1;
+            return Ok(());
+        };
         let inserted = tx.execute(
         "INSERT OR IGNORE INTO records (id, stream_id, seq, topic, received_at_ms, payload, monotonic_ms, crc, attributes) VALUES (?8, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9)",
         params![
@@ -329,7 +335,7 @@ pub(super) fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Resu
                 &row.payload,
                 row.attributes.as_deref()
             ),
-            crate::buffer::row_id(sid, seq),
+            id,
             row.attributes,
         ],
     )?;
