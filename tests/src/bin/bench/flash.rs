@@ -2,8 +2,11 @@
 //! and 10,000 records/s (10 publishers of the load generator, QoS 1, 200 B JSON, delivered as
 //! they come), and the write amplification: bytes written (`/proc/<pid>/io` write_bytes: the
 //! WAL, checkpoints, the database) over the topic and payload bytes of the records, and the
-//! largest the WAL file grew (a WAL that never starts again grows without end). This tree's
-//! agent and, with `BENCH_BASELINE`, the previous one, alternating; medians of 3 rounds.
+//! largest the WAL file grew (a WAL that never starts again grows without end), with the
+//! PUBACK latency. This tree's agent and, with `BENCH_BASELINE`, the previous one, and with
+//! `BENCH_FLASH_COMMIT_WINDOWS=5ms,20ms` this tree's with each of those `buffer.commit_window`s
+//! (the operator's lever: fewer, fuller commits for a later PUBACK), alternating; medians of 3
+//! rounds.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,13 +30,19 @@ struct Measured {
     amplification: f64,
     /// The largest the WAL file was during the run, MiB (sampled every 100 ms).
     wal_mib: f64,
+    /// PUBACK latency p50 and p99, ms.
+    puback_ms: (f64, f64),
 }
 
-/// One run of `agent` (`None`: this tree's) at `rate` records/s for `seconds`.
-fn measure(agent: Option<&Path>, rate: u64, seconds: u64) -> Measured {
+/// One run of `agent` (`None`: this tree's) at `rate` records/s for `seconds`, with
+/// `commit_window` if given.
+fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<&str>) -> Measured {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
     let mut harness = AgentHarness::new(dir.path(), &cloud.url());
+    if let Some(window) = commit_window {
+        harness = harness.buffer_extra(&format!("  commit_window: {window}\n"));
+    }
     if let Some(bin) = agent {
         harness = harness.launcher(&[bin.to_path_buf()]);
     }
@@ -83,6 +92,7 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64) -> Measured {
         per_record: written / total as f64,
         amplification: written / raw.max(1.0),
         wal_mib: wal as f64 / (1u64 << 20) as f64,
+        puback_ms: (report.ack_latency_ms(0.5), report.ack_latency_ms(0.99)),
     }
 }
 
@@ -91,17 +101,30 @@ fn medians(runs: &[Measured]) -> Measured {
         per_record: median(runs.iter().map(|m| m.per_record).collect()),
         amplification: median(runs.iter().map(|m| m.amplification).collect()),
         wal_mib: median(runs.iter().map(|m| m.wal_mib).collect()),
+        puback_ms: (
+            median(runs.iter().map(|m| m.puback_ms.0).collect()),
+            median(runs.iter().map(|m| m.puback_ms.1).collect()),
+        ),
     }
 }
 
 /// Prints the table.
 pub fn table(scale: u64) {
     let baseline = crate::baseline_agent();
+    // BENCH_FLASH_COMMIT_WINDOWS=5ms,20ms (comma-separated): this tree's agent with each too.
+    let windows: Vec<String> = std::env::var("BENCH_FLASH_COMMIT_WINDOWS")
+        .map(|v| {
+            v.split(',')
+                .map(|w| w.trim().to_owned())
+                .filter(|w| !w.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
     println!();
     println!(
-        "| steady rate, 10 publishers, QoS 1, 200 B JSON | disk bytes written per record | write amplification (written / topic + payload) | largest WAL file, MiB |"
+        "| steady rate, 10 publishers, QoS 1, 200 B JSON | disk bytes written per record | write amplification (written / topic + payload) | largest WAL file, MiB | PUBACK p50 / p99 ms |"
     );
-    println!("|---|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|");
     // BENCH_FLASH_RATES=10000 (comma-separated) measures only those of the three rates.
     let only: Option<Vec<u64>> = std::env::var("BENCH_FLASH_RATES")
         .ok()
@@ -111,23 +134,30 @@ pub fn table(scale: u64) {
             continue;
         }
         let seconds = seconds * scale;
-        let (mut new, mut old) = (Vec::new(), Vec::new());
+        // Per row: its label, its agent, its commit window; the rows alternate within a round.
+        let mut rows: Vec<(String, Option<&Path>, Option<&str>)> =
+            vec![("this version".into(), None, None)];
+        if let Some(bin) = &baseline {
+            rows.push(("baseline".into(), Some(bin.as_path()), None));
+        }
+        for w in &windows {
+            rows.push((
+                format!("this version, commit_window {w}"),
+                None,
+                Some(w.as_str()),
+            ));
+        }
+        let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); rows.len()];
         for _ in 0..3 {
-            new.push(measure(None, rate, seconds));
-            if let Some(bin) = &baseline {
-                old.push(measure(Some(bin), rate, seconds));
+            for (row, (_, agent, window)) in rows.iter().enumerate() {
+                runs[row].push(measure(*agent, rate, seconds, *window));
             }
         }
-        let n = medians(&new);
-        println!(
-            "| {rate} records/s, this version | {:.0} | {:.2} | {:.1} |",
-            n.per_record, n.amplification, n.wal_mib
-        );
-        if !old.is_empty() {
-            let o = medians(&old);
+        for ((label, _, _), runs) in rows.iter().zip(&runs) {
+            let m = medians(runs);
             println!(
-                "| {rate} records/s, baseline | {:.0} | {:.2} | {:.1} |",
-                o.per_record, o.amplification, o.wal_mib
+                "| {rate} records/s, {label} | {:.0} | {:.2} | {:.1} | {:.1} / {:.1} |",
+                m.per_record, m.amplification, m.wal_mib, m.puback_ms.0, m.puback_ms.1
             );
         }
     }
