@@ -311,11 +311,9 @@ impl Buffer {
 
     /// Per stream, when its oldest record still held was received (Unix ms), if it holds any.
     pub fn oldest_received_ms(&self) -> rusqlite::Result<Vec<Option<i64>>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT received_at_ms FROM records WHERE {} ORDER BY {} LIMIT 1",
-            self.layout.stream("", "?1"),
-            self.layout.order("")
-        ))?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&self.layout.oldest("received_at_ms", "?1"))?;
         self.streams
             .iter()
             .map(|s| stmt.query_row([s.id], |r| r.get::<_, i64>(0)).optional())

@@ -283,9 +283,9 @@ impl Status {
             "SELECT s.name,
                     (SELECT COUNT(*) FROM records r WHERE {rows}),
                     (SELECT COALESCE(SUM(length(CAST(r.topic AS BLOB)) + length(r.payload) + coalesce(length(r.attributes), 0)), 0) FROM records r WHERE {rows}),
-                    (SELECT r.received_at_ms FROM records r WHERE {rows} ORDER BY {} LIMIT 1)
+                    ({})
              FROM streams s ORDER BY s.id",
-            layout.order("r.")
+            layout.oldest("received_at_ms", "s.id")
         ))?;
         let streams = stmt
             .query_map([], |r| {

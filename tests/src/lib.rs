@@ -52,6 +52,37 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The largest a file grows while it is watched, sampled every 20 ms (a missing file counts
+/// as empty): [`PeakSize::watch`], then [`PeakSize::stop`].
+pub struct PeakSize {
+    watching: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<u64>,
+}
+
+impl PeakSize {
+    /// Starts sampling the size of `path`.
+    pub fn watch(path: &Path) -> PeakSize {
+        let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (still, path) = (watching.clone(), path.to_owned());
+        let sampler = std::thread::spawn(move || {
+            let mut largest = 0u64;
+            while still.load(std::sync::atomic::Ordering::Relaxed) {
+                largest = largest.max(std::fs::metadata(&path).map_or(0, |m| m.len()));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            largest
+        });
+        PeakSize { watching, sampler }
+    }
+
+    /// Stops sampling; the largest size seen, in bytes.
+    pub fn stop(self) -> u64 {
+        self.watching
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.sampler.join().expect("size sampler")
+    }
+}
+
 /// A free TCP port on 127.0.0.1 for a process the test starts later. Picked below Linux's
 /// ephemeral range (and away from the agent's internal ports, 20000–25999), so no outgoing
 /// connection takes it in the meantime.

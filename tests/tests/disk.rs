@@ -450,19 +450,7 @@ fn the_wal_file_stays_within_its_cycle_under_steady_load() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
     let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
-    let wal = dir.path().join("buffer.db-wal");
-    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let sampler = {
-        let (sampling, wal) = (sampling.clone(), wal.clone());
-        std::thread::spawn(move || {
-            let mut largest = 0u64;
-            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            largest
-        })
-    };
+    let wal = e2e::PeakSize::watch(&dir.path().join("buffer.db-wal"));
     // Rounds of 1 KiB records until the agent has written 5 cycles' worth to disk.
     const CYCLE: u64 = 16 << 20;
     let (started, mut acked) = (Instant::now(), 0);
@@ -477,8 +465,7 @@ fn the_wal_file_stays_within_its_cycle_under_steady_load() {
         acked += report.acked;
     }
     cloud.wait_for_records(acked, Duration::from_secs(120));
-    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-    let largest = sampler.join().expect("sampler");
+    let largest = wal.stop();
     let written = agent.metric("agent_disk_written_bytes_total");
     eprintln!("{acked} records, {written} B written, largest WAL file {largest} B");
     assert!(

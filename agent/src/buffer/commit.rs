@@ -110,9 +110,8 @@ pub(super) fn dead_letter_range(layout: Layout) -> String {
 /// Saves a stream's next sequence and its oldest record's (the delivered floor).
 pub(super) fn save_stream(layout: Layout) -> String {
     format!(
-        "UPDATE streams SET next_seq = ?2, floor = (SELECT seq FROM records WHERE {} ORDER BY {} LIMIT 1) WHERE id = ?1",
-        layout.stream("", "?1"),
-        layout.order("")
+        "UPDATE streams SET next_seq = ?2, floor = ({}) WHERE id = ?1",
+        layout.oldest("seq", "?1")
     )
 }
 
@@ -583,11 +582,7 @@ mod tests {
                 save_stream(layout),
                 super::super::reader::read_sql(layout, false),
                 super::super::reader::read_sql(layout, true),
-                format!(
-                    "SELECT seq FROM records WHERE {} ORDER BY {} LIMIT 1",
-                    layout.stream("", "?1"),
-                    layout.order("")
-                ),
+                layout.oldest("seq", "?1"),
             ] {
                 let mut plan = b
                     .conn

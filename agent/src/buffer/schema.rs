@@ -89,6 +89,16 @@ impl Layout {
             Layout::Indexed => format!("{t}seq"),
         }
     }
+
+    /// SQL: `column` of the oldest record of the stream whose id is `stream` (`?1`, or an
+    /// outer query's column), found without a sort.
+    pub fn oldest(self, column: &str, stream: &str) -> String {
+        format!(
+            "SELECT {column} FROM records WHERE {} ORDER BY {} LIMIT 1",
+            self.stream("", stream),
+            self.order("")
+        )
+    }
 }
 
 pub(super) const SCHEMA: &str = "
@@ -213,11 +223,7 @@ pub(super) fn resume_points(
     state: &[StreamState],
     configured: usize,
 ) -> rusqlite::Result<Vec<OpenedStream>> {
-    let mut oldest = conn.prepare_cached(&format!(
-        "SELECT seq FROM records WHERE {} ORDER BY {} LIMIT 1",
-        layout.stream("", "?1"),
-        layout.order("")
-    ))?;
+    let mut oldest = conn.prepare_cached(&layout.oldest("seq", "?1"))?;
     state
         .iter()
         .enumerate()

@@ -407,9 +407,13 @@ pub(super) fn salvage_rows(from: &Path, into: &mut Connection) -> rusqlite::Resu
         }
     }
     // A stream's numbering goes on above everything it held, whatever its row said.
-    tx.execute_batch(
-        "UPDATE streams SET next_seq = MAX(next_seq, COALESCE((SELECT r.seq + 1 FROM records r WHERE r.id BETWEEN (streams.id << 48) AND (streams.id << 48) + 281474976710655 ORDER BY r.id DESC LIMIT 1), 1));",
-    )?;
+    // (A salvaged file's records all have their stream and sequence as their rowid.)
+    let rows = crate::buffer::Layout::Rowid;
+    tx.execute_batch(&format!(
+        "UPDATE streams SET next_seq = MAX(next_seq, COALESCE((SELECT r.seq + 1 FROM records r WHERE {} ORDER BY {} DESC LIMIT 1), 1));",
+        rows.stream("r.", "streams.id"),
+        rows.order("r.")
+    ))?;
     tx.commit()?;
     let mut losses = Vec::new();
     match (&streams, keep) {

@@ -28,7 +28,7 @@ struct Measured {
     per_record: f64,
     /// Disk bytes written over topic + payload bytes.
     amplification: f64,
-    /// The largest the WAL file was during the run, MiB (sampled every 100 ms).
+    /// The largest the WAL file was during the run, MiB (sampled every 20 ms: [`e2e::PeakSize`]).
     wal_mib: f64,
     /// PUBACK latency p50 and p99, ms.
     puback_ms: (f64, f64),
@@ -51,19 +51,7 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<
     // What the start wrote (the schema, the reserve file) is not the records'.
     std::thread::sleep(Duration::from_secs(1));
     let before = disk_writes(pid);
-    let wal_file = dir.path().join("buffer.db-wal");
-    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let sampler = {
-        let sampling = sampling.clone();
-        std::thread::spawn(move || {
-            let mut largest = 0u64;
-            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                largest = largest.max(std::fs::metadata(&wal_file).map_or(0, |m| m.len()));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            largest
-        })
-    };
+    let wal = e2e::PeakSize::watch(&dir.path().join("buffer.db-wal"));
     let per_client = rate * seconds / PUBLISHERS;
     let total = per_client * PUBLISHERS;
     let spec = LoadSpec {
@@ -86,8 +74,7 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<
     std::thread::sleep(Duration::from_secs(2));
     let written = disk_writes(pid).saturating_sub(before) as f64;
     let raw = agent.metric("agent_raw_bytes_total");
-    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-    let wal = sampler.join().expect("WAL sampler");
+    let wal = wal.stop();
     Measured {
         per_record: written / total as f64,
         amplification: written / raw.max(1.0),
