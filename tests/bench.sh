@@ -2,9 +2,9 @@
 # Benchmarks of the real release binaries on this machine; prints a Markdown table.
 # Usage: bash tests/bench.sh        (BENCH_SCALE=N multiplies the record counts;
 #                                   BENCH_ONLY=pipeline, kafka, network, wire, memory, drain, frontdoor, boot,
-#                                   transforms, peers or flash runs one group; BENCH_BASELINE=<git ref> builds
-#                                   that version's agent and runs it beside this one in the memory, drain,
-#                                   frontdoor, boot and flash tables; BENCH_HEAP_PROFILE=<dir> runs the memory
+#                                   transforms, peers, flash or log runs one group; BENCH_BASELINE=<git ref> builds
+#                                   that version's agent and ingest and runs them beside this one in the memory,
+#                                   drain, frontdoor, boot, flash and log tables; BENCH_HEAP_PROFILE=<dir> runs the memory
 #                                   table's agents under heaptrack; the memory table also runs the agent as
 #                                   packaged: the gateway build, with the systemd unit's environment)
 set -euo pipefail
@@ -19,11 +19,11 @@ case "${BENCH_ONLY:-memory}" in
     export BENCH_PACKAGED_AGENT="$PWD/target/gateway/edge-agent" ;;
 esac
 if [ -n "${BENCH_BASELINE:-}" ]; then
-  # The baseline's agent, built from its own tree with its own target dir.
+  # The baseline's agent and ingest, built from its own tree with its own target dir.
   src=target/bench-baseline/src
   rm -rf "$src" && mkdir -p "$src"
   git archive "$BENCH_BASELINE" | tar -x -C "$src"
-  (cd "$src" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release -p edge-agent)
+  (cd "$src" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release -p edge-agent -p cloud-ingest --bins)
   export BENCH_BASELINE_DIR="$PWD/target/bench-baseline/target/release"
 fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"

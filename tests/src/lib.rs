@@ -256,6 +256,7 @@ pub struct CloudHarness {
     tls: String,
     read_api: String,
     extra: String,
+    binary: Option<PathBuf>,
 }
 
 /// A running ingest.
@@ -282,7 +283,15 @@ impl CloudHarness {
             tls: String::new(),
             read_api: "{ enabled: true, allow_without_token: true }".into(),
             extra: String::new(),
+            binary: None,
         }
+    }
+
+    /// Run the `cloud-ingest` at `path` (another version's, for benchmarks) instead of this
+    /// tree's.
+    pub fn binary(mut self, path: &Path) -> Self {
+        self.binary = Some(path.to_owned());
+        self
     }
 
     /// Extra top-level config lines.
@@ -391,7 +400,7 @@ impl CloudHarness {
             ),
         )
         .expect("write config");
-        let mut cmd = Command::new(bin("cloud-ingest"));
+        let mut cmd = Command::new(self.binary.clone().unwrap_or_else(|| bin("cloud-ingest")));
         cmd.arg("run").arg("--config").arg(&config);
         let mut process = Process::spawn(cmd, self.dir.join(format!("ingest-{}.stderr", unique())));
         let addr = process

@@ -17,8 +17,11 @@
 //! reused: a topic's first offset grows (`GET /v1/log` shows `start_offset`). The dedup ranges
 //! stay, so a late retry of a deleted record is still recognised and not appended again.
 //!
-//! The read side (the read API's topics and records, on a read-only connection) is `reader`.
+//! Where a topic's records are in the file (a range of rowids, or an older log's index) is
+//! `layout`; the read side (the read API's topics and records, on a read-only connection) is
+//! `reader`.
 
+mod layout;
 mod reader;
 
 pub use reader::{LogRecord, Reader, TopicInfo, read, topics};
@@ -35,9 +38,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::dedup::{DedupScope, RangeSet};
 use super::{DEDUP_CACHE_SCOPES, Delivery, PublishError, PublishFuture, Publisher};
 use crate::config::Retention;
+use layout::{Layout, MAX_TOPICS, OFFSET_LIMIT};
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, next_offset INTEGER NOT NULL, bytes INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, next_offset INTEGER NOT NULL, bytes INTEGER NOT NULL DEFAULT 0, id INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
@@ -57,7 +61,6 @@ CREATE TABLE IF NOT EXISTS records (
     monotonic_ms INTEGER,
     attributes TEXT
 );
-CREATE UNIQUE INDEX IF NOT EXISTS records_by_offset ON records (topic, offset);
 CREATE TABLE IF NOT EXISTS dedup (
     device TEXT NOT NULL, stream TEXT NOT NULL, epoch INTEGER NOT NULL,
     first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
@@ -124,20 +127,10 @@ impl EmbeddedLog {
         }
         let conn = Connection::open(path).map_err(sqlite)?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
-            .and_then(|()| conn.execute_batch(SCHEMA))
             .map_err(sqlite)?;
-        migrate(&conn).map_err(sqlite)?;
-        let topics = load_topics(&conn).map_err(sqlite)?;
+        let mut writer = Writer::new(conn, retention).map_err(sqlite)?;
         let (jobs, rx) = mpsc::channel(MAX_GROUP);
-        let healthy = Arc::new(AtomicBool::new(true));
-        let mut writer = Writer {
-            conn,
-            topics,
-            dedup: HashMap::new(),
-            tick: 0,
-            retention,
-            healthy: healthy.clone(),
-        };
+        let healthy = writer.healthy.clone();
         std::thread::Builder::new()
             .name("embedded-log".into())
             .spawn(move || writer.run(rx))
@@ -185,6 +178,8 @@ impl Publisher for EmbeddedLog {
 /// A topic's state as committed.
 #[derive(Debug, Clone, Copy, Default)]
 struct TopicState {
+    /// Its number in the rowids of its records (Rowid layout; 0 in an indexed log).
+    id: u64,
     /// The offset the next record gets.
     next_offset: u64,
     /// Payload and attribute bytes the topic holds (for `max_bytes_per_topic`).
@@ -207,8 +202,11 @@ struct ScopeChanges {
 
 struct Writer {
     conn: Connection,
+    layout: Layout,
     /// Per topic, as committed.
     topics: HashMap<String, TopicState>,
+    /// The id the next new topic gets (Rowid layout).
+    next_topic_id: u64,
     /// Sequence ranges already in the log per idempotency scope; loaded on first use, at most
     /// [`DEDUP_CACHE_SCOPES`] kept (the least recently used are reloaded when needed).
     dedup: HashMap<DedupScope, CachedScope>,
@@ -219,6 +217,24 @@ struct Writer {
 }
 
 impl Writer {
+    /// Brings the log `conn` opened up to the current schema and loads its topics. A new log
+    /// gets the Rowid layout; a log an older version created keeps its index.
+    fn new(conn: Connection, retention: Retention) -> rusqlite::Result<Writer> {
+        conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
+        let topics = load_topics(&conn)?;
+        Ok(Writer {
+            layout: Layout::of(&conn)?,
+            next_topic_id: next_topic_id(&topics),
+            topics,
+            conn,
+            dedup: HashMap::new(),
+            tick: 0,
+            retention,
+            healthy: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
     fn run(&mut self, mut rx: mpsc::Receiver<Work>) {
         let mut sweep = false;
         while let Some(first) = rx.blocking_recv() {
@@ -246,6 +262,10 @@ impl Writer {
     }
 
     fn append(&mut self, group: Vec<Job>) {
+        let group = self.admit(group);
+        if group.is_empty() {
+            return;
+        }
         match self.commit(&group) {
             Ok(acks) => {
                 self.healthy.store(true, Ordering::Relaxed);
@@ -266,11 +286,57 @@ impl Writer {
         }
     }
 
+    /// The jobs of `group` the log has room for; the others (a new topic past [`MAX_TOPICS`],
+    /// offsets past 2^43: Rowid layout only) are answered with 503 and why, before anything
+    /// of them is written.
+    fn admit(&self, group: Vec<Job>) -> Vec<Job> {
+        if self.layout == Layout::Indexed {
+            return group;
+        }
+        // Offsets the jobs admitted so far may take (duplicates counted: an upper bound).
+        let mut taken: HashMap<String, u64> = HashMap::new();
+        let mut admitted = Vec::with_capacity(group.len());
+        let mut next_topic_id = self.next_topic_id;
+        for job in group {
+            let d = &job.delivery;
+            let next = taken
+                .get(&d.topic)
+                .copied()
+                .or_else(|| self.topics.get(&d.topic).map(|t| t.next_offset));
+            let refusal = match next {
+                None if next_topic_id > MAX_TOPICS => Some(format!(
+                    "embedded log: topic {} would be its topic number {next_topic_id}, past the {MAX_TOPICS} one log holds; use Kafka or NATS for more",
+                    d.topic
+                )),
+                Some(next) if next + d.batch.records.len() as u64 > OFFSET_LIMIT => Some(format!(
+                    "embedded log: topic {} has used its {OFFSET_LIMIT} offsets; use Kafka or NATS for it",
+                    d.topic
+                )),
+                _ => None,
+            };
+            if let Some(reason) = refusal {
+                tracing::error!(%reason, "batch refused with 503");
+                let _ = job.reply.send(Err(PublishError::Unavailable { reason }));
+                continue;
+            }
+            if next.is_none() {
+                next_topic_id += 1;
+            }
+            taken.insert(
+                d.topic.clone(),
+                next.unwrap_or(0) + d.batch.records.len() as u64,
+            );
+            admitted.push(job);
+        }
+        admitted
+    }
+
     /// After a failed transaction the caches may hold uncommitted state: rebuild them from the
     /// file.
     fn reload(&mut self) {
         self.dedup.clear();
         if let Ok(topics) = load_topics(&self.conn) {
+            self.next_topic_id = next_topic_id(&topics);
             self.topics = topics;
         }
     }
@@ -284,8 +350,8 @@ impl Writer {
         let mut changes: HashMap<DedupScope, ScopeChanges> = HashMap::new();
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, corrected_at_ms, boot_id, monotonic_ms, attributes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                "INSERT INTO records (id, topic, offset, device, stream, epoch, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, corrected_at_ms, boot_id, monotonic_ms, attributes)
+                 VALUES (?17, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?;
             for job in group {
                 let d = &job.delivery;
@@ -298,7 +364,17 @@ impl Writer {
                 let cached = self.dedup.get_mut(&key).expect("invariant: loaded above");
                 cached.last_used = tick;
                 let seen = &mut cached.set;
-                let topic = self.topics.entry(d.topic.clone()).or_default();
+                let (layout, next_topic_id) = (self.layout, &mut self.next_topic_id);
+                let topic = self.topics.entry(d.topic.clone()).or_insert_with(|| {
+                    let id = match layout {
+                        Layout::Rowid => std::mem::replace(next_topic_id, *next_topic_id + 1),
+                        Layout::Indexed => 0,
+                    };
+                    TopicState {
+                        id,
+                        ..TopicState::default()
+                    }
+                });
                 let mut ack = BatchAck {
                     accepted: 0,
                     duplicates: 0,
@@ -328,6 +404,7 @@ impl Writer {
                         Some(r.boot_id.as_str()).filter(|b| !b.is_empty()),
                         Some(r.monotonic_ms as i64).filter(|&m| m > 0),
                         attributes,
+                        layout.row_id(topic.id, topic.next_offset),
                     ])?;
                     let change = changes.entry(key.clone()).or_default();
                     change.removed_firsts.extend(seen.insert(r.seq));
@@ -347,9 +424,9 @@ impl Writer {
         for name in &touched_topics {
             let t = self.topics[name];
             tx.execute(
-                "INSERT INTO topics (name, next_offset, bytes) VALUES (?1, ?2, ?3)
+                "INSERT INTO topics (name, next_offset, bytes, id) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset, bytes = excluded.bytes",
-                params![name, t.next_offset as i64, t.bytes as i64],
+                params![name, t.next_offset as i64, t.bytes as i64, t.id as i64],
             )?;
         }
         // Only the ranges this commit changed are written: a scope with many ranges (sparse
@@ -406,6 +483,8 @@ impl Writer {
             let Some(start) = self.first_offset(&name)? else {
                 continue;
             };
+            let (layout, range, order) = (self.layout, self.layout.range(), self.layout.order());
+            let topic = layout.topic(&name, self.topics[&name].id);
             // Every scan below stops at the budget: what lies beyond waits for the next sweep.
             let horizon = (start + budget).min(self.topics[&name].next_offset);
             let mut cut = start;
@@ -414,8 +493,8 @@ impl Writer {
                 let first_young: Option<i64> = self
                     .conn
                     .query_row(
-                        "SELECT offset FROM records WHERE topic = ?1 AND offset < ?3 AND ingested_at_ms >= ?2 ORDER BY offset LIMIT 1",
-                        params![name, cutoff, horizon as i64],
+                        &format!("SELECT offset FROM records WHERE {range} AND ingested_at_ms >= ?4 ORDER BY {order} LIMIT 1"),
+                        params![topic, start as i64, horizon as i64, cutoff],
                         |row| row.get(0),
                     )
                     .optional()?;
@@ -425,10 +504,10 @@ impl Writer {
                 let held = self.topics[&name].bytes;
                 if held > max_bytes {
                     let mut excess = held - max_bytes;
-                    let mut stmt = self.conn.prepare_cached(
-                        "SELECT offset, length(payload) + coalesce(length(CAST(attributes AS BLOB)), 0) FROM records WHERE topic = ?1 AND offset < ?2 ORDER BY offset",
-                    )?;
-                    let mut rows = stmt.query(params![name, horizon as i64])?;
+                    let mut stmt = self.conn.prepare_cached(&format!(
+                        "SELECT offset, length(payload) + coalesce(length(CAST(attributes AS BLOB)), 0) FROM records WHERE {range} ORDER BY {order}"
+                    ))?;
+                    let mut rows = stmt.query(params![topic, start as i64, horizon as i64])?;
                     while let Some(row) = rows.next()? {
                         let (offset, len): (i64, i64) = (row.get(0)?, row.get(1)?);
                         cut = cut.max(offset as u64 + 1);
@@ -444,13 +523,13 @@ impl Writer {
                 let to = cut.min(from + SWEEP_CHUNK.min(budget));
                 let tx = self.conn.transaction()?;
                 let (rows, bytes): (i64, i64) = tx.query_row(
-                    "SELECT count(*), coalesce(sum(length(payload) + coalesce(length(CAST(attributes AS BLOB)), 0)), 0) FROM records WHERE topic = ?1 AND offset >= ?2 AND offset < ?3",
-                    params![name, from as i64, to as i64],
+                    &format!("SELECT count(*), coalesce(sum(length(payload) + coalesce(length(CAST(attributes AS BLOB)), 0)), 0) FROM records WHERE {range}"),
+                    params![topic, from as i64, to as i64],
                     |row| Ok((row.get(0)?, row.get(1)?)),
                 )?;
                 tx.execute(
-                    "DELETE FROM records WHERE topic = ?1 AND offset >= ?2 AND offset < ?3",
-                    params![name, from as i64, to as i64],
+                    &format!("DELETE FROM records WHERE {range}"),
+                    params![topic, from as i64, to as i64],
                 )?;
                 let t = self.topics.get_mut(&name).expect("invariant: listed above");
                 let left = t.bytes.saturating_sub(bytes as u64);
@@ -473,13 +552,7 @@ impl Writer {
 
     /// The smallest offset `topic` still holds, if it holds any record.
     fn first_offset(&self, topic: &str) -> rusqlite::Result<Option<u64>> {
-        self.conn
-            .query_row(
-                "SELECT min(offset) FROM records WHERE topic = ?1",
-                [topic],
-                |row| row.get::<_, Option<i64>>(0),
-            )
-            .map(|o| o.map(|o| o as u64))
+        first_offset(&self.conn, self.layout, topic, self.topics[topic].id)
     }
 }
 
@@ -497,6 +570,15 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
              UPDATE topics SET bytes = (SELECT coalesce(sum(length(payload)), 0) FROM records WHERE topic = topics.name);
              COMMIT;",
         )?;
+    }
+    let has_id: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('topics') WHERE name = 'id'",
+        [],
+        |row| row.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_id {
+        // A log this old has its (topic, offset) index: Layout::Indexed, no ids needed.
+        conn.execute_batch("ALTER TABLE topics ADD COLUMN id INTEGER")?;
     }
     for (column, kind) in [
         ("corrected_at_ms", "INTEGER"),
@@ -516,6 +598,26 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The smallest offset topic `name` (id `id`) holds, if it holds any record.
+fn first_offset(
+    conn: &Connection,
+    layout: Layout,
+    name: &str,
+    id: u64,
+) -> rusqlite::Result<Option<u64>> {
+    let sql = format!(
+        "SELECT offset FROM records WHERE {} ORDER BY {} LIMIT 1",
+        layout.range(),
+        layout.order()
+    );
+    conn.prepare_cached(&sql)?
+        .query_row(params![layout.topic(name, id), 0, i64::MAX], |row| {
+            row.get::<_, i64>(0)
+        })
+        .optional()
+        .map(|o| o.map(|o| o as u64))
+}
+
 /// A record's attributes as stored: a JSON object, or NULL when it has none.
 fn attributes_json(attributes: &[ingest_wire::Attribute]) -> Option<String> {
     (!attributes.is_empty()).then(|| {
@@ -528,17 +630,23 @@ fn attributes_json(attributes: &[ingest_wire::Attribute]) -> Option<String> {
 }
 
 fn load_topics(conn: &Connection) -> rusqlite::Result<HashMap<String, TopicState>> {
-    let mut stmt = conn.prepare("SELECT name, next_offset, bytes FROM topics")?;
+    let mut stmt = conn.prepare("SELECT name, next_offset, bytes, coalesce(id, 0) FROM topics")?;
     let rows = stmt.query_map([], |row| {
         Ok((
             row.get::<_, String>(0)?,
             TopicState {
+                id: row.get::<_, i64>(3)? as u64,
                 next_offset: row.get::<_, i64>(1)? as u64,
                 bytes: row.get::<_, i64>(2)? as u64,
             },
         ))
     })?;
     rows.collect()
+}
+
+/// The id a new topic gets: one past the largest (ids start at 1).
+fn next_topic_id(topics: &HashMap<String, TopicState>) -> u64 {
+    topics.values().map(|t| t.id).max().unwrap_or(0) + 1
 }
 
 fn load_ranges(conn: &Connection, scope: &DedupScope) -> rusqlite::Result<RangeSet> {
@@ -624,16 +732,195 @@ mod tests {
 
     /// A writer on a fresh file, driven directly (no thread), and a job for it.
     fn writer(path: &Path, retention: Retention) -> Writer {
-        let conn = Connection::open(path).expect("open");
-        conn.execute_batch(SCHEMA).expect("schema");
-        Writer {
-            topics: load_topics(&conn).expect("topics"),
-            conn,
-            dedup: HashMap::new(),
-            tick: 0,
-            retention,
-            healthy: Arc::new(AtomicBool::new(true)),
+        Writer::new(Connection::open(path).expect("open"), retention).expect("writer")
+    }
+
+    /// The schema an older version created: the same tables, the `(topic, offset)` index,
+    /// no topic ids.
+    const OLDER_SCHEMA: &str = "
+        CREATE TABLE topics (name TEXT PRIMARY KEY, next_offset INTEGER NOT NULL, bytes INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+        CREATE TABLE records (id INTEGER PRIMARY KEY, topic TEXT NOT NULL, offset INTEGER NOT NULL, device TEXT NOT NULL, stream TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL, mqtt_topic TEXT NOT NULL, qos INTEGER, received_at_ms INTEGER NOT NULL, sent_at_ms INTEGER NOT NULL, ingested_at_ms INTEGER NOT NULL, payload BLOB NOT NULL, corrected_at_ms INTEGER, boot_id TEXT, monotonic_ms INTEGER, attributes TEXT);
+        CREATE UNIQUE INDEX records_by_offset ON records (topic, offset);
+        CREATE TABLE dedup (device TEXT NOT NULL, stream TEXT NOT NULL, epoch INTEGER NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, PRIMARY KEY (device, stream, epoch, first_seq)) WITHOUT ROWID;
+    ";
+
+    fn on_topic(topic: &str, seqs: std::ops::Range<u64>) -> Delivery {
+        let mut d = delivery(seqs);
+        d.topic = topic.into();
+        d.batch.stream = topic.into();
+        d
+    }
+
+    fn seqs_of(path: &Path, topic: &str, from: u64) -> Vec<(u64, u64)> {
+        read(path, topic, from, 1000)
+            .expect("read")
+            .iter()
+            .map(|r| (r.offset, r.seq))
+            .collect()
+    }
+
+    /// Both layouts give the same answers: appends to interleaved topics, reads from an
+    /// offset, the topics' ranges, and the retention.
+    #[test]
+    fn a_new_log_finds_records_by_rowid_and_an_older_one_through_its_index() {
+        for older in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("log.db");
+            if older {
+                let conn = Connection::open(&path).expect("open");
+                conn.execute_batch(OLDER_SCHEMA).expect("older schema");
+                conn.execute(
+                    "INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, received_at_ms, sent_at_ms, ingested_at_ms, payload) VALUES ('iot.acme.a', 0, 'd1', 'a', 0, 100, 's/1', 1, 2, 3, x'00')",
+                    [],
+                )
+                .expect("an older record");
+                conn.execute(
+                    "INSERT INTO topics (name, next_offset, bytes) VALUES ('iot.acme.a', 1, 1)",
+                    [],
+                )
+                .expect("its topic");
+            }
+            let mut w = writer(
+                &path,
+                Retention {
+                    max_age: None,
+                    max_bytes_per_topic: Some(8),
+                },
+            );
+            let want = if older {
+                Layout::Indexed
+            } else {
+                Layout::Rowid
+            };
+            assert_eq!(w.layout, want);
+            let base = u64::from(older);
+            w.commit(&[
+                job(on_topic("iot.acme.a", 1..4)),
+                job(on_topic("iot.acme.b", 1..3)),
+            ])
+            .expect("commit");
+            w.commit(&[job(on_topic("iot.acme.a", 4..6))])
+                .expect("commit");
+            let a: Vec<(u64, u64)> = (1..6).map(|s| (s - 1 + base, s)).collect();
+            let mut want_a = if older { vec![(0, 100)] } else { vec![] };
+            want_a.extend(a);
+            assert_eq!(seqs_of(&path, "iot.acme.a", 0), want_a, "older={older}");
+            assert_eq!(
+                seqs_of(&path, "iot.acme.a", 2),
+                want_a[2..],
+                "older={older}"
+            );
+            assert_eq!(seqs_of(&path, "iot.acme.b", 0), vec![(0, 1), (1, 2)]);
+            assert!(seqs_of(&path, "iot.acme.c", 0).is_empty());
+            assert!(seqs_of(&path, "iot.acme.a", u64::MAX).is_empty());
+            // 2 bytes a record, 8 kept: the newest four of each topic.
+            w.sweep().expect("sweep");
+            let listed: Vec<(String, u64, u64)> = topics(&path)
+                .expect("topics")
+                .into_iter()
+                .map(|t| (t.topic, t.start_offset, t.end_offset))
+                .collect();
+            let end_a = 5 + base;
+            assert_eq!(
+                listed,
+                vec![
+                    ("iot.acme.a".to_owned(), end_a - 4, end_a),
+                    ("iot.acme.b".to_owned(), 0, 2),
+                ],
+                "older={older}"
+            );
+            assert_eq!(seqs_of(&path, "iot.acme.a", 0), want_a[want_a.len() - 4..]);
         }
+    }
+
+    /// Every statement on `records` of a new log searches a rowid range, and never sorts.
+    #[test]
+    fn every_statement_of_a_new_log_searches_rowids_and_never_sorts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = writer(&dir.path().join("log.db"), Retention::default());
+        let (range, order) = (w.layout.range(), w.layout.order());
+        for sql in [
+            format!("SELECT offset FROM records WHERE {range} ORDER BY {order} LIMIT 1"),
+            format!(
+                "SELECT offset FROM records WHERE {range} AND ingested_at_ms >= ?4 ORDER BY {order} LIMIT 1"
+            ),
+            format!("SELECT offset, length(payload) FROM records WHERE {range} ORDER BY {order}"),
+            format!("SELECT count(*), sum(length(payload)) FROM records WHERE {range}"),
+            format!("DELETE FROM records WHERE {range}"),
+            format!("SELECT offset, payload FROM records WHERE {range} ORDER BY {order} LIMIT ?4"),
+        ] {
+            let mut stmt = w
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("explain");
+            let values = [1, 0, 10, 0].into_iter().take(stmt.parameter_count());
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(values), |row| {
+                    row.get::<_, String>(3)
+                })
+                .expect("plan")
+                .collect::<rusqlite::Result<_>>()
+                .expect("rows");
+            let plan = plan.join("; ");
+            assert!(
+                plan.contains("USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"),
+                "{sql}: {plan}"
+            );
+            assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
+        }
+    }
+
+    /// The last topic id and the last offset a topic can have are used, and a batch past
+    /// either is refused with a reason before anything of it is written.
+    #[tokio::test]
+    async fn a_batch_past_the_last_topic_id_or_offset_is_refused_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(SCHEMA).expect("schema");
+            conn.execute(
+                "INSERT INTO topics (name, next_offset, bytes, id) VALUES ('iot.acme.full', ?1, 0, ?2)",
+                params![(OFFSET_LIMIT - 2) as i64, (MAX_TOPICS - 1) as i64],
+            )
+            .expect("a topic near its last offset");
+        }
+        let log = EmbeddedLog::open(&path, Retention::default()).expect("open");
+        let refused = log
+            .publish(on_topic("iot.acme.full", 1..4))
+            .await
+            .expect_err("3 records past the last offset");
+        assert!(refused.to_string().contains("has used its"), "{refused}");
+        let ack = log
+            .publish(on_topic("iot.acme.full", 1..3))
+            .await
+            .expect("the last two offsets");
+        assert_eq!(ack.accepted, 2);
+        assert_eq!(
+            seqs_of(&path, "iot.acme.full", 0),
+            vec![(OFFSET_LIMIT - 2, 1), (OFFSET_LIMIT - 1, 2)]
+        );
+        let ack = log
+            .publish(on_topic("iot.acme.last", 1..2))
+            .await
+            .expect("the last topic id");
+        assert_eq!(ack.accepted, 1);
+        let refused = log
+            .publish(on_topic("iot.acme.one-too-many", 1..2))
+            .await
+            .expect_err("no topic id left");
+        assert!(refused.to_string().contains("topic number"), "{refused}");
+        assert!(seqs_of(&path, "iot.acme.one-too-many", 0).is_empty());
+        let ack = log
+            .publish(on_topic("iot.acme.last", 2..3))
+            .await
+            .expect("the others go on");
+        assert_eq!(ack.accepted, 1);
+        assert_eq!(seqs_of(&path, "iot.acme.last", 0), vec![(0, 1), (1, 2)]);
+        assert!(
+            log.is_ready(),
+            "a refused batch does not make the log unready"
+        );
     }
 
     fn job(delivery: Delivery) -> Job {

@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 
 use super::LogError;
+use super::layout::{Layout, OFFSET_LIMIT};
 
 /// One record as read back from the embedded log.
 #[derive(Debug, Clone, Serialize)]
@@ -95,14 +96,21 @@ pub fn read(path: &Path, topic: &str, from: u64, limit: usize) -> Result<Vec<Log
 /// A read-only connection to the log file, for the read API and the CLI.
 pub struct Reader {
     conn: Connection,
+    layout: Layout,
     path: PathBuf,
 }
 
 impl Reader {
     /// Opens the log at `path` read-only; blocking.
     pub fn open(path: &Path) -> Result<Reader, LogError> {
+        let conn = open_reader(path)?;
+        let layout = Layout::of(&conn).map_err(|source| LogError::Sqlite {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(Reader {
-            conn: open_reader(path)?,
+            conn,
+            layout,
             path: path.to_owned(),
         })
     }
@@ -123,15 +131,39 @@ impl Reader {
             path: self.path.clone(),
             source,
         };
+        let id = match self.layout {
+            Layout::Rowid => {
+                let id: Option<i64> = self
+                    .conn
+                    .query_row("SELECT id FROM topics WHERE name = ?1", [topic], |row| {
+                        row.get(0)
+                    })
+                    .optional()
+                    .map_err(sqlite)?
+                    .flatten();
+                match id {
+                    Some(id) => id as u64,
+                    None => return Ok(()),
+                }
+            }
+            Layout::Indexed => 0,
+        };
         let mut stmt = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch, corrected_at_ms, boot_id, monotonic_ms, attributes
-                 FROM records WHERE topic = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
-            )
+                 FROM records WHERE {} ORDER BY {} LIMIT ?4",
+                self.layout.range(),
+                self.layout.order()
+            ))
             .map_err(sqlite)?;
         let mut rows = stmt
-            .query(params![topic, from as i64, limit as i64])
+            .query(params![
+                self.layout.topic(topic, id),
+                from.min(OFFSET_LIMIT) as i64,
+                i64::MAX,
+                limit as i64
+            ])
             .map_err(sqlite)?;
         let mut bytes = 0u64;
         while let Some(row) = rows.next().map_err(sqlite)? {
@@ -195,24 +227,25 @@ pub fn topics(path: &Path) -> Result<Vec<TopicInfo>, LogError> {
         path: path.to_owned(),
         source,
     };
-    let mut stmt = conn
-        .prepare(
-            "SELECT name, next_offset, (SELECT min(offset) FROM records WHERE topic = name), bytes
-             FROM topics ORDER BY name",
-        )
-        .map_err(sqlite)?;
-    let rows = stmt
-        .query_map([], |row| {
+    let listed = || -> rusqlite::Result<Vec<TopicInfo>> {
+        let layout = Layout::of(&conn)?;
+        let mut stmt = conn.prepare(
+            "SELECT name, next_offset, bytes, coalesce(id, 0) FROM topics ORDER BY name",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut topics = Vec::new();
+        while let Some(row) = rows.next()? {
+            let name: String = row.get(0)?;
             let end_offset = row.get::<_, i64>(1)? as u64;
-            Ok(TopicInfo {
-                topic: row.get(0)?,
+            let first = super::first_offset(&conn, layout, &name, row.get::<_, i64>(3)? as u64)?;
+            topics.push(TopicInfo {
+                topic: name,
                 end_offset,
-                start_offset: row
-                    .get::<_, Option<i64>>(2)?
-                    .map_or(end_offset, |o| o as u64),
-                bytes: row.get::<_, i64>(3)? as u64,
-            })
-        })
-        .map_err(sqlite)?;
-    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sqlite)
+                start_offset: first.unwrap_or(end_offset),
+                bytes: row.get::<_, i64>(2)? as u64,
+            });
+        }
+        Ok(topics)
+    };
+    listed().map_err(sqlite)
 }

@@ -10,6 +10,7 @@
 
 mod at_rest;
 mod boot;
+mod embedded_log;
 mod flash;
 mod front_door;
 mod memory;
@@ -115,13 +116,14 @@ fn run(s: &Scenario) -> Row {
 const KAFKA_BATCH: u64 = 1000;
 const KAFKA_SENDERS: usize = 4;
 
-/// The batches sender `sender` posts: `batches` × [`KAFKA_BATCH`] records of 200 B JSON.
-fn kafka_batches(sender: usize, batches: u64) -> Vec<(u64, ingest_wire::Batch)> {
+/// The batches sender `sender` posts: `batches` × `per_batch` records of 200 B JSON, on
+/// stream `bench<sender>`, sequences from 1.
+pub(crate) fn json_batches(sender: usize, batches: u64, per_batch: u64) -> Vec<ingest_wire::Batch> {
     (0..batches)
         .map(|b| {
-            let records = (0..KAFKA_BATCH)
+            let records = (0..per_batch)
                 .map(|i| {
-                    let seq = b * KAFKA_BATCH + i + 1;
+                    let seq = b * per_batch + i + 1;
                     ingest_wire::Record {
                         seq,
                         topic: format!("plant/{sender}/telemetry/t{}", seq % 4),
@@ -132,14 +134,13 @@ fn kafka_batches(sender: usize, batches: u64) -> Vec<(u64, ingest_wire::Batch)> 
                     }
                 })
                 .collect();
-            let batch = ingest_wire::Batch {
+            ingest_wire::Batch {
                 device_id: DEVICE.into(),
                 stream: format!("bench{sender}"),
                 sent_at_ms: e2e::now_ms(),
                 epoch: 1,
                 records,
-            };
-            (KAFKA_BATCH, batch)
+            }
         })
         .collect()
 }
@@ -155,11 +156,9 @@ fn kafka_overhead(records: u64) -> (f64, f64) {
     let total = per_sender * KAFKA_SENDERS as u64 * KAFKA_BATCH;
     let bodies: Vec<Vec<Vec<u8>>> = (0..KAFKA_SENDERS)
         .map(|s| {
-            kafka_batches(s, per_sender)
+            json_batches(s, per_sender, KAFKA_BATCH)
                 .iter()
-                .map(|(_, b)| {
-                    ingest_wire::compress(&ingest_wire::encode_batch(b), 3).expect("zstd")
-                })
+                .map(|b| ingest_wire::compress(&ingest_wire::encode_batch(b), 3).expect("zstd"))
                 .collect()
         })
         .collect();
@@ -185,8 +184,17 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 /// The baseline's agent that `tests/bench.sh` built from `BENCH_BASELINE`
 /// (`BENCH_BASELINE_DIR`), if any.
 pub(crate) fn baseline_agent() -> Option<std::path::PathBuf> {
+    baseline_bin("edge-agent")
+}
+
+/// The baseline's ingest (`BENCH_BASELINE_DIR`), if any.
+pub(crate) fn baseline_ingest() -> Option<std::path::PathBuf> {
+    baseline_bin("cloud-ingest")
+}
+
+fn baseline_bin(name: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("BENCH_BASELINE_DIR")
-        .map(|d| std::path::PathBuf::from(d).join("edge-agent"))
+        .map(|d| std::path::PathBuf::from(d).join(name))
         .filter(|p| p.exists())
 }
 
@@ -204,7 +212,7 @@ fn through_ingest(dir: &std::path::Path, bodies: &[Vec<Vec<u8>>], total: u64) ->
     let url = format!("{}{}", cloud.url(), ingest_wire::BATCHES_PATH);
     let http = reqwest::blocking::Client::new();
     for sender in bodies {
-        post_until_ok(&http, &url, &sender[0]);
+        post_until_ok(&http, &url, ingest_wire::CONTENT_TYPE_BATCH, &sender[0]);
     }
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -214,7 +222,7 @@ fn through_ingest(dir: &std::path::Path, bodies: &[Vec<Vec<u8>>], total: u64) ->
                 let http = reqwest::blocking::Client::new();
                 // The first batch went in the warm-up; its retry is a duplicate, not counted.
                 for body in &sender[1..] {
-                    post_until_ok(&http, url, body);
+                    post_until_ok(&http, url, ingest_wire::CONTENT_TYPE_BATCH, body);
                 }
             });
         }
@@ -223,11 +231,17 @@ fn through_ingest(dir: &std::path::Path, bodies: &[Vec<Vec<u8>>], total: u64) ->
     sent as f64 / started.elapsed().as_secs_f64()
 }
 
-fn post_until_ok(http: &reqwest::blocking::Client, url: &str, body: &[u8]) {
+/// POSTs `body` (zstd, of `content_type`) as the test device until a 2xx.
+pub(crate) fn post_until_ok(
+    http: &reqwest::blocking::Client,
+    url: &str,
+    content_type: &str,
+    body: &[u8],
+) {
     for _ in 0..100 {
         let answer = http
             .post(url)
-            .header("content-type", ingest_wire::CONTENT_TYPE_BATCH)
+            .header("content-type", content_type)
             .header("content-encoding", ingest_wire::ENCODING_ZSTD)
             .header(ingest_wire::HEADER_DEVICE_ID, DEVICE)
             .header("authorization", format!("Bearer {TOKEN}"))
@@ -370,7 +384,7 @@ fn main() {
             ingest_extra: BOARD_512MB_INGEST,
         },
     ];
-    // BENCH_ONLY=pipeline|kafka|network|wire|memory|drain|frontdoor|boot|transforms|peers|flash runs one group of tables.
+    // BENCH_ONLY=pipeline|kafka|network|wire|memory|drain|frontdoor|boot|transforms|peers|flash|log runs one group of tables.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let runs = |table: &str| only.is_empty() || only == table;
     let scenarios = if runs("pipeline") {
@@ -439,6 +453,9 @@ fn main() {
     }
     if runs("flash") {
         flash::table(scale);
+    }
+    if runs("log") {
+        embedded_log::table(scale);
     }
 }
 

@@ -3,7 +3,7 @@
 //! the gateway's disk per record; and (`BENCH_ONLY=drain`) the drain of a 1,000,000-record
 //! backlog under 10,000 records/s of live load against the time the buffer alone needs to read
 //! and delete those records (`agent/examples/buffer_drain.rs`, same run), with critical latency
-//! online and during that drain, beside the baseline's agent when there is one.
+//! online and during that drain, beside the baseline's agent (and its ingest, when the baseline directory has one) when there is one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -200,15 +200,26 @@ fn critical_latency(cloud: &e2e::Cloud, from: i64, to: i64) -> Latency {
 }
 
 /// Online phase, outage with a `backlog`-record build-up, then the drain under live load, with
-/// this tree's agent or with `agent` (the baseline's binary).
-pub fn drain(backlog: u64, agent: Option<&std::path::Path>) -> Drain {
+/// this tree's agent and ingest or with `baseline`'s (the agent's binary, and the ingest's
+/// when the baseline has one).
+pub fn drain(
+    backlog: u64,
+    baseline: Option<(&std::path::Path, Option<&std::path::Path>)>,
+) -> Drain {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let mut cloud = CloudHarness::new(dir.path()).port(port).run();
+    let ingest = |dir: &std::path::Path| {
+        let harness = CloudHarness::new(dir).port(port);
+        match baseline.and_then(|(_, ingest)| ingest) {
+            Some(bin) => harness.binary(bin),
+            None => harness,
+        }
+    };
+    let mut cloud = ingest(dir.path()).run();
     let mut harness = AgentHarness::new(dir.path(), &cloud.url())
         .streams(CRITICAL_AND_BULK)
         .quota("4GiB");
-    if let Some(bin) = agent {
+    if let Some((bin, _)) = baseline {
         harness = harness.launcher(&[bin.to_path_buf()]);
     }
     let agent = harness.run();
@@ -240,7 +251,7 @@ pub fn drain(backlog: u64, agent: Option<&std::path::Path>) -> Drain {
 
     // The link returns; live load goes on through the drain.
     let publishers = live(agent.mqtt, live_clients, live_each);
-    let cloud = CloudHarness::new(dir.path()).port(port).run();
+    let cloud = ingest(dir.path()).run();
     // Timed from the ingest listening again (its own start is not the drain), so the agent's
     // wait for its next readiness probe (at most `retry_max`, 500 ms here) is in it.
     let started = Instant::now();
@@ -290,12 +301,13 @@ const ROUNDS: usize = 3;
 pub fn drain_table(scale: u64) {
     let backlog = 1_000_000 * scale;
     let baseline = crate::baseline_agent();
+    let baseline_ingest = crate::baseline_ingest();
     let (mut alone, mut ours, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         alone.push(buffer_alone(backlog));
         ours.push(drain(backlog, None));
         if let Some(bin) = &baseline {
-            theirs.push(drain(backlog, Some(bin)));
+            theirs.push(drain(backlog, Some((bin, baseline_ingest.as_deref()))));
         }
     }
     let limit = crate::median(alone);
