@@ -4,7 +4,8 @@
 //! - Debian's Mosquitto alone, no subscriber (broker intake only: every PUBACK received);
 //! - Mosquitto with one QoS 1 `mosquitto_sub` (non-durable pub/sub: until the subscriber has
 //!   every message);
-//! - this agent and ingest, durable end to end (until every record is in the embedded log).
+//! - this agent and ingest, durable end to end (until every record is in the embedded log), and
+//!   the baseline's (`BENCH_BASELINE_DIR`) when there is one.
 //!
 //! Three rounds, the systems alternating within each; the table shows the medians, with each
 //! one's peak RSS.
@@ -94,10 +95,20 @@ fn mosquitto_pub_sub(total: u64) -> Measured {
     }
 }
 
-fn ours(total: u64) -> Measured {
+/// This tree's agent and ingest, or the baseline's (`BENCH_BASELINE_DIR`: its agent, and its
+/// ingest when it has one).
+fn ours(total: u64, baseline: bool) -> Measured {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cloud = CloudHarness::new(dir.path()).run();
-    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let mut cloud = CloudHarness::new(dir.path());
+    if let Some(ingest) = crate::baseline_ingest().filter(|_| baseline) {
+        cloud = cloud.binary(&ingest);
+    }
+    let cloud = cloud.run();
+    let mut agent = AgentHarness::new(dir.path(), &cloud.url());
+    if baseline {
+        agent = agent.launcher(&[crate::baseline_agent().expect("a baseline agent")]);
+    }
+    let agent = agent.run();
     let started = Instant::now();
     let report = load(agent.mqtt, total);
     assert_eq!(report.acked, total);
@@ -120,11 +131,16 @@ fn medians(runs: &[Measured]) -> Measured {
 /// Prints the table.
 pub fn table(scale: u64) {
     let total = 200_000 * scale;
-    let (mut intake, mut pub_sub, mut durable) = (Vec::new(), Vec::new(), Vec::new());
+    let with_baseline = crate::baseline_agent().is_some();
+    let (mut intake, mut pub_sub, mut durable, mut baseline) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         intake.push(mosquitto_intake(total));
         pub_sub.push(mosquitto_pub_sub(total));
-        durable.push(ours(total));
+        durable.push(ours(total, false));
+        if with_baseline {
+            baseline.push(ours(total, true));
+        }
     }
     let (intake, pub_sub, durable) = (medians(&intake), medians(&pub_sub), medians(&durable));
     println!();
@@ -152,4 +168,15 @@ pub fn table(scale: u64) {
         "| ratio: durable end to end / Mosquitto intake only | {:.2} | |",
         durable.rate / intake.rate
     );
+    if with_baseline {
+        let baseline = medians(&baseline);
+        println!(
+            "| baseline (BENCH_BASELINE) agent + ingest, durable end to end | {:.0} | agent {:.1}, ingest {:.1} |",
+            baseline.rate, baseline.rss, baseline.rss_ingest
+        );
+        println!(
+            "| ratio: this durable end to end / the baseline's | {:.2} | |",
+            durable.rate / baseline.rate
+        );
+    }
 }
