@@ -134,8 +134,12 @@ pub enum IngestError {
     /// The body is not a valid batch. 400; the agent dead-letters it.
     #[error(transparent)]
     BadBatch(DecodeError),
-    /// The log cannot take it now. 503 + Retry-After; the agent retries.
-    #[error("stream log unavailable, retry later")]
+    /// The log cannot take it now. 503 + Retry-After; the agent retries. What failed stays in
+    /// the ingest's own log, except a full log's reason, which is the sender's to see.
+    #[error("{}", match .0 {
+        PublishError::Full { reason } => format!("stream log full, retry later: {reason}"),
+        PublishError::Unavailable { .. } => "stream log unavailable, retry later".to_owned(),
+    })]
     Unavailable(#[source] PublishError),
     /// The body could not be read (client went away). 400.
     #[error("request body could not be read")]
@@ -655,6 +659,11 @@ mod tests {
     use crate::publish::embedded::EmbeddedLog;
 
     fn state(dir: &std::path::Path) -> Arc<AppState> {
+        state_with_topics(dir, 1_000)
+    }
+
+    /// [`state`] whose embedded log takes `max_topics_per_tenant` topics per tenant.
+    fn state_with_topics(dir: &std::path::Path, max_topics_per_tenant: u64) -> Arc<AppState> {
         let path = dir.join("log.db");
         Arc::new(AppState {
             dictionaries: Dictionaries::new(1 << 20),
@@ -669,7 +678,9 @@ mod tests {
                 rates: crate::rates::DeviceRates::new(&HashMap::new(), 100, 1 << 16),
                 read_api: ReadApi::Open,
             })),
-            publisher: Arc::new(EmbeddedLog::open(&path, Default::default()).expect("open")),
+            publisher: Arc::new(
+                EmbeddedLog::open(&path, Default::default(), max_topics_per_tenant).expect("open"),
+            ),
             limits: RequestLimits {
                 max_body_bytes: 4096,
                 max_decompressed_bytes: 1 << 16,
@@ -1007,5 +1018,44 @@ mod tests {
                 .to_bytes();
             assert_eq!(std::str::from_utf8(&bytes).expect("utf8"), want);
         }
+    }
+
+    /// A batch the embedded log has no room for gets 503 with the reason (the agent logs it:
+    /// the operator sees which limit and what to do), and the log stays ready.
+    #[tokio::test]
+    async fn a_full_log_says_why_in_its_503() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state_with_topics(dir.path(), 1);
+        let post = |stream: &str| {
+            let mut b = batch("d1", "a/b", 1..3);
+            b.stream = stream.into();
+            request(
+                "tok",
+                ingest_wire::compress(&ingest_wire::encode_batch(&b), 1).expect("compress"),
+            )
+        };
+        let response = app(state.clone(), true)
+            .oneshot(post("t"))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let response = app(state.clone(), true)
+            .oneshot(post("u"))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[HEADER_RETRY_AFTER], "1");
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let text = std::str::from_utf8(&bytes).expect("utf8");
+        assert!(
+            text.contains("stream log full") && text.contains("max_topics_per_tenant"),
+            "{text}"
+        );
+        assert!(state.publisher.is_ready());
     }
 }

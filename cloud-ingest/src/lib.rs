@@ -42,8 +42,15 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let (publisher, embedded_log): (Arc<dyn publish::Publisher>, _) = match &config.sink {
-        SinkConfig::Embedded { path, retention } => (
-            Arc::new(EmbeddedLog::open(path, *retention).map_err(StartError::EmbeddedLog)?),
+        SinkConfig::Embedded {
+            path,
+            retention,
+            max_topics_per_tenant,
+        } => (
+            Arc::new(
+                EmbeddedLog::open(path, *retention, *max_topics_per_tenant)
+                    .map_err(StartError::EmbeddedLog)?,
+            ),
             Some(path.clone()),
         ),
         SinkConfig::Kafka(kafka) => (

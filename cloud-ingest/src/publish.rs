@@ -273,6 +273,14 @@ pub enum PublishError {
         /// What failed, for the ingest's own log.
         reason: String,
     },
+    /// The log has no room for the batch's topic until an operator acts (a limit of the
+    /// embedded log); nothing of the batch was written. The reason goes to the sender too (the
+    /// agent logs it), so the gateway's operator sees which limit and what to do.
+    #[error("stream log full: {reason}")]
+    Full {
+        /// Which limit, and what to do.
+        reason: String,
+    },
 }
 
 /// A boxed future, as trait objects need.

@@ -92,6 +92,12 @@ pub struct RawEmbedded {
     pub max_age: String,
     #[serde(default)]
     pub max_bytes_per_topic: Option<Size>,
+    #[serde(default = "default_max_topics_per_tenant")]
+    pub max_topics_per_tenant: u64,
+}
+
+fn default_max_topics_per_tenant() -> u64 {
+    1_000
 }
 
 fn default_retention_max_age() -> String {

@@ -30,12 +30,23 @@ pub(super) fn validate(raw: RawSink, topic_template: &str) -> Result<SinkConfig,
                 ),
             };
             let max_bytes_per_topic = e.max_bytes_per_topic.map(config_types::Size::get);
+            let most = crate::publish::embedded::MAX_TOPICS;
+            if !(1..=most).contains(&e.max_topics_per_tenant) {
+                return Err((
+                    "sink.options.max_topics_per_tenant".into(),
+                    format!(
+                        "{} is not between 1 and {most} (the topics one embedded log holds)",
+                        e.max_topics_per_tenant
+                    ),
+                ));
+            }
             SinkConfig::Embedded {
                 path: e.path,
                 retention: Retention {
                     max_age,
                     max_bytes_per_topic,
                 },
+                max_topics_per_tenant: e.max_topics_per_tenant,
             }
         }
         RawSink::Kafka(k) => {

@@ -89,11 +89,31 @@ fn embedded_retention() {
     );
     let r = retention(parse("    max_age: forever\n    max_bytes_per_topic: 1GiB").expect("valid"));
     assert_eq!((r.max_age, r.max_bytes_per_topic), (None, Some(1 << 30)));
+    let topics = |c: IngestConfig| match c.sink {
+        SinkConfig::Embedded {
+            max_topics_per_tenant,
+            ..
+        } => max_topics_per_tenant,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(topics(parse("").expect("valid")), 1_000);
+    assert_eq!(
+        topics(parse("    max_topics_per_tenant: 50").expect("valid")),
+        50
+    );
     for (bad, key) in [
         ("    max_age: soon", "sink.options.max_age"),
         (
             "    max_bytes_per_topic: lots",
             "sink.options.max_bytes_per_topic",
+        ),
+        (
+            "    max_topics_per_tenant: 0",
+            "sink.options.max_topics_per_tenant",
+        ),
+        (
+            "    max_topics_per_tenant: 1048576",
+            "sink.options.max_topics_per_tenant",
         ),
     ] {
         let err = parse(bad).unwrap_err().to_string();

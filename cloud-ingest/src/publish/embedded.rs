@@ -24,6 +24,7 @@
 mod layout;
 mod reader;
 
+pub use layout::MAX_TOPICS;
 pub use reader::{LogRecord, Reader, TopicInfo, read, topics};
 
 use std::collections::{BTreeMap, HashMap};
@@ -38,10 +39,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::dedup::{DedupScope, RangeSet};
 use super::{DEDUP_CACHE_SCOPES, Delivery, PublishError, PublishFuture, Publisher};
 use crate::config::Retention;
-use layout::{Layout, MAX_TOPICS, OFFSET_LIMIT};
+use layout::{Layout, OFFSET_LIMIT};
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, next_offset INTEGER NOT NULL, bytes INTEGER NOT NULL DEFAULT 0, id INTEGER) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, next_offset INTEGER NOT NULL, bytes INTEGER NOT NULL DEFAULT 0, id INTEGER, tenant TEXT) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
@@ -115,8 +116,12 @@ struct Job {
 
 impl EmbeddedLog {
     /// Opens (creating if needed) the log at `path` and starts its writer thread, which also
-    /// applies `retention`.
-    pub fn open(path: &Path, retention: Retention) -> Result<EmbeddedLog, LogError> {
+    /// applies `retention` and refuses a tenant's topics past `max_topics_per_tenant`.
+    pub fn open(
+        path: &Path,
+        retention: Retention,
+        max_topics_per_tenant: u64,
+    ) -> Result<EmbeddedLog, LogError> {
         let sqlite = |source| LogError::Sqlite {
             path: path.to_owned(),
             source,
@@ -128,7 +133,7 @@ impl EmbeddedLog {
         let conn = Connection::open(path).map_err(sqlite)?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .map_err(sqlite)?;
-        let mut writer = Writer::new(conn, retention).map_err(sqlite)?;
+        let mut writer = Writer::new(conn, retention, max_topics_per_tenant).map_err(sqlite)?;
         let (jobs, rx) = mpsc::channel(MAX_GROUP);
         let healthy = writer.healthy.clone();
         std::thread::Builder::new()
@@ -207,6 +212,9 @@ struct Writer {
     topics: HashMap<String, TopicState>,
     /// The id the next new topic gets (Rowid layout).
     next_topic_id: u64,
+    /// Topics per tenant (those created since topics record their tenant).
+    tenants: HashMap<String, u64>,
+    max_topics_per_tenant: u64,
     /// Sequence ranges already in the log per idempotency scope; loaded on first use, at most
     /// [`DEDUP_CACHE_SCOPES`] kept (the least recently used are reloaded when needed).
     dedup: HashMap<DedupScope, CachedScope>,
@@ -219,13 +227,19 @@ struct Writer {
 impl Writer {
     /// Brings the log `conn` opened up to the current schema and loads its topics. A new log
     /// gets the Rowid layout; a log an older version created keeps its index.
-    fn new(conn: Connection, retention: Retention) -> rusqlite::Result<Writer> {
+    fn new(
+        conn: Connection,
+        retention: Retention,
+        max_topics_per_tenant: u64,
+    ) -> rusqlite::Result<Writer> {
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         let topics = load_topics(&conn)?;
         Ok(Writer {
             layout: Layout::of(&conn)?,
             next_topic_id: next_topic_id(&topics),
+            tenants: load_tenants(&conn)?,
+            max_topics_per_tenant,
             topics,
             conn,
             dedup: HashMap::new(),
@@ -262,15 +276,14 @@ impl Writer {
     }
 
     fn append(&mut self, group: Vec<Job>) {
-        let group = self.admit(group);
-        if group.is_empty() {
-            return;
-        }
         match self.commit(&group) {
-            Ok(acks) => {
+            Ok(answers) => {
                 self.healthy.store(true, Ordering::Relaxed);
-                for (job, ack) in group.into_iter().zip(acks) {
-                    let _ = job.reply.send(Ok(ack));
+                for (job, answer) in group.into_iter().zip(answers) {
+                    if let Err(e) = &answer {
+                        tracing::warn!(error = %e, "batch refused with 503");
+                    }
+                    let _ = job.reply.send(answer);
                 }
             }
             Err(e) => {
@@ -286,49 +299,34 @@ impl Writer {
         }
     }
 
-    /// The jobs of `group` the log has room for; the others (a new topic past [`MAX_TOPICS`],
-    /// offsets past 2^43: Rowid layout only) are answered with 503 and why, before anything
-    /// of them is written.
-    fn admit(&self, group: Vec<Job>) -> Vec<Job> {
-        if self.layout == Layout::Indexed {
-            return group;
-        }
-        // Offsets the jobs admitted so far may take (duplicates counted: an upper bound).
-        let mut taken: HashMap<String, u64> = HashMap::new();
-        let mut admitted = Vec::with_capacity(group.len());
-        let mut next_topic_id = self.next_topic_id;
-        for job in group {
-            let d = &job.delivery;
-            let next = taken
-                .get(&d.topic)
-                .copied()
-                .or_else(|| self.topics.get(&d.topic).map(|t| t.next_offset));
-            let refusal = match next {
-                None if next_topic_id > MAX_TOPICS => Some(format!(
-                    "embedded log: topic {} would be its topic number {next_topic_id}, past the {MAX_TOPICS} one log holds; use Kafka or NATS for more",
-                    d.topic
-                )),
-                Some(next) if next + d.batch.records.len() as u64 > OFFSET_LIMIT => Some(format!(
-                    "embedded log: topic {} has used its {OFFSET_LIMIT} offsets; use Kafka or NATS for it",
-                    d.topic
-                )),
-                _ => None,
-            };
-            if let Some(reason) = refusal {
-                tracing::error!(%reason, "batch refused with 503");
-                let _ = job.reply.send(Err(PublishError::Unavailable { reason }));
-                continue;
+    /// Why the log has no room for `fresh` new records of `d` (a tenant's new topic past
+    /// `max_topics_per_tenant`; Rowid layout: a new topic past [`MAX_TOPICS`], offsets past
+    /// 2^43), if it has none.
+    fn no_room(&self, d: &Delivery, fresh: u64) -> Option<String> {
+        let rowid = self.layout == Layout::Rowid;
+        match self.topics.get(&d.topic) {
+            None => {
+                let held = self.tenants.get(&d.tenant).copied().unwrap_or(0);
+                if held >= self.max_topics_per_tenant {
+                    Some(format!(
+                        "tenant {} has {held} topics in the embedded log, its limit (sink.options.max_topics_per_tenant): topic {} is not created; send to fewer streams or raise the limit",
+                        d.tenant, d.topic
+                    ))
+                } else if rowid && self.next_topic_id > MAX_TOPICS {
+                    Some(format!(
+                        "the embedded log holds {MAX_TOPICS} topics, its limit: topic {} is not created; use Kafka or NATS for more",
+                        d.topic
+                    ))
+                } else {
+                    None
+                }
             }
-            if next.is_none() {
-                next_topic_id += 1;
-            }
-            taken.insert(
-                d.topic.clone(),
-                next.unwrap_or(0) + d.batch.records.len() as u64,
-            );
-            admitted.push(job);
+            Some(t) if rowid && t.next_offset + fresh > OFFSET_LIMIT => Some(format!(
+                "topic {} has used the {OFFSET_LIMIT} offsets a topic of the embedded log has; use Kafka or NATS for it",
+                d.topic
+            )),
+            Some(_) => None,
         }
-        admitted
     }
 
     /// After a failed transaction the caches may hold uncommitted state: rebuild them from the
@@ -339,12 +337,19 @@ impl Writer {
             self.next_topic_id = next_topic_id(&topics);
             self.topics = topics;
         }
+        if let Ok(tenants) = load_tenants(&self.conn) {
+            self.tenants = tenants;
+        }
     }
 
-    fn commit(&mut self, group: &[Job]) -> rusqlite::Result<Vec<BatchAck>> {
+    /// Appends the new records of every job in one transaction; a job the log has no room for
+    /// ([`Writer::no_room`]) is answered [`PublishError::Full`] and nothing of it is written.
+    fn commit(&mut self, group: &[Job]) -> rusqlite::Result<Vec<Result<BatchAck, PublishError>>> {
         self.tick += 1;
         let tick = self.tick;
-        let tx = self.conn.transaction()?;
+        // Unchecked: the checks on `self` below borrow it while the transaction is open (the
+        // writer thread alone uses the connection).
+        let tx = self.conn.unchecked_transaction()?;
         let mut acks = Vec::with_capacity(group.len());
         let mut touched_topics = Vec::new();
         let mut changes: HashMap<DedupScope, ScopeChanges> = HashMap::new();
@@ -363,9 +368,34 @@ impl Writer {
                 }
                 let cached = self.dedup.get_mut(&key).expect("invariant: loaded above");
                 cached.last_used = tick;
-                let seen = &mut cached.set;
+                let fresh = d
+                    .batch
+                    .records
+                    .iter()
+                    .filter(|r| !cached.set.contains(r.seq))
+                    .count() as u64;
+                if fresh == 0 {
+                    // Nothing new: no topic is created for it.
+                    acks.push(Ok(BatchAck {
+                        accepted: 0,
+                        duplicates: d.batch.records.len() as u64,
+                        dead_lettered: 0,
+                    }));
+                    continue;
+                }
+                if let Some(reason) = self.no_room(d, fresh) {
+                    acks.push(Err(PublishError::Full { reason }));
+                    continue;
+                }
+                let seen = &mut self
+                    .dedup
+                    .get_mut(&key)
+                    .expect("invariant: loaded above")
+                    .set;
                 let (layout, next_topic_id) = (self.layout, &mut self.next_topic_id);
+                let tenants = &mut self.tenants;
                 let topic = self.topics.entry(d.topic.clone()).or_insert_with(|| {
+                    *tenants.entry(d.tenant.clone()).or_default() += 1;
                     let id = match layout {
                         Layout::Rowid => std::mem::replace(next_topic_id, *next_topic_id + 1),
                         Layout::Indexed => 0,
@@ -414,19 +444,19 @@ impl Writer {
                     ack.accepted += 1;
                 }
                 if ack.accepted > 0 {
-                    touched_topics.push(d.topic.clone());
+                    touched_topics.push((d.topic.clone(), d.tenant.clone()));
                 }
-                acks.push(ack);
+                acks.push(Ok(ack));
             }
         }
         touched_topics.sort();
         touched_topics.dedup();
-        for name in &touched_topics {
+        for (name, tenant) in &touched_topics {
             let t = self.topics[name];
             tx.execute(
-                "INSERT INTO topics (name, next_offset, bytes, id) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO topics (name, next_offset, bytes, id, tenant) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset, bytes = excluded.bytes",
-                params![name, t.next_offset as i64, t.bytes as i64, t.id as i64],
+                params![name, t.next_offset as i64, t.bytes as i64, t.id as i64, tenant],
             )?;
         }
         // Only the ranges this commit changed are written: a scope with many ranges (sparse
@@ -483,7 +513,7 @@ impl Writer {
             let Some(start) = self.first_offset(&name)? else {
                 continue;
             };
-            let (layout, range, order) = (self.layout, self.layout.range(), self.layout.order());
+            let layout = self.layout;
             let topic = layout.topic(&name, self.topics[&name].id);
             // Every scan below stops at the budget: what lies beyond waits for the next sweep.
             let horizon = (start + budget).min(self.topics[&name].next_offset);
@@ -493,7 +523,7 @@ impl Writer {
                 let first_young: Option<i64> = self
                     .conn
                     .query_row(
-                        &format!("SELECT offset FROM records WHERE {range} AND ingested_at_ms >= ?4 ORDER BY {order} LIMIT 1"),
+                        &layout.first_ingested_since(),
                         params![topic, start as i64, horizon as i64, cutoff],
                         |row| row.get(0),
                     )
@@ -504,9 +534,7 @@ impl Writer {
                 let held = self.topics[&name].bytes;
                 if held > max_bytes {
                     let mut excess = held - max_bytes;
-                    let mut stmt = self.conn.prepare_cached(&format!(
-                        "SELECT offset, length(payload) + coalesce(length(CAST(attributes AS BLOB)), 0) FROM records WHERE {range} ORDER BY {order}"
-                    ))?;
+                    let mut stmt = self.conn.prepare_cached(&layout.sizes())?;
                     let mut rows = stmt.query(params![topic, start as i64, horizon as i64])?;
                     while let Some(row) = rows.next()? {
                         let (offset, len): (i64, i64) = (row.get(0)?, row.get(1)?);
@@ -523,14 +551,11 @@ impl Writer {
                 let to = cut.min(from + SWEEP_CHUNK.min(budget));
                 let tx = self.conn.transaction()?;
                 let (rows, bytes): (i64, i64) = tx.query_row(
-                    &format!("SELECT count(*), coalesce(sum(length(payload) + coalesce(length(CAST(attributes AS BLOB)), 0)), 0) FROM records WHERE {range}"),
+                    &layout.count(),
                     params![topic, from as i64, to as i64],
                     |row| Ok((row.get(0)?, row.get(1)?)),
                 )?;
-                tx.execute(
-                    &format!("DELETE FROM records WHERE {range}"),
-                    params![topic, from as i64, to as i64],
-                )?;
+                tx.execute(&layout.delete(), params![topic, from as i64, to as i64])?;
                 let t = self.topics.get_mut(&name).expect("invariant: listed above");
                 let left = t.bytes.saturating_sub(bytes as u64);
                 tx.execute(
@@ -577,8 +602,11 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         |row| row.get::<_, i64>(0).map(|n| n > 0),
     )?;
     if !has_id {
-        // A log this old has its (topic, offset) index: Layout::Indexed, no ids needed.
-        conn.execute_batch("ALTER TABLE topics ADD COLUMN id INTEGER")?;
+        // A log this old has its (topic, offset) index: Layout::Indexed, no ids needed; its
+        // topics' tenants are unknown (they do not count towards max_topics_per_tenant).
+        conn.execute_batch(
+            "BEGIN; ALTER TABLE topics ADD COLUMN id INTEGER; ALTER TABLE topics ADD COLUMN tenant TEXT; COMMIT;",
+        )?;
     }
     for (column, kind) in [
         ("corrected_at_ms", "INTEGER"),
@@ -605,12 +633,7 @@ fn first_offset(
     name: &str,
     id: u64,
 ) -> rusqlite::Result<Option<u64>> {
-    let sql = format!(
-        "SELECT offset FROM records WHERE {} ORDER BY {} LIMIT 1",
-        layout.range(),
-        layout.order()
-    );
-    conn.prepare_cached(&sql)?
+    conn.prepare_cached(&layout.first())?
         .query_row(params![layout.topic(name, id), 0, i64::MAX], |row| {
             row.get::<_, i64>(0)
         })
@@ -640,6 +663,16 @@ fn load_topics(conn: &Connection) -> rusqlite::Result<HashMap<String, TopicState
                 bytes: row.get::<_, i64>(2)? as u64,
             },
         ))
+    })?;
+    rows.collect()
+}
+
+/// Topics per tenant, of those that recorded their tenant.
+fn load_tenants(conn: &Connection) -> rusqlite::Result<HashMap<String, u64>> {
+    let mut stmt = conn
+        .prepare("SELECT tenant, count(*) FROM topics WHERE tenant IS NOT NULL GROUP BY tenant")?;
+    let rows = stmt.query_map([], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
     })?;
     rows.collect()
 }
@@ -701,13 +734,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("log.db");
         {
-            let log = EmbeddedLog::open(&path, Retention::default()).expect("open");
+            let log = EmbeddedLog::open(&path, Retention::default(), 1_000).expect("open");
             let ack = log.publish(delivery(1..4)).await.expect("publish");
             assert_eq!((ack.accepted, ack.duplicates), (3, 0));
             let ack = log.publish(delivery(2..6)).await.expect("publish");
             assert_eq!((ack.accepted, ack.duplicates), (2, 2));
         }
-        let log = EmbeddedLog::open(&path, Retention::default()).expect("reopen");
+        let log = EmbeddedLog::open(&path, Retention::default(), 1_000).expect("reopen");
         let ack = log.publish(delivery(1..7)).await.expect("publish");
         assert_eq!((ack.accepted, ack.duplicates), (1, 5));
         let mut next_epoch = delivery(1..3);
@@ -732,7 +765,7 @@ mod tests {
 
     /// A writer on a fresh file, driven directly (no thread), and a job for it.
     fn writer(path: &Path, retention: Retention) -> Writer {
-        Writer::new(Connection::open(path).expect("open"), retention).expect("writer")
+        Writer::new(Connection::open(path).expect("open"), retention, 1_000).expect("writer")
     }
 
     /// The schema an older version created: the same tables, the `(topic, offset)` index,
@@ -833,64 +866,86 @@ mod tests {
         }
     }
 
-    /// Every statement on `records` of a new log searches a rowid range, and never sorts.
+    /// Every statement on `records` ([`Layout::statements`], the ones the writer and the reader
+    /// run) searches a rowid range in a new log and the `(topic, offset)` index in an older
+    /// one, for the first and the last topic id, and never sorts.
     #[test]
-    fn every_statement_of_a_new_log_searches_rowids_and_never_sorts() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let w = writer(&dir.path().join("log.db"), Retention::default());
-        let (range, order) = (w.layout.range(), w.layout.order());
-        for sql in [
-            format!("SELECT offset FROM records WHERE {range} ORDER BY {order} LIMIT 1"),
-            format!(
-                "SELECT offset FROM records WHERE {range} AND ingested_at_ms >= ?4 ORDER BY {order} LIMIT 1"
-            ),
-            format!("SELECT offset, length(payload) FROM records WHERE {range} ORDER BY {order}"),
-            format!("SELECT count(*), sum(length(payload)) FROM records WHERE {range}"),
-            format!("DELETE FROM records WHERE {range}"),
-            format!("SELECT offset, payload FROM records WHERE {range} ORDER BY {order} LIMIT ?4"),
-        ] {
-            let mut stmt = w
-                .conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .expect("explain");
-            let values = [1, 0, 10, 0].into_iter().take(stmt.parameter_count());
-            let plan: Vec<String> = stmt
-                .query_map(rusqlite::params_from_iter(values), |row| {
-                    row.get::<_, String>(3)
-                })
-                .expect("plan")
-                .collect::<rusqlite::Result<_>>()
-                .expect("rows");
-            let plan = plan.join("; ");
-            assert!(
-                plan.contains("USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"),
-                "{sql}: {plan}"
-            );
-            assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
+    fn every_statement_searches_its_layouts_range_and_never_sorts() {
+        for older in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("log.db");
+            if older {
+                let conn = Connection::open(&path).expect("open");
+                conn.execute_batch(OLDER_SCHEMA).expect("older schema");
+            }
+            let w = writer(&path, Retention::default());
+            let want = if older {
+                "INDEX records_by_offset (topic=? AND offset>? AND offset<?)"
+            } else {
+                "USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"
+            };
+            for id in [1, MAX_TOPICS] {
+                for sql in w.layout.statements() {
+                    let mut stmt = w
+                        .conn
+                        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                        .expect("explain");
+                    let topic = w.layout.topic("iot.acme.t", id);
+                    let values: Vec<rusqlite::types::Value> =
+                        vec![topic, 0.into(), i64::MAX.into(), 0.into()];
+                    let values = values.into_iter().take(stmt.parameter_count());
+                    let plan: Vec<String> = stmt
+                        .query_map(rusqlite::params_from_iter(values), |row| {
+                            row.get::<_, String>(3)
+                        })
+                        .expect("plan")
+                        .collect::<rusqlite::Result<_>>()
+                        .expect("rows");
+                    let plan = plan.join("; ");
+                    assert!(plan.contains(want), "older={older} {sql}: {plan}");
+                    assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
+                }
+            }
         }
     }
 
-    /// The last topic id and the last offset a topic can have are used, and a batch past
-    /// either is refused with a reason before anything of it is written.
+    /// Rows and topics in the file, straight from SQLite.
+    fn stored(path: &Path) -> (i64, i64) {
+        let conn = Connection::open(path).expect("open");
+        let count = |sql| conn.query_row(sql, [], |r| r.get(0)).expect("count");
+        (
+            count("SELECT count(*) FROM records"),
+            count("SELECT count(*) FROM topics"),
+        )
+    }
+
+    /// The last topic id and the last offset a topic can have are used; a batch past either,
+    /// or past its tenant's topics, is refused as full with the reason, before anything of it
+    /// is written, and the log stays ready for the others.
     #[tokio::test]
-    async fn a_batch_past_the_last_topic_id_or_offset_is_refused_and_nothing_else() {
+    async fn a_batch_past_a_limit_of_the_log_is_refused_and_nothing_else() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("log.db");
         {
             let conn = Connection::open(&path).expect("open");
             conn.execute_batch(SCHEMA).expect("schema");
             conn.execute(
-                "INSERT INTO topics (name, next_offset, bytes, id) VALUES ('iot.acme.full', ?1, 0, ?2)",
+                "INSERT INTO topics (name, next_offset, bytes, id, tenant) VALUES ('iot.acme.full', ?1, 0, ?2, 'acme')",
                 params![(OFFSET_LIMIT - 2) as i64, (MAX_TOPICS - 1) as i64],
             )
             .expect("a topic near its last offset");
         }
-        let log = EmbeddedLog::open(&path, Retention::default()).expect("open");
+        let log = EmbeddedLog::open(&path, Retention::default(), 3).expect("open");
         let refused = log
             .publish(on_topic("iot.acme.full", 1..4))
             .await
             .expect_err("3 records past the last offset");
-        assert!(refused.to_string().contains("has used its"), "{refused}");
+        assert!(
+            matches!(&refused, PublishError::Full { reason } if reason.contains("has used the")),
+            "{refused}"
+        );
+        assert_eq!(stored(&path), (0, 1));
+        assert!(log.is_ready(), "a full topic does not make the log unready");
         let ack = log
             .publish(on_topic("iot.acme.full", 1..3))
             .await
@@ -900,27 +955,164 @@ mod tests {
             seqs_of(&path, "iot.acme.full", 0),
             vec![(OFFSET_LIMIT - 2, 1), (OFFSET_LIMIT - 1, 2)]
         );
+        assert!(seqs_of(&path, "iot.acme.full", OFFSET_LIMIT - 1).len() == 1);
+        assert!(seqs_of(&path, "iot.acme.full", OFFSET_LIMIT).is_empty());
         let ack = log
             .publish(on_topic("iot.acme.last", 1..2))
             .await
             .expect("the last topic id");
         assert_eq!(ack.accepted, 1);
+        assert_eq!(stored(&path), (3, 2));
         let refused = log
             .publish(on_topic("iot.acme.one-too-many", 1..2))
             .await
             .expect_err("no topic id left");
-        assert!(refused.to_string().contains("topic number"), "{refused}");
-        assert!(seqs_of(&path, "iot.acme.one-too-many", 0).is_empty());
+        assert!(
+            refused.to_string().contains("topics, its limit"),
+            "{refused}"
+        );
+        assert_eq!(stored(&path), (3, 2), "nothing of it written");
+        assert!(log.is_ready(), "a full log does not make the log unready");
         let ack = log
             .publish(on_topic("iot.acme.last", 2..3))
             .await
             .expect("the others go on");
         assert_eq!(ack.accepted, 1);
         assert_eq!(seqs_of(&path, "iot.acme.last", 0), vec![(0, 1), (1, 2)]);
-        assert!(
-            log.is_ready(),
-            "a refused batch does not make the log unready"
+        let mut other = on_topic("iot.beta.t", 1..2);
+        other.tenant = "beta".into();
+        let refused = log
+            .publish(other)
+            .await
+            .expect_err("no topic id left for another tenant either");
+        assert!(matches!(refused, PublishError::Full { .. }));
+    }
+
+    /// A tenant's topics stop at `max_topics_per_tenant`, counted across the jobs of one group
+    /// commit and across a reopen; other tenants and existing topics go on; a batch of
+    /// duplicates only creates no topic.
+    #[test]
+    fn a_tenants_new_topics_stop_at_its_limit_within_a_group_and_after_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        let with_reply = |d: Delivery| {
+            let (reply, answer) = oneshot::channel();
+            (Job { delivery: d, reply }, answer)
+        };
+        let for_tenant = |tenant: &str, stream: &str, seqs| {
+            let mut d = on_topic(&format!("iot.{tenant}.{stream}"), seqs);
+            d.tenant = tenant.into();
+            d
+        };
+        {
+            let mut w = Writer::new(
+                Connection::open(&path).expect("open"),
+                Retention::default(),
+                2,
+            )
+            .expect("writer");
+            w.commit(&[job(for_tenant("acme", "a", 1..3))])
+                .expect("commit");
+            // Only duplicates, on a new topic name (the same scope): no topic is created.
+            let mut again = for_tenant("acme", "a", 1..3);
+            again.topic = "iot.acme.renamed".into();
+            let (jobs, mut answers): (Vec<_>, Vec<_>) = [
+                again,
+                for_tenant("acme", "b", 1..2),
+                for_tenant("acme", "b", 2..3),
+                for_tenant("acme", "c", 1..2),
+                for_tenant("beta", "a", 1..2),
+            ]
+            .into_iter()
+            .map(with_reply)
+            .unzip();
+            w.append(jobs);
+            let answers: Vec<_> = answers
+                .iter_mut()
+                .map(|a| a.try_recv().expect("answered"))
+                .collect();
+            assert_eq!(answers[0].as_ref().expect("duplicates").duplicates, 2);
+            assert_eq!(
+                answers[1].as_ref().expect("acme's second topic").accepted,
+                1
+            );
+            assert_eq!(answers[2].as_ref().expect("an existing topic").accepted, 1);
+            assert!(
+                matches!(&answers[3], Err(PublishError::Full { reason }) if reason.contains("tenant acme has 2 topics")),
+                "{:?}",
+                answers[3]
+            );
+            assert_eq!(answers[4].as_ref().expect("another tenant").accepted, 1);
+        }
+        let names: Vec<String> = topics(&path)
+            .expect("topics")
+            .into_iter()
+            .map(|t| t.topic)
+            .collect();
+        assert_eq!(names, ["iot.acme.a", "iot.acme.b", "iot.beta.a"]);
+        let mut w = Writer::new(
+            Connection::open(&path).expect("open"),
+            Retention::default(),
+            2,
+        )
+        .expect("reopen");
+        let (job, mut answer) = with_reply(for_tenant("acme", "c", 1..2));
+        w.append(vec![job]);
+        assert!(matches!(
+            answer.try_recv(),
+            Ok(Err(PublishError::Full { .. }))
+        ));
+    }
+
+    /// A new log that an older version opened (it creates the index and appends with rowids
+    /// of SQLite's choosing, topics without ids) is read through the index from then on, with
+    /// every record in offset order.
+    #[test]
+    fn a_new_log_an_older_version_wrote_to_is_read_through_the_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        {
+            let mut w = writer(&path, Retention::default());
+            assert_eq!(w.layout, Layout::Rowid);
+            w.commit(&[
+                job(on_topic("iot.acme.a", 1..3)),
+                job(on_topic("iot.acme.b", 1..2)),
+            ])
+            .expect("commit");
+        }
+        {
+            // What the older version does at its start and on its appends.
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "CREATE UNIQUE INDEX IF NOT EXISTS records_by_offset ON records (topic, offset);
+                 INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, received_at_ms, sent_at_ms, ingested_at_ms, payload) VALUES ('iot.acme.a', 2, 'd1', 'iot.acme.a', 0, 3, 's/1', 1, 2, 3, x'00');
+                 INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, received_at_ms, sent_at_ms, ingested_at_ms, payload) VALUES ('iot.acme.c', 0, 'd1', 'iot.acme.c', 0, 1, 's/1', 1, 2, 3, x'00');
+                 UPDATE topics SET next_offset = 3 WHERE name = 'iot.acme.a';
+                 INSERT INTO topics (name, next_offset, bytes) VALUES ('iot.acme.c', 1, 1);",
+            )
+            .expect("the older version's writes");
+        }
+        let mut w = writer(&path, Retention::default());
+        assert_eq!(w.layout, Layout::Indexed);
+        w.commit(&[
+            job(on_topic("iot.acme.a", 4..5)),
+            job(on_topic("iot.acme.c", 2..3)),
+            job(on_topic("iot.acme.d", 1..2)),
+        ])
+        .expect("commit");
+        assert_eq!(
+            seqs_of(&path, "iot.acme.a", 0),
+            vec![(0, 1), (1, 2), (2, 3), (3, 4)]
         );
+        assert_eq!(seqs_of(&path, "iot.acme.b", 0), vec![(0, 1)]);
+        assert_eq!(seqs_of(&path, "iot.acme.c", 0), vec![(0, 1), (1, 2)]);
+        assert_eq!(seqs_of(&path, "iot.acme.d", 0), vec![(0, 1)]);
+        let listed: Vec<(String, u64, u64)> = topics(&path)
+            .expect("topics")
+            .into_iter()
+            .map(|t| (t.topic, t.start_offset, t.end_offset))
+            .collect();
+        assert_eq!(listed[0], ("iot.acme.a".to_owned(), 0, 4));
     }
 
     fn job(delivery: Delivery) -> Job {
@@ -972,6 +1164,7 @@ mod tests {
         ] {
             let before = w.conn.total_changes();
             let acks = w.commit(&[job(with_seqs(&seqs))]).expect("commit");
+            let acks: Vec<BatchAck> = acks.into_iter().map(|a| a.expect("room")).collect();
             assert_eq!(acks[0].accepted, 1);
             let writes = w.conn.total_changes() - before;
             assert!(writes <= 4, "{seqs:?}: {writes} rows written");
@@ -1015,6 +1208,7 @@ mod tests {
             .collect();
         assert_eq!(left, (26..31).collect::<Vec<_>>(), "the newest five");
         let acks = w.commit(&[job(with_seqs(&[1, 2, 31]))]).expect("commit");
+        let acks: Vec<BatchAck> = acks.into_iter().map(|a| a.expect("room")).collect();
         assert_eq!(
             (acks[0].accepted, acks[0].duplicates),
             (1, 2),

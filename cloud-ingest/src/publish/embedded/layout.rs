@@ -20,8 +20,11 @@ pub(super) const OFFSET_BITS: u32 = 43;
 /// The first offset a topic cannot have (Rowid layout).
 pub(super) const OFFSET_LIMIT: u64 = 1 << OFFSET_BITS;
 
+/// A record's payload and attribute bytes (what `max_bytes_per_topic` counts).
+const SIZE: &str = "length(payload) + coalesce(length(CAST(attributes AS BLOB)), 0)";
+
 /// Most topics a Rowid log holds (ids 1 to this; rowids stay positive).
-pub(super) const MAX_TOPICS: u64 = (1 << (63 - OFFSET_BITS)) - 1;
+pub const MAX_TOPICS: u64 = (1 << (63 - OFFSET_BITS)) - 1;
 
 /// How the records of a topic are found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,22 +51,87 @@ impl Layout {
     }
 
     /// The condition on `records` for topic `?1` ([`Layout::topic`]), offsets from `?2` up to
-    /// and excluding `?3`.
-    pub(super) fn range(self) -> String {
+    /// and excluding `?3` (`?2` at most [`OFFSET_LIMIT`]; the sums stay within i64 for the
+    /// last topic id too).
+    fn range(self) -> String {
         match self {
             Layout::Rowid => format!(
-                "id >= (?1 << {OFFSET_BITS}) + ?2 AND id < (?1 << {OFFSET_BITS}) + min(?3, {OFFSET_LIMIT})"
+                "id >= (?1 << {OFFSET_BITS}) + ?2 AND id <= (?1 << {OFFSET_BITS}) + (min(?3, {OFFSET_LIMIT}) - 1)"
             ),
             Layout::Indexed => "topic = ?1 AND offset >= ?2 AND offset < ?3".into(),
         }
     }
 
     /// The column that orders a topic's records by offset without a sort.
-    pub(super) fn order(self) -> &'static str {
+    fn order(self) -> &'static str {
         match self {
             Layout::Rowid => "id",
             Layout::Indexed => "offset",
         }
+    }
+
+    /// The first offset of topic `?1` in `[?2, ?3)`.
+    pub(super) fn first(self) -> String {
+        format!(
+            "SELECT offset FROM records WHERE {} ORDER BY {} LIMIT 1",
+            self.range(),
+            self.order()
+        )
+    }
+
+    /// The first offset of topic `?1` in `[?2, ?3)` ingested at `?4` or later.
+    pub(super) fn first_ingested_since(self) -> String {
+        format!(
+            "SELECT offset FROM records WHERE {} AND ingested_at_ms >= ?4 ORDER BY {} LIMIT 1",
+            self.range(),
+            self.order()
+        )
+    }
+
+    /// Each record of topic `?1` in `[?2, ?3)` with its payload and attribute bytes, in
+    /// offset order.
+    pub(super) fn sizes(self) -> String {
+        format!(
+            "SELECT offset, {SIZE} FROM records WHERE {} ORDER BY {}",
+            self.range(),
+            self.order()
+        )
+    }
+
+    /// The records of topic `?1` in `[?2, ?3)` and their payload and attribute bytes.
+    pub(super) fn count(self) -> String {
+        format!(
+            "SELECT count(*), coalesce(sum({SIZE}), 0) FROM records WHERE {}",
+            self.range()
+        )
+    }
+
+    /// Deletes the records of topic `?1` in `[?2, ?3)`.
+    pub(super) fn delete(self) -> String {
+        format!("DELETE FROM records WHERE {}", self.range())
+    }
+
+    /// `columns` of at most `?4` records of topic `?1` in `[?2, ?3)`, in offset order.
+    pub(super) fn read(self, columns: &str) -> String {
+        format!(
+            "SELECT {columns} FROM records WHERE {} ORDER BY {} LIMIT ?4",
+            self.range(),
+            self.order()
+        )
+    }
+
+    /// Every statement on `records` above (the read with its real columns), for the tests of
+    /// their query plans.
+    #[cfg(test)]
+    pub(super) fn statements(self) -> Vec<String> {
+        vec![
+            self.first(),
+            self.first_ingested_since(),
+            self.sizes(),
+            self.count(),
+            self.delete(),
+            self.read(super::reader::COLUMNS),
+        ]
     }
 
     /// What `?1` of [`Layout::range`] is for the topic `name` with id `id`.

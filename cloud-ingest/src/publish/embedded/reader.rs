@@ -72,6 +72,9 @@ pub struct TopicInfo {
     pub bytes: u64,
 }
 
+/// The columns [`log_record`] reads, in its order.
+pub(super) const COLUMNS: &str = "offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch, corrected_at_ms, boot_id, monotonic_ms, attributes";
+
 pub(super) fn open_reader(path: &Path) -> Result<Connection, LogError> {
     Connection::open_with_flags(
         path,
@@ -148,19 +151,17 @@ impl Reader {
             }
             Layout::Indexed => 0,
         };
+        if self.layout == Layout::Rowid && from >= OFFSET_LIMIT {
+            return Ok(());
+        }
         let mut stmt = self
             .conn
-            .prepare(&format!(
-                "SELECT offset, device, stream, seq, mqtt_topic, qos, received_at_ms, sent_at_ms, ingested_at_ms, payload, epoch, corrected_at_ms, boot_id, monotonic_ms, attributes
-                 FROM records WHERE {} ORDER BY {} LIMIT ?4",
-                self.layout.range(),
-                self.layout.order()
-            ))
+            .prepare(&self.layout.read(COLUMNS))
             .map_err(sqlite)?;
         let mut rows = stmt
             .query(params![
                 self.layout.topic(topic, id),
-                from.min(OFFSET_LIMIT) as i64,
+                from.min(i64::MAX as u64) as i64,
                 i64::MAX,
                 limit as i64
             ])
@@ -229,9 +230,14 @@ pub fn topics(path: &Path) -> Result<Vec<TopicInfo>, LogError> {
     };
     let listed = || -> rusqlite::Result<Vec<TopicInfo>> {
         let layout = Layout::of(&conn)?;
-        let mut stmt = conn.prepare(
-            "SELECT name, next_offset, bytes, coalesce(id, 0) FROM topics ORDER BY name",
-        )?;
+        // An older version's log may not have the id column yet (the writer adds it).
+        let id = match layout {
+            Layout::Rowid => "id",
+            Layout::Indexed => "0",
+        };
+        let mut stmt = conn.prepare(&format!(
+            "SELECT name, next_offset, bytes, {id} FROM topics ORDER BY name"
+        ))?;
         let mut rows = stmt.query([])?;
         let mut topics = Vec::new();
         while let Some(row) = rows.next()? {
