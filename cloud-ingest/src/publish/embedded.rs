@@ -596,17 +596,17 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
              COMMIT;",
         )?;
     }
-    let has_id: bool = conn.query_row(
-        "SELECT count(*) FROM pragma_table_info('topics') WHERE name = 'id'",
-        [],
-        |row| row.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !has_id {
-        // A log this old has its (topic, offset) index: Layout::Indexed, no ids needed; its
-        // topics' tenants are unknown (they do not count towards max_topics_per_tenant).
-        conn.execute_batch(
-            "BEGIN; ALTER TABLE topics ADD COLUMN id INTEGER; ALTER TABLE topics ADD COLUMN tenant TEXT; COMMIT;",
+    // A log older than topic ids has its (topic, offset) index: Layout::Indexed, no ids
+    // needed; topics without a tenant do not count towards max_topics_per_tenant.
+    for (column, kind) in [("id", "INTEGER"), ("tenant", "TEXT")] {
+        let present: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('topics') WHERE name = ?1",
+            [column],
+            |row| row.get::<_, i64>(0).map(|n| n > 0),
         )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE topics ADD COLUMN {column} {kind}"))?;
+        }
     }
     for (column, kind) in [
         ("corrected_at_ms", "INTEGER"),
@@ -1062,6 +1062,37 @@ mod tests {
             answer.try_recv(),
             Ok(Err(PublishError::Full { .. }))
         ));
+    }
+
+    /// A log whose topics have ids but no tenants (written between the two changes) gets the
+    /// tenant column and goes on in the Rowid layout.
+    #[test]
+    fn a_log_with_topic_ids_but_no_tenants_gets_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                &OLDER_SCHEMA
+                    .replace(
+                        "bytes INTEGER NOT NULL DEFAULT 0)",
+                        "bytes INTEGER NOT NULL DEFAULT 0, id INTEGER)",
+                    )
+                    .replace(
+                        "CREATE UNIQUE INDEX records_by_offset ON records (topic, offset);",
+                        "",
+                    ),
+            )
+            .expect("schema with ids, without tenants");
+        }
+        let mut w = writer(&path, Retention::default());
+        assert_eq!(w.layout, Layout::Rowid);
+        w.commit(&[job(on_topic("iot.acme.a", 1..3))])
+            .expect("commit")
+            .into_iter()
+            .for_each(|a| assert_eq!(a.expect("room").accepted, 2));
+        assert_eq!(load_tenants(&w.conn).expect("tenants")["acme"], 1);
+        assert_eq!(seqs_of(&path, "iot.acme.a", 0), vec![(0, 1), (1, 2)]);
     }
 
     /// A new log that an older version opened (it creates the index and appends with rowids
