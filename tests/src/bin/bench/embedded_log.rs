@@ -1,26 +1,70 @@
 //! The ingest's embedded log alone (`BENCH_ONLY=log`): records/s and disk bytes written per
-//! record when batches are POSTed straight to the ingest, in three shapes: one sender with the
+//! record when batches are POSTed straight to the ingest, in four shapes: one sender with the
 //! drain's 5,000-record batches (a stream has one request in flight, so each batch waits for
-//! the one before it), four senders with 1,000-record batches, and ten senders with
-//! 10-record batches (many gateways sending as records come). This tree's ingest against the
-//! baseline's (`BENCH_BASELINE_DIR`), alternating rounds, medians.
+//! the one before it), four senders with 1,000-record batches, and ten senders with 10-record
+//! batches (gateways sending as records come), either ten streams of one device (ten topics)
+//! or ten devices on one stream (one topic, as a fleet's gateways share their streams). This
+//! tree's ingest against the baseline's (`BENCH_BASELINE_DIR`), alternating rounds, medians.
 
 use std::time::Instant;
 
-use e2e::CloudHarness;
+use e2e::{CloudHarness, DEVICE, TENANT, TOKEN};
 
 use crate::network::disk_writes;
-use crate::{baseline_ingest, json_batches, median, post_until_ok};
+use crate::{baseline_ingest, json_batches_of, median, post_until_ok};
 
 /// Rounds of the table.
 const ROUNDS: usize = 3;
 
-/// (description, senders, batches per sender, records per batch) at scale 1.
-const SHAPES: [(&str, usize, u64, u64); 3] = [
-    ("1 sender × 200 batches of 5,000 (a drain)", 1, 200, 5_000),
-    ("4 senders × 100 batches of 1,000", 4, 100, 1_000),
-    ("10 senders × 1,000 batches of 10", 10, 1_000, 10),
+/// A shape of load: its description, senders, batches per sender, records per batch, and
+/// whether each sender is a device of its own on one shared stream (else the test device on
+/// a stream per sender).
+struct Shape {
+    name: &'static str,
+    senders: usize,
+    batches: u64,
+    per_batch: u64,
+    devices: bool,
+}
+
+const SHAPES: [Shape; 4] = [
+    Shape {
+        name: "1 sender × 200 batches of 5,000 (a drain)",
+        senders: 1,
+        batches: 200,
+        per_batch: 5_000,
+        devices: false,
+    },
+    Shape {
+        name: "4 streams × 100 batches of 1,000",
+        senders: 4,
+        batches: 100,
+        per_batch: 1_000,
+        devices: false,
+    },
+    Shape {
+        name: "10 streams (10 topics) × 1,000 batches of 10",
+        senders: 10,
+        batches: 1_000,
+        per_batch: 10,
+        devices: false,
+    },
+    Shape {
+        name: "10 devices on one stream (1 topic) × 1,000 batches of 10",
+        senders: 10,
+        batches: 1_000,
+        per_batch: 10,
+        devices: true,
+    },
 ];
+
+/// Sender `i`'s device and token in a shape with a device per sender.
+fn device(i: usize) -> (String, String) {
+    (
+        format!("bench-gw-{i}"),
+        format!("bench-token-{i}-0123456789"),
+    )
+}
 
 /// One run's figures.
 struct Run {
@@ -28,12 +72,20 @@ struct Run {
     disk_bytes_per_record: f64,
 }
 
-/// Posts `bodies` (one list per sender, each sender's in order) to a fresh ingest (the
-/// baseline's `binary`, or this tree's) on an embedded log; times from the first POST to the
-/// last 2xx.
-fn run(bodies: &[Vec<Vec<u8>>], records: u64, binary: Option<&std::path::Path>) -> Run {
+/// Posts `bodies` (one list per sender, each sender's in order, as `senders[i]`) to a fresh
+/// ingest (the baseline's `binary`, or this tree's) on an embedded log; times from the first
+/// POST to the last 2xx.
+fn run(
+    bodies: &[Vec<Vec<u8>>],
+    senders: &[(String, String)],
+    records: u64,
+    binary: Option<&std::path::Path>,
+) -> Run {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut harness = CloudHarness::new(dir.path());
+    for (id, token) in senders.iter().filter(|(id, _)| id != DEVICE) {
+        harness = harness.device(id, TENANT, token);
+    }
     if let Some(binary) = binary {
         harness = harness.binary(binary);
     }
@@ -43,12 +95,19 @@ fn run(bodies: &[Vec<Vec<u8>>], records: u64, binary: Option<&std::path::Path>) 
     let writes_before = disk_writes(pid);
     let started = Instant::now();
     std::thread::scope(|scope| {
-        for sender in bodies {
+        for (sender, (device, token)) in bodies.iter().zip(senders) {
             let url = &url;
             scope.spawn(move || {
                 let http = reqwest::blocking::Client::new();
                 for body in sender {
-                    post_until_ok(&http, url, ingest_wire::CONTENT_TYPE_BATCH_V2, body);
+                    post_until_ok(
+                        &http,
+                        url,
+                        ingest_wire::CONTENT_TYPE_BATCH_V2,
+                        device,
+                        token,
+                        body,
+                    );
                 }
             });
         }
@@ -82,11 +141,27 @@ pub fn table(scale: u64) {
             ""
         }
     );
-    for (name, senders, batches, per_batch) in SHAPES {
-        let batches = batches * scale;
-        let bodies: Vec<Vec<Vec<u8>>> = (0..senders)
-            .map(|s| {
-                json_batches(s, batches, per_batch)
+    for shape in SHAPES {
+        let batches = shape.batches * scale;
+        let senders: Vec<(String, String)> = (0..shape.senders)
+            .map(|i| {
+                if shape.devices {
+                    device(i)
+                } else {
+                    (DEVICE.to_owned(), TOKEN.to_owned())
+                }
+            })
+            .collect();
+        let bodies: Vec<Vec<Vec<u8>>> = senders
+            .iter()
+            .enumerate()
+            .map(|(i, (device, _))| {
+                let stream = if shape.devices {
+                    "bench".to_owned()
+                } else {
+                    format!("bench{i}")
+                };
+                json_batches_of(device, &stream, i, batches, shape.per_batch)
                     .iter()
                     .map(|b| {
                         ingest_wire::compress(&ingest_wire::encode_columnar(b), 1).expect("zstd")
@@ -94,12 +169,12 @@ pub fn table(scale: u64) {
                     .collect()
             })
             .collect();
-        let records = senders as u64 * batches * per_batch;
+        let records = shape.senders as u64 * batches * shape.per_batch;
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
-            ours.push(run(&bodies, records, None));
+            ours.push(run(&bodies, &senders, records, None));
             if let Some(bin) = &baseline {
-                theirs.push(run(&bodies, records, Some(bin)));
+                theirs.push(run(&bodies, &senders, records, Some(bin)));
             }
         }
         let medians = |runs: &[Run]| {
@@ -109,7 +184,7 @@ pub fn table(scale: u64) {
             )
         };
         let (rate, disk) = medians(&ours);
-        print!("| {name} | {rate:.0} | {disk:.0} |");
+        print!("| {} | {rate:.0} | {disk:.0} |", shape.name);
         if !theirs.is_empty() {
             let (base_rate, base_disk) = medians(&theirs);
             print!(

@@ -116,9 +116,26 @@ fn run(s: &Scenario) -> Row {
 const KAFKA_BATCH: u64 = 1000;
 const KAFKA_SENDERS: usize = 4;
 
-/// The batches sender `sender` posts: `batches` × `per_batch` records of 200 B JSON, on
-/// stream `bench<sender>`, sequences from 1.
+/// The batches sender `sender` posts: `batches` × `per_batch` records of 200 B JSON, as the
+/// test device on stream `bench<sender>`, sequences from 1.
 pub(crate) fn json_batches(sender: usize, batches: u64, per_batch: u64) -> Vec<ingest_wire::Batch> {
+    json_batches_of(
+        DEVICE,
+        &format!("bench{sender}"),
+        sender,
+        batches,
+        per_batch,
+    )
+}
+
+/// [`json_batches`] as `device` on `stream`.
+pub(crate) fn json_batches_of(
+    device: &str,
+    stream: &str,
+    sender: usize,
+    batches: u64,
+    per_batch: u64,
+) -> Vec<ingest_wire::Batch> {
     (0..batches)
         .map(|b| {
             let records = (0..per_batch)
@@ -135,8 +152,8 @@ pub(crate) fn json_batches(sender: usize, batches: u64, per_batch: u64) -> Vec<i
                 })
                 .collect();
             ingest_wire::Batch {
-                device_id: DEVICE.into(),
-                stream: format!("bench{sender}"),
+                device_id: device.into(),
+                stream: stream.into(),
                 // Unknown (0): the bodies are posted again in later rounds, and a send time
                 // more than a minute old would read as a skewed clock to correct.
                 sent_at_ms: 0,
@@ -214,7 +231,14 @@ fn through_ingest(dir: &std::path::Path, bodies: &[Vec<Vec<u8>>], total: u64) ->
     let url = format!("{}{}", cloud.url(), ingest_wire::BATCHES_PATH);
     let http = reqwest::blocking::Client::new();
     for sender in bodies {
-        post_until_ok(&http, &url, ingest_wire::CONTENT_TYPE_BATCH, &sender[0]);
+        post_until_ok(
+            &http,
+            &url,
+            ingest_wire::CONTENT_TYPE_BATCH,
+            DEVICE,
+            TOKEN,
+            &sender[0],
+        );
     }
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -224,7 +248,14 @@ fn through_ingest(dir: &std::path::Path, bodies: &[Vec<Vec<u8>>], total: u64) ->
                 let http = reqwest::blocking::Client::new();
                 // The first batch went in the warm-up; its retry is a duplicate, not counted.
                 for body in &sender[1..] {
-                    post_until_ok(&http, url, ingest_wire::CONTENT_TYPE_BATCH, body);
+                    post_until_ok(
+                        &http,
+                        url,
+                        ingest_wire::CONTENT_TYPE_BATCH,
+                        DEVICE,
+                        TOKEN,
+                        body,
+                    );
                 }
             });
         }
@@ -233,11 +264,13 @@ fn through_ingest(dir: &std::path::Path, bodies: &[Vec<Vec<u8>>], total: u64) ->
     sent as f64 / started.elapsed().as_secs_f64()
 }
 
-/// POSTs `body` (zstd, of `content_type`) as the test device until a 2xx.
+/// POSTs `body` (zstd, of `content_type`) as `device` with `token` until a 2xx.
 pub(crate) fn post_until_ok(
     http: &reqwest::blocking::Client,
     url: &str,
     content_type: &str,
+    device: &str,
+    token: &str,
     body: &[u8],
 ) {
     for _ in 0..100 {
@@ -245,8 +278,8 @@ pub(crate) fn post_until_ok(
             .post(url)
             .header("content-type", content_type)
             .header("content-encoding", ingest_wire::ENCODING_ZSTD)
-            .header(ingest_wire::HEADER_DEVICE_ID, DEVICE)
-            .header("authorization", format!("Bearer {TOKEN}"))
+            .header(ingest_wire::HEADER_DEVICE_ID, device)
+            .header("authorization", format!("Bearer {token}"))
             .body(body.to_vec())
             .send();
         match answer {
