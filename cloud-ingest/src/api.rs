@@ -138,9 +138,13 @@ pub enum IngestError {
     /// the ingest's own log, except a full log's reason, which is the sender's to see.
     #[error("{}", match .0 {
         PublishError::Full { reason } => format!("stream log full, retry later: {reason}"),
-        PublishError::Unavailable { .. } => "stream log unavailable, retry later".to_owned(),
+        _ => "stream log unavailable, retry later".to_owned(),
     })]
     Unavailable(#[source] PublishError),
+    /// The log refuses the batch's stream for good ([`PublishError::Refused`]). 400; the agent
+    /// dead-letters it and goes on with its other streams.
+    #[error("{0}")]
+    StreamRefused(PublishError),
     /// The body could not be read (client went away). 400.
     #[error("request body could not be read")]
     BodyRead,
@@ -177,9 +181,10 @@ impl IngestError {
             IngestError::TooLarge { .. }
             | IngestError::TooManyRecords { .. }
             | IngestError::BadBatch(DecodeError::Expands { .. }) => Answer::TooLarge,
-            IngestError::BadBatch(_) | IngestError::BodyRead | IngestError::BadDictionary(_) => {
-                Answer::Invalid
-            }
+            IngestError::BadBatch(_)
+            | IngestError::BodyRead
+            | IngestError::BadDictionary(_)
+            | IngestError::StreamRefused(_) => Answer::Invalid,
             IngestError::Unavailable(_) | IngestError::Busy | IngestError::Overloaded => {
                 Answer::Unavailable
             }
@@ -606,7 +611,10 @@ async fn accept_batch(
             reason: format!("append task failed: {e}"),
         })
     })?
-    .map_err(IngestError::Unavailable)?;
+    .map_err(|e| match e {
+        PublishError::Refused { .. } => IngestError::StreamRefused(e),
+        other => IngestError::Unavailable(other),
+    })?;
     state.metrics.records_accepted.inc_by(ack.accepted);
     state.metrics.records_duplicate.inc_by(ack.duplicates);
     state
@@ -1020,31 +1028,32 @@ mod tests {
         }
     }
 
-    /// A batch the embedded log has no room for gets 503 with the reason (the agent logs it:
-    /// the operator sees which limit and what to do), and the log stays ready.
+    /// A batch for a stream its tenant may not create (past `max_topics_per_tenant`) gets 400
+    /// with the reason (the agent dead-letters it and goes on with its other streams: a 503
+    /// would hold them all), and the tenant's existing streams go on.
     #[tokio::test]
-    async fn a_full_log_says_why_in_its_503() {
+    async fn a_stream_past_its_tenants_topics_gets_400_with_why() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state_with_topics(dir.path(), 1);
-        let post = |stream: &str| {
-            let mut b = batch("d1", "a/b", 1..3);
+        let post = |stream: &str, seqs| {
+            let mut b = batch("d1", "a/b", seqs);
             b.stream = stream.into();
             request(
                 "tok",
                 ingest_wire::compress(&ingest_wire::encode_batch(&b), 1).expect("compress"),
             )
         };
+        let status = |response: axum::response::Response| response.status();
         let response = app(state.clone(), true)
-            .oneshot(post("t"))
+            .oneshot(post("t", 1..3))
             .await
             .expect("response");
-        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(status(response), StatusCode::OK);
         let response = app(state.clone(), true)
-            .oneshot(post("u"))
+            .oneshot(post("u", 1..3))
             .await
             .expect("response");
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(response.headers()[HEADER_RETRY_AFTER], "1");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         let bytes = response
             .into_body()
             .collect()
@@ -1053,9 +1062,18 @@ mod tests {
             .to_bytes();
         let text = std::str::from_utf8(&bytes).expect("utf8");
         assert!(
-            text.contains("stream log full") && text.contains("max_topics_per_tenant"),
+            text.contains("stream refused") && text.contains("max_topics_per_tenant"),
             "{text}"
         );
         assert!(state.publisher.is_ready());
+        let response = app(state.clone(), true)
+            .oneshot(post("t", 3..5))
+            .await
+            .expect("response");
+        assert_eq!(
+            status(response),
+            StatusCode::OK,
+            "the existing stream goes on"
+        );
     }
 }

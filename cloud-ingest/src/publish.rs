@@ -274,10 +274,19 @@ pub enum PublishError {
         reason: String,
     },
     /// The log has no room for the batch's topic until an operator acts (a limit of the
-    /// embedded log); nothing of the batch was written. The reason goes to the sender too (the
+    /// whole embedded log); nothing of the batch was written. Answered 503 with the reason (the
     /// agent logs it), so the gateway's operator sees which limit and what to do.
     #[error("stream log full: {reason}")]
     Full {
+        /// Which limit, and what to do.
+        reason: String,
+    },
+    /// The log will not take the batch's stream from this sender (a new topic past its
+    /// tenant's `max_topics_per_tenant`); nothing of the batch was written. Answered 400 with
+    /// the reason: the agent keeps the batch in its dead-letter table and its other streams go
+    /// on (a 503 would hold them all).
+    #[error("stream refused: {reason}")]
+    Refused {
         /// Which limit, and what to do.
         reason: String,
     },

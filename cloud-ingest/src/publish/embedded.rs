@@ -299,32 +299,38 @@ impl Writer {
         }
     }
 
-    /// Why the log has no room for `fresh` new records of `d` (a tenant's new topic past
-    /// `max_topics_per_tenant`; Rowid layout: a new topic past [`MAX_TOPICS`], offsets past
-    /// 2^43), if it has none.
-    fn no_room(&self, d: &Delivery, fresh: u64) -> Option<String> {
+    /// Why the log will not take `fresh` new records of `d`, if it will not: a tenant's new
+    /// topic past `max_topics_per_tenant` ([`PublishError::Refused`]: that stream only); Rowid
+    /// layout, a new topic past [`MAX_TOPICS`] or offsets past 2^43 ([`PublishError::Full`]).
+    fn no_room(&self, d: &Delivery, fresh: u64) -> Option<PublishError> {
         let rowid = self.layout == Layout::Rowid;
         match self.topics.get(&d.topic) {
             None => {
                 let held = self.tenants.get(&d.tenant).copied().unwrap_or(0);
                 if held >= self.max_topics_per_tenant {
-                    Some(format!(
-                        "tenant {} has {held} topics in the embedded log, its limit (sink.options.max_topics_per_tenant): topic {} is not created; send to fewer streams or raise the limit",
-                        d.tenant, d.topic
-                    ))
+                    Some(PublishError::Refused {
+                        reason: format!(
+                            "tenant {} has {held} topics in the embedded log, its limit (sink.options.max_topics_per_tenant): stream {} is not created; send to fewer streams or raise the limit",
+                            d.tenant, d.batch.stream
+                        ),
+                    })
                 } else if rowid && self.next_topic_id > MAX_TOPICS {
-                    Some(format!(
-                        "the embedded log holds {MAX_TOPICS} topics, its limit: topic {} is not created; use Kafka or NATS for more",
-                        d.topic
-                    ))
+                    Some(PublishError::Full {
+                        reason: format!(
+                            "the embedded log holds {MAX_TOPICS} topics, its limit: topic {} is not created; use Kafka or NATS for more",
+                            d.topic
+                        ),
+                    })
                 } else {
                     None
                 }
             }
-            Some(t) if rowid && t.next_offset + fresh > OFFSET_LIMIT => Some(format!(
-                "topic {} has used the {OFFSET_LIMIT} offsets a topic of the embedded log has; use Kafka or NATS for it",
-                d.topic
-            )),
+            Some(t) if rowid && t.next_offset + fresh > OFFSET_LIMIT => Some(PublishError::Full {
+                reason: format!(
+                    "topic {} has used the {OFFSET_LIMIT} offsets a topic of the embedded log has; use Kafka or NATS for it",
+                    d.topic
+                ),
+            }),
             Some(_) => None,
         }
     }
@@ -342,8 +348,8 @@ impl Writer {
         }
     }
 
-    /// Appends the new records of every job in one transaction; a job the log has no room for
-    /// ([`Writer::no_room`]) is answered [`PublishError::Full`] and nothing of it is written.
+    /// Appends the new records of every job in one transaction; a job the log will not take
+    /// ([`Writer::no_room`]) is answered with why, and nothing of it is written.
     fn commit(&mut self, group: &[Job]) -> rusqlite::Result<Vec<Result<BatchAck, PublishError>>> {
         self.tick += 1;
         let tick = self.tick;
@@ -383,8 +389,8 @@ impl Writer {
                     }));
                     continue;
                 }
-                if let Some(reason) = self.no_room(d, fresh) {
-                    acks.push(Err(PublishError::Full { reason }));
+                if let Some(refusal) = self.no_room(d, fresh) {
+                    acks.push(Err(refusal));
                     continue;
                 }
                 let seen = &mut self
@@ -868,7 +874,7 @@ mod tests {
 
     /// Every statement on `records` ([`Layout::statements`], the ones the writer and the reader
     /// run) searches a rowid range in a new log and the `(topic, offset)` index in an older
-    /// one, for the first and the last topic id, and never sorts.
+    /// one, and never sorts.
     #[test]
     fn every_statement_searches_its_layouts_range_and_never_sorts() {
         for older in [false, true] {
@@ -884,27 +890,28 @@ mod tests {
             } else {
                 "USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"
             };
-            for id in [1, MAX_TOPICS] {
-                for sql in w.layout.statements() {
-                    let mut stmt = w
-                        .conn
-                        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                        .expect("explain");
-                    let topic = w.layout.topic("iot.acme.t", id);
-                    let values: Vec<rusqlite::types::Value> =
-                        vec![topic, 0.into(), i64::MAX.into(), 0.into()];
-                    let values = values.into_iter().take(stmt.parameter_count());
-                    let plan: Vec<String> = stmt
-                        .query_map(rusqlite::params_from_iter(values), |row| {
-                            row.get::<_, String>(3)
-                        })
-                        .expect("plan")
-                        .collect::<rusqlite::Result<_>>()
-                        .expect("rows");
-                    let plan = plan.join("; ");
-                    assert!(plan.contains(want), "older={older} {sql}: {plan}");
-                    assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
-                }
+            for sql in w.layout.statements() {
+                let mut stmt = w
+                    .conn
+                    .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .expect("explain");
+                let values: Vec<rusqlite::types::Value> = vec![
+                    w.layout.topic("iot.acme.t", 1),
+                    0.into(),
+                    i64::MAX.into(),
+                    0.into(),
+                ];
+                let values = values.into_iter().take(stmt.parameter_count());
+                let plan: Vec<String> = stmt
+                    .query_map(rusqlite::params_from_iter(values), |row| {
+                        row.get::<_, String>(3)
+                    })
+                    .expect("plan")
+                    .collect::<rusqlite::Result<_>>()
+                    .expect("rows");
+                let plan = plan.join("; ");
+                assert!(plan.contains(want), "older={older} {sql}: {plan}");
+                assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
             }
         }
     }
@@ -919,11 +926,11 @@ mod tests {
         )
     }
 
-    /// The last topic id and the last offset a topic can have are used; a batch past either,
-    /// or past its tenant's topics, is refused as full with the reason, before anything of it
-    /// is written, and the log stays ready for the others.
+    /// The last topic id and the last offset a topic can have are used (the range's bounds
+    /// stay within i64 there); a batch past either is refused as full with the reason, before
+    /// anything of it is written, and the log stays ready for the others.
     #[tokio::test]
-    async fn a_batch_past_a_limit_of_the_log_is_refused_and_nothing_else() {
+    async fn a_batch_past_the_last_topic_id_or_offset_is_refused_and_nothing_else() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("log.db");
         {
@@ -931,11 +938,11 @@ mod tests {
             conn.execute_batch(SCHEMA).expect("schema");
             conn.execute(
                 "INSERT INTO topics (name, next_offset, bytes, id, tenant) VALUES ('iot.acme.full', ?1, 0, ?2, 'acme')",
-                params![(OFFSET_LIMIT - 2) as i64, (MAX_TOPICS - 1) as i64],
+                params![(OFFSET_LIMIT - 2) as i64, MAX_TOPICS as i64],
             )
-            .expect("a topic near its last offset");
+            .expect("the last topic id, near its last offset");
         }
-        let log = EmbeddedLog::open(&path, Retention::default(), 3).expect("open");
+        let log = EmbeddedLog::open(&path, Retention::default(), 1_000).expect("open");
         let refused = log
             .publish(on_topic("iot.acme.full", 1..4))
             .await
@@ -951,41 +958,33 @@ mod tests {
             .await
             .expect("the last two offsets");
         assert_eq!(ack.accepted, 2);
+        let last = OFFSET_LIMIT - 1;
         assert_eq!(
             seqs_of(&path, "iot.acme.full", 0),
-            vec![(OFFSET_LIMIT - 2, 1), (OFFSET_LIMIT - 1, 2)]
+            vec![(last - 1, 1), (last, 2)]
         );
-        assert!(seqs_of(&path, "iot.acme.full", OFFSET_LIMIT - 1).len() == 1);
+        assert_eq!(seqs_of(&path, "iot.acme.full", last), vec![(last, 2)]);
         assert!(seqs_of(&path, "iot.acme.full", OFFSET_LIMIT).is_empty());
-        let ack = log
-            .publish(on_topic("iot.acme.last", 1..2))
-            .await
-            .expect("the last topic id");
-        assert_eq!(ack.accepted, 1);
-        assert_eq!(stored(&path), (3, 2));
-        let refused = log
-            .publish(on_topic("iot.acme.one-too-many", 1..2))
-            .await
-            .expect_err("no topic id left");
-        assert!(
-            refused.to_string().contains("topics, its limit"),
-            "{refused}"
+        assert!(seqs_of(&path, "iot.acme.full", u64::MAX).is_empty());
+        let listed = &topics(&path).expect("topics")[0];
+        assert_eq!(
+            (listed.start_offset, listed.end_offset),
+            (last - 1, OFFSET_LIMIT)
         );
-        assert_eq!(stored(&path), (3, 2), "nothing of it written");
-        assert!(log.is_ready(), "a full log does not make the log unready");
-        let ack = log
-            .publish(on_topic("iot.acme.last", 2..3))
-            .await
-            .expect("the others go on");
-        assert_eq!(ack.accepted, 1);
-        assert_eq!(seqs_of(&path, "iot.acme.last", 0), vec![(0, 1), (1, 2)]);
         let mut other = on_topic("iot.beta.t", 1..2);
         other.tenant = "beta".into();
-        let refused = log
-            .publish(other)
+        let refused = log.publish(other).await.expect_err("no topic id left");
+        assert!(
+            matches!(&refused, PublishError::Full { reason } if reason.contains("topics, its limit")),
+            "{refused}"
+        );
+        assert_eq!(stored(&path), (2, 1), "nothing of it written");
+        assert!(log.is_ready(), "a full log does not make the log unready");
+        let ack = log
+            .publish(on_topic("iot.acme.full", 1..3))
             .await
-            .expect_err("no topic id left for another tenant either");
-        assert!(matches!(refused, PublishError::Full { .. }));
+            .expect("the others go on");
+        assert_eq!(ack.duplicates, 2);
     }
 
     /// A tenant's topics stop at `max_topics_per_tenant`, counted across the jobs of one group
@@ -1038,7 +1037,7 @@ mod tests {
             );
             assert_eq!(answers[2].as_ref().expect("an existing topic").accepted, 1);
             assert!(
-                matches!(&answers[3], Err(PublishError::Full { reason }) if reason.contains("tenant acme has 2 topics")),
+                matches!(&answers[3], Err(PublishError::Refused { reason }) if reason.contains("tenant acme has 2 topics")),
                 "{:?}",
                 answers[3]
             );
@@ -1060,7 +1059,7 @@ mod tests {
         w.append(vec![job]);
         assert!(matches!(
             answer.try_recv(),
-            Ok(Err(PublishError::Full { .. }))
+            Ok(Err(PublishError::Refused { .. }))
         ));
     }
 
