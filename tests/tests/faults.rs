@@ -126,6 +126,77 @@ fn an_ingest_that_never_answers_does_not_stall_the_agent() {
     });
 }
 
+/// The real ingest's embedded log takes one topic per tenant: the agent's second stream is
+/// refused with 400 and dead-lettered at the edge with the ingest's reason, while the first
+/// stream goes on being delivered (a 503 would have held the whole link).
+#[test]
+fn a_stream_past_its_tenants_topics_is_dead_lettered_and_the_others_go_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path())
+        .sink(&format!(
+            "  type: embedded\n  options:\n    path: {}\n    max_topics_per_tenant: 1\n",
+            dir.path().join("log.db").display()
+        ))
+        .run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let lines = |n: usize| (0..n).map(|i| format!("{{\"i\":{i}}}"));
+    let telemetry = format!("iot.{TENANT}.telemetry");
+    assert!(e2e::mosquitto_pub_lines(
+        agent.mqtt,
+        1,
+        "plant/1/telemetry/t",
+        lines(10)
+    ));
+    eventually(
+        Duration::from_secs(20),
+        "the first stream delivered",
+        || (cloud.read_topic(&telemetry).len() == 10).then_some(()),
+    );
+    assert!(e2e::mosquitto_pub_lines(
+        agent.mqtt,
+        1,
+        "plant/1/logs/l",
+        lines(5)
+    ));
+    eventually(
+        Duration::from_secs(20),
+        "the second stream dead-lettered",
+        || {
+            (agent.metric("agent_records_dead_lettered_total{stream=\"logs\"}") == 5.0)
+                .then_some(())
+        },
+    );
+    assert!(e2e::mosquitto_pub_lines(
+        agent.mqtt,
+        1,
+        "plant/1/telemetry/t",
+        lines(10)
+    ));
+    eventually(Duration::from_secs(20), "the first stream goes on", || {
+        (cloud.read_topic(&telemetry).len() == 20).then_some(())
+    });
+    assert_eq!(
+        agent.metric("agent_link_up"),
+        1.0,
+        "the link stayed up through the refusals"
+    );
+    let buffer = rusqlite::Connection::open_with_flags(
+        dir.path().join("buffer.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("buffer");
+    let (status, reason): (i64, String) = buffer
+        .query_row(
+            "SELECT MAX(status), MAX(reason) FROM dead_letters",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("dead letters");
+    assert_eq!(status, 400);
+    assert!(reason.contains("max_topics_per_tenant"), "{reason}");
+    assert!(cloud.read_topic(&format!("iot.{TENANT}.logs")).is_empty());
+}
+
 #[test]
 fn a_poison_batch_is_dead_lettered_and_the_queue_goes_on() {
     let dir = tempfile::tempdir().expect("tempdir");
