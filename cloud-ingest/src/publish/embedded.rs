@@ -783,6 +783,16 @@ mod tests {
         CREATE TABLE dedup (device TEXT NOT NULL, stream TEXT NOT NULL, epoch INTEGER NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, PRIMARY KEY (device, stream, epoch, first_seq)) WITHOUT ROWID;
     ";
 
+    /// The path of a log file in `dir`: none yet, or one an older version created (`older`).
+    fn log_file(dir: &Path, older: bool) -> std::path::PathBuf {
+        let path = dir.join("log.db");
+        if older {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(OLDER_SCHEMA).expect("older schema");
+        }
+        path
+    }
+
     fn on_topic(topic: &str, seqs: std::ops::Range<u64>) -> Delivery {
         let mut d = delivery(seqs);
         d.topic = topic.into();
@@ -804,10 +814,9 @@ mod tests {
     fn a_new_log_finds_records_by_rowid_and_an_older_one_through_its_index() {
         for older in [false, true] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let path = dir.path().join("log.db");
+            let path = log_file(dir.path(), older);
             if older {
                 let conn = Connection::open(&path).expect("open");
-                conn.execute_batch(OLDER_SCHEMA).expect("older schema");
                 conn.execute(
                     "INSERT INTO records (topic, offset, device, stream, epoch, seq, mqtt_topic, received_at_ms, sent_at_ms, ingested_at_ms, payload) VALUES ('iot.acme.a', 0, 'd1', 'a', 0, 100, 's/1', 1, 2, 3, x'00')",
                     [],
@@ -879,11 +888,7 @@ mod tests {
     fn every_statement_searches_its_layouts_range_and_never_sorts() {
         for older in [false, true] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let path = dir.path().join("log.db");
-            if older {
-                let conn = Connection::open(&path).expect("open");
-                conn.execute_batch(OLDER_SCHEMA).expect("older schema");
-            }
+            let path = log_file(dir.path(), older);
             let w = writer(&path, Retention::default());
             let want = if older {
                 "INDEX records_by_offset (topic=? AND offset>? AND offset<?)"
