@@ -363,6 +363,9 @@ async fn post_batch(
         Ok(ack) => (StatusCode::OK, Json(ack)).into_response(),
         Err(e) => {
             match &e {
+                IngestError::Unavailable(source @ PublishError::Full { .. }) => {
+                    tracing::error!(error = %source, "batch refused: the stream log is full; an operator must act")
+                }
                 IngestError::Unavailable(source) => {
                     tracing::warn!(error = %source, "batch refused: stream log unavailable")
                 }
@@ -1043,12 +1046,11 @@ mod tests {
                 ingest_wire::compress(&ingest_wire::encode_batch(&b), 1).expect("compress"),
             )
         };
-        let status = |response: axum::response::Response| response.status();
         let response = app(state.clone(), true)
             .oneshot(post("t", 1..3))
             .await
             .expect("response");
-        assert_eq!(status(response), StatusCode::OK);
+        assert_eq!(response.status(), StatusCode::OK);
         let response = app(state.clone(), true)
             .oneshot(post("u", 1..3))
             .await
@@ -1071,9 +1073,44 @@ mod tests {
             .await
             .expect("response");
         assert_eq!(
-            status(response),
+            response.status(),
             StatusCode::OK,
             "the existing stream goes on"
         );
+    }
+
+    /// A batch past a limit of the whole embedded log (here its last topic id is taken) gets
+    /// 503 + Retry-After with the reason in the body, and the log stays ready.
+    #[tokio::test]
+    async fn a_full_log_says_why_in_its_503() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        drop(EmbeddedLog::open(&path, Default::default(), 1_000).expect("create"));
+        rusqlite::Connection::open(&path)
+            .expect("open")
+            .execute(
+                "INSERT INTO topics (name, next_offset, bytes, id, tenant) VALUES ('iot.other.t', 0, 0, ?1, 'other')",
+                [embedded::MAX_TOPICS as i64],
+            )
+            .expect("the last topic id taken");
+        let state = state(dir.path());
+        let response = app(state.clone(), true)
+            .oneshot(request("tok", body("d1", 1..3)))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[HEADER_RETRY_AFTER], "1");
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let text = std::str::from_utf8(&bytes).expect("utf8");
+        assert!(
+            text.contains("stream log full, retry later") && text.contains("topics, its limit"),
+            "{text}"
+        );
+        assert!(state.publisher.is_ready());
     }
 }

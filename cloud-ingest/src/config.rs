@@ -126,8 +126,8 @@ pub enum SinkConfig {
         path: PathBuf,
         /// What the log keeps.
         retention: Retention,
-        /// Most topics (streams) one tenant may have in the log; a batch for a new one past
-        /// it is refused with 503 and why (`max_topics_per_tenant`, 1,000 by default).
+        /// Most topics (streams) one tenant may create in the log; a batch for a new one past
+        /// it is refused with 400 and why (`max_topics_per_tenant`, 1,000 by default).
         max_topics_per_tenant: u64,
     },
     /// Apache Kafka (or a Kafka-protocol broker).

@@ -264,7 +264,9 @@ where
     None
 }
 
-/// The log could not take the batch. Answered with 503 + Retry-After; the sender keeps it.
+/// The log did not take the batch; nothing of it was acknowledged. Answered 503 +
+/// Retry-After (the sender keeps it and retries), or 400 for [`PublishError::Refused`] (the
+/// sender dead-letters it).
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// The log is unavailable or failed to commit; nothing of the batch was acknowledged.

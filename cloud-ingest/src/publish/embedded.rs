@@ -6,6 +6,13 @@
 //! - offsets of a topic are dense and increase in commit order; records of a batch keep their
 //!   order, so order per (device, stream) holds as long as the sender sends in order.
 //!
+//! Bounds, each checked before anything of a batch is written (`Writer::no_room`): a tenant
+//! creates at most `max_topics_per_tenant` topics (counted from the topics that recorded their
+//! tenant: those created since the limit exists; topics are never deleted, retention only
+//! empties them), else `PublishError::Refused` (400: the sender dead-letters that batch, its
+//! other streams go on); a new log holds at most [`MAX_TOPICS`] topics and 2^43 offsets a
+//! topic (`layout`), else `PublishError::Full` (503 with the reason).
+//!
 //! Concurrent requests are group-committed: the writer takes every queued batch into one
 //! transaction, so many small batches share one fsync. A commit writes only the dedup ranges
 //! it changed, so a scope with many ranges (sparse sequence numbers) does not slow it down.
@@ -134,6 +141,14 @@ impl EmbeddedLog {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .map_err(sqlite)?;
         let mut writer = Writer::new(conn, retention, max_topics_per_tenant).map_err(sqlite)?;
+        match writer.layout {
+            Layout::Rowid => {
+                tracing::info!(path = %path.display(), "embedded log: records found by rowid")
+            }
+            Layout::Indexed => {
+                tracing::info!(path = %path.display(), "embedded log: records found through the (topic, offset) index an older version created")
+            }
+        }
         let (jobs, rx) = mpsc::channel(MAX_GROUP);
         let healthy = writer.healthy.clone();
         std::thread::Builder::new()
@@ -279,10 +294,8 @@ impl Writer {
         match self.commit(&group) {
             Ok(answers) => {
                 self.healthy.store(true, Ordering::Relaxed);
+                // A refusal is logged where it is answered (`api::post_batch`).
                 for (job, answer) in group.into_iter().zip(answers) {
-                    if let Err(e) = &answer {
-                        tracing::warn!(error = %e, "batch refused with 503");
-                    }
                     let _ = job.reply.send(answer);
                 }
             }

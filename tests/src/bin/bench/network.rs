@@ -3,7 +3,8 @@
 //! the gateway's disk per record; and (`BENCH_ONLY=drain`) the drain of a 1,000,000-record
 //! backlog under 10,000 records/s of live load against the time the buffer alone needs to read
 //! and delete those records (`agent/examples/buffer_drain.rs`, same run), with critical latency
-//! online and during that drain, beside the baseline's agent (and its ingest, when the baseline directory has one) when there is one.
+//! online and during that drain, beside the baseline's agent (`BENCH_BASELINE_DIR`) and its
+//! ingest, when the baseline has them.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

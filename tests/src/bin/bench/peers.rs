@@ -97,7 +97,7 @@ fn mosquitto_pub_sub(total: u64) -> Measured {
 
 /// This tree's agent and ingest, or the baseline's (`BENCH_BASELINE_DIR`: its agent, and its
 /// ingest when it has one).
-fn ours(total: u64, baseline: bool) -> Measured {
+fn durable(total: u64, baseline: bool) -> Measured {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cloud = CloudHarness::new(dir.path());
     if let Some(ingest) = crate::baseline_ingest().filter(|_| baseline) {
@@ -137,9 +137,9 @@ pub fn table(scale: u64) {
     for _ in 0..ROUNDS {
         intake.push(mosquitto_intake(total));
         pub_sub.push(mosquitto_pub_sub(total));
-        durable.push(ours(total, false));
+        durable.push(self::durable(total, false));
         if with_baseline {
-            baseline.push(ours(total, true));
+            baseline.push(self::durable(total, true));
         }
     }
     let (intake, pub_sub, durable) = (medians(&intake), medians(&pub_sub), medians(&durable));
