@@ -364,7 +364,20 @@ async fn post_batch(
         Err(e) => {
             match &e {
                 IngestError::Unavailable(source @ PublishError::Full { .. }) => {
+                    state
+                        .metrics
+                        .batches_refused
+                        .with_label_values(&["log_full"])
+                        .inc();
                     tracing::error!(error = %source, "batch refused: the stream log is full; an operator must act")
+                }
+                IngestError::StreamRefused(source) => {
+                    state
+                        .metrics
+                        .batches_refused
+                        .with_label_values(&["tenant_topics"])
+                        .inc();
+                    tracing::info!(error = %source, "batch refused: its stream is past its tenant's topics")
                 }
                 IngestError::Unavailable(source) => {
                     tracing::warn!(error = %source, "batch refused: stream log unavailable")
@@ -1067,6 +1080,13 @@ mod tests {
             text.contains("stream refused") && text.contains("max_topics_per_tenant"),
             "{text}"
         );
+        assert!(
+            state
+                .metrics
+                .render()
+                .contains("ingest_batches_refused_total{reason=\"tenant_topics\"} 1"),
+            "counted"
+        );
         assert!(state.publisher.is_ready());
         let response = app(state.clone(), true)
             .oneshot(post("t", 3..5))
@@ -1110,6 +1130,13 @@ mod tests {
         assert!(
             text.contains("stream log full, retry later") && text.contains("topics, its limit"),
             "{text}"
+        );
+        assert!(
+            state
+                .metrics
+                .render()
+                .contains("ingest_batches_refused_total{reason=\"log_full\"} 1"),
+            "counted"
         );
         assert!(state.publisher.is_ready());
     }

@@ -18,6 +18,10 @@ pub const RAW_BYTES: &str = "ingest_raw_bytes_total";
 pub const BATCHES: &str = "ingest_batches_total";
 /// Batches whose agent clock was off by more than the threshold (timestamps corrected).
 pub const CLOCK_CORRECTED: &str = "ingest_clock_corrected_batches_total";
+/// Batches the log would not take until an operator acts, by reason: `tenant_topics` (a new
+/// stream past its tenant's `max_topics_per_tenant`, 400) or `log_full` (a limit of the whole
+/// embedded log, 503).
+pub const BATCHES_REFUSED: &str = "ingest_batches_refused_total";
 
 /// Handles to every metric of the ingest.
 #[derive(Clone)]
@@ -39,6 +43,8 @@ pub struct Metrics {
     pub clock_corrected: IntCounter,
     /// See [`BATCHES`].
     pub batches: IntCounterVec,
+    /// See [`BATCHES_REFUSED`].
+    pub batches_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -81,7 +87,13 @@ impl Metrics {
             "Batches decoded, by body format (v1, v2 or json).",
             "body",
         );
+        let batches_refused = counters(
+            BATCHES_REFUSED,
+            "Batches the log would not take until an operator acts, by reason (tenant_topics, log_full).",
+            "reason",
+        );
         Metrics {
+            batches_refused,
             registry,
             requests,
             records_accepted,

@@ -195,6 +195,10 @@ fn a_stream_past_its_tenants_topics_is_dead_lettered_and_the_others_go_on() {
     assert_eq!(status, 400);
     assert!(reason.contains("max_topics_per_tenant"), "{reason}");
     assert!(cloud.read_topic(&format!("iot.{TENANT}.logs")).is_empty());
+    assert!(
+        cloud.metric("ingest_batches_refused_total{reason=\"tenant_topics\"}") >= 1.0,
+        "the ingest counts the refusals"
+    );
 }
 
 #[test]
