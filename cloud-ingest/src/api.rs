@@ -743,8 +743,23 @@ mod tests {
     }
 
     fn body(device: &str, seqs: std::ops::Range<u64>) -> Vec<u8> {
-        let batch = batch(device, "a/b", seqs);
-        ingest_wire::compress(&ingest_wire::encode_batch(&batch), 1).expect("compress")
+        encoded(&batch(device, "a/b", seqs))
+    }
+
+    /// `batch` as a v1 body, zstd level 1.
+    fn encoded(batch: &Batch) -> Vec<u8> {
+        ingest_wire::compress(&ingest_wire::encode_batch(batch), 1).expect("compress")
+    }
+
+    /// The body of `response` as text.
+    async fn text_of(response: axum::response::Response) -> String {
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).expect("utf8")
     }
 
     fn request(token: &str, body: Vec<u8>) -> Request<Body> {
@@ -1034,13 +1049,7 @@ mod tests {
                 .await
                 .expect("response");
             assert_eq!(response.status(), StatusCode::OK);
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .expect("body")
-                .to_bytes();
-            assert_eq!(std::str::from_utf8(&bytes).expect("utf8"), want);
+            assert_eq!(text_of(response).await, want);
         }
     }
 
@@ -1054,10 +1063,7 @@ mod tests {
         let post = |stream: &str, seqs| {
             let mut b = batch("d1", "a/b", seqs);
             b.stream = stream.into();
-            request(
-                "tok",
-                ingest_wire::compress(&ingest_wire::encode_batch(&b), 1).expect("compress"),
-            )
+            request("tok", encoded(&b))
         };
         let response = app(state.clone(), true)
             .oneshot(post("t", 1..3))
@@ -1069,13 +1075,7 @@ mod tests {
             .await
             .expect("response");
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        let text = std::str::from_utf8(&bytes).expect("utf8");
+        let text = text_of(response).await;
         assert!(
             text.contains("stream refused") && text.contains("max_topics_per_tenant"),
             "{text}"
@@ -1120,13 +1120,7 @@ mod tests {
             .expect("response");
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[HEADER_RETRY_AFTER], "1");
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        let text = std::str::from_utf8(&bytes).expect("utf8");
+        let text = text_of(response).await;
         assert!(
             text.contains("stream log full, retry later") && text.contains("topics, its limit"),
             "{text}"

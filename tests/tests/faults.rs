@@ -139,25 +139,21 @@ fn a_stream_past_its_tenants_topics_is_dead_lettered_and_the_others_go_on() {
         ))
         .run();
     let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
-    let lines = |n: usize| (0..n).map(|i| format!("{{\"i\":{i}}}"));
+    // `n` QoS 1 publishes on `topic` with `mosquitto_pub`, every one acknowledged.
+    let publish = |topic: &str, n: usize| {
+        let lines = (0..n).map(|i| format!("{{\"i\":{i}}}"));
+        assert!(e2e::mosquitto_pub_lines(agent.mqtt, 1, topic, lines));
+    };
     let telemetry = format!("iot.{TENANT}.telemetry");
-    assert!(e2e::mosquitto_pub_lines(
-        agent.mqtt,
-        1,
-        "plant/1/telemetry/t",
-        lines(10)
-    ));
+    let (ingest, telemetry) = (&cloud, &telemetry);
+    let delivered = |n: usize| move || (ingest.read_topic(telemetry).len() == n).then_some(());
+    publish("plant/1/telemetry/t", 10);
     eventually(
         Duration::from_secs(20),
         "the first stream delivered",
-        || (cloud.read_topic(&telemetry).len() == 10).then_some(()),
+        delivered(10),
     );
-    assert!(e2e::mosquitto_pub_lines(
-        agent.mqtt,
-        1,
-        "plant/1/logs/l",
-        lines(5)
-    ));
+    publish("plant/1/logs/l", 5);
     eventually(
         Duration::from_secs(20),
         "the second stream dead-lettered",
@@ -166,15 +162,12 @@ fn a_stream_past_its_tenants_topics_is_dead_lettered_and_the_others_go_on() {
                 .then_some(())
         },
     );
-    assert!(e2e::mosquitto_pub_lines(
-        agent.mqtt,
-        1,
-        "plant/1/telemetry/t",
-        lines(10)
-    ));
-    eventually(Duration::from_secs(20), "the first stream goes on", || {
-        (cloud.read_topic(&telemetry).len() == 20).then_some(())
-    });
+    publish("plant/1/telemetry/t", 10);
+    eventually(
+        Duration::from_secs(20),
+        "the first stream goes on",
+        delivered(20),
+    );
     assert_eq!(
         agent.metric("agent_link_up"),
         1.0,

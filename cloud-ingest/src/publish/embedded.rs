@@ -602,12 +602,7 @@ impl Writer {
 
 /// Brings a log file written by an older version up to the current schema.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has_bytes: bool = conn.query_row(
-        "SELECT count(*) FROM pragma_table_info('topics') WHERE name = 'bytes'",
-        [],
-        |row| row.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !has_bytes {
+    if !has_column(conn, "topics", "bytes")? {
         conn.execute_batch(
             "BEGIN;
              ALTER TABLE topics ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
@@ -617,32 +612,28 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     }
     // A log older than topic ids has its (topic, offset) index: Layout::Indexed, no ids
     // needed; topics without a tenant do not count towards max_topics_per_tenant.
-    for (column, kind) in [("id", "INTEGER"), ("tenant", "TEXT")] {
-        let present: bool = conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('topics') WHERE name = ?1",
-            [column],
-            |row| row.get::<_, i64>(0).map(|n| n > 0),
-        )?;
-        if !present {
-            conn.execute_batch(&format!("ALTER TABLE topics ADD COLUMN {column} {kind}"))?;
-        }
-    }
-    for (column, kind) in [
-        ("corrected_at_ms", "INTEGER"),
-        ("boot_id", "TEXT"),
-        ("monotonic_ms", "INTEGER"),
-        ("attributes", "TEXT"),
+    for (table, column, kind) in [
+        ("topics", "id", "INTEGER"),
+        ("topics", "tenant", "TEXT"),
+        ("records", "corrected_at_ms", "INTEGER"),
+        ("records", "boot_id", "TEXT"),
+        ("records", "monotonic_ms", "INTEGER"),
+        ("records", "attributes", "TEXT"),
     ] {
-        let present: bool = conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('records') WHERE name = ?1",
-            [column],
-            |row| row.get::<_, i64>(0).map(|n| n > 0),
-        )?;
-        if !present {
-            conn.execute_batch(&format!("ALTER TABLE records ADD COLUMN {column} {kind}"))?;
+        if !has_column(conn, table, column)? {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
         }
     }
     Ok(())
+}
+
+/// Whether `table` has `column`.
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        [table, column],
+        |row| row.get::<_, i64>(0).map(|n| n > 0),
+    )
 }
 
 /// The smallest offset topic `name` (id `id`) holds, if it holds any record.
