@@ -196,7 +196,7 @@ fn apply_commands(
     summary: &mut CommitSummary,
 ) -> rusqlite::Result<()> {
     let mut insert = tx.prepare_cached(INSERT_RECORD)?;
-    let delete = delete_range(layout);
+    let delete = Remover::new(tx, delete_range(layout));
     for command in commands {
         match command {
             WriterCommand::Append(r) => {
@@ -210,7 +210,7 @@ fn apply_commands(
                 first,
                 last,
             } => {
-                let dropped = drop_rows(tx, &delete, &mut streams[*stream], *first, *last, None)?;
+                let dropped = delete.drop_rows(&mut streams[*stream], *first, *last, None)?;
                 summary.acked[*stream] += dropped.count;
             }
             WriterCommand::DeadLetter {
@@ -231,7 +231,7 @@ fn apply_commands(
                         now_ms
                     ],
                 )?;
-                let dropped = drop_rows(tx, &delete, &mut streams[*stream], *first, *last, None)?;
+                let dropped = delete.drop_rows(&mut streams[*stream], *first, *last, None)?;
                 summary.dead_lettered[*stream] += dropped.count;
             }
             WriterCommand::Corrupt { stream, seqs } => {
@@ -241,7 +241,7 @@ fn apply_commands(
                 };
                 let mut dropped = Vec::new();
                 for &seq in seqs {
-                    let d = drop_rows(tx, &delete, s, seq, seq, None)?;
+                    let d = delete.drop_rows(s, seq, seq, None)?;
                     if d.count > 0 {
                         dropped.push(seq);
                     }
@@ -280,12 +280,12 @@ fn expire_past_ttl(
     now_ms: i64,
     summary: &mut CommitSummary,
 ) -> rusqlite::Result<()> {
-    let expire = expire_range(layout);
+    let expire = Remover::new(tx, expire_range(layout));
     for (i, s) in streams.iter_mut().enumerate() {
         let Some(ttl) = s.ttl_ms else { continue };
         let mut dropped = Dropped::default();
         for &(first, last) in droppable.of(i) {
-            dropped.merge(&drop_rows(tx, &expire, s, first, last, Some(now_ms - ttl))?);
+            dropped.merge(&expire.drop_rows(s, first, last, Some(now_ms - ttl))?);
         }
         if dropped.count > 0 {
             summary.expired[i] += dropped.count;
@@ -310,14 +310,13 @@ fn evict_over_quota(
     now_ms: i64,
     summary: &mut CommitSummary,
 ) -> rusqlite::Result<()> {
-    let evict = evict_range(layout);
+    let evict = Remover::new(tx, evict_range(layout));
     let mut evicted: Vec<Option<Dropped>> = vec![None; streams.len()];
     let yielding: Vec<bool> = streams
         .iter()
         .map(|s| limits.highest.is_none_or(|h| s.priority <= h))
         .collect();
     evict_down_to(
-        tx,
         &evict,
         streams,
         limits.cap,
@@ -384,8 +383,7 @@ fn save_streams(
 /// is held is at most `cap` (or nothing of them is left to evict); what goes is added to
 /// `evicted`. The loss stream is never evicted.
 pub(super) fn evict_down_to(
-    tx: &rusqlite::Transaction<'_>,
-    evict: &Removal,
+    evict: &Remover<'_, '_>,
     streams: &mut [StreamState],
     cap: u64,
     droppable: &mut Droppable<'_>,
@@ -427,7 +425,7 @@ pub(super) fn evict_down_to(
             exhausted[victim] = true;
             continue;
         };
-        let dropped = drop_rows(tx, evict, s, first, last, Some(EVICT_CHUNK as i64))?;
+        let dropped = evict.drop_rows(s, first, last, Some(EVICT_CHUNK as i64))?;
         if dropped.count == 0 {
             at[victim] += 1;
             continue;
@@ -529,28 +527,39 @@ impl Dropped {
     }
 }
 
-/// Drops the records of `s` that `removal` selects in `first..=last` (with `extra` as ?4), and
-/// updates the stream's counts.
-pub(super) fn drop_rows(
-    tx: &rusqlite::Transaction<'_>,
-    removal: &Removal,
-    s: &mut StreamState,
-    first: u64,
-    last: u64,
-    extra: Option<i64>,
-) -> rusqlite::Result<Dropped> {
-    let range = [s.id, first as i64, last as i64];
-    let with_extra;
-    let params: &[i64] = match extra {
-        Some(x) => {
-            with_extra = [s.id, first as i64, last as i64, x];
-            &with_extra
-        }
-        None => &range,
-    };
-    let params = rusqlite::params_from_iter(params);
-    let (count, first, last, bytes) =
-        tx.prepare_cached(&removal.measure)?
+/// A [`Removal`] within a commit's transaction.
+pub(super) struct Remover<'t, 'c> {
+    tx: &'t rusqlite::Transaction<'c>,
+    removal: Removal,
+}
+
+impl<'t, 'c> Remover<'t, 'c> {
+    pub(super) fn new(tx: &'t rusqlite::Transaction<'c>, removal: Removal) -> Remover<'t, 'c> {
+        Remover { tx, removal }
+    }
+
+    /// Drops the records of `s` that the removal selects in `first..=last` (with `extra` as
+    /// ?4), and updates the stream's counts.
+    pub(super) fn drop_rows(
+        &self,
+        s: &mut StreamState,
+        first: u64,
+        last: u64,
+        extra: Option<i64>,
+    ) -> rusqlite::Result<Dropped> {
+        let range = [s.id, first as i64, last as i64];
+        let with_extra;
+        let params: &[i64] = match extra {
+            Some(x) => {
+                with_extra = [s.id, first as i64, last as i64, x];
+                &with_extra
+            }
+            None => &range,
+        };
+        let params = rusqlite::params_from_iter(params);
+        let (count, first, last, bytes) = self
+            .tx
+            .prepare_cached(&self.removal.measure)?
             .query_row(params.clone(), |row| {
                 Ok((
                     row.get::<_, i64>(0)? as u64,
@@ -559,20 +568,23 @@ pub(super) fn drop_rows(
                     row.get::<_, i64>(3)? as u64,
                 ))
             })?;
-    if count == 0 {
-        return Ok(Dropped::default());
+        if count == 0 {
+            return Ok(Dropped::default());
+        }
+        self.tx
+            .prepare_cached(&self.removal.delete)?
+            .execute(params)?;
+        s.progress.backlog_bytes = s
+            .progress
+            .backlog_bytes
+            .saturating_sub(bytes + count * RECORD_OVERHEAD_BYTES);
+        s.progress.backlog_records = s.progress.backlog_records.saturating_sub(count);
+        Ok(Dropped {
+            count,
+            first: first.map(|f| f as u64),
+            last: last.map(|l| l as u64),
+        })
     }
-    tx.prepare_cached(&removal.delete)?.execute(params)?;
-    s.progress.backlog_bytes = s
-        .progress
-        .backlog_bytes
-        .saturating_sub(bytes + count * RECORD_OVERHEAD_BYTES);
-    s.progress.backlog_records = s.progress.backlog_records.saturating_sub(count);
-    Ok(Dropped {
-        count,
-        first: first.map(|f| f as u64),
-        last: last.map(|l| l as u64),
-    })
 }
 
 /// Which stream loses records when the buffer is over quota: the lowest priority class that
