@@ -60,7 +60,7 @@ pub use reader::{BufferReader, ReadBatch};
 pub use recovery::Quarantine;
 pub use schema::row_id;
 use schema::{load_stream, resume_points};
-pub use writer::{BufferWriter, Queue, QueueBytes, STOP_BOUND};
+pub use writer::{ACK_LINGER, BufferWriter, Queue, QueueBytes, STOP_BOUND};
 
 /// Bytes a record costs against the quota beyond its topic and payload (row and index).
 pub const RECORD_OVERHEAD_BYTES: u64 = 48;

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 pub const RECORDS_RECEIVED: &str = "agent_records_received_total";
 /// Records committed to the buffer, per stream.
 pub const RECORDS_BUFFERED: &str = "agent_records_buffered_total";
-/// Records acknowledged by the ingest and deleted, per stream.
+/// Records acknowledged by the ingest and deleted, per stream (a delete may wait up to
+/// [`crate::buffer::ACK_LINGER`] to share the next commit).
 pub const RECORDS_DELIVERED: &str = "agent_records_delivered_total";
 /// Records the ingest rejected, kept in the dead-letter table, per stream.
 pub const RECORDS_DEAD_LETTERED: &str = "agent_records_dead_lettered_total";

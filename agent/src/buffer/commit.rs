@@ -571,9 +571,19 @@ impl<'t, 'c> Remover<'t, 'c> {
         if count == 0 {
             return Ok(Dropped::default());
         }
-        self.tx
+        let deleted = self
+            .tx
             .prepare_cached(&self.removal.delete)?
-            .execute(params)?;
+            .execute(params)? as u64;
+        if deleted != count {
+            // Both run on the one writer's transaction with one condition: cannot differ.
+            tracing::error!(
+                stream = %s.name,
+                measured = count,
+                deleted,
+                "buffer: a removal deleted other records than it measured; the stream's backlog counts are off until the next start"
+            );
+        }
         s.progress.backlog_bytes = s
             .progress
             .backlog_bytes

@@ -17,14 +17,12 @@
 //! New records before deletes: while records arrive, a commit deletes at most [`ACK_PIECE`]
 //! acknowledged records; the rest of a large acknowledgement (a drain's batches are 5,000
 //! records) is deleted in the commits that follow, so new (critical) records do not wait behind
-//! commits full of deletes. A few deletes ([`ACK_PIECE`] or fewer) with nothing else to commit
-//! wait up to [`ACK_LINGER`] for
-//! new records to share a commit with (at gateway rates the next record comes within
-//! milliseconds), rather than costing a commit of their own: an fsync and the pages every
-//! commit rewrites, which at 100 records/s doubled the bytes written to flash per record.
-//! Records acknowledged and not deleted yet are below their stream's
-//! protection floor: never dropped, and not sent again while the agent runs (after a crash they
-//! are, and the ingest deduplicates them). What is owed stays bounded ([`MAX_OWED`]), and is
+//! commits full of deletes. A few owed deletes ([`ACK_PIECE`] or fewer) with nothing else to
+//! commit wait up to [`ACK_LINGER`] for new records to share a commit with (at gateway rates the
+//! next record comes within milliseconds) rather than cost a commit of their own: an fsync and
+//! the pages every commit rewrites. Records acknowledged and not deleted yet are below their
+//! stream's protection floor: never dropped, and not sent again while the agent runs (after a
+//! crash they are, and the ingest deduplicates them); they count as delivered once deleted. What is owed stays bounded ([`MAX_OWED`]), and is
 //! deleted at once when the buffer nears its cap or the disk is full (deleting comes before
 //! evicting), at a reload and at the agent's stop.
 //!
@@ -59,9 +57,10 @@ pub const ACK_PIECE: u64 = 500;
 const ACK_ALONE: u64 = 5_000;
 /// Acknowledged records owed beyond which a commit deletes the excess too.
 pub const MAX_OWED: u64 = 50_000;
-/// How long at most [`ACK_PIECE`] or fewer acknowledged records wait, when nothing else is to
-/// be committed, for new records to share a commit (and its fsync) with. More (a drain's
-/// acknowledgements) are deleted at once.
+/// How long at most [`ACK_PIECE`] or fewer owed acknowledged records wait, when nothing else is
+/// to be committed, for new records to share a commit (and its fsync) with. More (a drain's
+/// acknowledgements) are deleted at once, [`ACK_ALONE`] at a time; the last [`ACK_PIECE`] or
+/// fewer of them may linger too.
 pub const ACK_LINGER: Duration = Duration::from_secs(1);
 /// How often records past their TTL are looked for and the file is fitted to its volume.
 const TICK: Duration = Duration::from_secs(1);
@@ -246,9 +245,10 @@ impl BufferWriter {
     }
 
     /// Moves `group`'s acknowledgements behind those owed, then takes back, oldest first, what
-    /// this commit deletes: everything with `all` or near the buffer's cap; [`ACK_ALONE`] when
-    /// nothing else is to be committed or waiting; else [`ACK_PIECE`], plus whatever is owed
-    /// beyond [`MAX_OWED`].
+    /// this commit deletes: everything with `all` or near the buffer's cap; when nothing else is
+    /// to be committed or waiting, nothing while [`ACK_PIECE`] or fewer are owed and not due
+    /// ([`ACK_LINGER`]), else [`ACK_ALONE`]; else [`ACK_PIECE`], plus whatever is owed beyond
+    /// [`MAX_OWED`].
     fn pace_acks(&mut self, group: &mut Vec<WriterCommand>, all: bool) {
         if self.acks_owed.is_empty()
             && !group.iter().any(|c| matches!(c, WriterCommand::Ack { .. }))
@@ -822,7 +822,8 @@ mod tests {
 
     /// While new records come, a commit deletes at most [`ACK_PIECE`] acknowledged records,
     /// oldest first; the rest follow in the next commits, or all at once when nothing else is
-    /// to be committed, or the writer must finish (a reload, the agent's stop).
+    /// to be committed, or the writer must finish (a reload, the agent's stop). A few with
+    /// nothing else to commit linger for the next records' commit, at most [`ACK_LINGER`].
     #[test]
     fn acks_are_deleted_in_pieces_while_new_records_wait() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -885,26 +886,50 @@ mod tests {
         );
         let mut group = vec![ack(0, 1, piece)];
         let _ = writer.commands.try_recv();
+        assert!(writer.acks_due.is_none(), "nothing was owed");
+        let before = Instant::now();
         writer.pace_acks(&mut group, false);
         assert_eq!(
             acks(&group),
             vec![],
             "a few, with nothing else to commit or waiting: they linger for new records"
         );
-        let wait = writer.idle_wait();
+        let due = writer.acks_due.expect("due once owed");
+        assert!(due >= before + ACK_LINGER && due <= Instant::now() + ACK_LINGER);
         assert!(
-            wait > Duration::ZERO && wait <= ACK_LINGER,
-            "the loop waits for them at most ACK_LINGER: {wait:?}"
+            writer.idle_wait() > Duration::ZERO,
+            "the loop waits for them"
         );
+        let mut group = vec![append()];
+        writer.pace_acks(&mut group, false);
+        assert_eq!(
+            acks(&group),
+            vec![(0, 1, piece)],
+            "new records take them into their commit"
+        );
+        assert!(writer.acks_due.is_none(), "nothing owed: no due time");
+        assert_eq!(writer.idle_wait(), TICK, "nothing owed: the loop ticks");
+        let mut group = vec![ack(0, 1, 2)];
+        tx.send(append()).expect("queued");
+        writer.pace_acks(&mut group, false);
+        assert_eq!(
+            acks(&group),
+            vec![(0, 1, 2)],
+            "a command waiting: they go now, beside it"
+        );
+        let _ = writer.commands.try_recv();
+        let mut group = vec![ack(0, 3, 4)];
+        writer.pace_acks(&mut group, false);
+        assert_eq!(acks(&group), vec![], "alone again: they linger again");
         writer.acks_due = Some(Instant::now());
         assert_eq!(writer.idle_wait(), Duration::ZERO, "then they are due");
         writer.pace_acks(&mut group, false);
         assert_eq!(
             acks(&group),
-            vec![(0, 1, piece)],
+            vec![(0, 3, 4)],
             "due, with nothing else to commit: all at once"
         );
-        assert_eq!(writer.idle_wait(), TICK, "nothing owed: the loop ticks");
+        assert!(writer.acks_due.is_none());
         let mut group = vec![ack(0, 1, 3 * piece)];
         writer.pace_acks(&mut group, false);
         assert_eq!(
