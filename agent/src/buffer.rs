@@ -597,6 +597,34 @@ mod tests {
         );
     }
 
+    /// An acknowledged range wider than a removal's span (1,000 sequences), with a gap in it,
+    /// is deleted whole and counted exactly: the commit's count, the backlog's records and bytes.
+    #[test]
+    fn a_wide_acknowledged_range_with_a_gap_is_deleted_and_counted_exactly() {
+        let (_dir, _path, mut b) = fresh(1 << 30);
+        let group: Vec<_> = (0..2_500)
+            .map(|i| rec(2, &[(i % 251) as u8; 100]))
+            .collect();
+        b.commit(&group, &[], 7, false).expect("append");
+        assert_eq!(b.progress()[2].backlog_records, 2_500);
+        let ack = |first, last| WriterCommand::Ack {
+            stream: 2,
+            first,
+            last,
+        };
+        let gap = b.commit(&[ack(995, 1_004)], &[], 7, false).expect("gap");
+        assert_eq!(gap.acked[2], 10);
+        let rest = b.commit(&[ack(1, 2_600)], &[], 7, false).expect("the rest");
+        assert_eq!(rest.acked[2], 2_490);
+        let left = b.progress()[2];
+        assert_eq!((left.backlog_records, left.backlog_bytes), (0, 0));
+        let stored: i64 = b
+            .conn
+            .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(stored, 0);
+    }
+
     /// Under steady load the background checkpointer never copies the whole WAL (a commit lands
     /// while it copies), so nothing made the WAL start again from its beginning and it grew
     /// without end (132 MB in 10 s at 10,000 records/s on the bench VM). Here a reader held
