@@ -22,9 +22,10 @@
 //! next record comes within milliseconds) rather than cost a commit of their own: an fsync and
 //! the pages every commit rewrites. Records acknowledged and not deleted yet are below their
 //! stream's protection floor: never dropped, and not sent again while the agent runs (after a
-//! crash they are, and the ingest deduplicates them); they count as delivered once deleted. What is owed stays bounded ([`MAX_OWED`]), and is
-//! deleted at once when the buffer nears its cap or the disk is full (deleting comes before
-//! evicting), at a reload and at the agent's stop.
+//! crash they are, and the ingest deduplicates them); they count as delivered once deleted.
+//! What is owed stays bounded ([`MAX_OWED`]), and is deleted at once when the buffer nears its
+//! cap or the disk is full (deleting comes before evicting), at a reload and at the agent's
+//! stop.
 //!
 //! Parts: this file is the loop and the commit of a group; `queue` the bounded queue in front
 //! of it; `transforms` the edge transforms run before a commit; `refused` what a group the
