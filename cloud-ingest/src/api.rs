@@ -853,12 +853,7 @@ mod tests {
                 .await
                 .expect("response");
             assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-            let text = response
-                .into_body()
-                .collect()
-                .await
-                .expect("body")
-                .to_bytes();
+            let text = text_of(response).await;
             assert!(
                 text.len() < 1_000,
                 "{} bytes: {:?}",

@@ -552,14 +552,18 @@ impl<'t, 'c> Remover<'t, 'c> {
         last: u64,
         extra: Option<i64>,
     ) -> rusqlite::Result<Dropped> {
-        if extra.is_some() {
-            return self.drop_span(s, first, last, extra);
-        }
+        let span = if extra.is_some() {
+            u64::MAX
+        } else {
+            REMOVAL_SPAN
+        };
         let mut dropped = Dropped::default();
         let mut from = first;
         while from <= last {
-            let to = last.min(from.saturating_add(REMOVAL_SPAN - 1));
-            dropped.merge(&self.drop_span(s, from, to, None)?);
+            let to = last.min(from.saturating_add(span - 1));
+            let mut params = vec![s.id, from as i64, to as i64];
+            params.extend(extra);
+            dropped.merge(&self.drop_span(s, &params)?);
             if to == last {
                 break;
             }
@@ -568,22 +572,8 @@ impl<'t, 'c> Remover<'t, 'c> {
         Ok(dropped)
     }
 
-    fn drop_span(
-        &self,
-        s: &mut StreamState,
-        first: u64,
-        last: u64,
-        extra: Option<i64>,
-    ) -> rusqlite::Result<Dropped> {
-        let range = [s.id, first as i64, last as i64];
-        let with_extra;
-        let params: &[i64] = match extra {
-            Some(x) => {
-                with_extra = [s.id, first as i64, last as i64, x];
-                &with_extra
-            }
-            None => &range,
-        };
+    /// One measure and delete, with `params` (?1 the stream's id, ?2 and ?3 the range, ?4).
+    fn drop_span(&self, s: &mut StreamState, params: &[i64]) -> rusqlite::Result<Dropped> {
         let params = rusqlite::params_from_iter(params);
         let (count, first, last, bytes) = self
             .tx

@@ -308,8 +308,10 @@ impl BufferWriter {
     /// How long the loop waits for a command: a tick while no deletes are owed; while they
     /// linger ([`ACK_LINGER`]), until they are due; not at all while more are owed than linger.
     fn idle_wait(&self) -> Duration {
+        if self.acks_owed.is_empty() {
+            return TICK;
+        }
         match self.acks_due {
-            _ if self.acks_owed.is_empty() => TICK,
             Some(due) if owed_count(&self.acks_owed) <= ACK_PIECE => {
                 due.saturating_duration_since(Instant::now()).min(TICK)
             }
