@@ -26,7 +26,7 @@ install_debs() {
 install_debs cmake libcurl4-openssl-dev g++ make
 [ "$mode" = build ] && exit 0
 
-install_debs mosquitto-clients mosquitto nats-server python3-pip faketime openssl e2fsprogs
+install_debs mosquitto-clients mosquitto nats-server python3-pip faketime openssl e2fsprogs strace
 # The .deb's dependencies, for its install test in a scratch root of this machine (arm.rs).
 install_debs adduser ca-certificates
 

@@ -119,7 +119,9 @@ pub const BUFFER_LAST_COMMIT_AGE: &str = "agent_buffer_last_commit_age_seconds";
 /// Per stream, seconds since its oldest record still held was received (0: none held).
 pub const OLDEST_UNDELIVERED_AGE: &str = "agent_oldest_undelivered_age_seconds";
 /// Bytes the agent process wrote to disk (`/proc/self/io` `write_bytes`: WAL, checkpoints,
-/// database), since it started.
+/// database), since it started. The kernel counts a page-cache folio each time one turns dirty
+/// (up to 2 MiB on kernels with large folios), and not the file system's own journal writes;
+/// what the device received is in BENCHMARKS.md ("Flash wear, at the device").
 pub const DISK_WRITTEN: &str = "agent_disk_written_bytes_total";
 /// Topic and payload bytes of the records committed to the buffer. Flash write
 /// amplification: `rate(agent_disk_written_bytes_total[5m]) / rate(agent_buffered_bytes_total[5m])`.

@@ -2,7 +2,8 @@
 //! and large records, with the ingest down or slow), a volume too small for the buffer, and
 //! buffer files torn or damaged while the agent was down. In every case the accounting is
 //! exact: what the publisher got acknowledged is delivered or reported lost, nothing else. And
-//! the WAL file, which under steady load grew without end, stays within its cycle.
+//! the WAL file, which under steady load grew without end, stays within its cycle, and SQLite
+//! syncs with fdatasync (fsync cost the flash a file-system journal commit per commit).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -472,4 +473,80 @@ fn the_wal_file_stays_within_its_cycle_under_steady_load() {
         largest <= CYCLE + (12 << 20),
         "the WAL file reached {largest} B while the agent wrote {written} B"
     );
+}
+
+/// SQLite syncs the agent's buffer and the ingest's embedded log with fdatasync(2), not
+/// fsync(2), which would also write each file's new mtime: on ext4 a journal commit of the
+/// file system's own at every SQLite commit, which write_bytes does not see and the device
+/// does (about half the bytes the device received at 100 records/s, BENCHMARKS.md "Flash
+/// wear, at the device"). SQLite falls back to fsync unless built with `HAVE_FDATASYNC`
+/// (`.cargo/config.toml`). Both processes are traced (strace, every thread) while they commit
+/// QoS 1 publishes.
+#[test]
+fn the_buffer_and_the_log_commit_with_fdatasync_not_fsync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = CloudHarness::new(dir.path()).run();
+    let agent = AgentHarness::new(dir.path(), &cloud.url()).run();
+    let trace = |name: &str, pid: u32| {
+        let out = dir.path().join(name);
+        let child = std::process::Command::new("strace")
+            .args([
+                "-f",
+                "-qq",
+                "-e",
+                "trace=fsync,fdatasync",
+                "-e",
+                "signal=none",
+                "-o",
+            ])
+            .arg(&out)
+            .args(["-p", &pid.to_string()])
+            .spawn()
+            .expect("strace (tests/setup.sh installs it)");
+        (child, out)
+    };
+    let syncs = |path: &std::path::Path, call: &str| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .any(|w| w.starts_with(&format!("{call}(")))
+            })
+            .count()
+    };
+    let traces = [
+        trace("agent.strace", agent.process.pid()),
+        trace("ingest.strace", cloud.process.pid()),
+    ];
+    // Publish until both traces show syncs (strace attaches in the meantime).
+    let mut published = 0u64;
+    eventually(Duration::from_secs(30), "syncs in both traces", || {
+        assert!(e2e::mosquitto_pub_qos1(
+            agent.mqtt,
+            "plant/1/telemetry/t",
+            "{\"t\":21.5}"
+        ));
+        published += 1;
+        std::thread::sleep(Duration::from_millis(100));
+        traces
+            .iter()
+            .all(|(_, out)| syncs(out, "fdatasync") + syncs(out, "fsync") >= 3)
+            .then_some(())
+    });
+    cloud.wait_for_records(published, Duration::from_secs(30));
+    for (mut child, out) in traces {
+        // SIGINT: strace detaches and flushes its output.
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        let (fdatasyncs, fsyncs) = (syncs(&out, "fdatasync"), syncs(&out, "fsync"));
+        assert!(
+            fdatasyncs >= 3 && fsyncs == 0,
+            "{}: {fdatasyncs} fdatasync and {fsyncs} fsync calls:\n{}",
+            out.display(),
+            std::fs::read_to_string(&out).unwrap_or_default()
+        );
+    }
 }

@@ -1,12 +1,14 @@
 //! Flash wear: the bytes the agent writes to its disk per record at steady rates of 100, 1,000
 //! and 10,000 records/s (10 publishers of the load generator, QoS 1, 200 B JSON, delivered as
-//! they come), and the write amplification: bytes written (`/proc/<pid>/io` write_bytes: the
-//! WAL, checkpoints, the database) over the topic and payload bytes of the records, and the
-//! largest the WAL file grew (a WAL that never starts again grows without end), with the
-//! PUBACK latency. This tree's agent and, with `BENCH_BASELINE`, the previous one, and with
-//! `BENCH_FLASH_COMMIT_WINDOWS=5ms,20ms` this tree's with each of those `buffer.commit_window`s
-//! (the operator's lever: fewer, fuller commits for a later PUBACK), alternating; medians of 3
-//! rounds.
+//! they come), and the write amplification: the bytes the buffer's device received (the
+//! agent's directory is an ext4 of its own on a loop device, [`LoopDisk`]: the WAL, the
+//! checkpoints, the database and the file system's journal) over the topic and payload bytes of
+//! the records; beside it `/proc/<pid>/io` write_bytes (what the agent's own metric counts,
+//! whole page-cache folios, not the file system's journal), the largest the WAL file grew (a
+//! WAL that never starts again grows without end) and the PUBACK latency. This tree's agent
+//! and, with `BENCH_BASELINE`, the previous one, and with `BENCH_FLASH_COMMIT_WINDOWS=5ms,20ms`
+//! each of them with each of those `buffer.commit_window`s too (the operator's lever: fewer,
+//! fuller commits for a later PUBACK), alternating; medians of 3 rounds.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use e2e::load::{self, LoadSpec, PayloadKind};
 use e2e::{AgentHarness, CloudHarness};
 use rumqttc::QoS;
 
+use crate::device::LoopDisk;
 use crate::median;
 use crate::network::disk_writes;
 
@@ -24,10 +27,13 @@ const PUBLISHERS: u64 = 10;
 /// One run's figures.
 #[derive(Debug, Clone, Copy)]
 struct Measured {
-    /// Disk bytes written per record.
-    per_record: f64,
-    /// Disk bytes written over topic + payload bytes.
+    /// Bytes the buffer's device received per record ([`LoopDisk`]; NaN where it could not be
+    /// set up).
+    device_per_record: f64,
+    /// Those over the records' topic + payload bytes: the write amplification.
     amplification: f64,
+    /// Bytes written per record as `/proc/<pid>/io` write_bytes counts them (whole folios).
+    per_record: f64,
     /// The largest the WAL file was during the run, MiB (sampled every 20 ms: [`e2e::PeakSize`]).
     wal_mib: f64,
     /// PUBACK latency p50 and p99, ms.
@@ -39,7 +45,12 @@ struct Measured {
 fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<&str>) -> Measured {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
-    let mut harness = AgentHarness::new(dir.path(), &cloud.url());
+    // Dropped after the agent (declared before it): unmounted once the agent stopped.
+    let disk = LoopDisk::mount(dir.path(), 4);
+    let agent_dir = disk
+        .as_ref()
+        .map_or_else(|| dir.path().to_owned(), |d| d.mount.clone());
+    let mut harness = AgentHarness::new(&agent_dir, &cloud.url());
     if let Some(window) = commit_window {
         harness = harness.buffer_extra(&format!("  commit_window: {window}\n"));
     }
@@ -51,7 +62,8 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<
     // What the start wrote (the schema, the reserve file) is not the records'.
     std::thread::sleep(Duration::from_secs(1));
     let before = disk_writes(pid);
-    let wal = e2e::PeakSize::watch(&dir.path().join("buffer.db-wal"));
+    let device_before = disk.as_ref().map(LoopDisk::written);
+    let wal = e2e::PeakSize::watch(&agent_dir.join("buffer.db-wal"));
     let per_client = rate * seconds / PUBLISHERS;
     let total = per_client * PUBLISHERS;
     let spec = LoadSpec {
@@ -73,11 +85,16 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<
     // The acknowledgements' deletes and the checkpoint after them (every 500 ms).
     std::thread::sleep(Duration::from_secs(2));
     let written = disk_writes(pid).saturating_sub(before) as f64;
+    let device = match (&disk, device_before) {
+        (Some(d), Some(b)) => d.written().saturating_sub(b) as f64,
+        _ => f64::NAN,
+    };
     let raw = agent.metric("agent_raw_bytes_total");
     let wal = wal.stop();
     Measured {
+        device_per_record: device / total as f64,
+        amplification: device / raw.max(1.0),
         per_record: written / total as f64,
-        amplification: written / raw.max(1.0),
         wal_mib: wal as f64 / (1u64 << 20) as f64,
         puback_ms: (report.ack_latency_ms(0.5), report.ack_latency_ms(0.99)),
     }
@@ -85,6 +102,7 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<
 
 fn medians(runs: &[Measured]) -> Measured {
     Measured {
+        device_per_record: median(runs.iter().map(|m| m.device_per_record).collect()),
         per_record: median(runs.iter().map(|m| m.per_record).collect()),
         amplification: median(runs.iter().map(|m| m.amplification).collect()),
         wal_mib: median(runs.iter().map(|m| m.wal_mib).collect()),
@@ -109,9 +127,9 @@ pub fn table(scale: u64) {
         .unwrap_or_default();
     println!();
     println!(
-        "| steady rate, 10 publishers, QoS 1, 200 B JSON | disk bytes written per record | write amplification (written / topic + payload) | largest WAL file, MiB | PUBACK p50 / p99 ms |"
+        "| steady rate, 10 publishers, QoS 1, 200 B JSON | bytes the device received per record | write amplification (device bytes / topic + payload) | write_bytes per record (page cache, whole folios) | largest WAL file, MiB | PUBACK p50 / p99 ms |"
     );
-    println!("|---|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|");
     // BENCH_FLASH_RATES=10000 (comma-separated) measures only those of the three rates.
     let only: Option<Vec<u64>> = std::env::var("BENCH_FLASH_RATES")
         .ok()
@@ -133,6 +151,13 @@ pub fn table(scale: u64) {
                 None,
                 Some(w.as_str()),
             ));
+            if let Some(bin) = &baseline {
+                rows.push((
+                    format!("baseline, commit_window {w}"),
+                    Some(bin.as_path()),
+                    Some(w.as_str()),
+                ));
+            }
         }
         let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); rows.len()];
         for _ in 0..3 {
@@ -143,8 +168,13 @@ pub fn table(scale: u64) {
         for ((label, _, _), runs) in rows.iter().zip(&runs) {
             let m = medians(runs);
             println!(
-                "| {rate} records/s, {label} | {:.0} | {:.2} | {:.1} | {:.1} / {:.1} |",
-                m.per_record, m.amplification, m.wal_mib, m.puback_ms.0, m.puback_ms.1
+                "| {rate} records/s, {label} | {:.0} | {:.2} | {:.0} | {:.1} | {:.1} / {:.1} |",
+                m.device_per_record,
+                m.amplification,
+                m.per_record,
+                m.wal_mib,
+                m.puback_ms.0,
+                m.puback_ms.1
             );
         }
     }

@@ -10,6 +10,7 @@
 
 mod at_rest;
 mod boot;
+mod device;
 mod embedded_log;
 mod flash;
 mod front_door;
