@@ -540,6 +540,20 @@ mod tests {
         (dir, path, buffer)
     }
 
+    /// The WAL file exists once a buffer is open, new or not, so the fsync of the directory
+    /// that ends the open makes its entry durable (SQLite's own syncs are fdatasyncs).
+    #[test]
+    fn the_wal_exists_when_the_open_syncs_the_directory() {
+        let (_dir, path, buffer) = fresh(1 << 30);
+        assert!(space::side(&path, "-wal").exists(), "a new buffer's WAL");
+        drop(buffer);
+        let _buffer = Buffer::open(&path, &streams(), 1 << 30).expect("open");
+        assert!(
+            space::side(&path, "-wal").exists(),
+            "a reopened buffer's WAL"
+        );
+    }
+
     fn rec(stream: usize, payload: &[u8]) -> WriterCommand {
         WriterCommand::Append(NewRecord {
             stream,

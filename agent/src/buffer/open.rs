@@ -207,6 +207,11 @@ impl Buffer {
             state.push(load_stream(&conn, layout, name, Priority::Bulk).map_err(sqlite)?);
         }
         let opened = resume_points(&conn, layout, &state, streams.len()).map_err(sqlite)?;
+        // SQLite syncs with fdatasync (`.cargo/config.toml`), its syncs of the directory too,
+        // and what an fdatasync of a directory makes durable is up to the file system. The
+        // entries of the file and of the WAL this open created are made durable here, with an
+        // fsync of the directory.
+        sync_dir(path);
         let buffer = Buffer {
             conn,
             path: path.to_owned(),
