@@ -19,11 +19,13 @@ case "${BENCH_ONLY:-memory}" in
     export BENCH_PACKAGED_AGENT="$PWD/target/gateway/edge-agent" ;;
 esac
 if [ -n "${BENCH_BASELINE:-}" ]; then
-  # The baseline's agent and ingest, built from its own tree with its own target dir.
-  src=target/bench-baseline/src
+  # The baseline's agent and ingest, built from its own tree with its own target dir. The tree
+  # is unpacked outside this one: cargo reads .cargo/config.toml from every directory above
+  # the build, and this tree's (SQLite's build flags) must not reach an older version.
+  src="${TMPDIR:-/tmp}/edge-bench-baseline-src"
   rm -rf "$src" && mkdir -p "$src"
   git archive "$BENCH_BASELINE" | tar -x -C "$src"
-  (cd "$src" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release -p edge-agent -p cloud-ingest --bins)
+  (cd "$src" && CARGO_TARGET_DIR="$OLDPWD/target/bench-baseline/target" cargo build --release -p edge-agent -p cloud-ingest --bins)
   export BENCH_BASELINE_DIR="$PWD/target/bench-baseline/target/release"
 fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"

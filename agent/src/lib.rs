@@ -15,7 +15,7 @@
 //! [`reload`] (SIGHUP), [`status`], [`logging`], [`systemd`], [`clock`], [`mqtt`] (the packet
 //! codec).
 //!
-//! Guarantees: a QoS 1/2 publish is acknowledged only once its record is committed (fsync);
+//! Guarantees: a QoS 1/2 publish is acknowledged only once its record is committed (synced);
 //! a record leaves the buffer only when the ingest answered 2xx (or 400: then it is kept as a
 //! dead letter), or by policy (quota, TTL, full disk: reported upstream); order is kept per
 //! stream; the backlog lives on disk, so memory stays bounded whatever the outage; a full disk

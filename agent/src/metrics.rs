@@ -123,8 +123,9 @@ pub const OLDEST_UNDELIVERED_AGE: &str = "agent_oldest_undelivered_age_seconds";
 /// (up to 2 MiB on kernels with large folios), and not the file system's own journal writes;
 /// what the device received is in BENCHMARKS.md ("Flash wear, at the device").
 pub const DISK_WRITTEN: &str = "agent_disk_written_bytes_total";
-/// Topic and payload bytes of the records committed to the buffer. Flash write
-/// amplification: `rate(agent_disk_written_bytes_total[5m]) / rate(agent_buffered_bytes_total[5m])`.
+/// Topic and payload bytes of the records committed to the buffer. An estimate of the flash
+/// write amplification: `rate(agent_disk_written_bytes_total[5m]) / rate(agent_buffered_bytes_total[5m])`
+/// (the device also receives the file system's journal: the flash bench measures it).
 pub const BUFFERED_BYTES: &str = "agent_buffered_bytes_total";
 /// 1 while delivery is stuck with the link up: records have waited longer than
 /// `ingest.degraded_after`, the ingest answers, and nothing was delivered for that long.

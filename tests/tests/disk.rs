@@ -515,13 +515,22 @@ fn the_buffer_and_the_log_commit_with_fdatasync_not_fsync() {
             })
             .count()
     };
-    let traces = [
+    let mut traces = [
         trace("agent.strace", agent.process.pid()),
         trace("ingest.strace", cloud.process.pid()),
     ];
     // Publish until both traces show syncs (strace attaches in the meantime).
     let mut published = 0u64;
     eventually(Duration::from_secs(30), "syncs in both traces", || {
+        for (child, out) in &mut traces {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "strace for {} exited ({status}) before tracing: it needs root or ptrace \
+                     rights (the test command runs as root in CI)",
+                    out.display()
+                );
+            }
+        }
         assert!(e2e::mosquitto_pub_qos1(
             agent.mqtt,
             "plant/1/telemetry/t",

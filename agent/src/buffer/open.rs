@@ -308,12 +308,14 @@ pub struct Opened {
     pub quarantine: Option<Quarantine>,
 }
 
-/// Makes renames in `path`'s directory durable (best effort: a failure only weakens what a
-/// power cut right after may undo).
+/// Makes renames and new files in `path`'s directory durable (best effort: a failure only
+/// weakens what a power cut right after may undo).
 pub(super) fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(d) = std::fs::File::open(dir)
-    {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
 }

@@ -141,6 +141,17 @@ impl EmbeddedLog {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .map_err(sqlite)?;
         let mut writer = Writer::new(conn, retention, max_topics_per_tenant).map_err(sqlite)?;
+        // SQLite syncs with fdatasync (`.cargo/config.toml`), its syncs of the directory too,
+        // and what an fdatasync of a directory makes durable is up to the file system: the
+        // entries of the log and of its WAL (there once the writer has read the log) are made
+        // durable here, with an fsync of the directory (best effort, like SQLite's own).
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
         match writer.layout {
             Layout::Rowid => {
                 tracing::info!(path = %path.display(), "embedded log: records found by rowid")

@@ -3,8 +3,8 @@
 //! (`/sys/block/loopN/stat`: sectors written, the file system's journal included).
 //!
 //! Why not `/proc/<pid>/io` write_bytes alone: the kernel counts it when a page of the page
-//! cache turns dirty, a whole folio at a time. Kernels with large folios (6.x on ext4, as on
-//! the bench's VM) keep a file read ahead or written in large pieces in folios of up to 2 MiB,
+//! cache turns dirty, a whole folio at a time. Kernels with large folios for ext4's files (the
+//! bench VM's 6.18) keep a file read ahead or written in large pieces in folios of up to 2 MiB,
 //! so one 1 KiB SQLite page written into such a file counts as up to 2 MiB there, while the
 //! device receives one 4 KiB block. 200 writes of 260 B with an fdatasync after each, here:
 //! 2 MiB each in write_bytes after the file was written with one 8 MiB write, 4 KiB after
@@ -27,9 +27,16 @@ impl LoopDisk {
     pub fn mount(dir: &Path, gib: u64) -> Option<LoopDisk> {
         let image = dir.join("disk.img");
         let mount = dir.join("disk");
-        std::fs::create_dir_all(&mount).ok()?;
-        let file = std::fs::File::create(&image).ok()?;
-        file.set_len(gib << 30).ok()?;
+        let image_made = std::fs::create_dir_all(&mount)
+            .and_then(|()| std::fs::File::create(&image))
+            .and_then(|f| f.set_len(gib << 30));
+        if let Err(e) = image_made {
+            eprintln!(
+                "flash: no disk image at {} ({e}); device bytes not measured",
+                image.display()
+            );
+            return None;
+        }
         let out = Command::new("losetup")
             .args(["--find", "--show"])
             .arg(&image)
@@ -62,8 +69,9 @@ impl LoopDisk {
         Some(disk)
     }
 
-    /// Bytes the device received so far, after writing back what the page cache holds.
-    pub fn written(&self) -> u64 {
+    /// Bytes the device received so far, after writing back what the page cache holds;
+    /// `None` if its statistics cannot be read.
+    pub fn written(&self) -> Option<u64> {
         let _ = Command::new("sync").arg("-f").arg(&self.mount).status();
         std::fs::read_to_string(format!("/sys/block/{}/stat", self.device))
             .ok()
@@ -72,7 +80,7 @@ impl LoopDisk {
                     .nth(6)
                     .and_then(|v| v.parse::<u64>().ok())
             })
-            .map_or(0, |sectors| sectors * 512)
+            .map(|sectors| sectors * 512)
     }
 }
 

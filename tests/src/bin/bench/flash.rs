@@ -2,13 +2,14 @@
 //! and 10,000 records/s (10 publishers of the load generator, QoS 1, 200 B JSON, delivered as
 //! they come), and the write amplification: the bytes the buffer's device received (the
 //! agent's directory is an ext4 of its own on a loop device, [`LoopDisk`]: the WAL, the
-//! checkpoints, the database and the file system's journal) over the topic and payload bytes of
-//! the records; beside it `/proc/<pid>/io` write_bytes (what the agent's own metric counts,
-//! whole page-cache folios, not the file system's journal), the largest the WAL file grew (a
-//! WAL that never starts again grows without end) and the PUBACK latency. This tree's agent
-//! and, with `BENCH_BASELINE`, the previous one, and with `BENCH_FLASH_COMMIT_WINDOWS=5ms,20ms`
-//! each of them with each of those `buffer.commit_window`s too (the operator's lever: fewer,
-//! fuller commits for a later PUBACK), alternating; medians of 3 rounds.
+//! checkpoints, the database, the file system's journal, and the agent's log file, which is
+//! there too) over the topic and payload bytes of the records; beside it `/proc/<pid>/io`
+//! write_bytes (what the agent's own metric counts: whole page-cache folios, not the file
+//! system's journal), the largest the WAL file grew (a WAL that never starts again grows
+//! without end) and the PUBACK latency. This tree's agent and, with `BENCH_BASELINE`, the
+//! previous one, and with `BENCH_FLASH_COMMIT_WINDOWS=5ms,20ms` each of them with each of
+//! those `buffer.commit_window`s too (the operator's lever: fewer, fuller commits for a later
+//! PUBACK), alternating; medians of 3 rounds.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -62,7 +63,7 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<
     // What the start wrote (the schema, the reserve file) is not the records'.
     std::thread::sleep(Duration::from_secs(1));
     let before = disk_writes(pid);
-    let device_before = disk.as_ref().map(LoopDisk::written);
+    let device_before = disk.as_ref().and_then(LoopDisk::written);
     let wal = e2e::PeakSize::watch(&agent_dir.join("buffer.db-wal"));
     let per_client = rate * seconds / PUBLISHERS;
     let total = per_client * PUBLISHERS;
@@ -85,8 +86,8 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<
     // The acknowledgements' deletes and the checkpoint after them (every 500 ms).
     std::thread::sleep(Duration::from_secs(2));
     let written = disk_writes(pid).saturating_sub(before) as f64;
-    let device = match (&disk, device_before) {
-        (Some(d), Some(b)) => d.written().saturating_sub(b) as f64,
+    let device = match (disk.as_ref().and_then(LoopDisk::written), device_before) {
+        (Some(after), Some(before)) => after.saturating_sub(before) as f64,
         _ => f64::NAN,
     };
     let raw = agent.metric("agent_raw_bytes_total");
@@ -101,10 +102,18 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<
 }
 
 fn medians(runs: &[Measured]) -> Measured {
+    // A round without the device's figure (no loop device) leaves none for the row.
+    let device = |v: Vec<f64>| {
+        if v.iter().any(|x| x.is_nan()) {
+            f64::NAN
+        } else {
+            median(v)
+        }
+    };
     Measured {
-        device_per_record: median(runs.iter().map(|m| m.device_per_record).collect()),
+        device_per_record: device(runs.iter().map(|m| m.device_per_record).collect()),
         per_record: median(runs.iter().map(|m| m.per_record).collect()),
-        amplification: median(runs.iter().map(|m| m.amplification).collect()),
+        amplification: device(runs.iter().map(|m| m.amplification).collect()),
         wal_mib: median(runs.iter().map(|m| m.wal_mib).collect()),
         puback_ms: (
             median(runs.iter().map(|m| m.puback_ms.0).collect()),
