@@ -248,6 +248,9 @@ struct Writer {
     tick: u64,
     retention: Retention,
     healthy: Arc<AtomicBool>,
+    /// The caches may hold what a failed transaction left and could not be rebuilt then: the
+    /// next commit rebuilds them first, and fails if it cannot.
+    stale: bool,
 }
 
 impl Writer {
@@ -272,6 +275,7 @@ impl Writer {
             tick: 0,
             retention,
             healthy: Arc::new(AtomicBool::new(true)),
+            stale: false,
         })
     }
 
@@ -360,21 +364,31 @@ impl Writer {
     }
 
     /// After a failed transaction the caches may hold uncommitted state: rebuild them from the
-    /// file.
+    /// file. If that fails too, they stay marked stale and the next commit tries again first.
     fn reload(&mut self) {
+        if let Err(e) = self.rebuild_caches() {
+            tracing::error!(error = %e, "embedded log: its caches could not be rebuilt after a failure; the next commit tries again first");
+        }
+    }
+
+    fn rebuild_caches(&mut self) -> rusqlite::Result<()> {
+        self.stale = true;
         self.dedup.clear();
-        if let Ok(topics) = load_topics(&self.conn) {
-            self.next_topic_id = next_topic_id(&topics);
-            self.topics = topics;
-        }
-        if let Ok(tenants) = load_tenants(&self.conn) {
-            self.tenants = tenants;
-        }
+        let topics = load_topics(&self.conn)?;
+        let tenants = load_tenants(&self.conn)?;
+        self.next_topic_id = next_topic_id(&topics);
+        self.topics = topics;
+        self.tenants = tenants;
+        self.stale = false;
+        Ok(())
     }
 
     /// Appends the new records of every job in one transaction; a job the log will not take
     /// ([`Writer::no_room`]) is answered with why, and nothing of it is written.
     fn commit(&mut self, group: &[Job]) -> rusqlite::Result<Vec<Result<BatchAck, PublishError>>> {
+        if self.stale {
+            self.rebuild_caches()?;
+        }
         self.tick += 1;
         let tick = self.tick;
         // Unchecked: the checks on `self` below borrow it while the transaction is open (the
@@ -1225,6 +1239,38 @@ mod tests {
             assert_eq!(stored, memory, "the file holds what memory holds");
         }
         assert_eq!(stored_ranges(&w)[0], (0, 2));
+    }
+
+    /// Caches a failure left that could not be rebuilt then are rebuilt before the next commit,
+    /// which fails while they cannot be: offsets go on from what the file holds.
+    #[test]
+    fn caches_that_could_not_be_rebuilt_are_rebuilt_before_the_next_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        let mut w = writer(&path, Retention::default());
+        w.commit(&[job(with_seqs(&[1, 2]))]).expect("commit");
+        // What a failed transaction may leave in memory, and a file the caches cannot be read
+        // from for now.
+        w.topics.get_mut("iot.acme.t").expect("topic").next_offset = 50;
+        w.conn
+            .execute_batch("ALTER TABLE topics RENAME TO topics_away")
+            .expect("rename");
+        w.reload();
+        assert!(w.stale);
+        assert!(
+            w.commit(&[job(with_seqs(&[3]))]).is_err(),
+            "no commit with stale caches"
+        );
+        w.conn
+            .execute_batch("ALTER TABLE topics_away RENAME TO topics")
+            .expect("rename back");
+        let acks = w.commit(&[job(with_seqs(&[3]))]).expect("commit");
+        assert_eq!(acks[0].as_ref().expect("room").accepted, 1);
+        assert!(!w.stale);
+        assert_eq!(
+            seqs_of(&path, "iot.acme.t", 0),
+            vec![(0, 1), (1, 2), (2, 3)]
+        );
     }
 
     #[test]
