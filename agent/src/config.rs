@@ -192,6 +192,9 @@ pub struct BufferConfig {
     /// Longest the writer waits for more records after the first of a group (0: it commits as
     /// soon as the previous commit ended, with whatever arrived meanwhile).
     pub commit_window: Duration,
+    /// A group closes before its window ends once no record came for this long (at most
+    /// `commit_window`; equal to it, the window is waited whole).
+    pub commit_gap: Duration,
     /// Records queued in memory between the broker and the buffer writer.
     pub queue_records: usize,
     /// And bytes of them (topic, payload and overhead).
@@ -265,6 +268,9 @@ impl AgentConfig {
     }
 }
 
+/// The longest `buffer.commit_window` accepted.
+pub const MAX_COMMIT_WINDOW: Duration = Duration::from_secs(1);
+
 /// Pure: raw config to domain types, or (key path, reason).
 fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     if raw.version != 1 {
@@ -278,10 +284,33 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     }
     let ingest = ingest::validate(raw.ingest)?;
     let mqtt = mqtt::validate(raw.mqtt)?;
+    // A window set alone keeps the meaning it had before `commit_gap`: waited whole.
+    let (commit_window, commit_gap) = match (raw.buffer.commit_window, raw.buffer.commit_gap) {
+        (None, None) => (raw::DEFAULT_COMMIT.0.0, raw::DEFAULT_COMMIT.1.0),
+        (Some(w), None) => (w.0, w.0),
+        (w, Some(g)) => (w.unwrap_or(raw::DEFAULT_COMMIT.0).0, g.0),
+    };
+    if commit_window > MAX_COMMIT_WINDOW {
+        return Err((
+            "buffer.commit_window".into(),
+            format!(
+                "{commit_window:?} is too long: every QoS 1 publish waits up to that for its PUBACK; at most {MAX_COMMIT_WINDOW:?} (a few ms is what saves flash)"
+            ),
+        ));
+    }
+    if commit_gap > commit_window {
+        return Err((
+            "buffer.commit_gap".into(),
+            format!(
+                "{commit_gap:?} is longer than buffer.commit_window ({commit_window:?}): a group never waits longer than its window; make it shorter, or leave it out"
+            ),
+        ));
+    }
     let buffer = BufferConfig {
         path: raw.buffer.path,
         quota_bytes: raw.buffer.quota_bytes.get(),
-        commit_window: raw.buffer.commit_window.0,
+        commit_window,
+        commit_gap,
         queue_records: raw.buffer.queue_records.get(),
         queue_bytes: raw.buffer.queue_bytes.get(),
         reserve_bytes: raw.buffer.reserve_bytes.map(config_types::Size::get),

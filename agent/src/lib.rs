@@ -303,6 +303,7 @@ pub async fn run(
         names.clone(),
         protected.clone(),
     )
+    .with_gap(config.buffer.commit_gap)
     .with_budget(queue_bytes.clone())
     .with_beat(writer_beat.clone())
     .with_transforms(

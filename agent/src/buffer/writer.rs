@@ -12,7 +12,10 @@
 //!
 //! Group commit: after the first command of a group the writer gathers more for at most
 //! `commit_window`, up to [`MAX_GROUP`] commands and the group's byte bound
-//! ([`super::space::group_bytes`]), then commits them in one transaction (one fsync).
+//! ([`super::space::group_bytes`]), then commits them in one transaction (one fsync). The group
+//! closes sooner once no command came for `commit_gap` ([`BufferWriter::with_gap`]): sensors that
+//! publish together land in one commit, and a publisher that waits for its PUBACKs is not kept
+//! waiting for records that cannot come.
 //!
 //! New records before deletes: while records arrive, a commit deletes at most [`ACK_PIECE`]
 //! acknowledged records; the rest of a large acknowledgement (a drain's batches are 5,000
@@ -90,6 +93,8 @@ pub struct BufferWriter {
     buffer: Buffer,
     commands: flume::Receiver<WriterCommand>,
     commit_window: Duration,
+    /// A group closes early once no command came for this long ([`BufferWriter::with_gap`]).
+    commit_gap: Duration,
     group_bytes: u64,
     progress: watch::Sender<Vec<StreamProgress>>,
     metrics: Metrics,
@@ -131,6 +136,7 @@ impl BufferWriter {
             buffer,
             commands,
             commit_window,
+            commit_gap: commit_window,
             group_bytes: group_bytes.max(1),
             progress,
             metrics,
@@ -150,6 +156,13 @@ impl BufferWriter {
     pub fn with_transforms(mut self, chains: Vec<Chain>, facts: Facts) -> BufferWriter {
         self.chains = chains;
         self.facts = facts;
+        self
+    }
+
+    /// Closes a group before its `commit_window` ends once no command came for `gap`: the
+    /// publishers that had something to send have sent it.
+    pub fn with_gap(mut self, gap: Duration) -> BufferWriter {
+        self.commit_gap = gap;
         self
     }
 
@@ -193,7 +206,9 @@ impl BufferWriter {
                 && group.len() < MAX_GROUP
                 && bytes < self.group_bytes
             {
-                let left = deadline.saturating_duration_since(Instant::now());
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(self.commit_gap);
                 match self.commands.recv_timeout(left) {
                     Ok(WriterCommand::Reconfigure(r)) => reconfigure = Some(r),
                     Ok(c) => {
@@ -755,6 +770,65 @@ mod tests {
             Arc::new(Protected::new(vec![Default::default(); 2])),
         );
         (tx, writer)
+    }
+
+    /// A group gathers records while they keep coming, and closes once none came for
+    /// `commit_gap`, long before its window ends.
+    #[test]
+    fn a_group_closes_once_records_stop_coming() {
+        use crate::buffer::{Receipt, Receipts};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let buffer = Buffer::open(&dir.path().join("b.db"), &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
+        let (tx, rx) = flume::bounded(10);
+        let (progress, _) = watch::channel(buffer.progress());
+        let writer = BufferWriter::new(
+            buffer,
+            rx,
+            Duration::from_secs(60),
+            1 << 20,
+            progress,
+            Metrics::new(),
+            vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
+            Arc::new(Protected::new(vec![Default::default(); 2])),
+        )
+        .with_gap(Duration::from_secs(2));
+        let running = std::thread::spawn(move || writer.run());
+        let receipts = Arc::new(Receipts::default());
+        let send = |ticket: u64| {
+            tx.send(WriterCommand::Append(NewRecord {
+                stream: 0,
+                topic: "t".into(),
+                payload: Bytes::from_static(b"x"),
+                received_at_ms: 1,
+                monotonic_ms: 1,
+                attributes: Default::default(),
+                receipt: Some(Receipt {
+                    to: receipts.clone(),
+                    ticket,
+                }),
+            }))
+            .expect("send")
+        };
+        let started = Instant::now();
+        send(1);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(receipts.take().0, 0, "the group still gathers");
+        send(2);
+        let settled = loop {
+            let (done, _) = receipts.take();
+            if done > 0 || started.elapsed() > Duration::from_secs(30) {
+                break done;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(
+            settled, 2,
+            "both records in one commit, long before the window's end"
+        );
+        drop(tx);
+        running.join().expect("writer");
     }
 
     #[test]

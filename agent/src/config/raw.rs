@@ -189,9 +189,11 @@ pub struct RawRule {
 pub struct RawBuffer {
     pub path: PathBuf,
     pub quota_bytes: Size,
-    /// 0 by default: each commit takes what arrived during the previous one.
+    /// [`DEFAULT_COMMIT`] when neither is set; a window set alone is waited whole.
     #[serde(default)]
-    pub commit_window: Duration,
+    pub commit_window: Option<Duration>,
+    #[serde(default)]
+    pub commit_gap: Option<Duration>,
     #[serde(default = "default_queue_records")]
     pub queue_records: NonZeroUsize,
     #[serde(default = "default_queue_bytes")]
@@ -199,6 +201,12 @@ pub struct RawBuffer {
     #[serde(default)]
     pub reserve_bytes: Option<Size>,
 }
+
+/// `buffer.commit_window` and `buffer.commit_gap` when neither is set.
+pub const DEFAULT_COMMIT: (Duration, Duration) = (
+    Duration(std::time::Duration::from_millis(5)),
+    Duration(std::time::Duration::from_micros(150)),
+);
 
 fn default_queue_records() -> NonZeroUsize {
     count(20_000)

@@ -381,7 +381,8 @@ fn good_config_gets_an_implicit_default_stream() {
     assert_eq!(c.streams[c.default_stream].name, "default");
     assert_eq!(c.streams[c.default_stream].priority, Priority::Bulk);
     assert_eq!(c.streams[0].batch.linger, Duration::ZERO);
-    assert_eq!(c.buffer.commit_window, Duration::ZERO);
+    assert_eq!(c.buffer.commit_window, Duration::from_millis(5));
+    assert_eq!(c.buffer.commit_gap, Duration::from_micros(150));
     assert_eq!(c.ingest.token, TokenSource::Env("EDGE_AGENT_TOKEN".into()));
 }
 
@@ -588,4 +589,44 @@ fn missing_token_file_is_named() {
         err.contains("a.yaml: ingest.token_file: cannot read token file /nonexistent/token"),
         "{err}"
     );
+}
+
+#[test]
+fn the_commit_window_is_bounded_and_its_gap_fits_inside_it() {
+    let with = |lines: &str| {
+        GOOD.replace(
+            "quota_bytes: 64MiB",
+            &format!("quota_bytes: 64MiB\n{lines}"),
+        )
+    };
+    let c = AgentConfig::parse(
+        Path::new("a.yaml"),
+        &with("  commit_window: 5ms\n  commit_gap: 300us"),
+    )
+    .expect("valid");
+    assert_eq!(c.buffer.commit_window, Duration::from_millis(5));
+    assert_eq!(c.buffer.commit_gap, Duration::from_micros(300));
+    let c = AgentConfig::parse(Path::new("a.yaml"), &with("  commit_window: 5ms")).expect("valid");
+    assert_eq!(
+        c.buffer.commit_gap, c.buffer.commit_window,
+        "a window set alone is waited whole"
+    );
+    let c = AgentConfig::parse(Path::new("a.yaml"), &with("  commit_gap: 0ms")).expect("valid");
+    assert_eq!(
+        (c.buffer.commit_window, c.buffer.commit_gap),
+        (Duration::from_millis(5), Duration::ZERO)
+    );
+    for (lines, key, why) in [
+        ("  commit_window: 2s", "buffer.commit_window", "at most 1s"),
+        (
+            "  commit_window: 1ms\n  commit_gap: 2ms",
+            "buffer.commit_gap",
+            "longer than buffer.commit_window",
+        ),
+    ] {
+        let err = AgentConfig::parse(Path::new("a.yaml"), &with(lines))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key) && err.contains(why), "{lines}: {err}");
+    }
 }

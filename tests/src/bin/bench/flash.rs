@@ -9,7 +9,10 @@
 //! without end) and the PUBACK latency. This tree's agent and, with `BENCH_BASELINE`, the
 //! previous one, and with `BENCH_FLASH_COMMIT_WINDOWS=5ms,20ms` each of them with each of
 //! those `buffer.commit_window`s too (the operator's lever: fewer, fuller commits for a later
-//! PUBACK), alternating; medians of 3 rounds.
+//! PUBACK); an entry `5ms/300us` is a window with a `buffer.commit_gap`, run with this tree's
+//! agent only (an older one may not know the key). Alternating; medians of 3 rounds.
+//! `BENCH_FLASH_CAPTURE=<dir>` keeps the first run's buffer for a look at its pages
+//! ([`capture`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -53,7 +56,7 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<
         .map_or_else(|| dir.path().to_owned(), |d| d.mount.clone());
     let mut harness = AgentHarness::new(&agent_dir, &cloud.url());
     if let Some(window) = commit_window {
-        harness = harness.buffer_extra(&format!("  commit_window: {window}\n"));
+        harness = harness.buffer_extra(&crate::commit_config(window));
     }
     if let Some(bin) = agent {
         harness = harness.launcher(&[bin.to_path_buf()]);
@@ -82,6 +85,9 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<
         .expect("runtime")
         .block_on(load::publish(spec));
     assert_eq!(report.acked, total, "every publish acknowledged");
+    if let Some(keep) = std::env::var_os("BENCH_FLASH_CAPTURE") {
+        capture(agent, disk, &agent_dir, Path::new(&keep));
+    }
     cloud.wait_for_records(total, Duration::from_secs(120));
     // The acknowledgements' deletes and the checkpoint after them (every 500 ms).
     std::thread::sleep(Duration::from_secs(2));
@@ -99,6 +105,21 @@ fn measure(agent: Option<&Path>, rate: u64, seconds: u64, commit_window: Option<
         wal_mib: wal as f64 / (1u64 << 20) as f64,
         puback_ms: (report.ack_latency_ms(0.5), report.ack_latency_ms(0.99)),
     }
+}
+
+/// `BENCH_FLASH_CAPTURE=<dir>`: kills the agent (SIGKILL, so nothing is checkpointed) right
+/// after its first run's publishes, keeps its buffer and WAL in `keep` and ends the bench; the
+/// WAL then holds the commits since the last checkpoint, which `tests/wal_pages.py <dir>`
+/// counts by page and b-tree.
+fn capture(mut agent: e2e::Agent, disk: Option<LoopDisk>, agent_dir: &Path, keep: &Path) -> ! {
+    agent.process.kill();
+    std::fs::create_dir_all(keep).expect("capture directory");
+    for f in ["buffer.db", "buffer.db-wal"] {
+        std::fs::copy(agent_dir.join(f), keep.join(f)).expect("copy the buffer");
+    }
+    drop(disk);
+    println!("the buffer and its WAL are in {}", keep.display());
+    std::process::exit(0);
 }
 
 fn medians(runs: &[Measured]) -> Measured {
@@ -126,14 +147,7 @@ fn medians(runs: &[Measured]) -> Measured {
 pub fn table(scale: u64) {
     let baseline = crate::baseline_agent();
     // BENCH_FLASH_COMMIT_WINDOWS=5ms,20ms (comma-separated): this tree's agent with each too.
-    let windows: Vec<String> = std::env::var("BENCH_FLASH_COMMIT_WINDOWS")
-        .map(|v| {
-            v.split(',')
-                .map(|w| w.trim().to_owned())
-                .filter(|w| !w.is_empty())
-                .collect()
-        })
-        .unwrap_or_default();
+    let windows = crate::commit_settings("BENCH_FLASH_COMMIT_WINDOWS");
     println!();
     println!(
         "| steady rate, 10 publishers, QoS 1, 200 B JSON | bytes the device received per record | write amplification (device bytes / topic + payload) | write_bytes per record (page cache, whole folios) | largest WAL file, MiB | PUBACK p50 / p99 ms |"
@@ -160,7 +174,7 @@ pub fn table(scale: u64) {
                 None,
                 Some(w.as_str()),
             ));
-            if let Some(bin) = &baseline {
+            if let Some(bin) = baseline.as_ref().filter(|_| !w.contains('/')) {
                 rows.push((
                     format!("baseline, commit_window {w}"),
                     Some(bin.as_path()),

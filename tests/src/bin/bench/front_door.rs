@@ -2,8 +2,10 @@
 //! 100 publishers of the load generator; end to end (first publish → last record in the log),
 //! PUBACK latency and the agent's peak RSS. The baseline's agent (`BENCH_BASELINE_DIR`, which
 //! `tests/bench.sh` builds from the git ref in `BENCH_BASELINE`) and this one alternate, three
-//! rounds each; the table shows the medians. (It first measured the PUBACK after fsync against
-//! a main that acknowledged on receipt: BENCHMARKS.md.)
+//! rounds each; the table shows the medians. With `BENCH_FRONTDOOR_COMMIT_WINDOWS=1ms,5ms/300us`
+//! this tree's agent runs with each of those commit settings too ([`crate::commit_settings`]).
+//! (It first measured the PUBACK after fsync against a main that acknowledged on receipt:
+//! BENCHMARKS.md.)
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,11 +26,15 @@ struct Measured {
     rss: f64,
 }
 
-/// One run of `agent` (`None`: this tree's) with `publishers` sensors.
-fn measure(agent: Option<&Path>, publishers: usize, total: u64) -> Measured {
+/// One run of `agent` (`None`: this tree's) with `publishers` sensors, and the commit setting
+/// `commit` if given.
+fn measure(agent: Option<&Path>, publishers: usize, total: u64, commit: Option<&str>) -> Measured {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = CloudHarness::new(dir.path()).run();
     let mut harness = AgentHarness::new(dir.path(), &cloud.url());
+    if let Some(commit) = commit {
+        harness = harness.buffer_extra(&crate::commit_config(commit));
+    }
     if let Some(bin) = agent {
         harness = harness.launcher(&[bin.to_path_buf()]);
     }
@@ -71,6 +77,7 @@ fn medians(runs: &[Measured]) -> Measured {
 /// Prints the table.
 pub fn table(scale: u64) {
     let baseline = crate::baseline_agent();
+    let settings = crate::commit_settings("BENCH_FRONTDOOR_COMMIT_WINDOWS");
     println!();
     println!(
         "| QoS 1, 200 B JSON | end-to-end records/s | PUBACK p50 / p99 ms | agent peak RSS MiB |"
@@ -79,10 +86,14 @@ pub fn table(scale: u64) {
     for publishers in [1usize, 10, 100] {
         let total = 60_000 * scale;
         let (mut new, mut old) = (Vec::new(), Vec::new());
+        let mut with: Vec<Vec<Measured>> = vec![Vec::new(); settings.len()];
         for _ in 0..3 {
-            new.push(measure(None, publishers, total));
+            new.push(measure(None, publishers, total, None));
             if let Some(bin) = &baseline {
-                old.push(measure(Some(bin), publishers, total));
+                old.push(measure(Some(bin), publishers, total, None));
+            }
+            for (runs, commit) in with.iter_mut().zip(&settings) {
+                runs.push(measure(None, publishers, total, Some(commit)));
             }
         }
         let row = |label: &str, m: Measured| {
@@ -93,6 +104,14 @@ pub fn table(scale: u64) {
         };
         let n = medians(&new);
         row("this version", n);
+        for (runs, commit) in with.iter().zip(&settings) {
+            let m = medians(runs);
+            row(&format!("this version, commit_window {commit}"), m);
+            println!(
+                "| {publishers} publishers, ratio commit_window {commit} / this version | {:.2} | | |",
+                m.rate / n.rate
+            );
+        }
         if !old.is_empty() {
             let o = medians(&old);
             row("baseline (BENCH_BASELINE)", o);

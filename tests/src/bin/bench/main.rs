@@ -212,6 +212,27 @@ pub(crate) fn baseline_ingest() -> Option<std::path::PathBuf> {
     baseline_bin("cloud-ingest")
 }
 
+/// The commit settings listed in the environment variable `var`, comma-separated: `5ms` is a
+/// `buffer.commit_window`, `5ms/300us` a window and a `buffer.commit_gap`.
+pub(crate) fn commit_settings(var: &str) -> Vec<String> {
+    std::env::var(var)
+        .map(|v| {
+            v.split(',')
+                .map(|w| w.trim().to_owned())
+                .filter(|w| !w.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The `buffer:` lines of a commit setting ([`commit_settings`]).
+pub(crate) fn commit_config(setting: &str) -> String {
+    match setting.split_once('/') {
+        Some((window, gap)) => format!("  commit_window: {window}\n  commit_gap: {gap}\n"),
+        None => format!("  commit_window: {setting}\n"),
+    }
+}
+
 fn baseline_bin(name: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("BENCH_BASELINE_DIR")
         .map(|d| std::path::PathBuf::from(d).join(name))
