@@ -304,6 +304,13 @@ impl Buffer {
             })
     }
 
+    /// Whether the stream at index `stream` is of the critical class.
+    pub fn is_critical(&self, stream: usize) -> bool {
+        self.streams
+            .get(stream)
+            .is_some_and(|s| s.priority == Priority::Critical)
+    }
+
     /// Progress of every stream, by index.
     pub fn progress(&self) -> Vec<StreamProgress> {
         self.streams.iter().map(|s| s.progress).collect()

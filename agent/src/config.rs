@@ -294,15 +294,26 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         return Err((
             "buffer.commit_window".into(),
             format!(
-                "{commit_window:?} is too long: every QoS 1 publish waits up to that for its PUBACK; at most {MAX_COMMIT_WINDOW:?} (a few ms is what saves flash)"
+                "{} is too long: every QoS 1 publish may wait that long for its PUBACK; at most {} (a few ms is what saves flash)",
+                humantime::format_duration(commit_window),
+                humantime::format_duration(MAX_COMMIT_WINDOW)
             ),
         ));
     }
     if commit_gap > commit_window {
+        let window = if raw.buffer.commit_window.is_some() {
+            format!("{}", humantime::format_duration(commit_window))
+        } else {
+            format!(
+                "{}, the default; set buffer.commit_window too",
+                humantime::format_duration(commit_window)
+            )
+        };
         return Err((
             "buffer.commit_gap".into(),
             format!(
-                "{commit_gap:?} is longer than buffer.commit_window ({commit_window:?}): a group never waits longer than its window; make it shorter, or leave it out"
+                "{} is longer than buffer.commit_window ({window}): a commit never waits longer than its window; make the gap shorter, or leave it out",
+                humantime::format_duration(commit_gap)
             ),
         ));
     }

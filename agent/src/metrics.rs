@@ -114,7 +114,8 @@ pub const BUFFER_DISK_FULL: &str = "agent_buffer_disk_full";
 pub const BUFFER_QUEUE_RECORDS: &str = "agent_buffer_queue_records";
 /// Bytes of records queued in memory for the buffer writer (`buffer.queue_bytes` bounds it).
 pub const BUFFER_QUEUE_BYTES: &str = "agent_buffer_queue_bytes";
-/// Seconds since the buffer last committed (it commits at least once a second while running).
+/// Seconds since the buffer last committed (it commits at least once a second, plus the commit
+/// window, while running).
 pub const BUFFER_LAST_COMMIT_AGE: &str = "agent_buffer_last_commit_age_seconds";
 /// Per stream, seconds since its oldest record still held was received (0: none held).
 pub const OLDEST_UNDELIVERED_AGE: &str = "agent_oldest_undelivered_age_seconds";

@@ -15,7 +15,8 @@
 //! ([`super::space::group_bytes`]), then commits them in one transaction (one fsync). The group
 //! closes sooner once no command came for `commit_gap` ([`BufferWriter::with_gap`]): sensors that
 //! publish together land in one commit, and a publisher that waits for its PUBACKs is not kept
-//! waiting for records that cannot come.
+//! waiting for records that cannot come. A new record of a critical stream closes its group at
+//! once (with what is already queued): alarms never wait for flash savings.
 //!
 //! New records before deletes: while records arrive, a commit deletes at most [`ACK_PIECE`]
 //! acknowledged records; the rest of a large acknowledgement (a drain's batches are 5,000
@@ -198,7 +199,12 @@ impl BufferWriter {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => closed = true,
             }
-            let deadline = Instant::now() + self.commit_window;
+            // A critical record waits for no one: the group takes what is queued, and closes.
+            let mut deadline = if group.iter().any(|c| self.urgent(c)) {
+                Instant::now()
+            } else {
+                Instant::now() + self.commit_window
+            };
             let mut bytes: u64 = group.iter().map(cost).sum();
             while !closed
                 && reconfigure.is_none()
@@ -206,12 +212,18 @@ impl BufferWriter {
                 && group.len() < MAX_GROUP
                 && bytes < self.group_bytes
             {
+                if let Some(beat) = &self.beat {
+                    beat.beat();
+                }
                 let left = deadline
                     .saturating_duration_since(Instant::now())
                     .min(self.commit_gap);
                 match self.commands.recv_timeout(left) {
                     Ok(WriterCommand::Reconfigure(r)) => reconfigure = Some(r),
                     Ok(c) => {
+                        if self.urgent(&c) {
+                            deadline = Instant::now();
+                        }
                         bytes += cost(&c);
                         group.push(c);
                     }
@@ -258,6 +270,11 @@ impl BufferWriter {
                 return;
             }
         }
+    }
+
+    /// Whether `command` is a new record of a critical stream: its group waits no longer.
+    fn urgent(&self, command: &WriterCommand) -> bool {
+        matches!(command, WriterCommand::Append(r) if self.buffer.is_critical(r.stream))
     }
 
     /// Moves `group`'s acknowledgements behind those owed, then takes back, oldest first, what
@@ -772,60 +789,137 @@ mod tests {
         (tx, writer)
     }
 
-    /// A group gathers records while they keep coming, and closes once none came for
-    /// `commit_gap`, long before its window ends.
-    #[test]
-    fn a_group_closes_once_records_stop_coming() {
-        use crate::buffer::{Receipt, Receipts};
-        let dir = tempfile::tempdir().expect("tempdir");
-        let buffer = Buffer::open(&dir.path().join("b.db"), &streams(), 1 << 30)
-            .expect("open")
-            .buffer;
+    /// A writer with `window` and `gap`, running on a thread, its command sender, and the
+    /// receipts its records settle.
+    fn windowed_writer(
+        buffer: Buffer,
+        window: Duration,
+        gap: Duration,
+    ) -> (
+        flume::Sender<WriterCommand>,
+        std::thread::JoinHandle<()>,
+        Arc<crate::buffer::Receipts>,
+    ) {
         let (tx, rx) = flume::bounded(10);
         let (progress, _) = watch::channel(buffer.progress());
         let writer = BufferWriter::new(
             buffer,
             rx,
-            Duration::from_secs(60),
+            window,
             1 << 20,
             progress,
             Metrics::new(),
             vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
             Arc::new(Protected::new(vec![Default::default(); 2])),
         )
-        .with_gap(Duration::from_secs(2));
-        let running = std::thread::spawn(move || writer.run());
-        let receipts = Arc::new(Receipts::default());
-        let send = |ticket: u64| {
-            tx.send(WriterCommand::Append(NewRecord {
-                stream: 0,
-                topic: "t".into(),
-                payload: Bytes::from_static(b"x"),
-                received_at_ms: 1,
-                monotonic_ms: 1,
-                attributes: Default::default(),
-                receipt: Some(Receipt {
-                    to: receipts.clone(),
-                    ticket,
-                }),
-            }))
-            .expect("send")
-        };
+        .with_gap(gap);
+        (
+            tx,
+            std::thread::spawn(move || writer.run()),
+            Arc::new(crate::buffer::Receipts::default()),
+        )
+    }
+
+    /// A new record of `stream` (0: bulk, 1: critical) whose commit settles `ticket`.
+    fn receipted(
+        stream: usize,
+        receipts: &Arc<crate::buffer::Receipts>,
+        ticket: u64,
+    ) -> WriterCommand {
+        WriterCommand::Append(NewRecord {
+            stream,
+            topic: "t".into(),
+            payload: Bytes::from_static(b"x"),
+            received_at_ms: 1,
+            monotonic_ms: 1,
+            attributes: Default::default(),
+            receipt: Some(crate::buffer::Receipt {
+                to: receipts.clone(),
+                ticket,
+            }),
+        })
+    }
+
+    /// The highest ticket settled once any is, waiting at most 30 s (half the tests' window).
+    fn first_settled(receipts: &crate::buffer::Receipts) -> u64 {
         let started = Instant::now();
-        send(1);
-        std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(receipts.take().0, 0, "the group still gathers");
-        send(2);
-        let settled = loop {
+        loop {
             let (done, _) = receipts.take();
             if done > 0 || started.elapsed() > Duration::from_secs(30) {
-                break done;
+                return done;
             }
             std::thread::sleep(Duration::from_millis(10));
-        };
+        }
+    }
+
+    /// A group gathers records while they keep coming, and closes once none came for
+    /// `commit_gap`, long before its window ends.
+    #[test]
+    fn a_group_closes_once_records_stop_coming() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let buffer = Buffer::open(&dir.path().join("b.db"), &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
+        let (tx, running, receipts) =
+            windowed_writer(buffer, Duration::from_secs(60), Duration::from_secs(2));
+        tx.send(receipted(0, &receipts, 1)).expect("send");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(receipts.take().0, 0, "the group still gathers");
+        tx.send(receipted(0, &receipts, 2)).expect("send");
         assert_eq!(
-            settled, 2,
+            first_settled(&receipts),
+            2,
             "both records in one commit, long before the window's end"
+        );
+        drop(tx);
+        running.join().expect("writer");
+    }
+
+    /// Records that keep coming within the gap do not hold a group open past its window.
+    #[test]
+    fn a_steady_trickle_is_committed_when_the_window_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let buffer = Buffer::open(&dir.path().join("b.db"), &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
+        let (tx, running, receipts) =
+            windowed_writer(buffer, Duration::from_secs(1), Duration::from_millis(500));
+        let sent = 30;
+        let mut first = None;
+        for ticket in 1..=sent {
+            tx.send(receipted(0, &receipts, ticket)).expect("send");
+            std::thread::sleep(Duration::from_millis(100));
+            let (done, _) = receipts.take();
+            if done > 0 && first.is_none() {
+                first = Some(done);
+            }
+        }
+        drop(tx);
+        running.join().expect("writer");
+        let first = first.expect("a commit while the records kept coming");
+        assert!(
+            first < sent,
+            "the first commit took {first} of {sent} records"
+        );
+    }
+
+    /// A critical record closes its group at once, with what was queued before it, however
+    /// long the window and the gap.
+    #[test]
+    fn a_critical_record_closes_its_group_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let buffer = Buffer::open(&dir.path().join("b.db"), &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
+        assert!(buffer.is_critical(1) && !buffer.is_critical(0));
+        let (tx, running, receipts) =
+            windowed_writer(buffer, Duration::from_secs(60), Duration::from_secs(60));
+        tx.send(receipted(0, &receipts, 1)).expect("send");
+        tx.send(receipted(1, &receipts, 2)).expect("send");
+        assert_eq!(
+            first_settled(&receipts),
+            2,
+            "both committed, without waiting"
         );
         drop(tx);
         running.join().expect("writer");

@@ -621,7 +621,12 @@ fn the_commit_window_is_bounded_and_its_gap_fits_inside_it() {
         (
             "  commit_window: 1ms\n  commit_gap: 2ms",
             "buffer.commit_gap",
-            "longer than buffer.commit_window",
+            "2ms is longer than buffer.commit_window (1ms)",
+        ),
+        (
+            "  commit_gap: 10ms",
+            "buffer.commit_gap",
+            "(5ms, the default; set buffer.commit_window too)",
         ),
     ] {
         let err = AgentConfig::parse(Path::new("a.yaml"), &with(lines))

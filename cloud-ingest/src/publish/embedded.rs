@@ -364,7 +364,8 @@ impl Writer {
     }
 
     /// After a failed transaction the caches may hold uncommitted state: rebuild them from the
-    /// file. If that fails too, they stay marked stale and the next commit tries again first.
+    /// file. If that fails too, they stay marked stale and the next commit or sweep tries again
+    /// first.
     fn reload(&mut self) {
         if let Err(e) = self.rebuild_caches() {
             tracing::error!(error = %e, "embedded log: its caches could not be rebuilt after a failure; the next commit tries again first");
@@ -547,6 +548,9 @@ impl Writer {
     /// [`SWEEP_CHUNK`] records and at most [`SWEEP_BUDGET`] records per sweep (appends wait
     /// meanwhile; what is left waits for the next sweep). Returns the records deleted.
     fn sweep(&mut self) -> rusqlite::Result<u64> {
+        if self.stale {
+            self.rebuild_caches()?;
+        }
         let mut budget = SWEEP_BUDGET;
         let mut deleted = 0;
         let names: Vec<String> = self.topics.keys().cloned().collect();
@@ -1241,8 +1245,8 @@ mod tests {
         assert_eq!(stored_ranges(&w)[0], (0, 2));
     }
 
-    /// Caches a failure left that could not be rebuilt then are rebuilt before the next commit,
-    /// which fails while they cannot be: offsets go on from what the file holds.
+    /// Caches a failure left that could not be rebuilt then are rebuilt before the next commit
+    /// or sweep, which fail while they cannot be: offsets go on from what the file holds.
     #[test]
     fn caches_that_could_not_be_rebuilt_are_rebuilt_before_the_next_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1261,9 +1265,14 @@ mod tests {
             w.commit(&[job(with_seqs(&[3]))]).is_err(),
             "no commit with stale caches"
         );
+        assert!(w.sweep().is_err(), "no sweep with stale caches");
         w.conn
             .execute_batch("ALTER TABLE topics_away RENAME TO topics")
             .expect("rename back");
+        w.sweep().expect("sweep");
+        assert!(!w.stale);
+        w.topics.get_mut("iot.acme.t").expect("topic").next_offset = 50;
+        w.stale = true;
         let acks = w.commit(&[job(with_seqs(&[3]))]).expect("commit");
         assert_eq!(acks[0].as_ref().expect("room").accepted, 1);
         assert!(!w.stale);

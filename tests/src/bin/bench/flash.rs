@@ -169,14 +169,10 @@ pub fn table(scale: u64) {
             rows.push(("baseline".into(), Some(bin.as_path()), None));
         }
         for w in &windows {
-            rows.push((
-                format!("this version, commit_window {w}"),
-                None,
-                Some(w.as_str()),
-            ));
+            rows.push((format!("this version, commit {w}"), None, Some(w.as_str())));
             if let Some(bin) = baseline.as_ref().filter(|_| !w.contains('/')) {
                 rows.push((
-                    format!("baseline, commit_window {w}"),
+                    format!("baseline, commit {w}"),
                     Some(bin.as_path()),
                     Some(w.as_str()),
                 ));

@@ -106,9 +106,9 @@ pub fn table(scale: u64) {
         row("this version", n);
         for (runs, commit) in with.iter().zip(&settings) {
             let m = medians(runs);
-            row(&format!("this version, commit_window {commit}"), m);
+            row(&format!("this version, commit {commit}"), m);
             println!(
-                "| {publishers} publishers, ratio commit_window {commit} / this version | {:.2} | | |",
+                "| {publishers} publishers, ratio commit {commit} / this version | {:.2} | | |",
                 m.rate / n.rate
             );
         }
