@@ -789,10 +789,10 @@ mod tests {
         (tx, writer)
     }
 
-    /// A writer with `window` and `gap`, running on a thread, its command sender, and the
-    /// receipts its records settle.
+    /// A writer over a fresh buffer in `dir` ([`bare_writer`]) with `window` and `gap`, running
+    /// on a thread; its command sender, and the receipts its records settle.
     fn windowed_writer(
-        buffer: Buffer,
+        dir: &std::path::Path,
         window: Duration,
         gap: Duration,
     ) -> (
@@ -800,19 +800,12 @@ mod tests {
         std::thread::JoinHandle<()>,
         Arc<crate::buffer::Receipts>,
     ) {
-        let (tx, rx) = flume::bounded(10);
-        let (progress, _) = watch::channel(buffer.progress());
-        let writer = BufferWriter::new(
-            buffer,
-            rx,
-            window,
-            1 << 20,
-            progress,
-            Metrics::new(),
-            vec!["logs".into(), ingest_wire::LOSS_STREAM.into()],
-            Arc::new(Protected::new(vec![Default::default(); 2])),
-        )
-        .with_gap(gap);
+        let buffer = Buffer::open(&dir.join("b.db"), &streams(), 1 << 30)
+            .expect("open")
+            .buffer;
+        let (tx, mut writer) = bare_writer(buffer);
+        writer.commit_window = window;
+        let writer = writer.with_gap(gap);
         (
             tx,
             std::thread::spawn(move || writer.run()),
@@ -857,11 +850,8 @@ mod tests {
     #[test]
     fn a_group_closes_once_records_stop_coming() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let buffer = Buffer::open(&dir.path().join("b.db"), &streams(), 1 << 30)
-            .expect("open")
-            .buffer;
         let (tx, running, receipts) =
-            windowed_writer(buffer, Duration::from_secs(60), Duration::from_secs(2));
+            windowed_writer(dir.path(), Duration::from_secs(60), Duration::from_secs(2));
         tx.send(receipted(0, &receipts, 1)).expect("send");
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(receipts.take().0, 0, "the group still gathers");
@@ -879,11 +869,11 @@ mod tests {
     #[test]
     fn a_steady_trickle_is_committed_when_the_window_ends() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let buffer = Buffer::open(&dir.path().join("b.db"), &streams(), 1 << 30)
-            .expect("open")
-            .buffer;
-        let (tx, running, receipts) =
-            windowed_writer(buffer, Duration::from_secs(1), Duration::from_millis(500));
+        let (tx, running, receipts) = windowed_writer(
+            dir.path(),
+            Duration::from_secs(1),
+            Duration::from_millis(500),
+        );
         let sent = 30;
         let mut first = None;
         for ticket in 1..=sent {
@@ -908,12 +898,8 @@ mod tests {
     #[test]
     fn a_critical_record_closes_its_group_at_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let buffer = Buffer::open(&dir.path().join("b.db"), &streams(), 1 << 30)
-            .expect("open")
-            .buffer;
-        assert!(buffer.is_critical(1) && !buffer.is_critical(0));
         let (tx, running, receipts) =
-            windowed_writer(buffer, Duration::from_secs(60), Duration::from_secs(60));
+            windowed_writer(dir.path(), Duration::from_secs(60), Duration::from_secs(60));
         tx.send(receipted(0, &receipts, 1)).expect("send");
         tx.send(receipted(1, &receipts, 2)).expect("send");
         assert_eq!(

@@ -249,7 +249,7 @@ struct Writer {
     retention: Retention,
     healthy: Arc<AtomicBool>,
     /// The caches may hold what a failed transaction left and could not be rebuilt then: the
-    /// next commit rebuilds them first, and fails if it cannot.
+    /// next commit or sweep rebuilds them first, and fails if it cannot.
     stale: bool,
 }
 
@@ -368,8 +368,16 @@ impl Writer {
     /// first.
     fn reload(&mut self) {
         if let Err(e) = self.rebuild_caches() {
-            tracing::error!(error = %e, "embedded log: its caches could not be rebuilt after a failure; the next commit tries again first");
+            tracing::error!(error = %e, "embedded log: its caches could not be rebuilt after a failure; the next commit or sweep tries again first");
         }
+    }
+
+    /// Rebuilds the caches if they are stale ([`Writer::reload`]).
+    fn fresh_caches(&mut self) -> rusqlite::Result<()> {
+        if self.stale {
+            self.rebuild_caches()?;
+        }
+        Ok(())
     }
 
     fn rebuild_caches(&mut self) -> rusqlite::Result<()> {
@@ -387,9 +395,7 @@ impl Writer {
     /// Appends the new records of every job in one transaction; a job the log will not take
     /// ([`Writer::no_room`]) is answered with why, and nothing of it is written.
     fn commit(&mut self, group: &[Job]) -> rusqlite::Result<Vec<Result<BatchAck, PublishError>>> {
-        if self.stale {
-            self.rebuild_caches()?;
-        }
+        self.fresh_caches()?;
         self.tick += 1;
         let tick = self.tick;
         // Unchecked: the checks on `self` below borrow it while the transaction is open (the
@@ -548,9 +554,7 @@ impl Writer {
     /// [`SWEEP_CHUNK`] records and at most [`SWEEP_BUDGET`] records per sweep (appends wait
     /// meanwhile; what is left waits for the next sweep). Returns the records deleted.
     fn sweep(&mut self) -> rusqlite::Result<u64> {
-        if self.stale {
-            self.rebuild_caches()?;
-        }
+        self.fresh_caches()?;
         let mut budget = SWEEP_BUDGET;
         let mut deleted = 0;
         let names: Vec<String> = self.topics.keys().cloned().collect();
